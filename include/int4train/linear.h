@@ -1,0 +1,103 @@
+// int4train core: the quantized linear layer as two composable functions, forward (HQ-MM) and
+// backward (LSS-MM), for every recipe of ALGORITHM.md's baseline list.
+//
+// Shapes (the layer's vocabulary): x is N x D (N tokens, D = in_features), w is C x D (C =
+// out_features), bias is C, y = x w^T + b is N x C, grad_y is N x C. The forward product is the GEMM
+// of gemm.h with M = N, GEMM-N = C, K = D; the input-gradient product has M = N, GEMM-N = D, K = C;
+// the weight-gradient product has M = C, GEMM-N = D, K = (sampled) tokens.
+//
+// Recipes:
+//   fp       no quantization: fp32 products.
+//   int8     per-tensor absmax INT8 forward (round to nearest), per-tensor stochastic INT8 gradient.
+//   lsq_luq  LSQ 4-bit forward without Hadamard (block 1); LUQ 4-bit logarithmic gradient.
+//   hq       Hadamard + LSQ 4-bit forward; plain stochastic 4-bit gradient (qmax 7).
+//   hq_bs    Hadamard + LSQ forward; bit-split gradient, all 2N rows (what the reference code ran).
+//   hq_lss   Hadamard + LSQ forward; bit split + leverage score sampling (the paper's method).
+// In the LSQ recipes every product runs on INT4 codes with exact int32 accumulation; the backward
+// products reuse the forward codes of x (the compact state of quantize.h) and the codes of w, which
+// are recomputed from the weight (a parameter, unchanged until the optimizer step) together with its
+// exact clip mask and residual; results are rotated back by the Hadamard transform.
+//
+// hq_lss sampling: the 2N bit-split rows R = [16 s hi ; s lo] get scores ||R_i|| (input gradient) and
+// ||R_i|| * ||x_hat_(i mod N)|| (weight gradient), water-filled to budget N, rounded to powers of two
+// and sampled (lss.h). Input gradient: kept rows, one INT4 product, scaled per output row by
+// 2^k (x16 for hi rows) and summed into their token's row. Weight gradient: kept rows grouped by their
+// exponent e = k (+4 for hi rows); one INT4 product per group, summed exactly in int64 with weight 2^e.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "int4train/common.h"
+
+namespace int4train {
+
+enum class Recipe : int32_t { kFp = 0, kInt8 = 1, kLsqLuq = 2, kHq = 3, kHqBs = 4, kHqLss = 5 };
+constexpr int kNumRecipes = 6;
+
+const char* recipe_name(Recipe recipe);
+// Accepts "fp", "int8", "lsq_luq", "hq", "hq_bs", "hq_lss"; anything else is an Error listing them.
+Recipe parse_recipe(const std::string& name);
+bool recipe_uses_lsq(Recipe recipe);       // lsq_luq, hq, hq_bs, hq_lss
+bool recipe_uses_hadamard(Recipe recipe);  // hq, hq_bs, hq_lss
+
+struct LinearConfig {
+  Recipe recipe = Recipe::kHqLss;
+  int32_t hadamard_block = 1;  // HQ recipes: a power of two dividing D; others: must be 1
+  uint64_t seed = 0;
+  uint32_t step = 0;   // training step, part of every random stream
+  uint32_t layer = 0;  // layer id, part of every random stream
+};
+
+// What the forward saves for the backward, by recipe (the caller allocates; see linear_saved_shapes):
+//   fp:    nothing (the backward takes the original x)
+//   int8:  codes int8 N x D, scale fp32 scalar
+//   LSQ:   codes kInt4Packed N x D, aux uint8 compact_aux_bytes(N, D), scale unused (s_x is a param)
+struct LinearSavedShapes {
+  DType codes_dtype = DType::kInt4Packed;
+  int64_t codes_rows = 0, codes_cols = 0;  // 0 x 0 when nothing is saved
+  int64_t aux_bytes = 0;
+  bool needs_input = false;  // fp: the backward needs x itself
+  int64_t bytes() const;     // total bytes of codes + aux + scale
+};
+LinearSavedShapes linear_saved_shapes(Recipe recipe, int64_t n, int64_t d);
+
+struct LinearForwardArgs {
+  TensorView x;       // N x D, fp32 or bf16
+  TensorView w;       // C x D, fp32 or bf16
+  TensorView bias;    // C, fp32 or bf16, optional (data == nullptr)
+  TensorView step_x;  // fp32 scalar, LSQ recipes
+  TensorView step_w;  // fp32 scalar, LSQ recipes
+  TensorView y;       // out: N x C, fp32 or bf16
+  TensorView saved_codes;  // out, see LinearSavedShapes (ignored for fp)
+  TensorView saved_aux;    // out, LSQ recipes
+  TensorView saved_scale;  // out, int8 recipe: fp32 scalar
+};
+
+// Runs the forward. If x or w holds a non-finite value in an LSQ recipe (where the learned step never
+// sees the data), y is filled with NaN so that the problem surfaces rather than being quantized away.
+void linear_forward(const LinearConfig& config, const LinearForwardArgs& args);
+
+struct LinearBackwardArgs {
+  TensorView grad_y;  // N x C, fp32 or bf16
+  TensorView x;       // fp recipe: the forward input (N x D); others: unused
+  TensorView saved_codes, saved_aux, saved_scale;  // as written by linear_forward
+  TensorView w;       // C x D, the same weight the forward saw
+  TensorView step_x, step_w;
+  TensorView grad_x;       // out N x D, fp32 or bf16; optional
+  TensorView grad_w;       // out C x D, fp32 or bf16; optional
+  TensorView grad_bias;    // out C, fp32 or bf16; optional
+  TensorView grad_step_x;  // out fp32 scalar, LSQ recipes; optional
+  TensorView grad_step_w;  // out fp32 scalar, LSQ recipes; optional
+};
+
+// Statistics of the last backward's sampling, for logging and tests (hq_lss only; zero otherwise).
+struct LinearBackwardStats {
+  int64_t input_rows_kept = 0;   // of 2N
+  int64_t weight_rows_kept = 0;  // of 2N
+};
+
+void linear_backward(const LinearConfig& config, const LinearBackwardArgs& args,
+                     LinearBackwardStats* stats = nullptr);
+
+}  // namespace int4train

@@ -1,0 +1,39 @@
+// int4train core: leverage score sampling (ALGORITHM.md, backward step 3): scores, water-filling
+// probabilities for a budget, power-of-two rounding, Bernoulli selection and importance weights.
+//
+// The estimator: each of n rows is kept with probability p_i and a kept row is weighted by 1 / p_i, so
+// the sum over kept rows is unbiased for the sum over all rows. Rounding p_i to a power of two
+// p'_i = 2^-k_i (any p' > 0 keeps the estimator unbiased) makes the weight 2^k_i exact in every
+// arithmetic the products use, so the sampled products stay integer products (see linear.h).
+#pragma once
+
+#include <cstdint>
+
+#include "int4train/common.h"
+#include "int4train/philox.h"
+
+namespace int4train {
+
+// Euclidean norm of each row, fp32 out (accumulated in fp64 on the CPU). in: fp32, bf16, int8 codes or
+// kInt4Packed codes (rows x cols); norms: fp32 vector of `rows`.
+void row_norms(const TensorView& in, TensorView norms);
+
+// Water-filling: p_i = min(1, kappa * c_i) with kappa chosen so that sum p_i = budget. Deterministic:
+//   sat = {}; repeat { kappa = (budget - |sat|) / sum_{i not in sat} c_i;
+//                      add every i with kappa * c_i >= 1 to sat } until nothing is added.
+// Sums in fp64. Rows with c_i = 0 get p_i = 0. If budget >= the number of positive scores, every
+// positive score gets p = 1. scores: fp32 >= 0 (a negative or non-finite score is an Error naming
+// `scores`); budget > 0; probs: fp32, same length.
+void lss_probabilities(const TensorView& scores, double budget, TensorView probs);
+
+// Round each probability to a power of two p' = 2^-k, k = round(-log2 p) (nearest in the log domain),
+// clamped to [0, max_exponent]; p = 0 gives k = -1 (never kept, weight 0). exponents: int8.
+constexpr int kLssMaxExponent = 20;
+void lss_round_pow2(const TensorView& probs, int max_exponent, TensorView exponents);
+
+// Bernoulli selection: row i is kept iff bernoulli_pow2(random_u32(rng.seed, rng.stream, i), k_i).
+// Writes the kept row indices in ascending order into `indices` (int32, capacity >= n) and returns
+// their count. A kept row's importance weight is 2^k_i.
+int64_t lss_select(const TensorView& exponents, const RandomKey& rng, TensorView indices);
+
+}  // namespace int4train

@@ -1,0 +1,94 @@
+// int4train core: counter-based random numbers (Philox4x32-10, Salmon et al. 2011), header-only so
+// that the CPU and the GPU compute the same bits for the same (seed, stream, index).
+//
+// Keying, written once here:
+//   key      = {seed low 32 bits, seed high 32 bits}
+//   counter  = {block low 32, block high 32, stream low 32, stream high 32}, block = index / 4
+//   element `index` takes word (index % 4) of Philox4x32-10(counter, key).
+// A stream names one use of randomness: make_stream(step, layer, purpose). The element index is the
+// row-major flat index of the tensor element (or row) that consumes the number.
+#pragma once
+
+#include <cstdint>
+
+#include "int4train/macros.h"
+
+namespace int4train {
+
+// What a random number is used for; part of the stream so that uses never share bits.
+enum class RandomPurpose : uint32_t {
+  kGradRound = 1,      // stochastic rounding of the output gradient (bit split, plain 4/8-bit, LUQ)
+  kSampleInput = 2,    // LSS Bernoulli selection for the input-gradient product
+  kSampleWeight = 3,   // LSS Bernoulli selection for the weight-gradient product
+  kLsqAux = 4,         // the 1-bit stochastic rounding residual saved by the compact LSQ state
+  kTest = 15,          // reserved for tests
+};
+
+// stream = step << 32 | layer << 8 | purpose  (step: 32 bits, layer: 24 bits, purpose: 8 bits).
+INT4TRAIN_HD uint64_t make_stream(uint32_t step, uint32_t layer, RandomPurpose purpose) {
+  return (static_cast<uint64_t>(step) << 32) | (static_cast<uint64_t>(layer & 0xFFFFFFu) << 8) |
+         static_cast<uint64_t>(static_cast<uint32_t>(purpose) & 0xFFu);
+}
+
+struct Philox4x32 {
+  uint32_t v[4];
+};
+
+INT4TRAIN_HD uint32_t philox_mulhilo(uint32_t a, uint32_t b, uint32_t* hi) {
+  const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  *hi = static_cast<uint32_t>(p >> 32);
+  return static_cast<uint32_t>(p);
+}
+
+// Philox4x32 with 10 rounds, the constants of Random123 (and cuRAND).
+INT4TRAIN_HD Philox4x32 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                      uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, hi1;
+    const uint32_t lo0 = philox_mulhilo(kM0, c0, &hi0);
+    const uint32_t lo1 = philox_mulhilo(kM1, c2, &hi1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0;
+    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+    k0 += kW0;
+    k1 += kW1;
+  }
+  return Philox4x32{{c0, c1, c2, c3}};
+}
+
+// The four words of block `block` of (seed, stream); elements 4*block .. 4*block+3 use them in order.
+INT4TRAIN_HD Philox4x32 random_block(uint64_t seed, uint64_t stream, uint64_t block) {
+  return philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
+                       static_cast<uint32_t>(stream), static_cast<uint32_t>(stream >> 32),
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+INT4TRAIN_HD uint32_t random_u32(uint64_t seed, uint64_t stream, uint64_t index) {
+  return random_block(seed, stream, index >> 2).v[index & 3];
+}
+
+// Uniform in [0, 1) with 24 random bits: (u >> 8) * 2^-24, exact in fp32 on every machine.
+INT4TRAIN_HD float uniform_from_u32(uint32_t u) { return static_cast<float>(u >> 8) * 0x1.0p-24f; }
+
+INT4TRAIN_HD float random_uniform(uint64_t seed, uint64_t stream, uint64_t index) {
+  return uniform_from_u32(random_u32(seed, stream, index));
+}
+
+// A Bernoulli draw with probability exactly 2^-k (k in [0, 32]): true iff the top k bits of the word
+// are zero. k == 0 is always true.
+INT4TRAIN_HD bool bernoulli_pow2(uint32_t u, int k) {
+  return k <= 0 ? true : (k >= 32 ? u == 0u : (u >> (32 - k)) == 0u);
+}
+
+// Where a caller's randomness comes from: the run's seed and the stream of this use.
+struct RandomKey {
+  uint64_t seed = 0;
+  uint64_t stream = 0;
+};
+
+}  // namespace int4train
