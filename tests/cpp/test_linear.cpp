@@ -1,0 +1,391 @@
+// Tests of the quantized linear layer (linear.h): every recipe's forward and backward against an fp64
+// reference by signal-to-noise ratio on transformer-like inputs with outlier channels, the Hadamard
+// transform's benefit, unbiasedness of the sampled backward, determinism and argument errors.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "int4train/hadamard.h"
+#include "int4train/linear.h"
+#include "int4train/quantize.h"
+
+namespace int4train {
+namespace {
+
+// Activations like a transformer's: Gaussian channels plus a few outlier channels ~20x larger (the
+// structure that makes per-tensor 4-bit grids lose; Dettmers et al. 2022, Xi et al. 2023).
+struct Problem {
+  int64_t n, d, c;
+  std::vector<float> x, w, b, gy;
+};
+
+Problem make_problem(int64_t n, int64_t d, int64_t c, uint32_t seed, int outliers = 4) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  Problem p{n, d, c, {}, {}, {}, {}};
+  p.x.resize(static_cast<size_t>(n * d));
+  p.w.resize(static_cast<size_t>(c * d));
+  p.b.resize(static_cast<size_t>(c));
+  p.gy.resize(static_cast<size_t>(n * c));
+  std::vector<float> channel_scale(static_cast<size_t>(d), 1.0f);
+  for (int o = 0; o < outliers; ++o) channel_scale[static_cast<size_t>((o * 37 + 5) % d)] = 20.0f;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < d; ++j) p.x[i * d + j] = normal(rng) * channel_scale[j];
+  const float ws = 1.0f / std::sqrt(static_cast<float>(d));
+  for (auto& v : p.w) v = normal(rng) * ws;
+  for (auto& v : p.b) v = 0.1f * normal(rng);
+  // Output gradients are row-sparse in practice (few tokens carry most of the norm).
+  for (int64_t i = 0; i < n; ++i) {
+    const float row = (i % 7 == 0) ? 1.0f : 0.05f;
+    for (int64_t j = 0; j < c; ++j) p.gy[i * c + j] = row * normal(rng);
+  }
+  return p;
+}
+
+double snr_db(const std::vector<double>& ref, const std::vector<float>& got) {
+  double s = 0, e = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    s += ref[i] * ref[i];
+    e += (ref[i] - got[i]) * (ref[i] - got[i]);
+  }
+  return 10.0 * std::log10(s / std::max(e, 1e-300));
+}
+
+// fp64 references: y = x w^T + b, dx = gy w, dw = gy^T x.
+std::vector<double> ref_forward(const Problem& p) {
+  std::vector<double> y(static_cast<size_t>(p.n * p.c));
+  for (int64_t i = 0; i < p.n; ++i)
+    for (int64_t j = 0; j < p.c; ++j) {
+      double acc = p.b[j];
+      for (int64_t k = 0; k < p.d; ++k) acc += double(p.x[i * p.d + k]) * p.w[j * p.d + k];
+      y[i * p.c + j] = acc;
+    }
+  return y;
+}
+std::vector<double> ref_grad_x(const Problem& p) {
+  std::vector<double> dx(static_cast<size_t>(p.n * p.d), 0.0);
+  for (int64_t i = 0; i < p.n; ++i)
+    for (int64_t j = 0; j < p.c; ++j) {
+      const double g = p.gy[i * p.c + j];
+      for (int64_t k = 0; k < p.d; ++k) dx[i * p.d + k] += g * p.w[j * p.d + k];
+    }
+  return dx;
+}
+std::vector<double> ref_grad_w(const Problem& p) {
+  std::vector<double> dw(static_cast<size_t>(p.c * p.d), 0.0);
+  for (int64_t i = 0; i < p.n; ++i)
+    for (int64_t j = 0; j < p.c; ++j) {
+      const double g = p.gy[i * p.c + j];
+      for (int64_t k = 0; k < p.d; ++k) dw[j * p.d + k] += g * p.x[i * p.d + k];
+    }
+  return dw;
+}
+
+// Owns the saved state and outputs of one forward + backward.
+struct LayerRun {
+  std::vector<float> y, dx, dw, db;
+  std::vector<uint8_t> codes, aux;
+  float saved_scale = 0, step_x = 0, step_w = 0, grad_step_x = 0, grad_step_w = 0;
+  LinearBackwardStats stats;
+};
+
+int32_t choose_block(Recipe r, Problem& p) {
+  if (!recipe_uses_hadamard(r)) return 1;
+  return select_hadamard_block(make_matrix(p.x.data(), DType::kFloat32, p.n, p.d),
+                               make_matrix(p.w.data(), DType::kFloat32, p.c, p.d))
+      .block;
+}
+
+void init_steps(Problem& p, int32_t block, LayerRun& run) {
+  std::vector<float> xt(p.x.size()), wt(p.w.size());
+  hadamard_transform(make_matrix(p.x.data(), DType::kFloat32, p.n, p.d),
+                     make_matrix(xt.data(), DType::kFloat32, p.n, p.d), block);
+  hadamard_transform(make_matrix(p.w.data(), DType::kFloat32, p.c, p.d),
+                     make_matrix(wt.data(), DType::kFloat32, p.c, p.d), block);
+  run.step_x = lsq_init_step(make_matrix(xt.data(), DType::kFloat32, p.n, p.d));
+  run.step_w = lsq_init_step(make_matrix(wt.data(), DType::kFloat32, p.c, p.d));
+}
+
+void forward(const LinearConfig& cfg, Problem& p, LayerRun& run) {
+  const LinearSavedShapes s = linear_saved_shapes(cfg.recipe, p.n, p.d);
+  run.y.assign(static_cast<size_t>(p.n * p.c), -12345.0f);
+  run.codes.assign(static_cast<size_t>(s.bytes()) + 1, 0xAB);
+  run.aux.assign(static_cast<size_t>(s.aux_bytes) + 1, 0xCD);
+  LinearForwardArgs a;
+  a.x = make_matrix(p.x.data(), DType::kFloat32, p.n, p.d);
+  a.w = make_matrix(p.w.data(), DType::kFloat32, p.c, p.d);
+  a.bias = make_vector(p.b.data(), DType::kFloat32, p.c);
+  a.step_x = make_scalar(&run.step_x, DType::kFloat32);
+  a.step_w = make_scalar(&run.step_w, DType::kFloat32);
+  a.y = make_matrix(run.y.data(), DType::kFloat32, p.n, p.c);
+  a.saved_codes = make_matrix(run.codes.data(), s.codes_dtype, s.codes_rows, s.codes_cols);
+  a.saved_aux = make_vector(run.aux.data(), DType::kUInt8, s.aux_bytes);
+  a.saved_scale = make_scalar(&run.saved_scale, DType::kFloat32);
+  linear_forward(cfg, a);
+}
+
+void backward(const LinearConfig& cfg, Problem& p, LayerRun& run) {
+  const LinearSavedShapes s = linear_saved_shapes(cfg.recipe, p.n, p.d);
+  run.dx.assign(static_cast<size_t>(p.n * p.d), -12345.0f);
+  run.dw.assign(static_cast<size_t>(p.c * p.d), -12345.0f);
+  run.db.assign(static_cast<size_t>(p.c), -12345.0f);
+  LinearBackwardArgs a;
+  a.grad_y = make_matrix(p.gy.data(), DType::kFloat32, p.n, p.c);
+  a.x = make_matrix(p.x.data(), DType::kFloat32, p.n, p.d);
+  a.saved_codes = make_matrix(run.codes.data(), s.codes_dtype, s.codes_rows, s.codes_cols);
+  a.saved_aux = make_vector(run.aux.data(), DType::kUInt8, s.aux_bytes);
+  a.saved_scale = make_scalar(&run.saved_scale, DType::kFloat32);
+  a.w = make_matrix(p.w.data(), DType::kFloat32, p.c, p.d);
+  a.step_x = make_scalar(&run.step_x, DType::kFloat32);
+  a.step_w = make_scalar(&run.step_w, DType::kFloat32);
+  a.grad_x = make_matrix(run.dx.data(), DType::kFloat32, p.n, p.d);
+  a.grad_w = make_matrix(run.dw.data(), DType::kFloat32, p.c, p.d);
+  a.grad_bias = make_vector(run.db.data(), DType::kFloat32, p.c);
+  a.grad_step_x = make_scalar(&run.grad_step_x, DType::kFloat32);
+  a.grad_step_w = make_scalar(&run.grad_step_w, DType::kFloat32);
+  linear_backward(cfg, a, &run.stats);
+}
+
+// Minimum SNRs (dB) against fp64, per recipe, on make_problem(256, 512, 384) with outliers.
+// fp: fp32 rounding only (~24 bits: well above 100 dB). int8: per-tensor absmax 8-bit on outlier-heavy
+// data keeps ~6 dB a bit minus the outlier headroom (20x = 4.3 bits): > 20 dB forward. 4-bit LSQ with
+// Hadamard: ~6 dB a bit for 4 bits on both operands, minus clipping: > 12 dB forward. LSQ without
+// Hadamard (lsq_luq) loses most bits to the outliers: only a positive SNR is required. The gradients
+// are stochastic estimates (unbiased, with variance), so their floors are lower.
+struct RecipeCase {
+  Recipe recipe;
+  double fwd_db, dx_db, dw_db;
+};
+
+class LinearRecipe : public ::testing::TestWithParam<RecipeCase> {};
+
+TEST_P(LinearRecipe, ForwardAndBackwardTrackFp64) {
+  const RecipeCase rc = GetParam();
+  Problem p = make_problem(256, 512, 384, 7);
+  LinearConfig cfg;
+  cfg.recipe = rc.recipe;
+  cfg.seed = 1234;
+  cfg.hadamard_block = choose_block(rc.recipe, p);
+  LayerRun run;
+  init_steps(p, cfg.hadamard_block, run);
+  forward(cfg, p, run);
+  backward(cfg, p, run);
+  const double fwd = snr_db(ref_forward(p), run.y);
+  const double dx = snr_db(ref_grad_x(p), run.dx);
+  const double dw = snr_db(ref_grad_w(p), run.dw);
+  RecordProperty("forward_snr_db", std::to_string(fwd));
+  RecordProperty("grad_x_snr_db", std::to_string(dx));
+  RecordProperty("grad_w_snr_db", std::to_string(dw));
+  EXPECT_GT(fwd, rc.fwd_db) << recipe_name(rc.recipe);
+  EXPECT_GT(dx, rc.dx_db) << recipe_name(rc.recipe);
+  EXPECT_GT(dw, rc.dw_db) << recipe_name(rc.recipe);
+  // The bias gradient is exact column sums in every recipe.
+  for (int64_t j = 0; j < p.c; ++j) {
+    double s = 0;
+    for (int64_t i = 0; i < p.n; ++i) s += p.gy[i * p.c + j];
+    EXPECT_NEAR(run.db[j], s, 1e-4 * (1 + std::abs(s)));
+  }
+  if (recipe_uses_lsq(rc.recipe)) {
+    EXPECT_TRUE(std::isfinite(run.grad_step_x));
+    EXPECT_TRUE(std::isfinite(run.grad_step_w));
+  }
+  if (rc.recipe == Recipe::kHqLss) {
+    // About N of the 2N rows are kept for each product (the budget), never more than all of them.
+    EXPECT_GT(run.stats.input_rows_kept, p.n / 4);
+    EXPECT_LE(run.stats.input_rows_kept, 2 * p.n);
+    EXPECT_GT(run.stats.weight_rows_kept, p.n / 4);
+    EXPECT_LE(run.stats.weight_rows_kept, 2 * p.n);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Recipes, LinearRecipe,
+    ::testing::Values(RecipeCase{Recipe::kFp, 100, 100, 100},
+                      RecipeCase{Recipe::kInt8, 20, 15, 15},
+                      RecipeCase{Recipe::kLsqLuq, 0, 0, 0},
+                      RecipeCase{Recipe::kHq, 12, 0, 0},
+                      RecipeCase{Recipe::kHqBs, 12, 10, 10},
+                      RecipeCase{Recipe::kHqLss, 12, 3, 3}),
+    [](const ::testing::TestParamInfo<RecipeCase>& info) {
+      return std::string(recipe_name(info.param.recipe));
+    });
+
+// The paper's point: on inputs with outlier channels, the Hadamard transform makes the 4-bit forward
+// much more accurate than the same quantizer without it.
+TEST(LinearHadamard, BeatsNoTransformOnOutliers) {
+  Problem p = make_problem(256, 512, 384, 11, 8);
+  LinearConfig with_h;
+  with_h.recipe = Recipe::kHq;
+  with_h.hadamard_block = choose_block(Recipe::kHq, p);
+  ASSERT_GT(with_h.hadamard_block, 1);
+  LinearConfig without_h = with_h;
+  without_h.hadamard_block = 1;
+  LayerRun a, b;
+  init_steps(p, with_h.hadamard_block, a);
+  init_steps(p, 1, b);
+  forward(with_h, p, a);
+  forward(without_h, p, b);
+  const auto ref = ref_forward(p);
+  const double snr_h = snr_db(ref, a.y), snr_plain = snr_db(ref, b.y);
+  RecordProperty("snr_hadamard_db", std::to_string(snr_h));
+  RecordProperty("snr_plain_db", std::to_string(snr_plain));
+  EXPECT_GT(snr_h, snr_plain + 3.0);
+}
+
+// The sampled backward is unbiased given the forward codes: the mean over backward seeds converges to
+// the expectation, with error shrinking like 1/sqrt(draws).
+TEST(LinearLss, BackwardIsUnbiased) {
+  Problem p = make_problem(32, 64, 48, 3);
+  LinearConfig cfg;
+  cfg.recipe = Recipe::kHqLss;
+  cfg.hadamard_block = 16;
+  cfg.seed = 99;
+  LayerRun base;
+  init_steps(p, cfg.hadamard_block, base);
+  forward(cfg, p, base);
+  // Both hq_bs (bit split, all rows) and hq_lss (bit split + sampling) are unbiased for the same
+  // expectation given the forward codes; a long hq_bs mean is an independent estimate of it.
+  auto mean_dx = [&](Recipe r, int draws, uint64_t seed0) {
+    std::vector<double> m(static_cast<size_t>(p.n * p.d), 0.0);
+    LinearConfig c2 = cfg;
+    c2.recipe = r;
+    for (int t = 0; t < draws; ++t) {
+      c2.seed = seed0 + t;
+      LayerRun run = base;
+      backward(c2, p, run);
+      for (size_t i = 0; i < m.size(); ++i) m[i] += run.dx[i];
+    }
+    for (auto& v : m) v /= draws;
+    return m;
+  };
+  const auto target = mean_dx(Recipe::kHqBs, 1600, 1000000);
+  auto rms = [&](const std::vector<double>& a) {
+    double e = 0, s = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      e += (a[i] - target[i]) * (a[i] - target[i]);
+      s += target[i] * target[i];
+    }
+    return std::sqrt(e / s);
+  };
+  const double e1 = rms(mean_dx(Recipe::kHqLss, 25, 1));
+  const double e4 = rms(mean_dx(Recipe::kHqLss, 400, 5000));
+  RecordProperty("rel_err_25", std::to_string(e1));
+  RecordProperty("rel_err_400", std::to_string(e4));
+  // 16x the draws: the error drops ~4x if unbiased (a bias would make it plateau). Allow 2.5x.
+  EXPECT_LT(e4, e1 / 2.5);
+}
+
+TEST(LinearDeterminism, SameSeedSameBits) {
+  for (Recipe r : {Recipe::kInt8, Recipe::kLsqLuq, Recipe::kHq, Recipe::kHqBs, Recipe::kHqLss}) {
+    Problem p = make_problem(40, 64, 24, 5);
+    LinearConfig cfg;
+    cfg.recipe = r;
+    cfg.hadamard_block = recipe_uses_hadamard(r) ? 32 : 1;
+    cfg.seed = 77;
+    cfg.step = 3;
+    cfg.layer = 2;
+    LayerRun a, b;
+    init_steps(p, cfg.hadamard_block, a);
+    b = a;
+    forward(cfg, p, a);
+    backward(cfg, p, a);
+    forward(cfg, p, b);
+    backward(cfg, p, b);
+    EXPECT_EQ(a.y, b.y) << recipe_name(r);
+    EXPECT_EQ(a.dx, b.dx) << recipe_name(r);
+    EXPECT_EQ(a.dw, b.dw) << recipe_name(r);
+    EXPECT_EQ(a.grad_step_x, b.grad_step_x) << recipe_name(r);
+    // A different seed changes the stochastic backward.
+    LinearConfig other = cfg;
+    other.seed = 78;
+    LayerRun c = a;
+    backward(other, p, c);
+    EXPECT_NE(a.dx, c.dx) << recipe_name(r);
+  }
+}
+
+TEST(LinearShapes, OddSizesAndEmptyBatch) {
+  for (int64_t n : {0, 1, 3, 17}) {
+    Problem p = make_problem(n, 48, 5, 9);
+    for (Recipe r : {Recipe::kFp, Recipe::kInt8, Recipe::kLsqLuq, Recipe::kHqBs, Recipe::kHqLss}) {
+      LinearConfig cfg;
+      cfg.recipe = r;
+      cfg.hadamard_block = recipe_uses_hadamard(r) ? 16 : 1;
+      LayerRun run;
+      run.step_x = 0.5f;
+      run.step_w = 0.05f;
+      forward(cfg, p, run);
+      backward(cfg, p, run);
+      for (float v : run.y) EXPECT_TRUE(std::isfinite(v)) << recipe_name(r) << " n=" << n;
+      for (float v : run.dx) EXPECT_TRUE(std::isfinite(v)) << recipe_name(r) << " n=" << n;
+      for (float v : run.dw) EXPECT_TRUE(std::isfinite(v)) << recipe_name(r) << " n=" << n;
+      if (n == 0) {
+        for (float v : run.dw) EXPECT_EQ(v, 0.0f) << recipe_name(r);
+      }
+    }
+  }
+}
+
+TEST(LinearNonFinite, NaNInputSurfacesInOutput) {
+  Problem p = make_problem(8, 32, 4, 1);
+  p.x[5] = std::nanf("");
+  LinearConfig cfg;
+  cfg.recipe = Recipe::kHqLss;
+  cfg.hadamard_block = 32;
+  LayerRun run;
+  run.step_x = 0.5f;
+  run.step_w = 0.05f;
+  forward(cfg, p, run);
+  for (float v : run.y) EXPECT_TRUE(std::isnan(v));
+  // A non-finite output gradient makes the gradients non-finite (so AMP's scaler skips the step).
+  Problem q = make_problem(8, 32, 4, 1);
+  LayerRun r2;
+  r2.step_x = 0.5f;
+  r2.step_w = 0.05f;
+  forward(cfg, q, r2);
+  q.gy[3] = INFINITY;
+  backward(cfg, q, r2);
+  bool any_nonfinite = false;
+  for (float v : r2.dw) any_nonfinite |= !std::isfinite(v);
+  EXPECT_TRUE(any_nonfinite);
+}
+
+TEST(LinearErrors, BadArgumentsNameTheArgument) {
+  Problem p = make_problem(4, 48, 3, 1);
+  LayerRun run;
+  run.step_x = 0.5f;
+  run.step_w = 0.05f;
+  LinearConfig cfg;
+  cfg.recipe = Recipe::kHq;
+  cfg.hadamard_block = 32;  // does not divide 48
+  try {
+    forward(cfg, p, run);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("hadamard_block"), std::string::npos) << e.what();
+  }
+  cfg.hadamard_block = 16;
+  std::vector<float> wrong(static_cast<size_t>(3 * 40));
+  LinearForwardArgs a;
+  a.x = make_matrix(p.x.data(), DType::kFloat32, 4, 48);
+  a.w = make_matrix(wrong.data(), DType::kFloat32, 3, 40);
+  try {
+    linear_forward(cfg, a);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kValue);
+    EXPECT_NE(std::string(e.what()).find("w:"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(parse_recipe("int3"), Error);
+  EXPECT_EQ(parse_recipe("hq_lss"), Recipe::kHqLss);
+  LinearConfig fp;
+  fp.recipe = Recipe::kFp;
+  fp.hadamard_block = 4;
+  EXPECT_THROW(forward(fp, p, run), Error);
+}
+
+}  // namespace
+}  // namespace int4train
