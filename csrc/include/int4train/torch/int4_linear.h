@@ -1,0 +1,67 @@
+// int4train for LibTorch: Int4Linear, a torch::nn::Linear replacement whose three matrix products
+// run on 4-bit integers (or any recipe of int4train/linear.h). Same parameters and state_dict names
+// as the Python int4train.Int4Linear, so checkpoints move between the two.
+#pragma once
+
+#include <torch/nn/cloneable.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/pimpl.h>
+
+#include <cstdint>
+#include <ostream>
+#include <string>
+
+namespace int4train::pt {
+
+struct Int4LinearOptions {
+  Int4LinearOptions(int64_t in_features, int64_t out_features)
+      : in_features_(in_features), out_features_(out_features) {}
+  TORCH_ARG(int64_t, in_features);
+  TORCH_ARG(int64_t, out_features);
+  TORCH_ARG(bool, bias) = true;
+  // "fp", "int8", "lsq_luq", "hq", "hq_bs" or "hq_lss" (int4train/linear.h).
+  TORCH_ARG(std::string, recipe) = "hq_lss";
+  // Random streams: keyed by (seed, training step, layer id).
+  TORCH_ARG(int64_t, seed) = 0;
+  TORCH_ARG(int64_t, layer) = 0;
+  // Largest Hadamard block the first-batch search may pick (a power of two <= 256).
+  TORCH_ARG(int64_t, max_hadamard_block) = 256;
+};
+
+// State (the names are the state_dict keys):
+//   weight (out, in), bias (out): parameters, as torch::nn::Linear;
+//   input_step, weight_step: fp32 0-dim parameters, the LSQ step sizes (LSQ recipes only);
+//   hadamard_block (int64 0-dim), initialized (bool 0-dim), step (int64 0-dim): buffers.
+// The first forward on a non-empty batch initialises the steps (lsq_init_step of the transformed x
+// and w) and picks the Hadamard block (hq recipes; lsq_luq uses 1), unless `initialized` is already
+// set (a loaded checkpoint is never re-initialised). Each forward in training mode increments `step`.
+// forward takes x (..., in_features) in float32 or bfloat16 (any float dtype under autocast).
+class Int4LinearImpl : public torch::nn::Cloneable<Int4LinearImpl> {
+ public:
+  Int4LinearImpl(int64_t in_features, int64_t out_features)
+      : Int4LinearImpl(Int4LinearOptions(in_features, out_features)) {}
+  explicit Int4LinearImpl(const Int4LinearOptions& options);
+
+  void reset() override;
+  // Same initialisation as torch::nn::Linear.
+  void reset_parameters();
+  void pretty_print(std::ostream& stream) const override;
+  at::Tensor forward(const at::Tensor& x);
+
+  bool is_initialized() const;
+  int64_t block_size() const;  // the Hadamard block in use (1 until initialised)
+
+  Int4LinearOptions options;
+  at::Tensor weight, bias, input_step, weight_step;
+  at::Tensor hadamard_block, initialized, step;
+
+ private:
+  void initialize(const at::Tensor& x);
+};
+TORCH_MODULE(Int4Linear);
+
+// An Int4Linear that shares the weight and bias of `linear` (same shapes, device and dtype).
+Int4Linear int4_linear_from(const torch::nn::Linear& linear, const std::string& recipe = "hq_lss",
+                            int64_t seed = 0, int64_t layer = 0);
+
+}  // namespace int4train::pt

@@ -1,0 +1,48 @@
+// int4train PyTorch binding: helpers shared by the CPU kernels (ops.cpp), the device-generic ATen
+// implementation (generic.cpp) and the autograd Function (autograd.cpp): argument checks and the
+// allocation of the linear layer's outputs, so that every implementation returns the same shapes.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <cstdint>
+#include <optional>
+
+#include "int4train/common.h"
+#include "int4train/linear.h"
+
+namespace int4train::pt::detail {
+
+// The low 32 bits of an integer scalar tensor holding the training step (read on the host).
+uint32_t step_value(const at::Tensor& step);
+// parse_recipe, with a core Error mapped to ValueError.
+Recipe recipe_from(c10::string_view name);
+// (..., cols) -> contiguous (rows, cols).
+at::Tensor as_matrix(const at::Tensor& x, const char* arg);
+// x (..., D) against weight (C, D) and bias (C): a ValueError naming both shapes otherwise.
+void check_linear_shapes(const at::Tensor& x, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const char* op);
+// A required fp32 one-element tensor (an LSQ step), returned as a contiguous 0-dim tensor.
+at::Tensor fp32_scalar(const std::optional<at::Tensor>& t, const char* arg, const char* op);
+
+// linear_forward's outputs: y (N, C), the saved codes (uint8 (N, ceil(D/2)) packed INT4 for LSQ
+// recipes, int8 (N, D) for int8, (0, 0) for fp), aux (uint8 vector) and scale (fp32 0-dim).
+struct LinearTensors {
+  at::Tensor y, codes, aux, scale;
+};
+LinearTensors allocate_linear_outputs(Recipe recipe, int64_t n, int64_t d, int64_t c,
+                                      at::ScalarType y_dtype, const at::TensorOptions& device);
+// The core view of saved codes: uint8 is packed INT4 of d columns, int8 is plain codes.
+TensorView codes_view(const at::Tensor& codes, int64_t d, const char* arg);
+
+// linear_backward's outputs; an output whose mask bit is false is an empty (0,) tensor.
+// grad_x and grad_bias take grad_y's dtype, grad_weight the weight's, the step gradients fp32.
+struct LinearGradTensors {
+  at::Tensor grad_x, grad_w, grad_bias, grad_input_step, grad_weight_step, stats;
+};
+LinearGradTensors allocate_linear_grads(int64_t n, int64_t d, int64_t c, at::ScalarType grad_dtype,
+                                        at::ScalarType weight_dtype,
+                                        const at::TensorOptions& device, std::array<bool, 5> mask);
+
+}  // namespace int4train::pt::detail

@@ -1,0 +1,18 @@
+// int4train PyTorch binding: the Python extension module int4train._C. It holds no functions:
+// importing it loads this library, whose static TORCH_LIBRARY registrations define the
+// torch.ops.int4train.* operators (Python adds only fake kernels and wrappers).
+#include <Python.h>
+
+namespace {
+
+PyModuleDef int4train_module = {
+    PyModuleDef_HEAD_INIT,
+    "_C",
+    "int4train C++ extension: importing it registers the torch.ops.int4train operators.",
+    -1,
+    nullptr,
+};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&int4train_module); }

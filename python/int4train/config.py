@@ -1,0 +1,69 @@
+"""int4train recipes: one config object naming how a layer's three matrix products are quantized.
+
+The names are those of the C++ core (include/int4train/linear.h) and of the paper's ablation table:
+fp, int8, lsq_luq, hq, hq_bs, hq_lss (the paper's method, the default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Union
+
+RECIPES = ("fp", "int8", "lsq_luq", "hq", "hq_bs", "hq_lss")
+_LSQ_RECIPES = ("lsq_luq", "hq", "hq_bs", "hq_lss")
+_HADAMARD_RECIPES = ("hq", "hq_bs", "hq_lss")
+MAX_HADAMARD_BLOCK = 256  # int4train::kMaxHadamardBlock
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How Int4Linear computes its forward and backward products.
+
+    name: "fp" (no quantization, the core's fp32 products), "int8" (per-tensor absmax INT8 forward,
+        stochastic INT8 gradient), "lsq_luq" (LSQ 4-bit forward, LUQ 4-bit logarithmic gradient),
+        "hq" (Hadamard + LSQ forward, stochastic 4-bit gradient), "hq_bs" (Hadamard + LSQ forward,
+        bit-split gradient) or "hq_lss" (bit split + leverage score sampling: the paper's method).
+    seed: keys every random stream (stochastic rounding, sampling) with the training step and the
+        layer id, so the same seed reproduces a run bit for bit on the CPU and the GPU. 0 <= seed < 2**63.
+    max_hadamard_block: the largest Hadamard block the first-batch search may choose (hq recipes),
+        a power of two <= 256.
+    """
+
+    name: str = "hq_lss"
+    seed: int = 0
+    max_hadamard_block: int = MAX_HADAMARD_BLOCK
+
+    def __post_init__(self) -> None:
+        if self.name not in RECIPES:
+            raise ValueError(f"unknown recipe {self.name!r}; expected one of {', '.join(RECIPES)}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {self.seed!r}")
+        b = self.max_hadamard_block
+        if not isinstance(b, int) or b < 1 or b > MAX_HADAMARD_BLOCK or b & (b - 1):
+            raise ValueError(
+                f"max_hadamard_block must be a power of two in [1, {MAX_HADAMARD_BLOCK}], got {b!r}"
+            )
+
+    @property
+    def uses_lsq(self) -> bool:
+        """True for the recipes with learned step sizes (LSQ 4-bit forward)."""
+        return self.name in _LSQ_RECIPES
+
+    @property
+    def uses_hadamard(self) -> bool:
+        """True for the recipes that choose a Hadamard block on the first batch."""
+        return self.name in _HADAMARD_RECIPES
+
+    @classmethod
+    def of(cls, recipe: Union["Recipe", str], seed: int | None = None) -> "Recipe":
+        """A Recipe from a Recipe or a name; `seed`, when given, replaces the recipe's seed."""
+        if isinstance(recipe, str):
+            r = cls(name=recipe)
+        elif isinstance(recipe, Recipe):
+            r = recipe
+        else:
+            raise TypeError(f"recipe must be a Recipe or one of {RECIPES}, got {type(recipe).__name__}")
+        return r if seed is None else dataclasses.replace(r, seed=seed)
+
+
+RecipeLike = Union[Recipe, str]

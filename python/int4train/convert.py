@@ -1,0 +1,136 @@
+"""convert_ / unconvert_: swap a model's linear layers for Int4Linear in place, and back.
+
+Every recipe, "fp" included, goes through Int4Linear and the core op, so that ablations compare like
+with like. Layer ids (part of every random stream) are assigned in module order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .config import Recipe, RecipeLike
+from .nn import Int4Linear
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D (GPT-2's linear layers): y = x W + b with W of shape
+    # (in_features, out_features). Recognised by name so that transformers stays optional.
+    return (
+        type(module).__name__ == "Conv1D"
+        and hasattr(module, "nf")
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and module.weight.dim() == 2
+    )
+
+
+def _is_convertible(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Linear) and not isinstance(module, Int4Linear)) or _is_hf_conv1d(
+        module
+    )
+
+
+def _from_conv1d(conv: nn.Module, recipe: Recipe, layer_id: int) -> Int4Linear:
+    in_features, out_features = conv.weight.shape
+    layer = Int4Linear.from_linear(_ConvAsLinear(conv), recipe=recipe, layer_id=layer_id)
+    layer._source_conv1d = type(conv)  # unconvert_ gives a Conv1D back
+    return layer
+
+
+class _ConvAsLinear:
+    """The (out, in) weight of a Conv1D as a fresh Parameter (the values, transposed)."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        w = conv.weight
+        self.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
+        self.bias = conv.bias
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def convert_(
+    model: nn.Module,
+    recipe: RecipeLike = "hq_lss",
+    filter_fn: Optional[FilterFn] = None,
+    seed: Optional[int] = None,
+) -> nn.Module:
+    """Replaces, in place, every nn.Linear of `model` (and every transformers Conv1D, as in GPT-2)
+    for which filter_fn(module, qualified_name) is true (default: all) by an Int4Linear of `recipe`.
+
+    nn.Linear layers keep their own weight and bias Parameters (tied weights stay tied; an optimizer
+    built before the conversion still holds them, though not the new step sizes: build it after).
+    A Conv1D's weight is transposed into a new (out, in) Parameter. Layer ids are assigned 0, 1, ...
+    in module order over the converted layers
+    (after any Int4Linear already in the model). `seed` overrides the recipe's seed. Returns `model`
+    (converted in place; a bare nn.Linear passed as `model` cannot be replaced in place, so
+    convert_ returns its Int4Linear instead).
+    """
+    r = Recipe.of(recipe, seed)
+    if _is_convertible(model):
+        if filter_fn is not None and not filter_fn(model, ""):
+            return model
+        return _convert_one(model, r, 0)
+    targets = []
+    seen = set()
+    # Layers converted by an earlier call keep their ids; new ones continue after them.
+    base = len({id(m) for m in model.modules() if isinstance(m, Int4Linear)})
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or not _is_convertible(module):
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            continue
+        targets.append((name, module))
+    # One Int4Linear per distinct module (a module registered under two names stays shared).
+    replacement = {}
+    for name, module in targets:
+        if id(module) not in replacement:
+            replacement[id(module)] = _convert_one(module, r, base + len(seen))
+            seen.add(id(module))
+        _set_child(model, name, replacement[id(module)])
+    return model
+
+
+def _convert_one(module: nn.Module, recipe: Recipe, layer_id: int) -> Int4Linear:
+    if _is_hf_conv1d(module):
+        layer = _from_conv1d(module, recipe, layer_id)
+    else:
+        layer = Int4Linear.from_linear(module, recipe=recipe, layer_id=layer_id)
+    layer.train(module.training)
+    return layer
+
+
+def unconvert_(model: nn.Module) -> nn.Module:
+    """Replaces, in place, every Int4Linear of `model` by the plain module it came from: nn.Linear
+    holding the trained weight and bias Parameters (or a transformers Conv1D with the weight
+    transposed back), so that state_dict() loads with strict=True into the never-converted model.
+    Step sizes and the other quantization state are dropped. Returns `model` (or, for a bare
+    Int4Linear, its replacement)."""
+    if isinstance(model, Int4Linear):
+        return _unconvert_one(model)
+    replacement = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if name and isinstance(module, Int4Linear):
+            if id(module) not in replacement:
+                replacement[id(module)] = _unconvert_one(module)
+            _set_child(model, name, replacement[id(module)])
+    return model
+
+
+def _unconvert_one(layer: Int4Linear) -> nn.Module:
+    conv_type = getattr(layer, "_source_conv1d", None)
+    if conv_type is None:
+        return layer.to_linear()
+    conv = conv_type(layer.out_features, layer.in_features)
+    w = layer.weight
+    conv.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
+    conv.bias = layer.bias
+    conv.train(layer.training)
+    return conv.to(device=w.device)
