@@ -35,7 +35,8 @@ int64_t lsq_quantize_ref(const TensorView& x, const TensorView& step, TensorView
 //   grad_x = grad_xhat * 1[-Q_N <= v <= Q_P]
 //   grad_step += gamma * sum(grad_xhat * r), r = round(v) - v inside, -Q_N below, Q_P above,
 //   gamma = 1 / sqrt(numel(x) * Q_P); the sum is accumulated in fp64 and written as fp32.
-// grad_xhat: fp32 same shape as x; grad_x: fp32 or bf16 (may alias grad_xhat); grad_step: fp32
+// grad_xhat: fp32 same shape as x; grad_x: fp32 or bf16 (may be grad_xhat itself, fp32, in place;
+// any other overlap is an Error); grad_step: fp32
 // scalar, overwritten (not accumulated). Either output may have a null data pointer to skip it.
 void lsq_backward(const TensorView& x, const TensorView& step, const TensorView& grad_xhat,
                   TensorView grad_x, TensorView grad_step);
@@ -43,7 +44,9 @@ void lsq_backward(const TensorView& x, const TensorView& step, const TensorView&
 // Compact LSQ state saved for backward (0.5 + 0.125 byte per element): packed INT4 codes plus one
 // auxiliary bit per element, flat row-major index e in bit (e % 8) of byte e / 8.
 //   interior codes (-7..6): the bit is a Bernoulli(r + 1/2) draw (stream kLsqAux, index e), so that
-//     r_hat = bit - 1/2 is an unbiased estimate of the rounding residual r in [-1/2, 1/2];
+//     r_hat = bit - 1/2 is an unbiased estimate of the rounding residual r in [-1/2, 1/2]; drawn by
+//     numeric.h's stochastic rounding, bit = min(1, floor((r + 1/2) + u)), r = rint(v) - v, all fp32,
+//     u = random_uniform(rng.seed, rng.stream, e) (a NaN input is stored as code 0, bit 0);
 //   boundary codes (-8, 7): the bit is 1 iff the value was clipped (v < -8 or v > 7); when not
 //     clipped, r is known to lie in [-1/2, 0] (code -8) or [0, 1/2] (code 7) and r_hat is the
 //     midpoint -1/4 or +1/4 (a bias of at most 1/4 on these rare elements; documented in docs/).
@@ -77,7 +80,7 @@ void quantize_bitsplit_ref(const TensorView& g, const RandomKey& rng, TensorView
 
 // Plain unbiased stochastic quantizer: s = max|G| / qmax, q = clamp(floor(G / s + u), -qmax, qmax).
 // qmax = 7 is the "hq" recipe's 4-bit gradient, 127 the INT8 baseline's. codes: int8 or kInt4Packed
-// (qmax <= 7 only).
+// (qmax <= 7 only). An all-zero G gives s = 0 and zero codes.
 void quantize_stochastic(const TensorView& g, int qmax, const RandomKey& rng, TensorView codes,
                          TensorView scale);
 
@@ -85,7 +88,9 @@ void quantize_stochastic(const TensorView& g, int qmax, const RandomKey& rng, Te
 // magnitudes alpha * 2^-k for k = 0..6 and 0. A |g| below alpha 2^-6 becomes alpha 2^-6 with
 // probability |g| / (alpha 2^-6), else 0 (stochastic underflow); a |g| between two levels rounds to
 // one of them with probabilities linear in the distance (unbiased). Codes c in [-7, 7] (int8): 0 is
-// zero, otherwise value = sign(c) * alpha * 2^(|c| - 7). scale: fp32 alpha.
+// zero, otherwise value = sign(c) * alpha * 2^(|c| - 7). scale: fp32 alpha (0, with zero codes, for an
+// all-zero G). In fp32: y = |g| * (1 / alpha) * 64; y < 1 gives |c| = floor(y + u), otherwise
+// y = 2^e (1 + t) exactly and |c| = min(7, 1 + e + floor(t + u)).
 constexpr int kLuqLevels = 7;
 void quantize_luq(const TensorView& g, const RandomKey& rng, TensorView codes, TensorView scale);
 // values = decoded LUQ codes (fp32).
