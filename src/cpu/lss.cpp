@@ -1,0 +1,216 @@
+// int4train core: leverage score sampling on the CPU (lss.h): row norms, the deterministic
+// water-filling probabilities, power-of-two rounding and the Bernoulli selection. Everything here
+// is exact or fixed-order, so the same inputs and seed select the same rows on every machine.
+#include "int4train/lss.h"
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "int4train/int4.h"
+#include "int4train/numeric.h"
+#include "parallel.h"
+#include "quantize_kernels.h"
+
+namespace int4train {
+namespace {
+
+// A contiguous 1-D (or any contiguous) view of n elements of the given dtype.
+int64_t check_flat(const TensorView& t, const char* arg, DType dtype) {
+  check_dtype(t, arg, {dtype});
+  if (t.ndim < 1 || t.ndim > 2 || !t.is_contiguous()) {
+    throw_error(ErrorKind::kValue, std::string(arg) + ": expected a contiguous vector");
+  }
+  check_not_null(t, arg);
+  return t.numel();
+}
+
+// Sum of squares of packed codes, byte by byte: lo^2 + hi^2 of each byte.
+struct PackedSquares {
+  uint8_t table[256];
+  PackedSquares() {
+    for (int b = 0; b < 256; ++b) {
+      const int lo = unpack_int4_lo(static_cast<uint8_t>(b));
+      const int hi = unpack_int4_hi(static_cast<uint8_t>(b));
+      table[b] = static_cast<uint8_t>(lo * lo + hi * hi);
+    }
+  }
+};
+
+double row_sumsq(const TensorView& in, int64_t i, int64_t cols) {
+  switch (in.dtype) {
+    case DType::kFloat32: {
+      // Fixed lanes (as the quantizers' sums): a vectorisable loop with a fixed result.
+      const float* x = in.ptr<const float>() + i * in.strides[0];
+      double acc[detail::kSumLanes] = {};
+      for (int64_t j = 0; j < cols; ++j) {
+        const double v = x[j];
+        acc[j % detail::kSumLanes] += v * v;
+      }
+      double s = 0.0;
+      for (double a : acc) s += a;
+      return s;
+    }
+    case DType::kBFloat16: {
+      const BFloat16* x = in.ptr<const BFloat16>() + i * in.strides[0];
+      double acc[detail::kSumLanes] = {};
+      for (int64_t j = 0; j < cols; ++j) {
+        const double v = bf16_to_float(x[j]);
+        acc[j % detail::kSumLanes] += v * v;
+      }
+      double s = 0.0;
+      for (double a : acc) s += a;
+      return s;
+    }
+    case DType::kInt8: {
+      // Exact: int32 blocks of at most 2^16 squares (each <= 2^14), summed in int64.
+      const int8_t* x = in.ptr<const int8_t>() + i * in.strides[0];
+      int64_t total = 0;
+      for (int64_t j0 = 0; j0 < cols; j0 += 65536) {
+        const int64_t j1 = std::min(cols, j0 + 65536);
+        int32_t block = 0;
+        for (int64_t j = j0; j < j1; ++j) block += static_cast<int32_t>(x[j]) * x[j];
+        total += block;
+      }
+      return static_cast<double>(total);
+    }
+    default: {
+      static const PackedSquares squares;
+      const uint8_t* x = in.ptr<const uint8_t>() + i * packed_row_bytes(cols);
+      int64_t total = 0;
+      for (int64_t b = 0; b < packed_row_bytes(cols); ++b) total += squares.table[x[b]];
+      return static_cast<double>(total);  // odd cols: the padding nibble is 0
+    }
+  }
+}
+
+}  // namespace
+
+void row_norms(const TensorView& in, TensorView norms) {
+  check_matrix(in, "in");
+  check_dtype(in, "in", {DType::kFloat32, DType::kBFloat16, DType::kInt8, DType::kInt4Packed});
+  const int64_t rows = in.shape[0], cols = in.shape[1];
+  check_dtype(norms, "norms", {DType::kFloat32});
+  check_vector(norms, "norms", rows);
+  float* out = norms.ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
+  detail::parallel_for(rows, grain, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      out[i] = static_cast<float>(std::sqrt(row_sumsq(in, i, cols)));
+    }
+  });
+}
+
+void lss_probabilities(const TensorView& scores, double budget, TensorView probs) {
+  const int64_t n = check_flat(scores, "scores", DType::kFloat32);
+  if (!(budget > 0.0) || !std::isfinite(budget)) {
+    throw_error(ErrorKind::kValue,
+                "budget: expected a positive finite row budget, got " + std::to_string(budget));
+  }
+  check_dtype(probs, "probs", {DType::kFloat32});
+  check_vector(probs, "probs", n);
+  const float* c = scores.ptr<const float>();
+  float* p = probs.ptr<float>();
+  std::vector<int64_t> active;  // positive, unsaturated scores, ascending
+  for (int64_t i = 0; i < n; ++i) {
+    if (!(c[i] >= 0.0f) || !std::isfinite(c[i])) {
+      throw_error(ErrorKind::kValue, "scores: expected finite non-negative scores, got " +
+                                         std::to_string(c[i]) + " at index " + std::to_string(i));
+    }
+    if (c[i] > 0.0f) active.push_back(i);
+  }
+  for (int64_t i = 0; i < n; ++i) p[i] = 0.0f;
+  if (budget >= static_cast<double>(active.size())) {
+    for (int64_t i : active) p[i] = 1.0f;
+    return;
+  }
+  // The water-filling loop of lss.h, sums in index order in fp64.
+  int64_t saturated = 0;
+  double kappa = 0.0;
+  for (;;) {
+    double rest = 0.0;
+    for (int64_t i : active) rest += static_cast<double>(c[i]);
+    kappa = (budget - static_cast<double>(saturated)) / rest;
+    std::vector<int64_t> keep;
+    keep.reserve(active.size());
+    for (int64_t i : active) {
+      if (kappa * static_cast<double>(c[i]) >= 1.0) {
+        p[i] = 1.0f;
+        ++saturated;
+      } else {
+        keep.push_back(i);
+      }
+    }
+    if (keep.size() == active.size()) break;
+    active.swap(keep);
+  }
+  for (int64_t i : active) p[i] = static_cast<float>(kappa * static_cast<double>(c[i]));
+}
+
+void lss_round_pow2(const TensorView& probs, int max_exponent, TensorView exponents) {
+  const int64_t n = check_flat(probs, "probs", DType::kFloat32);
+  if (max_exponent < 0 || max_exponent > 32) {
+    throw_error(ErrorKind::kValue, "max_exponent: expected an integer in [0, 32], got " +
+                                       std::to_string(max_exponent));
+  }
+  check_dtype(exponents, "exponents", {DType::kInt8});
+  check_vector(exponents, "exponents", n);
+  const float* p = probs.ptr<const float>();
+  int8_t* k = exponents.ptr<int8_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    const float pi = p[i];
+    if (!(pi >= 0.0f && pi <= 1.0f)) {
+      throw_error(ErrorKind::kValue, "probs: expected probabilities in [0, 1], got " +
+                                         std::to_string(pi) + " at index " + std::to_string(i));
+    }
+    if (pi == 0.0f) {
+      k[i] = -1;
+      continue;
+    }
+    // p = m 2^E with m in [1/2, 1): -log2 p = -E - log2 m, -log2 m in (0, 1]; it rounds up to
+    // 1 - E iff -log2 m > 1/2, i.e. m^2 < 1/2 (exact in fp64: no logarithm, no tie).
+    int e;
+    const double m = std::frexp(static_cast<double>(pi), &e);
+    int ki = (m * m < 0.5) ? 1 - e : -e;
+    ki = std::min(std::max(ki, 0), max_exponent);
+    k[i] = static_cast<int8_t>(ki);
+  }
+}
+
+int64_t lss_select(const TensorView& exponents, const RandomKey& rng, TensorView indices) {
+  const int64_t n = check_flat(exponents, "exponents", DType::kInt8);
+  check_dtype(indices, "indices", {DType::kInt32});
+  if (indices.ndim != 1 || !indices.is_contiguous() || indices.numel() < n) {
+    throw_error(ErrorKind::kValue, "indices: expected a contiguous int32 vector of at least " +
+                                       std::to_string(n) + " elements");
+  }
+  check_not_null(indices, "indices");
+  if (n > INT32_MAX) {
+    throw_error(ErrorKind::kValue, "exponents: at most 2^31 - 1 rows can be indexed in int32");
+  }
+  const int8_t* k = exponents.ptr<const int8_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    if (k[i] < -1 || k[i] > 32) {
+      throw_error(ErrorKind::kValue, "exponents: expected values in [-1, 32], got " +
+                                         std::to_string(k[i]) + " at index " + std::to_string(i));
+    }
+  }
+  int32_t* out = indices.ptr<int32_t>();
+  const auto& kern = detail::quant_kernels();
+  int64_t count = 0;
+  uint32_t scratch[detail::kUniformScratch];
+  for (int64_t b = 0; b < n; b += detail::kQuantTile) {
+    const int64_t len = std::min(detail::kQuantTile, n - b);
+    const uint32_t* w = kern.words(rng.seed, rng.stream, static_cast<uint64_t>(b), len, scratch);
+    for (int64_t q = 0; q < len; ++q) {
+      const int ki = k[b + q];
+      if (ki >= 0 && bernoulli_pow2(w[q], ki)) out[count++] = static_cast<int32_t>(b + q);
+    }
+  }
+  return count;
+}
+
+}  // namespace int4train
