@@ -25,7 +25,8 @@ void gemm_s32_ref(const TensorView& a, const TensorView& b, TensorView c);
 
 // Epilogue of a scaled integer product: out[m, n] = alpha * row_scale[m] * acc[m, n] + bias[n]
 // (+ out[m, n] when accumulate). alpha is a host scalar; row_scale (fp32 M) and bias (fp32 or bf16 N)
-// are optional (data == nullptr). The product is formed in fp32 from the exact int32 accumulator.
+// are optional (data == nullptr). The product is formed in fp32 from the exact int32 accumulator, in
+// this order: v = (alpha * row_scale[m]) * float(acc); v = v + bias[n]; v = v + out[m, n].
 struct Epilogue {
   float alpha = 1.0f;
   TensorView row_scale;
