@@ -27,13 +27,15 @@ void row_norms(const TensorView& in, TensorView norms);
 void lss_probabilities(const TensorView& scores, double budget, TensorView probs);
 
 // Round each probability to a power of two p' = 2^-k, k = round(-log2 p) (nearest in the log domain),
-// clamped to [0, max_exponent]; p = 0 gives k = -1 (never kept, weight 0). exponents: int8.
+// clamped to [0, max_exponent] (0..32); p = 0 gives k = -1 (never kept, weight 0). probs: fp32 in
+// [0, 1] (anything else is an Error naming `probs`); exponents: int8. The rounding is exact (no log):
+// with p = m 2^E, m in [1/2, 1), k = 1 - E if m^2 < 1/2 else -E.
 constexpr int kLssMaxExponent = 20;
 void lss_round_pow2(const TensorView& probs, int max_exponent, TensorView exponents);
 
 // Bernoulli selection: row i is kept iff bernoulli_pow2(random_u32(rng.seed, rng.stream, i), k_i).
 // Writes the kept row indices in ascending order into `indices` (int32, capacity >= n) and returns
-// their count. A kept row's importance weight is 2^k_i.
+// their count. A kept row's importance weight is 2^k_i. exponents: int8 in [-1, 32].
 int64_t lss_select(const TensorView& exponents, const RandomKey& rng, TensorView indices);
 
 }  // namespace int4train

@@ -186,6 +186,7 @@ const int8_t* load_codes_tile(const TensorView& codes, int64_t eb, int64_t ee, i
 // Zero codes (all-zero gradients).
 void zero_codes(const TensorView& codes) {
   const int64_t rows = codes.shape[0], cols = codes.shape[1];
+  if (rows == 0 || cols == 0) return;
   if (codes.dtype == DType::kInt4Packed) {
     std::memset(codes.data, 0, static_cast<size_t>(rows * packed_row_bytes(cols)));
     return;

@@ -10,6 +10,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "int4train/int4.h"
@@ -468,8 +469,8 @@ float compact_step_grad(CompactState& st, std::vector<float>& g, std::vector<flo
 }
 
 TEST(LsqCompact, CodesBitsAndMaskFollowTheHeader) {
-  for (int64_t cols : {1, 3, 1000}) {
-    const int64_t rows = 37;
+  // (8200 x 3: some tiles, also ones run by different threads, end mid-byte of the aux vector.)
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{37, 1}, {37, 3}, {37, 1000}, {8200, 3}}) {
     HostMatrix x = random_matrix(rows, cols, 12, 2.5f, DType::kFloat32, 3);
     x.set(0, 0, kNaN);
     x.set(rows - 1, cols - 1, -kInf);
@@ -783,6 +784,25 @@ TEST(Luq, UnbiasedOnTheLogGrid) {
     sd.push_back(unit * width * std::sqrt(t * (1 - t)));
   }
   expect_unbiased(g, draw, sd, 150);
+}
+
+TEST(QuantizeEmpty, ZeroRowsOrColumns) {
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{0, 5}, {5, 0}, {0, 0}}) {
+    TensorView x = make_matrix(nullptr, DType::kFloat32, rows, cols);
+    TensorView q = make_matrix(nullptr, DType::kInt8, rows, cols);
+    TensorView p = make_matrix(nullptr, DType::kInt4Packed, rows, cols);
+    float s = 0.5f, out = -1.0f, gs = -1.0f;
+    EXPECT_EQ(lsq_quantize(x, scalar_view(&s), p), 0);
+    EXPECT_EQ(lsq_quantize_ref(x, scalar_view(&s), q), 0);
+    quantize_bitsplit(x, key(1), q, p, scalar_view(&out));
+    EXPECT_EQ(out, 0.0f);
+    quantize_stochastic(x, 7, key(1), p, scalar_view(&out));
+    EXPECT_EQ(out, 0.0f);
+    EXPECT_EQ(absmax(x), 0.0f);
+    EXPECT_EQ(lsq_init_step(x), 1.0f);
+    lsq_backward(x, scalar_view(&s), x, x, scalar_view(&gs));
+    EXPECT_EQ(gs, 0.0f);
+  }
 }
 
 // ------------------------------------------------------------------- argument errors
