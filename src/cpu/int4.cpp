@@ -145,41 +145,99 @@ inline void transpose8x8_bytes(uint64_t a[8]) {
   }
 }
 
-// One 16 x 16 code tile: input rows r0..r0+15, input bytes b0..b0+7 (codes 2 b0 .. 2 b0 + 15), all
-// inside the matrix. Output rows 2 b0 .. 2 b0 + 15, output bytes r0/2 .. r0/2 + 7. Input rows 2t
-// and 2t+1 hold the low and high nibble of output byte t: even output rows take both low nibbles,
-// odd output rows both high nibbles.
+// One 16 x 16 code tile. `in` points at input byte b0 of row r0 (16 rows, 8 bytes each: codes
+// 2 b0 .. 2 b0 + 15), `out` at output byte r0 / 2 of row 2 b0 (16 rows, 8 bytes each). Input rows
+// 2t and 2t+1 hold the low and high nibble of output byte t: even output rows take both low
+// nibbles, odd output rows both high nibbles.
 inline void transpose_tile16(const uint8_t* in, int64_t in_row_bytes, uint8_t* out,
-                             int64_t out_row_bytes, int64_t r0, int64_t b0) {
+                             int64_t out_row_bytes) {
   constexpr uint64_t kLow = 0x0F0F0F0F0F0F0F0Full;
   uint64_t even[8], odd[8];
   for (int t = 0; t < 8; ++t) {
     uint64_t x, y;
-    std::memcpy(&x, in + (r0 + 2 * t) * in_row_bytes + b0, 8);
-    std::memcpy(&y, in + (r0 + 2 * t + 1) * in_row_bytes + b0, 8);
+    std::memcpy(&x, in + (2 * t) * in_row_bytes, 8);
+    std::memcpy(&y, in + (2 * t + 1) * in_row_bytes, 8);
     even[t] = (x & kLow) | ((y & kLow) << 4);
     odd[t] = ((x >> 4) & kLow) | (y & ~kLow);
   }
   transpose8x8_bytes(even);
   transpose8x8_bytes(odd);
   for (int b = 0; b < 8; ++b) {
-    std::memcpy(out + (2 * (b0 + b)) * out_row_bytes + r0 / 2, &even[b], 8);
-    std::memcpy(out + (2 * (b0 + b) + 1) * out_row_bytes + r0 / 2, &odd[b], 8);
+    std::memcpy(out + (2 * b) * out_row_bytes, &even[b], 8);
+    std::memcpy(out + (2 * b + 1) * out_row_bytes, &odd[b], 8);
   }
 }
+
+#ifdef INT4TRAIN_X86
+// Stores the four qwords of q as 8-byte pieces of output rows 2 b + parity for b = base, base + 1
+// (lane 0) and base + 16, base + 17 (lane 1). `out` points at the tile's output row 0.
+__attribute__((target("avx2"))) inline void emit_qwords_avx2(__m256i q, int base, int parity,
+                                                             uint8_t* out, int64_t out_row_bytes) {
+  const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+  uint8_t* row = out + (2 * base + parity) * out_row_bytes;
+  const int64_t next = 2 * out_row_bytes;  // b -> b + 1
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(row), lo);
+  _mm_storeh_pd(reinterpret_cast<double*>(row + next), _mm_castsi128_pd(lo));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(row + 16 * next), hi);
+  _mm_storeh_pd(reinterpret_cast<double*>(row + 17 * next), _mm_castsi128_pd(hi));
+}
+
+// Byte b of the registers v[0..7] (32 bytes each) becomes the 8-byte piece of output row
+// 2 b + parity. Three rounds of unpacks (bytes, words, dwords) gather the eight bytes of each b
+// into one qword; qword k of lane L then holds b = base + k + 16 L.
+__attribute__((target("avx2"))) inline void store_transposed_avx2(const __m256i v[8], int parity,
+                                                                  uint8_t* out,
+                                                                  int64_t out_row_bytes) {
+  __m256i lo8[4], hi8[4];  // byte pairs (t = 2p, 2p + 1): b = k (lo8) and b = 8 + k (hi8)
+  for (int p = 0; p < 4; ++p) {
+    lo8[p] = _mm256_unpacklo_epi8(v[2 * p], v[2 * p + 1]);
+    hi8[p] = _mm256_unpackhi_epi8(v[2 * p], v[2 * p + 1]);
+  }
+  for (int half = 0; half < 2; ++half) {
+    const __m256i* w = half == 0 ? lo8 : hi8;
+    const int f = 8 * half;
+    // Dwords of t = 0..3 (a0, c0) and t = 4..7 (a1, c1): b = f + k (a) and b = f + 4 + k (c).
+    const __m256i a0 = _mm256_unpacklo_epi16(w[0], w[1]), a1 = _mm256_unpacklo_epi16(w[2], w[3]);
+    const __m256i c0 = _mm256_unpackhi_epi16(w[0], w[1]), c1 = _mm256_unpackhi_epi16(w[2], w[3]);
+    emit_qwords_avx2(_mm256_unpacklo_epi32(a0, a1), f, parity, out, out_row_bytes);
+    emit_qwords_avx2(_mm256_unpackhi_epi32(a0, a1), f + 2, parity, out, out_row_bytes);
+    emit_qwords_avx2(_mm256_unpacklo_epi32(c0, c1), f + 4, parity, out, out_row_bytes);
+    emit_qwords_avx2(_mm256_unpackhi_epi32(c0, c1), f + 6, parity, out, out_row_bytes);
+  }
+}
+
+// A 16 x 64 code tile, as transpose_tile16 but 32 input bytes (64 output rows) at a time.
+__attribute__((target("avx2"))) void transpose_tile64_avx2(const uint8_t* in, int64_t in_row_bytes,
+                                                           uint8_t* out, int64_t out_row_bytes) {
+  const __m256i low = _mm256_set1_epi8(0x0F), high = _mm256_set1_epi8(static_cast<char>(0xF0));
+  __m256i even[8], odd[8];
+  for (int t = 0; t < 8; ++t) {
+    const __m256i x =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + (2 * t) * in_row_bytes));
+    const __m256i y =
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + (2 * t + 1) * in_row_bytes));
+    even[t] =
+        _mm256_or_si256(_mm256_and_si256(x, low), _mm256_slli_epi16(_mm256_and_si256(y, low), 4));
+    odd[t] =
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x, 4), low), _mm256_and_si256(y, high));
+  }
+  store_transposed_avx2(even, 0, out, out_row_bytes);
+  store_transposed_avx2(odd, 1, out, out_row_bytes);
+}
+#endif
 
 inline int code_at(const uint8_t* in, int64_t in_row_bytes, int64_t r, int64_t c) {
   const uint8_t byte = in[r * in_row_bytes + c / 2];
   return (c & 1) ? unpack_int4_hi(byte) : unpack_int4_lo(byte);
 }
 
-// Output bytes [j0, j1) of output row k, element by element (edges of the matrix).
-inline void transpose_row_scalar(const uint8_t* in, int64_t in_row_bytes, int64_t m, uint8_t* out,
-                                 int64_t out_row_bytes, int64_t k, int64_t j0, int64_t j1) {
+// Output bytes [j0, j1) of output row k (input column k), element by element, to dst[0 ..).
+inline void transpose_bytes_scalar(const uint8_t* in, int64_t in_row_bytes, int64_t m, int64_t k,
+                                   int64_t j0, int64_t j1, uint8_t* dst) {
   for (int64_t j = j0; j < j1; ++j) {
     const int lo = code_at(in, in_row_bytes, 2 * j, k);
     const int hi = (2 * j + 1 < m) ? code_at(in, in_row_bytes, 2 * j + 1, k) : 0;
-    out[k * out_row_bytes + j] = pack_int4_pair(lo, hi);
+    dst[j - j0] = pack_int4_pair(lo, hi);
   }
 }
 
@@ -264,31 +322,56 @@ void transpose_int4(const TensorView& in, TensorView out) {
   uint8_t* dst = out.ptr<uint8_t>();
   const int64_t in_row_bytes = packed_row_bytes(k);
   const int64_t out_row_bytes = packed_row_bytes(m);
-  // Output rows in groups of 64 (32 bytes of every input row, so each cache line read serves two
-  // groups at most), each group written by one thread. Full 16 x 16 tiles need 16 valid output rows
-  // (both nibbles of 8 input bytes) and 16 input rows; the rest of the group goes element by
-  // element.
-  constexpr int64_t kGroup = 64;
-  const int64_t full_tile_rows = (m / 16) * 16;
+#ifdef INT4TRAIN_X86
+  const bool avx2 = detail::cpu_features().avx2;
+#endif
+  // Each thread takes groups of kGroup output rows (one 64-byte line of every input row) and walks
+  // the input rows in chunks of kChunk. A chunk's output (kChunk / 2 bytes of each output row)
+  // gathers in a small buffer first: written straight to the matrix, the tiles' 8-byte pieces
+  // land in rows one (power-of-two) row stride apart, which all map to the same few cache sets.
+  constexpr int64_t kGroup = 128;
+  constexpr int64_t kChunk = 256;
+  constexpr int64_t kBufRow = kChunk / 2;
   const int64_t groups = (k + kGroup - 1) / kGroup;
-  const int64_t grain =
-      std::max<int64_t>(1, (int64_t{1} << 18) / (kGroup * std::max<int64_t>(m, 1)));
-  detail::parallel_for(groups, grain, [&](int64_t g0, int64_t g1) {
+  detail::parallel_for(groups, 1, [&](int64_t g0, int64_t g1) {
+    alignas(64) uint8_t buf[kGroup * kBufRow];
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t k0 = g * kGroup;
-      const int64_t k1 = std::min(k, k0 + kGroup);
-      const int64_t tiled_k1 = k0 + ((k1 - k0) / 16) * 16;  // output rows covered by full tiles
-      for (int64_t r0 = 0; r0 < full_tile_rows; r0 += 16) {
-        for (int64_t kk = k0; kk < tiled_k1; kk += 16) {
-          transpose_tile16(src, in_row_bytes, dst, out_row_bytes, r0, kk / 2);
+      const int64_t nk = std::min(k, k0 + kGroup) - k0;
+      for (int64_t c0 = 0; c0 < m; c0 += kChunk) {
+        const int64_t c1 = std::min(m, c0 + kChunk);
+        const int64_t tiled_end = c0 + ((c1 - c0) / 16) * 16;  // input rows in full 16-row tiles
+        int64_t tiled_nk = 0;  // output rows (of this group) that the tiles cover
+        for (int64_t r0 = c0; r0 < tiled_end; r0 += 16) {
+          const uint8_t* tile_in = src + r0 * in_row_bytes + k0 / 2;
+          uint8_t* tile_out = buf + (r0 - c0) / 2;
+          int64_t kk = 0;
+#ifdef INT4TRAIN_X86
+          if (avx2) {
+            for (; kk + 64 <= nk; kk += 64) {
+              transpose_tile64_avx2(tile_in + kk / 2, in_row_bytes, tile_out + kk * kBufRow,
+                                    kBufRow);
+            }
+          }
+#endif
+          for (; kk + 16 <= nk; kk += 16) {
+            transpose_tile16(tile_in + kk / 2, in_row_bytes, tile_out + kk * kBufRow, kBufRow);
+          }
+          tiled_nk = kk;
         }
-      }
-      for (int64_t kk = k0; kk < tiled_k1; ++kk) {
-        transpose_row_scalar(src, in_row_bytes, m, dst, out_row_bytes, kk, full_tile_rows / 2,
-                             out_row_bytes);
-      }
-      for (int64_t kk = tiled_k1; kk < k1; ++kk) {
-        transpose_row_scalar(src, in_row_bytes, m, dst, out_row_bytes, kk, 0, out_row_bytes);
+        for (int64_t kk = tiled_nk; kk < nk; ++kk) {  // output rows past the last full tile
+          transpose_bytes_scalar(src, in_row_bytes, m, k0 + kk, c0 / 2, tiled_end / 2,
+                                 buf + kk * kBufRow);
+        }
+        const int64_t j_end = (c1 + 1) / 2;    // output bytes of this chunk, odd-M padding included
+        for (int64_t kk = 0; kk < nk; ++kk) {  // input rows past the last full tile
+          transpose_bytes_scalar(src, in_row_bytes, m, k0 + kk, tiled_end / 2, j_end,
+                                 buf + kk * kBufRow + (tiled_end - c0) / 2);
+        }
+        for (int64_t kk = 0; kk < nk; ++kk) {
+          std::memcpy(dst + (k0 + kk) * out_row_bytes + c0 / 2, buf + kk * kBufRow,
+                      static_cast<size_t>(j_end - c0 / 2));
+        }
       }
     }
   });

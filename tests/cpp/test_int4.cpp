@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -20,6 +21,7 @@ struct Shape {
 std::string shape_name(const Shape& s) {
   return std::to_string(s.rows) + "x" + std::to_string(s.cols);
 }
+void PrintTo(const Shape& s, std::ostream* os) { *os << shape_name(s); }
 
 std::vector<int8_t> random_codes(int64_t n, uint32_t seed) {
   std::mt19937 rng(seed);
@@ -155,7 +157,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, Int4Transpose,
                          ::testing::Values(Shape{1, 1}, Shape{1, 3}, Shape{3, 127}, Shape{7, 1000},
                                            Shape{129, 4097}, Shape{16, 16}, Shape{32, 48},
                                            Shape{17, 33}, Shape{48, 64}, Shape{64, 130},
-                                           Shape{4096, 40}, Shape{15, 17}, Shape{0, 4}),
+                                           Shape{4096, 40}, Shape{15, 17}, Shape{0, 4},
+                                           Shape{300, 200}, Shape{529, 257}, Shape{1000, 64},
+                                           Shape{256, 128}),
                          shape_param_name);
 
 // ---------------------------------------------------------------- errors
