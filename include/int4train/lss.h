@@ -23,7 +23,7 @@ void row_norms(const TensorView& in, TensorView norms);
 //                      add every i with kappa * c_i >= 1 to sat } until nothing is added.
 // Sums in fp64. Rows with c_i = 0 get p_i = 0. If budget >= the number of positive scores, every
 // positive score gets p = 1. scores: fp32 >= 0 (a negative or non-finite score is an Error naming
-// `scores`); budget > 0; probs: fp32, same length.
+// `scores`); budget > 0 (or 0 when there are no scores); probs: fp32, same length.
 void lss_probabilities(const TensorView& scores, double budget, TensorView probs);
 
 // Round each probability to a power of two p' = 2^-k, k = round(-log2 p) (nearest in the log domain),

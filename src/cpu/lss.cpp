@@ -106,7 +106,8 @@ void row_norms(const TensorView& in, TensorView norms) {
 
 void lss_probabilities(const TensorView& scores, double budget, TensorView probs) {
   const int64_t n = check_flat(scores, "scores", DType::kFloat32);
-  if (!(budget > 0.0) || !std::isfinite(budget)) {
+  // An empty score vector has nothing to distribute: a zero budget (an empty batch) is fine there.
+  if (!(budget > 0.0 || (n == 0 && budget == 0.0)) || !std::isfinite(budget)) {
     throw_error(ErrorKind::kValue,
                 "budget: expected a positive finite row budget, got " + std::to_string(budget));
   }

@@ -319,6 +319,9 @@ TEST(LssErrors, BadArguments) {
   for (double budget : {0.0, -1.0, static_cast<double>(kNaN)}) {
     expect_error([&] { lss_probabilities(fvec(c), budget, fvec(p)); }, "budget");
   }
+  std::vector<float> none, none_p;
+  lss_probabilities(fvec(none), 0.0, fvec(none_p));  // an empty batch: nothing to distribute
+  expect_error([&] { lss_probabilities(fvec(none), -1.0, fvec(none_p)); }, "budget");
   std::vector<double> c64(3, 1.0);
   expect_error(
       [&] { lss_probabilities(make_vector(c64.data(), DType::kFloat64, 3), 1.0, fvec(p)); },
