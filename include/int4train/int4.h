@@ -34,13 +34,14 @@ INT4TRAIN_HD int unpack_int4_lo(uint8_t byte) { return static_cast<int>((byte & 
 INT4TRAIN_HD int unpack_int4_hi(uint8_t byte) { return static_cast<int>((byte >> 4) ^ 0x8) - 8; }
 
 // codes: int8 M x K with every value in [-8, 7] (an out-of-range value is an Error naming `codes`,
-// never silently wrapped); packed: kInt4Packed M x K (contiguous).
+// never silently wrapped; `packed` may then be partly written); packed: kInt4Packed M x K
+// (contiguous).
 void pack_int4(const TensorView& codes, TensorView packed);
 // packed: kInt4Packed M x K; codes: int8 M x K (row stride may exceed K).
 void unpack_int4(const TensorView& packed, TensorView codes);
 
-// Transpose of a packed matrix: in is M x K, out is K x M (both kInt4Packed). Used by the backward
-// products, whose reduction dimension is the token dimension.
+// Transpose of a packed matrix: in is M x K, out is K x M (both kInt4Packed, not overlapping). Used
+// by the backward products, whose reduction dimension is the token dimension.
 void transpose_int4(const TensorView& in, TensorView out);
 
 }  // namespace int4train

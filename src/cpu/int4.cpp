@@ -315,13 +315,13 @@ void transpose_int4(const TensorView& in, TensorView out) {
   const int64_t m = in.shape[0], k = in.shape[1];
   check_shape(out, "out", k, m);
   if (m == 0 || k == 0) return;
-  if (in.data == out.data) {
-    throw_error(ErrorKind::kValue, "out: must not alias in (transpose_int4 is out of place)");
-  }
   const uint8_t* src = in.ptr<const uint8_t>();
   uint8_t* dst = out.ptr<uint8_t>();
   const int64_t in_row_bytes = packed_row_bytes(k);
   const int64_t out_row_bytes = packed_row_bytes(m);
+  if (src < dst + k * out_row_bytes && dst < src + m * in_row_bytes) {
+    throw_error(ErrorKind::kValue, "out: must not overlap in (transpose_int4 is out of place)");
+  }
 #ifdef INT4TRAIN_X86
   const bool avx2 = detail::cpu_features().avx2;
 #endif

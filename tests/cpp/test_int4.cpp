@@ -215,6 +215,15 @@ TEST(Int4Errors, BadArguments) {
   expect_error_naming([&] { transpose_int4(c, packed_view(t, 4, 3)); }, "in");
   std::vector<uint8_t> sq(8, 0);
   expect_error_naming([&] { transpose_int4(packed_view(sq, 4, 4), packed_view(sq, 4, 4)); }, "out");
+  std::vector<uint8_t> big(16, 0);  // out starting inside in, then right after it
+  expect_error_naming(
+      [&] {
+        transpose_int4(make_matrix(big.data(), DType::kInt4Packed, 4, 4),
+                       make_matrix(big.data() + 7, DType::kInt4Packed, 4, 4));
+      },
+      "out");
+  EXPECT_NO_THROW(transpose_int4(make_matrix(big.data(), DType::kInt4Packed, 4, 4),
+                                 make_matrix(big.data() + 8, DType::kInt4Packed, 4, 4)));
 }
 
 }  // namespace
