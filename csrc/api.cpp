@@ -27,12 +27,12 @@ Tensor linear(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                      layer);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> linear_forward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward(
     const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& input_step,
     const OptTensor& weight_step, const std::string& recipe, int64_t hadamard_block, int64_t seed,
     const Tensor& step, int64_t layer) {
   static const auto handle =
-      op<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+      op<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
           const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
           c10::string_view, int64_t, int64_t, const Tensor&, int64_t)>("int4train::linear_forward");
   return handle.call(x, weight, bias, input_step, weight_step, recipe, hadamard_block, seed, step,

@@ -34,7 +34,7 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
                         const std::optional<Tensor>& weight_step, const std::string& recipe,
                         int64_t hadamard_block, int64_t seed, const Tensor& step, int64_t layer) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, codes, aux, scale] = linear_forward(x, weight, bias, input_step, weight_step, recipe,
+    auto [y, codes, aux, scale, saved_step] = linear_forward(x, weight, bias, input_step, weight_step, recipe,
                                                  hadamard_block, seed, step, layer);
     int64_t next = 2;  // x and weight are variables 0 and 1
     ctx->saved_data["bias_index"] = variable_index(bias, &next);
@@ -46,9 +46,11 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     ctx->saved_data["layer"] = layer;
     // Only the fp recipe keeps x; the others keep its INT4 codes (+ aux bits) or int8 codes.
     const bool keep_x = detail::recipe_from(recipe) == Recipe::kFp;
-    // The step is copied: the module increments its counter in place after the forward.
+    // saved_step is the op's copy of `step`, not `step` itself: the module increments its counter in
+    // place after the forward (and under torch.compile an output of the op is the one value the
+    // partitioner can neither move into the backward nor recompute from the mutated counter).
     ctx->save_for_backward({keep_x ? x : Tensor(), weight, input_step.value_or(Tensor()),
-                            weight_step.value_or(Tensor()), codes, aux, scale, step.clone()});
+                            weight_step.value_or(Tensor()), codes, aux, scale, saved_step});
     return y;
   }
 

@@ -85,6 +85,10 @@ LinearTensors allocate_linear_outputs(Recipe recipe, int64_t n, int64_t d, int64
   return out;
 }
 
+Tensor saved_step_of(const Tensor& step) {
+  return step.to(at::kLong).reshape({}).clone(at::MemoryFormat::Contiguous);
+}
+
 TensorView codes_view(const Tensor& codes, int64_t d, const char* arg) {
   if (codes.scalar_type() == at::kByte) return to_packed_view(codes, d, arg);
   return to_view(codes.contiguous(), arg);
@@ -244,7 +248,7 @@ Tensor lss_probabilities_cpu(const Tensor& scores, double budget) {
 
 // ---------------------------------------------------------------- the linear layer
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> linear_forward_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward_cpu(
     const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& input_step, const std::optional<Tensor>& weight_step,
     c10::string_view recipe_name, int64_t hadamard_block, int64_t seed, const Tensor& step,
@@ -277,7 +281,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_forward_cpu(
     out.y.zero_();
     if (bc.has_value()) out.y.add_(*bc);
     out.codes.zero_();
-    return {out.y, out.codes, out.aux, out.scale};
+    return {out.y, out.codes, out.aux, out.scale, saved_step_of(step)};
   }
   LinearForwardArgs args;
   args.x = to_view(xc, "x");
@@ -292,7 +296,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_forward_cpu(
   if (out.aux.numel() > 0) args.saved_aux = to_view(out.aux, "saved_aux");
   args.saved_scale = to_view(out.scale, "saved_scale");
   call_core([&] { linear_forward(config, args); });
-  return {out.y, out.codes, out.aux, out.scale};
+  return {out.y, out.codes, out.aux, out.scale, saved_step_of(step)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward_cpu(
@@ -411,7 +415,7 @@ TORCH_LIBRARY(int4train, m) {
   m.def(
       "linear_forward(Tensor x, Tensor weight, Tensor? bias, Tensor? input_step, "
       "Tensor? weight_step, str recipe, int hadamard_block, int seed, Tensor step, int layer) -> "
-      "(Tensor y, Tensor codes, Tensor aux, Tensor scale)",
+      "(Tensor y, Tensor codes, Tensor aux, Tensor scale, Tensor saved_step)",
       tags);
   m.def(
       "linear_backward(Tensor grad_y, Tensor? x, Tensor codes, Tensor aux, Tensor scale, "

@@ -33,6 +33,9 @@ struct LinearTensors {
 };
 LinearTensors allocate_linear_outputs(Recipe recipe, int64_t n, int64_t d, int64_t c,
                                       at::ScalarType y_dtype, const at::TensorOptions& device);
+// linear_forward's last output: a copy of the step its random streams used (int64 0-dim, on the
+// step's device), which the backward takes as its step.
+at::Tensor saved_step_of(const at::Tensor& step);
 // The core view of saved codes: uint8 is packed INT4 of d columns, int8 is plain codes.
 TensorView codes_view(const at::Tensor& codes, int64_t d, const char* arg);
 

@@ -105,6 +105,7 @@ def _linear_forward(x, weight, bias, input_step, weight_step, recipe, hadamard_b
         x.new_empty(codes_shape, dtype=codes_dtype),
         x.new_empty((aux_bytes,), dtype=torch.uint8),
         x.new_empty((), dtype=torch.float32),
+        step.new_empty((), dtype=torch.int64),
     )
 
 

@@ -35,8 +35,9 @@ def linear(
 
 
 def linear_forward(x, weight, bias, input_step, weight_step, recipe, hadamard_block, seed, step,
-                   layer) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The forward alone on x (N, D): (y, codes, aux, scale), what the backward needs."""
+                   layer) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward alone on x (N, D): (y, codes, aux, scale, saved_step), what the backward needs
+    (pass saved_step as the backward's step)."""
     return _ops.linear_forward(x, weight, bias, input_step, weight_step, recipe, hadamard_block,
                                seed, step, layer)
 

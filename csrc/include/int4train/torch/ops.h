@@ -34,11 +34,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& weight_step, const std::string& recipe,
                   int64_t hadamard_block, int64_t seed, const at::Tensor& step, int64_t layer);
 
-// The forward alone (not differentiable). x: (N, D). Returns (y (N, C), codes, aux, scale): what the
-// backward needs, shaped by int4train::linear_saved_shapes: LSQ recipes save uint8 (N, ceil(D/2))
-// packed codes and uint8 aux bits; int8 saves int8 (N, D) codes and its fp32 scale; fp saves an
-// empty (0, 0) codes tensor (its backward takes x). scale is always an fp32 0-dim tensor.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_forward(
+// The forward alone (not differentiable). x: (N, D). Returns (y (N, C), codes, aux, scale,
+// saved_step): what the backward needs, shaped by int4train::linear_saved_shapes: LSQ recipes save
+// uint8 (N, ceil(D/2)) packed codes and uint8 aux bits; int8 saves int8 (N, D) codes and its fp32
+// scale; fp saves an empty (0, 0) codes tensor (its backward takes x). scale is always an fp32 0-dim
+// tensor; saved_step an int64 0-dim copy of `step`, to pass as the backward's step.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_forward(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& input_step, const std::optional<at::Tensor>& weight_step,
     const std::string& recipe, int64_t hadamard_block, int64_t seed, const at::Tensor& step,

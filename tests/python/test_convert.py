@@ -1,0 +1,137 @@
+"""convert_ / unconvert_ on plain PyTorch models: which modules are swapped, layer ids, shared and
+tied parameters, strict reloading after unconvert_, and a tiny model that learns under every recipe."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import int4train
+from int4train import Int4Linear
+
+from conftest import RECIPES
+
+
+class Block(nn.Module):
+    def __init__(self, d=32, h=64):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.up = nn.Linear(d, h)
+        self.down = nn.Linear(h, d)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(self.norm(x))))
+
+
+class Net(nn.Module):
+    def __init__(self, d=32, classes=8):
+        super().__init__()
+        self.inp = nn.Linear(16, d)
+        self.blocks = nn.Sequential(Block(d), Block(d))
+        self.head = nn.Linear(d, classes, bias=False)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.inp(x)))
+
+
+def linears(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, Int4Linear))]
+
+
+def test_convert_swaps_every_linear_in_order(recipe):
+    model = Net()
+    params = {n: p for n, p in model.named_parameters()}
+    int4train.convert_(model, recipe=recipe)
+    layers = linears(model)
+    assert [n for n, _ in layers] == ["inp", "blocks.0.up", "blocks.0.down", "blocks.1.up",
+                                      "blocks.1.down", "head"]
+    assert all(isinstance(m, Int4Linear) and m.recipe.name == recipe for _, m in layers)
+    assert [m.layer_id for _, m in layers] == list(range(6))
+    # The original Parameters are kept (an optimizer built before still holds them).
+    for n, p in model.named_parameters():
+        if n in params:
+            assert p is params[n]
+    assert isinstance(model.blocks[0].norm, nn.LayerNorm)
+    y = model(torch.randn(3, 16))
+    assert y.shape == (3, 8)
+
+
+def test_filter_fn_and_recipe_object():
+    model = Net()
+    int4train.convert_(model, recipe=int4train.Recipe("hq", seed=11),
+                       filter_fn=lambda m, name: name.startswith("blocks"))
+    assert isinstance(model.inp, nn.Linear) and not isinstance(model.inp, Int4Linear)
+    assert isinstance(model.head, nn.Linear) and not isinstance(model.head, Int4Linear)
+    ups = [m for _, m in linears(model) if isinstance(m, Int4Linear)]
+    assert len(ups) == 4 and all(m.recipe.seed == 11 for m in ups)
+    # A second call converts the rest and continues the layer ids.
+    int4train.convert_(model, recipe="hq")
+    assert sorted(m.layer_id for _, m in linears(model)) == list(range(6))
+
+
+def test_shared_module_and_tied_weights():
+    lin = nn.Linear(8, 8)
+    model = nn.Sequential(lin, nn.ReLU(), lin)  # one module used twice
+    int4train.convert_(model, recipe="hq_lss")
+    assert isinstance(model[0], Int4Linear) and model[0] is model[2]
+    emb = nn.Embedding(10, 8)
+    head = nn.Linear(8, 10, bias=False)
+    head.weight = emb.weight  # tied, as a language model's output layer
+    tied = nn.ModuleDict({"emb": emb, "head": head})
+    int4train.convert_(tied, recipe="hq_lss")
+    assert tied["head"].weight is tied["emb"].weight
+
+
+def test_unconvert_loads_strict_into_original(recipe):
+    torch.manual_seed(0)
+    model = Net()
+    int4train.convert_(model, recipe=recipe)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(32, 16)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if "step" not in n}
+    int4train.unconvert_(model)
+    assert not any(isinstance(m, Int4Linear) for m in model.modules())
+    assert all(type(m) is nn.Linear for _, m in linears(model))
+    original = Net()
+    original.load_state_dict(model.state_dict(), strict=True)
+    for n, p in original.named_parameters():
+        assert torch.equal(p, trained[n])
+    torch.testing.assert_close(original(x), model(x))
+
+
+def test_convert_a_bare_linear():
+    lin = nn.Linear(4, 3)
+    layer = int4train.convert_(lin, recipe="fp")
+    assert isinstance(layer, Int4Linear) and layer.weight is lin.weight
+    back = int4train.unconvert_(layer)
+    assert type(back) is nn.Linear and back.weight is lin.weight
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_tiny_model_learns(recipe):
+    # A teacher-student regression: every recipe must cut the loss well below where it started.
+    torch.manual_seed(0)
+    teacher = Net()
+    x = torch.randn(256, 16)
+    with torch.no_grad():
+        target = teacher(x)
+    model = Net()
+    int4train.convert_(model, recipe=recipe)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = (model(x) - target).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(map(lambda v: v == v, losses))  # no NaN
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.5 * first, (recipe, first, last)

@@ -1,0 +1,285 @@
+"""int4train.Int4Linear: a drop-in for nn.Linear (shapes, parameters, dtypes, bad inputs), its
+first-batch initialisation and saved state, and checkpoint round trips."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import int4train
+from int4train import Int4Linear, Recipe
+
+from conftest import LSQ_RECIPES, RECIPES, snr_db
+
+
+def make_layer(recipe, d=32, c=16, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return Int4Linear.from_linear(nn.Linear(d, c, bias=bias), recipe=recipe, layer_id=3)
+
+
+def test_same_parameters_as_linear(recipe):
+    lin = nn.Linear(12, 5)
+    layer = Int4Linear.from_linear(lin, recipe=recipe)
+    assert layer.weight is lin.weight and layer.bias is lin.bias
+    assert layer.weight.shape == (5, 12) and layer.in_features == 12 and layer.out_features == 5
+    names = {n for n, _ in layer.named_parameters()}
+    if recipe in LSQ_RECIPES:
+        assert names == {"weight", "bias", "input_step", "weight_step"}
+        assert layer.input_step.dtype == torch.float32 and layer.input_step.dim() == 0
+    else:
+        assert names == {"weight", "bias"}
+    assert set(layer.state_dict()) == names | {"hadamard_block", "initialized", "step"}
+    fresh = Int4Linear(12, 5, bias=False, recipe=recipe)
+    assert fresh.bias is None and fresh.weight.shape == (5, 12)
+    assert "recipe=" + recipe in repr(fresh)
+
+
+def test_fp_recipe_equals_linear():
+    lin = nn.Linear(24, 7)
+    layer = Int4Linear.from_linear(copy.deepcopy(lin), recipe="fp")
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y, y_ref = layer(x), lin(x2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, lin.weight.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.bias.grad, lin.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_forward_and_backward_track_fp(recipe):
+    # One layer on a smooth input: each recipe's output and gradients against the exact product.
+    layer = make_layer(recipe, d=64, c=48)
+    ref = copy.deepcopy(layer).to_linear()
+    x = torch.randn(256, 64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    y, yr = layer(x), ref(xr)
+    g = torch.randn_like(y)
+    y.backward(g)
+    yr.backward(g)
+    # Forward: a per-tensor 4-bit grid with the LSQ initial step s = 2 E|x| / sqrt(7) on Gaussian data
+    # has noise s^2 / 12 per operand, about 15 dB each, so ~12 dB for the product of two quantized
+    # operands: require 9. Backward: the 4-bit weight codes plus each recipe's gradient quantizer
+    # (8-bit bit split > plain 4-bit > LUQ > bit split sampled down to N of 2N rows).
+    fwd_min = {"fp": 100, "int8": 30, "lsq_luq": 9, "hq": 9, "hq_bs": 9, "hq_lss": 9}[recipe]
+    bwd_min = {"fp": 100, "int8": 28, "lsq_luq": 6, "hq": 7, "hq_bs": 12, "hq_lss": 3}[recipe]
+    assert snr_db(yr, y) > fwd_min
+    assert snr_db(xr.grad, x.grad) > bwd_min
+    assert snr_db(ref.weight.grad, layer.weight.grad) > bwd_min
+    torch.testing.assert_close(layer.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-5)
+    if recipe in LSQ_RECIPES:
+        assert layer.input_step.grad is not None and torch.isfinite(layer.input_step.grad)
+        assert layer.weight_step.grad is not None and torch.isfinite(layer.weight_step.grad)
+
+
+def test_first_forward_initialises(lsq_recipe):
+    layer = make_layer(lsq_recipe, d=64)
+    assert not bool(layer.initialized) and float(layer.input_step.detach()) == 1.0
+    x = torch.randn(10, 64) * 0.1
+    x[:, 5] += 30.0  # an outlier channel
+    layer.eval()
+    with torch.no_grad():
+        layer(x[:0])  # an empty batch teaches nothing: still uninitialised
+        assert not bool(layer.initialized)
+        layer(x)
+    assert bool(layer.initialized)
+    block = int(layer.hadamard_block)
+    if lsq_recipe == "lsq_luq":
+        assert block == 1
+    else:
+        expect, _ = int4train.ops.select_hadamard_block(x, layer.weight.detach())
+        assert block == expect and block > 1
+    xt = torch.ops.int4train.hadamard_transform(x, block)
+    wt = torch.ops.int4train.hadamard_transform(layer.weight.detach(), block)
+    assert torch.equal(layer.input_step.detach(), torch.ops.int4train.lsq_init_step(xt))
+    assert torch.equal(layer.weight_step.detach(), torch.ops.int4train.lsq_init_step(wt))
+    # Later batches never re-initialise.
+    with torch.no_grad():
+        layer(x * 100)
+    assert torch.equal(layer.input_step.detach(), torch.ops.int4train.lsq_init_step(xt))
+
+
+def test_step_counter_counts_training_forwards(recipe):
+    layer = make_layer(recipe)
+    x = torch.randn(4, 32)
+    layer(x)
+    layer(x)
+    assert int(layer.step) == 2
+    layer.eval()
+    layer(x)
+    assert int(layer.step) == 2
+
+
+def test_leading_dims_and_noncontiguous(recipe):
+    layer = make_layer(recipe).eval()
+    x = torch.randn(3, 4, 32)
+    layer(x)  # initialise
+    y = layer(x)
+    assert y.shape == (3, 4, 16)
+    assert torch.equal(y.reshape(12, 16), layer(x.reshape(12, 32)))
+    xt = torch.randn(32, 6).t()  # non-contiguous
+    assert not xt.is_contiguous()
+    assert torch.equal(layer(xt), layer(xt.contiguous()))
+
+
+def test_empty_batch(recipe):
+    layer = make_layer(recipe)
+    x = torch.randn(0, 5, 32, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 5, 16)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.count_nonzero(layer.weight.grad) == 0 and torch.count_nonzero(layer.bias.grad) == 0
+
+
+def test_bad_inputs():
+    layer = make_layer("hq_lss")
+    with pytest.raises(ValueError, match="in_features=32"):
+        layer(torch.randn(4, 31))
+    with pytest.raises(ValueError):
+        layer(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="float16"):
+        layer(torch.randn(4, 32).half())
+    with pytest.raises(TypeError, match="float64"):
+        layer(torch.randn(4, 32).double())
+    with pytest.raises(TypeError):
+        layer(torch.randn(4, 32).bfloat16())  # bf16 input, fp32 weight: nn.Linear refuses too
+    with pytest.raises(TypeError):
+        layer(torch.randint(0, 3, (4, 32)))
+    with pytest.raises(ValueError):
+        Recipe("int4")
+    with pytest.raises(ValueError):
+        Recipe("hq", max_hadamard_block=3)
+
+
+def test_bf16_model(recipe):
+    layer = make_layer(recipe).to(torch.bfloat16)
+    x = torch.randn(8, 32, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and layer.weight.grad.dtype == torch.bfloat16
+    if recipe in LSQ_RECIPES:
+        assert layer.input_step.grad is not None
+
+
+def test_cpu_autocast_bf16(recipe):
+    layer = make_layer(recipe)
+    ref = copy.deepcopy(layer)
+    x = torch.randn(16, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        lin_y = nn.functional.linear(x, layer.weight, layer.bias)
+    assert y.dtype == lin_y.dtype == torch.bfloat16  # like nn.Linear under autocast
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    y32 = ref(x.detach())
+    assert snr_db(y32, y.float()) > 20 if recipe in ("fp", "int8") else snr_db(y32, y.float()) > 10
+    # fp16 autocast: the layer computes in fp32.
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert layer(x).dtype == torch.float32
+
+
+def test_state_dict_round_trip_reproduces_forward(recipe):
+    layer = make_layer(recipe)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.01)
+    x = torch.randn(16, 32)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).pow(2).mean().backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    fresh = Int4Linear(32, 16, recipe=recipe, layer_id=3)
+    fresh.load_state_dict(torch.load(buf))
+    assert fresh._initialized and fresh._block == int(layer.hadamard_block)
+    assert int(fresh.step) == 3
+    layer.eval()
+    fresh.eval()
+    x2 = torch.randn(5, 32) * 7  # other statistics: a re-initialisation would change the output
+    assert torch.equal(layer(x2), fresh(x2))
+    # Training continues identically: same step counter, same random streams.
+    layer.train()
+    fresh.train()
+    xg = x2.clone().requires_grad_(True)
+    xf = x2.clone().requires_grad_(True)
+    layer(xg).sum().backward()
+    fresh(xf).sum().backward()
+    assert torch.equal(xg.grad, xf.grad)
+
+
+def _expected_gradients(recipe, x, w, g, block, sx, sw):
+    """E[grad_x], E[grad_w] of a stochastic backward given the forward's codes, in fp64: the exact
+    output gradient times the dequantized codes, through the LSQ straight-through mask (or, for
+    int8, the absmax INT8 codes) and back through the Hadamard transform."""
+    ops = torch.ops.int4train
+    g64 = g.double()
+    if recipe == "int8":
+        def absmax8(t):
+            scale = t.abs().max() / 127
+            inv = torch.tensor(1.0) / scale
+            return scale.double() * torch.clamp(torch.round(t * inv), -127, 127).double()
+        return g64 @ absmax8(w), g64.t() @ absmax8(x)
+    xt, wt = ops.hadamard_transform(x, block), ops.hadamard_transform(w, block)
+    qx, _ = ops.lsq_quantize(xt, sx)
+    qw, _ = ops.lsq_quantize(wt, sw)
+    def mask(t, s):
+        v = t * (torch.tensor(1.0) / s)
+        return ((v >= -8) & (v <= 7)).double()
+    dx = mask(xt, sx) * (g64 @ (sw.double() * qw.double()))
+    dw = mask(wt, sw) * (g64.t() @ (sx.double() * qx.double()))
+    h = block_diag_hadamard_matrix(x.shape[1], block)
+    return dx @ h, dw @ h
+
+
+def block_diag_hadamard_matrix(d, g):
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < g:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return torch.block_diag(*[h / g**0.5] * (d // g))
+
+
+@pytest.mark.parametrize("recipe", ["int8", "lsq_luq", "hq", "hq_bs", "hq_lss"])
+def test_stochastic_gradients_are_unbiased(recipe):
+    # The mean of the backward over many random streams (steps) converges to its expectation given
+    # the forward codes, with an error shrinking like 1/sqrt(draws).
+    torch.manual_seed(3)
+    n, d, c = 24, 32, 12
+    x = torch.randn(n, d)
+    x[:, 2] *= 8  # an outlier channel, so that clipping and the transform both matter
+    w = torch.randn(c, d) / d**0.5
+    g = torch.randn(n, c) * torch.rand(n, 1) ** 3  # rows of very different norms, as LSS assumes
+    layer = Int4Linear.from_linear(nn.Linear(d, c), recipe=recipe)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        layer(x)  # initialise the steps and block on this batch
+    block = int(layer.hadamard_block)
+    sx = layer.input_step.detach() if layer.input_step is not None else None
+    sw = layer.weight_step.detach() if layer.weight_step is not None else None
+    ex, ew = _expected_gradients(recipe, x, w, g, block, sx, sw)
+    sum_x = torch.zeros(n, d, dtype=torch.float64)
+    sum_w = torch.zeros(c, d, dtype=torch.float64)
+    single, errors = [], {}
+    draws = 400
+    for k in range(1, draws + 1):
+        xi = x.clone().requires_grad_(True)
+        wi = w.clone().requires_grad_(True)
+        y = torch.ops.int4train.linear(xi, wi, None, sx, sw, recipe, block, 9, torch.tensor(k), 1)
+        y.backward(g)
+        sum_x += xi.grad.double()
+        sum_w += wi.grad.double()
+        single.append((xi.grad.double() - ex).norm() / ex.norm())
+        if k in (25, draws):
+            errors[k] = ((sum_x / k - ex).norm() / ex.norm(), (sum_w / k - ew).norm() / ew.norm())
+    per_draw = torch.stack(single).mean()
+    ex_err, ew_err = errors[draws]
+    assert ex_err < 3 * per_draw / draws**0.5, (ex_err, per_draw)
+    assert ex_err < errors[25][0] and ew_err < errors[25][1]
+    assert ew_err < 0.1
