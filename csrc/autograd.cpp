@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <limits>
 #include <string>
 
 #include "int4train/torch/ops.h"
@@ -132,9 +133,12 @@ std::vector<int64_t> output_shape(const Tensor& x, const Tensor& weight) {
   return shape;
 }
 
+// The step the quantizers use: |s| in fp32, floored at the smallest normal float. An optimizer update
+// that carries a learned step across zero then mirrors it instead of breaking the layer (the core
+// needs s > 0); the gradient flows through |s| (and through the cast: a bf16 step gets a bf16 grad).
 std::optional<Tensor> as_fp32_scalar(const std::optional<Tensor>& t) {
   if (!t.has_value() || !t->defined()) return std::nullopt;
-  return t->to(at::kFloat).reshape({});  // differentiable: a bf16 step gets a bf16 gradient
+  return t->to(at::kFloat).reshape({}).abs().clamp_min(std::numeric_limits<float>::min());
 }
 
 Tensor linear_autograd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,

@@ -186,6 +186,9 @@ int main(int argc, char** argv) {
               << "), final smoothed loss " << recent << "; checkpoint reproduces the forward: "
               << (same ? "yes" : "NO") << "\n";
     return same && recent < first ? EXIT_SUCCESS : EXIT_FAILURE;
+  } catch (const c10::Error& e) {
+    std::cerr << "error: " << e.what_without_backtrace() << "\n";
+    return EXIT_FAILURE;
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";
     return EXIT_FAILURE;

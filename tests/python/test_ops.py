@@ -357,3 +357,19 @@ def test_linear_errors():
         ops.linear(x, w, b, one, one, "lsq_luq", 2, 0, s, 0)
     with pytest.raises(ValueError, match="2-D"):
         ops.linear_forward(torch.randn(2, 3, 8), w, b, None, None, "fp", 1, 0, s, 0)
+
+
+def test_linear_uses_step_magnitude():
+    # An optimizer step may carry a learned step size across zero: the layer quantizes with |s|
+    # (the gradient mirrors), never with a non-positive step.
+    args = linear_args("hq", 6, 16, 5, requires_grad=True)
+    neg = list(args)
+    neg[3] = (-args[3].detach()).requires_grad_(True)
+    y, y_neg = ops.linear(*args), ops.linear(*neg)
+    assert torch.equal(y, y_neg)
+    y.sum().backward()
+    y_neg.sum().backward()
+    assert torch.equal(neg[3].grad, -args[3].grad)
+    zero = list(args)
+    zero[4] = torch.zeros(())
+    assert torch.isfinite(ops.linear(*zero)).all()

@@ -27,8 +27,10 @@ namespace int4train::pt {
 // y = x weight^T + bias under `recipe`, differentiable in x, weight, bias and both LSQ steps (the
 // backward is the recipe's quantized backward). x: (..., D) fp32 or bf16, weight (C, D) and bias (C)
 // of x's dtype; input_step / weight_step: one-element float tensors, required by the LSQ recipes
-// (lsq_luq, hq, hq_bs, hq_lss) and ignored by fp / int8; hadamard_block: a power of two dividing D
-// for the hq recipes, 1 otherwise. Returns (..., C) in x's dtype.
+// (lsq_luq, hq, hq_bs, hq_lss) and ignored by fp / int8; the quantizers use |step| in fp32 (floored
+// at the smallest normal float, so an optimizer update across zero mirrors the step rather than
+// breaking the layer); hadamard_block: a power of two dividing D for the hq recipes, 1 otherwise.
+// Returns (..., C) in x's dtype.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& input_step,
                   const std::optional<at::Tensor>& weight_step, const std::string& recipe,
