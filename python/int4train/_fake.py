@@ -134,3 +134,18 @@ register_fake("int4train::linear_backward")(_linear_backward)
 @register_fake("int4train::linear")
 def _linear(x, weight, bias, input_step, weight_step, recipe, hadamard_block, seed, step, layer):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# The debug ops of the device-generic implementation (csrc/generic.cpp) share the schemas.
+for _name, _fn in (
+    ("hadamard_transform", _hadamard_transform),
+    ("lsq_init_step", _lsq_init_step),
+    ("lsq_quantize", _lsq_quantize),
+    ("quantize_bitsplit", _quantize_bitsplit),
+    ("pack_int4", _pack_int4),
+    ("unpack_int4", _unpack_int4),
+    ("gemm_s32", _gemm_s32),
+    ("linear_forward", _linear_forward),
+    ("linear_backward", _linear_backward),
+):
+    register_fake(f"int4train::_generic_{_name}")(_fn)
