@@ -111,6 +111,10 @@ Tensor stochastic_round_clamp(const Tensor& v, const Tensor& u, int lo, int hi) 
   return at::where(at::isnan(v), at::zeros_like(r), r).to(at::kChar);
 }
 
+// t / v, one correctly rounded division. The divisor is a tensor on t's device: CUDA divides by a
+// host scalar as a multiplication by its reciprocal, which rounds differently.
+Tensor divide(const Tensor& t, double v) { return t / at::full({}, v, t.options()); }
+
 // 1 / s in fp32, one correctly rounded division.
 Tensor inverse_of(const Tensor& s) { return at::ones_like(s) / s; }
 
@@ -198,7 +202,7 @@ struct Codes {
 // quantize_absmax (INT8 baseline forward).
 Codes absmax_codes(const Tensor& x32, int qmax) {
   const Tensor amax = absmax_of(x32);
-  const Tensor s = at::where(amax == 0, at::ones_like(amax), amax / static_cast<double>(qmax));
+  const Tensor s = at::where(amax == 0, at::ones_like(amax), divide(amax, qmax));
   return {round_clamp(x32 * inverse_of(s), -qmax, qmax), s};
 }
 
@@ -206,7 +210,7 @@ Codes absmax_codes(const Tensor& x32, int qmax) {
 Codes stochastic_codes(const Tensor& g32, int qmax, const Tensor& u) {
   const Tensor amax = absmax_of(g32);
   const Tensor zero = amax == 0;
-  const Tensor s = amax / static_cast<double>(qmax);
+  const Tensor s = divide(amax, qmax);
   const Tensor safe = at::where(zero, at::ones_like(s), s);
   const Tensor q = stochastic_round_clamp(g32 * inverse_of(safe), u, -qmax, qmax);
   return {at::where(zero, at::zeros_like(q), q), at::where(zero, at::zeros_like(s), s)};
@@ -608,8 +612,8 @@ Tensor lsq_init_step(const Tensor& x) {
                     "x: expected finite values to initialise the LSQ step, found ", nonfinite,
                     " non-finite");
   const Tensor total = x32.to(at::kDouble).abs().sum();
-  const Tensor mean = total / static_cast<double>(std::max<int64_t>(x32.numel(), 1));
-  Tensor s = ((mean * 2.0) / std::sqrt(static_cast<double>(kLsqQp))).to(at::kFloat);
+  const Tensor mean = divide(total, static_cast<double>(std::max<int64_t>(x32.numel(), 1)));
+  Tensor s = divide(mean * 2.0, std::sqrt(static_cast<double>(kLsqQp))).to(at::kFloat);
   s = at::clamp_min(s, FLT_MIN);
   return at::where(total > 0, s, at::ones_like(s));
 }

@@ -1,0 +1,157 @@
+"""CUDA tensors (skipped without a GPU): the ops' CUDA kernels (the device-generic implementation
+until dedicated kernels exist) against the core on the CPU, Int4Linear and a converted Hugging Face
+model on the GPU under bf16 autocast, and torch.compile on the GPU."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import int4train
+
+from conftest import LSQ_RECIPES, RECIPES, requires_cuda, snr_db, step_tensor
+
+pytestmark = requires_cuda
+ops = torch.ops.int4train
+
+EXACT_FORWARD = ("int8", "lsq_luq", "hq", "hq_bs", "hq_lss")
+EXACT_BACKWARD = ("int8", "hq", "hq_bs", "hq_lss")
+
+
+def cpu_args(recipe, n, d, c, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g).to(dtype)
+    x[:, 2] *= 20
+    w = (torch.randn(c, d, generator=g) / math.sqrt(d)).to(dtype)
+    b = torch.randn(c, generator=g).to(dtype)
+    block, sx, sw = 1, None, None
+    if recipe in LSQ_RECIPES:
+        if recipe != "lsq_luq":
+            block = int(ops.select_hadamard_block(x, w)[0])
+        sx = ops.lsq_init_step(ops.hadamard_transform(x, block))
+        sw = ops.lsq_init_step(ops.hadamard_transform(w, block))
+    return [x, w, b, sx, sw, recipe, block, 99, step_tensor(12), 4]
+
+
+def to_cuda(args):
+    return [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_linear_matches_cpu_core(recipe, dtype):
+    for n, d, c in [(3, 16, 5), (65, 256, 96)]:
+        args = cpu_args(recipe, n, d, c, dtype)
+        cpu = ops.linear_forward(*args)
+        gpu = ops.linear_forward(*to_cuda(args))
+        for name, a, b in zip(("y", "codes", "aux", "scale", "saved_step"), cpu, gpu):
+            assert b.is_cuda and a.dtype == b.dtype and a.shape == b.shape, name
+            if name == "y" and recipe not in EXACT_FORWARD:
+                torch.testing.assert_close(b.cpu(), a, rtol=2e-2, atol=2e-2)
+            else:
+                assert torch.equal(a, b.cpu()), (name, recipe)
+        y, codes, aux, scale, saved = cpu
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        bargs = [gy, args[0] if recipe == "fp" else None, codes, aux, scale, args[1], args[3],
+                 args[4], recipe, args[6], args[7], saved, args[9], [True] * 5]
+        cpu_g = ops.linear_backward(*bargs)
+        gpu_g = ops.linear_backward(*to_cuda(bargs))
+        names = ("grad_x", "grad_w", "grad_bias", "grad_input_step", "grad_weight_step", "stats")
+        for name, a, b in zip(names, cpu_g, gpu_g):
+            assert b.is_cuda and a.dtype == b.dtype and a.shape == b.shape, name
+            if name == "stats" or (name in ("grad_x", "grad_w") and recipe in EXACT_BACKWARD):
+                assert torch.equal(a, b.cpu()), (name, recipe)
+            else:
+                tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+                torch.testing.assert_close(b.cpu(), a, rtol=tol, atol=tol * max(1.0, a.abs().max().item()))
+
+
+def test_cuda_components_match_cpu():
+    x = torch.randn(9, 64)
+    for block in (1, 4, 64):
+        assert torch.equal(ops.hadamard_transform(x.cuda(), block).cpu(), ops.hadamard_transform(x, block))
+    s = ops.lsq_init_step(x)
+    torch.testing.assert_close(ops.lsq_init_step(x.cuda()).cpu(), s, rtol=1e-6, atol=0)
+    for packed in (False, True):
+        for a, b in zip(ops.lsq_quantize(x, s, packed), ops.lsq_quantize(x.cuda(), s.cuda(), packed)):
+            assert torch.equal(a, b.cpu())
+        for a, b in zip(ops.quantize_bitsplit(x, 5, 2**35 + 1, packed),
+                        ops.quantize_bitsplit(x.cuda(), 5, 2**35 + 1, packed)):
+            assert torch.equal(a, b.cpu())
+    codes = torch.randint(-8, 8, (5, 33), dtype=torch.int8)
+    assert torch.equal(ops.pack_int4(codes.cuda()).cpu(), ops.pack_int4(codes))
+    assert torch.equal(ops.gemm_s32(codes.cuda(), codes.cuda()).cpu(), ops.gemm_s32(codes, codes))
+    w = torch.randn(7, 64)
+    a, b = ops.select_hadamard_block(x, w), ops.select_hadamard_block(x.cuda(), w.cuda())
+    assert torch.equal(a[0], b[0].cpu()) and torch.equal(a[1], b[1].cpu())
+    scores = torch.rand(20)
+    assert torch.equal(ops.lss_probabilities(scores.cuda(), 7.0).cpu(), ops.lss_probabilities(scores, 7.0))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_cuda_module_matches_cpu_module(recipe):
+    torch.manual_seed(0)
+    cpu = int4train.Int4Linear(64, 32, recipe=recipe, layer_id=2)
+    x = torch.randn(4, 10, 64)
+    with torch.no_grad():
+        cpu(x)  # initialise once (the fp64 mean of lsq_init_step is order-dependent)
+    gpu = copy.deepcopy(cpu).cuda()
+    xc, xg = x.clone().requires_grad_(True), x.cuda().requires_grad_(True)
+    yc, yg = cpu(xc), gpu(xg)
+    exact = recipe in EXACT_FORWARD
+    if exact:
+        assert torch.equal(yc, yg.cpu())
+    else:
+        torch.testing.assert_close(yg.cpu(), yc, rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(yc)
+    yc.backward(g)
+    yg.backward(g.cuda())
+    if recipe in EXACT_BACKWARD:
+        assert torch.equal(xc.grad, xg.grad.cpu())
+        assert torch.equal(cpu.weight.grad, gpu.weight.grad.cpu())
+    else:
+        torch.testing.assert_close(xg.grad.cpu(), xc.grad, rtol=1e-4, atol=1e-4)
+    assert int(gpu.step) == 2 and gpu.step.is_cuda
+
+
+def test_cuda_hf_bert_bf16_autocast():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=256,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    ref = transformers.BertModel(cfg).cuda()
+    model = copy.deepcopy(ref)
+    int4train.convert_(model, recipe="hq_lss")
+    ids = torch.randint(0, 200, (4, 32), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y_ref = ref(input_ids=ids).last_hidden_state
+        y = model(input_ids=ids).last_hidden_state
+    assert y.dtype == y_ref.dtype
+    assert snr_db(y_ref.float(), y.float()) > 25
+    y.float().square().mean().backward()
+    q = model.encoder.layer[0].attention.self.query
+    assert q.weight.grad is not None and q.weight.grad.dtype == torch.float32
+    assert torch.isfinite(q.weight.grad).all() and torch.isfinite(q.input_step.grad)
+
+
+def test_cuda_compile_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).cuda()
+    int4train.convert_(model, recipe="hq_lss")
+    model(torch.randn(8, 64, device="cuda"))
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model)
+    x = torch.randn(16, 64, device="cuda")
+    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ye, yc = model(xe), compiled(xc)
+    torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
+    ye.sum().backward()
+    yc.sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-4, atol=1e-5)
