@@ -9,8 +9,12 @@ PyModuleDef int4train_module = {
     PyModuleDef_HEAD_INIT,
     "_C",
     "int4train C++ extension: importing it registers the torch.ops.int4train operators.",
-    -1,
-    nullptr,
+    -1,       // m_size: no per-module state
+    nullptr,  // m_methods
+    nullptr,  // m_slots
+    nullptr,  // m_traverse
+    nullptr,  // m_clear
+    nullptr,  // m_free
 };
 
 }  // namespace
