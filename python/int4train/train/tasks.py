@@ -315,8 +315,8 @@ class TextClsTask(Task):
 
     def prepare(self) -> dict[str, Any]:
         c, a = self.cfg, self.args
-        self.path = D.resolve_data(a.data, "textcls")
         self.model_dir = D.resolve_pretrained(a.model)
+        self.path = D.resolve_data(a.data, "textcls")
         self.data = D.load_jsonl_classification(
             self.path,
             text_field=a.text_field,
