@@ -1,0 +1,365 @@
+// int4train GPU benchmark (CUDA events, medians, inputs rotated past L2): each quantization kernel's
+// GB/s beside a device-to-device copy, and the FP8 product of INT4 codes (and the whole quantized
+// forward) beside cuBLAS bf16 on the transformer shapes of docs/cuda.md. Prints one table.
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "int4train/cuda.h"
+#include "int4train/int4.h"
+#include "int4train/linear.h"
+#include "int4train/numeric.h"
+#include "int4train/quantize.h"
+
+namespace {
+
+using namespace int4train;
+
+void ck(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "CUDA error %s in %s\n", cudaGetErrorString(e), what);
+    std::exit(2);
+  }
+}
+void ck(cublasStatus_t s, const char* what) {
+  if (s != CUBLAS_STATUS_SUCCESS) {
+    std::fprintf(stderr, "cuBLASLt error %d in %s\n", static_cast<int>(s), what);
+    std::exit(2);
+  }
+}
+
+struct Buf {
+  void* p = nullptr;
+  size_t bytes = 0;
+  explicit Buf(size_t b) : bytes(b) { ck(cudaMalloc(&p, std::max<size_t>(b, 1)), "cudaMalloc"); }
+  ~Buf() { cudaFree(p); }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(p);
+  }
+};
+
+// Random data (never zeros: see METHOD.md), cut from one host pool of normal values per type with a
+// seed-dependent offset, so that large inputs are cheap to make and the rotated sets differ.
+constexpr size_t kPool = size_t{1} << 24;
+
+template <typename T>
+void fill_from_pool(Buf& b, size_t n, const std::vector<T>& pool, uint64_t seed) {
+  size_t off = static_cast<size_t>(seed * 7919) % (kPool / 2), done = 0;
+  while (done < n) {
+    const size_t len = std::min(n - done, kPool - off);
+    ck(cudaMemcpy(b.as<T>() + done, pool.data() + off, len * sizeof(T), cudaMemcpyHostToDevice),
+       "upload");
+    done += len;
+    off = 0;
+  }
+}
+const std::vector<float>& normal_pool() {
+  static const std::vector<float> pool = [] {
+    std::mt19937_64 rng(1);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::vector<float> v(kPool);
+    for (auto& x : v) x = nd(rng);
+    return v;
+  }();
+  return pool;
+}
+void fill_random_bf16(Buf& b, size_t n, uint64_t seed) {
+  static const std::vector<uint16_t> pool = [] {
+    std::vector<uint16_t> v(kPool);
+    for (size_t i = 0; i < kPool; ++i) v[i] = float_to_bf16(normal_pool()[i]).bits;
+    return v;
+  }();
+  fill_from_pool(b, n, pool, seed);
+}
+void fill_random_f32(Buf& b, size_t n, uint64_t seed) { fill_from_pool(b, n, normal_pool(), seed); }
+void fill_random_codes_fp8(Buf& b, size_t n, uint64_t seed) {
+  // e4m3 bytes of uniform INT4 codes (the bit patterns of -8..7).
+  static const std::vector<uint8_t> pool = [] {
+    static const uint8_t kE4m3[16] = {0x00, 0x38, 0x40, 0x44, 0x48, 0x4A, 0x4C, 0x4E,
+                                      0xD0, 0xCE, 0xCC, 0xCA, 0xC8, 0xC4, 0xC0, 0xB8};
+    std::mt19937_64 rng(2);
+    std::vector<uint8_t> v(kPool);
+    for (auto& x : v) x = kE4m3[rng() & 15];
+    return v;
+  }();
+  fill_from_pool(b, n, pool, seed);
+}
+
+// Median milliseconds per call: `inner` calls between two events, repeated `outer` times, after a
+// warm-up; fn(i) gets the call index (to rotate inputs).
+double time_ms(const std::function<void(int)>& fn, int inner = 10, int outer = 15) {
+  for (int i = 0; i < 3; ++i) fn(i);
+  ck(cudaDeviceSynchronize(), "warmup");
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  std::vector<double> t;
+  int call = 0;
+  for (int o = 0; o < outer; ++o) {
+    cudaEventRecord(a);
+    for (int i = 0; i < inner; ++i) fn(call++);
+    cudaEventRecord(b);
+    ck(cudaEventSynchronize(b), "event");
+    float ms = 0;
+    cudaEventElapsedTime(&ms, a, b);
+    t.push_back(ms / inner);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+struct Row {
+  std::string what;
+  double ms, rate;
+  std::string unit, note;
+};
+std::vector<Row> g_rows;
+
+void report(const std::string& what, double ms, double rate, const std::string& unit,
+            const std::string& note = "") {
+  g_rows.push_back(Row{what, ms, rate, unit, note});
+  std::printf("%-58s %9.4f ms %9.1f %s %s\n", what.c_str(), ms, rate, unit.c_str(), note.c_str());
+  std::fflush(stdout);
+}
+
+// ---- cuBLAS bf16 baseline: y (M x N, bf16) = x (M x K) w (N x K)^T + bias, the same TN mapping.
+struct Bf16Gemm {
+  cublasLtHandle_t h = nullptr;
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, ld = nullptr;
+  cublasLtMatmulAlgo_t algo;
+  size_t ws_size = 0;
+  void* ws = nullptr;
+  Bf16Gemm(int64_t m, int64_t n, int64_t k, const void* bias) {
+    ck(cublasLtCreate(&h), "create");
+    ck(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "desc");
+    const cublasOperation_t t = CUBLAS_OP_T, nn = CUBLAS_OP_N;
+    cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &t, sizeof t);
+    cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &nn, sizeof nn);
+    if (bias) {
+      const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+      cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi);
+      cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias);
+    }
+    ck(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, k, n, k), "la");
+    ck(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, k, m, k), "lb");
+    ck(cublasLtMatrixLayoutCreate(&ld, CUDA_R_16BF, n, m, n), "ld");
+    cublasLtMatmulPreference_t pref;
+    cublasLtMatmulPreferenceCreate(&pref);
+    const uint64_t wsmax = 32u << 20;
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsmax,
+                                         sizeof wsmax);
+    cublasLtMatmulHeuristicResult_t r;
+    int count = 0;
+    ck(cublasLtMatmulAlgoGetHeuristic(h, op, la, lb, ld, ld, pref, 1, &r, &count), "heuristic");
+    if (count == 0) throw std::runtime_error("no bf16 algorithm");
+    cublasLtMatmulPreferenceDestroy(pref);
+    algo = r.algo;
+    ws_size = r.workspaceSize;
+    ck(cudaMalloc(&ws, std::max<size_t>(ws_size, 1)), "ws");
+  }
+  ~Bf16Gemm() {
+    cudaFree(ws);
+    cublasLtMatrixLayoutDestroy(ld);
+    cublasLtMatrixLayoutDestroy(lb);
+    cublasLtMatrixLayoutDestroy(la);
+    cublasLtMatmulDescDestroy(op);
+    cublasLtDestroy(h);
+  }
+  void run(const void* x, const void* w, void* y) {
+    const float one = 1.0f, zero = 0.0f;
+    ck(cublasLtMatmul(h, op, &one, w, la, x, lb, &zero, y, ld, y, ld, &algo, ws, ws_size, nullptr),
+       "bf16 matmul");
+  }
+};
+
+constexpr int kSets = 3;  // rotated input sets
+
+void bench_copy() {
+  const size_t bytes = size_t{512} << 20;
+  Buf a(bytes), b(bytes);
+  ck(cudaMemset(a.p, 1, bytes), "memset");
+  const double ms = time_ms([&](int) { cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice); });
+  report("copy D2D 512 MiB (read+write)", ms, 2.0 * bytes / ms / 1e6, "GB/s");
+}
+
+void bench_quant(int64_t rows, int64_t cols) {
+  const int64_t numel = rows * cols;
+  const int64_t kp = fp8_padded_cols(cols);
+  std::vector<std::unique_ptr<Buf>> xb, xf;
+  for (int s = 0; s < kSets; ++s) {
+    xb.emplace_back(new Buf(numel * 2));
+    fill_random_bf16(*xb.back(), numel, 10 + s);
+    xf.emplace_back(new Buf(numel * 4));
+    fill_random_f32(*xf.back(), numel, 20 + s);
+  }
+  Buf op(rows * kp), packed(numel / 2 + 1), aux(compact_aux_bytes(rows, cols)), cnt(8), step(4);
+  const float sv = 0.4f;
+  ck(cudaMemcpy(step.p, &sv, 4, cudaMemcpyHostToDevice), "step");
+  ck(cudaMemset(cnt.p, 0, 8), "cnt");
+  const std::string shape = std::to_string(rows) + "x" + std::to_string(cols);
+  const RandomKey key{1, 2};
+  for (bool bf16 : {true, false}) {
+    for (int32_t g : {256, 64, 16}) {
+      const double ms = time_ms([&](int i) {
+        const Buf& x = bf16 ? *xb[i % kSets] : *xf[i % kSets];
+        hadamard_lsq_quantize_cuda(make_matrix(x.p, bf16 ? DType::kBFloat16 : DType::kFloat32, rows, cols),
+                                   g, make_scalar(step.p, DType::kFloat32), key,
+                                   make_matrix(op.p, DType::kFloat8E4M3, rows, kp),
+                                   make_matrix(packed.p, DType::kInt4Packed, rows, cols),
+                                   make_vector(aux.p, DType::kUInt8, compact_aux_bytes(rows, cols)),
+                                   make_scalar(cnt.p, DType::kInt64), nullptr);
+      });
+      const double bytes = numel * ((bf16 ? 2.0 : 4.0) + 1.0 + 0.5 + 0.125);
+      report("hadamard_lsq X " + shape + (bf16 ? " bf16" : " fp32") + " g" + std::to_string(g) +
+                 " -> fp8+int4+aux",
+             ms, bytes / ms / 1e6, "GB/s");
+    }
+  }
+  {
+    const double ms = time_ms([&](int i) {
+      hadamard_lsq_quantize_cuda(make_matrix(xb[i % kSets]->p, DType::kBFloat16, rows, cols), 256,
+                                 make_scalar(step.p, DType::kFloat32), key,
+                                 make_matrix(op.p, DType::kFloat8E4M3, rows, kp), TensorView{},
+                                 TensorView{}, make_scalar(cnt.p, DType::kInt64), nullptr);
+    });
+    report("hadamard_lsq W " + shape + " bf16 g256 -> fp8 only", ms, numel * 3.0 / ms / 1e6, "GB/s");
+  }
+  {
+    Buf out(numel * 4);
+    const double ms = time_ms([&](int i) {
+      hadamard_transform_cuda(make_matrix(xf[i % kSets]->p, DType::kFloat32, rows, cols),
+                              make_matrix(out.p, DType::kFloat32, rows, cols), 256, nullptr);
+    });
+    report("hadamard_transform " + shape + " fp32->fp32 g256", ms, numel * 8.0 / ms / 1e6, "GB/s");
+  }
+  const CudaAllocator alloc = default_cuda_allocator();
+  {
+    Buf op2(2 * rows * kp), hi(numel / 2 + 1), lo(numel / 2 + 1), sq(2 * rows * 4), sc(4);
+    const double ms = time_ms([&](int i) {
+      quantize_bitsplit_cuda(make_matrix(xb[i % kSets]->p, DType::kBFloat16, rows, cols), key,
+                             make_matrix(op2.p, DType::kFloat8E4M3, 2 * rows, kp),
+                             make_matrix(hi.p, DType::kInt4Packed, rows, cols),
+                             make_matrix(lo.p, DType::kInt4Packed, rows, cols),
+                             make_vector(sq.p, DType::kInt32, 2 * rows),
+                             make_scalar(sc.p, DType::kFloat32), alloc, nullptr);
+    });
+    // Two reads of G (absmax, then quantize) + operand (2 B) + hi/lo (1 B).
+    report("bitsplit G " + shape + " bf16 -> fp8 hi/lo + int4 + sumsq", ms,
+           numel * (2.0 * 2 + 2.0 + 1.0) / ms / 1e6, "GB/s", "(2 reads of G)");
+    Buf amax(4);
+    const double ms2 = time_ms([&](int i) {
+      absmax_bits_cuda(make_matrix(xb[i % kSets]->p, DType::kBFloat16, rows, cols),
+                       make_scalar(amax.p, DType::kInt32), nullptr);
+    });
+    report("absmax G " + shape + " bf16", ms2, numel * 2.0 / ms2 / 1e6, "GB/s");
+  }
+  {
+    Buf gs(4), gx(numel * 4);
+    const double ms = time_ms([&](int i) {
+      lsq_backward_compact_cuda(make_matrix(packed.p, DType::kInt4Packed, rows, cols),
+                                make_vector(aux.p, DType::kUInt8, compact_aux_bytes(rows, cols)),
+                                make_matrix(xf[i % kSets]->p, DType::kFloat32, rows, cols),
+                                make_matrix(gx.p, DType::kFloat32, rows, cols),
+                                make_scalar(gs.p, DType::kFloat32), alloc, nullptr);
+    });
+    report("lsq_backward_compact " + shape + " fp32", ms, numel * (4.0 + 4.0 + 0.625) / ms / 1e6,
+           "GB/s");
+  }
+}
+
+void bench_gemm(int64_t tokens, int64_t in, int64_t out) {
+  const int64_t m = tokens, k = in, n = out;
+  const std::string shape = std::to_string(tokens) + "x" + std::to_string(in) + "->" +
+                            std::to_string(out);
+  std::vector<std::unique_ptr<Buf>> a8, b8, a16, b16;
+  for (int s = 0; s < kSets; ++s) {
+    a8.emplace_back(new Buf(m * k));
+    fill_random_codes_fp8(*a8.back(), m * k, 100 + s);
+    b8.emplace_back(new Buf(n * k));
+    fill_random_codes_fp8(*b8.back(), n * k, 200 + s);
+    a16.emplace_back(new Buf(m * k * 2));
+    fill_random_bf16(*a16.back(), m * k, 300 + s);
+    b16.emplace_back(new Buf(n * k * 2));
+    fill_random_bf16(*b16.back(), n * k, 400 + s);
+  }
+  Buf y(m * n * 2), bias(n * 2), scales(8);
+  fill_random_bf16(bias, n, 5);
+  const float sv[2] = {0.3f, 0.02f};
+  ck(cudaMemcpy(scales.p, sv, 8, cudaMemcpyHostToDevice), "scales");
+  const double flops = 2.0 * m * n * k;
+  Bf16Gemm base(m, n, k, bias.p);
+  const double ms16 = time_ms([&](int i) { base.run(a16[i % kSets]->p, b16[i % kSets]->p, y.p); });
+  report("cuBLAS bf16 " + shape + " (+bias, bf16 out)", ms16, flops / ms16 / 1e9, "TFLOP/s");
+  const CudaAllocator alloc = default_cuda_allocator();
+  const double ms8 = time_ms([&](int i) {
+    gemm_fp8_cuda(make_matrix(a8[i % kSets]->p, DType::kFloat8E4M3, m, k),
+                  make_matrix(b8[i % kSets]->p, DType::kFloat8E4M3, n, k),
+                  make_scalar(scales.as<float>(), DType::kFloat32),
+                  make_scalar(scales.as<float>() + 1, DType::kFloat32),
+                  make_vector(bias.p, DType::kBFloat16, n), make_matrix(y.p, DType::kBFloat16, m, n),
+                  alloc, nullptr);
+  });
+  char note[64];
+  std::snprintf(note, sizeof note, "%.2fx bf16", ms16 / ms8);
+  report("FP8(INT4 codes) gemm_fp8_cuda " + shape, ms8, flops / ms8 / 1e9, "TFLOP/s", note);
+  // The whole quantized forward (X and W quantized from bf16, product, NaN check).
+  Buf codes(m * packed_row_bytes(k)), auxb(compact_aux_bytes(m, k));
+  LinearConfig cfg;
+  cfg.recipe = Recipe::kHqLss;
+  cfg.hadamard_block = 256;
+  const double msf = time_ms([&](int i) {
+    LinearForwardArgs a;
+    a.x = make_matrix(a16[i % kSets]->p, DType::kBFloat16, m, k);
+    a.w = make_matrix(b16[i % kSets]->p, DType::kBFloat16, n, k);
+    a.bias = make_vector(bias.p, DType::kBFloat16, n);
+    a.step_x = make_scalar(scales.as<float>(), DType::kFloat32);
+    a.step_w = make_scalar(scales.as<float>() + 1, DType::kFloat32);
+    a.y = make_matrix(y.p, DType::kBFloat16, m, n);
+    a.saved_codes = make_matrix(codes.p, DType::kInt4Packed, m, k);
+    a.saved_aux = make_vector(auxb.p, DType::kUInt8, compact_aux_bytes(m, k));
+    linear_forward_cuda(cfg, a, alloc, nullptr);
+  });
+  std::snprintf(note, sizeof note, "%.2fx bf16 GEMM", ms16 / msf);
+  report("linear_forward_cuda hq_lss g256 " + shape, msf, flops / msf / 1e9, "TFLOP/s", note);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  cudaDeviceProp prop;
+  ck(cudaGetDeviceProperties(&prop, 0), "props");
+  std::printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,
+              prop.l2CacheSize >> 20);
+  bench_copy();
+  bench_quant(8192, 4096);
+  struct G {
+    int64_t t, i, o;
+  };
+  for (G g : {G{8192, 4096, 4096}, G{8192, 4096, 16384}, G{8192, 16384, 4096}, G{16384, 1024, 4096},
+              G{4096, 768, 3072}}) {
+    bench_gemm(g.t, g.i, g.o);
+    if (quick) break;
+  }
+  std::printf("\n==== summary (median per call) ====\n");
+  for (const Row& r : g_rows) {
+    std::printf("| %-58s | %9.4f ms | %9.1f %-7s | %s\n", r.what.c_str(), r.ms, r.rate,
+                r.unit.c_str(), r.note.c_str());
+  }
+  return 0;
+}

@@ -1,0 +1,132 @@
+// int4train CUDA path (Hopper first): the forward quantizers, the FP8-tensor-core products of 4-bit
+// codes and the backward pieces, each equal to the CPU core of the other headers (the spec) bit for
+// bit where the math is integer. Defined only in builds with CUDA (INT4TRAIN_WITH_CUDA=1).
+//
+// Conventions of every _cuda function:
+//  - TensorViews point to device memory; scalars that the GPU computes or learns (LSQ steps, scales,
+//    counters) are device pointers too, so nothing here synchronises with the host and a training
+//    step can be captured in a CUDA graph. Argument checks (shapes, dtypes, alignment) are host-side
+//    and throw int4train::Error naming the argument, as in the CPU core.
+//  - `stream` is a cudaStream_t (nullptr: the legacy default stream) and comes last. Temporaries
+//    come from a CudaAllocator (stream-ordered), so a framework can pass its caching allocator.
+//  - Hopper has no INT4 tensor cores: 4-bit codes travel to the GEMM as FP8 e4m3 values (every
+//    integer in [-16, 16], and so every INT4 code, is exact in e4m3), multiplied by cuBLASLt with
+//    fp32 accumulation, which is exact for integer products while every partial sum stays below
+//    2^24 (kMaxKFp8Int4 below; measured in docs/cuda.md).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "int4train/common.h"
+#include "int4train/linear.h"
+#include "int4train/philox.h"
+
+namespace int4train {
+
+// True when the library was built with CUDA and a CUDA device is visible.
+bool cuda_available();
+
+// ------------------------------------------------------------------------------ temporaries
+// A stream-ordered device allocator. allocate returns memory usable on `stream` (aligned to at
+// least 256 bytes) or throws; deallocate may be called before the work queued on `stream` has run
+// (stream-ordered semantics, as cudaFreeAsync and PyTorch's caching allocator provide).
+struct CudaAllocator {
+  void* ctx = nullptr;
+  void* (*allocate)(void* ctx, size_t bytes, void* stream) = nullptr;
+  void (*deallocate)(void* ctx, void* ptr, size_t bytes, void* stream) = nullptr;
+};
+// cudaMallocAsync / cudaFreeAsync on the device's default memory pool (graph-capturable).
+CudaAllocator default_cuda_allocator();
+
+// ------------------------------------------------------------------------------ FP8 operands
+// The GEMM operand format: a kFloat8E4M3 matrix rows x fp8_padded_cols(K) holding integer codes,
+// whose columns K .. padded-1 are zero (cuBLASLt's FP8 kernels need K, the row stride and the base
+// address in multiples of 16 bytes; the producers below pad, so the products stay exact). The row
+// stride may exceed the padded width if it is a multiple of 16.
+constexpr int64_t kFp8Align = 16;
+constexpr int64_t fp8_padded_cols(int64_t k) { return (k + kFp8Align - 1) / kFp8Align * kFp8Align; }
+
+// Largest K for which an FP8 product of INT4 codes is exact in its fp32 result: |sum| <= 64 K must
+// stay below 2^24 (the fp32 integer range). Larger K is an Error naming `a`.
+constexpr int64_t kMaxKFp8Int4 = (int64_t{1} << 24) / 64;
+
+// operand = codes as e4m3 (rows x fp8_padded_cols(K), pad zero). codes: kInt4Packed or int8 rows x
+// K (int8 values must lie in [-16, 16]; others are not exact in e4m3 and are not checked here).
+// With transpose, operand is K x fp8_padded_cols(rows) = codes^T (the layout of the backward
+// products, whose reduction dimension is the token dimension).
+void codes_to_fp8_cuda(const TensorView& codes, bool transpose, TensorView operand, void* stream);
+
+// ------------------------------------------------------------------------------ products
+// C = A B^T in gemm.h's vocabulary: a is M x Kp, b is N x Kp, both FP8 operands (same Kp). out:
+// fp32 or bf16 M x N (row stride any),
+//   out[m, n] = (scale_a * scale_b) * acc[m, n] + bias[n]
+// with acc the fp32 accumulation of the exact integer products (cuBLASLt, default accumulation,
+// not fast accumulation). scale_a, scale_b: fp32 device scalars, optional (data == nullptr: 1);
+// bias: fp32 or bf16 device vector of N, optional. Fused into cuBLASLt's epilogue where it supports
+// the dtypes (bf16 bias), else added by a second pass in the same order (gemm.h's Epilogue).
+void gemm_fp8_cuda(const TensorView& a, const TensorView& b, const TensorView& scale_a,
+                   const TensorView& scale_b, const TensorView& bias, TensorView out,
+                   const CudaAllocator& alloc, void* stream);
+
+// The exact-integer mode: c (int32 M x N) = a b^T for operands holding INT4 codes, equal to
+// gemm_s32_ref on the same codes (K <= kMaxKFp8Int4).
+void gemm_fp8_s32_cuda(const TensorView& a, const TensorView& b, TensorView c,
+                       const CudaAllocator& alloc, void* stream);
+
+// ------------------------------------------------------------------------------ forward quantizer
+// The fused Hadamard + LSQ pass (one read of x): x~ = x B_block in hadamard.h's exact fp32 order,
+// codes = clamp(rint(x~ * (1 / step)), -8, 7) as lsq_quantize. x: fp32 or bf16 rows x D (D a
+// multiple of block). step: fp32 device scalar. Outputs, each optional (data == nullptr skips it):
+//   operand   FP8 operand rows x fp8_padded_cols(D) (the forward GEMM's input);
+//   packed    kInt4Packed rows x D, the codes saved for backward;
+//   aux       uint8 compact_aux_bytes(rows, D): the compact LSQ bits of quantize.h (random key
+//             `rng`), so (packed, aux) equal lsq_quantize_compact's outputs bit for bit;
+//   nonfinite int64 device scalar, INCREMENTED by the number of non-finite x~ (the caller zeroes
+//             it, so X and W can share one counter). A step that is not positive and finite
+//             counts every element, since it cannot be reported from the device.
+void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const TensorView& step,
+                                const RandomKey& rng, TensorView operand, TensorView packed,
+                                TensorView aux, TensorView nonfinite, void* stream);
+
+// out = in B_block (hadamard.h), bit-identical to hadamard_transform_ref. in/out: fp32 or bf16,
+// same shape, may be the very same view (in place).
+void hadamard_transform_cuda(const TensorView& in, TensorView out, int32_t block, void* stream);
+
+// ------------------------------------------------------------------------------ backward quantizer
+// max |g| as its fp32 bit pattern into amax_bits (an int32 device scalar holding the bits,
+// overwritten): NaN > Inf > any finite value, as the CPU's absmax. g: fp32 or bf16 matrix.
+void absmax_bits_cuda(const TensorView& g, TensorView amax_bits, void* stream);
+
+// Unbiased bit splitting of quantize.h (quantize_bitsplit) with the scale on the device: a
+// reduction pass (absmax) then one quantize pass. g: fp32 or bf16 N x C. Outputs, optional except
+// scale:
+//   operand  FP8 operand 2N x fp8_padded_cols(C): rows 0..N-1 hold hi, rows N..2N-1 hold lo (the
+//            stacked R of ALGORITHM.md without its factor 16, which the consumers apply exactly);
+//   hi, lo   kInt4Packed N x C codes (equal to quantize_bitsplit's);
+//   row_sumsq int32 vector of 2N: sum of squared codes of each operand row (exact; LSS scores);
+//   scale    fp32 device scalar s = max|g| / 119 (0 for an all-zero g).
+void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
+                            TensorView hi, TensorView lo, TensorView row_sumsq, TensorView scale,
+                            const CudaAllocator& alloc, void* stream);
+
+// ------------------------------------------------------------------------------ LSQ backward
+// lsq_backward_compact on the device: grad_x = grad_xhat * mask (fp32 or bf16, may be grad_xhat
+// itself when fp32), grad_step = gamma * sum(grad_xhat * r_hat) (fp32 device scalar,
+// overwritten; the sum runs in fp64 atomics, so its last bit may differ from the CPU's fixed-order
+// sum). Either output may be null.
+void lsq_backward_compact_cuda(const TensorView& packed_codes, const TensorView& aux,
+                               const TensorView& grad_xhat, TensorView grad_x, TensorView grad_step,
+                               const CudaAllocator& alloc, void* stream);
+
+// ------------------------------------------------------------------------------ the layer
+// linear_forward of linear.h on the device, for the LSQ recipes (lsq_luq, hq, hq_bs, hq_lss; the
+// others are an Error of kind kNotImplemented): X and W each take one fused Hadamard + LSQ pass, the
+// product one FP8 GEMM with s_x s_w and the bias in its epilogue. All views are device memory;
+// step_x, step_w are device scalars; y, saved_codes, saved_aux as linear.h says. If X~ or W~ holds a
+// non-finite value, y is filled with NaN by a device-side check (no host synchronisation).
+// Equal to the CPU's linear_forward bit for bit (tested).
+void linear_forward_cuda(const LinearConfig& config, const LinearForwardArgs& args,
+                         const CudaAllocator& alloc, void* stream);
+
+}  // namespace int4train

@@ -1,0 +1,509 @@
+// int4train CUDA path: the backward's quantizers and LSQ gradient on the device: absmax, unbiased
+// bit splitting (a reduction pass then one quantize pass, the scale never leaving the device), the
+// compact-state LSQ backward, and the conversion of saved INT4 codes into FP8 GEMM operands
+// (optionally transposed, for the products whose reduction dimension is the token dimension).
+#include <cuda_fp8.h>
+
+#include <cmath>
+#include <string>
+
+#include "cuda_common.h"
+#include "device_common.cuh"
+#include "int4train/cuda.h"
+#include "int4train/int4.h"
+#include "int4train/numeric.h"
+#include "int4train/philox.h"
+#include "int4train/quantize.h"
+
+namespace int4train {
+namespace cuda_detail {
+namespace {
+
+constexpr int kThreads = 256;
+
+int grid_blocks(int64_t work_items, int64_t items_per_block, int64_t cap = int64_t{1} << 20) {
+  int64_t b = (work_items + items_per_block - 1) / items_per_block;
+  if (b < 1) b = 1;
+  if (b > cap) b = cap;
+  return static_cast<int>(b);
+}
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// ------------------------------------------------------------------------------ absmax
+// |v| as bits: NaN > Inf > finite, as the CPU's absmax_bits.
+__device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(v) & 0x7FFFFFFFu; }
+
+template <typename In, bool kVec8>
+__global__ void __launch_bounds__(kThreads) absmax_kernel(const In* __restrict__ g, int64_t ld,
+                                                          int64_t rows, int64_t cols,
+                                                          uint32_t* __restrict__ out) {
+  uint32_t m = 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  if (kVec8) {
+    const int64_t groups = cols / 8, total = rows * groups;
+    for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+         t += stride) {
+      const int64_t r = t / groups, c = (t - r * groups) * 8;
+      float v[8];
+      load8<true>(g + r * ld + c, v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) m = max(m, abs_bits(v[i]));
+    }
+  } else {
+    const int64_t total = rows * cols;
+    for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+         t += stride) {
+      const int64_t r = t / cols, c = t - r * cols;
+      m = max(m, abs_bits(load_elem(g + r * ld + c)));
+    }
+  }
+  m = __reduce_max_sync(kFullMask, m);
+  __shared__ uint32_t warp_max[kThreads / 32];
+  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x / 32] = m;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    uint32_t b = threadIdx.x < kThreads / 32 ? warp_max[threadIdx.x] : 0u;
+    b = __reduce_max_sync(kFullMask, b);
+    if (threadIdx.x == 0 && b > 0) atomicMax(out, b);
+  }
+}
+
+void launch_absmax(const TensorView& g, uint32_t* out, cudaStream_t stream) {
+  INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(uint32_t), stream));
+  const int64_t rows = g.shape[0], cols = g.shape[1];
+  if (rows * cols == 0) return;
+  const int64_t ld = row_stride(g);
+  const bool bf16 = g.dtype == DType::kBFloat16;
+  const bool vec = cols % 8 == 0 && (rows == 1 || ld % 8 == 0) && aligned(g.data, bf16 ? 16 : 32);
+  // A few blocks per SM are enough to saturate memory; the cap keeps the atomics few.
+  const int grid = grid_blocks(rows * cols / (vec ? 8 : 1), kThreads, 2048);
+  if (bf16) {
+    const BFloat16* p = g.ptr<const BFloat16>();
+    vec ? absmax_kernel<BFloat16, true><<<grid, kThreads, 0, stream>>>(p, ld, rows, cols, out)
+        : absmax_kernel<BFloat16, false><<<grid, kThreads, 0, stream>>>(p, ld, rows, cols, out);
+  } else {
+    const float* p = g.ptr<const float>();
+    vec ? absmax_kernel<float, true><<<grid, kThreads, 0, stream>>>(p, ld, rows, cols, out)
+        : absmax_kernel<float, false><<<grid, kThreads, 0, stream>>>(p, ld, rows, cols, out);
+  }
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+}
+
+// ------------------------------------------------------------------------------ bit split
+struct BitsplitParams {
+  const void* g;
+  int64_t ldg, rows, cols;
+  const uint32_t* amax_bits;
+  uint64_t seed, stream;
+  uint8_t* operand;  // 2 rows x padded cols: hi rows then lo rows; may be null
+  int64_t ldop, op_cols;
+  uint8_t* hi;  // packed, may be null
+  uint8_t* lo;
+  int32_t* row_sumsq;  // 2 rows, zeroed before; may be null
+  float* scale;
+};
+
+struct SplitCode {
+  int hi, lo;
+};
+
+__device__ __forceinline__ SplitCode split(float g, float inv, float u) {
+  const int q = stochastic_round_clamp(__fmul_rn(g, inv), u, -kBitSplitLevels, kBitSplitLevels);
+  const int h = (q + 8 + 128) / 16 - 8;  // floor((q + 8) / 16), numerator kept positive
+  return SplitCode{h, q - 16 * h};
+}
+
+__device__ __forceinline__ void bitsplit_scales(const BitsplitParams& p, float* inv) {
+  const float amax = __uint_as_float(*p.amax_bits);
+  const float levels = static_cast<float>(kBitSplitLevels);
+  const bool zero = amax == 0.0f;
+  *inv = zero ? 0.0f : __fdiv_rn(levels, amax);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *p.scale = zero ? 0.0f : __fdiv_rn(amax, levels);
+}
+
+// Rows a multiple of 8 long: a warp per 256 columns, 8 per lane.
+template <typename In, bool kVec>
+__global__ void __launch_bounds__(kThreads) bitsplit_kernel(const BitsplitParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  const int64_t chunks = (p.cols + kWarpCols - 1) / kWarpCols;
+  float inv;
+  bitsplit_scales(p, &inv);
+  for (int64_t w = warp; w < p.rows * chunks; w += nwarps) {
+    const int64_t row = w / chunks;
+    const int64_t col0 = (w - row * chunks) * kWarpCols + kLaneElems * lane;
+    int32_t sq_hi = 0, sq_lo = 0;
+    if (col0 < p.cols) {
+      float v[8];
+      load8<kVec>(static_cast<const In*>(p.g) + row * p.ldg + col0, v);
+      const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;
+      const Philox4x32 r0 = random_block(p.seed, p.stream, b0);
+      const Philox4x32 r1 = random_block(p.seed, p.stream, b0 + 1);
+      uint32_t ph = 0, pl = 0, oh[2] = {0, 0}, ol[2] = {0, 0};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float u = uniform_from_u32(i < 4 ? r0.v[i] : r1.v[i - 4]);
+        const SplitCode sc = split(v[i], inv, u);
+        sq_hi += sc.hi * sc.hi;
+        sq_lo += sc.lo * sc.lo;
+        ph |= static_cast<uint32_t>(sc.hi & 0xF) << (4 * i);
+        pl |= static_cast<uint32_t>(sc.lo & 0xF) << (4 * i);
+        oh[i / 4] |= e4m3_of_code(sc.hi) << (8 * (i % 4));
+        ol[i / 4] |= e4m3_of_code(sc.lo) << (8 * (i % 4));
+      }
+      const int64_t pb = row * (p.cols / 2) + col0 / 2;
+      if (p.hi != nullptr) {
+        if (kVec) {
+          *reinterpret_cast<uint32_t*>(p.hi + pb) = ph;
+          *reinterpret_cast<uint32_t*>(p.lo + pb) = pl;
+        } else {
+          for (int i = 0; i < 4; ++i) {
+            p.hi[pb + i] = static_cast<uint8_t>(ph >> (8 * i));
+            p.lo[pb + i] = static_cast<uint8_t>(pl >> (8 * i));
+          }
+        }
+      }
+      if (p.operand != nullptr) {
+        *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(oh[0], oh[1]);
+        *reinterpret_cast<uint2*>(p.operand + (p.rows + row) * p.ldop + col0) =
+            make_uint2(ol[0], ol[1]);
+      }
+    } else if (p.operand != nullptr && col0 < p.op_cols) {
+      *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(0u, 0u);
+      *reinterpret_cast<uint2*>(p.operand + (p.rows + row) * p.ldop + col0) = make_uint2(0u, 0u);
+    }
+    if (p.row_sumsq != nullptr) {
+      sq_hi = warp_sum_s32(sq_hi);
+      sq_lo = warp_sum_s32(sq_lo);
+      if (lane == 0 && sq_hi != 0) atomicAdd(p.row_sumsq + row, sq_hi);
+      if (lane == 0 && sq_lo != 0) atomicAdd(p.row_sumsq + p.rows + row, sq_lo);
+    }
+  }
+}
+
+// Any row length: a thread per pair of columns.
+template <typename In>
+__global__ void __launch_bounds__(kThreads) bitsplit_small_kernel(const BitsplitParams p) {
+  float inv;
+  bitsplit_scales(p, &inv);
+  const int64_t pairs = (p.op_cols > p.cols ? p.op_cols : p.cols + 1) / 2;
+  const int64_t total = p.rows * pairs;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = t / pairs, j = t - row * pairs;
+    const In* gr = static_cast<const In*>(p.g) + row * p.ldg;
+    SplitCode sc[2] = {{0, 0}, {0, 0}};
+    int32_t sq_hi = 0, sq_lo = 0;
+    for (int k = 0; k < 2; ++k) {
+      const int64_t c = 2 * j + k;
+      if (c >= p.cols) continue;
+      const float u = random_uniform(p.seed, p.stream, static_cast<uint64_t>(row * p.cols + c));
+      sc[k] = split(load_elem(gr + c), inv, u);
+      sq_hi += sc[k].hi * sc[k].hi;
+      sq_lo += sc[k].lo * sc[k].lo;
+    }
+    if (p.hi != nullptr && 2 * j < p.cols) {
+      const int64_t pb = row * ((p.cols + 1) / 2) + j;
+      p.hi[pb] = pack_int4_pair(sc[0].hi, sc[1].hi);
+      p.lo[pb] = pack_int4_pair(sc[0].lo, sc[1].lo);
+    }
+    if (p.operand != nullptr) {
+      for (int k = 0; k < 2; ++k) {
+        const int64_t c = 2 * j + k;
+        if (c >= p.op_cols) continue;
+        p.operand[row * p.ldop + c] = static_cast<uint8_t>(e4m3_of_code(sc[k].hi));
+        p.operand[(p.rows + row) * p.ldop + c] = static_cast<uint8_t>(e4m3_of_code(sc[k].lo));
+      }
+    }
+    if (p.row_sumsq != nullptr) {
+      if (sq_hi != 0) atomicAdd(p.row_sumsq + row, sq_hi);
+      if (sq_lo != 0) atomicAdd(p.row_sumsq + p.rows + row, sq_lo);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ LSQ backward
+// Fixed grid (a function of the shape only) so that the per-block partial sums, combined in block
+// order by the finalize kernel, give the same grad_step on every run.
+constexpr int kLsqBwdMaxBlocks = 1024;
+
+struct LsqBwdParams {
+  const uint8_t* packed;
+  const uint8_t* aux;
+  const float* gxhat;
+  int64_t ldg;
+  void* gx;  // may be null
+  bool gx_bf16;
+  int64_t ldx, rows, cols;
+  double* partial;  // one per block, may be null
+};
+
+struct MaskR {
+  bool inside;
+  float r;
+};
+
+// quantize_kernels.cpp's lsq_backward_compact_tile rules.
+__device__ __forceinline__ MaskR decode(int c, bool b) {
+  if (c == -kLsqQn) return MaskR{!b, b ? static_cast<float>(-kLsqQn) : -0.25f};
+  if (c == kLsqQp) return MaskR{!b, b ? static_cast<float>(kLsqQp) : 0.25f};
+  return MaskR{true, b ? 0.5f : -0.5f};
+}
+
+__global__ void __launch_bounds__(kThreads) lsq_backward_compact_kernel(const LsqBwdParams p) {
+  const int64_t numel = p.rows * p.cols;
+  const int64_t prb = (p.cols + 1) / 2;
+  double acc = 0.0;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < numel;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = e / p.cols, c = e - r * p.cols;
+    const uint8_t byte = p.packed[r * prb + c / 2];
+    const int code = (c & 1) ? unpack_int4_hi(byte) : unpack_int4_lo(byte);
+    const bool bit = (p.aux[e >> 3] >> (e & 7)) & 1u;
+    const MaskR m = decode(code, bit);
+    const float g = p.gxhat[r * p.ldg + c];
+    if (p.gx != nullptr) {
+      const float out = m.inside ? g : 0.0f;
+      if (p.gx_bf16) {
+        static_cast<BFloat16*>(p.gx)[r * p.ldx + c] = float_to_bf16(out);
+      } else {
+        static_cast<float*>(p.gx)[r * p.ldx + c] = out;
+      }
+    }
+    acc += static_cast<double>(g) * static_cast<double>(m.r);
+  }
+  if (p.partial == nullptr) return;
+  acc = warp_sum_f64(acc);
+  __shared__ double warp_acc[kThreads / 32];
+  if ((threadIdx.x & 31) == 0) warp_acc[threadIdx.x / 32] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double s = 0.0;
+    for (int w = 0; w < kThreads / 32; ++w) s += warp_acc[w];
+    p.partial[blockIdx.x] = s;
+  }
+}
+
+__global__ void lsq_backward_finalize_kernel(const double* __restrict__ partial, int n,
+                                             double gamma, float* __restrict__ grad_step) {
+  double s = 0.0;
+  for (int i = 0; i < n; ++i) s += partial[i];
+  *grad_step = static_cast<float>(gamma * s);
+}
+
+// ------------------------------------------------------------------------------ codes -> FP8
+struct ToFp8Params {
+  const uint8_t* codes;  // packed or int8
+  bool packed;
+  int64_t ldc, rows, cols;
+  uint8_t* out;
+  int64_t ldo, out_cols;
+};
+
+__device__ __forceinline__ int load_code(const ToFp8Params& p, int64_t r, int64_t c) {
+  if (p.packed) {
+    const uint8_t byte = p.codes[r * ((p.cols + 1) / 2) + c / 2];
+    return (c & 1) ? unpack_int4_hi(byte) : unpack_int4_lo(byte);
+  }
+  return static_cast<int>(reinterpret_cast<const int8_t*>(p.codes)[r * p.ldc + c]);
+}
+
+__device__ __forceinline__ uint8_t fp8_of(const ToFp8Params& p, int code) {
+  if (p.packed) return static_cast<uint8_t>(e4m3_of_code(code));
+  return static_cast<uint8_t>(
+      __nv_cvt_float_to_fp8(static_cast<float>(code), __NV_SATFINITE, __NV_E4M3));
+}
+
+// out[r, c] = code[r, c] (c < cols), 0 in the padding.
+__global__ void __launch_bounds__(kThreads) codes_to_fp8_kernel(const ToFp8Params p) {
+  const int64_t total = p.rows * p.out_cols;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = t / p.out_cols, c = t - r * p.out_cols;
+    p.out[r * p.ldo + c] = c < p.cols ? fp8_of(p, load_code(p, r, c)) : uint8_t{0};
+  }
+}
+
+// out (cols x padded rows) = codes^T through a 64 x 64 shared tile: reads along code rows, writes
+// along output rows, both coalesced.
+constexpr int kTile = 64;
+__global__ void __launch_bounds__(kThreads) codes_to_fp8_t_kernel(const ToFp8Params p) {
+  __shared__ uint8_t tile[kTile][kTile + 4];
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile;  // code rows = output columns
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile;  // code columns = output rows
+  for (int i = threadIdx.x; i < kTile * kTile; i += blockDim.x) {
+    const int rr = i / kTile, cc = i % kTile;
+    const int64_t r = r0 + rr, c = c0 + cc;
+    tile[rr][cc] = (r < p.rows && c < p.cols) ? fp8_of(p, load_code(p, r, c)) : uint8_t{0};
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kTile * kTile; i += blockDim.x) {
+    const int oc = i % kTile, orow = i / kTile;
+    const int64_t out_r = c0 + orow, out_c = r0 + oc;
+    if (out_r < p.cols && out_c < p.out_cols) p.out[out_r * p.ldo + out_c] = tile[oc][orow];
+  }
+}
+
+}  // namespace
+}  // namespace cuda_detail
+
+void absmax_bits_cuda(const TensorView& g, TensorView amax_bits, void* stream) {
+  using namespace cuda_detail;
+  check_dtype(g, "g", {DType::kFloat32, DType::kBFloat16});
+  check_device_matrix(g, "g");
+  check_dtype(amax_bits, "amax_bits", {DType::kInt32});
+  check_scalar(amax_bits, "amax_bits");
+  check_not_null(amax_bits, "amax_bits");
+  launch_absmax(g, amax_bits.ptr<uint32_t>(), as_stream(stream));
+}
+
+void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
+                            TensorView hi, TensorView lo, TensorView row_sumsq, TensorView scale,
+                            const CudaAllocator& alloc, void* stream) {
+  using namespace cuda_detail;
+  check_dtype(g, "g", {DType::kFloat32, DType::kBFloat16});
+  check_device_matrix(g, "g");
+  const int64_t rows = g.shape[0], cols = g.shape[1];
+  check_device_scalar(scale, "scale", DType::kFloat32);
+  BitsplitParams p{};
+  p.g = g.data;
+  p.ldg = row_stride(g);
+  p.rows = rows;
+  p.cols = cols;
+  p.seed = rng.seed;
+  p.stream = rng.stream;
+  p.scale = scale.ptr<float>();
+  if (operand.data != nullptr) {
+    check_fp8_operand(operand, "operand");
+    check_shape(operand, "operand", 2 * rows, fp8_padded_cols(cols));
+    p.operand = operand.ptr<uint8_t>();
+    p.ldop = row_stride(operand);
+    p.op_cols = operand.shape[1];
+  }
+  if ((hi.data == nullptr) != (lo.data == nullptr)) {
+    throw_error(ErrorKind::kValue, "hi: hi and lo must be given together");
+  }
+  if (hi.data != nullptr) {
+    for (const TensorView* t : {&hi, &lo}) {
+      const char* name = t == &hi ? "hi" : "lo";
+      check_dtype(*t, name, {DType::kInt4Packed});
+      check_device_matrix(*t, name);
+      check_shape(*t, name, rows, cols);
+    }
+    p.hi = hi.ptr<uint8_t>();
+    p.lo = lo.ptr<uint8_t>();
+  }
+  const cudaStream_t s = as_stream(stream);
+  if (row_sumsq.data != nullptr) {
+    check_dtype(row_sumsq, "row_sumsq", {DType::kInt32});
+    check_vector(row_sumsq, "row_sumsq", 2 * rows);
+    p.row_sumsq = row_sumsq.ptr<int32_t>();
+    INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(p.row_sumsq, 0, sizeof(int32_t) * 2 * rows, s));
+  }
+  DeviceBuffer amax(alloc, sizeof(uint32_t), stream);
+  launch_absmax(g, amax.as<uint32_t>(), s);
+  p.amax_bits = amax.as<const uint32_t>();
+  const bool bf16 = g.dtype == DType::kBFloat16;
+  if (cols % kLaneElems == 0 && cols > 0) {
+    const bool vec = aligned(g.data, bf16 ? 16 : 32) && (rows == 1 || p.ldg % 8 == 0) &&
+                     (p.hi == nullptr || (aligned(p.hi, 4) && aligned(p.lo, 4)));
+    const int64_t warps = rows * ((cols + kWarpCols - 1) / kWarpCols);
+    const int grid = grid_blocks(warps, kThreads / 32);
+    if (bf16) {
+      vec ? bitsplit_kernel<BFloat16, true><<<grid, kThreads, 0, s>>>(p)
+          : bitsplit_kernel<BFloat16, false><<<grid, kThreads, 0, s>>>(p);
+    } else {
+      vec ? bitsplit_kernel<float, true><<<grid, kThreads, 0, s>>>(p)
+          : bitsplit_kernel<float, false><<<grid, kThreads, 0, s>>>(p);
+    }
+  } else {
+    const int64_t pairs = (fp8_padded_cols(cols) > cols ? fp8_padded_cols(cols) : cols + 1) / 2;
+    const int grid = grid_blocks(rows * pairs, kThreads);
+    if (bf16) {
+      bitsplit_small_kernel<BFloat16><<<grid, kThreads, 0, s>>>(p);
+    } else {
+      bitsplit_small_kernel<float><<<grid, kThreads, 0, s>>>(p);
+    }
+  }
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+}
+
+void lsq_backward_compact_cuda(const TensorView& packed_codes, const TensorView& aux,
+                               const TensorView& grad_xhat, TensorView grad_x, TensorView grad_step,
+                               const CudaAllocator& alloc, void* stream) {
+  using namespace cuda_detail;
+  check_dtype(packed_codes, "packed_codes", {DType::kInt4Packed});
+  check_device_matrix(packed_codes, "packed_codes");
+  const int64_t rows = packed_codes.shape[0], cols = packed_codes.shape[1];
+  check_dtype(aux, "aux", {DType::kUInt8});
+  check_vector(aux, "aux", compact_aux_bytes(rows, cols));
+  check_dtype(grad_xhat, "grad_xhat", {DType::kFloat32});
+  check_device_matrix(grad_xhat, "grad_xhat");
+  check_shape(grad_xhat, "grad_xhat", rows, cols);
+  const bool want_gx = grad_x.data != nullptr, want_gs = grad_step.data != nullptr;
+  if (want_gx) {
+    check_dtype(grad_x, "grad_x", {DType::kFloat32, DType::kBFloat16});
+    check_device_matrix(grad_x, "grad_x");
+    check_shape(grad_x, "grad_x", rows, cols);
+    const bool same = grad_x.dtype == DType::kFloat32 && grad_x.data == grad_xhat.data &&
+                      (rows <= 1 || grad_x.strides[0] == grad_xhat.strides[0]);
+    if (!same && grad_x.data == grad_xhat.data) {
+      throw_error(ErrorKind::kValue,
+                  "grad_x: expected either grad_xhat itself (fp32, in place) or memory that does "
+                  "not overlap it");
+    }
+  }
+  if (want_gs) check_device_scalar(grad_step, "grad_step", DType::kFloat32);
+  if (!want_gx && !want_gs) return;
+  const cudaStream_t s = as_stream(stream);
+  const int64_t numel = rows * cols;
+  const int grid = grid_blocks(numel, kThreads, kLsqBwdMaxBlocks);
+  DeviceBuffer partial(alloc, want_gs ? sizeof(double) * grid : 0, stream);
+  if (numel > 0) {
+    LsqBwdParams p{packed_codes.ptr<const uint8_t>(),
+                   aux.ptr<const uint8_t>(),
+                   grad_xhat.ptr<const float>(),
+                   row_stride(grad_xhat),
+                   want_gx ? grad_x.data : nullptr,
+                   grad_x.dtype == DType::kBFloat16,
+                   want_gx ? row_stride(grad_x) : 0,
+                   rows,
+                   cols,
+                   want_gs ? partial.as<double>() : nullptr};
+    lsq_backward_compact_kernel<<<grid, kThreads, 0, s>>>(p);
+    INT4TRAIN_CUDA_LAUNCH_CHECK();
+  }
+  if (want_gs) {
+    const double gamma = numel > 0 ? 1.0 / std::sqrt(static_cast<double>(numel) * kLsqQp) : 0.0;
+    lsq_backward_finalize_kernel<<<1, 1, 0, s>>>(partial.as<const double>(), numel > 0 ? grid : 0,
+                                                 gamma, grad_step.ptr<float>());
+    INT4TRAIN_CUDA_LAUNCH_CHECK();
+  }
+}
+
+void codes_to_fp8_cuda(const TensorView& codes, bool transpose, TensorView operand, void* stream) {
+  using namespace cuda_detail;
+  check_dtype(codes, "codes", {DType::kInt4Packed, DType::kInt8});
+  check_device_matrix(codes, "codes");
+  check_fp8_operand(operand, "operand");
+  const int64_t rows = codes.shape[0], cols = codes.shape[1];
+  const int64_t out_rows = transpose ? cols : rows, out_k = transpose ? rows : cols;
+  check_shape(operand, "operand", out_rows, fp8_padded_cols(out_k));
+  ToFp8Params p{codes.ptr<const uint8_t>(), codes.dtype == DType::kInt4Packed,
+                codes.dtype == DType::kInt8 ? row_stride(codes) : 0, rows, cols,
+                operand.ptr<uint8_t>(), row_stride(operand), operand.shape[1]};
+  if (out_rows == 0 || operand.shape[1] == 0) return;
+  const cudaStream_t s = as_stream(stream);
+  if (!transpose) {
+    codes_to_fp8_kernel<<<grid_blocks(rows * p.out_cols, kThreads), kThreads, 0, s>>>(p);
+  } else {
+    const dim3 grid(static_cast<unsigned>((cols + kTile - 1) / kTile),
+                    static_cast<unsigned>((p.out_cols + kTile - 1) / kTile));
+    codes_to_fp8_t_kernel<<<grid, kThreads, 0, s>>>(p);
+  }
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace int4train

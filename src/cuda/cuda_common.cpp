@@ -1,0 +1,113 @@
+// int4train CUDA path: error reporting, device-view checks, the default stream-ordered allocator and
+// cuda_available(). Host code only (compiled by the C++ compiler against the CUDA runtime).
+#include "cuda_common.h"
+
+#include <string>
+
+namespace int4train {
+namespace cuda_detail {
+
+void throw_cuda(cudaError_t err, const char* what, const char* file, int line) {
+  throw_error(ErrorKind::kRuntime, std::string("CUDA error ") + cudaGetErrorName(err) + " (" +
+                                       cudaGetErrorString(err) + ") in " + what + " at " + file +
+                                       ":" + std::to_string(line));
+}
+
+void check_device_matrix(const TensorView& t, const char* arg) {
+  if (t.ndim != 2) {
+    throw_error(ErrorKind::kValue, std::string(arg) + ": expected a matrix (2 dimensions), got " +
+                                       std::to_string(t.ndim));
+  }
+  if (t.shape[0] < 0 || t.shape[1] < 0) {
+    throw_error(ErrorKind::kValue, std::string(arg) + ": expected non-negative sizes");
+  }
+  if (t.numel() == 0) return;
+  check_not_null(t, arg);
+  if (t.dtype == DType::kInt4Packed) {
+    if (!t.is_contiguous()) {
+      throw_error(ErrorKind::kValue, std::string(arg) + ": packed INT4 must be contiguous");
+    }
+    return;
+  }
+  if (t.shape[1] > 1 && t.strides[1] != 1) {
+    throw_error(ErrorKind::kValue, std::string(arg) + ": rows must be contiguous (stride 1), got " +
+                                       std::to_string(t.strides[1]));
+  }
+  if (t.shape[0] > 1 && t.strides[0] < t.shape[1]) {
+    throw_error(ErrorKind::kValue, std::string(arg) + ": row stride " +
+                                       std::to_string(t.strides[0]) + " is below the row length " +
+                                       std::to_string(t.shape[1]));
+  }
+}
+
+void check_fp8_operand(const TensorView& t, const char* arg) {
+  check_dtype(t, arg, {DType::kFloat8E4M3});
+  check_device_matrix(t, arg);
+  if (t.shape[1] % kFp8Align != 0) {
+    throw_error(ErrorKind::kValue, std::string(arg) + ": FP8 operand width must be a multiple of " +
+                                       std::to_string(kFp8Align) + " (fp8_padded_cols), got " +
+                                       std::to_string(t.shape[1]));
+  }
+  if (t.shape[0] > 1 && t.strides[0] % kFp8Align != 0) {
+    throw_error(ErrorKind::kValue, std::string(arg) + ": FP8 operand row stride must be a multiple of " +
+                                       std::to_string(kFp8Align) + ", got " +
+                                       std::to_string(t.strides[0]));
+  }
+  if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0) {
+    throw_error(ErrorKind::kValue, std::string(arg) + ": FP8 operand must be 16-byte aligned");
+  }
+}
+
+void check_device_scalar(const TensorView& t, const char* arg, DType dtype) {
+  check_dtype(t, arg, {dtype});
+  check_scalar(t, arg);
+  check_not_null(t, arg);
+}
+
+DeviceBuffer::DeviceBuffer(const CudaAllocator& alloc, size_t bytes, void* stream)
+    : alloc_(alloc), bytes_(bytes), stream_(stream) {
+  if (alloc_.allocate == nullptr || alloc_.deallocate == nullptr) {
+    throw_error(ErrorKind::kValue, "alloc: expected allocate and deallocate functions");
+  }
+  if (bytes_ > 0) ptr_ = alloc_.allocate(alloc_.ctx, bytes_, stream_);
+  if (bytes_ > 0 && ptr_ == nullptr) {
+    throw_error(ErrorKind::kRuntime, "alloc: allocation of " + std::to_string(bytes_) +
+                                         " bytes returned null");
+  }
+}
+
+DeviceBuffer::~DeviceBuffer() {
+  if (ptr_ != nullptr) alloc_.deallocate(alloc_.ctx, ptr_, bytes_, stream_);
+}
+
+}  // namespace cuda_detail
+
+namespace {
+void* default_allocate(void*, size_t bytes, void* stream) {
+  void* p = nullptr;
+  INT4TRAIN_CUDA_CHECK(cudaMallocAsync(&p, bytes, cuda_detail::as_stream(stream)));
+  return p;
+}
+void default_deallocate(void*, void* ptr, size_t, void* stream) {
+  // Never throws (called from destructors); a failure here surfaces at the next checked call.
+  (void)cudaFreeAsync(ptr, cuda_detail::as_stream(stream));
+}
+}  // namespace
+
+CudaAllocator default_cuda_allocator() {
+  CudaAllocator a;
+  a.allocate = &default_allocate;
+  a.deallocate = &default_deallocate;
+  return a;
+}
+
+bool cuda_available() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return count > 0;
+}
+
+}  // namespace int4train

@@ -1,0 +1,64 @@
+// int4train CUDA path (internal): error checks for the CUDA runtime and cuBLASLt, argument checks of
+// device views, and a scoped temporary from a CudaAllocator. Shared by the .cu and .cpp files.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "int4train/common.h"
+#include "int4train/cuda.h"
+
+namespace int4train {
+namespace cuda_detail {
+
+[[noreturn]] void throw_cuda(cudaError_t err, const char* what, const char* file, int line);
+
+#define INT4TRAIN_CUDA_CHECK(expr)                                                              \
+  do {                                                                                          \
+    const cudaError_t int4train_err_ = (expr);                                                  \
+    if (int4train_err_ != cudaSuccess) {                                                        \
+      ::int4train::cuda_detail::throw_cuda(int4train_err_, #expr, __FILE__, __LINE__);         \
+    }                                                                                           \
+  } while (0)
+
+// After a kernel launch: reports a bad configuration at once (asynchronous faults surface at the
+// next synchronising call, as everywhere in CUDA).
+#define INT4TRAIN_CUDA_LAUNCH_CHECK() INT4TRAIN_CUDA_CHECK(cudaGetLastError())
+
+inline cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
+
+// A device matrix view: ndim 2, row-contiguous, non-null unless empty.
+void check_device_matrix(const TensorView& t, const char* arg);
+// An FP8 operand (cuda.h): kFloat8E4M3, cols a multiple of 16, row stride a multiple of 16, base
+// address 16-byte aligned.
+void check_fp8_operand(const TensorView& t, const char* arg);
+// An fp32 / int64 / uint32 device scalar (one element).
+void check_device_scalar(const TensorView& t, const char* arg, DType dtype);
+
+// Row stride in elements of a matrix view (the row length when there is one row).
+inline int64_t row_stride(const TensorView& t) { return t.shape[0] > 1 ? t.strides[0] : t.shape[1]; }
+
+// A temporary from an allocator, released (stream-ordered) when it goes out of scope.
+class DeviceBuffer {
+ public:
+  DeviceBuffer(const CudaAllocator& alloc, size_t bytes, void* stream);
+  ~DeviceBuffer();
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  void* get() const { return ptr_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+
+ private:
+  CudaAllocator alloc_;
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+  void* stream_ = nullptr;
+};
+
+}  // namespace cuda_detail
+}  // namespace int4train

@@ -1,0 +1,108 @@
+// int4train CUDA path: the passes around a cuBLASLt product that its own epilogue cannot do in the
+// CPU core's order: scale and bias applied to a raw fp32 accumulator, and the exact fp32 -> int32
+// conversion of the integer-result mode.
+#include <cuda_bf16.h>
+
+#include "cuda_common.h"
+#include "int4train/numeric.h"
+#include "kernels.h"
+
+namespace int4train {
+namespace cuda_detail {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float load_bias(const void* bias, bool bf16, int64_t j) {
+  if (bias == nullptr) return 0.0f;
+  if (bf16) return bf16_to_float(static_cast<const BFloat16*>(bias)[j]);
+  return static_cast<const float*>(bias)[j];
+}
+
+// One thread per output element (grid-stride): the pass is memory-bound and runs only where the
+// fused cuBLASLt epilogue does not apply.
+__global__ void scale_bias_kernel(const float* __restrict__ acc, int64_t ld_acc,
+                                  const float* __restrict__ scale_a,
+                                  const float* __restrict__ scale_b, const void* __restrict__ bias,
+                                  bool bias_bf16, void* __restrict__ out, bool out_bf16,
+                                  int64_t ld_out, int64_t m, int64_t n) {
+  const float sa = scale_a != nullptr ? *scale_a : 1.0f;
+  const float sb = scale_b != nullptr ? *scale_b : 1.0f;
+  const float s = __fmul_rn(sa, sb);
+  const int64_t total = m * n;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = e / n, j = e - i * n;
+    const float a = acc != nullptr ? acc[i * ld_acc + j] : 0.0f;
+    float v = __fmul_rn(s, a);
+    if (bias != nullptr) v = __fadd_rn(v, load_bias(bias, bias_bf16, j));
+    if (out_bf16) {
+      static_cast<BFloat16*>(out)[i * ld_out + j] = float_to_bf16(v);
+    } else {
+      static_cast<float*>(out)[i * ld_out + j] = v;
+    }
+  }
+}
+
+__global__ void f32_to_s32_kernel(const float* __restrict__ acc, int64_t ld_acc,
+                                  int32_t* __restrict__ c, int64_t ld_c, int64_t m, int64_t n) {
+  const int64_t total = m * n;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = e / n, j = e - i * n;
+    c[i * ld_c + j] = acc != nullptr ? __float2int_rn(acc[i * ld_acc + j]) : 0;
+  }
+}
+
+__global__ void fill_nan_if_kernel(const unsigned long long* __restrict__ counter,
+                                   void* __restrict__ out, bool out_bf16, int64_t ld_out, int64_t m,
+                                   int64_t n) {
+  if (*counter == 0) return;
+  const float nan = __uint_as_float(0x7FC00000u);
+  const int64_t total = m * n;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = e / n, j = e - i * n;
+    if (out_bf16) {
+      static_cast<BFloat16*>(out)[i * ld_out + j] = float_to_bf16(nan);
+    } else {
+      static_cast<float*>(out)[i * ld_out + j] = nan;
+    }
+  }
+}
+
+int grid_for(int64_t total) {
+  const int64_t blocks = (total + kThreads - 1) / kThreads;
+  return static_cast<int>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
+}
+
+}  // namespace
+
+void launch_scale_bias(const float* acc, int64_t ld_acc, const float* scale_a, const float* scale_b,
+                       const void* bias, bool bias_bf16, void* out, bool out_bf16, int64_t ld_out,
+                       int64_t m, int64_t n, cudaStream_t stream) {
+  if (m == 0 || n == 0) return;
+  scale_bias_kernel<<<grid_for(m * n), kThreads, 0, stream>>>(acc, ld_acc, scale_a, scale_b, bias,
+                                                               bias_bf16, out, out_bf16, ld_out, m,
+                                                               n);
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+}
+
+void launch_f32_to_s32(const float* acc, int64_t ld_acc, int32_t* c, int64_t ld_c, int64_t m,
+                       int64_t n, cudaStream_t stream) {
+  if (m == 0 || n == 0) return;
+  f32_to_s32_kernel<<<grid_for(m * n), kThreads, 0, stream>>>(acc, ld_acc, c, ld_c, m, n);
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+}
+
+void launch_fill_nan_if(const unsigned long long* counter, void* out, bool out_bf16, int64_t ld_out,
+                        int64_t m, int64_t n, cudaStream_t stream) {
+  if (m == 0 || n == 0) return;
+  // Few blocks: when the counter is zero (always, in healthy training) each exits at once.
+  const int grid = grid_for(m * n) < 1024 ? grid_for(m * n) : 1024;
+  fill_nan_if_kernel<<<grid, kThreads, 0, stream>>>(counter, out, out_bf16, ld_out, m, n);
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace cuda_detail
+}  // namespace int4train

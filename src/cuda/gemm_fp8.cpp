@@ -1,0 +1,288 @@
+// int4train CUDA path: the products of 4-bit codes on Hopper's FP8 tensor cores through cuBLASLt
+// (C = A B^T in gemm.h's vocabulary), with device-pointer scales, an optional bias and bf16 or fp32
+// output, plus the exact int32-result mode that the tests hold equal to gemm_s32_ref.
+//
+// Mapping: cuBLASLt is column-major and its FP8 kernels need the "TN" form. A row-major M x N
+// output is a column-major N x M matrix D = B' A' with B' = our b (N x K row-major = K x N
+// column-major, op T) and A' = our a (K x M column-major, op N), so cuBLASLt's A is our b and its
+// B is our a; m = N, n = M, k = Kp.
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "cuda_common.h"
+#include "int4train/cuda.h"
+#include "kernels.h"
+
+namespace int4train {
+namespace {
+
+using cuda_detail::as_stream;
+using cuda_detail::DeviceBuffer;
+using cuda_detail::row_stride;
+
+// cuBLASLt's preferred workspace on Hopper (TransformerEngine uses the same).
+constexpr size_t kLtMaxWorkspace = size_t{32} << 20;
+
+void lt_check(cublasStatus_t status, const char* what) {
+  if (status != CUBLAS_STATUS_SUCCESS) {
+    throw_error(ErrorKind::kRuntime, std::string("cuBLASLt error ") + std::to_string(status) +
+                                         " in " + what);
+  }
+}
+
+int current_device() {
+  int dev = 0;
+  INT4TRAIN_CUDA_CHECK(cudaGetDevice(&dev));
+  return dev;
+}
+
+// One cuBLASLt handle per device for the process's lifetime (handles are thread-safe).
+cublasLtHandle_t lt_handle() {
+  static std::mutex mu;
+  static std::map<int, cublasLtHandle_t> handles;
+  const int dev = current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = handles.find(dev);
+  if (it != handles.end()) return it->second;
+  cublasLtHandle_t h = nullptr;
+  lt_check(cublasLtCreate(&h), "cublasLtCreate");
+  handles[dev] = h;
+  return h;
+}
+
+// Largest power of two (<= 256) dividing the address: the alignment the heuristic may assume.
+uint32_t alignment_of(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  uint32_t al = 256;
+  while (al > 1 && a % al != 0) al /= 2;
+  return al;
+}
+
+// One FP8 product as cuBLASLt sees it (after the operand swap).
+struct LtProblem {
+  int64_t m, n, k;          // cuBLASLt's m = our N, n = our M
+  const void* a;            // our b
+  int64_t lda;
+  const void* b;            // our a
+  int64_t ldb;
+  const float* scale_a;     // scale of cuBLASLt's A (our scale_b), may be null
+  const float* scale_b;     // scale of cuBLASLt's B (our scale_a), may be null
+  const void* bias;         // length m, may be null
+  cudaDataType_t bias_type;
+  void* d;
+  int64_t ldd;
+  cudaDataType_t d_type;
+};
+
+// What the chosen algorithm depends on; the pointers themselves are set on every call.
+using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int,
+                           int, uint32_t, uint32_t, uint32_t>;
+
+struct Descs {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  ~Descs() {
+    if (d) cublasLtMatrixLayoutDestroy(d);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+void make_descs(const LtProblem& p, Descs& ds) {
+  lt_check(cublasLtMatmulDescCreate(&ds.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "MatmulDescCreate");
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  lt_check(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta),
+           "TRANSA");
+  lt_check(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb),
+           "TRANSB");
+  // Default accumulation: fast accumulation would keep partial sums in the tensor core's reduced
+  // precision and lose integer exactness.
+  const int8_t fast = 0;
+  lt_check(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof fast),
+           "FAST_ACCUM");
+  if (p.scale_a != nullptr) {
+    lt_check(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &p.scale_a,
+                                            sizeof p.scale_a),
+             "A_SCALE_POINTER");
+  }
+  if (p.scale_b != nullptr) {
+    lt_check(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &p.scale_b,
+                                            sizeof p.scale_b),
+             "B_SCALE_POINTER");
+  }
+  if (p.bias != nullptr) {
+    const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+    lt_check(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof epi),
+             "EPILOGUE");
+    lt_check(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &p.bias,
+                                            sizeof p.bias),
+             "BIAS_POINTER");
+    const int32_t bt = static_cast<int32_t>(p.bias_type);
+    lt_check(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt),
+             "BIAS_DATA_TYPE");
+  }
+  lt_check(cublasLtMatrixLayoutCreate(&ds.a, CUDA_R_8F_E4M3, static_cast<uint64_t>(p.k),
+                                      static_cast<uint64_t>(p.m), p.lda),
+           "layout A");
+  lt_check(cublasLtMatrixLayoutCreate(&ds.b, CUDA_R_8F_E4M3, static_cast<uint64_t>(p.k),
+                                      static_cast<uint64_t>(p.n), p.ldb),
+           "layout B");
+  lt_check(cublasLtMatrixLayoutCreate(&ds.d, p.d_type, static_cast<uint64_t>(p.m),
+                                      static_cast<uint64_t>(p.n), p.ldd),
+           "layout D");
+}
+
+// Finds (and caches) an algorithm; false when cuBLASLt has none for this configuration.
+bool find_algo(const LtProblem& p, const Descs& ds, cublasLtMatmulHeuristicResult_t* out) {
+  static std::mutex mu;
+  static std::map<AlgoKey, std::pair<bool, cublasLtMatmulHeuristicResult_t>> cache;
+  const uint32_t al_a = alignment_of(p.a), al_b = alignment_of(p.b), al_d = alignment_of(p.d);
+  const AlgoKey key{current_device(), p.m, p.n, p.k, p.lda, p.ldb, p.ldd,
+                    static_cast<int>(p.d_type), p.bias != nullptr ? static_cast<int>(p.bias_type) : -1,
+                    p.scale_a != nullptr, p.scale_b != nullptr, al_a, al_b, al_d};
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = cache.find(key);
+    if (it != cache.end()) {
+      *out = it->second.second;
+      return it->second.first;
+    }
+  }
+  cublasLtMatmulPreference_t pref = nullptr;
+  lt_check(cublasLtMatmulPreferenceCreate(&pref), "PreferenceCreate");
+  const uint64_t ws = kLtMaxWorkspace;
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a,
+                                       sizeof al_a);
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b,
+                                       sizeof al_b);
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_d,
+                                       sizeof al_d);
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d,
+                                       sizeof al_d);
+  cublasLtMatmulHeuristicResult_t result;
+  std::memset(&result, 0, sizeof result);
+  int returned = 0;
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_handle(), ds.op, ds.a, ds.b, ds.d,
+                                                           ds.d, pref, 1, &result, &returned);
+  cublasLtMatmulPreferenceDestroy(pref);
+  const bool ok = st == CUBLAS_STATUS_SUCCESS && returned > 0;
+  std::lock_guard<std::mutex> lock(mu);
+  cache[key] = {ok, result};
+  *out = result;
+  return ok;
+}
+
+// Runs the product; false (nothing launched) when cuBLASLt has no algorithm for it.
+bool run_lt(const LtProblem& p, const CudaAllocator& alloc, void* stream) {
+  Descs ds;
+  make_descs(p, ds);
+  cublasLtMatmulHeuristicResult_t h;
+  if (!find_algo(p, ds, &h)) return false;
+  DeviceBuffer ws(alloc, h.workspaceSize, stream);
+  const float one = 1.0f, zero = 0.0f;
+  lt_check(cublasLtMatmul(lt_handle(), ds.op, &one, p.a, ds.a, p.b, ds.b,
+                          &zero, p.d, ds.d, p.d, ds.d, &h.algo, ws.get(), h.workspaceSize,
+                          as_stream(stream)),
+           "cublasLtMatmul");
+  return true;
+}
+
+struct GemmShape {
+  int64_t m, n, kp;
+};
+
+GemmShape check_operands(const TensorView& a, const TensorView& b) {
+  cuda_detail::check_fp8_operand(a, "a");
+  cuda_detail::check_fp8_operand(b, "b");
+  if (a.shape[1] != b.shape[1]) {
+    throw_error(ErrorKind::kValue, "b: expected the padded width of a (" +
+                                       std::to_string(a.shape[1]) + "), got " +
+                                       std::to_string(b.shape[1]));
+  }
+  if (a.shape[1] > fp8_padded_cols(kMaxKFp8Int4)) {
+    throw_error(ErrorKind::kValue, "a: K = " + std::to_string(a.shape[1]) +
+                                       " exceeds the exact FP8 bound kMaxKFp8Int4 = " +
+                                       std::to_string(kMaxKFp8Int4));
+  }
+  return GemmShape{a.shape[0], b.shape[0], a.shape[1]};
+}
+
+// The raw fp32 accumulator a b^T into d (row stride ldd, 16-byte aligned), no scales, no bias.
+void raw_product(const TensorView& a, const TensorView& b, const GemmShape& s, float* d,
+                 int64_t ldd, const CudaAllocator& alloc, void* stream) {
+  LtProblem p{s.n, s.m, s.kp, b.data, row_stride(b), a.data, row_stride(a), nullptr, nullptr,
+              nullptr, CUDA_R_32F, d, ldd, CUDA_R_32F};
+  if (!run_lt(p, alloc, stream)) {
+    throw_error(ErrorKind::kNotImplemented,
+                "gemm_fp8_cuda: cuBLASLt has no FP8 algorithm for M=" + std::to_string(s.m) +
+                    " N=" + std::to_string(s.n) + " K=" + std::to_string(s.kp));
+  }
+}
+
+}  // namespace
+
+void gemm_fp8_cuda(const TensorView& a, const TensorView& b, const TensorView& scale_a,
+                   const TensorView& scale_b, const TensorView& bias, TensorView out,
+                   const CudaAllocator& alloc, void* stream) {
+  const GemmShape s = check_operands(a, b);
+  check_dtype(out, "out", {DType::kFloat32, DType::kBFloat16});
+  cuda_detail::check_device_matrix(out, "out");
+  check_shape(out, "out", s.m, s.n);
+  if (scale_a.data != nullptr) cuda_detail::check_device_scalar(scale_a, "scale_a", DType::kFloat32);
+  if (scale_b.data != nullptr) cuda_detail::check_device_scalar(scale_b, "scale_b", DType::kFloat32);
+  if (bias.data != nullptr) {
+    check_dtype(bias, "bias", {DType::kFloat32, DType::kBFloat16});
+    check_vector(bias, "bias", s.n);
+  }
+  if (s.m == 0 || s.n == 0) return;
+  const bool out_bf16 = out.dtype == DType::kBFloat16;
+  const bool bias_bf16 = bias.dtype == DType::kBFloat16;
+  const float* sa = static_cast<const float*>(scale_a.data);
+  const float* sb = static_cast<const float*>(scale_b.data);
+  const int64_t ldo = row_stride(out);
+  const int64_t elem = out_bf16 ? 2 : 4;
+
+  // Fused: cuBLASLt applies the scales and (a bf16) bias and writes out directly. It needs an
+  // aligned output; an fp32 bias is added by the separate pass so that it is not rounded to bf16.
+  const bool aligned_out = reinterpret_cast<uintptr_t>(out.data) % 16 == 0 &&
+                           (s.m == 1 || (ldo * elem) % 16 == 0);
+  const bool fusable_bias = bias.data == nullptr ||
+                            (bias_bf16 && reinterpret_cast<uintptr_t>(bias.data) % 16 == 0);
+  if (s.kp > 0 && aligned_out && fusable_bias) {
+    LtProblem p{s.n, s.m, s.kp, b.data, row_stride(b), a.data, row_stride(a), sb, sa,
+                bias.data, CUDA_R_16BF, out.data, s.m == 1 ? s.n : ldo,
+                out_bf16 ? CUDA_R_16BF : CUDA_R_32F};
+    if (p.ldd < p.m) p.ldd = p.m;
+    if (run_lt(p, alloc, stream)) return;
+  }
+  // Unfused: raw accumulator in a padded fp32 temporary, then scale and bias in the CPU's order.
+  const int64_t ldacc = (s.n + 3) / 4 * 4;
+  DeviceBuffer acc(alloc, s.kp > 0 ? static_cast<size_t>(s.m * ldacc) * sizeof(float) : 0, stream);
+  if (s.kp > 0) raw_product(a, b, s, acc.as<float>(), ldacc, alloc, stream);
+  cuda_detail::launch_scale_bias(s.kp > 0 ? acc.as<float>() : nullptr, ldacc, sa, sb, bias.data,
+                                 bias_bf16, out.data, out_bf16, ldo, s.m, s.n, as_stream(stream));
+}
+
+void gemm_fp8_s32_cuda(const TensorView& a, const TensorView& b, TensorView c,
+                       const CudaAllocator& alloc, void* stream) {
+  const GemmShape s = check_operands(a, b);
+  check_dtype(c, "c", {DType::kInt32});
+  cuda_detail::check_device_matrix(c, "c");
+  check_shape(c, "c", s.m, s.n);
+  if (s.m == 0 || s.n == 0) return;
+  const int64_t ldacc = (s.n + 3) / 4 * 4;
+  DeviceBuffer acc(alloc, s.kp > 0 ? static_cast<size_t>(s.m * ldacc) * sizeof(float) : 0, stream);
+  if (s.kp > 0) raw_product(a, b, s, acc.as<float>(), ldacc, alloc, stream);
+  cuda_detail::launch_f32_to_s32(s.kp > 0 ? acc.as<float>() : nullptr, ldacc, c.ptr<int32_t>(),
+                                 row_stride(c), s.m, s.n, as_stream(stream));
+}
+
+}  // namespace int4train

@@ -1,0 +1,452 @@
+// int4train CUDA path: the forward's one pass over X (or W): block Hadamard transform + LSQ INT4
+// quantization, writing the FP8 GEMM operand, the packed codes and the compact aux bits of
+// quantize.h and counting non-finite values on the device; and the plain block Hadamard transform
+// (the backward's back-rotation). Both reproduce the CPU core bit for bit.
+#include <cfloat>
+#include <cmath>
+#include <string>
+
+#include "cuda_common.h"
+#include "device_common.cuh"
+#include "int4train/cuda.h"
+#include "int4train/hadamard.h"
+#include "int4train/int4.h"
+#include "int4train/numeric.h"
+#include "int4train/philox.h"
+#include "int4train/quantize.h"
+
+namespace int4train {
+namespace cuda_detail {
+namespace {
+
+constexpr int kThreads = 256;  // 8 warps a block
+
+struct LsqParams {
+  const void* x;
+  int64_t ldx, rows, cols;
+  const float* step;
+  float hscale;  // float(1 / sqrt(double(block))), as the CPU computes it
+  int32_t block;
+  uint64_t seed, stream;
+  uint8_t* operand;  // may be null
+  int64_t ldop, op_cols;
+  uint8_t* packed;  // may be null
+  uint8_t* aux;     // may be null
+  unsigned long long* nonfinite;  // may be null
+};
+
+__device__ __forceinline__ bool step_is_bad(float s) { return !(s > 0.0f && s <= FLT_MAX); }
+
+// The compact aux bit of quantize.h / quantize_kernels.h (lsq_aux_bit), v = x~ * (1 / s).
+__device__ __forceinline__ uint32_t lsq_aux_bit(float v, int code, float u) {
+  if (code == -kLsqQn) return v < static_cast<float>(-kLsqQn) ? 1u : 0u;
+  if (code == kLsqQp) return v > static_cast<float>(kLsqQp) ? 1u : 0u;
+  const float r = __fsub_rn(rintf(v), v);
+  return static_cast<uint32_t>(stochastic_round_clamp(__fadd_rn(r, 0.5f), u, 0, 1));
+}
+
+__device__ __forceinline__ void count_nonfinite(uint32_t bad, unsigned long long* counter) {
+  const uint32_t total = warp_sum_u32(bad);
+  if (counter != nullptr && (threadIdx.x & 31) == 0 && total > 0) {
+    atomicAdd(counter, static_cast<unsigned long long>(total));
+  }
+}
+
+// Rows whose length is a multiple of 8 (every block size): a warp per 256 columns of a row.
+template <typename In, int G, bool kVec>
+__global__ void __launch_bounds__(kThreads) hadamard_lsq_kernel(const LsqParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  const int64_t chunks = (p.cols + kWarpCols - 1) / kWarpCols;
+  const float s = *p.step;
+  const float inv = __frcp_rn(s);  // == 1.0f / s correctly rounded, as the CPU computes it
+  const bool bad_step = step_is_bad(s);
+  uint32_t bad = 0;
+  for (int64_t w = warp; w < p.rows * chunks; w += nwarps) {
+    const int64_t row = w / chunks;
+    const int64_t col0 = (w - row * chunks) * kWarpCols + kLaneElems * lane;
+    const bool valid = col0 < p.cols;
+    float v[8];
+    if (valid) {
+      load8<kVec>(static_cast<const In*>(p.x) + row * p.ldx + col0, v);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = 0.0f;
+    }
+    hadamard_warp8<G>(v, lane, p.hscale);
+    if (!valid) {
+      if (p.operand != nullptr && col0 < p.op_cols) {
+        *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(0u, 0u);
+      }
+      continue;
+    }
+    float u[8];
+    if (p.aux != nullptr) {
+      const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;  // col0, cols: x8
+      const Philox4x32 r0 = random_block(p.seed, p.stream, b0);
+      const Philox4x32 r1 = random_block(p.seed, p.stream, b0 + 1);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        u[i] = uniform_from_u32(r0.v[i]);
+        u[i + 4] = uniform_from_u32(r1.v[i]);
+      }
+    }
+    uint32_t packed_word = 0, op_lo = 0, op_hi = 0, bits = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float xt = v[i];
+      if (bad_step || !isfinite(xt)) ++bad;
+      const float q = __fmul_rn(xt, inv);
+      const int code = round_clamp(q, -kLsqQn, kLsqQp);
+      packed_word |= static_cast<uint32_t>(code & 0xF) << (4 * i);
+      const uint32_t e = e4m3_of_code(code);
+      if (i < 4) {
+        op_lo |= e << (8 * i);
+      } else {
+        op_hi |= e << (8 * (i - 4));
+      }
+      if (p.aux != nullptr) bits |= lsq_aux_bit(q, code, u[i]) << i;
+    }
+    if (kVec) {
+      if (p.packed != nullptr) {
+        *reinterpret_cast<uint32_t*>(p.packed + row * (p.cols / 2) + col0 / 2) = packed_word;
+      }
+      if (p.operand != nullptr) {
+        *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(op_lo, op_hi);
+      }
+    } else {
+      if (p.packed != nullptr) {
+        uint8_t* dst = p.packed + row * (p.cols / 2) + col0 / 2;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dst[i] = static_cast<uint8_t>(packed_word >> (8 * i));
+      }
+      if (p.operand != nullptr) {
+        uint8_t* dst = p.operand + row * p.ldop + col0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          dst[i] = static_cast<uint8_t>(op_lo >> (8 * i));
+          dst[i + 4] = static_cast<uint8_t>(op_hi >> (8 * i));
+        }
+      }
+    }
+    if (p.aux != nullptr) p.aux[(row * p.cols + col0) / 8] = static_cast<uint8_t>(bits);
+  }
+  count_nonfinite(bad, p.nonfinite);
+}
+
+// Rows whose length is not a multiple of 8 (so block <= 4): one thread per pair of columns (one
+// packed byte, two operand bytes), each value recomputed from its small block.
+template <typename In>
+__global__ void __launch_bounds__(kThreads) lsq_small_codes_kernel(const LsqParams p) {
+  const int64_t pairs = (p.op_cols > p.cols ? p.op_cols : p.cols + 1) / 2;
+  const float s = *p.step;
+  const float inv = __frcp_rn(s);
+  const bool bad_step = step_is_bad(s);
+  uint32_t bad = 0;
+  const int64_t total = p.rows * pairs;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  // The loop bound is rounded up to whole warps so that the warp reduction sees every lane.
+  const int64_t span = (total + 31) / 32 * 32;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       t - threadIdx.x % 32 < span; t += stride) {
+    if (t >= total) continue;
+    const int64_t row = t / pairs, j = t - row * pairs;
+    const In* xr = static_cast<const In*>(p.x) + row * p.ldx;
+    int codes[2] = {0, 0};
+    for (int k = 0; k < 2; ++k) {
+      const int64_t c = 2 * j + k;
+      if (c >= p.cols) continue;
+      const float xt = hadamard_small_at(xr, c, p.block, p.hscale);
+      if (bad_step || !isfinite(xt)) ++bad;
+      codes[k] = round_clamp(__fmul_rn(xt, inv), -kLsqQn, kLsqQp);
+    }
+    if (p.packed != nullptr && 2 * j < p.cols) {
+      p.packed[row * ((p.cols + 1) / 2) + j] = pack_int4_pair(codes[0], codes[1]);
+    }
+    if (p.operand != nullptr) {
+      for (int k = 0; k < 2; ++k) {
+        const int64_t c = 2 * j + k;
+        if (c < p.op_cols) p.operand[row * p.ldop + c] = static_cast<uint8_t>(e4m3_of_code(codes[k]));
+      }
+    }
+  }
+  // Threads of a warp that left the loop early do not exist here: the loop runs whole warps.
+  count_nonfinite(bad, p.nonfinite);
+}
+
+// The aux bits where rows are not a multiple of 8 long: one thread per aux byte (8 flat indices).
+template <typename In>
+__global__ void __launch_bounds__(kThreads) lsq_small_aux_kernel(const LsqParams p) {
+  const int64_t numel = p.rows * p.cols;
+  const int64_t nbytes = (numel + 7) / 8;
+  const float inv = __frcp_rn(*p.step);
+  for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < nbytes;
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t bits = 0;
+    for (int k = 0; k < 8; ++k) {
+      const int64_t e = 8 * b + k;
+      if (e >= numel) break;
+      const int64_t row = e / p.cols, c = e - row * p.cols;
+      const In* xr = static_cast<const In*>(p.x) + row * p.ldx;
+      const float q = __fmul_rn(hadamard_small_at(xr, c, p.block, p.hscale), inv);
+      const int code = round_clamp(q, -kLsqQn, kLsqQp);
+      const float u = random_uniform(p.seed, p.stream, static_cast<uint64_t>(e));
+      bits |= lsq_aux_bit(q, code, u) << k;
+    }
+    p.aux[b] = static_cast<uint8_t>(bits);
+  }
+}
+
+// ---- plain transform
+struct TransformParams {
+  const void* in;
+  int64_t ldi;
+  void* out;
+  int64_t ldo, rows, cols;
+  float hscale;
+  int32_t block;
+};
+
+template <typename In, typename Out, int G, bool kVec>
+__global__ void __launch_bounds__(kThreads) hadamard_kernel(const TransformParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  const int64_t chunks = (p.cols + kWarpCols - 1) / kWarpCols;
+  for (int64_t w = warp; w < p.rows * chunks; w += nwarps) {
+    const int64_t row = w / chunks;
+    const int64_t col0 = (w - row * chunks) * kWarpCols + kLaneElems * lane;
+    const bool valid = col0 < p.cols;
+    float v[8];
+    if (valid) {
+      load8<kVec>(static_cast<const In*>(p.in) + row * p.ldi + col0, v);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = 0.0f;
+    }
+    hadamard_warp8<G>(v, lane, p.hscale);
+    if (valid) store8<kVec>(static_cast<Out*>(p.out) + row * p.ldo + col0, v);
+  }
+}
+
+// Row lengths not a multiple of 8 (block <= 4): a thread per block, read whole before it is written
+// (so in place is safe).
+template <typename In, typename Out>
+__global__ void __launch_bounds__(kThreads) hadamard_small_kernel(const TransformParams p) {
+  const int64_t per_row = p.cols / p.block;
+  const int64_t total = p.rows * per_row;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = t / per_row, c0 = (t - row * per_row) * p.block;
+    const In* src = static_cast<const In*>(p.in) + row * p.ldi;
+    float v[4];
+    for (int i = 0; i < p.block; ++i) v[i] = hadamard_small_at(src, c0 + i, p.block, p.hscale);
+    Out* dst = static_cast<Out*>(p.out) + row * p.ldo + c0;
+    for (int i = 0; i < p.block; ++i) {
+      if constexpr (sizeof(Out) == 4) {
+        dst[i] = v[i];
+      } else {
+        dst[i] = float_to_bf16(v[i]);
+      }
+    }
+  }
+}
+
+// ---- host side
+int grid_blocks(int64_t work_items, int64_t items_per_block) {
+  int64_t b = (work_items + items_per_block - 1) / items_per_block;
+  if (b < 1) b = 1;
+  if (b > (int64_t{1} << 20)) b = int64_t{1} << 20;
+  return static_cast<int>(b);
+}
+
+float hadamard_scale(int32_t block) {
+  return static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
+}
+
+void check_block(int32_t block, int64_t cols) {
+  if (!is_valid_hadamard_block(block)) {
+    throw_error(ErrorKind::kValue, "block: expected a power of two in [1, " +
+                                       std::to_string(kMaxHadamardBlock) + "], got " +
+                                       std::to_string(block));
+  }
+  if (cols % block != 0) {
+    throw_error(ErrorKind::kValue, "block: expected a divisor of the row length D = " +
+                                       std::to_string(cols) + ", got " + std::to_string(block));
+  }
+}
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+template <typename In, int G, bool kVec>
+void launch_lsq_g(const LsqParams& p, cudaStream_t stream) {
+  const int64_t warps = p.rows * ((p.cols + kWarpCols - 1) / kWarpCols);
+  hadamard_lsq_kernel<In, G, kVec><<<grid_blocks(warps, kThreads / 32), kThreads, 0, stream>>>(p);
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+}
+
+template <typename In, bool kVec>
+void launch_lsq(const LsqParams& p, cudaStream_t stream) {
+  switch (p.block) {
+    case 1: return launch_lsq_g<In, 1, kVec>(p, stream);
+    case 2: return launch_lsq_g<In, 2, kVec>(p, stream);
+    case 4: return launch_lsq_g<In, 4, kVec>(p, stream);
+    case 8: return launch_lsq_g<In, 8, kVec>(p, stream);
+    case 16: return launch_lsq_g<In, 16, kVec>(p, stream);
+    case 32: return launch_lsq_g<In, 32, kVec>(p, stream);
+    case 64: return launch_lsq_g<In, 64, kVec>(p, stream);
+    case 128: return launch_lsq_g<In, 128, kVec>(p, stream);
+    default: return launch_lsq_g<In, 256, kVec>(p, stream);
+  }
+}
+
+template <typename In, typename Out, bool kVec>
+void launch_transform(const TransformParams& p, cudaStream_t stream) {
+  const int64_t warps = p.rows * ((p.cols + kWarpCols - 1) / kWarpCols);
+  const int grid = grid_blocks(warps, kThreads / 32);
+  switch (p.block) {
+    case 1: hadamard_kernel<In, Out, 1, kVec><<<grid, kThreads, 0, stream>>>(p); break;
+    case 2: hadamard_kernel<In, Out, 2, kVec><<<grid, kThreads, 0, stream>>>(p); break;
+    case 4: hadamard_kernel<In, Out, 4, kVec><<<grid, kThreads, 0, stream>>>(p); break;
+    case 8: hadamard_kernel<In, Out, 8, kVec><<<grid, kThreads, 0, stream>>>(p); break;
+    case 16: hadamard_kernel<In, Out, 16, kVec><<<grid, kThreads, 0, stream>>>(p); break;
+    case 32: hadamard_kernel<In, Out, 32, kVec><<<grid, kThreads, 0, stream>>>(p); break;
+    case 64: hadamard_kernel<In, Out, 64, kVec><<<grid, kThreads, 0, stream>>>(p); break;
+    case 128: hadamard_kernel<In, Out, 128, kVec><<<grid, kThreads, 0, stream>>>(p); break;
+    default: hadamard_kernel<In, Out, 256, kVec><<<grid, kThreads, 0, stream>>>(p); break;
+  }
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+}
+
+template <typename In, typename Out>
+void dispatch_transform(const TransformParams& p, bool vec, cudaStream_t stream) {
+  if (p.cols % kLaneElems != 0) {
+    const int64_t total = p.rows * (p.cols / p.block);
+    hadamard_small_kernel<In, Out><<<grid_blocks(total, kThreads), kThreads, 0, stream>>>(p);
+    INT4TRAIN_CUDA_LAUNCH_CHECK();
+  } else if (vec) {
+    launch_transform<In, Out, true>(p, stream);
+  } else {
+    launch_transform<In, Out, false>(p, stream);
+  }
+}
+
+}  // namespace
+}  // namespace cuda_detail
+
+void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const TensorView& step,
+                                const RandomKey& rng, TensorView operand, TensorView packed,
+                                TensorView aux, TensorView nonfinite, void* stream) {
+  using namespace cuda_detail;
+  check_dtype(x, "x", {DType::kFloat32, DType::kBFloat16});
+  check_device_matrix(x, "x");
+  const int64_t rows = x.shape[0], cols = x.shape[1];
+  check_block(block, cols);
+  check_device_scalar(step, "step", DType::kFloat32);
+  LsqParams p{};
+  p.x = x.data;
+  p.ldx = row_stride(x);
+  p.rows = rows;
+  p.cols = cols;
+  p.step = step.ptr<const float>();
+  p.hscale = hadamard_scale(block);
+  p.block = block;
+  p.seed = rng.seed;
+  p.stream = rng.stream;
+  if (operand.data != nullptr) {
+    check_fp8_operand(operand, "operand");
+    check_shape(operand, "operand", rows, fp8_padded_cols(cols));
+    p.operand = operand.ptr<uint8_t>();
+    p.ldop = row_stride(operand);
+    p.op_cols = operand.shape[1];
+  }
+  if (packed.data != nullptr) {
+    check_dtype(packed, "packed", {DType::kInt4Packed});
+    check_device_matrix(packed, "packed");
+    check_shape(packed, "packed", rows, cols);
+    p.packed = packed.ptr<uint8_t>();
+  }
+  if (aux.data != nullptr) {
+    check_dtype(aux, "aux", {DType::kUInt8});
+    check_vector(aux, "aux", compact_aux_bytes(rows, cols));
+    p.aux = aux.ptr<uint8_t>();
+  }
+  if (nonfinite.data != nullptr) {
+    check_device_scalar(nonfinite, "nonfinite", DType::kInt64);
+    p.nonfinite = nonfinite.ptr<unsigned long long>();
+  }
+  if (rows == 0 || cols == 0) return;
+  const cudaStream_t s = as_stream(stream);
+  const bool bf16 = x.dtype == DType::kBFloat16;
+  if (cols % kLaneElems == 0) {
+    const size_t vec_bytes = bf16 ? 16 : 32;
+    const bool vec = aligned(x.data, vec_bytes) &&
+                     (rows == 1 || (p.ldx % kLaneElems) == 0) &&
+                     (p.packed == nullptr || aligned(p.packed, 4)) &&
+                     (p.operand == nullptr || aligned(p.operand, 8));
+    if (bf16) {
+      vec ? launch_lsq<BFloat16, true>(p, s) : launch_lsq<BFloat16, false>(p, s);
+    } else {
+      vec ? launch_lsq<float, true>(p, s) : launch_lsq<float, false>(p, s);
+    }
+    return;
+  }
+  const int64_t pairs = (fp8_padded_cols(cols) > cols ? fp8_padded_cols(cols) : cols + 1) / 2;
+  const int grid = grid_blocks(rows * pairs, kThreads);
+  if (bf16) {
+    lsq_small_codes_kernel<BFloat16><<<grid, kThreads, 0, s>>>(p);
+  } else {
+    lsq_small_codes_kernel<float><<<grid, kThreads, 0, s>>>(p);
+  }
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+  if (p.aux != nullptr) {
+    const int agrid = grid_blocks((rows * cols + 7) / 8, kThreads);
+    if (bf16) {
+      lsq_small_aux_kernel<BFloat16><<<agrid, kThreads, 0, s>>>(p);
+    } else {
+      lsq_small_aux_kernel<float><<<agrid, kThreads, 0, s>>>(p);
+    }
+    INT4TRAIN_CUDA_LAUNCH_CHECK();
+  }
+}
+
+void hadamard_transform_cuda(const TensorView& in, TensorView out, int32_t block, void* stream) {
+  using namespace cuda_detail;
+  check_dtype(in, "in", {DType::kFloat32, DType::kBFloat16});
+  check_dtype(out, "out", {DType::kFloat32, DType::kBFloat16});
+  check_device_matrix(in, "in");
+  check_device_matrix(out, "out");
+  check_shape(out, "out", in.shape[0], in.shape[1]);
+  check_block(block, in.shape[1]);
+  if (in.numel() == 0) return;
+  const bool same_view = in.data == out.data && in.dtype == out.dtype &&
+                         row_stride(in) == row_stride(out);
+  if (!same_view) {
+    const int64_t ei = static_cast<int64_t>(dtype_size(in.dtype));
+    const int64_t eo = static_cast<int64_t>(dtype_size(out.dtype));
+    const char* a0 = static_cast<const char*>(in.data);
+    const char* a1 = a0 + ((in.shape[0] - 1) * row_stride(in) + in.shape[1]) * ei;
+    const char* b0 = static_cast<const char*>(out.data);
+    const char* b1 = b0 + ((out.shape[0] - 1) * row_stride(out) + out.shape[1]) * eo;
+    if (a0 < b1 && b0 < a1) {
+      throw_error(ErrorKind::kValue,
+                  "out: overlaps in; in place needs the same data pointer, dtype and strides");
+    }
+  }
+  TransformParams p{in.data, row_stride(in), out.data, row_stride(out), in.shape[0], in.shape[1],
+                    hadamard_scale(block), block};
+  const bool in_bf16 = in.dtype == DType::kBFloat16, out_bf16 = out.dtype == DType::kBFloat16;
+  const bool vec = aligned(in.data, in_bf16 ? 16 : 32) && aligned(out.data, out_bf16 ? 16 : 32) &&
+                   (p.rows == 1 || (p.ldi % kLaneElems == 0 && p.ldo % kLaneElems == 0));
+  const cudaStream_t s = as_stream(stream);
+  if (in_bf16) {
+    out_bf16 ? dispatch_transform<BFloat16, BFloat16>(p, vec, s)
+             : dispatch_transform<BFloat16, float>(p, vec, s);
+  } else {
+    out_bf16 ? dispatch_transform<float, BFloat16>(p, vec, s)
+             : dispatch_transform<float, float>(p, vec, s);
+  }
+}
+
+}  // namespace int4train

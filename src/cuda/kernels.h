@@ -1,0 +1,31 @@
+// int4train CUDA path (internal): host launchers of the small kernels that the cuBLASLt wrapper
+// (a .cpp file) needs around its products. Defined in gemm_epilogue.cu.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace int4train {
+namespace cuda_detail {
+
+// out[m, n] = s * acc[m, n] + bias[n] (gemm.h's Epilogue order: v = s * acc; v = v + bias), with
+// s = (*scale_a) * (*scale_b) in fp32 (a null scale counts as 1), acc fp32 M x N (row stride
+// ld_acc; acc == nullptr means K = 0, an all-zero accumulator). bias: fp32 or bf16 (bias_bf16) or
+// null. out: fp32 or bf16 (out_bf16), row stride ld_out.
+void launch_scale_bias(const float* acc, int64_t ld_acc, const float* scale_a, const float* scale_b,
+                       const void* bias, bool bias_bf16, void* out, bool out_bf16, int64_t ld_out,
+                       int64_t m, int64_t n, cudaStream_t stream);
+
+// c[m, n] = int32(acc[m, n]) for an fp32 accumulator holding integers (exact below 2^24); acc ==
+// nullptr writes zeros.
+void launch_f32_to_s32(const float* acc, int64_t ld_acc, int32_t* c, int64_t ld_c, int64_t m,
+                       int64_t n, cudaStream_t stream);
+
+// out (fp32 or bf16 M x N, row stride ld_out) = NaN when *counter > 0, else untouched: the device-side
+// "non-finite input" report of the layer's forward.
+void launch_fill_nan_if(const unsigned long long* counter, void* out, bool out_bf16, int64_t ld_out,
+                        int64_t m, int64_t n, cudaStream_t stream);
+
+}  // namespace cuda_detail
+}  // namespace int4train

@@ -1,0 +1,183 @@
+// GPU tests of the layer's forward (linear_forward_cuda) against the CPU's linear_forward, bit for
+// bit (y, saved codes, saved aux), including the NaN report of non-finite inputs; and a CUDA graph
+// capture of the forward (which fails if anything in it synchronises with the host) whose replay
+// equals the direct call.
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gpu_test_util.h"
+#include "int4train/cuda.h"
+#include "int4train/int4.h"
+#include "int4train/linear.h"
+#include "int4train/quantize.h"
+
+namespace {
+
+using namespace int4train;
+using gputest::DevBuf;
+
+std::vector<float> randn(int64_t n, uint64_t seed, float scale) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.0f, scale);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (auto& x : v) x = nd(rng);
+  return v;
+}
+
+// Host bytes of values as fp32 or bf16.
+std::vector<uint8_t> as_bytes(const std::vector<float>& v, bool bf16) {
+  std::vector<uint8_t> b(v.size() * (bf16 ? 2 : 4));
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (bf16) {
+      const uint16_t h = float_to_bf16(v[i]).bits;
+      std::memcpy(&b[i * 2], &h, 2);
+    } else {
+      std::memcpy(&b[i * 4], &v[i], 4);
+    }
+  }
+  return b;
+}
+
+struct Problem {
+  int64_t n, d, c;
+  int32_t block;
+  bool in_bf16, out_bf16, bias;
+  Recipe recipe;
+  bool nonfinite;
+};
+
+std::string problem_name(const Problem& p) {
+  return std::string(recipe_name(p.recipe)) + "/" + std::to_string(p.n) + "x" +
+         std::to_string(p.d) + "x" + std::to_string(p.c) + "/g" + std::to_string(p.block) +
+         (p.in_bf16 ? "/bf16_in" : "/fp32_in") + (p.out_bf16 ? "/bf16_out" : "/fp32_out") +
+         (p.bias ? "/bias" : "/nobias") + (p.nonfinite ? "/nonfinite" : "");
+}
+
+struct Outputs {
+  std::vector<uint8_t> y, codes, aux;
+};
+
+void run_forward(const Problem& p, bool graph) {
+  auto x = randn(p.n * p.d, 1 + p.n + p.d, 1.0f), w = randn(p.c * p.d, 2 + p.c, 0.05f);
+  for (int64_t i = 0; i < p.n; ++i) x[static_cast<size_t>(i * p.d + (p.d > 3 ? 3 : 0))] *= 25.0f;
+  if (p.nonfinite) x[x.size() / 2] = NAN;
+  const auto bias = randn(p.c, 3, 0.5f);
+  const auto xb = as_bytes(x, p.in_bf16), wb = as_bytes(w, p.in_bf16);
+  const auto bb = as_bytes(bias, p.in_bf16);
+  const DType idt = p.in_bf16 ? DType::kBFloat16 : DType::kFloat32;
+  const DType odt = p.out_bf16 ? DType::kBFloat16 : DType::kFloat32;
+  const size_t oesz = p.out_bf16 ? 2 : 4;
+  float sx = 0.9f * lsq_init_step(make_matrix(const_cast<float*>(x.data()), DType::kFloat32, p.n,
+                                              p.d));
+  if (!std::isfinite(sx) || sx <= 0) sx = 0.5f;
+  float sw = lsq_init_step(make_matrix(w.data(), DType::kFloat32, p.c, p.d));
+  LinearConfig cfg;
+  cfg.recipe = p.recipe;
+  cfg.hadamard_block = p.block;
+  cfg.seed = 77;
+  cfg.step = 5;
+  cfg.layer = 3;
+  const int64_t cb = p.n * packed_row_bytes(p.d), ab = compact_aux_bytes(p.n, p.d);
+
+  Outputs want{std::vector<uint8_t>(static_cast<size_t>(p.n * p.c) * oesz),
+               std::vector<uint8_t>(static_cast<size_t>(cb)), std::vector<uint8_t>(static_cast<size_t>(ab))};
+  LinearForwardArgs ha;
+  ha.x = make_matrix(const_cast<uint8_t*>(xb.data()), idt, p.n, p.d);
+  ha.w = make_matrix(const_cast<uint8_t*>(wb.data()), idt, p.c, p.d);
+  if (p.bias) ha.bias = make_vector(const_cast<uint8_t*>(bb.data()), idt, p.c);
+  ha.step_x = make_scalar(&sx, DType::kFloat32);
+  ha.step_w = make_scalar(&sw, DType::kFloat32);
+  ha.y = make_matrix(want.y.data(), odt, p.n, p.c);
+  ha.saved_codes = make_matrix(want.codes.data(), DType::kInt4Packed, p.n, p.d);
+  ha.saved_aux = make_vector(want.aux.data(), DType::kUInt8, ab);
+  linear_forward(cfg, ha);
+
+  DevBuf dx = gputest::upload(xb), dw = gputest::upload(wb), dbias = gputest::upload(bb);
+  DevBuf dsteps = gputest::upload(std::vector<float>{sx, sw});
+  DevBuf dy(want.y.size()), dcodes(std::max<size_t>(1, want.codes.size())),
+      daux(std::max<size_t>(1, want.aux.size()));
+  dy.poison();
+  dcodes.poison();
+  daux.poison();
+  LinearForwardArgs da;
+  da.x = make_matrix(dx.get(), idt, p.n, p.d);
+  da.w = make_matrix(dw.get(), idt, p.c, p.d);
+  if (p.bias) da.bias = make_vector(dbias.get(), idt, p.c);
+  da.step_x = make_scalar(dsteps.as<float>(), DType::kFloat32);
+  da.step_w = make_scalar(dsteps.as<float>() + 1, DType::kFloat32);
+  da.y = make_matrix(dy.get(), odt, p.n, p.c);
+  da.saved_codes = make_matrix(dcodes.get(), DType::kInt4Packed, p.n, p.d);
+  da.saved_aux = make_vector(daux.get(), DType::kUInt8, ab);
+  const CudaAllocator alloc = default_cuda_allocator();
+  if (!graph) {
+    linear_forward_cuda(cfg, da, alloc, nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
+  } else {
+    cudaStream_t s;
+    CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    // Warm-up outside the capture (cuBLASLt handle and heuristics), then capture and replay twice.
+    linear_forward_cuda(cfg, da, alloc, s);
+    CUDA_OK(cudaStreamSynchronize(s));
+    dy.poison();
+    cudaGraph_t g;
+    CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+    linear_forward_cuda(cfg, da, alloc, s);
+    CUDA_OK(cudaStreamEndCapture(s, &g));
+    cudaGraphExec_t exec;
+    CUDA_OK(cudaGraphInstantiate(&exec, g, 0));
+    for (int i = 0; i < 2; ++i) CUDA_OK(cudaGraphLaunch(exec, s));
+    CUDA_OK(cudaStreamSynchronize(s));
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(g);
+    cudaStreamDestroy(s);
+  }
+  const auto y = gputest::download<uint8_t>(dy, want.y.size());
+  const auto codes = gputest::download<uint8_t>(dcodes, want.codes.size());
+  const auto aux = gputest::download<uint8_t>(daux, want.aux.size());
+  int64_t bad_y = 0;
+  for (int64_t e = 0; e < p.n * p.c; ++e) {
+    float g, wv;
+    if (p.out_bf16) {
+      uint16_t a, b;
+      std::memcpy(&a, &y[static_cast<size_t>(e) * 2], 2);
+      std::memcpy(&b, &want.y[static_cast<size_t>(e) * 2], 2);
+      g = bf16_to_float(BFloat16{a});
+      wv = bf16_to_float(BFloat16{b});
+    } else {
+      std::memcpy(&g, &y[static_cast<size_t>(e) * 4], 4);
+      std::memcpy(&wv, &want.y[static_cast<size_t>(e) * 4], 4);
+    }
+    const bool same = gputest::bits_of(g) == gputest::bits_of(wv) || (std::isnan(g) && std::isnan(wv));
+    bad_y += !same;
+  }
+  GPU_CHECK_MSG(bad_y == 0, bad_y << " of " << p.n * p.c << " y values differ");
+  GPU_CHECK_MSG(codes == want.codes, "saved codes differ");
+  GPU_CHECK_MSG(aux == want.aux, "saved aux differs");
+}
+
+const bool registered = [] {
+  using gputest::add_case;
+  const Problem problems[] = {
+      {8, 64, 16, 16, false, false, true, Recipe::kHqLss, false},
+      {33, 256, 40, 256, false, false, true, Recipe::kHqLss, false},
+      {33, 256, 40, 256, true, true, true, Recipe::kHqLss, false},
+      {64, 768, 3072 / 8, 64, true, true, true, Recipe::kHq, false},
+      {17, 100, 9, 4, false, true, false, Recipe::kHqBs, false},
+      {5, 37, 3, 1, false, false, true, Recipe::kLsqLuq, false},
+      {256, 1024, 512, 128, true, false, true, Recipe::kHqLss, false},
+      {16, 128, 32, 32, false, false, true, Recipe::kHqLss, true},
+  };
+  for (const Problem& p : problems) {
+    add_case("linear_forward/" + problem_name(p), false, [=] { run_forward(p, false); });
+  }
+  add_case("linear_forward_graph/" + problem_name(problems[2]), false,
+           [=] { run_forward(problems[2], true); });
+  add_case("linear_forward_graph/" + problem_name(problems[6]), false,
+           [=] { run_forward(problems[6], true); });
+  return true;
+}();
+
+}  // namespace

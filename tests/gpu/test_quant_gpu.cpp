@@ -1,0 +1,389 @@
+// GPU tests of the quantizers and transforms (cuda.h) against the CPU core, bit for bit: the fused
+// Hadamard + LSQ pass (operand, packed codes, compact aux bits, non-finite count) against
+// hadamard_transform_ref + lsq_quantize_compact; the plain transform against
+// hadamard_transform_ref; the bit split against quantize_bitsplit_ref; the compact LSQ backward
+// against lsq_backward_compact. Shapes include 1, odd, non-multiple-of-8 and strided rows.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gpu_test_util.h"
+#include "int4train/cuda.h"
+#include "int4train/hadamard.h"
+#include "int4train/int4.h"
+#include "int4train/quantize.h"
+
+namespace {
+
+using namespace int4train;
+using gputest::DevBuf;
+
+enum class Data { kNormal, kOutliers, kNonFinite, kTies };
+
+const char* data_name(Data d) {
+  switch (d) {
+    case Data::kNormal: return "normal";
+    case Data::kOutliers: return "outliers";
+    case Data::kNonFinite: return "nonfinite";
+    default: return "ties";
+  }
+}
+
+// rows x cols values; outlier channels x30; a few NaN/Inf; or exact half-integer multiples of 1/4.
+std::vector<float> make_data(int64_t rows, int64_t cols, Data d, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::uniform_int_distribution<int> id(-40, 40);
+  std::vector<float> x(static_cast<size_t>(rows * cols));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      float v = nd(rng);
+      if (d == Data::kOutliers && c % 37 == 5) v *= 30.0f;
+      if (d == Data::kTies) v = (static_cast<float>(id(rng)) + 0.5f) * 0.25f;
+      x[static_cast<size_t>(r * cols + c)] = v;
+    }
+  }
+  if (d == Data::kNonFinite && !x.empty()) {
+    x[x.size() / 3] = std::numeric_limits<float>::quiet_NaN();
+    x[x.size() / 2] = std::numeric_limits<float>::infinity();
+    x[x.size() - 1] = -std::numeric_limits<float>::infinity();
+  }
+  return x;
+}
+
+// A device copy of host values as fp32 or bf16 with row stride ld >= cols (the gap poisoned).
+struct DevMatrix {
+  DevBuf buf;
+  TensorView view;
+};
+
+DevMatrix to_device(const std::vector<float>& x, int64_t rows, int64_t cols, bool bf16,
+                    int64_t ld) {
+  const size_t esz = bf16 ? 2 : 4;
+  DevMatrix m{DevBuf(static_cast<size_t>(std::max<int64_t>(1, rows * ld)) * esz), {}};
+  m.buf.poison();
+  std::vector<uint8_t> host(static_cast<size_t>(std::max<int64_t>(1, rows * ld)) * esz, 0xA5);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const float v = x[static_cast<size_t>(r * cols + c)];
+      if (bf16) {
+        const uint16_t b = float_to_bf16(v).bits;
+        std::memcpy(&host[static_cast<size_t>(r * ld + c) * 2], &b, 2);
+      } else {
+        std::memcpy(&host[static_cast<size_t>(r * ld + c) * 4], &v, 4);
+      }
+    }
+  }
+  cudaMemcpy(m.buf.get(), host.data(), host.size(), cudaMemcpyHostToDevice);
+  m.view = make_matrix(m.buf.get(), bf16 ? DType::kBFloat16 : DType::kFloat32, rows, cols);
+  m.view.strides[0] = ld;
+  return m;
+}
+
+// The same values as the CPU sees them (bf16-rounded when the device copy is bf16), as a view of a
+// host vector the caller keeps.
+std::vector<float> as_seen(const std::vector<float>& x, bool bf16) {
+  if (!bf16) return x;
+  std::vector<float> y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) y[i] = bf16_to_float(float_to_bf16(x[i]));
+  return y;
+}
+
+template <typename T>
+int64_t count_diff(const std::vector<T>& a, const std::vector<T>& b) {
+  int64_t n = 0;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) n += !(a[i] == b[i]);
+  return n + static_cast<int64_t>(std::max(a.size(), b.size()) - std::min(a.size(), b.size()));
+}
+
+// ---- fused Hadamard + LSQ
+void test_hadamard_lsq(int64_t rows, int64_t cols, int32_t block, bool bf16, Data data,
+                       int64_t ld_extra, bool bad_step) {
+  const auto x0 = make_data(rows, cols, data, 11 + rows * 3 + cols + block);
+  const auto x = as_seen(x0, bf16);
+  // CPU: x~ = x B_g (fp32), then the compact quantizer.
+  std::vector<float> xt(x.size());
+  hadamard_transform_ref(make_matrix(const_cast<float*>(x.data()), DType::kFloat32, rows, cols),
+                         make_matrix(xt.data(), DType::kFloat32, rows, cols), block);
+  double mean = 0.0;
+  int64_t finite = 0;
+  for (float v : xt) {
+    if (std::isfinite(v)) mean += std::fabs(v), ++finite;
+  }
+  float step = finite > 0 && mean > 0 ? static_cast<float>(2.0 * mean / finite / std::sqrt(7.0))
+                                      : 1.0f;
+  if (data == Data::kTies) step = 0.25f;
+  const RandomKey key{0x1234 + static_cast<uint64_t>(cols), make_stream(3, 7, RandomPurpose::kLsqAux)};
+  std::vector<uint8_t> want_packed(static_cast<size_t>(rows * packed_row_bytes(cols)));
+  std::vector<uint8_t> want_aux(static_cast<size_t>(compact_aux_bytes(rows, cols)));
+  int64_t want_bad = 0;
+  if (!bad_step) {
+    want_bad = lsq_quantize_compact(
+        make_matrix(xt.data(), DType::kFloat32, rows, cols), make_scalar(&step, DType::kFloat32), key,
+        make_matrix(want_packed.data(), DType::kInt4Packed, rows, cols),
+        make_vector(want_aux.data(), DType::kUInt8, static_cast<int64_t>(want_aux.size())));
+  }
+  std::vector<int8_t> want_codes(static_cast<size_t>(rows * cols));
+  if (!bad_step) {
+    unpack_int4(make_matrix(want_packed.data(), DType::kInt4Packed, rows, cols),
+                make_matrix(want_codes.data(), DType::kInt8, rows, cols));
+  }
+
+  DevMatrix dx = to_device(x0, rows, cols, bf16, cols + ld_extra);
+  const float dev_step = bad_step ? 0.0f : step;
+  DevBuf dstep = gputest::upload(std::vector<float>{dev_step});
+  const int64_t kp = fp8_padded_cols(cols);
+  DevBuf dop(static_cast<size_t>(std::max<int64_t>(1, rows * kp)));
+  DevBuf dpk(std::max<size_t>(1, want_packed.size()));
+  DevBuf daux(std::max<size_t>(1, want_aux.size()));
+  DevBuf dcnt = gputest::upload(std::vector<int64_t>{5});  // incremented, not overwritten
+  dop.poison();
+  dpk.poison();
+  daux.poison();
+  hadamard_lsq_quantize_cuda(
+      dx.view, block, make_scalar(dstep.get(), DType::kFloat32), key,
+      make_matrix(dop.get(), DType::kFloat8E4M3, rows, kp),
+      make_matrix(dpk.get(), DType::kInt4Packed, rows, cols),
+      make_vector(daux.get(), DType::kUInt8, static_cast<int64_t>(want_aux.size())),
+      make_scalar(dcnt.get(), DType::kInt64), nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  const int64_t got_bad = gputest::download<int64_t>(dcnt, 1)[0] - 5;
+  if (bad_step) {
+    GPU_CHECK_MSG(got_bad == rows * cols, "a zero step must count every element, got " << got_bad);
+    return;
+  }
+  GPU_CHECK_MSG(got_bad == want_bad, "non-finite count " << got_bad << " want " << want_bad);
+  const auto got_packed = gputest::download<uint8_t>(dpk, want_packed.size());
+  const auto got_aux = gputest::download<uint8_t>(daux, want_aux.size());
+  GPU_CHECK_MSG(count_diff(got_packed, want_packed) == 0,
+                count_diff(got_packed, want_packed) << " packed bytes differ");
+  GPU_CHECK_MSG(count_diff(got_aux, want_aux) == 0,
+                count_diff(got_aux, want_aux) << " aux bytes differ");
+  const auto op = gputest::download<uint8_t>(dop, static_cast<size_t>(rows * kp));
+  int64_t bad_op = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < kp; ++c) {
+      const float want = c < cols ? want_codes[static_cast<size_t>(r * cols + c)] : 0.0f;
+      bad_op += !(gputest::decode_e4m3(op[static_cast<size_t>(r * kp + c)]) == want);
+    }
+  }
+  GPU_CHECK_MSG(bad_op == 0, bad_op << " operand bytes differ");
+}
+
+// ---- plain transform
+void test_transform(int64_t rows, int64_t cols, int32_t block, bool in_bf16, bool out_bf16,
+                    bool in_place) {
+  if (in_place && in_bf16 != out_bf16) return;
+  const auto x0 = make_data(rows, cols, Data::kOutliers, 77 + cols);
+  const auto x = as_seen(x0, in_bf16);
+  const size_t oesz = out_bf16 ? 2 : 4;
+  std::vector<uint8_t> want(static_cast<size_t>(rows * cols) * oesz);
+  hadamard_transform_ref(make_matrix(const_cast<float*>(x.data()), DType::kFloat32, rows, cols),
+                         make_matrix(want.data(), out_bf16 ? DType::kBFloat16 : DType::kFloat32,
+                                     rows, cols),
+                         block);
+  DevMatrix din = to_device(x0, rows, cols, in_bf16, cols);
+  DevBuf dout(std::max<size_t>(1, want.size()));
+  dout.poison();
+  TensorView out = in_place ? din.view
+                            : make_matrix(dout.get(), out_bf16 ? DType::kBFloat16 : DType::kFloat32,
+                                          rows, cols);
+  hadamard_transform_cuda(din.view, out, block, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  const auto got = gputest::download<uint8_t>(in_place ? din.buf : dout, want.size());
+  GPU_CHECK_MSG(count_diff(got, want) == 0, count_diff(got, want) << " bytes differ");
+}
+
+// ---- bit split
+void test_bitsplit(int64_t rows, int64_t cols, bool bf16, Data data, bool zeros) {
+  auto g0 = make_data(rows, cols, data, 99 + rows + cols);
+  for (auto& v : g0) v *= 1e-3f;
+  if (zeros) std::fill(g0.begin(), g0.end(), 0.0f);
+  const auto g = as_seen(g0, bf16);
+  const RandomKey key{42, make_stream(9, 2, RandomPurpose::kGradRound)};
+  const size_t pb = static_cast<size_t>(rows * packed_row_bytes(cols));
+  std::vector<uint8_t> want_hi(std::max<size_t>(1, pb)), want_lo(std::max<size_t>(1, pb));
+  float want_scale = -1.0f;
+  quantize_bitsplit_ref(make_matrix(const_cast<float*>(g.data()), DType::kFloat32, rows, cols), key,
+                        make_matrix(want_hi.data(), DType::kInt4Packed, rows, cols),
+                        make_matrix(want_lo.data(), DType::kInt4Packed, rows, cols),
+                        make_scalar(&want_scale, DType::kFloat32));
+  DevMatrix dg = to_device(g0, rows, cols, bf16, cols);
+  const int64_t kp = fp8_padded_cols(cols);
+  DevBuf dop(static_cast<size_t>(std::max<int64_t>(1, 2 * rows * kp)));
+  DevBuf dhi(std::max<size_t>(1, pb)), dlo(std::max<size_t>(1, pb));
+  DevBuf dsq(static_cast<size_t>(std::max<int64_t>(1, 2 * rows)) * 4), dscale(4);
+  dop.poison();
+  dhi.poison();
+  dlo.poison();
+  dsq.poison();
+  const CudaAllocator alloc = default_cuda_allocator();
+  quantize_bitsplit_cuda(dg.view, key, make_matrix(dop.get(), DType::kFloat8E4M3, 2 * rows, kp),
+                         make_matrix(dhi.get(), DType::kInt4Packed, rows, cols),
+                         make_matrix(dlo.get(), DType::kInt4Packed, rows, cols),
+                         make_vector(dsq.get(), DType::kInt32, 2 * rows),
+                         make_scalar(dscale.get(), DType::kFloat32), alloc, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  const float got_scale = gputest::download<float>(dscale, 1)[0];
+  GPU_CHECK_MSG(gputest::bits_of(got_scale) == gputest::bits_of(want_scale) ||
+                    (std::isnan(got_scale) && std::isnan(want_scale)),
+                "scale " << got_scale << " want " << want_scale);
+  const auto hi = gputest::download<uint8_t>(dhi, pb), lo = gputest::download<uint8_t>(dlo, pb);
+  want_hi.resize(pb);
+  want_lo.resize(pb);
+  GPU_CHECK_MSG(count_diff(hi, want_hi) == 0, count_diff(hi, want_hi) << " hi bytes differ");
+  GPU_CHECK_MSG(count_diff(lo, want_lo) == 0, count_diff(lo, want_lo) << " lo bytes differ");
+  // Operand rows and squared norms from the CPU's codes.
+  std::vector<int8_t> ch(static_cast<size_t>(rows * cols)), cl(static_cast<size_t>(rows * cols));
+  unpack_int4(make_matrix(want_hi.data(), DType::kInt4Packed, rows, cols),
+              make_matrix(ch.data(), DType::kInt8, rows, cols));
+  unpack_int4(make_matrix(want_lo.data(), DType::kInt4Packed, rows, cols),
+              make_matrix(cl.data(), DType::kInt8, rows, cols));
+  const auto op = gputest::download<uint8_t>(dop, static_cast<size_t>(2 * rows * kp));
+  const auto sq = gputest::download<int32_t>(dsq, static_cast<size_t>(2 * rows));
+  int64_t bad_op = 0, bad_sq = 0;
+  for (int64_t r = 0; r < 2 * rows; ++r) {
+    const std::vector<int8_t>& src = r < rows ? ch : cl;
+    const int64_t rr = r < rows ? r : r - rows;
+    int32_t s = 0;
+    for (int64_t c = 0; c < kp; ++c) {
+      const int v = c < cols ? src[static_cast<size_t>(rr * cols + c)] : 0;
+      s += v * v;
+      bad_op += !(gputest::decode_e4m3(op[static_cast<size_t>(r * kp + c)]) == static_cast<float>(v));
+    }
+    bad_sq += sq[static_cast<size_t>(r)] != s;
+  }
+  GPU_CHECK_MSG(bad_op == 0, bad_op << " operand bytes differ");
+  GPU_CHECK_MSG(bad_sq == 0, bad_sq << " row sums of squares differ");
+}
+
+// ---- compact LSQ backward
+void test_lsq_backward(int64_t rows, int64_t cols, bool out_bf16, bool in_place) {
+  const auto x = make_data(rows, cols, Data::kOutliers, 5 + cols);
+  const float step = 0.35f;
+  const RandomKey key{7, make_stream(1, 1, RandomPurpose::kLsqAux)};
+  std::vector<uint8_t> packed(static_cast<size_t>(rows * packed_row_bytes(cols)));
+  std::vector<uint8_t> aux(static_cast<size_t>(compact_aux_bytes(rows, cols)));
+  float s = step;
+  lsq_quantize_compact(make_matrix(const_cast<float*>(x.data()), DType::kFloat32, rows, cols),
+                       make_scalar(&s, DType::kFloat32), key,
+                       make_matrix(packed.data(), DType::kInt4Packed, rows, cols),
+                       make_vector(aux.data(), DType::kUInt8, static_cast<int64_t>(aux.size())));
+  const auto g = make_data(rows, cols, Data::kNormal, 1234 + rows);
+  const DType odt = out_bf16 ? DType::kBFloat16 : DType::kFloat32;
+  const size_t esz = out_bf16 ? 2 : 4;
+  std::vector<uint8_t> want(static_cast<size_t>(rows * cols) * esz);
+  float want_gs = 0.0f;
+  lsq_backward_compact(make_matrix(packed.data(), DType::kInt4Packed, rows, cols),
+                       make_vector(aux.data(), DType::kUInt8, static_cast<int64_t>(aux.size())),
+                       make_matrix(const_cast<float*>(g.data()), DType::kFloat32, rows, cols),
+                       make_matrix(want.data(), odt, rows, cols),
+                       make_scalar(&want_gs, DType::kFloat32));
+  DevBuf dpk = gputest::upload(packed), daux = gputest::upload(aux), dg = gputest::upload(g);
+  DevBuf dout(std::max<size_t>(1, want.size())), dgs(4);
+  dout.poison();
+  const CudaAllocator alloc = default_cuda_allocator();
+  TensorView gx = in_place ? make_matrix(dg.get(), DType::kFloat32, rows, cols)
+                           : make_matrix(dout.get(), odt, rows, cols);
+  lsq_backward_compact_cuda(make_matrix(dpk.get(), DType::kInt4Packed, rows, cols),
+                            make_vector(daux.get(), DType::kUInt8, static_cast<int64_t>(aux.size())),
+                            make_matrix(dg.get(), DType::kFloat32, rows, cols), gx,
+                            make_scalar(dgs.get(), DType::kFloat32), alloc, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  const auto got = gputest::download<uint8_t>(in_place ? dg : dout, want.size());
+  GPU_CHECK_MSG(count_diff(got, want) == 0, count_diff(got, want) << " grad_x bytes differ");
+  const float gs = gputest::download<float>(dgs, 1)[0];
+  // The same fp64 terms summed in another order: the fp32 result may differ by one rounding.
+  GPU_CHECK_MSG(gputest::ulp_distance(gs, want_gs) <= 1, "grad_step " << gs << " want " << want_gs);
+}
+
+const bool registered = [] {
+  using gputest::add_case;
+  struct S {
+    int64_t rows, cols;
+    int32_t block;
+    bool big;
+  };
+  const S shapes[] = {{1, 8, 1, false},     {3, 8, 8, false},      {17, 256, 256, false},
+                      {5, 37, 1, false},    {7, 6, 2, false},      {9, 12, 4, false},
+                      {33, 1000, 8, false}, {4, 2048, 128, false}, {128, 768, 64, false},
+                      {2, 520, 8, false},   {1, 4, 4, false},      {64, 4096, 256, true},
+                      {1024, 4096, 32, true}};
+  for (const S& s : shapes) {
+    for (bool bf16 : {false, true}) {
+      for (Data d : {Data::kNormal, Data::kOutliers, Data::kNonFinite}) {
+        const std::string name = "hadamard_lsq/" + std::to_string(s.rows) + "x" +
+                                 std::to_string(s.cols) + "/g" + std::to_string(s.block) + "/" +
+                                 (bf16 ? "bf16/" : "fp32/") + data_name(d);
+        add_case(name, s.big, [=] { test_hadamard_lsq(s.rows, s.cols, s.block, bf16, d, 0, false); });
+      }
+      add_case("hadamard_lsq/" + std::to_string(s.rows) + "x" + std::to_string(s.cols) + "/g" +
+                   std::to_string(s.block) + (bf16 ? "/bf16" : "/fp32") + "/strided",
+               s.big, [=] { test_hadamard_lsq(s.rows, s.cols, s.block, bf16, Data::kNormal, 3, false); });
+    }
+  }
+  add_case("hadamard_lsq/33x64/g1/fp32/ties", false,
+           [] { test_hadamard_lsq(33, 64, 1, false, Data::kTies, 0, false); });
+  add_case("hadamard_lsq/5x37/g1/fp32/ties", false,
+           [] { test_hadamard_lsq(5, 37, 1, false, Data::kTies, 0, false); });
+  add_case("hadamard_lsq/16x64/g16/fp32/zero_step", false,
+           [] { test_hadamard_lsq(16, 64, 16, false, Data::kNormal, 0, true); });
+  add_case("hadamard_lsq/0x64/g16/fp32/empty", false, [] {
+    DevBuf dx(64), dstep = gputest::upload(std::vector<float>{1.0f});
+    DevBuf dcnt = gputest::upload(std::vector<int64_t>{0});
+    hadamard_lsq_quantize_cuda(make_matrix(dx.get(), DType::kFloat32, 0, 64), 16,
+                               make_scalar(dstep.get(), DType::kFloat32), RandomKey{},
+                               make_matrix(dx.get(), DType::kFloat8E4M3, 0, 64), TensorView{},
+                               TensorView{}, make_scalar(dcnt.get(), DType::kInt64), nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
+    GPU_CHECK(gputest::download<int64_t>(dcnt, 1)[0] == 0);
+  });
+
+  for (const S& s : shapes) {
+    for (int mode = 0; mode < 5; ++mode) {
+      const bool in_bf16 = mode == 1 || mode == 3, out_bf16 = mode == 2 || mode == 3;
+      const bool in_place = mode == 4;
+      add_case("hadamard/" + std::to_string(s.rows) + "x" + std::to_string(s.cols) + "/g" +
+                   std::to_string(s.block) + (in_bf16 ? "/bf16" : "/fp32") +
+                   (out_bf16 ? "_to_bf16" : "_to_fp32") + (in_place ? "/in_place" : ""),
+               s.big, [=] { test_transform(s.rows, s.cols, s.block, in_bf16, out_bf16, in_place); });
+    }
+  }
+
+  struct B {
+    int64_t rows, cols;
+    bool big;
+  };
+  for (B b : {B{1, 1, false}, B{3, 7, false}, B{5, 37, false}, B{64, 256, false},
+              B{33, 1000, false}, B{128, 768, false}, B{2, 12, false}, B{512, 4096, true}}) {
+    for (bool bf16 : {false, true}) {
+      for (Data d : {Data::kNormal, Data::kOutliers}) {
+        add_case("bitsplit/" + std::to_string(b.rows) + "x" + std::to_string(b.cols) +
+                     (bf16 ? "/bf16/" : "/fp32/") + data_name(d),
+                 b.big, [=] { test_bitsplit(b.rows, b.cols, bf16, d, false); });
+      }
+    }
+  }
+  add_case("bitsplit/16x64/fp32/zeros", false, [] { test_bitsplit(16, 64, false, Data::kNormal, true); });
+  add_case("bitsplit/16x64/fp32/nonfinite", false,
+           [] { test_bitsplit(16, 64, false, Data::kNonFinite, false); });
+  add_case("bitsplit/5x9/fp32/nonfinite", false,
+           [] { test_bitsplit(5, 9, false, Data::kNonFinite, false); });
+
+  struct L {
+    int64_t rows, cols;
+  };
+  for (L l : {L{1, 1}, L{3, 7}, L{64, 256}, L{129, 1000}, L{512, 768}}) {
+    for (int mode = 0; mode < 3; ++mode) {
+      add_case("lsq_backward/" + std::to_string(l.rows) + "x" + std::to_string(l.cols) +
+                   (mode == 0 ? "/fp32" : mode == 1 ? "/bf16" : "/in_place"),
+               false, [=] { test_lsq_backward(l.rows, l.cols, mode == 1, mode == 2); });
+    }
+  }
+  return true;
+}();
+
+}  // namespace
