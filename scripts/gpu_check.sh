@@ -36,6 +36,9 @@ if ! cmake --build "$BUILD" -j16 > "$OUT/build.log" 2>&1; then
 fi
 t1=$(date +%s)
 echo "build: $((t1 - t0)) s"
+for exe in "$BUILD/int4train_gpu_tests" "$BUILD/bench_gpu/int4train_gpu_bench"; do
+  [ -x "$exe" ] || { echo "build produced no $exe"; tail -20 "$OUT/build.log"; exit 1; }
+done
 
 "$BUILD/int4train_gpu_tests" 2>&1 | tee "$OUT/tests.log" | grep -v "^\[  OK  \]"
 test_rc=${PIPESTATUS[0]}
