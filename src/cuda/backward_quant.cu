@@ -122,63 +122,85 @@ __device__ __forceinline__ void bitsplit_scales(const BitsplitParams& p, float* 
   if (blockIdx.x == 0 && threadIdx.x == 0) *p.scale = zero ? 0.0f : __fdiv_rn(amax, levels);
 }
 
-// Rows a multiple of 8 long: a warp per 256 columns, 8 per lane.
+// One lane's 8 values (columns col0 .. col0+7 of `row`): codes, operand rows, packed hi/lo.
+template <bool kVec>
+__device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, int64_t row, int64_t col0,
+                                                const float v[8], float inv, int32_t* sq_hi,
+                                                int32_t* sq_lo) {
+  const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;
+  const Philox4x32 r0 = random_block(p.seed, p.stream, b0);
+  const Philox4x32 r1 = random_block(p.seed, p.stream, b0 + 1);
+  uint32_t ph = 0, pl = 0, oh[2] = {0, 0}, ol[2] = {0, 0};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float u = uniform_from_u32(i < 4 ? r0.v[i] : r1.v[i - 4]);
+    const SplitCode sc = split(v[i], inv, u);
+    *sq_hi += sc.hi * sc.hi;
+    *sq_lo += sc.lo * sc.lo;
+    ph |= static_cast<uint32_t>(sc.hi & 0xF) << (4 * i);
+    pl |= static_cast<uint32_t>(sc.lo & 0xF) << (4 * i);
+    oh[i / 4] |= e4m3_of_code(sc.hi) << (8 * (i % 4));
+    ol[i / 4] |= e4m3_of_code(sc.lo) << (8 * (i % 4));
+  }
+  const int64_t pb = row * (p.cols / 2) + col0 / 2;
+  if (p.hi != nullptr) {
+    if (kVec) {
+      *reinterpret_cast<uint32_t*>(p.hi + pb) = ph;
+      *reinterpret_cast<uint32_t*>(p.lo + pb) = pl;
+    } else {
+      for (int i = 0; i < 4; ++i) {
+        p.hi[pb + i] = static_cast<uint8_t>(ph >> (8 * i));
+        p.lo[pb + i] = static_cast<uint8_t>(pl >> (8 * i));
+      }
+    }
+  }
+  if (p.operand != nullptr) {
+    *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(oh[0], oh[1]);
+    *reinterpret_cast<uint2*>(p.operand + (p.rows + row) * p.ldop + col0) = make_uint2(ol[0], ol[1]);
+  }
+}
+
+// Rows a multiple of 8 long: a warp per 256 columns, 8 per lane, kChunks chunks loaded at once.
+constexpr int kChunks = 4;
+
 template <typename In, bool kVec>
 __global__ void __launch_bounds__(kThreads) bitsplit_kernel(const BitsplitParams p) {
   const int lane = threadIdx.x & 31;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   const int64_t chunks = (p.cols + kWarpCols - 1) / kWarpCols;
+  const int64_t total = p.rows * chunks;
   float inv;
   bitsplit_scales(p, &inv);
-  for (int64_t w = warp; w < p.rows * chunks; w += nwarps) {
-    const int64_t row = w / chunks;
-    const int64_t col0 = (w - row * chunks) * kWarpCols + kLaneElems * lane;
-    int32_t sq_hi = 0, sq_lo = 0;
-    if (col0 < p.cols) {
-      float v[8];
-      load8<kVec>(static_cast<const In*>(p.g) + row * p.ldg + col0, v);
-      const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;
-      const Philox4x32 r0 = random_block(p.seed, p.stream, b0);
-      const Philox4x32 r1 = random_block(p.seed, p.stream, b0 + 1);
-      uint32_t ph = 0, pl = 0, oh[2] = {0, 0}, ol[2] = {0, 0};
+  for (int64_t w0 = warp * kChunks; w0 < total; w0 += nwarps * kChunks) {
+    float v[kChunks][8];
+    int64_t row[kChunks], col0[kChunks];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float u = uniform_from_u32(i < 4 ? r0.v[i] : r1.v[i - 4]);
-        const SplitCode sc = split(v[i], inv, u);
-        sq_hi += sc.hi * sc.hi;
-        sq_lo += sc.lo * sc.lo;
-        ph |= static_cast<uint32_t>(sc.hi & 0xF) << (4 * i);
-        pl |= static_cast<uint32_t>(sc.lo & 0xF) << (4 * i);
-        oh[i / 4] |= e4m3_of_code(sc.hi) << (8 * (i % 4));
-        ol[i / 4] |= e4m3_of_code(sc.lo) << (8 * (i % 4));
+    for (int k = 0; k < kChunks; ++k) {
+      const int64_t w = w0 + k < total ? w0 + k : total - 1;
+      row[k] = w / chunks;
+      col0[k] = (w - row[k] * chunks) * kWarpCols + kLaneElems * lane;
+      if (w0 + k < total && col0[k] < p.cols) {
+        load8<kVec>(static_cast<const In*>(p.g) + row[k] * p.ldg + col0[k], v[k]);
       }
-      const int64_t pb = row * (p.cols / 2) + col0 / 2;
-      if (p.hi != nullptr) {
-        if (kVec) {
-          *reinterpret_cast<uint32_t*>(p.hi + pb) = ph;
-          *reinterpret_cast<uint32_t*>(p.lo + pb) = pl;
-        } else {
-          for (int i = 0; i < 4; ++i) {
-            p.hi[pb + i] = static_cast<uint8_t>(ph >> (8 * i));
-            p.lo[pb + i] = static_cast<uint8_t>(pl >> (8 * i));
-          }
-        }
-      }
-      if (p.operand != nullptr) {
-        *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(oh[0], oh[1]);
-        *reinterpret_cast<uint2*>(p.operand + (p.rows + row) * p.ldop + col0) =
-            make_uint2(ol[0], ol[1]);
-      }
-    } else if (p.operand != nullptr && col0 < p.op_cols) {
-      *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(0u, 0u);
-      *reinterpret_cast<uint2*>(p.operand + (p.rows + row) * p.ldop + col0) = make_uint2(0u, 0u);
     }
-    if (p.row_sumsq != nullptr) {
-      sq_hi = warp_sum_s32(sq_hi);
-      sq_lo = warp_sum_s32(sq_lo);
-      if (lane == 0 && sq_hi != 0) atomicAdd(p.row_sumsq + row, sq_hi);
-      if (lane == 0 && sq_lo != 0) atomicAdd(p.row_sumsq + p.rows + row, sq_lo);
+#pragma unroll
+    for (int k = 0; k < kChunks; ++k) {
+      if (w0 + k >= total) continue;  // uniform across the warp
+      int32_t sq_hi = 0, sq_lo = 0;
+      if (col0[k] < p.cols) {
+        bitsplit_store8<kVec>(p, row[k], col0[k], v[k], inv, &sq_hi, &sq_lo);
+      } else if (p.operand != nullptr && col0[k] < p.op_cols) {
+        *reinterpret_cast<uint2*>(p.operand + row[k] * p.ldop + col0[k]) = make_uint2(0u, 0u);
+        *reinterpret_cast<uint2*>(p.operand + (p.rows + row[k]) * p.ldop + col0[k]) =
+            make_uint2(0u, 0u);
+      }
+      if (p.row_sumsq != nullptr) {
+        sq_hi = warp_sum_s32(sq_hi);
+        sq_lo = warp_sum_s32(sq_lo);
+        if (lane == 0 && sq_hi != 0) atomicAdd(p.row_sumsq + row[k], sq_hi);
+        if (lane == 0 && sq_lo != 0) atomicAdd(p.row_sumsq + p.rows + row[k], sq_lo);
+      }
     }
   }
 }
@@ -252,27 +274,55 @@ __device__ __forceinline__ MaskR decode(int c, bool b) {
   return MaskR{true, b ? 0.5f : -0.5f};
 }
 
+template <bool kVec8>
 __global__ void __launch_bounds__(kThreads) lsq_backward_compact_kernel(const LsqBwdParams p) {
   const int64_t numel = p.rows * p.cols;
   const int64_t prb = (p.cols + 1) / 2;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   double acc = 0.0;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < numel;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = e / p.cols, c = e - r * p.cols;
-    const uint8_t byte = p.packed[r * prb + c / 2];
-    const int code = (c & 1) ? unpack_int4_hi(byte) : unpack_int4_lo(byte);
-    const bool bit = (p.aux[e >> 3] >> (e & 7)) & 1u;
-    const MaskR m = decode(code, bit);
-    const float g = p.gxhat[r * p.ldg + c];
-    if (p.gx != nullptr) {
-      const float out = m.inside ? g : 0.0f;
-      if (p.gx_bf16) {
-        static_cast<BFloat16*>(p.gx)[r * p.ldx + c] = float_to_bf16(out);
-      } else {
-        static_cast<float*>(p.gx)[r * p.ldx + c] = out;
+  if (kVec8) {
+    // cols % 8 == 0, all rows contiguous and aligned: 8 elements (4 code bytes, 1 aux byte) a step.
+    for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < numel / 8;
+         t += stride) {
+      const int64_t e0 = 8 * t;
+      const uint32_t codes = *reinterpret_cast<const uint32_t*>(p.packed + e0 / 2);
+      const uint32_t bits = p.aux[t];
+      float g[8], out[8];
+      load8<true>(p.gxhat + e0, g);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int code = static_cast<int>(((codes >> (4 * i)) & 0xF) ^ 0x8) - 8;
+        const MaskR m = decode(code, (bits >> i) & 1u);
+        out[i] = m.inside ? g[i] : 0.0f;
+        acc += static_cast<double>(g[i]) * static_cast<double>(m.r);
+      }
+      if (p.gx != nullptr) {
+        if (p.gx_bf16) {
+          store8<true>(static_cast<BFloat16*>(p.gx) + e0, out);
+        } else {
+          store8<true>(static_cast<float*>(p.gx) + e0, out);
+        }
       }
     }
-    acc += static_cast<double>(g) * static_cast<double>(m.r);
+  } else {
+    for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < numel;
+         e += stride) {
+      const int64_t r = e / p.cols, c = e - r * p.cols;
+      const uint8_t byte = p.packed[r * prb + c / 2];
+      const int code = (c & 1) ? unpack_int4_hi(byte) : unpack_int4_lo(byte);
+      const bool bit = (p.aux[e >> 3] >> (e & 7)) & 1u;
+      const MaskR m = decode(code, bit);
+      const float g = p.gxhat[r * p.ldg + c];
+      if (p.gx != nullptr) {
+        const float out = m.inside ? g : 0.0f;
+        if (p.gx_bf16) {
+          static_cast<BFloat16*>(p.gx)[r * p.ldx + c] = float_to_bf16(out);
+        } else {
+          static_cast<float*>(p.gx)[r * p.ldx + c] = out;
+        }
+      }
+      acc += static_cast<double>(g) * static_cast<double>(m.r);
+    }
   }
   if (p.partial == nullptr) return;
   acc = warp_sum_f64(acc);
@@ -280,9 +330,9 @@ __global__ void __launch_bounds__(kThreads) lsq_backward_compact_kernel(const Ls
   if ((threadIdx.x & 31) == 0) warp_acc[threadIdx.x / 32] = acc;
   __syncthreads();
   if (threadIdx.x == 0) {
-    double s = 0.0;
-    for (int w = 0; w < kThreads / 32; ++w) s += warp_acc[w];
-    p.partial[blockIdx.x] = s;
+    double sum = 0.0;
+    for (int w = 0; w < kThreads / 32; ++w) sum += warp_acc[w];
+    p.partial[blockIdx.x] = sum;
   }
 }
 
@@ -410,7 +460,7 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
     const bool vec = aligned(g.data, bf16 ? 16 : 32) && (rows == 1 || p.ldg % 8 == 0) &&
                      (p.hi == nullptr || (aligned(p.hi, 4) && aligned(p.lo, 4)));
     const int64_t warps = rows * ((cols + kWarpCols - 1) / kWarpCols);
-    const int grid = grid_blocks(warps, kThreads / 32);
+    const int grid = grid_blocks(warps, kThreads / 32 * kChunks);
     if (bf16) {
       vec ? bitsplit_kernel<BFloat16, true><<<grid, kThreads, 0, s>>>(p)
           : bitsplit_kernel<BFloat16, false><<<grid, kThreads, 0, s>>>(p);
@@ -459,7 +509,7 @@ void lsq_backward_compact_cuda(const TensorView& packed_codes, const TensorView&
   if (!want_gx && !want_gs) return;
   const cudaStream_t s = as_stream(stream);
   const int64_t numel = rows * cols;
-  const int grid = grid_blocks(numel, kThreads, kLsqBwdMaxBlocks);
+  const int grid = grid_blocks(cols % 8 == 0 ? numel / 8 : numel, kThreads, kLsqBwdMaxBlocks);
   DeviceBuffer partial(alloc, want_gs ? sizeof(double) * grid : 0, stream);
   if (numel > 0) {
     LsqBwdParams p{packed_codes.ptr<const uint8_t>(),
@@ -472,7 +522,14 @@ void lsq_backward_compact_cuda(const TensorView& packed_codes, const TensorView&
                    rows,
                    cols,
                    want_gs ? partial.as<double>() : nullptr};
-    lsq_backward_compact_kernel<<<grid, kThreads, 0, s>>>(p);
+    const bool vec = cols % 8 == 0 && (rows == 1 || (p.ldg == cols && (!want_gx || p.ldx == cols))) &&
+                     aligned(p.gxhat, 32) && aligned(p.packed, 4) &&
+                     (!want_gx || aligned(p.gx, p.gx_bf16 ? 16 : 32));
+    if (vec) {
+      lsq_backward_compact_kernel<true><<<grid, kThreads, 0, s>>>(p);
+    } else {
+      lsq_backward_compact_kernel<false><<<grid, kThreads, 0, s>>>(p);
+    }
     INT4TRAIN_CUDA_LAUNCH_CHECK();
   }
   if (want_gs) {

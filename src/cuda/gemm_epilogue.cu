@@ -71,6 +71,11 @@ __global__ void fill_nan_if_kernel(const unsigned long long* __restrict__ counte
   }
 }
 
+__global__ void scale_product_kernel(const float* __restrict__ a, const float* __restrict__ b,
+                                     float* __restrict__ out) {
+  *out = __fmul_rn(a != nullptr ? *a : 1.0f, b != nullptr ? *b : 1.0f);
+}
+
 int grid_for(int64_t total) {
   const int64_t blocks = (total + kThreads - 1) / kThreads;
   return static_cast<int>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
@@ -85,6 +90,12 @@ void launch_scale_bias(const float* acc, int64_t ld_acc, const float* scale_a, c
   scale_bias_kernel<<<grid_for(m * n), kThreads, 0, stream>>>(acc, ld_acc, scale_a, scale_b, bias,
                                                                bias_bf16, out, out_bf16, ld_out, m,
                                                                n);
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+}
+
+void launch_scale_product(const float* scale_a, const float* scale_b, float* out,
+                          cudaStream_t stream) {
+  scale_product_kernel<<<1, 1, 0, stream>>>(scale_a, scale_b, out);
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 

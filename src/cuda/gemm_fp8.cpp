@@ -215,11 +215,37 @@ GemmShape check_operands(const TensorView& a, const TensorView& b) {
   return GemmShape{a.shape[0], b.shape[0], a.shape[1]};
 }
 
-// The raw fp32 accumulator a b^T into d (row stride ldd, 16-byte aligned), no scales, no bias.
-void raw_product(const TensorView& a, const TensorView& b, const GemmShape& s, float* d,
-                 int64_t ldd, const CudaAllocator& alloc, void* stream) {
-  LtProblem p{s.n, s.m, s.kp, b.data, row_stride(b), a.data, row_stride(a), nullptr, nullptr,
-              nullptr, CUDA_R_32F, d, ldd, CUDA_R_32F};
+// cuBLASLt's FP8 kernels were seen to refuse row counts N of b (its m) that are not a multiple of
+// 8 (docs/cuda.md): such a b is copied into a temporary with zero rows up to a multiple of 16.
+constexpr int64_t kRowAlign = 16;
+
+struct PaddedB {
+  const void* data;
+  int64_t ld, rows;
+};
+
+PaddedB pad_b(const TensorView& b, const GemmShape& s, DeviceBuffer& tmp, void* stream) {
+  if (s.n % kRowAlign == 0) return PaddedB{b.data, row_stride(b), s.n};
+  const int64_t np = (s.n + kRowAlign - 1) / kRowAlign * kRowAlign;
+  char* dst = tmp.as<char>();
+  const cudaStream_t st = as_stream(stream);
+  INT4TRAIN_CUDA_CHECK(cudaMemcpy2DAsync(dst, s.kp, b.data, row_stride(b), s.kp, s.n,
+                                         cudaMemcpyDeviceToDevice, st));
+  INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(dst + s.n * s.kp, 0, (np - s.n) * s.kp, st));
+  return PaddedB{dst, s.kp, np};
+}
+
+size_t pad_b_bytes(const GemmShape& s) {
+  if (s.n % kRowAlign == 0) return 0;
+  return static_cast<size_t>((s.n + kRowAlign - 1) / kRowAlign * kRowAlign * s.kp);
+}
+
+// The raw fp32 accumulator a b^T (no scales, no bias) into a temporary of rows x ld, ld the padded
+// row count of b.
+void raw_product(const TensorView& a, const PaddedB& b, const GemmShape& s, float* d,
+                 const CudaAllocator& alloc, void* stream) {
+  LtProblem p{b.rows, s.m, s.kp, b.data, b.ld, a.data, row_stride(a), nullptr, nullptr,
+              nullptr, CUDA_R_32F, d, b.rows, CUDA_R_32F};
   if (!run_lt(p, alloc, stream)) {
     throw_error(ErrorKind::kNotImplemented,
                 "gemm_fp8_cuda: cuBLASLt has no FP8 algorithm for M=" + std::to_string(s.m) +
@@ -245,30 +271,41 @@ void gemm_fp8_cuda(const TensorView& a, const TensorView& b, const TensorView& s
   if (s.m == 0 || s.n == 0) return;
   const bool out_bf16 = out.dtype == DType::kBFloat16;
   const bool bias_bf16 = bias.dtype == DType::kBFloat16;
-  const float* sa = static_cast<const float*>(scale_a.data);
-  const float* sb = static_cast<const float*>(scale_b.data);
   const int64_t ldo = row_stride(out);
   const int64_t elem = out_bf16 ? 2 : 4;
+  const cudaStream_t st = as_stream(stream);
+  // One 256-byte-aligned scalar s = scale_a * scale_b (the CPU's alpha), the only scale cuBLASLt
+  // sees: it was seen to refuse two scale pointers that are not 16-byte aligned.
+  DeviceBuffer scale(alloc, 256, stream);
+  const bool scaled = scale_a.data != nullptr || scale_b.data != nullptr;
+  if (scaled) {
+    cuda_detail::launch_scale_product(static_cast<const float*>(scale_a.data),
+                                      static_cast<const float*>(scale_b.data), scale.as<float>(),
+                                      st);
+  }
+  const float* sp = scaled ? scale.as<const float>() : nullptr;
 
-  // Fused: cuBLASLt applies the scales and (a bf16) bias and writes out directly. It needs an
-  // aligned output; an fp32 bias is added by the separate pass so that it is not rounded to bf16.
+  // Fused: cuBLASLt applies the scale and (a bf16) bias and writes out directly; measured equal to
+  // the CPU's epilogue bit for bit (docs/cuda.md). It needs an aligned output and N a multiple of
+  // 16; an fp32 bias is added by the separate pass so that it is not rounded to bf16.
   const bool aligned_out = reinterpret_cast<uintptr_t>(out.data) % 16 == 0 &&
                            (s.m == 1 || (ldo * elem) % 16 == 0);
   const bool fusable_bias = bias.data == nullptr ||
                             (bias_bf16 && reinterpret_cast<uintptr_t>(bias.data) % 16 == 0);
-  if (s.kp > 0 && aligned_out && fusable_bias) {
-    LtProblem p{s.n, s.m, s.kp, b.data, row_stride(b), a.data, row_stride(a), sb, sa,
+  if (s.kp > 0 && s.n % kRowAlign == 0 && aligned_out && fusable_bias) {
+    LtProblem p{s.n, s.m, s.kp, b.data, row_stride(b), a.data, row_stride(a), nullptr, sp,
                 bias.data, CUDA_R_16BF, out.data, s.m == 1 ? s.n : ldo,
                 out_bf16 ? CUDA_R_16BF : CUDA_R_32F};
-    if (p.ldd < p.m) p.ldd = p.m;
     if (run_lt(p, alloc, stream)) return;
   }
-  // Unfused: raw accumulator in a padded fp32 temporary, then scale and bias in the CPU's order.
-  const int64_t ldacc = (s.n + 3) / 4 * 4;
-  DeviceBuffer acc(alloc, s.kp > 0 ? static_cast<size_t>(s.m * ldacc) * sizeof(float) : 0, stream);
-  if (s.kp > 0) raw_product(a, b, s, acc.as<float>(), ldacc, alloc, stream);
-  cuda_detail::launch_scale_bias(s.kp > 0 ? acc.as<float>() : nullptr, ldacc, sa, sb, bias.data,
-                                 bias_bf16, out.data, out_bf16, ldo, s.m, s.n, as_stream(stream));
+  // Unfused: raw accumulator in an fp32 temporary, then scale and bias in the CPU's order.
+  DeviceBuffer bpad(alloc, pad_b_bytes(s), stream);
+  const PaddedB pb = pad_b(b, s, bpad, stream);
+  DeviceBuffer acc(alloc, s.kp > 0 ? static_cast<size_t>(s.m * pb.rows) * sizeof(float) : 0,
+                   stream);
+  if (s.kp > 0) raw_product(a, pb, s, acc.as<float>(), alloc, stream);
+  cuda_detail::launch_scale_bias(s.kp > 0 ? acc.as<float>() : nullptr, pb.rows, sp, nullptr,
+                                 bias.data, bias_bf16, out.data, out_bf16, ldo, s.m, s.n, st);
 }
 
 void gemm_fp8_s32_cuda(const TensorView& a, const TensorView& b, TensorView c,
@@ -278,10 +315,12 @@ void gemm_fp8_s32_cuda(const TensorView& a, const TensorView& b, TensorView c,
   cuda_detail::check_device_matrix(c, "c");
   check_shape(c, "c", s.m, s.n);
   if (s.m == 0 || s.n == 0) return;
-  const int64_t ldacc = (s.n + 3) / 4 * 4;
-  DeviceBuffer acc(alloc, s.kp > 0 ? static_cast<size_t>(s.m * ldacc) * sizeof(float) : 0, stream);
-  if (s.kp > 0) raw_product(a, b, s, acc.as<float>(), ldacc, alloc, stream);
-  cuda_detail::launch_f32_to_s32(s.kp > 0 ? acc.as<float>() : nullptr, ldacc, c.ptr<int32_t>(),
+  DeviceBuffer bpad(alloc, pad_b_bytes(s), stream);
+  const PaddedB pb = pad_b(b, s, bpad, stream);
+  DeviceBuffer acc(alloc, s.kp > 0 ? static_cast<size_t>(s.m * pb.rows) * sizeof(float) : 0,
+                   stream);
+  if (s.kp > 0) raw_product(a, pb, s, acc.as<float>(), alloc, stream);
+  cuda_detail::launch_f32_to_s32(s.kp > 0 ? acc.as<float>() : nullptr, pb.rows, c.ptr<int32_t>(),
                                  row_stride(c), s.m, s.n, as_stream(stream));
 }
 

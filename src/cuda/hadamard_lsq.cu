@@ -52,85 +52,94 @@ __device__ __forceinline__ void count_nonfinite(uint32_t bad, unsigned long long
   }
 }
 
-// Rows whose length is a multiple of 8 (every block size): a warp per 256 columns of a row.
+// Quantizes and stores one lane's 8 transformed values (columns col0 .. col0+7 of `row`).
+template <bool kVec>
+__device__ __forceinline__ void lsq_store8(const LsqParams& p, int64_t row, int64_t col0,
+                                           const float v[8], float inv, bool bad_step,
+                                           uint32_t* bad) {
+  float u[8];
+  if (p.aux != nullptr) {
+    const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;  // col0, cols: x8
+    const Philox4x32 r0 = random_block(p.seed, p.stream, b0);
+    const Philox4x32 r1 = random_block(p.seed, p.stream, b0 + 1);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      u[i] = uniform_from_u32(r0.v[i]);
+      u[i + 4] = uniform_from_u32(r1.v[i]);
+    }
+  }
+  uint32_t packed_word = 0, op_lo = 0, op_hi = 0, bits = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float xt = v[i];
+    if (bad_step || !isfinite(xt)) ++*bad;
+    const float q = __fmul_rn(xt, inv);
+    const int code = round_clamp(q, -kLsqQn, kLsqQp);
+    packed_word |= static_cast<uint32_t>(code & 0xF) << (4 * i);
+    const uint32_t e = e4m3_of_code(code);
+    if (i < 4) {
+      op_lo |= e << (8 * i);
+    } else {
+      op_hi |= e << (8 * (i - 4));
+    }
+    if (p.aux != nullptr) bits |= lsq_aux_bit(q, code, u[i]) << i;
+  }
+  if (kVec) {
+    if (p.packed != nullptr) {
+      *reinterpret_cast<uint32_t*>(p.packed + row * (p.cols / 2) + col0 / 2) = packed_word;
+    }
+  } else if (p.packed != nullptr) {
+    uint8_t* dst = p.packed + row * (p.cols / 2) + col0 / 2;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dst[i] = static_cast<uint8_t>(packed_word >> (8 * i));
+  }
+  // Operand rows are 16-byte aligned with a stride of a multiple of 16: 8 bytes at col0 are aligned.
+  if (p.operand != nullptr) {
+    *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(op_lo, op_hi);
+  }
+  if (p.aux != nullptr) p.aux[(row * p.cols + col0) / 8] = static_cast<uint8_t>(bits);
+}
+
+// Rows whose length is a multiple of 8 (every block size): a warp per 256 columns of a row, and
+// kChunksPerWarp such chunks loaded before any is computed, so that enough bytes are in flight.
+constexpr int kChunksPerWarp = 4;
+
 template <typename In, int G, bool kVec>
 __global__ void __launch_bounds__(kThreads) hadamard_lsq_kernel(const LsqParams p) {
   const int lane = threadIdx.x & 31;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   const int64_t chunks = (p.cols + kWarpCols - 1) / kWarpCols;
+  const int64_t total = p.rows * chunks;
   const float s = *p.step;
   const float inv = __frcp_rn(s);  // == 1.0f / s correctly rounded, as the CPU computes it
   const bool bad_step = step_is_bad(s);
   uint32_t bad = 0;
-  for (int64_t w = warp; w < p.rows * chunks; w += nwarps) {
-    const int64_t row = w / chunks;
-    const int64_t col0 = (w - row * chunks) * kWarpCols + kLaneElems * lane;
-    const bool valid = col0 < p.cols;
-    float v[8];
-    if (valid) {
-      load8<kVec>(static_cast<const In*>(p.x) + row * p.ldx + col0, v);
-    } else {
+  for (int64_t w0 = warp * kChunksPerWarp; w0 < total; w0 += nwarps * kChunksPerWarp) {
+    float v[kChunksPerWarp][8];
+    int64_t row[kChunksPerWarp], col0[kChunksPerWarp];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = 0.0f;
-    }
-    hadamard_warp8<G>(v, lane, p.hscale);
-    if (!valid) {
-      if (p.operand != nullptr && col0 < p.op_cols) {
-        *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(0u, 0u);
-      }
-      continue;
-    }
-    float u[8];
-    if (p.aux != nullptr) {
-      const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;  // col0, cols: x8
-      const Philox4x32 r0 = random_block(p.seed, p.stream, b0);
-      const Philox4x32 r1 = random_block(p.seed, p.stream, b0 + 1);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        u[i] = uniform_from_u32(r0.v[i]);
-        u[i + 4] = uniform_from_u32(r1.v[i]);
-      }
-    }
-    uint32_t packed_word = 0, op_lo = 0, op_hi = 0, bits = 0;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float xt = v[i];
-      if (bad_step || !isfinite(xt)) ++bad;
-      const float q = __fmul_rn(xt, inv);
-      const int code = round_clamp(q, -kLsqQn, kLsqQp);
-      packed_word |= static_cast<uint32_t>(code & 0xF) << (4 * i);
-      const uint32_t e = e4m3_of_code(code);
-      if (i < 4) {
-        op_lo |= e << (8 * i);
+    for (int k = 0; k < kChunksPerWarp; ++k) {
+      const int64_t w = w0 + k < total ? w0 + k : total - 1;
+      row[k] = w / chunks;
+      col0[k] = (w - row[k] * chunks) * kWarpCols + kLaneElems * lane;
+      if (w0 + k < total && col0[k] < p.cols) {
+        load8<kVec>(static_cast<const In*>(p.x) + row[k] * p.ldx + col0[k], v[k]);
       } else {
-        op_hi |= e << (8 * (i - 4));
-      }
-      if (p.aux != nullptr) bits |= lsq_aux_bit(q, code, u[i]) << i;
-    }
-    if (kVec) {
-      if (p.packed != nullptr) {
-        *reinterpret_cast<uint32_t*>(p.packed + row * (p.cols / 2) + col0 / 2) = packed_word;
-      }
-      if (p.operand != nullptr) {
-        *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(op_lo, op_hi);
-      }
-    } else {
-      if (p.packed != nullptr) {
-        uint8_t* dst = p.packed + row * (p.cols / 2) + col0 / 2;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) dst[i] = static_cast<uint8_t>(packed_word >> (8 * i));
-      }
-      if (p.operand != nullptr) {
-        uint8_t* dst = p.operand + row * p.ldop + col0;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          dst[i] = static_cast<uint8_t>(op_lo >> (8 * i));
-          dst[i + 4] = static_cast<uint8_t>(op_hi >> (8 * i));
-        }
+        for (int i = 0; i < 8; ++i) v[k][i] = 0.0f;
       }
     }
-    if (p.aux != nullptr) p.aux[(row * p.cols + col0) / 8] = static_cast<uint8_t>(bits);
+#pragma unroll
+    for (int k = 0; k < kChunksPerWarp; ++k) {
+      hadamard_warp8<G>(v[k], lane, p.hscale);
+      if (w0 + k >= total) continue;
+      if (col0[k] < p.cols) {
+        lsq_store8<kVec>(p, row[k], col0[k], v[k], inv, bad_step, &bad);
+      } else if (p.operand != nullptr && col0[k] < p.op_cols) {
+        *reinterpret_cast<uint2*>(p.operand + row[k] * p.ldop + col0[k]) = make_uint2(0u, 0u);
+      }
+    }
   }
   count_nonfinite(bad, p.nonfinite);
 }
@@ -214,19 +223,29 @@ __global__ void __launch_bounds__(kThreads) hadamard_kernel(const TransformParam
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   const int64_t chunks = (p.cols + kWarpCols - 1) / kWarpCols;
-  for (int64_t w = warp; w < p.rows * chunks; w += nwarps) {
-    const int64_t row = w / chunks;
-    const int64_t col0 = (w - row * chunks) * kWarpCols + kLaneElems * lane;
-    const bool valid = col0 < p.cols;
-    float v[8];
-    if (valid) {
-      load8<kVec>(static_cast<const In*>(p.in) + row * p.ldi + col0, v);
-    } else {
+  const int64_t total = p.rows * chunks;
+  for (int64_t w0 = warp * kChunksPerWarp; w0 < total; w0 += nwarps * kChunksPerWarp) {
+    float v[kChunksPerWarp][8];
+    int64_t row[kChunksPerWarp], col0[kChunksPerWarp];
+    bool valid[kChunksPerWarp];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = 0.0f;
+    for (int k = 0; k < kChunksPerWarp; ++k) {
+      const int64_t w = w0 + k < total ? w0 + k : total - 1;
+      row[k] = w / chunks;
+      col0[k] = (w - row[k] * chunks) * kWarpCols + kLaneElems * lane;
+      valid[k] = w0 + k < total && col0[k] < p.cols;
+      if (valid[k]) {
+        load8<kVec>(static_cast<const In*>(p.in) + row[k] * p.ldi + col0[k], v[k]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[k][i] = 0.0f;
+      }
     }
-    hadamard_warp8<G>(v, lane, p.hscale);
-    if (valid) store8<kVec>(static_cast<Out*>(p.out) + row * p.ldo + col0, v);
+#pragma unroll
+    for (int k = 0; k < kChunksPerWarp; ++k) {
+      hadamard_warp8<G>(v[k], lane, p.hscale);
+      if (valid[k]) store8<kVec>(static_cast<Out*>(p.out) + row[k] * p.ldo + col0[k], v[k]);
+    }
   }
 }
 
@@ -282,7 +301,8 @@ bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p
 template <typename In, int G, bool kVec>
 void launch_lsq_g(const LsqParams& p, cudaStream_t stream) {
   const int64_t warps = p.rows * ((p.cols + kWarpCols - 1) / kWarpCols);
-  hadamard_lsq_kernel<In, G, kVec><<<grid_blocks(warps, kThreads / 32), kThreads, 0, stream>>>(p);
+  const int grid = grid_blocks(warps, kThreads / 32 * kChunksPerWarp);
+  hadamard_lsq_kernel<In, G, kVec><<<grid, kThreads, 0, stream>>>(p);
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 
@@ -304,7 +324,7 @@ void launch_lsq(const LsqParams& p, cudaStream_t stream) {
 template <typename In, typename Out, bool kVec>
 void launch_transform(const TransformParams& p, cudaStream_t stream) {
   const int64_t warps = p.rows * ((p.cols + kWarpCols - 1) / kWarpCols);
-  const int grid = grid_blocks(warps, kThreads / 32);
+  const int grid = grid_blocks(warps, kThreads / 32 * kChunksPerWarp);
   switch (p.block) {
     case 1: hadamard_kernel<In, Out, 1, kVec><<<grid, kThreads, 0, stream>>>(p); break;
     case 2: hadamard_kernel<In, Out, 2, kVec><<<grid, kThreads, 0, stream>>>(p); break;

@@ -17,6 +17,11 @@ void launch_scale_bias(const float* acc, int64_t ld_acc, const float* scale_a, c
                        const void* bias, bool bias_bf16, void* out, bool out_bf16, int64_t ld_out,
                        int64_t m, int64_t n, cudaStream_t stream);
 
+// *out = (*scale_a) * (*scale_b) in fp32 (a null scale counts as 1): the one scale handed to
+// cuBLASLt, so that the product's scale is rounded once, as gemm.h's alpha.
+void launch_scale_product(const float* scale_a, const float* scale_b, float* out,
+                          cudaStream_t stream);
+
 // c[m, n] = int32(acc[m, n]) for an fp32 accumulator holding integers (exact below 2^24); acc ==
 // nullptr writes zeros.
 void launch_f32_to_s32(const float* acc, int64_t ld_acc, int32_t* c, int64_t ld_c, int64_t m,

@@ -63,6 +63,9 @@ struct Outputs {
 void run_forward(const Problem& p, bool graph) {
   auto x = randn(p.n * p.d, 1 + p.n + p.d, 1.0f), w = randn(p.c * p.d, 2 + p.c, 0.05f);
   for (int64_t i = 0; i < p.n; ++i) x[static_cast<size_t>(i * p.d + (p.d > 3 ? 3 : 0))] *= 25.0f;
+  // Steps from the finite data (lsq_init_step rejects non-finite input), then the NaN if any.
+  float sx = 0.9f * lsq_init_step(make_matrix(x.data(), DType::kFloat32, p.n, p.d));
+  float sw = lsq_init_step(make_matrix(w.data(), DType::kFloat32, p.c, p.d));
   if (p.nonfinite) x[x.size() / 2] = NAN;
   const auto bias = randn(p.c, 3, 0.5f);
   const auto xb = as_bytes(x, p.in_bf16), wb = as_bytes(w, p.in_bf16);
@@ -70,10 +73,6 @@ void run_forward(const Problem& p, bool graph) {
   const DType idt = p.in_bf16 ? DType::kBFloat16 : DType::kFloat32;
   const DType odt = p.out_bf16 ? DType::kBFloat16 : DType::kFloat32;
   const size_t oesz = p.out_bf16 ? 2 : 4;
-  float sx = 0.9f * lsq_init_step(make_matrix(const_cast<float*>(x.data()), DType::kFloat32, p.n,
-                                              p.d));
-  if (!std::isfinite(sx) || sx <= 0) sx = 0.5f;
-  float sw = lsq_init_step(make_matrix(w.data(), DType::kFloat32, p.c, p.d));
   LinearConfig cfg;
   cfg.recipe = p.recipe;
   cfg.hadamard_block = p.block;
