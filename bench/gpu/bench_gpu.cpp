@@ -214,7 +214,7 @@ void bench_quant(int64_t rows, int64_t cols) {
   const std::string shape = std::to_string(rows) + "x" + std::to_string(cols);
   const RandomKey key{1, 2};
   for (bool bf16 : {true, false}) {
-    for (int32_t g : {256, 64, 16}) {
+    for (int32_t g : {256, 64, 16, 1}) {
       const double ms = time_ms([&](int i) {
         const Buf& x = bf16 ? *xb[i % kSets] : *xf[i % kSets];
         hadamard_lsq_quantize_cuda(make_matrix(x.p, bf16 ? DType::kBFloat16 : DType::kFloat32, rows, cols),
@@ -336,6 +336,29 @@ void bench_gemm(int64_t tokens, int64_t in, int64_t out) {
   });
   std::snprintf(note, sizeof note, "%.2fx bf16 GEMM", ms16 / msf);
   report("linear_forward_cuda hq_lss g256 " + shape, msf, flops / msf / 1e9, "TFLOP/s", note);
+  // The backward (hq_bs: every product on 4-bit codes, 2N bit-split rows, so twice the FLOPs of a
+  // bf16 backward's two products), beside 2x the bf16 product above (the bf16 backward's cost).
+  Buf gy(m * n * 2), gx(m * k * 2), gw(n * k * 2), gbias(n * 2), gsteps(8);
+  fill_random_bf16(gy, m * n, 7);
+  cfg.recipe = Recipe::kHqBs;
+  const double msb = time_ms([&](int i) {
+    LinearBackwardArgs a;
+    a.grad_y = make_matrix(gy.p, DType::kBFloat16, m, n);
+    a.saved_codes = make_matrix(codes.p, DType::kInt4Packed, m, k);
+    a.saved_aux = make_vector(auxb.p, DType::kUInt8, compact_aux_bytes(m, k));
+    a.w = make_matrix(b16[i % kSets]->p, DType::kBFloat16, n, k);
+    a.step_x = make_scalar(scales.as<float>(), DType::kFloat32);
+    a.step_w = make_scalar(scales.as<float>() + 1, DType::kFloat32);
+    a.grad_x = make_matrix(gx.p, DType::kBFloat16, m, k);
+    a.grad_w = make_matrix(gw.p, DType::kBFloat16, n, k);
+    a.grad_bias = make_vector(gbias.p, DType::kBFloat16, n);
+    a.grad_step_x = make_scalar(gsteps.as<float>(), DType::kFloat32);
+    a.grad_step_w = make_scalar(gsteps.as<float>() + 1, DType::kFloat32);
+    linear_backward_cuda(cfg, a, alloc, nullptr);
+  }, 3, 7);
+  std::snprintf(note, sizeof note, "%.2fx (2x bf16 GEMM)", 2.0 * ms16 / msb);
+  report("linear_backward_cuda hq_bs g256 " + shape, msb, 2.0 * flops / msb / 1e9,
+         "TFLOP/s", note);
 }
 
 }  // namespace

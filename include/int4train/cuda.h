@@ -119,6 +119,14 @@ void lsq_backward_compact_cuda(const TensorView& packed_codes, const TensorView&
                                const TensorView& grad_xhat, TensorView grad_x, TensorView grad_step,
                                const CudaAllocator& alloc, void* stream);
 
+// lsq_backward of quantize.h on the device (the weight's full-information LSQ backward): x is the
+// fp32 transformed input x~, step an fp32 device scalar; grad_x = grad_xhat * 1[-8 <= v <= 7] (fp32
+// or bf16; may be grad_xhat itself when fp32); grad_step = gamma * sum(grad_xhat * r) (fp32 device
+// scalar, overwritten; fixed-order fp64 partial sums, within one fp32 rounding of the CPU's).
+void lsq_backward_cuda(const TensorView& x, const TensorView& step, const TensorView& grad_xhat,
+                       TensorView grad_x, TensorView grad_step, const CudaAllocator& alloc,
+                       void* stream);
+
 // ------------------------------------------------------------------------------ the layer
 // linear_forward of linear.h on the device, for the LSQ recipes (lsq_luq, hq, hq_bs, hq_lss; the
 // others are an Error of kind kNotImplemented): X and W each take one fused Hadamard + LSQ pass, the
@@ -128,5 +136,13 @@ void lsq_backward_compact_cuda(const TensorView& packed_codes, const TensorView&
 // Equal to the CPU's linear_forward bit for bit (tested).
 void linear_forward_cuda(const LinearConfig& config, const LinearForwardArgs& args,
                          const CudaAllocator& alloc, void* stream);
+
+// linear_backward of linear.h on the device, so far for recipe hq_bs (bit split, all 2N rows; the
+// other recipes are an Error of kind kNotImplemented: hq and lsq_luq need their gradient
+// quantizers on the device, hq_lss the sampling). Every product runs on FP8 operands holding INT4
+// codes with exact accumulation; grad_x, grad_w, grad_bias equal the CPU's bit for bit, the step
+// gradients within one fp32 rounding (fp64 sums in another order). No host synchronisation.
+void linear_backward_cuda(const LinearConfig& config, const LinearBackwardArgs& args,
+                          const CudaAllocator& alloc, void* stream);
 
 }  // namespace int4train

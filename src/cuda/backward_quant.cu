@@ -160,8 +160,9 @@ __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, int64_t
   }
 }
 
-// Rows a multiple of 8 long: a warp per 256 columns, 8 per lane, kChunks chunks loaded at once.
-constexpr int kChunks = 4;
+// Rows a multiple of 8 long: a warp per 256 columns, 8 per lane, kChunks chunks loaded at once (1:
+// 4 was measured slower, as in hadamard_lsq.cu).
+constexpr int kChunks = 1;
 
 template <typename In, bool kVec>
 __global__ void __launch_bounds__(kThreads) bitsplit_kernel(const BitsplitParams p) {

@@ -101,8 +101,10 @@ __device__ __forceinline__ void lsq_store8(const LsqParams& p, int64_t row, int6
 }
 
 // Rows whose length is a multiple of 8 (every block size): a warp per 256 columns of a row, and
-// kChunksPerWarp such chunks loaded before any is computed, so that enough bytes are in flight.
-constexpr int kChunksPerWarp = 4;
+// kChunksPerWarp such chunks loaded before any is computed. Measured on the H100 (docs/cuda.md): 4
+// chunks ran slower than 1 (more registers, fewer warps; the kernel is bound by its integer and
+// shuffle work, not by bytes in flight), so 1 it is; the loop stays for the next tuning step.
+constexpr int kChunksPerWarp = 1;
 
 template <typename In, int G, bool kVec>
 __global__ void __launch_bounds__(kThreads) hadamard_lsq_kernel(const LsqParams p) {

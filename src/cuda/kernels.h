@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "int4train/common.h"
+
 namespace int4train {
 namespace cuda_detail {
 
@@ -31,6 +33,17 @@ void launch_f32_to_s32(const float* acc, int64_t ld_acc, int32_t* c, int64_t ld_
 // "non-finite input" report of the layer's forward.
 void launch_fill_nan_if(const unsigned long long* counter, void* out, bool out_bf16, int64_t ld_out,
                         int64_t m, int64_t n, cudaStream_t stream);
+
+// out (fp32 rows x cols, row stride ldo) = float(double(*s1) * double(*s2) * (16 hi + lo)) with hi,
+// lo fp32 accumulators of integers (row stride ld) summed exactly in int64: the bit-split
+// recombination of src/cpu/linear.cpp (hq_bs), rounded as there.
+void launch_combine_bitsplit(const float* hi, const float* lo, int64_t ld, const float* s1,
+                             const float* s2, float* out, int64_t ldo, int64_t rows, int64_t cols,
+                             cudaStream_t stream);
+
+// out (fp32 or bf16 vector of cols) = column sums of g (fp32 or bf16 rows x cols), in fp64 in row
+// order (the CPU's bias gradient, bit for bit).
+void launch_bias_grad(const TensorView& g, TensorView out, cudaStream_t stream);
 
 }  // namespace cuda_detail
 }  // namespace int4train

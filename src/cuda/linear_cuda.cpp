@@ -78,4 +78,123 @@ void linear_forward_cuda(const LinearConfig& cfg, const LinearForwardArgs& a,
   launch_fill_nan_if(counter, a.y.data, a.y.dtype == DType::kBFloat16, row_stride(a.y), n, c, s);
 }
 
+namespace {
+
+// A temporary matrix view over a DeviceBuffer.
+struct Temp {
+  cuda_detail::DeviceBuffer buf;
+  TensorView view;
+  Temp(const CudaAllocator& alloc, void* stream, DType dtype, int64_t rows, int64_t cols)
+      : buf(alloc,
+            static_cast<size_t>(dtype == DType::kInt4Packed
+                                    ? rows * ((cols + 1) / 2)
+                                    : rows * cols * static_cast<int64_t>(dtype_size(dtype))),
+            stream),
+        view(make_matrix(buf.get(), dtype, rows, cols)) {}
+};
+
+}  // namespace
+
+void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
+                          const CudaAllocator& alloc, void* stream) {
+  using namespace cuda_detail;
+  if (cfg.recipe != Recipe::kHqBs) {
+    throw_error(ErrorKind::kNotImplemented,
+                std::string("recipe: linear_backward_cuda implements hq_bs so far, got ") +
+                    recipe_name(cfg.recipe));
+  }
+  check_dtype(a.grad_y, "grad_y", {DType::kFloat32, DType::kBFloat16});
+  check_device_matrix(a.grad_y, "grad_y");
+  check_dtype(a.w, "w", {DType::kFloat32, DType::kBFloat16});
+  check_device_matrix(a.w, "w");
+  const int64_t n = a.grad_y.shape[0], c = a.grad_y.shape[1], d = a.w.shape[1];
+  if (a.w.shape[0] != c) {
+    throw_error(ErrorKind::kValue, "w: expected " + std::to_string(c) +
+                                       " rows (out_features of grad_y), got " +
+                                       std::to_string(a.w.shape[0]));
+  }
+  const int32_t g = cfg.hadamard_block;
+  if (!is_valid_hadamard_block(g) || (d > 0 && d % g != 0)) {
+    throw_error(ErrorKind::kValue, "hadamard_block: expected a power of two <= " +
+                                       std::to_string(kMaxHadamardBlock) +
+                                       " dividing in_features = " + std::to_string(d) + ", got " +
+                                       std::to_string(g));
+  }
+  check_device_scalar(a.step_x, "step_x", DType::kFloat32);
+  check_device_scalar(a.step_w, "step_w", DType::kFloat32);
+  check_dtype(a.saved_codes, "saved_codes", {DType::kInt4Packed});
+  check_shape(a.saved_codes, "saved_codes", n, d);
+  check_dtype(a.saved_aux, "saved_aux", {DType::kUInt8});
+  check_vector(a.saved_aux, "saved_aux", compact_aux_bytes(n, d));
+  const bool want_dx = a.grad_x.data != nullptr, want_dw = a.grad_w.data != nullptr;
+  if (want_dx) {
+    check_dtype(a.grad_x, "grad_x", {DType::kFloat32, DType::kBFloat16});
+    check_shape(a.grad_x, "grad_x", n, d);
+  }
+  if (want_dw) {
+    check_dtype(a.grad_w, "grad_w", {DType::kFloat32, DType::kBFloat16});
+    check_shape(a.grad_w, "grad_w", c, d);
+  }
+  const cudaStream_t s = as_stream(stream);
+  if (a.grad_bias.data != nullptr) {
+    check_dtype(a.grad_bias, "grad_bias", {DType::kFloat32, DType::kBFloat16});
+    check_vector(a.grad_bias, "grad_bias", c);
+    launch_bias_grad(a.grad_y, a.grad_bias, s);
+  }
+  const bool dom_dx = want_dx || a.grad_step_x.data != nullptr;
+  const bool dom_dw = want_dw || a.grad_step_w.data != nullptr;
+  if (!dom_dx && !dom_dw) return;
+
+  // The weight is unchanged since the forward: its codes again (same bits as the forward's), and
+  // for its LSQ backward the fp32 W~.
+  Temp qw(alloc, stream, DType::kInt4Packed, c, d);
+  hadamard_lsq_quantize_cuda(a.w, g, a.step_w, RandomKey{}, TensorView{}, qw.view, TensorView{},
+                             TensorView{}, stream);
+  // Bit split of grad_y: the stacked operand [hi; lo] and the packed codes for the transposes.
+  const RandomKey gkey{cfg.seed, make_stream(cfg.step, cfg.layer, RandomPurpose::kGradRound)};
+  const int64_t cp = fp8_padded_cols(c), np = fp8_padded_cols(n);
+  Temp r_op(alloc, stream, DType::kFloat8E4M3, 2 * n, cp);
+  Temp hi(alloc, stream, DType::kInt4Packed, n, c), lo(alloc, stream, DType::kInt4Packed, n, c);
+  Temp sg(alloc, stream, DType::kFloat32, 1, 1);
+  const TensorView sg_v = make_scalar(sg.buf.get(), DType::kFloat32);
+  quantize_bitsplit_cuda(a.grad_y, gkey, r_op.view, dom_dw ? hi.view : TensorView{},
+                         dom_dw ? lo.view : TensorView{}, TensorView{}, sg_v, alloc, stream);
+
+  if (dom_dx) {
+    // dX~ = s_g s_w (16 Qhi + Qlo) Qw: one product over the 2N stacked rows (K = C).
+    Temp qwt(alloc, stream, DType::kFloat8E4M3, d, cp);
+    codes_to_fp8_cuda(qw.view, true, qwt.view, stream);
+    Temp p(alloc, stream, DType::kFloat32, 2 * n, d);
+    gemm_fp8_cuda(r_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view, alloc,
+                  stream);
+    Temp dx(alloc, stream, DType::kFloat32, n, d);
+    launch_combine_bitsplit(p.buf.as<float>(), p.buf.as<float>() + n * d, d, sg.buf.as<float>(),
+                            a.step_w.ptr<float>(),
+                            dx.buf.as<float>(), d, n, d, s);
+    lsq_backward_compact_cuda(a.saved_codes, a.saved_aux, dx.view, dx.view, a.grad_step_x, alloc,
+                              stream);
+    if (want_dx) hadamard_transform_cuda(dx.view, a.grad_x, g, stream);
+  }
+  if (dom_dw) {
+    // dW~ = s_g s_x (16 Qhi^T + Qlo^T) Qx: two products with K = N tokens, summed exactly.
+    Temp hit(alloc, stream, DType::kFloat8E4M3, c, np), lot(alloc, stream, DType::kFloat8E4M3, c, np);
+    Temp qxt(alloc, stream, DType::kFloat8E4M3, d, np);
+    codes_to_fp8_cuda(hi.view, true, hit.view, stream);
+    codes_to_fp8_cuda(lo.view, true, lot.view, stream);
+    codes_to_fp8_cuda(a.saved_codes, true, qxt.view, stream);
+    Temp phi(alloc, stream, DType::kFloat32, c, d), plo(alloc, stream, DType::kFloat32, c, d);
+    gemm_fp8_cuda(hit.view, qxt.view, TensorView{}, TensorView{}, TensorView{}, phi.view, alloc,
+                  stream);
+    gemm_fp8_cuda(lot.view, qxt.view, TensorView{}, TensorView{}, TensorView{}, plo.view, alloc,
+                  stream);
+    Temp dw(alloc, stream, DType::kFloat32, c, d);
+    launch_combine_bitsplit(phi.buf.as<float>(), plo.buf.as<float>(), d, sg.buf.as<float>(),
+                            a.step_x.ptr<float>(), dw.buf.as<float>(), d, c, d, s);
+    Temp wt(alloc, stream, DType::kFloat32, c, d);
+    hadamard_transform_cuda(a.w, wt.view, g, stream);
+    lsq_backward_cuda(wt.view, a.step_w, dw.view, dw.view, a.grad_step_w, alloc, stream);
+    if (want_dw) hadamard_transform_cuda(dw.view, a.grad_w, g, stream);
+  }
+}
+
 }  // namespace int4train

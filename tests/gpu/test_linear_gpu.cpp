@@ -157,6 +157,115 @@ void run_forward(const Problem& p, bool graph) {
   GPU_CHECK_MSG(aux == want.aux, "saved aux differs");
 }
 
+// ---- backward (hq_bs): the CPU's forward saves the state, then both backwards run from it.
+int64_t count_byte_diff(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b) {
+  int64_t n = 0;
+  for (size_t i = 0; i < a.size(); ++i) n += a[i] != b[i];
+  return n;
+}
+
+void run_backward(const Problem& p, bool graph) {
+  auto x = randn(p.n * p.d, 11 + p.n, 1.0f), w = randn(p.c * p.d, 12 + p.c, 0.05f);
+  const auto gy = randn(p.n * p.c, 13 + p.d, 1e-3f);
+  float sx = 0.9f * lsq_init_step(make_matrix(x.data(), DType::kFloat32, p.n, p.d));
+  float sw = 1.1f * lsq_init_step(make_matrix(w.data(), DType::kFloat32, p.c, p.d));
+  const DType idt = p.in_bf16 ? DType::kBFloat16 : DType::kFloat32;
+  const DType odt = p.out_bf16 ? DType::kBFloat16 : DType::kFloat32;
+  const size_t oesz = p.out_bf16 ? 2 : 4;
+  const auto xb = as_bytes(x, p.in_bf16), wb = as_bytes(w, p.in_bf16), gb = as_bytes(gy, p.in_bf16);
+  LinearConfig cfg;
+  cfg.recipe = p.recipe;
+  cfg.hadamard_block = p.block;
+  cfg.seed = 99;
+  cfg.step = 2;
+  cfg.layer = 1;
+  const int64_t cb = p.n * packed_row_bytes(p.d), ab = compact_aux_bytes(p.n, p.d);
+  std::vector<uint8_t> codes(static_cast<size_t>(cb)), aux(static_cast<size_t>(ab));
+  std::vector<float> y(static_cast<size_t>(p.n * p.c));
+  LinearForwardArgs fa;
+  fa.x = make_matrix(const_cast<uint8_t*>(xb.data()), idt, p.n, p.d);
+  fa.w = make_matrix(const_cast<uint8_t*>(wb.data()), idt, p.c, p.d);
+  fa.step_x = make_scalar(&sx, DType::kFloat32);
+  fa.step_w = make_scalar(&sw, DType::kFloat32);
+  fa.y = make_matrix(y.data(), DType::kFloat32, p.n, p.c);
+  fa.saved_codes = make_matrix(codes.data(), DType::kInt4Packed, p.n, p.d);
+  fa.saved_aux = make_vector(aux.data(), DType::kUInt8, ab);
+  linear_forward(cfg, fa);
+
+  std::vector<uint8_t> want_gx(static_cast<size_t>(p.n * p.d) * oesz),
+      want_gw(static_cast<size_t>(p.c * p.d) * oesz), want_gb(static_cast<size_t>(p.c) * oesz);
+  float want_gsx = 0, want_gsw = 0;
+  LinearBackwardArgs ba;
+  ba.grad_y = make_matrix(const_cast<uint8_t*>(gb.data()), idt, p.n, p.c);
+  ba.saved_codes = fa.saved_codes;
+  ba.saved_aux = fa.saved_aux;
+  ba.w = fa.w;
+  ba.step_x = fa.step_x;
+  ba.step_w = fa.step_w;
+  ba.grad_x = make_matrix(want_gx.data(), odt, p.n, p.d);
+  ba.grad_w = make_matrix(want_gw.data(), odt, p.c, p.d);
+  if (p.bias) ba.grad_bias = make_vector(want_gb.data(), odt, p.c);
+  ba.grad_step_x = make_scalar(&want_gsx, DType::kFloat32);
+  ba.grad_step_w = make_scalar(&want_gsw, DType::kFloat32);
+  linear_backward(cfg, ba);
+
+  DevBuf dgy = gputest::upload(gb), dw = gputest::upload(wb), dcodes = gputest::upload(codes),
+         daux = gputest::upload(aux), dsteps = gputest::upload(std::vector<float>{sx, sw});
+  DevBuf dgx(want_gx.size()), dgw(want_gw.size()), dgb(std::max<size_t>(1, want_gb.size())),
+      dgs(8);
+  dgx.poison();
+  dgw.poison();
+  dgb.poison();
+  dgs.poison();
+  LinearBackwardArgs da;
+  da.grad_y = make_matrix(dgy.get(), idt, p.n, p.c);
+  da.saved_codes = make_matrix(dcodes.get(), DType::kInt4Packed, p.n, p.d);
+  da.saved_aux = make_vector(daux.get(), DType::kUInt8, ab);
+  da.w = make_matrix(dw.get(), idt, p.c, p.d);
+  da.step_x = make_scalar(dsteps.as<float>(), DType::kFloat32);
+  da.step_w = make_scalar(dsteps.as<float>() + 1, DType::kFloat32);
+  da.grad_x = make_matrix(dgx.get(), odt, p.n, p.d);
+  da.grad_w = make_matrix(dgw.get(), odt, p.c, p.d);
+  if (p.bias) da.grad_bias = make_vector(dgb.get(), odt, p.c);
+  da.grad_step_x = make_scalar(dgs.as<float>(), DType::kFloat32);
+  da.grad_step_w = make_scalar(dgs.as<float>() + 1, DType::kFloat32);
+  const CudaAllocator alloc = default_cuda_allocator();
+  if (!graph) {
+    linear_backward_cuda(cfg, da, alloc, nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
+  } else {
+    cudaStream_t st;
+    CUDA_OK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    linear_backward_cuda(cfg, da, alloc, st);  // warm-up: handles, heuristics
+    CUDA_OK(cudaStreamSynchronize(st));
+    dgx.poison();
+    dgw.poison();
+    cudaGraph_t gr;
+    CUDA_OK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+    linear_backward_cuda(cfg, da, alloc, st);
+    CUDA_OK(cudaStreamEndCapture(st, &gr));
+    cudaGraphExec_t exec;
+    CUDA_OK(cudaGraphInstantiate(&exec, gr, 0));
+    CUDA_OK(cudaGraphLaunch(exec, st));
+    CUDA_OK(cudaStreamSynchronize(st));
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(gr);
+    cudaStreamDestroy(st);
+  }
+  const auto gx = gputest::download<uint8_t>(dgx, want_gx.size());
+  const auto gw = gputest::download<uint8_t>(dgw, want_gw.size());
+  GPU_CHECK_MSG(count_byte_diff(gx, want_gx) == 0, count_byte_diff(gx, want_gx) << " grad_x bytes differ");
+  GPU_CHECK_MSG(count_byte_diff(gw, want_gw) == 0, count_byte_diff(gw, want_gw) << " grad_w bytes differ");
+  if (p.bias) {
+    const auto gbias = gputest::download<uint8_t>(dgb, want_gb.size());
+    GPU_CHECK_MSG(count_byte_diff(gbias, want_gb) == 0, "grad_bias differs");
+  }
+  const auto gs = gputest::download<float>(dgs, 2);
+  // fp64 sums of the same terms in another order: at most one fp32 rounding apart.
+  GPU_CHECK_MSG(gputest::ulp_distance(gs[0], want_gsx) <= 1, "grad_step_x " << gs[0] << " want " << want_gsx);
+  GPU_CHECK_MSG(gputest::ulp_distance(gs[1], want_gsw) <= 1, "grad_step_w " << gs[1] << " want " << want_gsw);
+}
+
 const bool registered = [] {
   using gputest::add_case;
   const Problem problems[] = {
@@ -176,6 +285,19 @@ const bool registered = [] {
            [=] { run_forward(problems[2], true); });
   add_case("linear_forward_graph/" + problem_name(problems[6]), false,
            [=] { run_forward(problems[6], true); });
+  const Problem backward[] = {
+      {16, 64, 32, 16, false, false, true, Recipe::kHqBs, false},
+      {33, 256, 40, 256, false, false, true, Recipe::kHqBs, false},
+      {33, 256, 40, 256, true, true, true, Recipe::kHqBs, false},
+      {64, 768, 384, 64, true, false, true, Recipe::kHqBs, false},
+      {17, 100, 9, 4, false, true, false, Recipe::kHqBs, false},
+      {256, 1024, 512, 128, true, true, true, Recipe::kHqBs, false},
+  };
+  for (const Problem& p : backward) {
+    add_case("linear_backward/" + problem_name(p), false, [=] { run_backward(p, false); });
+  }
+  add_case("linear_backward_graph/" + problem_name(backward[3]), false,
+           [=] { run_backward(backward[3], true); });
   return true;
 }();
 
