@@ -1,6 +1,7 @@
-// int4train GPU benchmark (CUDA events, medians, inputs rotated past L2): each quantization kernel's
-// GB/s beside a device-to-device copy, and the FP8 product of INT4 codes (and the whole quantized
-// forward) beside cuBLAS bf16 on the transformer shapes of docs/cuda.md. Prints one table.
+// int4train GPU benchmark (CUDA events, medians, inputs rotated past L2): each quantization
+// kernel's GB/s beside a device-to-device copy, and the FP8 product of INT4 codes (and the whole
+// quantized forward) beside cuBLAS bf16 on the transformer shapes of docs/cuda.md. Prints one
+// table.
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -193,7 +194,8 @@ void bench_copy() {
   const size_t bytes = size_t{512} << 20;
   Buf a(bytes), b(bytes);
   ck(cudaMemset(a.p, 1, bytes), "memset");
-  const double ms = time_ms([&](int) { cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice); });
+  const double ms =
+      time_ms([&](int) { cudaMemcpyAsync(b.p, a.p, bytes, cudaMemcpyDeviceToDevice); });
   report("copy D2D 512 MiB (read+write)", ms, 2.0 * bytes / ms / 1e6, "GB/s");
 }
 
@@ -217,12 +219,13 @@ void bench_quant(int64_t rows, int64_t cols) {
     for (int32_t g : {256, 64, 16, 1}) {
       const double ms = time_ms([&](int i) {
         const Buf& x = bf16 ? *xb[i % kSets] : *xf[i % kSets];
-        hadamard_lsq_quantize_cuda(make_matrix(x.p, bf16 ? DType::kBFloat16 : DType::kFloat32, rows, cols),
-                                   g, make_scalar(step.p, DType::kFloat32), key,
-                                   make_matrix(op.p, DType::kFloat8E4M3, rows, kp),
-                                   make_matrix(packed.p, DType::kInt4Packed, rows, cols),
-                                   make_vector(aux.p, DType::kUInt8, compact_aux_bytes(rows, cols)),
-                                   make_scalar(cnt.p, DType::kInt64), nullptr);
+        hadamard_lsq_quantize_cuda(
+            make_matrix(x.p, bf16 ? DType::kBFloat16 : DType::kFloat32, rows, cols), g,
+            make_scalar(step.p, DType::kFloat32), key,
+            make_matrix(op.p, DType::kFloat8E4M3, rows, kp),
+            make_matrix(packed.p, DType::kInt4Packed, rows, cols),
+            make_vector(aux.p, DType::kUInt8, compact_aux_bytes(rows, cols)),
+            make_scalar(cnt.p, DType::kInt64), nullptr);
       });
       const double bytes = numel * ((bf16 ? 2.0 : 4.0) + 1.0 + 0.5 + 0.125);
       report("hadamard_lsq X " + shape + (bf16 ? " bf16" : " fp32") + " g" + std::to_string(g) +
@@ -237,7 +240,8 @@ void bench_quant(int64_t rows, int64_t cols) {
                                  make_matrix(op.p, DType::kFloat8E4M3, rows, kp), TensorView{},
                                  TensorView{}, make_scalar(cnt.p, DType::kInt64), nullptr);
     });
-    report("hadamard_lsq W " + shape + " bf16 g256 -> fp8 only", ms, numel * 3.0 / ms / 1e6, "GB/s");
+    report("hadamard_lsq W " + shape + " bf16 g256 -> fp8 only", ms, numel * 3.0 / ms / 1e6,
+           "GB/s");
   }
   {
     Buf out(numel * 4);
@@ -284,8 +288,8 @@ void bench_quant(int64_t rows, int64_t cols) {
 
 void bench_gemm(int64_t tokens, int64_t in, int64_t out) {
   const int64_t m = tokens, k = in, n = out;
-  const std::string shape = std::to_string(tokens) + "x" + std::to_string(in) + "->" +
-                            std::to_string(out);
+  const std::string shape =
+      std::to_string(tokens) + "x" + std::to_string(in) + "->" + std::to_string(out);
   std::vector<std::unique_ptr<Buf>> a8, b8, a16, b16;
   for (int s = 0; s < kSets; ++s) {
     a8.emplace_back(new Buf(m * k));
@@ -311,8 +315,8 @@ void bench_gemm(int64_t tokens, int64_t in, int64_t out) {
                   make_matrix(b8[i % kSets]->p, DType::kFloat8E4M3, n, k),
                   make_scalar(scales.as<float>(), DType::kFloat32),
                   make_scalar(scales.as<float>() + 1, DType::kFloat32),
-                  make_vector(bias.p, DType::kBFloat16, n), make_matrix(y.p, DType::kBFloat16, m, n),
-                  alloc, nullptr);
+                  make_vector(bias.p, DType::kBFloat16, n),
+                  make_matrix(y.p, DType::kBFloat16, m, n), alloc, nullptr);
   });
   char note[64];
   std::snprintf(note, sizeof note, "%.2fx bf16", ms16 / ms8);
@@ -341,24 +345,25 @@ void bench_gemm(int64_t tokens, int64_t in, int64_t out) {
   Buf gy(m * n * 2), gx(m * k * 2), gw(n * k * 2), gbias(n * 2), gsteps(8);
   fill_random_bf16(gy, m * n, 7);
   cfg.recipe = Recipe::kHqBs;
-  const double msb = time_ms([&](int i) {
-    LinearBackwardArgs a;
-    a.grad_y = make_matrix(gy.p, DType::kBFloat16, m, n);
-    a.saved_codes = make_matrix(codes.p, DType::kInt4Packed, m, k);
-    a.saved_aux = make_vector(auxb.p, DType::kUInt8, compact_aux_bytes(m, k));
-    a.w = make_matrix(b16[i % kSets]->p, DType::kBFloat16, n, k);
-    a.step_x = make_scalar(scales.as<float>(), DType::kFloat32);
-    a.step_w = make_scalar(scales.as<float>() + 1, DType::kFloat32);
-    a.grad_x = make_matrix(gx.p, DType::kBFloat16, m, k);
-    a.grad_w = make_matrix(gw.p, DType::kBFloat16, n, k);
-    a.grad_bias = make_vector(gbias.p, DType::kBFloat16, n);
-    a.grad_step_x = make_scalar(gsteps.as<float>(), DType::kFloat32);
-    a.grad_step_w = make_scalar(gsteps.as<float>() + 1, DType::kFloat32);
-    linear_backward_cuda(cfg, a, alloc, nullptr);
-  }, 3, 7);
+  const double msb = time_ms(
+      [&](int i) {
+        LinearBackwardArgs a;
+        a.grad_y = make_matrix(gy.p, DType::kBFloat16, m, n);
+        a.saved_codes = make_matrix(codes.p, DType::kInt4Packed, m, k);
+        a.saved_aux = make_vector(auxb.p, DType::kUInt8, compact_aux_bytes(m, k));
+        a.w = make_matrix(b16[i % kSets]->p, DType::kBFloat16, n, k);
+        a.step_x = make_scalar(scales.as<float>(), DType::kFloat32);
+        a.step_w = make_scalar(scales.as<float>() + 1, DType::kFloat32);
+        a.grad_x = make_matrix(gx.p, DType::kBFloat16, m, k);
+        a.grad_w = make_matrix(gw.p, DType::kBFloat16, n, k);
+        a.grad_bias = make_vector(gbias.p, DType::kBFloat16, n);
+        a.grad_step_x = make_scalar(gsteps.as<float>(), DType::kFloat32);
+        a.grad_step_w = make_scalar(gsteps.as<float>() + 1, DType::kFloat32);
+        linear_backward_cuda(cfg, a, alloc, nullptr);
+      },
+      3, 7);
   std::snprintf(note, sizeof note, "%.2fx (2x bf16 GEMM)", 2.0 * ms16 / msb);
-  report("linear_backward_cuda hq_bs g256 " + shape, msb, 2.0 * flops / msb / 1e9,
-         "TFLOP/s", note);
+  report("linear_backward_cuda hq_bs g256 " + shape, msb, 2.0 * flops / msb / 1e9, "TFLOP/s", note);
 }
 
 }  // namespace

@@ -3,10 +3,11 @@
 // bit where the math is integer. Defined only in builds with CUDA (INT4TRAIN_WITH_CUDA=1).
 //
 // Conventions of every _cuda function:
-//  - TensorViews point to device memory; scalars that the GPU computes or learns (LSQ steps, scales,
+//  - TensorViews point to device memory; scalars that the GPU computes or learns (LSQ steps,
+//  scales,
 //    counters) are device pointers too, so nothing here synchronises with the host and a training
-//    step can be captured in a CUDA graph. Argument checks (shapes, dtypes, alignment) are host-side
-//    and throw int4train::Error naming the argument, as in the CPU core.
+//    step can be captured in a CUDA graph. Argument checks (shapes, dtypes, alignment) are
+//    host-side and throw int4train::Error naming the argument, as in the CPU core.
 //  - `stream` is a cudaStream_t (nullptr: the legacy default stream) and comes last. Temporaries
 //    come from a CudaAllocator (stream-ordered), so a framework can pass its caching allocator.
 //  - Hopper has no INT4 tensor cores: 4-bit codes travel to the GEMM as FP8 e4m3 values (every
@@ -129,11 +130,11 @@ void lsq_backward_cuda(const TensorView& x, const TensorView& step, const Tensor
 
 // ------------------------------------------------------------------------------ the layer
 // linear_forward of linear.h on the device, for the LSQ recipes (lsq_luq, hq, hq_bs, hq_lss; the
-// others are an Error of kind kNotImplemented): X and W each take one fused Hadamard + LSQ pass, the
-// product one FP8 GEMM with s_x s_w and the bias in its epilogue. All views are device memory;
-// step_x, step_w are device scalars; y, saved_codes, saved_aux as linear.h says. If X~ or W~ holds a
-// non-finite value, y is filled with NaN by a device-side check (no host synchronisation).
-// Equal to the CPU's linear_forward bit for bit (tested).
+// others are an Error of kind kNotImplemented): X and W each take one fused Hadamard + LSQ pass,
+// the product one FP8 GEMM with s_x s_w and the bias in its epilogue. All views are device memory;
+// step_x, step_w are device scalars; y, saved_codes, saved_aux as linear.h says. If X~ or W~ holds
+// a non-finite value, y is filled with NaN by a device-side check (no host synchronisation). Equal
+// to the CPU's linear_forward bit for bit (tested).
 void linear_forward_cuda(const LinearConfig& config, const LinearForwardArgs& args,
                          const CudaAllocator& alloc, void* stream);
 

@@ -125,11 +125,11 @@ void launch_bias_grad(const TensorView& g, TensorView out, cudaStream_t stream) 
   const int grid = grid_blocks(cols, kThreads, int64_t{1} << 20);
   const bool ob = out.dtype == DType::kBFloat16;
   if (g.dtype == DType::kBFloat16) {
-    bias_grad_kernel<BFloat16><<<grid, kThreads, 0, stream>>>(g.ptr<const BFloat16>(),
-                                                              row_stride(g), rows, cols, out.data, ob);
+    bias_grad_kernel<BFloat16><<<grid, kThreads, 0, stream>>>(
+        g.ptr<const BFloat16>(), row_stride(g), rows, cols, out.data, ob);
   } else {
-    bias_grad_kernel<float><<<grid, kThreads, 0, stream>>>(g.ptr<const float>(), row_stride(g), rows,
-                                                           cols, out.data, ob);
+    bias_grad_kernel<float><<<grid, kThreads, 0, stream>>>(g.ptr<const float>(), row_stride(g),
+                                                           rows, cols, out.data, ob);
   }
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
@@ -169,9 +169,8 @@ void lsq_backward_cuda(const TensorView& x, const TensorView& step, const Tensor
   if (numel > 0) {
     lsq_backward_kernel<<<grid, kThreads, 0, s>>>(
         x.ptr<const float>(), row_stride(x), step.ptr<const float>(), grad_xhat.ptr<const float>(),
-        row_stride(grad_xhat), want_gx ? grad_x.data : nullptr,
-        grad_x.dtype == DType::kBFloat16, want_gx ? row_stride(grad_x) : 0, rows, cols,
-        want_gs ? partial.as<double>() : nullptr);
+        row_stride(grad_xhat), want_gx ? grad_x.data : nullptr, grad_x.dtype == DType::kBFloat16,
+        want_gx ? row_stride(grad_x) : 0, rows, cols, want_gs ? partial.as<double>() : nullptr);
     INT4TRAIN_CUDA_LAUNCH_CHECK();
   }
   if (want_gs) {

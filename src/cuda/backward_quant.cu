@@ -35,9 +35,9 @@ bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p
 __device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(v) & 0x7FFFFFFFu; }
 
 template <typename In, bool kVec8>
-__global__ void __launch_bounds__(kThreads) absmax_kernel(const In* __restrict__ g, int64_t ld,
-                                                          int64_t rows, int64_t cols,
-                                                          uint32_t* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    absmax_kernel(const In* __restrict__ g, int64_t ld, int64_t rows, int64_t cols,
+                  uint32_t* __restrict__ out) {
   uint32_t m = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   if (kVec8) {
@@ -156,7 +156,8 @@ __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, int64_t
   }
   if (p.operand != nullptr) {
     *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(oh[0], oh[1]);
-    *reinterpret_cast<uint2*>(p.operand + (p.rows + row) * p.ldop + col0) = make_uint2(ol[0], ol[1]);
+    *reinterpret_cast<uint2*>(p.operand + (p.rows + row) * p.ldop + col0) =
+        make_uint2(ol[0], ol[1]);
   }
 }
 
@@ -523,7 +524,8 @@ void lsq_backward_compact_cuda(const TensorView& packed_codes, const TensorView&
                    rows,
                    cols,
                    want_gs ? partial.as<double>() : nullptr};
-    const bool vec = cols % 8 == 0 && (rows == 1 || (p.ldg == cols && (!want_gx || p.ldx == cols))) &&
+    const bool vec = cols % 8 == 0 &&
+                     (rows == 1 || (p.ldg == cols && (!want_gx || p.ldx == cols))) &&
                      aligned(p.gxhat, 32) && aligned(p.packed, 4) &&
                      (!want_gx || aligned(p.gx, p.gx_bf16 ? 16 : 32));
     if (vec) {
@@ -549,9 +551,14 @@ void codes_to_fp8_cuda(const TensorView& codes, bool transpose, TensorView opera
   const int64_t rows = codes.shape[0], cols = codes.shape[1];
   const int64_t out_rows = transpose ? cols : rows, out_k = transpose ? rows : cols;
   check_shape(operand, "operand", out_rows, fp8_padded_cols(out_k));
-  ToFp8Params p{codes.ptr<const uint8_t>(), codes.dtype == DType::kInt4Packed,
-                codes.dtype == DType::kInt8 ? row_stride(codes) : 0, rows, cols,
-                operand.ptr<uint8_t>(), row_stride(operand), operand.shape[1]};
+  ToFp8Params p{codes.ptr<const uint8_t>(),
+                codes.dtype == DType::kInt4Packed,
+                codes.dtype == DType::kInt8 ? row_stride(codes) : 0,
+                rows,
+                cols,
+                operand.ptr<uint8_t>(),
+                row_stride(operand),
+                operand.shape[1]};
   if (out_rows == 0 || operand.shape[1] == 0) return;
   const cudaStream_t s = as_stream(stream);
   if (!transpose) {

@@ -1,5 +1,5 @@
-// int4train CUDA path: error reporting, device-view checks, the default stream-ordered allocator and
-// cuda_available(). Host code only (compiled by the C++ compiler against the CUDA runtime).
+// int4train CUDA path: error reporting, device-view checks, the default stream-ordered allocator
+// and cuda_available(). Host code only (compiled by the C++ compiler against the CUDA runtime).
 #include "cuda_common.h"
 
 #include <string>
@@ -49,9 +49,9 @@ void check_fp8_operand(const TensorView& t, const char* arg) {
                                        std::to_string(t.shape[1]));
   }
   if (t.shape[0] > 1 && t.strides[0] % kFp8Align != 0) {
-    throw_error(ErrorKind::kValue, std::string(arg) + ": FP8 operand row stride must be a multiple of " +
-                                       std::to_string(kFp8Align) + ", got " +
-                                       std::to_string(t.strides[0]));
+    throw_error(ErrorKind::kValue,
+                std::string(arg) + ": FP8 operand row stride must be a multiple of " +
+                    std::to_string(kFp8Align) + ", got " + std::to_string(t.strides[0]));
   }
   if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0) {
     throw_error(ErrorKind::kValue, std::string(arg) + ": FP8 operand must be 16-byte aligned");
@@ -71,8 +71,8 @@ DeviceBuffer::DeviceBuffer(const CudaAllocator& alloc, size_t bytes, void* strea
   }
   if (bytes_ > 0) ptr_ = alloc_.allocate(alloc_.ctx, bytes_, stream_);
   if (bytes_ > 0 && ptr_ == nullptr) {
-    throw_error(ErrorKind::kRuntime, "alloc: allocation of " + std::to_string(bytes_) +
-                                         " bytes returned null");
+    throw_error(ErrorKind::kRuntime,
+                "alloc: allocation of " + std::to_string(bytes_) + " bytes returned null");
   }
 }
 

@@ -1,5 +1,5 @@
-// int4train CUDA path (internal): error checks for the CUDA runtime and cuBLASLt, argument checks of
-// device views, and a scoped temporary from a CudaAllocator. Shared by the .cu and .cpp files.
+// int4train CUDA path (internal): error checks for the CUDA runtime and cuBLASLt, argument checks
+// of device views, and a scoped temporary from a CudaAllocator. Shared by the .cu and .cpp files.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -15,12 +15,12 @@ namespace cuda_detail {
 
 [[noreturn]] void throw_cuda(cudaError_t err, const char* what, const char* file, int line);
 
-#define INT4TRAIN_CUDA_CHECK(expr)                                                              \
-  do {                                                                                          \
-    const cudaError_t int4train_err_ = (expr);                                                  \
-    if (int4train_err_ != cudaSuccess) {                                                        \
-      ::int4train::cuda_detail::throw_cuda(int4train_err_, #expr, __FILE__, __LINE__);         \
-    }                                                                                           \
+#define INT4TRAIN_CUDA_CHECK(expr)                                                     \
+  do {                                                                                 \
+    const cudaError_t int4train_err_ = (expr);                                         \
+    if (int4train_err_ != cudaSuccess) {                                               \
+      ::int4train::cuda_detail::throw_cuda(int4train_err_, #expr, __FILE__, __LINE__); \
+    }                                                                                  \
   } while (0)
 
 // After a kernel launch: reports a bad configuration at once (asynchronous faults surface at the
@@ -38,7 +38,9 @@ void check_fp8_operand(const TensorView& t, const char* arg);
 void check_device_scalar(const TensorView& t, const char* arg, DType dtype);
 
 // Row stride in elements of a matrix view (the row length when there is one row).
-inline int64_t row_stride(const TensorView& t) { return t.shape[0] > 1 ? t.strides[0] : t.shape[1]; }
+inline int64_t row_stride(const TensorView& t) {
+  return t.shape[0] > 1 ? t.strides[0] : t.shape[1];
+}
 
 // A temporary from an allocator, released (stream-ordered) when it goes out of scope.
 class DeviceBuffer {

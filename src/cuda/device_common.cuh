@@ -114,7 +114,7 @@ __device__ __forceinline__ void hadamard_warp8(float v[8], int lane, float scale
 // length that is not a multiple of 8 admits): reloads c's block and runs the same order.
 template <typename In>
 __device__ __forceinline__ float hadamard_small_at(const In* __restrict__ row, int64_t c, int g,
-                                                  float scale) {
+                                                   float scale) {
   float buf[4];
   const int64_t b0 = c - c % g;
   for (int i = 0; i < g; ++i) buf[i] = load_elem(row + b0 + i);

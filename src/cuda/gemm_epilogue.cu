@@ -87,9 +87,8 @@ void launch_scale_bias(const float* acc, int64_t ld_acc, const float* scale_a, c
                        const void* bias, bool bias_bf16, void* out, bool out_bf16, int64_t ld_out,
                        int64_t m, int64_t n, cudaStream_t stream) {
   if (m == 0 || n == 0) return;
-  scale_bias_kernel<<<grid_for(m * n), kThreads, 0, stream>>>(acc, ld_acc, scale_a, scale_b, bias,
-                                                               bias_bf16, out, out_bf16, ld_out, m,
-                                                               n);
+  scale_bias_kernel<<<grid_for(m * n), kThreads, 0, stream>>>(
+      acc, ld_acc, scale_a, scale_b, bias, bias_bf16, out, out_bf16, ld_out, m, n);
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 

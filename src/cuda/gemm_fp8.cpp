@@ -31,8 +31,8 @@ constexpr size_t kLtMaxWorkspace = size_t{32} << 20;
 
 void lt_check(cublasStatus_t status, const char* what) {
   if (status != CUBLAS_STATUS_SUCCESS) {
-    throw_error(ErrorKind::kRuntime, std::string("cuBLASLt error ") + std::to_string(status) +
-                                         " in " + what);
+    throw_error(ErrorKind::kRuntime,
+                std::string("cuBLASLt error ") + std::to_string(status) + " in " + what);
   }
 }
 
@@ -66,14 +66,14 @@ uint32_t alignment_of(const void* p) {
 
 // One FP8 product as cuBLASLt sees it (after the operand swap).
 struct LtProblem {
-  int64_t m, n, k;          // cuBLASLt's m = our N, n = our M
-  const void* a;            // our b
+  int64_t m, n, k;  // cuBLASLt's m = our N, n = our M
+  const void* a;    // our b
   int64_t lda;
-  const void* b;            // our a
+  const void* b;  // our a
   int64_t ldb;
-  const float* scale_a;     // scale of cuBLASLt's A (our scale_b), may be null
-  const float* scale_b;     // scale of cuBLASLt's B (our scale_a), may be null
-  const void* bias;         // length m, may be null
+  const float* scale_a;  // scale of cuBLASLt's A (our scale_b), may be null
+  const float* scale_b;  // scale of cuBLASLt's B (our scale_a), may be null
+  const void* bias;      // length m, may be null
   cudaDataType_t bias_type;
   void* d;
   int64_t ldd;
@@ -105,8 +105,9 @@ void make_descs(const LtProblem& p, Descs& ds) {
   // Default accumulation: fast accumulation would keep partial sums in the tensor core's reduced
   // precision and lose integer exactness.
   const int8_t fast = 0;
-  lt_check(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof fast),
-           "FAST_ACCUM");
+  lt_check(
+      cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof fast),
+      "FAST_ACCUM");
   if (p.scale_a != nullptr) {
     lt_check(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &p.scale_a,
                                             sizeof p.scale_a),
@@ -125,8 +126,9 @@ void make_descs(const LtProblem& p, Descs& ds) {
                                             sizeof p.bias),
              "BIAS_POINTER");
     const int32_t bt = static_cast<int32_t>(p.bias_type);
-    lt_check(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt),
-             "BIAS_DATA_TYPE");
+    lt_check(
+        cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt),
+        "BIAS_DATA_TYPE");
   }
   lt_check(cublasLtMatrixLayoutCreate(&ds.a, CUDA_R_8F_E4M3, static_cast<uint64_t>(p.k),
                                       static_cast<uint64_t>(p.m), p.lda),
@@ -144,9 +146,20 @@ bool find_algo(const LtProblem& p, const Descs& ds, cublasLtMatmulHeuristicResul
   static std::mutex mu;
   static std::map<AlgoKey, std::pair<bool, cublasLtMatmulHeuristicResult_t>> cache;
   const uint32_t al_a = alignment_of(p.a), al_b = alignment_of(p.b), al_d = alignment_of(p.d);
-  const AlgoKey key{current_device(), p.m, p.n, p.k, p.lda, p.ldb, p.ldd,
-                    static_cast<int>(p.d_type), p.bias != nullptr ? static_cast<int>(p.bias_type) : -1,
-                    p.scale_a != nullptr, p.scale_b != nullptr, al_a, al_b, al_d};
+  const AlgoKey key{current_device(),
+                    p.m,
+                    p.n,
+                    p.k,
+                    p.lda,
+                    p.ldb,
+                    p.ldd,
+                    static_cast<int>(p.d_type),
+                    p.bias != nullptr ? static_cast<int>(p.bias_type) : -1,
+                    p.scale_a != nullptr,
+                    p.scale_b != nullptr,
+                    al_a,
+                    al_b,
+                    al_d};
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = cache.find(key);
@@ -158,7 +171,8 @@ bool find_algo(const LtProblem& p, const Descs& ds, cublasLtMatmulHeuristicResul
   cublasLtMatmulPreference_t pref = nullptr;
   lt_check(cublasLtMatmulPreferenceCreate(&pref), "PreferenceCreate");
   const uint64_t ws = kLtMaxWorkspace;
-  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
+                                       sizeof ws);
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a,
                                        sizeof al_a);
   cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b,
@@ -188,9 +202,8 @@ bool run_lt(const LtProblem& p, const CudaAllocator& alloc, void* stream) {
   if (!find_algo(p, ds, &h)) return false;
   DeviceBuffer ws(alloc, h.workspaceSize, stream);
   const float one = 1.0f, zero = 0.0f;
-  lt_check(cublasLtMatmul(lt_handle(), ds.op, &one, p.a, ds.a, p.b, ds.b,
-                          &zero, p.d, ds.d, p.d, ds.d, &h.algo, ws.get(), h.workspaceSize,
-                          as_stream(stream)),
+  lt_check(cublasLtMatmul(lt_handle(), ds.op, &one, p.a, ds.a, p.b, ds.b, &zero, p.d, ds.d, p.d,
+                          ds.d, &h.algo, ws.get(), h.workspaceSize, as_stream(stream)),
            "cublasLtMatmul");
   return true;
 }
@@ -208,9 +221,9 @@ GemmShape check_operands(const TensorView& a, const TensorView& b) {
                                        std::to_string(b.shape[1]));
   }
   if (a.shape[1] > fp8_padded_cols(kMaxKFp8Int4)) {
-    throw_error(ErrorKind::kValue, "a: K = " + std::to_string(a.shape[1]) +
-                                       " exceeds the exact FP8 bound kMaxKFp8Int4 = " +
-                                       std::to_string(kMaxKFp8Int4));
+    throw_error(ErrorKind::kValue,
+                "a: K = " + std::to_string(a.shape[1]) +
+                    " exceeds the exact FP8 bound kMaxKFp8Int4 = " + std::to_string(kMaxKFp8Int4));
   }
   return GemmShape{a.shape[0], b.shape[0], a.shape[1]};
 }
@@ -229,8 +242,8 @@ PaddedB pad_b(const TensorView& b, const GemmShape& s, DeviceBuffer& tmp, void* 
   const int64_t np = (s.n + kRowAlign - 1) / kRowAlign * kRowAlign;
   char* dst = tmp.as<char>();
   const cudaStream_t st = as_stream(stream);
-  INT4TRAIN_CUDA_CHECK(cudaMemcpy2DAsync(dst, s.kp, b.data, row_stride(b), s.kp, s.n,
-                                         cudaMemcpyDeviceToDevice, st));
+  INT4TRAIN_CUDA_CHECK(
+      cudaMemcpy2DAsync(dst, s.kp, b.data, row_stride(b), s.kp, s.n, cudaMemcpyDeviceToDevice, st));
   INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(dst + s.n * s.kp, 0, (np - s.n) * s.kp, st));
   return PaddedB{dst, s.kp, np};
 }
@@ -244,8 +257,8 @@ size_t pad_b_bytes(const GemmShape& s) {
 // row count of b.
 void raw_product(const TensorView& a, const PaddedB& b, const GemmShape& s, float* d,
                  const CudaAllocator& alloc, void* stream) {
-  LtProblem p{b.rows, s.m, s.kp, b.data, b.ld, a.data, row_stride(a), nullptr, nullptr,
-              nullptr, CUDA_R_32F, d, b.rows, CUDA_R_32F};
+  LtProblem p{b.rows,  s.m,     s.kp,    b.data,     b.ld, a.data, row_stride(a),
+              nullptr, nullptr, nullptr, CUDA_R_32F, d,    b.rows, CUDA_R_32F};
   if (!run_lt(p, alloc, stream)) {
     throw_error(ErrorKind::kNotImplemented,
                 "gemm_fp8_cuda: cuBLASLt has no FP8 algorithm for M=" + std::to_string(s.m) +
@@ -262,8 +275,10 @@ void gemm_fp8_cuda(const TensorView& a, const TensorView& b, const TensorView& s
   check_dtype(out, "out", {DType::kFloat32, DType::kBFloat16});
   cuda_detail::check_device_matrix(out, "out");
   check_shape(out, "out", s.m, s.n);
-  if (scale_a.data != nullptr) cuda_detail::check_device_scalar(scale_a, "scale_a", DType::kFloat32);
-  if (scale_b.data != nullptr) cuda_detail::check_device_scalar(scale_b, "scale_b", DType::kFloat32);
+  if (scale_a.data != nullptr)
+    cuda_detail::check_device_scalar(scale_a, "scale_a", DType::kFloat32);
+  if (scale_b.data != nullptr)
+    cuda_detail::check_device_scalar(scale_b, "scale_b", DType::kFloat32);
   if (bias.data != nullptr) {
     check_dtype(bias, "bias", {DType::kFloat32, DType::kBFloat16});
     check_vector(bias, "bias", s.n);
@@ -288,13 +303,24 @@ void gemm_fp8_cuda(const TensorView& a, const TensorView& b, const TensorView& s
   // Fused: cuBLASLt applies the scale and (a bf16) bias and writes out directly; measured equal to
   // the CPU's epilogue bit for bit (docs/cuda.md). It needs an aligned output and N a multiple of
   // 16; an fp32 bias is added by the separate pass so that it is not rounded to bf16.
-  const bool aligned_out = reinterpret_cast<uintptr_t>(out.data) % 16 == 0 &&
-                           (s.m == 1 || (ldo * elem) % 16 == 0);
-  const bool fusable_bias = bias.data == nullptr ||
-                            (bias_bf16 && reinterpret_cast<uintptr_t>(bias.data) % 16 == 0);
+  const bool aligned_out =
+      reinterpret_cast<uintptr_t>(out.data) % 16 == 0 && (s.m == 1 || (ldo * elem) % 16 == 0);
+  const bool fusable_bias =
+      bias.data == nullptr || (bias_bf16 && reinterpret_cast<uintptr_t>(bias.data) % 16 == 0);
   if (s.kp > 0 && s.n % kRowAlign == 0 && aligned_out && fusable_bias) {
-    LtProblem p{s.n, s.m, s.kp, b.data, row_stride(b), a.data, row_stride(a), nullptr, sp,
-                bias.data, CUDA_R_16BF, out.data, s.m == 1 ? s.n : ldo,
+    LtProblem p{s.n,
+                s.m,
+                s.kp,
+                b.data,
+                row_stride(b),
+                a.data,
+                row_stride(a),
+                nullptr,
+                sp,
+                bias.data,
+                CUDA_R_16BF,
+                out.data,
+                s.m == 1 ? s.n : ldo,
                 out_bf16 ? CUDA_R_16BF : CUDA_R_32F};
     if (run_lt(p, alloc, stream)) return;
   }

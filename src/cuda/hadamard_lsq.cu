@@ -30,8 +30,8 @@ struct LsqParams {
   uint64_t seed, stream;
   uint8_t* operand;  // may be null
   int64_t ldop, op_cols;
-  uint8_t* packed;  // may be null
-  uint8_t* aux;     // may be null
+  uint8_t* packed;                // may be null
+  uint8_t* aux;                   // may be null
   unsigned long long* nonfinite;  // may be null
 };
 
@@ -93,7 +93,8 @@ __device__ __forceinline__ void lsq_store8(const LsqParams& p, int64_t row, int6
 #pragma unroll
     for (int i = 0; i < 4; ++i) dst[i] = static_cast<uint8_t>(packed_word >> (8 * i));
   }
-  // Operand rows are 16-byte aligned with a stride of a multiple of 16: 8 bytes at col0 are aligned.
+  // Operand rows are 16-byte aligned with a stride of a multiple of 16: 8 bytes at col0 are
+  // aligned.
   if (p.operand != nullptr) {
     *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(op_lo, op_hi);
   }
@@ -178,7 +179,8 @@ __global__ void __launch_bounds__(kThreads) lsq_small_codes_kernel(const LsqPara
     if (p.operand != nullptr) {
       for (int k = 0; k < 2; ++k) {
         const int64_t c = 2 * j + k;
-        if (c < p.op_cols) p.operand[row * p.ldop + c] = static_cast<uint8_t>(e4m3_of_code(codes[k]));
+        if (c < p.op_cols)
+          p.operand[row * p.ldop + c] = static_cast<uint8_t>(e4m3_of_code(codes[k]));
       }
     }
   }
@@ -311,15 +313,24 @@ void launch_lsq_g(const LsqParams& p, cudaStream_t stream) {
 template <typename In, bool kVec>
 void launch_lsq(const LsqParams& p, cudaStream_t stream) {
   switch (p.block) {
-    case 1: return launch_lsq_g<In, 1, kVec>(p, stream);
-    case 2: return launch_lsq_g<In, 2, kVec>(p, stream);
-    case 4: return launch_lsq_g<In, 4, kVec>(p, stream);
-    case 8: return launch_lsq_g<In, 8, kVec>(p, stream);
-    case 16: return launch_lsq_g<In, 16, kVec>(p, stream);
-    case 32: return launch_lsq_g<In, 32, kVec>(p, stream);
-    case 64: return launch_lsq_g<In, 64, kVec>(p, stream);
-    case 128: return launch_lsq_g<In, 128, kVec>(p, stream);
-    default: return launch_lsq_g<In, 256, kVec>(p, stream);
+    case 1:
+      return launch_lsq_g<In, 1, kVec>(p, stream);
+    case 2:
+      return launch_lsq_g<In, 2, kVec>(p, stream);
+    case 4:
+      return launch_lsq_g<In, 4, kVec>(p, stream);
+    case 8:
+      return launch_lsq_g<In, 8, kVec>(p, stream);
+    case 16:
+      return launch_lsq_g<In, 16, kVec>(p, stream);
+    case 32:
+      return launch_lsq_g<In, 32, kVec>(p, stream);
+    case 64:
+      return launch_lsq_g<In, 64, kVec>(p, stream);
+    case 128:
+      return launch_lsq_g<In, 128, kVec>(p, stream);
+    default:
+      return launch_lsq_g<In, 256, kVec>(p, stream);
   }
 }
 
@@ -328,15 +339,33 @@ void launch_transform(const TransformParams& p, cudaStream_t stream) {
   const int64_t warps = p.rows * ((p.cols + kWarpCols - 1) / kWarpCols);
   const int grid = grid_blocks(warps, kThreads / 32 * kChunksPerWarp);
   switch (p.block) {
-    case 1: hadamard_kernel<In, Out, 1, kVec><<<grid, kThreads, 0, stream>>>(p); break;
-    case 2: hadamard_kernel<In, Out, 2, kVec><<<grid, kThreads, 0, stream>>>(p); break;
-    case 4: hadamard_kernel<In, Out, 4, kVec><<<grid, kThreads, 0, stream>>>(p); break;
-    case 8: hadamard_kernel<In, Out, 8, kVec><<<grid, kThreads, 0, stream>>>(p); break;
-    case 16: hadamard_kernel<In, Out, 16, kVec><<<grid, kThreads, 0, stream>>>(p); break;
-    case 32: hadamard_kernel<In, Out, 32, kVec><<<grid, kThreads, 0, stream>>>(p); break;
-    case 64: hadamard_kernel<In, Out, 64, kVec><<<grid, kThreads, 0, stream>>>(p); break;
-    case 128: hadamard_kernel<In, Out, 128, kVec><<<grid, kThreads, 0, stream>>>(p); break;
-    default: hadamard_kernel<In, Out, 256, kVec><<<grid, kThreads, 0, stream>>>(p); break;
+    case 1:
+      hadamard_kernel<In, Out, 1, kVec><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case 2:
+      hadamard_kernel<In, Out, 2, kVec><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case 4:
+      hadamard_kernel<In, Out, 4, kVec><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case 8:
+      hadamard_kernel<In, Out, 8, kVec><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case 16:
+      hadamard_kernel<In, Out, 16, kVec><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case 32:
+      hadamard_kernel<In, Out, 32, kVec><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case 64:
+      hadamard_kernel<In, Out, 64, kVec><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case 128:
+      hadamard_kernel<In, Out, 128, kVec><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    default:
+      hadamard_kernel<In, Out, 256, kVec><<<grid, kThreads, 0, stream>>>(p);
+      break;
   }
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
@@ -403,8 +432,7 @@ void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const Tensor
   const bool bf16 = x.dtype == DType::kBFloat16;
   if (cols % kLaneElems == 0) {
     const size_t vec_bytes = bf16 ? 16 : 32;
-    const bool vec = aligned(x.data, vec_bytes) &&
-                     (rows == 1 || (p.ldx % kLaneElems) == 0) &&
+    const bool vec = aligned(x.data, vec_bytes) && (rows == 1 || (p.ldx % kLaneElems) == 0) &&
                      (p.packed == nullptr || aligned(p.packed, 4)) &&
                      (p.operand == nullptr || aligned(p.operand, 8));
     if (bf16) {
@@ -442,8 +470,8 @@ void hadamard_transform_cuda(const TensorView& in, TensorView out, int32_t block
   check_shape(out, "out", in.shape[0], in.shape[1]);
   check_block(block, in.shape[1]);
   if (in.numel() == 0) return;
-  const bool same_view = in.data == out.data && in.dtype == out.dtype &&
-                         row_stride(in) == row_stride(out);
+  const bool same_view =
+      in.data == out.data && in.dtype == out.dtype && row_stride(in) == row_stride(out);
   if (!same_view) {
     const int64_t ei = static_cast<int64_t>(dtype_size(in.dtype));
     const int64_t eo = static_cast<int64_t>(dtype_size(out.dtype));
@@ -456,8 +484,8 @@ void hadamard_transform_cuda(const TensorView& in, TensorView out, int32_t block
                   "out: overlaps in; in place needs the same data pointer, dtype and strides");
     }
   }
-  TransformParams p{in.data, row_stride(in), out.data, row_stride(out), in.shape[0], in.shape[1],
-                    hadamard_scale(block), block};
+  TransformParams p{in.data,     row_stride(in),        out.data, row_stride(out), in.shape[0],
+                    in.shape[1], hadamard_scale(block), block};
   const bool in_bf16 = in.dtype == DType::kBFloat16, out_bf16 = out.dtype == DType::kBFloat16;
   const bool vec = aligned(in.data, in_bf16 ? 16 : 32) && aligned(out.data, out_bf16 ? 16 : 32) &&
                    (p.rows == 1 || (p.ldi % kLaneElems == 0 && p.ldo % kLaneElems == 0));

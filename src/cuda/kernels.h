@@ -29,8 +29,8 @@ void launch_scale_product(const float* scale_a, const float* scale_b, float* out
 void launch_f32_to_s32(const float* acc, int64_t ld_acc, int32_t* c, int64_t ld_c, int64_t m,
                        int64_t n, cudaStream_t stream);
 
-// out (fp32 or bf16 M x N, row stride ld_out) = NaN when *counter > 0, else untouched: the device-side
-// "non-finite input" report of the layer's forward.
+// out (fp32 or bf16 M x N, row stride ld_out) = NaN when *counter > 0, else untouched: the
+// device-side "non-finite input" report of the layer's forward.
 void launch_fill_nan_if(const unsigned long long* counter, void* out, bool out_bf16, int64_t ld_out,
                         int64_t m, int64_t n, cudaStream_t stream);
 

@@ -36,16 +36,15 @@ void linear_forward_cuda(const LinearConfig& cfg, const LinearForwardArgs& a,
   const int32_t g = cfg.hadamard_block;
   if (recipe_uses_hadamard(cfg.recipe)) {
     if (!is_valid_hadamard_block(g) || (d > 0 && d % g != 0)) {
-      throw_error(ErrorKind::kValue, "hadamard_block: expected a power of two <= " +
-                                         std::to_string(kMaxHadamardBlock) +
-                                         " dividing in_features = " + std::to_string(d) +
-                                         ", got " + std::to_string(g));
+      throw_error(
+          ErrorKind::kValue,
+          "hadamard_block: expected a power of two <= " + std::to_string(kMaxHadamardBlock) +
+              " dividing in_features = " + std::to_string(d) + ", got " + std::to_string(g));
     }
   } else if (g != 1) {
-    throw_error(ErrorKind::kValue, std::string("hadamard_block: recipe ") +
-                                       recipe_name(cfg.recipe) +
-                                       " uses no Hadamard transform, expected 1, got " +
-                                       std::to_string(g));
+    throw_error(ErrorKind::kValue,
+                std::string("hadamard_block: recipe ") + recipe_name(cfg.recipe) +
+                    " uses no Hadamard transform, expected 1, got " + std::to_string(g));
   }
   check_dtype(a.y, "y", {DType::kFloat32, DType::kBFloat16});
   check_device_matrix(a.y, "y");
@@ -115,10 +114,9 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   }
   const int32_t g = cfg.hadamard_block;
   if (!is_valid_hadamard_block(g) || (d > 0 && d % g != 0)) {
-    throw_error(ErrorKind::kValue, "hadamard_block: expected a power of two <= " +
-                                       std::to_string(kMaxHadamardBlock) +
-                                       " dividing in_features = " + std::to_string(d) + ", got " +
-                                       std::to_string(g));
+    throw_error(ErrorKind::kValue,
+                "hadamard_block: expected a power of two <= " + std::to_string(kMaxHadamardBlock) +
+                    " dividing in_features = " + std::to_string(d) + ", got " + std::to_string(g));
   }
   check_device_scalar(a.step_x, "step_x", DType::kFloat32);
   check_device_scalar(a.step_w, "step_w", DType::kFloat32);
@@ -169,15 +167,15 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
                   stream);
     Temp dx(alloc, stream, DType::kFloat32, n, d);
     launch_combine_bitsplit(p.buf.as<float>(), p.buf.as<float>() + n * d, d, sg.buf.as<float>(),
-                            a.step_w.ptr<float>(),
-                            dx.buf.as<float>(), d, n, d, s);
+                            a.step_w.ptr<float>(), dx.buf.as<float>(), d, n, d, s);
     lsq_backward_compact_cuda(a.saved_codes, a.saved_aux, dx.view, dx.view, a.grad_step_x, alloc,
                               stream);
     if (want_dx) hadamard_transform_cuda(dx.view, a.grad_x, g, stream);
   }
   if (dom_dw) {
     // dW~ = s_g s_x (16 Qhi^T + Qlo^T) Qx: two products with K = N tokens, summed exactly.
-    Temp hit(alloc, stream, DType::kFloat8E4M3, c, np), lot(alloc, stream, DType::kFloat8E4M3, c, np);
+    Temp hit(alloc, stream, DType::kFloat8E4M3, c, np),
+        lot(alloc, stream, DType::kFloat8E4M3, c, np);
     Temp qxt(alloc, stream, DType::kFloat8E4M3, d, np);
     codes_to_fp8_cuda(hi.view, true, hit.view, stream);
     codes_to_fp8_cuda(lo.view, true, lot.view, stream);

@@ -67,8 +67,8 @@ int main(int argc, char** argv) {
       c.fn();
       const cudaError_t err = cudaDeviceSynchronize();
       if (err != cudaSuccess) {
-        gputest::fail(__FILE__, __LINE__, std::string("CUDA error after the case: ") +
-                                              cudaGetErrorString(err));
+        gputest::fail(__FILE__, __LINE__,
+                      std::string("CUDA error after the case: ") + cudaGetErrorString(err));
       }
     } catch (const std::exception& e) {
       gputest::fail(__FILE__, __LINE__, std::string("exception: ") + e.what());

@@ -28,27 +28,27 @@ std::vector<Case>& registry();
 void fail(const char* file, int line, const std::string& what);
 int add_case(const std::string& name, bool big, std::function<void()> fn);
 
-#define GPU_CHECK(cond)                                                           \
-  do {                                                                            \
+#define GPU_CHECK(cond)                                                          \
+  do {                                                                           \
     if (!(cond)) ::gputest::fail(__FILE__, __LINE__, "CHECK(" #cond ") failed"); \
   } while (0)
 
-#define GPU_CHECK_MSG(cond, msg)                                                       \
-  do {                                                                                 \
-    if (!(cond)) {                                                                     \
-      std::ostringstream gputest_os_;                                                  \
-      gputest_os_ << "CHECK(" #cond ") failed: " << msg;                              \
-      ::gputest::fail(__FILE__, __LINE__, gputest_os_.str());                          \
-    }                                                                                  \
+#define GPU_CHECK_MSG(cond, msg)                              \
+  do {                                                        \
+    if (!(cond)) {                                            \
+      std::ostringstream gputest_os_;                         \
+      gputest_os_ << "CHECK(" #cond ") failed: " << msg;      \
+      ::gputest::fail(__FILE__, __LINE__, gputest_os_.str()); \
+    }                                                         \
   } while (0)
 
-#define CUDA_OK(expr)                                                                        \
-  do {                                                                                       \
-    const cudaError_t e_ = (expr);                                                           \
-    if (e_ != cudaSuccess) {                                                                 \
+#define CUDA_OK(expr)                                                                          \
+  do {                                                                                         \
+    const cudaError_t e_ = (expr);                                                             \
+    if (e_ != cudaSuccess) {                                                                   \
       ::gputest::fail(__FILE__, __LINE__, std::string(#expr " -> ") + cudaGetErrorString(e_)); \
-      return;                                                                                \
-    }                                                                                        \
+      return;                                                                                  \
+    }                                                                                          \
   } while (0)
 
 // ---- device memory

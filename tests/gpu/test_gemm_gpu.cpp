@@ -32,9 +32,15 @@ std::vector<int8_t> make_codes(int64_t rows, int64_t cols, Fill fill, uint64_t s
     for (int64_t k = 0; k < cols; ++k) {
       int v = 0;
       switch (fill) {
-        case Fill::kRandom: v = dist(rng); break;
-        case Fill::kAlternating: v = ((k + r) & 1) ? 7 : -8; break;
-        case Fill::kAllMin: v = -8; break;
+        case Fill::kRandom:
+          v = dist(rng);
+          break;
+        case Fill::kAlternating:
+          v = ((k + r) & 1) ? 7 : -8;
+          break;
+        case Fill::kAllMin:
+          v = -8;
+          break;
       }
       c[static_cast<size_t>(r * cols + k)] = static_cast<int8_t>(v);
     }
@@ -93,8 +99,8 @@ void test_to_fp8(int64_t rows, int64_t cols, bool transpose) {
 // ---- exact integer products
 void test_exact(int64_t m, int64_t n, int64_t k, Fill fill) {
   const auto ca = make_codes(m, k, fill, 1000 + m * 7 + k);
-  const auto cb = make_codes(n, k, fill == Fill::kAlternating ? Fill::kAlternating : fill,
-                             2000 + n * 13 + k);
+  const auto cb =
+      make_codes(n, k, fill == Fill::kAlternating ? Fill::kAlternating : fill, 2000 + n * 13 + k);
   const auto pa = pack(ca, m, k), pb = pack(cb, n, k);
   std::vector<int32_t> want(static_cast<size_t>(m * n));
   gemm_s32_ref(make_matrix(const_cast<uint8_t*>(pa.data()), DType::kInt4Packed, m, k),
@@ -135,17 +141,21 @@ enum class BiasKind { kNone, kF32, kBf16, kBf16Unaligned };
 
 const char* bias_name(BiasKind b) {
   switch (b) {
-    case BiasKind::kNone: return "nobias";
-    case BiasKind::kF32: return "bias_f32";
-    case BiasKind::kBf16: return "bias_bf16";
-    default: return "bias_bf16_unaligned";
+    case BiasKind::kNone:
+      return "nobias";
+    case BiasKind::kF32:
+      return "bias_f32";
+    case BiasKind::kBf16:
+      return "bias_bf16";
+    default:
+      return "bias_bf16_unaligned";
   }
 }
 
 void test_scaled(int64_t m, int64_t n, int64_t k, bool out_bf16, BiasKind bias_kind,
                  bool one_scale) {
-  const auto ca = make_codes(m, k, Fill::kRandom, 300 + m + k), cb = make_codes(n, k, Fill::kRandom,
-                                                                                 400 + n + k);
+  const auto ca = make_codes(m, k, Fill::kRandom, 300 + m + k),
+             cb = make_codes(n, k, Fill::kRandom, 400 + n + k);
   const auto pa = pack(ca, m, k), pb = pack(cb, n, k);
   std::mt19937_64 rng(m * 1000 + n);
   std::uniform_real_distribution<float> sdist(0.001f, 0.1f), bdist(-3.0f, 3.0f);
@@ -169,7 +179,8 @@ void test_scaled(int64_t m, int64_t n, int64_t k, bool out_bf16, BiasKind bias_k
 
   Operand a = to_operand(pa, m, k, false), b = to_operand(pb, n, k, false);
   const float prod = sa * sb;
-  std::vector<float> scales = one_scale ? std::vector<float>{prod, 1.0f} : std::vector<float>{sa, sb};
+  std::vector<float> scales =
+      one_scale ? std::vector<float>{prod, 1.0f} : std::vector<float>{sa, sb};
   DevBuf ds = gputest::upload(scales);
   DevBuf dbias(static_cast<size_t>(n + 8) * 4);
   TensorView bias_view;
@@ -186,7 +197,8 @@ void test_scaled(int64_t m, int64_t n, int64_t k, bool out_bf16, BiasKind bias_k
   dout.poison();
   const CudaAllocator alloc = default_cuda_allocator();
   const TensorView sa_v = make_scalar(ds.as<float>(), DType::kFloat32);
-  const TensorView sb_v = one_scale ? TensorView{} : make_scalar(ds.as<float>() + 1, DType::kFloat32);
+  const TensorView sb_v =
+      one_scale ? TensorView{} : make_scalar(ds.as<float>() + 1, DType::kFloat32);
   gemm_fp8_cuda(a.view, b.view, sa_v, sb_v, bias_view, make_matrix(dout.get(), odt, m, n), alloc,
                 nullptr);
   CUDA_OK(cudaDeviceSynchronize());
@@ -214,9 +226,8 @@ void test_scaled(int64_t m, int64_t n, int64_t k, bool out_bf16, BiasKind bias_k
               out_bf16 ? "bf16" : "fp32", bias_name(bias_kind), one_scale ? "1scale" : "2scales",
               static_cast<long long>(exact), static_cast<long long>(m * n),
               static_cast<long long>(max_ulp));
-  GPU_CHECK_MSG(exact == m * n, "scaled product differs from gemm_scaled: " << m * n - exact
-                                                                            << " elements, max "
-                                                                            << max_ulp << " ulp");
+  GPU_CHECK_MSG(exact == m * n, "scaled product differs from gemm_scaled: "
+                                    << m * n - exact << " elements, max " << max_ulp << " ulp");
 }
 
 void test_arg_errors() {
@@ -270,7 +281,8 @@ const bool registered = [] {
              e.big, [=] { test_exact(e.m, e.n, e.k, e.f); });
   }
   for (bool bf16 : {false, true}) {
-    for (BiasKind bk : {BiasKind::kNone, BiasKind::kF32, BiasKind::kBf16, BiasKind::kBf16Unaligned}) {
+    for (BiasKind bk :
+         {BiasKind::kNone, BiasKind::kF32, BiasKind::kBf16, BiasKind::kBf16Unaligned}) {
       for (bool one : {false, true}) {
         for (S s : {S{5, 17, 33}, S{256, 128, 1024}}) {
           add_case("gemm_scaled/" + std::to_string(s.m) + "x" + std::to_string(s.n) + "x" +

@@ -82,7 +82,8 @@ void run_forward(const Problem& p, bool graph) {
   const int64_t cb = p.n * packed_row_bytes(p.d), ab = compact_aux_bytes(p.n, p.d);
 
   Outputs want{std::vector<uint8_t>(static_cast<size_t>(p.n * p.c) * oesz),
-               std::vector<uint8_t>(static_cast<size_t>(cb)), std::vector<uint8_t>(static_cast<size_t>(ab))};
+               std::vector<uint8_t>(static_cast<size_t>(cb)),
+               std::vector<uint8_t>(static_cast<size_t>(ab))};
   LinearForwardArgs ha;
   ha.x = make_matrix(const_cast<uint8_t*>(xb.data()), idt, p.n, p.d);
   ha.w = make_matrix(const_cast<uint8_t*>(wb.data()), idt, p.c, p.d);
@@ -149,7 +150,8 @@ void run_forward(const Problem& p, bool graph) {
       std::memcpy(&g, &y[static_cast<size_t>(e) * 4], 4);
       std::memcpy(&wv, &want.y[static_cast<size_t>(e) * 4], 4);
     }
-    const bool same = gputest::bits_of(g) == gputest::bits_of(wv) || (std::isnan(g) && std::isnan(wv));
+    const bool same =
+        gputest::bits_of(g) == gputest::bits_of(wv) || (std::isnan(g) && std::isnan(wv));
     bad_y += !same;
   }
   GPU_CHECK_MSG(bad_y == 0, bad_y << " of " << p.n * p.c << " y values differ");
@@ -211,8 +213,7 @@ void run_backward(const Problem& p, bool graph) {
 
   DevBuf dgy = gputest::upload(gb), dw = gputest::upload(wb), dcodes = gputest::upload(codes),
          daux = gputest::upload(aux), dsteps = gputest::upload(std::vector<float>{sx, sw});
-  DevBuf dgx(want_gx.size()), dgw(want_gw.size()), dgb(std::max<size_t>(1, want_gb.size())),
-      dgs(8);
+  DevBuf dgx(want_gx.size()), dgw(want_gw.size()), dgb(std::max<size_t>(1, want_gb.size())), dgs(8);
   dgx.poison();
   dgw.poison();
   dgb.poison();
@@ -254,16 +255,20 @@ void run_backward(const Problem& p, bool graph) {
   }
   const auto gx = gputest::download<uint8_t>(dgx, want_gx.size());
   const auto gw = gputest::download<uint8_t>(dgw, want_gw.size());
-  GPU_CHECK_MSG(count_byte_diff(gx, want_gx) == 0, count_byte_diff(gx, want_gx) << " grad_x bytes differ");
-  GPU_CHECK_MSG(count_byte_diff(gw, want_gw) == 0, count_byte_diff(gw, want_gw) << " grad_w bytes differ");
+  GPU_CHECK_MSG(count_byte_diff(gx, want_gx) == 0, count_byte_diff(gx, want_gx)
+                                                       << " grad_x bytes differ");
+  GPU_CHECK_MSG(count_byte_diff(gw, want_gw) == 0, count_byte_diff(gw, want_gw)
+                                                       << " grad_w bytes differ");
   if (p.bias) {
     const auto gbias = gputest::download<uint8_t>(dgb, want_gb.size());
     GPU_CHECK_MSG(count_byte_diff(gbias, want_gb) == 0, "grad_bias differs");
   }
   const auto gs = gputest::download<float>(dgs, 2);
   // fp64 sums of the same terms in another order: at most one fp32 rounding apart.
-  GPU_CHECK_MSG(gputest::ulp_distance(gs[0], want_gsx) <= 1, "grad_step_x " << gs[0] << " want " << want_gsx);
-  GPU_CHECK_MSG(gputest::ulp_distance(gs[1], want_gsw) <= 1, "grad_step_w " << gs[1] << " want " << want_gsw);
+  GPU_CHECK_MSG(gputest::ulp_distance(gs[0], want_gsx) <= 1,
+                "grad_step_x " << gs[0] << " want " << want_gsx);
+  GPU_CHECK_MSG(gputest::ulp_distance(gs[1], want_gsw) <= 1,
+                "grad_step_w " << gs[1] << " want " << want_gsw);
 }
 
 const bool registered = [] {

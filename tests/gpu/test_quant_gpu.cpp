@@ -25,10 +25,14 @@ enum class Data { kNormal, kOutliers, kNonFinite, kTies };
 
 const char* data_name(Data d) {
   switch (d) {
-    case Data::kNormal: return "normal";
-    case Data::kOutliers: return "outliers";
-    case Data::kNonFinite: return "nonfinite";
-    default: return "ties";
+    case Data::kNormal:
+      return "normal";
+    case Data::kOutliers:
+      return "outliers";
+    case Data::kNonFinite:
+      return "nonfinite";
+    default:
+      return "ties";
   }
 }
 
@@ -113,17 +117,18 @@ void test_hadamard_lsq(int64_t rows, int64_t cols, int32_t block, bool bf16, Dat
   for (float v : xt) {
     if (std::isfinite(v)) mean += std::fabs(v), ++finite;
   }
-  float step = finite > 0 && mean > 0 ? static_cast<float>(2.0 * mean / finite / std::sqrt(7.0))
-                                      : 1.0f;
+  float step =
+      finite > 0 && mean > 0 ? static_cast<float>(2.0 * mean / finite / std::sqrt(7.0)) : 1.0f;
   if (data == Data::kTies) step = 0.25f;
-  const RandomKey key{0x1234 + static_cast<uint64_t>(cols), make_stream(3, 7, RandomPurpose::kLsqAux)};
+  const RandomKey key{0x1234 + static_cast<uint64_t>(cols),
+                      make_stream(3, 7, RandomPurpose::kLsqAux)};
   std::vector<uint8_t> want_packed(static_cast<size_t>(rows * packed_row_bytes(cols)));
   std::vector<uint8_t> want_aux(static_cast<size_t>(compact_aux_bytes(rows, cols)));
   int64_t want_bad = 0;
   if (!bad_step) {
     want_bad = lsq_quantize_compact(
-        make_matrix(xt.data(), DType::kFloat32, rows, cols), make_scalar(&step, DType::kFloat32), key,
-        make_matrix(want_packed.data(), DType::kInt4Packed, rows, cols),
+        make_matrix(xt.data(), DType::kFloat32, rows, cols), make_scalar(&step, DType::kFloat32),
+        key, make_matrix(want_packed.data(), DType::kInt4Packed, rows, cols),
         make_vector(want_aux.data(), DType::kUInt8, static_cast<int64_t>(want_aux.size())));
   }
   std::vector<int8_t> want_codes(static_cast<size_t>(rows * cols));
@@ -158,10 +163,10 @@ void test_hadamard_lsq(int64_t rows, int64_t cols, int32_t block, bool bf16, Dat
   GPU_CHECK_MSG(got_bad == want_bad, "non-finite count " << got_bad << " want " << want_bad);
   const auto got_packed = gputest::download<uint8_t>(dpk, want_packed.size());
   const auto got_aux = gputest::download<uint8_t>(daux, want_aux.size());
-  GPU_CHECK_MSG(count_diff(got_packed, want_packed) == 0,
-                count_diff(got_packed, want_packed) << " packed bytes differ");
-  GPU_CHECK_MSG(count_diff(got_aux, want_aux) == 0,
-                count_diff(got_aux, want_aux) << " aux bytes differ");
+  GPU_CHECK_MSG(count_diff(got_packed, want_packed) == 0, count_diff(got_packed, want_packed)
+                                                              << " packed bytes differ");
+  GPU_CHECK_MSG(count_diff(got_aux, want_aux) == 0, count_diff(got_aux, want_aux)
+                                                        << " aux bytes differ");
   const auto op = gputest::download<uint8_t>(dop, static_cast<size_t>(rows * kp));
   int64_t bad_op = 0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -181,16 +186,15 @@ void test_transform(int64_t rows, int64_t cols, int32_t block, bool in_bf16, boo
   const auto x = as_seen(x0, in_bf16);
   const size_t oesz = out_bf16 ? 2 : 4;
   std::vector<uint8_t> want(static_cast<size_t>(rows * cols) * oesz);
-  hadamard_transform_ref(make_matrix(const_cast<float*>(x.data()), DType::kFloat32, rows, cols),
-                         make_matrix(want.data(), out_bf16 ? DType::kBFloat16 : DType::kFloat32,
-                                     rows, cols),
-                         block);
+  hadamard_transform_ref(
+      make_matrix(const_cast<float*>(x.data()), DType::kFloat32, rows, cols),
+      make_matrix(want.data(), out_bf16 ? DType::kBFloat16 : DType::kFloat32, rows, cols), block);
   DevMatrix din = to_device(x0, rows, cols, in_bf16, cols);
   DevBuf dout(std::max<size_t>(1, want.size()));
   dout.poison();
-  TensorView out = in_place ? din.view
-                            : make_matrix(dout.get(), out_bf16 ? DType::kBFloat16 : DType::kFloat32,
-                                          rows, cols);
+  TensorView out =
+      in_place ? din.view
+               : make_matrix(dout.get(), out_bf16 ? DType::kBFloat16 : DType::kFloat32, rows, cols);
   hadamard_transform_cuda(din.view, out, block, nullptr);
   CUDA_OK(cudaDeviceSynchronize());
   const auto got = gputest::download<uint8_t>(in_place ? din.buf : dout, want.size());
@@ -252,7 +256,8 @@ void test_bitsplit(int64_t rows, int64_t cols, bool bf16, Data data, bool zeros)
     for (int64_t c = 0; c < kp; ++c) {
       const int v = c < cols ? src[static_cast<size_t>(rr * cols + c)] : 0;
       s += v * v;
-      bad_op += !(gputest::decode_e4m3(op[static_cast<size_t>(r * kp + c)]) == static_cast<float>(v));
+      bad_op +=
+          !(gputest::decode_e4m3(op[static_cast<size_t>(r * kp + c)]) == static_cast<float>(v));
     }
     bad_sq += sq[static_cast<size_t>(r)] != s;
   }
@@ -288,10 +293,11 @@ void test_lsq_backward(int64_t rows, int64_t cols, bool out_bf16, bool in_place)
   const CudaAllocator alloc = default_cuda_allocator();
   TensorView gx = in_place ? make_matrix(dg.get(), DType::kFloat32, rows, cols)
                            : make_matrix(dout.get(), odt, rows, cols);
-  lsq_backward_compact_cuda(make_matrix(dpk.get(), DType::kInt4Packed, rows, cols),
-                            make_vector(daux.get(), DType::kUInt8, static_cast<int64_t>(aux.size())),
-                            make_matrix(dg.get(), DType::kFloat32, rows, cols), gx,
-                            make_scalar(dgs.get(), DType::kFloat32), alloc, nullptr);
+  lsq_backward_compact_cuda(
+      make_matrix(dpk.get(), DType::kInt4Packed, rows, cols),
+      make_vector(daux.get(), DType::kUInt8, static_cast<int64_t>(aux.size())),
+      make_matrix(dg.get(), DType::kFloat32, rows, cols), gx,
+      make_scalar(dgs.get(), DType::kFloat32), alloc, nullptr);
   CUDA_OK(cudaDeviceSynchronize());
   const auto got = gputest::download<uint8_t>(in_place ? dg : dout, want.size());
   GPU_CHECK_MSG(count_diff(got, want) == 0, count_diff(got, want) << " grad_x bytes differ");
@@ -307,10 +313,10 @@ const bool registered = [] {
     int32_t block;
     bool big;
   };
-  const S shapes[] = {{1, 8, 1, false},     {3, 8, 8, false},      {17, 256, 256, false},
-                      {5, 37, 1, false},    {7, 6, 2, false},      {9, 12, 4, false},
-                      {33, 1000, 8, false}, {4, 2048, 128, false}, {128, 768, 64, false},
-                      {2, 520, 8, false},   {1, 4, 4, false},      {64, 4096, 256, true},
+  const S shapes[] = {{1, 8, 1, false},      {3, 8, 8, false},      {17, 256, 256, false},
+                      {5, 37, 1, false},     {7, 6, 2, false},      {9, 12, 4, false},
+                      {33, 1000, 8, false},  {4, 2048, 128, false}, {128, 768, 64, false},
+                      {2, 520, 8, false},    {1, 4, 4, false},      {64, 4096, 256, true},
                       {1024, 4096, 32, true}};
   for (const S& s : shapes) {
     for (bool bf16 : {false, true}) {
@@ -318,11 +324,13 @@ const bool registered = [] {
         const std::string name = "hadamard_lsq/" + std::to_string(s.rows) + "x" +
                                  std::to_string(s.cols) + "/g" + std::to_string(s.block) + "/" +
                                  (bf16 ? "bf16/" : "fp32/") + data_name(d);
-        add_case(name, s.big, [=] { test_hadamard_lsq(s.rows, s.cols, s.block, bf16, d, 0, false); });
+        add_case(name, s.big,
+                 [=] { test_hadamard_lsq(s.rows, s.cols, s.block, bf16, d, 0, false); });
       }
       add_case("hadamard_lsq/" + std::to_string(s.rows) + "x" + std::to_string(s.cols) + "/g" +
                    std::to_string(s.block) + (bf16 ? "/bf16" : "/fp32") + "/strided",
-               s.big, [=] { test_hadamard_lsq(s.rows, s.cols, s.block, bf16, Data::kNormal, 3, false); });
+               s.big,
+               [=] { test_hadamard_lsq(s.rows, s.cols, s.block, bf16, Data::kNormal, 3, false); });
     }
   }
   add_case("hadamard_lsq/33x64/g1/fp32/ties", false,
@@ -349,7 +357,8 @@ const bool registered = [] {
       add_case("hadamard/" + std::to_string(s.rows) + "x" + std::to_string(s.cols) + "/g" +
                    std::to_string(s.block) + (in_bf16 ? "/bf16" : "/fp32") +
                    (out_bf16 ? "_to_bf16" : "_to_fp32") + (in_place ? "/in_place" : ""),
-               s.big, [=] { test_transform(s.rows, s.cols, s.block, in_bf16, out_bf16, in_place); });
+               s.big,
+               [=] { test_transform(s.rows, s.cols, s.block, in_bf16, out_bf16, in_place); });
     }
   }
 
@@ -367,7 +376,8 @@ const bool registered = [] {
       }
     }
   }
-  add_case("bitsplit/16x64/fp32/zeros", false, [] { test_bitsplit(16, 64, false, Data::kNormal, true); });
+  add_case("bitsplit/16x64/fp32/zeros", false,
+           [] { test_bitsplit(16, 64, false, Data::kNormal, true); });
   add_case("bitsplit/16x64/fp32/nonfinite", false,
            [] { test_bitsplit(16, 64, false, Data::kNonFinite, false); });
   add_case("bitsplit/5x9/fp32/nonfinite", false,
@@ -379,7 +389,9 @@ const bool registered = [] {
   for (L l : {L{1, 1}, L{3, 7}, L{64, 256}, L{129, 1000}, L{512, 768}}) {
     for (int mode = 0; mode < 3; ++mode) {
       add_case("lsq_backward/" + std::to_string(l.rows) + "x" + std::to_string(l.cols) +
-                   (mode == 0 ? "/fp32" : mode == 1 ? "/bf16" : "/in_place"),
+                   (mode == 0   ? "/fp32"
+                    : mode == 1 ? "/bf16"
+                                : "/in_place"),
                false, [=] { test_lsq_backward(l.rows, l.cols, mode == 1, mode == 2); });
     }
   }
