@@ -210,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--step-lr-scale",
         type=_positive_float,
-        default=0.1,
-        help="learning-rate factor of int4train's LSQ step sizes (default 0.1)",
+        default=0.01,
+        help="learning-rate factor of int4train's LSQ step sizes (default 0.01)",
     )
     t.add_argument(
         "--limit-train", type=_positive_int, help="keep the first N training samples (lm: tokens)"
