@@ -235,15 +235,17 @@ void check_common(const LinearConfig& cfg, const TensorView& x_like, const Tenso
 // ------------------------------------------------------------------------------------------ forward
 
 void linear_forward(const LinearConfig& cfg, const LinearForwardArgs& a) {
-  check_common(cfg, a.x, a.w, "x");
+  // Shapes first, so that a mismatch is reported as such rather than as a block-size error.
   check_matrix(a.x, "x");
   check_dtype(a.x, "x", {DType::kFloat32, DType::kBFloat16});
+  check_matrix(a.w, "w");
   const int64_t n = a.x.shape[0], d = a.x.shape[1], c = a.w.shape[0];
   if (a.w.shape[1] != d) {
     throw_error(ErrorKind::kValue, "w: expected " + std::to_string(d) +
                                        " columns (in_features of x), got " +
                                        std::to_string(a.w.shape[1]));
   }
+  check_common(cfg, a.x, a.w, "x");
   check_shape(a.y, "y", n, c);
   check_dtype(a.y, "y", {DType::kFloat32, DType::kBFloat16});
   if (a.bias.data != nullptr) {
