@@ -1,6 +1,8 @@
 // int4train PyTorch binding: a device-generic implementation of the ops built from ATen operations,
-// registered for CUDA tensors until dedicated CUDA kernels exist (correct, not fast), and exposed as
-// the debug ops torch.ops.int4train._generic_* (any device) so that it is tested against the core.
+// registered for CUDA tensors, and exposed as the debug ops torch.ops.int4train._generic_* (any
+// device) so that it is tested against the core. Where the build has CUDA kernels (cuda_bridge.h),
+// CUDA tensors take them instead: Philox words, the Hadamard transform, the LSQ recipes' forward and
+// the hq_bs backward (all equal to the core bit for bit, as the ATen forms); the rest stays ATen.
 //
 // It reproduces the core's semantics (src/cpu/*.cpp are the spec): Philox4x32-10 in int64 ATen
 // arithmetic (same bits for the same seed, stream and index), the Hadamard butterflies in the
@@ -19,6 +21,7 @@
 #include <tuple>
 
 #include "convert.h"
+#include "cuda_bridge.h"
 #include "int4train/gemm.h"
 #include "int4train/hadamard.h"
 #include "int4train/int4.h"
@@ -61,6 +64,12 @@ Tensor philox_words(uint64_t seed, int64_t stream_lo, const Tensor& stream_hi, i
                     const at::TensorOptions& device) {
   const auto opt = device.dtype(at::kLong);
   if (n == 0) return at::empty({0}, opt);
+#ifdef INT4TRAIN_TORCH_CUDA
+  // One kernel instead of ~260 ATen launches (the same words: tests compare with the core).
+  if (stream_hi.is_cuda()) {
+    return cuda_bridge::philox_words(seed, static_cast<uint32_t>(stream_lo & kMask32), stream_hi, n);
+  }
+#endif
   const int64_t blocks = (n + 3) / 4;
   const Tensor block = at::arange(blocks, opt);
   Tensor c0 = block & kMask32;
@@ -168,6 +177,9 @@ void check_block(int64_t block, int64_t d) {
 // x (rows, d) fp32/bf16 -> x B_g in fp32, in the butterfly order of hadamard.h.
 Tensor hadamard_fp32(const Tensor& x, int64_t g) {
   const int64_t rows = x.size(0), d = x.size(1);
+#ifdef INT4TRAIN_TORCH_CUDA
+  if (x.is_cuda() && g > 1 && x.numel() > 0) return cuda_bridge::hadamard_fp32(x, g);
+#endif
   Tensor v = x.to(at::kFloat).contiguous();
   if (g == 1 || v.numel() == 0) return v.clone();
   v = v.reshape({rows, d / g, g});
@@ -374,6 +386,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward(
     out.codes.zero_();
     return {out.y, out.codes, out.aux, out.scale, saved_step};
   }
+#ifdef INT4TRAIN_TORCH_CUDA
+  if (x.is_cuda() && recipe_uses_lsq(cfg.recipe)) {
+    // The dedicated kernels (cuda.h): fused Hadamard + LSQ passes and one FP8 product of the
+    // codes, equal to the core bit for bit. The step is read on the host for the random streams.
+    LinearConfig kcfg = cfg;
+    kcfg.step = detail::step_value(step);
+    const Tensor xc = x.contiguous(), wc = weight.contiguous();
+    const std::optional<Tensor> bc = bias.has_value() && bias->defined()
+                                         ? std::optional<Tensor>(bias->contiguous())
+                                         : std::nullopt;
+    LinearForwardArgs args;
+    args.x = detail::to_view(xc, "x");
+    args.w = detail::to_view(wc, "weight");
+    args.bias = detail::to_view_or_null(bc, "bias");
+    args.step_x = detail::to_view(sx, "input_step");
+    args.step_w = detail::to_view(sw, "weight_step");
+    args.y = detail::to_view(out.y, "y");
+    args.saved_codes = detail::codes_view(out.codes, d, "saved_codes");
+    args.saved_aux = detail::to_view(out.aux, "saved_aux");
+    cuda_bridge::linear_forward(kcfg, args, x.get_device());
+    return {out.y, out.codes, out.aux, out.scale, saved_step};
+  }
+#endif
   const Tensor x32 = x.to(at::kFloat), w32 = weight.to(at::kFloat);
   if (cfg.recipe == Recipe::kFp) {
     Tensor y = at::mm(x32, w32.t());
@@ -462,6 +497,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(
     return {out.grad_x, out.grad_w, out.grad_bias, out.grad_input_step, out.grad_weight_step,
             out.stats};
   }
+#ifdef INT4TRAIN_TORCH_CUDA
+  if (grad_y.is_cuda() && cfg.recipe == Recipe::kHqBs) {
+    // The dedicated kernels (cuda.h): bit split, exact FP8 products of the codes, LSQ backward and
+    // back-rotation. The bias gradient is above.
+    LinearConfig kcfg = cfg;
+    kcfg.step = detail::step_value(step);
+    const Tensor gc = grad_y.contiguous(), wc = weight.contiguous(), ac = aux.contiguous();
+    LinearBackwardArgs args;
+    args.grad_y = detail::to_view(gc, "grad_y");
+    args.w = detail::to_view(wc, "weight");
+    args.saved_codes = detail::codes_view(codes, d, "codes");
+    args.saved_aux = detail::to_view(ac, "aux");
+    args.step_x = detail::to_view(sx, "input_step");
+    args.step_w = detail::to_view(sw, "weight_step");
+    if (mask[0]) args.grad_x = detail::to_view(out.grad_x, "grad_x");
+    if (mask[1]) args.grad_w = detail::to_view(out.grad_w, "grad_weight");
+    if (mask[3]) args.grad_step_x = detail::to_view(out.grad_input_step, "grad_input_step");
+    if (mask[4]) args.grad_step_w = detail::to_view(out.grad_weight_step, "grad_weight_step");
+    cuda_bridge::linear_backward(kcfg, args, grad_y.get_device());
+    return {out.grad_x, out.grad_w, out.grad_bias, out.grad_input_step, out.grad_weight_step,
+            out.stats};
+  }
+#endif
   const bool want_dx = mask[0], want_dw = mask[1];
   const Tensor w32 = weight.to(at::kFloat);
   const auto grad_words = [&](int64_t count) {

@@ -128,6 +128,14 @@ void lsq_backward_cuda(const TensorView& x, const TensorView& step, const Tensor
                        TensorView grad_x, TensorView grad_step, const CudaAllocator& alloc,
                        void* stream);
 
+// ------------------------------------------------------------------------------ random words
+// words[i] = random_u32(seed, stream, i) of philox.h for i < n (int64 values in [0, 2^32), the form
+// the device-generic PyTorch implementation computes with), where stream = (uint32(*stream_hi) << 32)
+// | stream_lo: stream_hi is an int64 device scalar (the training step, which stays on the device) or
+// null for 0. words: contiguous int64 device vector of n.
+void philox_words_cuda(uint64_t seed, uint32_t stream_lo, const TensorView& stream_hi,
+                       TensorView words, void* stream);
+
 // ------------------------------------------------------------------------------ the layer
 // linear_forward of linear.h on the device, for the LSQ recipes (lsq_luq, hq, hq_bs, hq_lss; the
 // others are an Error of kind kNotImplemented): X and W each take one fused Hadamard + LSQ pass,

@@ -1,0 +1,33 @@
+// int4train PyTorch binding: the bridge from CUDA tensors to the core's CUDA kernels
+// (include/int4train/cuda.h), on PyTorch's current stream with its caching allocator. Built where
+// both the core has CUDA (nvcc at build time) and torch has CUDA (libc10_cuda); kAvailable says so.
+// The device-generic implementation (generic.cpp) calls these for CUDA tensors where a kernel
+// exists, and keeps its ATen form elsewhere.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "int4train/linear.h"
+
+namespace int4train::pt::cuda_bridge {
+
+#ifdef INT4TRAIN_TORCH_CUDA
+constexpr bool kAvailable = true;
+#else
+constexpr bool kAvailable = false;  // nothing below is defined: callers guard with the macro
+#endif
+
+// Philox words random_u32(seed, (uint32(step) << 32) | stream_lo, i), i < n, as int64 in
+// [0, 2^32) on step's device; step: int64 0-dim device tensor.
+at::Tensor philox_words(uint64_t seed, uint32_t stream_lo, const at::Tensor& step, int64_t n);
+
+// x (rows, d) fp32 or bf16 CUDA -> x B_g in fp32, bit-identical to hadamard.h's order.
+at::Tensor hadamard_fp32(const at::Tensor& x, int64_t g);
+
+// linear_forward_cuda / linear_backward_cuda on the device of the views (device index given).
+void linear_forward(const LinearConfig& config, const LinearForwardArgs& args, int device);
+void linear_backward(const LinearConfig& config, const LinearBackwardArgs& args, int device);
+
+}  // namespace int4train::pt::cuda_bridge
