@@ -1,0 +1,256 @@
+"""The recipe comparison table of docs/accuracy.md: many runs of ``python -m int4train.train``, one
+process per (task, recipe, seed), several at once on one machine, then mean ± std per cell.
+
+    # run: every recipe of two tasks, three seeds, 8 processes at a time, stop launching after 500 s
+    python -m int4train.train.table run --out runs/table --tasks lm,imagecls --seeds 0,1,2 \\
+        --jobs 8 --deadline 500 --task-args "imagecls=--data /path/to/fashion-mnist"
+
+    # summarize: the markdown table (stdout or --md) and one loss-curve plot per task
+    python -m int4train.train.table summarize runs/table --plots docs/accuracy
+
+Each run writes its own ``metrics.json`` under ``OUT/TASK/RECIPE-sSEED``; ``summarize`` reads every
+``metrics.json`` below the folders it is given, so the runs of several machines or calls combine. A
+run that did not finish (deadline, error) has no metrics and is counted as missing, never guessed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .plotting import ema
+
+TASKS = ("lm", "textcls", "imagecls")
+RECIPES = ("fp", "int8", "lsq_luq", "hq", "hq_bs", "hq_lss")
+
+
+def _list(value: str, allowed: tuple[str, ...] | None, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise SystemExit(f"error: {what}: expected a comma-separated list, got {value!r}")
+    if allowed is not None:
+        for v in items:
+            if v not in allowed:
+                raise SystemExit(f"error: {what}: unknown {v!r}; expected some of {', '.join(allowed)}")
+    return items
+
+
+def _task_args(values: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for v in values:
+        task, sep, rest = v.partition("=")
+        if not sep or task not in TASKS:
+            raise SystemExit(f"error: --task-args: expected TASK=ARGS with TASK in {TASKS}, got {v!r}")
+        out[task] = out.get(task, []) + shlex.split(rest)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m int4train.train.table", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the training CLI for every (task, recipe, seed)")
+    r.add_argument("--out", required=True, help="results folder (OUT/TASK/RECIPE-sSEED/metrics.json)")
+    r.add_argument("--tasks", default="lm,textcls,imagecls", help="comma list of tasks")
+    r.add_argument("--recipes", default=",".join(RECIPES), help="comma list of recipes")
+    r.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
+    r.add_argument("--preset", default="full", choices=["tiny", "full"])
+    r.add_argument("--jobs", type=int, default=1, help="processes at once (default 1)")
+    r.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds after which no run is started and running ones are stopped (default: none)",
+    )
+    r.add_argument(
+        "--task-args",
+        action="append",
+        default=[],
+        help='extra CLI flags of one task, "TASK=FLAGS" (repeatable), e.g. "lm=--steps 400"',
+    )
+    r.add_argument("--python", default=sys.executable, help="interpreter that runs the CLI")
+    s = sub.add_parser("summarize", help="mean ± std per (task, recipe) and loss-curve plots")
+    s.add_argument("folders", nargs="+", help="folders searched for metrics.json")
+    s.add_argument("--md", default=None, help="write the markdown table here (default: stdout)")
+    s.add_argument("--plots", default=None, help="folder for TASK.png loss-curve plots")
+    return p
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def run_all(args: argparse.Namespace) -> int:
+    tasks = _list(args.tasks, TASKS, "--tasks")
+    recipes = _list(args.recipes, RECIPES, "--recipes")
+    try:
+        seeds = [int(s) for s in _list(args.seeds, None, "--seeds")]
+    except ValueError:
+        raise SystemExit(f"error: --seeds: expected integers, got {args.seeds!r}") from None
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs: expected a positive integer, got {args.jobs}")
+    extra = _task_args(args.task_args)
+    out = Path(args.out)
+    # Seeds outermost: an interrupted table has whole seeds of every cell rather than all seeds of a few.
+    jobs = [(t, r, s) for s in seeds for t in tasks for r in recipes]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    t0 = time.monotonic()
+    pending, running, finished = list(jobs), [], []
+    while pending or running:
+        late = args.deadline is not None and time.monotonic() - t0 > args.deadline
+        while pending and len(running) < args.jobs and not late:
+            task, recipe, seed = pending.pop(0)
+            run_dir = out / task / f"{recipe}-s{seed}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cmd = [args.python, "-m", "int4train.train", "--task", task, "--recipe", recipe,
+                   "--seed", str(seed), "--preset", args.preset, "--no-progress",
+                   "--threads", str(threads), "--out", str(run_dir)] + extra.get(task, [])
+            log = open(run_dir / "log.txt", "w")
+            log.write("$ " + shlex.join(cmd) + "\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            running.append((proc, log, (task, recipe, seed), time.monotonic()))
+        for item in list(running):
+            proc, log, key, started = item
+            if proc.poll() is None and late:
+                proc.kill()
+                proc.wait()
+            if proc.poll() is not None:
+                log.close()
+                running.remove(item)
+                status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+                finished.append((key, status, time.monotonic() - started))
+                print(f"[{time.monotonic() - t0:6.0f} s] {key[0]} {key[1]} seed {key[2]}: {status} "
+                      f"({time.monotonic() - started:.0f} s)", flush=True)
+        if late and not running:
+            break
+        time.sleep(0.5)
+    skipped = len(pending)
+    bad = sum(1 for _, st, _ in finished if st != "ok")
+    print(f"table: {len(finished) - bad} runs finished, {bad} failed or stopped, {skipped} not started "
+          f"({time.monotonic() - t0:.0f} s)")
+    return 0 if bad == 0 and skipped == 0 else 1
+
+
+# ------------------------------------------------------------------------------------ summarize
+
+
+def load_runs(folders: list[str]) -> list[dict[str, Any]]:
+    runs = []
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("metrics.json")):
+            with open(path) as f:
+                for r in json.load(f)["runs"]:
+                    r["_path"] = str(path)
+                    runs.append(r)
+    return runs
+
+
+def _metric(run: dict[str, Any]) -> float:
+    m = run["metrics"]
+    return m["val_loss"] if run["task"] == "lm" else 100.0 * m["accuracy"]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return mean, std
+
+
+def summarize(runs: list[dict[str, Any]]) -> str:
+    cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        cells[(r["task"], r["recipe"])].append(r)
+    lines = []
+    for task in TASKS:
+        recipes = [rc for rc in RECIPES if (task, rc) in cells]
+        if not recipes:
+            continue
+        any_run = cells[(task, recipes[0])][0]
+        metric = "validation loss (nats/char)" if task == "lm" else "test accuracy (%)"
+        lines.append(f"### {task}: {metric}, mean ± std over seeds\n")
+        lines.append(f"device: {any_run['device']} · preset {any_run['preset']} · "
+                     f"{any_run['steps']} steps · torch {any_run['torch_version']}\n")
+        fp = mean_std([_metric(r) for r in cells[(task, "fp")]])[0] if (task, "fp") in cells else None
+        head = "| recipe | " + ("val loss" if task == "lm" else "accuracy") + " | vs fp | seeds | s/step |"
+        lines += [head, "|---|---|---|---|---|"]
+        for rc in recipes:
+            rs = sorted(cells[(task, rc)], key=lambda r: r["seed"])
+            mean, std = mean_std([_metric(r) for r in rs])
+            if fp is None or rc == "fp":
+                gap = "—"
+            elif task == "lm":
+                gap = f"{100.0 * (mean - fp) / fp:+.2f}%"
+            else:
+                gap = f"{mean - fp:+.2f} pt"
+            per_step = sum(r["train_time_s"] / r["steps"] for r in rs) / len(rs)
+            std_s = "n/a" if math.isnan(std) else f"{std:.{4 if task == 'lm' else 2}f}"
+            val = f"{mean:.4f} ± {std_s}" if task == "lm" else f"{mean:.2f} ± {std_s}"
+            seeds = ",".join(str(r["seed"]) for r in rs)
+            lines.append(f"| {rc} | {val} | {gap} | {seeds} | {per_step:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_tasks(runs: list[dict[str, Any]], folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    by_task: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        by_task[r["task"]][r["recipe"]].append(r["loss_curve"])
+    for task, recipes in by_task.items():
+        fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+        for i, rc in enumerate(rc for rc in RECIPES if rc in recipes):
+            curves = recipes[rc]
+            length = min(len(c) for c in curves)
+            mean = [sum(c[j] for c in curves) / len(curves) for j in range(length)]
+            beta = min(0.98, 1.0 - 1.0 / max(2.0, length / 50.0))
+            ax.plot(range(1, length + 1), ema(mean, beta), color=f"C{i}", linewidth=1.6,
+                    label=f"{rc} ({len(curves)} seeds)")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("training loss (mean over seeds, smoothed)")
+        ax.set_title(f"{task}: training loss per recipe")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = folder / f"{task}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "run":
+        return run_all(args)
+    runs = load_runs(args.folders)
+    if not runs:
+        print(f"error: no metrics.json with runs below {', '.join(args.folders)}", file=sys.stderr)
+        return 2
+    text = summarize(runs)
+    if args.md:
+        Path(args.md).write_text(text + "\n")
+    else:
+        print(text)
+    if args.plots:
+        for p in plot_tasks(runs, Path(args.plots)):
+            print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

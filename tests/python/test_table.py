@@ -1,0 +1,86 @@
+"""Tests of the accuracy-table driver (python -m int4train.train.table): a real run of two recipes and
+two seeds in parallel processes, the summary's statistics, the deadline, and argument errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+from int4train.train import table
+
+WORDS = ["the", "whale", "sea", "ship", "captain", "white", "boat", "harpoon"]
+LM_TINY = "--layers 1 --d-model 32 --heads 2 --context 16 --batch-size 8 --warmup 1 --steps 3"
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("table") / "tiny.txt"
+    path.write_text(" ".join(f"the {rng.choice(WORDS)} saw the {rng.choice(WORDS)}." for _ in range(300)))
+    return path
+
+
+def test_run_and_summarize(text_file, tmp_path, capsys):
+    out = tmp_path / "t"
+    rc = table.main(["run", "--out", str(out), "--tasks", "lm", "--recipes", "fp,hq_lss", "--seeds", "0,1",
+                     "--preset", "tiny", "--jobs", "2",
+                     "--task-args", f"lm=--data {text_file} {LM_TINY} --limit-test 256"])
+    assert rc == 0, capsys.readouterr().out
+    runs = table.load_runs([str(out)])
+    assert sorted((r["recipe"], r["seed"]) for r in runs) == [("fp", 0), ("fp", 1), ("hq_lss", 0), ("hq_lss", 1)]
+    assert all(r["steps"] == 3 and r["task"] == "lm" for r in runs)
+    # Each run's log holds its exact command.
+    assert (out / "lm" / "hq_lss-s1" / "log.txt").read_text().startswith("$ ")
+    md = tmp_path / "table.md"
+    assert table.main(["summarize", str(out), "--md", str(md), "--plots", str(tmp_path / "plots")]) == 0
+    text = md.read_text()
+    fp = [r["metrics"]["val_loss"] for r in runs if r["recipe"] == "fp"]
+    mean, std = table.mean_std(fp)
+    assert f"| fp | {mean:.4f} ± {std:.4f} | — | 0,1 |" in text
+    assert "| hq_lss |" in text and (tmp_path / "plots" / "lm.png").stat().st_size > 0
+
+
+def test_summary_statistics_and_gap():
+    def run(recipe, seed, acc):
+        return {"task": "imagecls", "recipe": recipe, "seed": seed, "steps": 10, "train_time_s": 2.0,
+                "metrics": {"accuracy": acc}, "device": "cpu", "preset": "tiny", "torch_version": "x",
+                "loss_curve": [1.0, 0.5]}
+
+    runs = [run("fp", 0, 0.90), run("fp", 1, 0.92), run("hq_lss", 0, 0.89), run("hq_lss", 1, 0.91)]
+    text = table.summarize(runs)
+    assert "| fp | 91.00 ± 1.41 | — | 0,1 | 0.200 |" in text
+    assert "| hq_lss | 90.00 ± 1.41 | -1.00 pt | 0,1 | 0.200 |" in text
+    m, s = table.mean_std([3.0])
+    assert m == 3.0 and math.isnan(s)
+
+
+def test_deadline_stops_and_reports(text_file, tmp_path, capsys):
+    # A zero deadline starts nothing: the exit status says the table is incomplete.
+    rc = table.main(["run", "--out", str(tmp_path / "t"), "--tasks", "lm", "--recipes", "fp", "--seeds", "0",
+                     "--deadline", "0", "--task-args", f"lm=--data {text_file} {LM_TINY}"])
+    assert rc == 1
+    assert "1 not started" in capsys.readouterr().out
+    assert table.load_runs([str(tmp_path / "t")]) == []
+
+
+def test_argument_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        table.main(["run", "--out", str(tmp_path), "--recipes", "int3"])
+    with pytest.raises(SystemExit):
+        table.main(["run", "--out", str(tmp_path), "--task-args", "nope=--steps 1"])
+    with pytest.raises(SystemExit):
+        table.main(["run", "--out", str(tmp_path), "--seeds", "a,b"])
+    assert table.main(["summarize", str(tmp_path / "empty")]) == 2
+    assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_failed_run_is_reported(tmp_path, capsys):
+    rc = table.main(["run", "--out", str(tmp_path / "t"), "--tasks", "lm", "--recipes", "fp", "--seeds", "0",
+                     "--task-args", f"lm=--data {tmp_path / 'missing.txt'}"])
+    assert rc == 1
+    log = (tmp_path / "t" / "lm" / "fp-s0" / "log.txt").read_text()
+    assert "missing.txt" in log
+    assert json.dumps(table.load_runs([str(tmp_path / "t")])) == "[]"
