@@ -100,6 +100,11 @@ def run_all(args: argparse.Namespace) -> int:
     out = Path(args.out)
     # Seeds outermost: an interrupted table has whole seeds of every cell rather than all seeds of a few.
     jobs = [(t, r, s) for s in seeds for t in tasks for r in recipes]
+    # A run whose metrics.json exists is done: an interrupted table goes on where it stopped.
+    done = [j for j in jobs if (out / j[0] / f"{j[1]}-s{j[2]}" / "metrics.json").exists()]
+    jobs = [j for j in jobs if j not in done]
+    if done:
+        print(f"table: {len(done)} runs already done in {out}", flush=True)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     t0 = time.monotonic()
     pending, running, finished = list(jobs), [], []
