@@ -3,9 +3,10 @@
 #   1. the CUDA kernel tests (scripts/gpu_check.sh: build, tests, optional memcheck and benchmark),
 #   2. the Python package built with its CUDA kernels, and its CUDA tests (tests/python/test_cuda.py),
 #   3. the accuracy table of docs/accuracy.md (python -m int4train.train.table), as many runs as the
-#      remaining budget allows, several processes at once; results and logs under $OUT.
+#      remaining budget allows, several processes at once, spread over every visible GPU; runs already
+#      in the table folder are kept (a table can be finished over several calls); logs under $OUT.
 # Usage: scripts/gpu_all.sh [--budget SECONDS] [--tasks lm,imagecls] [--jobs N] [--seeds 0,1,2]
-#                           [--no-kernels] [--no-pytest] [--memcheck] [--bench]
+#                           [--table-dir DIR] [--no-kernels] [--no-pytest] [--memcheck] [--bench]
 # Data: Moby Dick ships in data/; Fashion-MNIST is looked for in $FMNIST (IDX folder); textcls needs
 # $SPAM (spam-assassin.jsonl.gz) and $MINILM (a model folder; fp16 weights are widened to fp32).
 set -uo pipefail
@@ -13,13 +14,14 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-/tmp/int4train_gpu_all}
 mkdir -p "$OUT"
-budget=570 tasks=lm,imagecls jobs=12 seeds=0,1,2 kernels=1 pytest=1 memcheck=0 bench=0
+budget=570 tasks=lm,imagecls jobs=12 seeds=0,1,2 kernels=1 pytest=1 memcheck=0 bench=0 table_dir=
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) budget=$2; shift ;;
     --tasks) tasks=$2; shift ;;
     --jobs) jobs=$2; shift ;;
     --seeds) seeds=$2; shift ;;
+    --table-dir) table_dir=$2; shift ;;
     --no-kernels) kernels=0 ;;
     --no-pytest) pytest=0 ;;
     --memcheck) memcheck=1 ;;
@@ -28,6 +30,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+table_dir=${table_dir:-$OUT/table}
 t0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - t0 )); }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -79,10 +82,10 @@ PY
 esac
 left=$(( budget - $(elapsed) - 25 ))
 if [ "$left" -gt 30 ]; then
-  python3 -m int4train.train.table run --out "$OUT/table" --tasks "$tasks" --seeds "$seeds" \
+  python3 -m int4train.train.table run --out "$table_dir" --tasks "$tasks" --seeds "$seeds" \
     --jobs "$jobs" --deadline "$left" "${table_args[@]}" > "$OUT/table.log" 2>&1
   summary+=("accuracy table : $(tail -1 "$OUT/table.log") ($(elapsed) s)")
-  python3 -m int4train.train.table summarize "$OUT/table" --md "$OUT/table.md" --plots "$OUT/plots" \
+  python3 -m int4train.train.table summarize "$table_dir" --md "$OUT/table.md" --plots "$OUT/plots" \
     > /dev/null 2>&1
 else
   summary+=("accuracy table : no time left ($(elapsed) s)")

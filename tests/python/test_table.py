@@ -84,3 +84,27 @@ def test_failed_run_is_reported(tmp_path, capsys):
     log = (tmp_path / "t" / "lm" / "fp-s0" / "log.txt").read_text()
     assert "missing.txt" in log
     assert json.dumps(table.load_runs([str(tmp_path / "t")])) == "[]"
+
+
+def test_runs_spread_over_gpus(text_file, tmp_path, capsys, monkeypatch):
+    # Two runs at once on two GPU ids: each run is pinned to the least-loaded one. (On a machine without
+    # those GPUs the CLI runs on the CPU; the pinning is what is checked.)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    out = tmp_path / "t"
+    rc = table.main(["run", "--out", str(out), "--tasks", "lm", "--recipes", "fp", "--seeds", "0,1",
+                     "--preset", "tiny", "--jobs", "2", "--gpus", "3,5",
+                     "--task-args", f"lm=--data {text_file} {LM_TINY} --limit-test 256 --device cpu"])
+    assert rc == 0, capsys.readouterr().out
+    pins = sorted((out / "lm" / f"fp-s{s}" / "log.txt").read_text().splitlines()[1] for s in (0, 1))
+    assert pins == ["# CUDA_VISIBLE_DEVICES=3", "# CUDA_VISIBLE_DEVICES=5"]
+
+
+def test_gpu_ids(monkeypatch):
+    assert table.gpu_ids("none") == []
+    assert table.gpu_ids("2,0") == ["2", "0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert table.gpu_ids("auto") == ["4", "6"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert table.gpu_ids("auto") == []
+    with pytest.raises(SystemExit):
+        table.gpu_ids("cuda:0")

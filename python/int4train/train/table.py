@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help='extra CLI flags of one task, "TASK=FLAGS" (repeatable), e.g. "lm=--steps 400"',
     )
+    r.add_argument(
+        "--gpus",
+        default="auto",
+        help="GPUs to spread the runs over, each run pinned to one by CUDA_VISIBLE_DEVICES: a comma list "
+        "of ids, 'none', or 'auto' (default: the ids in CUDA_VISIBLE_DEVICES, else every GPU torch sees)",
+    )
     r.add_argument("--python", default=sys.executable, help="interpreter that runs the CLI")
     s = sub.add_parser("summarize", help="mean ± std per (task, recipe) and loss-curve plots")
     s.add_argument("folders", nargs="+", help="folders searched for metrics.json")
@@ -85,6 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------ run
+
+
+def gpu_ids(spec: str) -> list[str]:
+    """The GPU ids of --gpus: explicit ids, none, or those visible to this process (auto)."""
+    if spec == "none":
+        return []
+    if spec != "auto":
+        ids = _list(spec, None, "--gpus")
+        if not all(i.isdigit() for i in ids):
+            raise SystemExit(f"error: --gpus: expected 'auto', 'none' or comma-separated ids, got {spec!r}")
+        return ids
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [v.strip() for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        return []
 
 
 def run_all(args: argparse.Namespace) -> int:
@@ -106,6 +132,9 @@ def run_all(args: argparse.Namespace) -> int:
     if done:
         print(f"table: {len(done)} runs already done in {out}", flush=True)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    gpus = gpu_ids(args.gpus)
+    if len(gpus) > 1:
+        print(f"table: spreading runs over GPUs {','.join(gpus)}", flush=True)
     t0 = time.monotonic()
     pending, running, finished = list(jobs), [], []
     while pending or running:
@@ -120,10 +149,21 @@ def run_all(args: argparse.Namespace) -> int:
             log = open(run_dir / "log.txt", "w")
             log.write("$ " + shlex.join(cmd) + "\n")
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-            running.append((proc, log, (task, recipe, seed), time.monotonic()))
+            env = None
+            gpu = None
+            if len(gpus) > 1:
+                # The GPU with the fewest runs of ours on it (ties: the first listed).
+                load = {g: 0 for g in gpus}
+                for item in running:
+                    load[item[4]] += 1
+                gpu = min(gpus, key=lambda g: load[g])
+                env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
+                log.write(f"# CUDA_VISIBLE_DEVICES={gpu}\n")
+                log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((proc, log, (task, recipe, seed), time.monotonic(), gpu))
         for item in list(running):
-            proc, log, key, started = item
+            proc, log, key, started, _ = item
             if proc.poll() is None and late:
                 proc.kill()
                 proc.wait()
