@@ -319,8 +319,7 @@ Tensor code_row_norms(const Tensor& codes) {
 
 LinearConfig make_config(c10::string_view recipe_name, int64_t hadamard_block, int64_t seed,
                          int64_t layer) {
-  LinearConfig config;
-  config.recipe = detail::recipe_from(recipe_name);
+  LinearConfig config = detail::config_from(recipe_name);
   config.hadamard_block = static_cast<int32_t>(hadamard_block);
   config.seed = static_cast<uint64_t>(seed);
   config.layer = static_cast<uint32_t>(layer);
@@ -447,7 +446,7 @@ std::pair<Tensor, Tensor> lss_weights(const Tensor& scores, int64_t n, const Lin
   Tensor probs = at::empty_like(scores_cpu);
   Tensor exps = at::empty({scores_cpu.numel()}, scores_cpu.options().dtype(at::kChar));
   call_core([&] {
-    lss_probabilities(detail::to_view(scores_cpu, "scores"), static_cast<double>(n),
+    lss_probabilities(detail::to_view(scores_cpu, "scores"), cfg.lss_budget * static_cast<double>(n),
                       detail::to_view(probs, "probs"));
     lss_round_pow2(detail::to_view(probs, "probs"), kLssMaxExponent, detail::to_view(exps, "exps"));
   });

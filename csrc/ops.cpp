@@ -32,9 +32,15 @@ uint32_t step_value(const Tensor& step) {
   return static_cast<uint32_t>(static_cast<uint64_t>(step.item<int64_t>()));
 }
 
-Recipe recipe_from(c10::string_view name) {
-  return call_core([&] { return parse_recipe(std::string(name)); });
+LinearConfig config_from(c10::string_view spec) {
+  return call_core([&] {
+    LinearConfig config;
+    parse_recipe_spec(std::string(spec), &config);
+    return config;
+  });
 }
+
+Recipe recipe_from(c10::string_view spec) { return config_from(spec).recipe; }
 
 Tensor as_matrix(const Tensor& x, const char* arg) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "int4train: ", arg, " must have at least one dimension, got a ",
@@ -256,10 +262,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward_cpu(
   constexpr const char* op = "int4train.linear_forward";
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D (N, in_features), got shape ", x.sizes());
   check_linear_shapes(x, weight, bias, op);
-  const Recipe recipe = recipe_from(recipe_name);
+  LinearConfig config = config_from(recipe_name);
+  const Recipe recipe = config.recipe;
   const int64_t n = x.size(0), d = x.size(1), c = weight.size(0);
-  LinearConfig config;
-  config.recipe = recipe;
   config.hadamard_block = static_cast<int32_t>(hadamard_block);
   config.seed = static_cast<uint64_t>(seed);
   config.step = step_value(step);
@@ -309,10 +314,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward_cpu(
                     grad_y.sizes());
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == grad_y.size(1), op,
                     ": grad_y has shape ", grad_y.sizes(), " but weight has shape ", weight.sizes());
-  const Recipe recipe = recipe_from(recipe_name);
+  LinearConfig config = config_from(recipe_name);
+  const Recipe recipe = config.recipe;
   const int64_t n = grad_y.size(0), c = weight.size(0), d = weight.size(1);
-  LinearConfig config;
-  config.recipe = recipe;
   config.hadamard_block = static_cast<int32_t>(hadamard_block);
   config.seed = static_cast<uint64_t>(seed);
   config.step = step_value(step);

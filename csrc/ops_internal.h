@@ -16,8 +16,10 @@ namespace int4train::pt::detail {
 
 // The low 32 bits of an integer scalar tensor holding the training step (read on the host).
 uint32_t step_value(const at::Tensor& step);
-// parse_recipe, with a core Error mapped to ValueError.
-Recipe recipe_from(c10::string_view name);
+// parse_recipe_spec (linear.h: a recipe name, or "hq_lss:lss_budget=X"), with a core Error mapped
+// to ValueError: the config's recipe and lss_budget set, the rest default.
+LinearConfig config_from(c10::string_view spec);
+Recipe recipe_from(c10::string_view spec);
 // (..., cols) -> contiguous (rows, cols).
 at::Tensor as_matrix(const at::Tensor& x, const char* arg);
 // x (..., D) against weight (C, D) and bias (C): a ValueError naming both shapes otherwise.

@@ -6,7 +6,8 @@
 #      remaining budget allows, several processes at once, spread over every visible GPU; runs already
 #      in the table folder are kept (a table can be finished over several calls); logs under $OUT.
 # Usage: scripts/gpu_all.sh [--budget SECONDS] [--tasks lm,imagecls] [--jobs N] [--seeds 0,1,2]
-#                           [--table-dir DIR] [--no-kernels] [--no-pytest] [--memcheck] [--bench]
+#                           [--recipes R,R,...] [--table-dir DIR] [--no-kernels] [--no-pytest]
+#                           [--memcheck] [--bench]
 # Data: Moby Dick ships in data/; Fashion-MNIST is looked for in $FMNIST (IDX folder); textcls needs
 # $SPAM (spam-assassin.jsonl.gz) and $MINILM (a model folder; fp16 weights are widened to fp32).
 set -uo pipefail
@@ -15,6 +16,7 @@ ROOT=$PWD
 OUT=${OUT:-/tmp/int4train_gpu_all}
 mkdir -p "$OUT"
 budget=570 tasks=lm,imagecls jobs=12 seeds=0,1,2 kernels=1 pytest=1 memcheck=0 bench=0 table_dir=
+recipes=fp,int8,lsq_luq,hq,hq_bs,hq_lss
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) budget=$2; shift ;;
@@ -22,6 +24,7 @@ while [ $# -gt 0 ]; do
     --jobs) jobs=$2; shift ;;
     --seeds) seeds=$2; shift ;;
     --table-dir) table_dir=$2; shift ;;
+    --recipes) recipes=$2; shift ;;
     --no-kernels) kernels=0 ;;
     --no-pytest) pytest=0 ;;
     --memcheck) memcheck=1 ;;
@@ -82,7 +85,7 @@ PY
 esac
 left=$(( budget - $(elapsed) - 25 ))
 if [ "$left" -gt 30 ]; then
-  python3 -m int4train.train.table run --out "$table_dir" --tasks "$tasks" --seeds "$seeds" \
+  python3 -m int4train.train.table run --out "$table_dir" --tasks "$tasks" --recipes "$recipes" --seeds "$seeds" \
     --jobs "$jobs" --deadline "$left" "${table_args[@]}" > "$OUT/table.log" 2>&1
   summary+=("accuracy table : $(tail -1 "$OUT/table.log") ($(elapsed) s)")
   python3 -m int4train.train.table summarize "$table_dir" --md "$OUT/table.md" --plots "$OUT/plots" \

@@ -41,13 +41,33 @@ Recipe parse_recipe(const std::string& name);
 bool recipe_uses_lsq(Recipe recipe);       // lsq_luq, hq, hq_bs, hq_lss
 bool recipe_uses_hadamard(Recipe recipe);  // hq, hq_bs, hq_lss
 
+// lss_budget (used by hq_lss, checked for every recipe): the expected number of rows leverage score
+// sampling keeps of the 2N bit-split rows, in units of N (the water-filling budget is lss_budget * N).
+// 1 is the paper's method (each sampled product costs one N-row product); 2 keeps every non-zero row
+// with p = 1, which gives hq_bs's gradients bit for bit. In (0, 2] (an Error naming `lss_budget`
+// otherwise).
+constexpr double kLssDefaultBudget = 1.0;
+constexpr double kLssMaxBudget = 2.0;
+
 struct LinearConfig {
   Recipe recipe = Recipe::kHqLss;
   int32_t hadamard_block = 1;  // HQ recipes: a power of two dividing D; others: must be 1
   uint64_t seed = 0;
   uint32_t step = 0;   // training step, part of every random stream
   uint32_t layer = 0;  // layer id, part of every random stream
+  double lss_budget = kLssDefaultBudget;  // hq_lss: kept rows per token (above)
 };
+
+// Checks cfg.lss_budget: finite, in (0, kLssMaxBudget]; an Error naming `lss_budget` otherwise.
+void check_lss_budget(double lss_budget);
+
+// A recipe spec: a recipe name, optionally followed by options after a colon, comma-separated
+// key=value pairs. The one option so far is hq_lss's lss_budget: "hq_lss", "hq_lss:lss_budget=1.5".
+// This is how a recipe crosses string interfaces (the PyTorch ops take it as `str recipe`); the value
+// is parsed with strtod, so a value printed with round-trip precision (Python's repr) is exact.
+// Sets cfg->recipe and cfg->lss_budget (kLssDefaultBudget when absent). An unknown name or key, a
+// malformed value or an option the recipe does not take is an Error naming `recipe`.
+void parse_recipe_spec(const std::string& spec, LinearConfig* cfg);
 
 // What the forward saves for the backward, by recipe (the caller allocates; see linear_saved_shapes):
 //   fp:    nothing (the backward takes the original x)

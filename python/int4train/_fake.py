@@ -25,8 +25,10 @@ def compact_aux_bytes(rows, cols):
     return (rows * cols + 7) // 8
 
 
-def saved_shapes(recipe: str, n, d):
-    """(codes shape, codes dtype, aux bytes) that linear_forward saves: linear_saved_shapes."""
+def saved_shapes(spec: str, n, d):
+    """(codes shape, codes dtype, aux bytes) that linear_forward saves: linear_saved_shapes. `spec` is a
+    recipe name or spec ("hq_lss:lss_budget=1.5"); its options do not change what is saved."""
+    recipe = spec.split(":", 1)[0]
     if recipe not in RECIPES:
         raise ValueError(f"recipe: unknown recipe '{recipe}'; expected one of {', '.join(RECIPES)}")
     if recipe == "fp":

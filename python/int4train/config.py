@@ -27,11 +27,17 @@ class Recipe:
         layer id, so the same seed reproduces a run bit for bit on the CPU and the GPU. 0 <= seed < 2**63.
     max_hadamard_block: the largest Hadamard block the first-batch search may choose (hq recipes),
         a power of two <= 256.
+    lss_budget: hq_lss only: the expected number of rows leverage score sampling keeps of the 2N
+        bit-split rows of a gradient, in units of N, in (0, 2]. 1.0 is the paper's method (each sampled
+        backward product costs one N-row product); 2.0 keeps every non-zero row (hq_bs's gradients).
+        Larger budgets cost more rows and lose less where gradients are not row-sparse
+        (docs/accuracy.md: a language model, whose every token carries loss).
     """
 
     name: str = "hq_lss"
     seed: int = 0
     max_hadamard_block: int = MAX_HADAMARD_BLOCK
+    lss_budget: float = 1.0
 
     def __post_init__(self) -> None:
         if self.name not in RECIPES:
@@ -43,6 +49,20 @@ class Recipe:
             raise ValueError(
                 f"max_hadamard_block must be a power of two in [1, {MAX_HADAMARD_BLOCK}], got {b!r}"
             )
+        lb = self.lss_budget
+        if isinstance(lb, bool) or not isinstance(lb, (int, float)) or not 0.0 < lb <= 2.0:
+            raise ValueError(f"lss_budget must be a number in (0, 2] (rows kept per token), got {lb!r}")
+        object.__setattr__(self, "lss_budget", float(lb))
+        if self.lss_budget != 1.0 and self.name != "hq_lss":
+            raise ValueError(f"lss_budget applies to hq_lss only, got recipe {self.name!r}")
+
+    @property
+    def spec(self) -> str:
+        """The recipe as the ops take it (`str recipe`): the name, with the non-default options after a
+        colon, e.g. "hq_lss" or "hq_lss:lss_budget=1.5" (include/int4train/linear.h, parse_recipe_spec)."""
+        if self.lss_budget != 1.0:
+            return f"{self.name}:lss_budget={self.lss_budget!r}"
+        return self.name
 
     @property
     def uses_lsq(self) -> bool:

@@ -169,7 +169,7 @@ class Int4Linear(nn.Module):
             self.bias,
             self.input_step,
             self.weight_step,
-            self.recipe.name,
+            self.recipe.spec,
             self._block,
             self.recipe.seed,
             self.step,
@@ -183,6 +183,6 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, recipe={self.recipe.name}, layer_id={self.layer_id}"
+            f"bias={self.bias is not None}, recipe={self.recipe.spec}, layer_id={self.layer_id}"
             + (f", hadamard_block={self._block}" if self.recipe.uses_hadamard else "")
         )

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -39,6 +41,42 @@ Recipe parse_recipe(const std::string& name) {
   }
   throw_error(ErrorKind::kValue, "recipe: unknown recipe '" + name +
                                      "'; expected one of fp, int8, lsq_luq, hq, hq_bs, hq_lss");
+}
+
+void parse_recipe_spec(const std::string& spec, LinearConfig* cfg) {
+  const size_t colon = spec.find(':');
+  const Recipe recipe = parse_recipe(spec.substr(0, colon));
+  double budget = kLssDefaultBudget;
+  if (colon != std::string::npos) {
+    const std::string options = spec.substr(colon + 1);
+    size_t pos = 0;
+    while (true) {
+      const size_t comma = options.find(',', pos);
+      const std::string item = options.substr(pos, comma == std::string::npos ? std::string::npos
+                                                                                : comma - pos);
+      const size_t eq = item.find('=');
+      const std::string key = item.substr(0, eq);
+      if (key != "lss_budget") {
+        throw_error(ErrorKind::kValue, "recipe: unknown option '" + key + "' in '" + spec +
+                                           "'; expected NAME or hq_lss:lss_budget=X");
+      }
+      if (recipe != Recipe::kHqLss) {
+        throw_error(ErrorKind::kValue, "recipe: lss_budget applies to hq_lss only, got '" + spec + "'");
+      }
+      const std::string value = eq == std::string::npos ? std::string() : item.substr(eq + 1);
+      char* end = nullptr;
+      budget = value.empty() ? 0.0 : std::strtod(value.c_str(), &end);
+      if (value.empty() || end != value.c_str() + value.size()) {
+        throw_error(ErrorKind::kValue, "recipe: lss_budget expects a number, got '" + value +
+                                           "' in '" + spec + "'");
+      }
+      check_lss_budget(budget);
+      if (comma == std::string::npos) break;
+      pos = comma + 1;
+    }
+  }
+  cfg->recipe = recipe;
+  cfg->lss_budget = budget;
 }
 
 bool recipe_uses_lsq(Recipe recipe) {
@@ -211,6 +249,7 @@ PackedBuffer gather_rows_packed(const std::vector<const int8_t*>& rows, int64_t 
 
 void check_common(const LinearConfig& cfg, const TensorView& x_like, const TensorView& w,
                   const char* x_name) {
+  check_lss_budget(cfg.lss_budget);
   check_matrix(w, "w");
   check_dtype(w, "w", {DType::kFloat32, DType::kBFloat16});
   const int64_t d = w.shape[1];
@@ -231,6 +270,15 @@ void check_common(const LinearConfig& cfg, const TensorView& x_like, const Tenso
 }
 
 }  // namespace
+
+void check_lss_budget(double lss_budget) {
+  if (!(lss_budget > 0.0 && lss_budget <= kLssMaxBudget)) {
+    char buf[64];
+    std::snprintf(buf, sizeof(buf), "%g", lss_budget);
+    throw_error(ErrorKind::kValue,
+                "lss_budget: expected a number in (0, 2] (rows kept per token), got " + std::string(buf));
+  }
+}
 
 // ------------------------------------------------------------------------------------------ forward
 
@@ -431,7 +479,8 @@ void products_bitsplit(const LinearConfig& cfg, bool sample, const TensorView& g
     std::vector<int8_t> k(static_cast<size_t>(m));
     std::vector<int32_t> idx(static_cast<size_t>(m));
     lss_probabilities(make_vector(const_cast<float*>(scores.data()), DType::kFloat32, m),
-                      static_cast<double>(n), make_vector(probs.data(), DType::kFloat32, m));
+                      cfg.lss_budget * static_cast<double>(n),
+                      make_vector(probs.data(), DType::kFloat32, m));
     lss_round_pow2(make_vector(probs.data(), DType::kFloat32, m), kLssMaxExponent,
                    make_vector(k.data(), DType::kInt8, m));
     const int64_t kept = lss_select(make_vector(k.data(), DType::kInt8, m), key(cfg, purpose),

@@ -278,6 +278,93 @@ TEST(LinearLss, BackwardIsUnbiased) {
   EXPECT_LT(e4, e1 / 2.5);
 }
 
+// lss_budget: 2 keeps every non-zero bit-split row with p = 1, so hq_lss is hq_bs bit for bit; smaller
+// budgets keep about budget * N rows (the water-filling sum, up to the power-of-two rounding and the
+// Bernoulli draws) and stay unbiased.
+TEST(LinearLss, BudgetTwoIsBitSplitAndBudgetSetsKeptRows) {
+  Problem p = make_problem(64, 64, 48, 4);
+  LinearConfig cfg;
+  cfg.recipe = Recipe::kHqBs;
+  cfg.hadamard_block = 16;
+  cfg.seed = 5;
+  LayerRun base;
+  init_steps(p, cfg.hadamard_block, base);
+  forward(cfg, p, base);
+  LayerRun bs = base;
+  backward(cfg, p, bs);
+  LinearConfig lss = cfg;
+  lss.recipe = Recipe::kHqLss;
+  lss.lss_budget = 2.0;
+  LayerRun all = base;
+  backward(lss, p, all);
+  EXPECT_EQ(all.dx, bs.dx);
+  EXPECT_EQ(all.dw, bs.dw);
+  EXPECT_EQ(all.db, bs.db);
+  EXPECT_EQ(all.grad_step_x, bs.grad_step_x);
+  EXPECT_EQ(all.grad_step_w, bs.grad_step_w);
+  // Rows kept, averaged over seeds, against the budget: the mean of sum(p') where p' are the rounded
+  // probabilities, which is within a factor sqrt(2) of the budget (nearest power of two in log2).
+  for (double budget : {0.5, 1.0, 1.5}) {
+    lss.lss_budget = budget;
+    double kept = 0;
+    const int draws = 64;
+    for (int t = 0; t < draws; ++t) {
+      lss.seed = 1000 + t;
+      LayerRun run = base;
+      backward(lss, p, run);
+      kept += static_cast<double>(run.stats.input_rows_kept);
+    }
+    kept /= draws;
+    RecordProperty("kept_rows_budget_" + std::to_string(budget), std::to_string(kept));
+    EXPECT_GT(kept, budget * p.n / std::sqrt(2.0)) << budget;
+    EXPECT_LT(kept, budget * p.n * std::sqrt(2.0)) << budget;
+  }
+}
+
+TEST(LinearLss, RecipeSpecParsesAndRejects) {
+  LinearConfig cfg;
+  parse_recipe_spec("hq_bs", &cfg);
+  EXPECT_EQ(cfg.recipe, Recipe::kHqBs);
+  EXPECT_EQ(cfg.lss_budget, kLssDefaultBudget);
+  parse_recipe_spec("hq_lss:lss_budget=1.5", &cfg);
+  EXPECT_EQ(cfg.recipe, Recipe::kHqLss);
+  EXPECT_EQ(cfg.lss_budget, 1.5);
+  parse_recipe_spec("hq_lss:lss_budget=0.1", &cfg);
+  EXPECT_EQ(cfg.lss_budget, 0.1);
+  parse_recipe_spec("hq_lss", &cfg);
+  EXPECT_EQ(cfg.lss_budget, kLssDefaultBudget);
+  for (const char* bad : {"hq_bs:lss_budget=1.5", "hq_lss:lss_budget=", "hq_lss:lss_budget",
+                          "hq_lss:lss_budget=abc", "hq_lss:lss_budget=1.5x", "hq_lss:lss_budget=2.5",
+                          "hq_lss:lss_budget=0", "hq_lss:lss_budget=-1", "hq_lss:lss_budget=nan",
+                          "hq_lss:budget=1", "hq_lss:", "hq_lss4", ""}) {
+    try {
+      parse_recipe_spec(bad, &cfg);
+      ADD_FAILURE() << "expected an error for '" << bad << "'";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::kValue) << bad;
+      const std::string what = e.what();
+      EXPECT_TRUE(what.find("recipe") != std::string::npos ||
+                  what.find("lss_budget") != std::string::npos)
+          << bad << ": " << what;
+    }
+  }
+  // A budget set directly on the config is checked by the layer.
+  Problem p = make_problem(4, 16, 3, 1);
+  LinearConfig direct;
+  direct.recipe = Recipe::kHqLss;
+  direct.hadamard_block = 16;
+  direct.lss_budget = 3.0;
+  LayerRun run;
+  run.step_x = 0.5f;
+  run.step_w = 0.05f;
+  try {
+    forward(direct, p, run);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("lss_budget"), std::string::npos) << e.what();
+  }
+}
+
 TEST(LinearDeterminism, SameSeedSameBits) {
   for (Recipe r : {Recipe::kInt8, Recipe::kLsqLuq, Recipe::kHq, Recipe::kHqBs, Recipe::kHqLss}) {
     Problem p = make_problem(40, 64, 24, 5);

@@ -70,6 +70,26 @@ def test_cuda_linear_matches_cpu_core(recipe, dtype):
                 torch.testing.assert_close(b.cpu(), a, rtol=tol, atol=tol * max(1.0, a.abs().max().item()))
 
 
+@pytest.mark.parametrize("budget", [1.5, 2.0])
+def test_cuda_lss_budget_matches_cpu_core(budget):
+    # The recipe spec reaches the CUDA path: the same sampled rows and gradients as the CPU core.
+    spec = f"hq_lss:lss_budget={budget!r}"
+    args = cpu_args("hq_lss", 65, 256, 96, torch.float32)
+    args[5] = spec
+    y, codes, aux, scale, saved = ops.linear_forward(*args)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    bargs = [gy, None, codes, aux, scale, args[1], args[3], args[4], spec, args[6], args[7], saved,
+             args[9], [True] * 5]
+    cpu = ops.linear_backward(*bargs)
+    gpu = ops.linear_backward(*to_cuda(bargs))
+    for i in (0, 1, 5):
+        assert torch.equal(cpu[i], gpu[i].cpu()), i
+    if budget == 2.0:
+        bargs[8] = "hq_bs"
+        bs = ops.linear_backward(*bargs)
+        assert torch.equal(cpu[0], bs[0]) and torch.equal(cpu[1], bs[1])
+
+
 def test_cuda_components_match_cpu():
     x = torch.randn(9, 64)
     for block in (1, 4, 64):

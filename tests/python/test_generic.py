@@ -147,3 +147,44 @@ def test_opcheck_generic_ops():
     opcheck(ops._generic_pack_int4.default, (codes8,))
     opcheck(ops._generic_unpack_int4.default, (ops.pack_int4(codes8), 5))
     opcheck(ops._generic_gemm_s32.default, (codes8, codes8))
+
+
+@pytest.mark.parametrize("budget", [0.5, 1.5, 2.0])
+def test_lss_budget_generic_matches_core_and_two_is_bit_split(budget):
+    # The recipe spec "hq_lss:lss_budget=B" through the core and the generic path: the same sampled
+    # rows and gradients bit for bit; B = 2 keeps every non-zero row, which is hq_bs's gradients.
+    n, d, c = 48, 64, 24
+    spec = f"hq_lss:lss_budget={budget!r}"
+    args = layer_args("hq_lss", n, d, c, torch.float32)
+    args[5] = spec
+    y, codes, aux, scale, saved = ops.linear_forward(*args)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+
+    def backward(op, recipe):
+        return op(gy, None, codes, aux, scale, args[1], args[3], args[4], recipe, args[6], args[7],
+                  saved, args[9], [True] * 5)
+
+    core = backward(ops.linear_backward, spec)
+    gen = backward(ops._generic_linear_backward, spec)
+    for i in (0, 1, 5):
+        assert torch.equal(core[i], gen[i]), i
+    kept_in = int(core[5][0])
+    assert 0 < kept_in <= 2 * n
+    if budget == 2.0:
+        bs = backward(ops.linear_backward, "hq_bs")
+        for i in range(5):
+            assert torch.equal(core[i], bs[i]), i
+    else:
+        # Fewer rows than a larger budget keeps, on average; the exact count is random.
+        assert kept_in < 2 * n
+
+
+def test_lss_budget_spec_errors():
+    args = layer_args("hq_lss", 8, 16, 4, torch.float32)
+    for bad, words in [("hq_lss:lss_budget=3", "lss_budget"), ("hq_bs:lss_budget=1.5", "hq_lss only"),
+                       ("hq_lss:budget=1", "unknown option"), ("hq_lss:lss_budget=x", "expects a number")]:
+        args[5] = bad
+        with pytest.raises(ValueError, match=words):
+            ops.linear_forward(*args)
+        with pytest.raises(ValueError, match=words):
+            ops._generic_linear_forward(*args)

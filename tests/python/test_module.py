@@ -283,3 +283,31 @@ def test_stochastic_gradients_are_unbiased(recipe):
     assert ex_err < 3 * per_draw / draws**0.5, (ex_err, per_draw)
     assert ex_err < errors[25][0] and ew_err < errors[25][1]
     assert ew_err < 0.1
+
+
+def test_lss_budget_recipe():
+    # Validation, the spec string the ops take, and the layer: budget 2 gives hq_bs's gradients.
+    assert Recipe("hq_lss").spec == "hq_lss"
+    r = Recipe("hq_lss", seed=3, lss_budget=1.5)
+    assert r.spec == "hq_lss:lss_budget=1.5" and r.lss_budget == 1.5
+    assert Recipe("hq_lss", lss_budget=2).lss_budget == 2.0
+    for bad in (0, -1, 2.5, float("nan"), "1", True):
+        with pytest.raises(ValueError, match="lss_budget"):
+            Recipe("hq_lss", lss_budget=bad)
+    with pytest.raises(ValueError, match="hq_lss only"):
+        Recipe("hq_bs", lss_budget=1.5)
+    torch.manual_seed(0)
+    x = torch.randn(40, 32)
+    gy = torch.randn(40, 16)
+    grads = {}
+    for name, rec in [("bs", Recipe("hq_bs", seed=4)), ("all", Recipe("hq_lss", seed=4, lss_budget=2.0)),
+                      ("half", Recipe("hq_lss", seed=4, lss_budget=0.5))]:
+        torch.manual_seed(1)
+        layer = Int4Linear(32, 16, recipe=rec)
+        xx = x.clone().requires_grad_(True)
+        layer(xx).backward(gy)
+        grads[name] = (xx.grad, layer.weight.grad, layer.input_step.grad, layer.weight_step.grad)
+        assert ("lss_budget" in repr(layer)) == (rec.lss_budget != 1.0)
+    for a, b in zip(grads["bs"], grads["all"]):
+        assert torch.equal(a, b)
+    assert not torch.equal(grads["bs"][0], grads["half"][0])

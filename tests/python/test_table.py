@@ -108,3 +108,18 @@ def test_gpu_ids(monkeypatch):
     assert table.gpu_ids("auto") == []
     with pytest.raises(SystemExit):
         table.gpu_ids("cuda:0")
+
+
+def test_recipe_variants_get_rows_of_their_own(text_file, tmp_path, capsys):
+    out = tmp_path / "t"
+    rc = table.main(["run", "--out", str(out), "--tasks", "lm", "--recipes", "hq_lss,hq_lss:lss_budget=2",
+                     "--seeds", "0", "--preset", "tiny", "--jobs", "2", "--gpus", "none",
+                     "--task-args", f"lm=--data {text_file} {LM_TINY} --limit-test 256 --device cpu"])
+    assert rc == 0, capsys.readouterr().out
+    assert (out / "lm" / "hq_lss@lss_budget2.0-s0" / "metrics.json").exists()
+    text = table.summarize(table.load_runs([str(out)]))
+    assert "| hq_lss |" in text and "| hq_lss:lss_budget=2.0 |" in text
+    with pytest.raises(SystemExit):
+        table.main(["run", "--out", str(out), "--recipes", "hq_bs:lss_budget=1.5"])
+    with pytest.raises(SystemExit):
+        table.main(["run", "--out", str(out), "--recipes", "hq_lss:lss_budget=9"])

@@ -187,6 +187,19 @@ def test_lm_deterministic_given_seed(text_file, tmp_path, capsys):
     assert curves[0] != curves[2]
 
 
+def test_lm_lss_budget(text_file, tmp_path, capsys):
+    # --lss-budget reaches hq_lss only: the runs record the spec, and budget 2 trains exactly as hq_bs.
+    args = f"--task lm --data {text_file} --recipe hq_bs,hq_lss,fp --lss-budget 2 --steps 4 --out {tmp_path}"
+    rc, stdout, err = run_cli(f"{args} {LM_TINY}", capsys)
+    assert rc == 0, err
+    bs, lss, fp = load_metrics(tmp_path)
+    assert lss["recipe"] == "hq_lss" and lss["recipe_spec"] == "hq_lss:lss_budget=2.0"
+    assert lss["config"]["lss_budget"] == 2.0 and bs["config"]["lss_budget"] is None
+    assert bs["recipe_spec"] == "hq_bs" and fp["recipe_spec"] == "fp"
+    assert lss["loss_curve"] == bs["loss_curve"]
+    assert "hq_lss:lss_budget=2.0" in stdout
+
+
 def test_lm_byte_level(tmp_path, capsys):
     path = tmp_path / "blob.bin"
     path.write_bytes(bytes(range(256)) * 40)  # not UTF-8
@@ -351,12 +364,21 @@ def test_error_empty_image_split(tmp_path, capsys):
         ("--task lm --d-model 30 --heads 4", "multiple of --heads"),
         ("--task lm --data spam-assassin", "built-in data set of --task textcls"),
         ("--task textcls --model /nonexistent/model", "--model: no such folder"),
+        ("--task lm --recipe fp,hq_bs --lss-budget 1.5", "--lss-budget applies to hq_lss"),
     ],
-    ids=["flag-of-other-task", "unknown-recipe", "heads", "shortcut-of-other-task", "model"],
+    ids=["flag-of-other-task", "unknown-recipe", "heads", "shortcut-of-other-task", "model",
+         "lss-budget-without-hq_lss"],
 )
 def test_usage_errors(args, message, capsys):
     rc, _, err = run_cli(f"{args} --no-progress", capsys)
     assert rc == 2 and message in err
+
+
+def test_lss_budget_out_of_range(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--task", "lm", "--lss-budget", "2.5"])
+    assert e.value.code == 2
+    assert "--lss-budget: expected a number in (0, 2], got 2.5" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")

@@ -81,6 +81,13 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _lss_budget(s: str) -> float:
+    v = float(s)
+    if not 0.0 < v <= 2.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 2], got {s}")
+    return v
+
+
 def _nonneg_float(s: str) -> float:
     v = float(s)
     if not v >= 0:
@@ -214,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="learning-rate factor of int4train's LSQ step sizes (default 0.01)",
     )
     t.add_argument(
+        "--lss-budget",
+        type=_lss_budget,
+        default=1.0,
+        help="hq_lss: rows kept by leverage score sampling per token, in (0, 2] (default 1.0, the "
+        "paper's N of the 2N bit-split rows; 2.0 keeps all, as hq_bs)",
+    )
+    t.add_argument(
         "--limit-train", type=_positive_int, help="keep the first N training samples (lm: tokens)"
     )
     t.add_argument(
@@ -308,7 +322,7 @@ def format_table(runs: list[dict[str, Any]]) -> str:
     rows = [head]
     for r in runs:
         rows.append(
-            [r["recipe"]]
+            [r.get("recipe_spec", r["recipe"])]
             + _fmt_metric(r)
             + [
                 f"{r['final_train_loss']:.4f}",
@@ -331,6 +345,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     recipes = parse_recipes(args.recipe)
+    if args.lss_budget != 1.0 and "hq_lss" not in recipes:
+        raise UsageError(f"--lss-budget applies to hq_lss, which --recipe {args.recipe!r} does not name")
     cfg = build_config(args)
     device = pick_device(args.device)
 
@@ -370,8 +386,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     runs = []
     for recipe in recipes:
+        spec = int4train.Recipe(recipe, lss_budget=args.lss_budget if recipe == "hq_lss" else 1.0)
         r = T.train_one(
-            task, recipe, args.seed, device, amp, args.step_lr_scale, progress=not args.no_progress
+            task, spec, args.seed, device, amp, args.step_lr_scale, progress=not args.no_progress
         )
         r.update(
             {
@@ -383,6 +400,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     **cfg,
                     "steps": r["steps"],
                     "step_lr_scale": args.step_lr_scale,
+                    "lss_budget": args.lss_budget if recipe == "hq_lss" else None,
                     "data_flags": {k: getattr(args, k) for k in DATA_FLAGS},
                     "split_seed": args.split_seed,
                 },
@@ -395,7 +413,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         runs.append(r)
         print(
-            f"{recipe}: "
+            f"{spec.spec}: "
             + ", ".join(
                 f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in r["metrics"].items()

@@ -60,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the training CLI for every (task, recipe, seed)")
     r.add_argument("--out", required=True, help="results folder (OUT/TASK/RECIPE-sSEED/metrics.json)")
     r.add_argument("--tasks", default="lm,textcls,imagecls", help="comma list of tasks")
-    r.add_argument("--recipes", default=",".join(RECIPES), help="comma list of recipes")
+    r.add_argument(
+        "--recipes",
+        default=",".join(RECIPES),
+        help="comma list of recipes; hq_lss variants as specs, e.g. hq_lss:lss_budget=1.5",
+    )
     r.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     r.add_argument("--preset", default="full", choices=["tiny", "full"])
     r.add_argument("--jobs", type=int, default=1, help="processes at once (default 1)")
@@ -84,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--python", default=sys.executable, help="interpreter that runs the CLI")
     s = sub.add_parser("summarize", help="mean ± std per (task, recipe) and loss-curve plots")
-    s.add_argument("folders", nargs="+", help="folders searched for metrics.json")
+    s.add_argument("folders", nargs="+", help="folders searched for metrics.json, or JSON files of runs")
     s.add_argument("--md", default=None, help="write the markdown table here (default: stdout)")
     s.add_argument("--plots", default=None, help="folder for TASK.png loss-curve plots")
     return p
@@ -113,9 +117,29 @@ def gpu_ids(spec: str) -> list[str]:
         return []
 
 
+def _recipe_flags(spec: str) -> tuple[str, list[str], str]:
+    """(recipe name, extra CLI flags, run-folder name) of a --recipes item: a name or a spec."""
+    name, _, opts = spec.partition(":")
+    if name not in RECIPES:
+        raise SystemExit(f"error: --recipes: unknown {name!r}; expected some of {', '.join(RECIPES)}")
+    if not opts:
+        return name, [], name
+    key, _, value = opts.partition("=")
+    try:
+        if key != "lss_budget":
+            raise ValueError(f"unknown option {key!r} (the one option is hq_lss's lss_budget)")
+        from ..config import Recipe
+
+        budget = Recipe(name, lss_budget=float(value)).lss_budget
+    except ValueError as e:
+        raise SystemExit(f"error: --recipes: {spec!r}: {e}") from None
+    return name, ["--lss-budget", repr(budget)], f"{name}@lss_budget{budget!r}"
+
+
 def run_all(args: argparse.Namespace) -> int:
     tasks = _list(args.tasks, TASKS, "--tasks")
-    recipes = _list(args.recipes, RECIPES, "--recipes")
+    recipes = _list(args.recipes, None, "--recipes")
+    variants = {r: _recipe_flags(r) for r in recipes}
     try:
         seeds = [int(s) for s in _list(args.seeds, None, "--seeds")]
     except ValueError:
@@ -127,7 +151,7 @@ def run_all(args: argparse.Namespace) -> int:
     # Seeds outermost: an interrupted table has whole seeds of every cell rather than all seeds of a few.
     jobs = [(t, r, s) for s in seeds for t in tasks for r in recipes]
     # A run whose metrics.json exists is done: an interrupted table goes on where it stopped.
-    done = [j for j in jobs if (out / j[0] / f"{j[1]}-s{j[2]}" / "metrics.json").exists()]
+    done = [j for j in jobs if (out / j[0] / f"{variants[j[1]][2]}-s{j[2]}" / "metrics.json").exists()]
     jobs = [j for j in jobs if j not in done]
     if done:
         print(f"table: {len(done)} runs already done in {out}", flush=True)
@@ -141,9 +165,10 @@ def run_all(args: argparse.Namespace) -> int:
         late = args.deadline is not None and time.monotonic() - t0 > args.deadline
         while pending and len(running) < args.jobs and not late:
             task, recipe, seed = pending.pop(0)
-            run_dir = out / task / f"{recipe}-s{seed}"
+            name, flags, folder = variants[recipe]
+            run_dir = out / task / f"{folder}-s{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
-            cmd = [args.python, "-m", "int4train.train", "--task", task, "--recipe", recipe,
+            cmd = [args.python, "-m", "int4train.train", "--task", task, "--recipe", name, *flags,
                    "--seed", str(seed), "--preset", args.preset, "--no-progress",
                    "--threads", str(threads), "--out", str(run_dir)] + extra.get(task, [])
             log = open(run_dir / "log.txt", "w")
@@ -190,7 +215,10 @@ def run_all(args: argparse.Namespace) -> int:
 def load_runs(folders: list[str]) -> list[dict[str, Any]]:
     runs = []
     for folder in folders:
-        for path in sorted(Path(folder).rglob("metrics.json")):
+        # A folder is searched for metrics.json files; a file ({"runs": [...]}, e.g. a table's runs
+        # collected into one file) is read as it is.
+        paths = [Path(folder)] if Path(folder).is_file() else sorted(Path(folder).rglob("metrics.json"))
+        for path in paths:
             with open(path) as f:
                 for r in json.load(f)["runs"]:
                     r["_path"] = str(path)
@@ -203,6 +231,15 @@ def _metric(run: dict[str, Any]) -> float:
     return m["val_loss"] if run["task"] == "lm" else 100.0 * m["accuracy"]
 
 
+def _spec(run: dict[str, Any]) -> str:
+    return run.get("recipe_spec", run["recipe"])
+
+
+def _spec_order(spec: str) -> tuple[int, str]:
+    name = spec.split(":", 1)[0]
+    return (RECIPES.index(name) if name in RECIPES else len(RECIPES), spec)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     n = len(values)
     mean = sum(values) / n
@@ -211,12 +248,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(runs: list[dict[str, Any]]) -> str:
+    # A cell is (task, recipe spec): variants of a recipe (hq_lss:lss_budget=1.5) get rows of their own.
     cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
-        cells[(r["task"], r["recipe"])].append(r)
+        cells[(r["task"], _spec(r))].append(r)
     lines = []
     for task in TASKS:
-        recipes = [rc for rc in RECIPES if (task, rc) in cells]
+        recipes = sorted((spec for (t, spec) in cells if t == task), key=_spec_order)
         if not recipes:
             continue
         any_run = cells[(task, recipes[0])][0]
@@ -255,10 +293,10 @@ def plot_tasks(runs: list[dict[str, Any]], folder: Path) -> list[Path]:
     written = []
     by_task: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
-        by_task[r["task"]][r["recipe"]].append(r["loss_curve"])
+        by_task[r["task"]][_spec(r)].append(r["loss_curve"])
     for task, recipes in by_task.items():
         fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-        for i, rc in enumerate(rc for rc in RECIPES if rc in recipes):
+        for i, rc in enumerate(sorted(recipes, key=_spec_order)):
             curves = recipes[rc]
             length = min(len(c) for c in curves)
             mean = [sum(c[j] for c in curves) / len(curves) for j in range(length)]

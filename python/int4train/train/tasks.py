@@ -410,7 +410,7 @@ def final_loss(curve: list[float]) -> float:
 
 def train_one(
     task: Task,
-    recipe: str,
+    recipe: "str | int4train.Recipe",
     seed: int,
     device: torch.device,
     amp: bool,
@@ -418,9 +418,11 @@ def train_one(
     progress: bool,
     log_every: int = 10,
 ) -> dict[str, Any]:
-    """Trains a fresh model of `task` under `recipe` and evaluates it; returns the run's metrics."""
+    """Trains a fresh model of `task` under `recipe` (a name or an int4train.Recipe) and evaluates it;
+    returns the run's metrics."""
     import int4train
 
+    recipe = int4train.Recipe.of(recipe, seed)
     t0 = time.perf_counter()
     seed_everything(seed)
     model = task.build_model()
@@ -443,7 +445,7 @@ def train_one(
 
     bar = tqdm(
         total=steps,
-        desc=f"{task.name} {recipe}",
+        desc=f"{task.name} {recipe.spec}",
         unit="step",
         disable=not progress,
         dynamic_ncols=True,
@@ -458,7 +460,7 @@ def train_one(
             loss = task.loss(model, batch)
         if not torch.isfinite(loss):
             bar.close()
-            raise FloatingPointError(f"{recipe}: the training loss is {loss.item()} at step {step}")
+            raise FloatingPointError(f"{recipe.spec}: the training loss is {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -480,7 +482,8 @@ def train_one(
     eval_time = time.perf_counter() - te
     return {
         "task": task.name,
-        "recipe": recipe,
+        "recipe": recipe.name,
+        "recipe_spec": recipe.spec,
         "seed": seed,
         "steps": steps,
         "metrics": metrics,
