@@ -6,6 +6,8 @@ next batch, and for each layer reports
   - hi != 0: the fraction of tokens whose bit-split hi row is not all zero (|G| >= max|G| * 8/119
     somewhere in the row). Leverage score sampling assumes few such rows (row-sparse gradients);
   - nz/N: the non-zero rows of the 2N bit-split rows, in units of N (LSS keeps lss_budget * N of them);
+  - p hi, p lo: the mean water-filled keep probability (input-gradient scores, budget N) of the non-zero
+    hi rows and of the non-zero lo rows (bit split with round-to-nearest for this statistic);
   - the relative error ||est - exact|| / ||exact|| of the input gradient dX = G W and the weight
     gradient dW = G^T X, mean over --draws seeds, for hq_bs and for hq_lss at each --budgets value.
 
@@ -83,7 +85,7 @@ def main() -> None:
     recipes = [("hq_bs", int4train.Recipe("hq_bs"))] + [
         (f"lss {b:g}", int4train.Recipe("hq_lss", lss_budget=b)) for b in budgets
     ]
-    head = f"{'layer':16s} {'hi!=0':>6s} {'nz/N':>5s}"
+    head = f"{'layer':16s} {'hi!=0':>6s} {'nz/N':>5s} {'p hi':>5s} {'p lo':>5s}"
     for label, _ in recipes:
         head += f" | {label + ' dX':>11s} {label + ' dW':>11s}"
     print(head)
@@ -93,8 +95,15 @@ def main() -> None:
         q = (G / (G.abs().max() / 119)).round()
         hi_rows = (q.abs() >= 8).any(1).float().mean().item()
         lo_rows = (q.abs() >= 1).any(1).float().mean().item()
+        hi = torch.floor((q + 8) / 16)
+        lo = q - 16 * hi
+        scores = torch.cat([16 * hi.norm(dim=1), lo.norm(dim=1)]).float()
+        probs = torch.ops.int4train.lss_probabilities(scores, float(G.shape[0]))
+        n = G.shape[0]
+        p_hi = probs[:n][scores[:n] > 0].mean().item()
+        p_lo = probs[n:][scores[n:] > 0].mean().item()
         dx_ref, dw_ref = G @ lin.weight.detach(), G.t() @ X
-        line = f"{name:16s} {hi_rows:6.2f} {hi_rows + lo_rows:5.2f}"
+        line = f"{name:16s} {hi_rows:6.2f} {hi_rows + lo_rows:5.2f} {p_hi:5.2f} {p_lo:5.2f}"
         for _, recipe in recipes:
             ex = ew = 0.0
             for seed in range(args.draws):
