@@ -237,21 +237,34 @@ TEST(LinearHadamard, BeatsNoTransformOnOutliers) {
 
 // The sampled backward is unbiased given the forward codes: the mean over backward seeds converges to
 // the expectation, with error shrinking like 1/sqrt(draws).
+// A block-16 HQ config of `recipe` and the forward of `p` under it (steps initialised from p).
+LinearConfig hq_config(Recipe recipe, uint64_t seed) {
+  LinearConfig cfg;
+  cfg.recipe = recipe;
+  cfg.hadamard_block = 16;
+  cfg.seed = seed;
+  return cfg;
+}
+
+LayerRun initialised_forward(const LinearConfig& cfg, Problem& p) {
+  LayerRun run;
+  init_steps(p, cfg.hadamard_block, run);
+  forward(cfg, p, run);
+  return run;
+}
+
 TEST(LinearLss, BackwardIsUnbiased) {
   Problem p = make_problem(32, 64, 48, 3);
-  LinearConfig cfg;
-  cfg.recipe = Recipe::kHqLss;
-  cfg.hadamard_block = 16;
-  cfg.seed = 99;
-  LayerRun base;
-  init_steps(p, cfg.hadamard_block, base);
-  forward(cfg, p, base);
+  const LinearConfig cfg = hq_config(Recipe::kHqLss, 99);
+  const LayerRun base = initialised_forward(cfg, p);
   // Both hq_bs (bit split, all rows) and hq_lss (bit split + sampling) are unbiased for the same
   // expectation given the forward codes; a long hq_bs mean is an independent estimate of it.
+  double cfg_budget = 1.0;
   auto mean_dx = [&](Recipe r, int draws, uint64_t seed0) {
     std::vector<double> m(static_cast<size_t>(p.n * p.d), 0.0);
     LinearConfig c2 = cfg;
     c2.recipe = r;
+    c2.lss_budget = cfg_budget;
     for (int t = 0; t < draws; ++t) {
       c2.seed = seed0 + t;
       LayerRun run = base;
@@ -270,26 +283,25 @@ TEST(LinearLss, BackwardIsUnbiased) {
     }
     return std::sqrt(e / s);
   };
-  const double e1 = rms(mean_dx(Recipe::kHqLss, 25, 1));
-  const double e4 = rms(mean_dx(Recipe::kHqLss, 400, 5000));
-  RecordProperty("rel_err_25", std::to_string(e1));
-  RecordProperty("rel_err_400", std::to_string(e4));
-  // 16x the draws: the error drops ~4x if unbiased (a bias would make it plateau). Allow 2.5x.
-  EXPECT_LT(e4, e1 / 2.5);
+  // The paper's budget and a smaller one (more sampling variance, the same expectation).
+  for (double budget : {1.0, 0.5}) {
+    cfg_budget = budget;
+    const double e1 = rms(mean_dx(Recipe::kHqLss, 25, 1));
+    const double e4 = rms(mean_dx(Recipe::kHqLss, 400, 5000));
+    RecordProperty("rel_err_25_budget_" + std::to_string(budget), std::to_string(e1));
+    RecordProperty("rel_err_400_budget_" + std::to_string(budget), std::to_string(e4));
+    // 16x the draws: the error drops ~4x if unbiased (a bias would make it plateau). Allow 2.5x.
+    EXPECT_LT(e4, e1 / 2.5) << budget;
+  }
 }
 
 // lss_budget: 2 keeps every non-zero bit-split row with p = 1, so hq_lss is hq_bs bit for bit; smaller
 // budgets keep about budget * N rows (the water-filling sum, up to the power-of-two rounding and the
-// Bernoulli draws) and stay unbiased.
+// Bernoulli draws). Unbiasedness at other budgets: BackwardIsUnbiased.
 TEST(LinearLss, BudgetTwoIsBitSplitAndBudgetSetsKeptRows) {
   Problem p = make_problem(64, 64, 48, 4);
-  LinearConfig cfg;
-  cfg.recipe = Recipe::kHqBs;
-  cfg.hadamard_block = 16;
-  cfg.seed = 5;
-  LayerRun base;
-  init_steps(p, cfg.hadamard_block, base);
-  forward(cfg, p, base);
+  const LinearConfig cfg = hq_config(Recipe::kHqBs, 5);
+  const LayerRun base = initialised_forward(cfg, p);
   LayerRun bs = base;
   backward(cfg, p, bs);
   LinearConfig lss = cfg;
