@@ -21,7 +21,8 @@ from .models import GPT, EncoderClassifier, ViT
 
 # ------------------------------------------------------------------------------------- presets
 
-# tiny: the README's main command (lm: fp and hq_lss in about 2 + 2 minutes on 2 CPU cores) and quick
+# tiny: the README's main command (lm: fp and hq_lss in 163 + 203 s on 2 CPU cores of an
+# AVX2 EPYC; 800 steps took 12 minutes there, past the README's 10-minute promise) and quick
 # looks at the other tasks on a CPU. full: the GPU comparison table, sized so that each run, hq_lss
 # included, takes at most about 5 minutes on an H100 with int4train's device-generic CUDA path
 # (measured per step: lm 6x384 batch 32 ~0.38 s, ViT 6x192 batch 128 0.39 s, MiniLM batch 32 x 256
@@ -30,7 +31,7 @@ from .models import GPT, EncoderClassifier, ViT
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "lm": {
         "tiny": {"level": "char", "context": 128, "layers": 2, "d_model": 128, "heads": 4,
-                 "batch_size": 32, "steps": 800, "epochs": None, "lr": 3e-3, "warmup": 50,
+                 "batch_size": 32, "steps": 400, "epochs": None, "lr": 3e-3, "warmup": 40,
                  "weight_decay": 0.1, "dropout": 0.0, "val_fraction": 0.1, "limit_train": None,
                  "limit_test": 65536},
         "full": {"level": "char", "context": 256, "layers": 6, "d_model": 384, "heads": 6,
