@@ -13,6 +13,7 @@ RECIPES = ("fp", "int8", "lsq_luq", "hq", "hq_bs", "hq_lss")
 _LSQ_RECIPES = ("lsq_luq", "hq", "hq_bs", "hq_lss")
 _HADAMARD_RECIPES = ("hq", "hq_bs", "hq_lss")
 MAX_HADAMARD_BLOCK = 256  # int4train::kMaxHadamardBlock
+MAX_LSS_BUDGET = 2.0  # int4train::kLssMaxBudget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +51,10 @@ class Recipe:
                 f"max_hadamard_block must be a power of two in [1, {MAX_HADAMARD_BLOCK}], got {b!r}"
             )
         lb = self.lss_budget
-        if isinstance(lb, bool) or not isinstance(lb, (int, float)) or not 0.0 < lb <= 2.0:
-            raise ValueError(f"lss_budget must be a number in (0, 2] (rows kept per token), got {lb!r}")
+        if isinstance(lb, bool) or not isinstance(lb, (int, float)) or not 0.0 < lb <= MAX_LSS_BUDGET:
+            raise ValueError(
+                f"lss_budget must be a number in (0, {MAX_LSS_BUDGET:g}] (rows kept per token), got {lb!r}"
+            )
         object.__setattr__(self, "lss_budget", float(lb))
         if self.lss_budget != 1.0 and self.name != "hq_lss":
             raise ValueError(f"lss_budget applies to hq_lss only, got recipe {self.name!r}")
@@ -76,9 +79,21 @@ class Recipe:
 
     @classmethod
     def of(cls, recipe: Union["Recipe", str], seed: int | None = None) -> "Recipe":
-        """A Recipe from a Recipe or a name; `seed`, when given, replaces the recipe's seed."""
+        """A Recipe from a Recipe, a name or a spec ("hq_lss:lss_budget=1.5", the inverse of `spec`);
+        `seed`, when given, replaces the recipe's seed."""
         if isinstance(recipe, str):
-            r = cls(name=recipe)
+            name, colon, opts = recipe.partition(":")
+            options = {}
+            for item in opts.split(",") if colon else []:
+                key, _, value = item.partition("=")
+                if key != "lss_budget":
+                    raise ValueError(f"recipe: unknown option {key!r} in {recipe!r}; expected NAME or "
+                                     "hq_lss:lss_budget=X")
+                try:
+                    options[key] = float(value)
+                except ValueError:
+                    raise ValueError(f"recipe: lss_budget expects a number, got {value!r} in {recipe!r}") from None
+            r = cls(name=name, **options)
         elif isinstance(recipe, Recipe):
             r = recipe
         else:

@@ -296,6 +296,13 @@ def test_lss_budget_recipe():
             Recipe("hq_lss", lss_budget=bad)
     with pytest.raises(ValueError, match="hq_lss only"):
         Recipe("hq_bs", lss_budget=1.5)
+    # Recipe.of reads a spec back: the inverse of .spec, with the same checks.
+    assert Recipe.of(r.spec, seed=3) == r
+    assert Recipe.of("hq_bs") == Recipe("hq_bs")
+    for bad, words in [("hq_bs:lss_budget=1.5", "hq_lss only"), ("hq_lss:budget=1", "unknown option"),
+                       ("hq_lss:lss_budget=x", "expects a number"), ("hq_lss:lss_budget=9", "lss_budget"), ("hq_lss:", "unknown option")]:
+        with pytest.raises(ValueError, match=words):
+            Recipe.of(bad)
     torch.manual_seed(0)
     x = torch.randn(40, 32)
     gy = torch.randn(40, 16)

@@ -82,9 +82,11 @@ def _positive_float(s: str) -> float:
 
 
 def _lss_budget(s: str) -> float:
+    from ..config import MAX_LSS_BUDGET
+
     v = float(s)
-    if not 0.0 < v <= 2.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 2], got {s}")
+    if not 0.0 < v <= MAX_LSS_BUDGET:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, {MAX_LSS_BUDGET:g}], got {s}")
     return v
 
 
@@ -400,7 +402,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     **cfg,
                     "steps": r["steps"],
                     "step_lr_scale": args.step_lr_scale,
-                    "lss_budget": args.lss_budget if recipe == "hq_lss" else None,
+                    "lss_budget": spec.lss_budget if spec.name == "hq_lss" else None,
                     "data_flags": {k: getattr(args, k) for k in DATA_FLAGS},
                     "split_seed": args.split_seed,
                 },

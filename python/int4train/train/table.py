@@ -119,21 +119,15 @@ def gpu_ids(spec: str) -> list[str]:
 
 def _recipe_flags(spec: str) -> tuple[str, list[str], str]:
     """(recipe name, extra CLI flags, run-folder name) of a --recipes item: a name or a spec."""
-    name, _, opts = spec.partition(":")
-    if name not in RECIPES:
-        raise SystemExit(f"error: --recipes: unknown {name!r}; expected some of {', '.join(RECIPES)}")
-    if not opts:
-        return name, [], name
-    key, _, value = opts.partition("=")
-    try:
-        if key != "lss_budget":
-            raise ValueError(f"unknown option {key!r} (the one option is hq_lss's lss_budget)")
-        from ..config import Recipe
+    from ..config import Recipe
 
-        budget = Recipe(name, lss_budget=float(value)).lss_budget
+    try:
+        r = Recipe.of(spec)
     except ValueError as e:
         raise SystemExit(f"error: --recipes: {spec!r}: {e}") from None
-    return name, ["--lss-budget", repr(budget)], f"{name}@lss_budget{budget!r}"
+    if r.lss_budget == 1.0:
+        return r.name, [], r.name
+    return r.name, ["--lss-budget", repr(r.lss_budget)], f"{r.name}@lss_budget{r.lss_budget!r}"
 
 
 def run_all(args: argparse.Namespace) -> int:
