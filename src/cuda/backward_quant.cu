@@ -122,6 +122,24 @@ __device__ __forceinline__ void bitsplit_scales(const BitsplitParams& p, float* 
   if (blockIdx.x == 0 && threadIdx.x == 0) *p.scale = zero ? 0.0f : __fdiv_rn(amax, levels);
 }
 
+// The bit split of one value as exact floats and integers, without conversion instructions (see
+// kRoundMagic): q = stochastic_round_clamp(g * inv, u, -L, L) of numeric.h (floor of the rounded
+// sum v + u, clamped; clamping first is the same for integer bounds; NaN gives 0), then
+// hi = floor((q + 8) / 16), lo = q - 16 hi, as split() above.
+struct SplitValue {
+  int hi, lo;
+  float hi_f, lo_f;
+};
+__device__ __forceinline__ SplitValue split_value(float g, float inv, float u) {
+  constexpr float kL = static_cast<float>(kBitSplitLevels);
+  const float y = __fadd_rn(__fmul_rn(g, inv), u);
+  const float c = y == y ? fminf(fmaxf(y, -kL), kL) : 0.0f;
+  const int q = __float_as_int(__fadd_rd(c, kRoundMagic)) - __float_as_int(kRoundMagic);
+  const int h = ((q + 8 + 128) >> 4) - 8;
+  const int l = q - 16 * h;
+  return SplitValue{h, l, int_as_exact_float(h), int_as_exact_float(l)};
+}
+
 // One lane's 8 values (columns col0 .. col0+7 of `row`): codes, operand rows, packed hi/lo.
 template <bool kVec>
 __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, int64_t row, int64_t col0,
@@ -130,17 +148,18 @@ __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, int64_t
   const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;
   const Philox4x32 r0 = random_block(p.seed, p.stream, b0);
   const Philox4x32 r1 = random_block(p.seed, p.stream, b0 + 1);
-  uint32_t ph = 0, pl = 0, oh[2] = {0, 0}, ol[2] = {0, 0};
+  uint32_t ph = 0, pl = 0;
+  float hf[8], lf[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const float u = uniform_from_u32(i < 4 ? r0.v[i] : r1.v[i - 4]);
-    const SplitCode sc = split(v[i], inv, u);
-    *sq_hi += sc.hi * sc.hi;
-    *sq_lo += sc.lo * sc.lo;
-    ph |= static_cast<uint32_t>(sc.hi & 0xF) << (4 * i);
-    pl |= static_cast<uint32_t>(sc.lo & 0xF) << (4 * i);
-    oh[i / 4] |= e4m3_of_code(sc.hi) << (8 * (i % 4));
-    ol[i / 4] |= e4m3_of_code(sc.lo) << (8 * (i % 4));
+    const SplitValue sv = split_value(v[i], inv, u);
+    *sq_hi += sv.hi * sv.hi;
+    *sq_lo += sv.lo * sv.lo;
+    ph |= static_cast<uint32_t>(sv.hi & 0xF) << (4 * i);
+    pl |= static_cast<uint32_t>(sv.lo & 0xF) << (4 * i);
+    hf[i] = sv.hi_f;
+    lf[i] = sv.lo_f;
   }
   const int64_t pb = row * (p.cols / 2) + col0 / 2;
   if (p.hi != nullptr) {
@@ -155,56 +174,40 @@ __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, int64_t
     }
   }
   if (p.operand != nullptr) {
-    *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(oh[0], oh[1]);
+    *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) =
+        make_uint2(e4m3x2(hf[0], hf[1]) | (e4m3x2(hf[2], hf[3]) << 16),
+                   e4m3x2(hf[4], hf[5]) | (e4m3x2(hf[6], hf[7]) << 16));
     *reinterpret_cast<uint2*>(p.operand + (p.rows + row) * p.ldop + col0) =
-        make_uint2(ol[0], ol[1]);
+        make_uint2(e4m3x2(lf[0], lf[1]) | (e4m3x2(lf[2], lf[3]) << 16),
+                   e4m3x2(lf[4], lf[5]) | (e4m3x2(lf[6], lf[7]) << 16));
   }
 }
 
-// Rows a multiple of 8 long: a warp per 256 columns, 8 per lane, kChunks chunks loaded at once (1:
-// 4 was measured slower, as in hadamard_lsq.cu).
-constexpr int kChunks = 1;
-
+// Rows a multiple of 8 long: a warp per 256 columns, 8 per lane, a persistent grid with
+// kChunkDepth chunks' loads in flight per warp (device_common.cuh).
 template <typename In, bool kVec>
-__global__ void __launch_bounds__(kThreads) bitsplit_kernel(const BitsplitParams p) {
+__global__ void __launch_bounds__(kThreads, 3) bitsplit_kernel(const BitsplitParams p) {
   const int lane = threadIdx.x & 31;
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  const int64_t chunks = (p.cols + kWarpCols - 1) / kWarpCols;
-  const int64_t total = p.rows * chunks;
   float inv;
   bitsplit_scales(p, &inv);
-  for (int64_t w0 = warp * kChunks; w0 < total; w0 += nwarps * kChunks) {
-    float v[kChunks][8];
-    int64_t row[kChunks], col0[kChunks];
-#pragma unroll
-    for (int k = 0; k < kChunks; ++k) {
-      const int64_t w = w0 + k < total ? w0 + k : total - 1;
-      row[k] = w / chunks;
-      col0[k] = (w - row[k] * chunks) * kWarpCols + kLaneElems * lane;
-      if (w0 + k < total && col0[k] < p.cols) {
-        load8<kVec>(static_cast<const In*>(p.g) + row[k] * p.ldg + col0[k], v[k]);
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kChunks; ++k) {
-      if (w0 + k >= total) continue;  // uniform across the warp
-      int32_t sq_hi = 0, sq_lo = 0;
-      if (col0[k] < p.cols) {
-        bitsplit_store8<kVec>(p, row[k], col0[k], v[k], inv, &sq_hi, &sq_lo);
-      } else if (p.operand != nullptr && col0[k] < p.op_cols) {
-        *reinterpret_cast<uint2*>(p.operand + row[k] * p.ldop + col0[k]) = make_uint2(0u, 0u);
-        *reinterpret_cast<uint2*>(p.operand + (p.rows + row[k]) * p.ldop + col0[k]) =
-            make_uint2(0u, 0u);
-      }
-      if (p.row_sumsq != nullptr) {
-        sq_hi = warp_sum_s32(sq_hi);
-        sq_lo = warp_sum_s32(sq_lo);
-        if (lane == 0 && sq_hi != 0) atomicAdd(p.row_sumsq + row[k], sq_hi);
-        if (lane == 0 && sq_lo != 0) atomicAdd(p.row_sumsq + p.rows + row[k], sq_lo);
-      }
-    }
-  }
+  for_each_warp_chunk<In, kVec, kChunkDepth>(
+      static_cast<const In*>(p.g), p.ldg, p.rows, p.cols,
+      [&](int64_t row, int64_t col0, float v[8]) {
+        int32_t sq_hi = 0, sq_lo = 0;
+        if (col0 < p.cols) {
+          bitsplit_store8<kVec>(p, row, col0, v, inv, &sq_hi, &sq_lo);
+        } else if (p.operand != nullptr && col0 < p.op_cols) {
+          *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(0u, 0u);
+          *reinterpret_cast<uint2*>(p.operand + (p.rows + row) * p.ldop + col0) =
+              make_uint2(0u, 0u);
+        }
+        if (p.row_sumsq != nullptr) {
+          sq_hi = warp_sum_s32(sq_hi);
+          sq_lo = warp_sum_s32(sq_lo);
+          if (lane == 0 && sq_hi != 0) atomicAdd(p.row_sumsq + row, sq_hi);
+          if (lane == 0 && sq_lo != 0) atomicAdd(p.row_sumsq + p.rows + row, sq_lo);
+        }
+      });
 }
 
 // Any row length: a thread per pair of columns.
@@ -417,6 +420,7 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
   using namespace cuda_detail;
   check_dtype(g, "g", {DType::kFloat32, DType::kBFloat16});
   check_device_matrix(g, "g");
+  check_row_length(g, "g");
   const int64_t rows = g.shape[0], cols = g.shape[1];
   check_device_scalar(scale, "scale", DType::kFloat32);
   BitsplitParams p{};
@@ -462,13 +466,14 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
     const bool vec = aligned(g.data, bf16 ? 16 : 32) && (rows == 1 || p.ldg % 8 == 0) &&
                      (p.hi == nullptr || (aligned(p.hi, 4) && aligned(p.lo, 4)));
     const int64_t warps = rows * ((cols + kWarpCols - 1) / kWarpCols);
-    const int grid = grid_blocks(warps, kThreads / 32 * kChunks);
+    const int64_t needed = (warps + kThreads / 32 - 1) / (kThreads / 32);
+    auto launch = [&](auto kernel) {
+      kernel<<<persistent_blocks(kernel, kThreads, needed), kThreads, 0, s>>>(p);
+    };
     if (bf16) {
-      vec ? bitsplit_kernel<BFloat16, true><<<grid, kThreads, 0, s>>>(p)
-          : bitsplit_kernel<BFloat16, false><<<grid, kThreads, 0, s>>>(p);
+      vec ? launch(bitsplit_kernel<BFloat16, true>) : launch(bitsplit_kernel<BFloat16, false>);
     } else {
-      vec ? bitsplit_kernel<float, true><<<grid, kThreads, 0, s>>>(p)
-          : bitsplit_kernel<float, false><<<grid, kThreads, 0, s>>>(p);
+      vec ? launch(bitsplit_kernel<float, true>) : launch(bitsplit_kernel<float, false>);
     }
   } else {
     const int64_t pairs = (fp8_padded_cols(cols) > cols ? fp8_padded_cols(cols) : cols + 1) / 2;

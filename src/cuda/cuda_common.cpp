@@ -2,6 +2,7 @@
 // and cuda_available(). Host code only (compiled by the C++ compiler against the CUDA runtime).
 #include "cuda_common.h"
 
+#include <atomic>
 #include <string>
 
 namespace int4train {
@@ -62,6 +63,27 @@ void check_device_scalar(const TensorView& t, const char* arg, DType dtype) {
   check_dtype(t, arg, {dtype});
   check_scalar(t, arg);
   check_not_null(t, arg);
+}
+
+void check_row_length(const TensorView& t, const char* arg) {
+  if (t.ndim == 2 && t.shape[1] > kMaxRowLength) {
+    throw_error(ErrorKind::kValue, std::string(arg) + ": rows of at most " +
+                                       std::to_string(kMaxRowLength) + " elements expected, got " +
+                                       std::to_string(t.shape[1]));
+  }
+}
+
+int sm_count() {
+  static std::atomic<int> cached[64] = {};
+  int dev = 0;
+  INT4TRAIN_CUDA_CHECK(cudaGetDevice(&dev));
+  int n = dev < 64 ? cached[dev].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    INT4TRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    if (n < 1) n = 1;
+    if (dev < 64) cached[dev].store(n, std::memory_order_relaxed);
+  }
+  return n;
 }
 
 DeviceBuffer::DeviceBuffer(const CudaAllocator& alloc, size_t bytes, void* stream)

@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -37,9 +38,33 @@ void check_fp8_operand(const TensorView& t, const char* arg);
 // An fp32 / int64 / uint32 device scalar (one element).
 void check_device_scalar(const TensorView& t, const char* arg, DType dtype);
 
+// The longest row (in elements) that the warp-per-chunk kernels take, so that their column indices
+// fit in int32; check_row_length throws an Error naming `arg` beyond it.
+constexpr int64_t kMaxRowLength = (int64_t{1} << 31) - 512;
+void check_row_length(const TensorView& t, const char* arg);
+
 // Row stride in elements of a matrix view (the row length when there is one row).
 inline int64_t row_stride(const TensorView& t) {
   return t.shape[0] > 1 ? t.strides[0] : t.shape[1];
+}
+
+// Blocks for a persistent grid-stride kernel: as many as fill every multiprocessor of the current
+// device at the kernel's occupancy (threads per block, no dynamic shared memory), at most `needed`
+// and at least 1. The occupancy is computed once per kernel and device.
+int sm_count();  // of the current device, cached per device
+template <typename Kernel>
+int persistent_blocks(Kernel kernel, int threads, int64_t needed) {
+  static std::atomic<int> per_sm[64] = {};  // by device ordinal; 0 = not computed yet
+  int dev = 0;
+  INT4TRAIN_CUDA_CHECK(cudaGetDevice(&dev));
+  int occ = dev < 64 ? per_sm[dev].load(std::memory_order_relaxed) : 0;
+  if (occ == 0) {
+    INT4TRAIN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, threads, 0));
+    if (occ < 1) occ = 1;
+    if (dev < 64) per_sm[dev].store(occ, std::memory_order_relaxed);
+  }
+  const int64_t full = static_cast<int64_t>(occ) * sm_count();
+  return static_cast<int>(needed < 1 ? 1 : (needed < full ? needed : full));
 }
 
 // A temporary from an allocator, released (stream-ordered) when it goes out of scope.

@@ -3,6 +3,7 @@
 // e4m3 encoding of INT4 codes, and warp reductions.
 #pragma once
 
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -77,6 +78,103 @@ __device__ __forceinline__ void store8(BFloat16* __restrict__ p, const float v[8
   }
 }
 
+// A lane's 8 input values as loaded, kept until they are used: the prefetch stage of
+// for_each_warp_chunk. bf16 rows stay packed (4 registers instead of 8).
+template <typename In, bool kVec>
+struct Lane8 {
+  float v[8];
+  __device__ __forceinline__ void load(const In* __restrict__ p) { load8<kVec>(p, v); }
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = 0.0f;
+  }
+  __device__ __forceinline__ void to_float(float out[8]) const {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) out[i] = v[i];
+  }
+};
+
+template <>
+struct Lane8<BFloat16, true> {
+  uint4 q;
+  __device__ __forceinline__ void load(const BFloat16* __restrict__ p) {
+    q = *reinterpret_cast<const uint4*>(p);
+  }
+  __device__ __forceinline__ void zero() { q = make_uint4(0u, 0u, 0u, 0u); }
+  __device__ __forceinline__ void to_float(float out[8]) const {
+    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = __uint_as_float(w[i] << 16);
+      out[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+    }
+  }
+};
+
+// How many chunks a warp has in flight in for_each_warp_chunk: the loads of the next kDepth - 1
+// chunks are issued before the current one is computed. A kernel that does integer and shuffle work
+// per element after one 16-byte load per lane is latency-bound with one chunk in flight (measured on
+// the H100: docs/cuda.md); a persistent grid with the next loads in flight keeps the memory busy.
+#ifndef INT4TRAIN_CUDA_CHUNK_DEPTH
+#define INT4TRAIN_CUDA_CHUNK_DEPTH 2
+#endif
+constexpr int kChunkDepth = INT4TRAIN_CUDA_CHUNK_DEPTH;
+
+// Visits the chunks (a row's 256 consecutive columns, 8 per lane) of a rows x cols matrix x (row
+// stride ldx), the warps of the grid taking them in turn (warp w: chunks w, w + W, w + 2W, ... in
+// row-major chunk order, W the number of warps), with kDepth chunks' loads in flight per warp.
+// body(row, col0, v) runs on every lane of the warp for each chunk, col0 = the lane's first column
+// (col0 >= cols: past the row end, v all zero); warp-uniform, so it may use shuffles.
+template <typename In, bool kVec, int kDepth, typename Body>
+__device__ __forceinline__ void for_each_warp_chunk(const In* __restrict__ x, int64_t ldx,
+                                                    int64_t rows, int64_t cols, Body&& body) {
+  // Column indices fit in 32 bits (the launchers check cols <= kMaxRowLength, cuda_common.h).
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  const int32_t ncols = static_cast<int32_t>(cols);
+  const int32_t chunks = static_cast<int32_t>((cols + kWarpCols - 1) / kWarpCols);
+  // The next chunk to load, as (row, chunk of the row), advanced by nwarps chunks at a time without
+  // a division per chunk.
+  int64_t frow = warp / chunks;
+  int32_t fchunk = static_cast<int32_t>(warp - frow * chunks);
+  const int64_t step_rows = nwarps / chunks;
+  const int32_t step_chunks = static_cast<int32_t>(nwarps - step_rows * chunks);
+  Lane8<In, kVec> buf[kDepth];
+  int64_t brow[kDepth];
+  int32_t bcol[kDepth];
+  auto fetch = [&](int k) {
+    brow[k] = frow;
+    bcol[k] = fchunk * kWarpCols + kLaneElems * lane;
+    if (frow < rows && bcol[k] < ncols) {
+      buf[k].load(x + frow * ldx + bcol[k]);
+    } else {
+      buf[k].zero();
+    }
+    fchunk += step_chunks;
+    frow += step_rows;
+    if (fchunk >= chunks) {
+      fchunk -= chunks;
+      ++frow;
+    }
+  };
+#pragma unroll
+  for (int k = 0; k < kDepth; ++k) fetch(k);
+  while (true) {
+#pragma unroll
+    for (int k = 0; k < kDepth; ++k) {
+      // A warp's chunks come in increasing order: past the last row, all later ones are too.
+      if (brow[k] >= rows) return;
+      float v[8];
+      buf[k].to_float(v);
+      const int64_t row = brow[k];
+      const int64_t col0 = bcol[k];
+      fetch(k);
+      body(row, col0, v);
+    }
+  }
+}
+
 // The block Hadamard transform of hadamard.h on the 8 values of each lane of a warp that covers 256
 // consecutive columns (lane l holds columns 8l .. 8l+7 of the warp's chunk). Butterflies for
 // h = 1, 2, 4 are in-lane, h = 8 .. G/2 pair lane l with lane l ^ (h / 8); each computes exactly
@@ -99,11 +197,13 @@ __device__ __forceinline__ void hadamard_warp8(float v[8], int lane, float scale
 #pragma unroll
   for (int h = 8; h < G; h *= 2) {
     const int m = h / 8;
-    const bool upper = (lane & m) != 0;
+    // The upper lane of a pair computes a - b = fma(-1, b, a), the lower b + a = fma(1, b, a) (= a +
+    // b): one rounding each, the same value as the subtraction or addition, and no select.
+    const float sign = (lane & m) != 0 ? -1.0f : 1.0f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const float p = __shfl_xor_sync(kFullMask, v[i], m);
-      v[i] = upper ? __fsub_rn(p, v[i]) : __fadd_rn(v[i], p);
+      v[i] = __fmaf_rn(sign, v[i], p);
     }
   }
 #pragma unroll
@@ -138,6 +238,35 @@ __host__ __device__ __forceinline__ uint32_t e4m3_of_code(int c) {
   const int idx = c & 15;
   const uint64_t t = idx < 8 ? kPos : kNeg;
   return static_cast<uint32_t>(t >> (8 * (idx & 7))) & 0xFFu;
+}
+
+// The e4m3 bytes of two integer-valued floats in [-8, 7] (every one exact in e4m3), a in the low
+// byte: one hardware conversion on sm_89+ instead of two table lookups.
+__device__ __forceinline__ uint32_t e4m3x2(float a, float b) {
+  return static_cast<uint32_t>(
+      __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3));
+}
+
+// Integer-valued floats and their integers without a conversion instruction: for |n| < 2^22,
+// kRoundMagic + n is exact and its bit pattern is bits(kRoundMagic) + n; adding kRoundMagic to a
+// float in that range rounds it to an integer in the addition's rounding mode.
+constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23
+__device__ __forceinline__ float int_as_exact_float(int n) {
+  return __fsub_rn(__int_as_float(__float_as_int(kRoundMagic) + n), kRoundMagic);
+}
+
+// round_clamp(q, -kLsqQn, kLsqQp) of numeric.h, as the exact float `value` (never -0) and the 4-bit
+// two's-complement nibble. Clamping before rounding is the same for integer bounds; NaN gives 0.
+struct LsqCode {
+  float value;
+  uint32_t nibble;
+};
+// kMayBeNan = false: the caller knows q is not NaN (saves the select).
+template <bool kMayBeNan = true>
+__device__ __forceinline__ LsqCode lsq_code(float q, float lo, float hi) {
+  const float c = !kMayBeNan || q == q ? fminf(fmaxf(q, lo), hi) : 0.0f;
+  const float t = __fadd_rn(c, kRoundMagic);  // round to nearest even, as rintf
+  return LsqCode{__fsub_rn(t, kRoundMagic), __float_as_uint(t) & 0xFu};
 }
 
 __device__ __forceinline__ uint32_t warp_sum_u32(uint32_t v) {

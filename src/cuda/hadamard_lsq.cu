@@ -37,12 +37,17 @@ struct LsqParams {
 
 __device__ __forceinline__ bool step_is_bad(float s) { return !(s > 0.0f && s <= FLT_MAX); }
 
-// The compact aux bit of quantize.h / quantize_kernels.h (lsq_aux_bit), v = x~ * (1 / s).
-__device__ __forceinline__ uint32_t lsq_aux_bit(float v, int code, float u) {
-  if (code == -kLsqQn) return v < static_cast<float>(-kLsqQn) ? 1u : 0u;
-  if (code == kLsqQp) return v > static_cast<float>(kLsqQp) ? 1u : 0u;
-  const float r = __fsub_rn(rintf(v), v);
-  return static_cast<uint32_t>(stochastic_round_clamp(__fadd_rn(r, 0.5f), u, 0, 1));
+// The compact aux bit of quantize.h / quantize_kernels.h (lsq_aux_bit), q = x~ * (1 / s) and
+// value = round_clamp(q) as a float. Boundary codes (-8, 7) store the clip flag (q < -8, q > 7, i.e.
+// |q + 1/2| > 15/2: q + 1/2 is exact or rounds without crossing 15/2 there); interior codes (-7 .. 6,
+// i.e. |value + 1/2| <= 13/2) store stochastic_round_clamp(r + 1/2, u, 0, 1) with r = rint(q) - q =
+// value - q, i.e. floor((r + 1/2) + u) >= 1 with the same two roundings. NaN q: value 0, bit 0.
+__device__ __forceinline__ uint32_t lsq_aux_bit(float q, float value, float u) {
+  static_assert(kLsqQn == 8 && kLsqQp == 7, "the tests below assume the [-8, 7] code range");
+  const bool interior = fabsf(__fadd_rn(value, 0.5f)) <= 6.5f;
+  const bool clip = fabsf(__fadd_rn(q, 0.5f)) > 7.5f;
+  const bool up = __fadd_rn(__fadd_rn(__fsub_rn(value, q), 0.5f), u) >= 1.0f;
+  return (interior ? up : clip) ? 1u : 0u;
 }
 
 __device__ __forceinline__ void count_nonfinite(uint32_t bad, unsigned long long* counter) {
@@ -52,38 +57,52 @@ __device__ __forceinline__ void count_nonfinite(uint32_t bad, unsigned long long
   }
 }
 
+// Codes (exact floats), packed nibbles and aux bits of one lane's 8 transformed values; kClean:
+// every v[i] is finite and 1/s is finite, so no q is NaN and nothing is counted.
+template <bool kAux, bool kClean>
+__device__ __forceinline__ void lsq_quantize8(const LsqParams& p, uint64_t b0, const float v[8],
+                                              float inv, bool bad_step, uint32_t* bad,
+                                              float value[8], uint32_t* packed_word,
+                                              uint32_t* bits) {
+  // Two halves of 4 values, each with its own Philox block (fewer registers live at once).
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    Philox4x32 r{};
+    if (kAux) r = random_block(p.seed, p.stream, b0 + half);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int i = 4 * half + j;
+      if (!kClean && (bad_step || !isfinite(v[i]))) ++*bad;
+      const float q = __fmul_rn(v[i], inv);
+      const LsqCode c =
+          lsq_code<!kClean>(q, static_cast<float>(-kLsqQn), static_cast<float>(kLsqQp));
+      value[i] = c.value;
+      *packed_word |= c.nibble << (4 * i);
+      if (kAux) *bits |= lsq_aux_bit(q, c.value, uniform_from_u32(r.v[j])) << i;
+    }
+  }
+}
+
 // Quantizes and stores one lane's 8 transformed values (columns col0 .. col0+7 of `row`).
-template <bool kVec>
+template <bool kVec, bool kAux>
 __device__ __forceinline__ void lsq_store8(const LsqParams& p, int64_t row, int64_t col0,
-                                           const float v[8], float inv, bool bad_step,
+                                           const float v[8], float inv, bool inv_ok, bool bad_step,
                                            uint32_t* bad) {
-  float u[8];
-  if (p.aux != nullptr) {
-    const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;  // col0, cols: x8
-    const Philox4x32 r0 = random_block(p.seed, p.stream, b0);
-    const Philox4x32 r1 = random_block(p.seed, p.stream, b0 + 1);
+  const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;  // col0, cols: x8
+  // z is NaN iff some v[i] is Inf or NaN (Inf * 0 and NaN * 0 are NaN): the rare lanes that have
+  // one take the checked path.
+  float z = 0.0f;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      u[i] = uniform_from_u32(r0.v[i]);
-      u[i + 4] = uniform_from_u32(r1.v[i]);
-    }
+  for (int i = 0; i < 8; ++i) z = __fmaf_rn(v[i], 0.0f, z);
+  uint32_t packed_word = 0, bits = 0;
+  float value[8];
+  if (inv_ok && z == z) {
+    lsq_quantize8<kAux, true>(p, b0, v, inv, bad_step, bad, value, &packed_word, &bits);
+  } else {
+    lsq_quantize8<kAux, false>(p, b0, v, inv, bad_step, bad, value, &packed_word, &bits);
   }
-  uint32_t packed_word = 0, op_lo = 0, op_hi = 0, bits = 0;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const float xt = v[i];
-    if (bad_step || !isfinite(xt)) ++*bad;
-    const float q = __fmul_rn(xt, inv);
-    const int code = round_clamp(q, -kLsqQn, kLsqQp);
-    packed_word |= static_cast<uint32_t>(code & 0xF) << (4 * i);
-    const uint32_t e = e4m3_of_code(code);
-    if (i < 4) {
-      op_lo |= e << (8 * i);
-    } else {
-      op_hi |= e << (8 * (i - 4));
-    }
-    if (p.aux != nullptr) bits |= lsq_aux_bit(q, code, u[i]) << i;
-  }
+  const uint32_t op_lo = e4m3x2(value[0], value[1]) | (e4m3x2(value[2], value[3]) << 16);
+  const uint32_t op_hi = e4m3x2(value[4], value[5]) | (e4m3x2(value[6], value[7]) << 16);
   if (kVec) {
     if (p.packed != nullptr) {
       *reinterpret_cast<uint32_t*>(p.packed + row * (p.cols / 2) + col0 / 2) = packed_word;
@@ -98,52 +117,29 @@ __device__ __forceinline__ void lsq_store8(const LsqParams& p, int64_t row, int6
   if (p.operand != nullptr) {
     *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(op_lo, op_hi);
   }
-  if (p.aux != nullptr) p.aux[(row * p.cols + col0) / 8] = static_cast<uint8_t>(bits);
+  if (kAux) p.aux[(row * p.cols + col0) / 8] = static_cast<uint8_t>(bits);
 }
 
-// Rows whose length is a multiple of 8 (every block size): a warp per 256 columns of a row, and
-// kChunksPerWarp such chunks loaded before any is computed. Measured on the H100 (docs/cuda.md): 4
-// chunks ran slower than 1 (more registers, fewer warps; the kernel is bound by its integer and
-// shuffle work, not by bytes in flight), so 1 it is; the loop stays for the next tuning step.
-constexpr int kChunksPerWarp = 1;
-
-template <typename In, int G, bool kVec>
-__global__ void __launch_bounds__(kThreads) hadamard_lsq_kernel(const LsqParams p) {
+// Rows whose length is a multiple of 8 (every block size): a warp per 256 columns of a row, a
+// persistent grid, kChunkDepth chunks' loads in flight per warp (device_common.cuh).
+template <typename In, int G, bool kVec, bool kAux>
+__global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_kernel(const LsqParams p) {
   const int lane = threadIdx.x & 31;
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  const int64_t chunks = (p.cols + kWarpCols - 1) / kWarpCols;
-  const int64_t total = p.rows * chunks;
   const float s = *p.step;
   const float inv = __frcp_rn(s);  // == 1.0f / s correctly rounded, as the CPU computes it
   const bool bad_step = step_is_bad(s);
+  const bool inv_ok = !bad_step && isfinite(inv);
   uint32_t bad = 0;
-  for (int64_t w0 = warp * kChunksPerWarp; w0 < total; w0 += nwarps * kChunksPerWarp) {
-    float v[kChunksPerWarp][8];
-    int64_t row[kChunksPerWarp], col0[kChunksPerWarp];
-#pragma unroll
-    for (int k = 0; k < kChunksPerWarp; ++k) {
-      const int64_t w = w0 + k < total ? w0 + k : total - 1;
-      row[k] = w / chunks;
-      col0[k] = (w - row[k] * chunks) * kWarpCols + kLaneElems * lane;
-      if (w0 + k < total && col0[k] < p.cols) {
-        load8<kVec>(static_cast<const In*>(p.x) + row[k] * p.ldx + col0[k], v[k]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[k][i] = 0.0f;
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kChunksPerWarp; ++k) {
-      hadamard_warp8<G>(v[k], lane, p.hscale);
-      if (w0 + k >= total) continue;
-      if (col0[k] < p.cols) {
-        lsq_store8<kVec>(p, row[k], col0[k], v[k], inv, bad_step, &bad);
-      } else if (p.operand != nullptr && col0[k] < p.op_cols) {
-        *reinterpret_cast<uint2*>(p.operand + row[k] * p.ldop + col0[k]) = make_uint2(0u, 0u);
-      }
-    }
-  }
+  for_each_warp_chunk<In, kVec, kChunkDepth>(
+      static_cast<const In*>(p.x), p.ldx, p.rows, p.cols,
+      [&](int64_t row, int64_t col0, float v[8]) {
+        hadamard_warp8<G>(v, lane, p.hscale);
+        if (col0 < p.cols) {
+          lsq_store8<kVec, kAux>(p, row, col0, v, inv, inv_ok, bad_step, &bad);
+        } else if (p.operand != nullptr && col0 < p.op_cols) {
+          *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(0u, 0u);
+        }
+      });
   count_nonfinite(bad, p.nonfinite);
 }
 
@@ -205,7 +201,7 @@ __global__ void __launch_bounds__(kThreads) lsq_small_aux_kernel(const LsqParams
       const float q = __fmul_rn(hadamard_small_at(xr, c, p.block, p.hscale), inv);
       const int code = round_clamp(q, -kLsqQn, kLsqQp);
       const float u = random_uniform(p.seed, p.stream, static_cast<uint64_t>(e));
-      bits |= lsq_aux_bit(q, code, u) << k;
+      bits |= lsq_aux_bit(q, static_cast<float>(code), u) << k;
     }
     p.aux[b] = static_cast<uint8_t>(bits);
   }
@@ -224,33 +220,12 @@ struct TransformParams {
 template <typename In, typename Out, int G, bool kVec>
 __global__ void __launch_bounds__(kThreads) hadamard_kernel(const TransformParams p) {
   const int lane = threadIdx.x & 31;
-  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
-  const int64_t chunks = (p.cols + kWarpCols - 1) / kWarpCols;
-  const int64_t total = p.rows * chunks;
-  for (int64_t w0 = warp * kChunksPerWarp; w0 < total; w0 += nwarps * kChunksPerWarp) {
-    float v[kChunksPerWarp][8];
-    int64_t row[kChunksPerWarp], col0[kChunksPerWarp];
-    bool valid[kChunksPerWarp];
-#pragma unroll
-    for (int k = 0; k < kChunksPerWarp; ++k) {
-      const int64_t w = w0 + k < total ? w0 + k : total - 1;
-      row[k] = w / chunks;
-      col0[k] = (w - row[k] * chunks) * kWarpCols + kLaneElems * lane;
-      valid[k] = w0 + k < total && col0[k] < p.cols;
-      if (valid[k]) {
-        load8<kVec>(static_cast<const In*>(p.in) + row[k] * p.ldi + col0[k], v[k]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) v[k][i] = 0.0f;
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kChunksPerWarp; ++k) {
-      hadamard_warp8<G>(v[k], lane, p.hscale);
-      if (valid[k]) store8<kVec>(static_cast<Out*>(p.out) + row[k] * p.ldo + col0[k], v[k]);
-    }
-  }
+  for_each_warp_chunk<In, kVec, kChunkDepth>(
+      static_cast<const In*>(p.in), p.ldi, p.rows, p.cols,
+      [&](int64_t row, int64_t col0, float v[8]) {
+        hadamard_warp8<G>(v, lane, p.hscale);
+        if (col0 < p.cols) store8<kVec>(static_cast<Out*>(p.out) + row * p.ldo + col0, v);
+      });
 }
 
 // Row lengths not a multiple of 8 (block <= 4): a thread per block, read whole before it is written
@@ -305,8 +280,12 @@ bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p
 template <typename In, int G, bool kVec>
 void launch_lsq_g(const LsqParams& p, cudaStream_t stream) {
   const int64_t warps = p.rows * ((p.cols + kWarpCols - 1) / kWarpCols);
-  const int grid = grid_blocks(warps, kThreads / 32 * kChunksPerWarp);
-  hadamard_lsq_kernel<In, G, kVec><<<grid, kThreads, 0, stream>>>(p);
+  const int64_t needed = (warps + kThreads / 32 - 1) / (kThreads / 32);
+  auto launch = [&](auto kernel) {
+    kernel<<<persistent_blocks(kernel, kThreads, needed), kThreads, 0, stream>>>(p);
+  };
+  p.aux != nullptr ? launch(hadamard_lsq_kernel<In, G, kVec, true>)
+                   : launch(hadamard_lsq_kernel<In, G, kVec, false>);
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 
@@ -334,40 +313,37 @@ void launch_lsq(const LsqParams& p, cudaStream_t stream) {
   }
 }
 
+template <typename In, typename Out, int G, bool kVec>
+void launch_transform_g(const TransformParams& p, cudaStream_t stream) {
+  const int64_t warps = p.rows * ((p.cols + kWarpCols - 1) / kWarpCols);
+  const int grid = persistent_blocks(hadamard_kernel<In, Out, G, kVec>, kThreads,
+                                     (warps + kThreads / 32 - 1) / (kThreads / 32));
+  hadamard_kernel<In, Out, G, kVec><<<grid, kThreads, 0, stream>>>(p);
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+}
+
 template <typename In, typename Out, bool kVec>
 void launch_transform(const TransformParams& p, cudaStream_t stream) {
-  const int64_t warps = p.rows * ((p.cols + kWarpCols - 1) / kWarpCols);
-  const int grid = grid_blocks(warps, kThreads / 32 * kChunksPerWarp);
   switch (p.block) {
     case 1:
-      hadamard_kernel<In, Out, 1, kVec><<<grid, kThreads, 0, stream>>>(p);
-      break;
+      return launch_transform_g<In, Out, 1, kVec>(p, stream);
     case 2:
-      hadamard_kernel<In, Out, 2, kVec><<<grid, kThreads, 0, stream>>>(p);
-      break;
+      return launch_transform_g<In, Out, 2, kVec>(p, stream);
     case 4:
-      hadamard_kernel<In, Out, 4, kVec><<<grid, kThreads, 0, stream>>>(p);
-      break;
+      return launch_transform_g<In, Out, 4, kVec>(p, stream);
     case 8:
-      hadamard_kernel<In, Out, 8, kVec><<<grid, kThreads, 0, stream>>>(p);
-      break;
+      return launch_transform_g<In, Out, 8, kVec>(p, stream);
     case 16:
-      hadamard_kernel<In, Out, 16, kVec><<<grid, kThreads, 0, stream>>>(p);
-      break;
+      return launch_transform_g<In, Out, 16, kVec>(p, stream);
     case 32:
-      hadamard_kernel<In, Out, 32, kVec><<<grid, kThreads, 0, stream>>>(p);
-      break;
+      return launch_transform_g<In, Out, 32, kVec>(p, stream);
     case 64:
-      hadamard_kernel<In, Out, 64, kVec><<<grid, kThreads, 0, stream>>>(p);
-      break;
+      return launch_transform_g<In, Out, 64, kVec>(p, stream);
     case 128:
-      hadamard_kernel<In, Out, 128, kVec><<<grid, kThreads, 0, stream>>>(p);
-      break;
+      return launch_transform_g<In, Out, 128, kVec>(p, stream);
     default:
-      hadamard_kernel<In, Out, 256, kVec><<<grid, kThreads, 0, stream>>>(p);
-      break;
+      return launch_transform_g<In, Out, 256, kVec>(p, stream);
   }
-  INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 
 template <typename In, typename Out>
@@ -394,6 +370,7 @@ void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const Tensor
   check_device_matrix(x, "x");
   const int64_t rows = x.shape[0], cols = x.shape[1];
   check_block(block, cols);
+  check_row_length(x, "x");
   check_device_scalar(step, "step", DType::kFloat32);
   LsqParams p{};
   p.x = x.data;
@@ -469,6 +446,7 @@ void hadamard_transform_cuda(const TensorView& in, TensorView out, int32_t block
   check_device_matrix(out, "out");
   check_shape(out, "out", in.shape[0], in.shape[1]);
   check_block(block, in.shape[1]);
+  check_row_length(in, "in");
   if (in.numel() == 0) return;
   const bool same_view =
       in.data == out.data && in.dtype == out.dtype && row_stride(in) == row_stride(out);
