@@ -5,6 +5,7 @@
 // against lsq_backward_compact. Shapes include 1, odd, non-multiple-of-8 and strided rows.
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <random>
 #include <string>
@@ -339,6 +340,40 @@ const bool registered = [] {
            [] { test_hadamard_lsq(5, 37, 1, false, Data::kTies, 0, false); });
   add_case("hadamard_lsq/16x64/g16/fp32/zero_step", false,
            [] { test_hadamard_lsq(16, 64, 16, false, Data::kNormal, 0, true); });
+  // Rows longer than the kernels' 32-bit column indices: an Error naming the argument, before any
+  // launch (the view's shape is never dereferenced, so a small buffer serves).
+  add_case("row_length/too_long", false, [] {
+    const int64_t cols = int64_t{1} << 31;
+    DevBuf dx(4096), dstep = gputest::upload(std::vector<float>{1.0f});
+    auto names = [](const std::function<void()>& f, const char* arg) {
+      try {
+        f();
+      } catch (const Error& e) {
+        return std::string(e.what()).find(std::string(arg) + ": rows of at most") == 0;
+      }
+      return false;
+    };
+    GPU_CHECK_MSG(names([&] {
+                    hadamard_lsq_quantize_cuda(make_matrix(dx.get(), DType::kBFloat16, 1, cols), 1,
+                                               make_scalar(dstep.get(), DType::kFloat32),
+                                               RandomKey{}, TensorView{}, TensorView{},
+                                               TensorView{}, TensorView{}, nullptr);
+                  }, "x"),
+                  "hadamard_lsq_quantize_cuda: expected an Error naming x");
+    GPU_CHECK_MSG(names([&] {
+                    hadamard_transform_cuda(make_matrix(dx.get(), DType::kBFloat16, 1, cols),
+                                            make_matrix(dx.get(), DType::kBFloat16, 1, cols), 1,
+                                            nullptr);
+                  }, "in"),
+                  "hadamard_transform_cuda: expected an Error naming in");
+    GPU_CHECK_MSG(names([&] {
+                    quantize_bitsplit_cuda(make_matrix(dx.get(), DType::kBFloat16, 1, cols),
+                                           RandomKey{}, TensorView{}, TensorView{}, TensorView{},
+                                           TensorView{}, make_scalar(dstep.get(), DType::kFloat32),
+                                           default_cuda_allocator(), nullptr);
+                  }, "g"),
+                  "quantize_bitsplit_cuda: expected an Error naming g");
+  });
   add_case("hadamard_lsq/0x64/g16/fp32/empty", false, [] {
     DevBuf dx(64), dstep = gputest::upload(std::vector<float>{1.0f});
     DevBuf dcnt = gputest::upload(std::vector<int64_t>{0});
