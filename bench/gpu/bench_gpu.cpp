@@ -366,10 +366,62 @@ void bench_gemm(int64_t tokens, int64_t in, int64_t out) {
   report("linear_backward_cuda hq_bs g256 " + shape, msb, 2.0 * flops / msb / 1e9, "TFLOP/s", note);
 }
 
+// --profile-step: one forward (hq_lss) and one backward (hq_bs) of the first layer shape after one
+// warm-up call each, nothing else, so that a profiler (ncu, nsys) sees every kernel of one step.
+void profile_step(int64_t m, int64_t k, int64_t n) {
+  Buf x(m * k * 2), w(n * k * 2), bias(n * 2), y(m * n * 2), scales(8);
+  fill_random_bf16(x, m * k, 1);
+  fill_random_bf16(w, n * k, 2);
+  fill_random_bf16(bias, n, 3);
+  const float sv[2] = {0.3f, 0.02f};
+  ck(cudaMemcpy(scales.p, sv, 8, cudaMemcpyHostToDevice), "scales");
+  Buf codes(m * packed_row_bytes(k)), auxb(compact_aux_bytes(m, k));
+  Buf gy(m * n * 2), gx(m * k * 2), gw(n * k * 2), gbias(n * 2), gsteps(8);
+  fill_random_bf16(gy, m * n, 4);
+  const CudaAllocator alloc = default_cuda_allocator();
+  LinearConfig cfg;
+  cfg.hadamard_block = 256;
+  for (int i = 0; i < 2; ++i) {
+    LinearForwardArgs f;
+    f.x = make_matrix(x.p, DType::kBFloat16, m, k);
+    f.w = make_matrix(w.p, DType::kBFloat16, n, k);
+    f.bias = make_vector(bias.p, DType::kBFloat16, n);
+    f.step_x = make_scalar(scales.as<float>(), DType::kFloat32);
+    f.step_w = make_scalar(scales.as<float>() + 1, DType::kFloat32);
+    f.y = make_matrix(y.p, DType::kBFloat16, m, n);
+    f.saved_codes = make_matrix(codes.p, DType::kInt4Packed, m, k);
+    f.saved_aux = make_vector(auxb.p, DType::kUInt8, compact_aux_bytes(m, k));
+    cfg.recipe = Recipe::kHqLss;
+    linear_forward_cuda(cfg, f, alloc, nullptr);
+    LinearBackwardArgs b;
+    b.grad_y = make_matrix(gy.p, DType::kBFloat16, m, n);
+    b.saved_codes = f.saved_codes;
+    b.saved_aux = f.saved_aux;
+    b.w = f.w;
+    b.step_x = f.step_x;
+    b.step_w = f.step_w;
+    b.grad_x = make_matrix(gx.p, DType::kBFloat16, m, k);
+    b.grad_w = make_matrix(gw.p, DType::kBFloat16, n, k);
+    b.grad_bias = make_vector(gbias.p, DType::kBFloat16, n);
+    b.grad_step_x = make_scalar(gsteps.as<float>(), DType::kFloat32);
+    b.grad_step_w = make_scalar(gsteps.as<float>() + 1, DType::kFloat32);
+    cfg.recipe = Recipe::kHqBs;
+    linear_backward_cuda(cfg, b, alloc, nullptr);
+    ck(cudaDeviceSynchronize(), "profile step");
+  }
+  std::printf("profile step %lldx%lld->%lld: done\n", static_cast<long long>(m),
+              static_cast<long long>(k), static_cast<long long>(n));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
+  const std::string arg = argc > 1 ? argv[1] : "";
+  if (arg == "--profile-step") {
+    profile_step(8192, 4096, 4096);
+    return 0;
+  }
+  const bool quick = arg == "--quick";
   cudaDeviceProp prop;
   ck(cudaGetDeviceProperties(&prop, 0), "props");
   std::printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,

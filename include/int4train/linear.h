@@ -98,6 +98,13 @@ struct LinearForwardArgs {
 // sees the data), y is filled with NaN so that the problem surfaces rather than being quantized away.
 void linear_forward(const LinearConfig& config, const LinearForwardArgs& args);
 
+// The bias gradient's summation order (every implementation follows it, so results agree bit for
+// bit): column j of grad_y in fp64, the rows taken in consecutive blocks of kBiasGradBlockRows (the
+// last may be shorter), each block summed in row order starting from 0.0, the block sums added in
+// block order starting from 0.0, then rounded once to grad_bias's dtype. Blocks let a GPU sum the
+// rows of a column in parallel without changing the result.
+constexpr int64_t kBiasGradBlockRows = 128;
+
 struct LinearBackwardArgs {
   TensorView grad_y;  // N x C, fp32 or bf16
   TensorView x;       // fp recipe: the forward input (N x D); others: unused
@@ -106,7 +113,8 @@ struct LinearBackwardArgs {
   TensorView step_x, step_w;
   TensorView grad_x;       // out N x D, fp32 or bf16; optional
   TensorView grad_w;       // out C x D, fp32 or bf16; optional
-  TensorView grad_bias;    // out C, fp32 or bf16; optional
+  TensorView grad_bias;    // out C, fp32 or bf16; optional: column sums of grad_y in the
+                           // fixed order of kBiasGradBlockRows
   TensorView grad_step_x;  // out fp32 scalar, LSQ recipes; optional
   TensorView grad_step_w;  // out fp32 scalar, LSQ recipes; optional
 };

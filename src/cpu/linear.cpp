@@ -364,16 +364,22 @@ void linear_forward(const LinearConfig& cfg, const LinearForwardArgs& a) {
 
 namespace {
 
-// Column sums of grad_y (fixed order, fp64) into grad_bias.
+// Column sums of grad_y into grad_bias, in fp64 in linear.h's order (blocks of kBiasGradBlockRows).
 void bias_gradient(const TensorView& gy, TensorView grad_bias) {
   const int64_t n = gy.rows(), c = gy.cols();
   check_vector(grad_bias, "grad_bias", c);
   check_dtype(grad_bias, "grad_bias", {DType::kFloat32, DType::kBFloat16});
   std::vector<float> sums(static_cast<size_t>(c));
   detail::parallel_for(c, 256, [&](int64_t b, int64_t e) {
-    std::vector<double> acc(static_cast<size_t>(e - b), 0.0);
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t j = b; j < e; ++j) acc[static_cast<size_t>(j - b)] += load(gy, i, j);
+    const size_t w = static_cast<size_t>(e - b);
+    std::vector<double> acc(w, 0.0), block(w);
+    for (int64_t i0 = 0; i0 < n; i0 += kBiasGradBlockRows) {
+      std::fill(block.begin(), block.end(), 0.0);
+      const int64_t i1 = std::min(n, i0 + kBiasGradBlockRows);
+      for (int64_t i = i0; i < i1; ++i) {
+        for (int64_t j = b; j < e; ++j) block[static_cast<size_t>(j - b)] += load(gy, i, j);
+      }
+      for (size_t k = 0; k < w; ++k) acc[k] += block[k];
     }
     for (int64_t j = b; j < e; ++j) sums[static_cast<size_t>(j)] = static_cast<float>(acc[j - b]);
   });

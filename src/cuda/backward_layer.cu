@@ -8,6 +8,7 @@
 #include "cuda_common.h"
 #include "device_common.cuh"
 #include "int4train/cuda.h"
+#include "int4train/linear.h"
 #include "int4train/numeric.h"
 #include "int4train/quantize.h"
 #include "kernels.h"
@@ -67,13 +68,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__global__ void sum_partials_kernel(const double* __restrict__ partial, int n, double gamma,
-                                    float* __restrict__ out) {
-  double s = 0.0;
-  for (int i = 0; i < n; ++i) s += partial[i];
-  *out = static_cast<float>(gamma * s);
-}
-
 // out = float(double(*s1) * double(*s2) * (16 * hi + lo)), hi and lo fp32 accumulators holding
 // integers (exact below 2^24), summed exactly in int64 (the CPU's order and rounding).
 __global__ void __launch_bounds__(kThreads)
@@ -91,15 +85,44 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// grad_bias[j] = sum_i g[i, j], one thread per column in row order, fp64 (the CPU's order).
+// grad_bias in linear.h's order: partial[b, j] = sum of column j over row block b (rows in order,
+// fp64), one thread per (block, column); then, when there is more than one block, out[j] = the
+// partials of column j added in block order. With one block the first kernel writes out directly.
 template <typename In>
 __global__ void __launch_bounds__(kThreads)
-    bias_grad_kernel(const In* __restrict__ g, int64_t ld, int64_t rows, int64_t cols,
-                     void* __restrict__ out, bool out_bf16) {
+    bias_block_sums_kernel(const In* __restrict__ g, int64_t ld, int64_t rows, int64_t cols,
+                           double* __restrict__ partial, void* __restrict__ out, bool out_bf16) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= cols) return;
+  const int64_t blocks = (rows + kBiasGradBlockRows - 1) / kBiasGradBlockRows;
+  for (int64_t b = blockIdx.y; b < (blocks > 0 ? blocks : 1); b += gridDim.y) {
+    const int64_t i0 = b * kBiasGradBlockRows;
+    const int64_t i1 = i0 + kBiasGradBlockRows < rows ? i0 + kBiasGradBlockRows : rows;
+    double acc = 0.0;
+#pragma unroll 8
+    for (int64_t i = i0; i < i1; ++i) acc += static_cast<double>(load_elem(g + i * ld + j));
+    if (partial != nullptr) {
+      partial[b * cols + j] = acc;
+      continue;
+    }
+    // One block: the block sum is the total (0.0 + acc == acc, also for -0.0: 0.0 + -0.0 = 0.0
+    // and the block sum of a column of -0.0 starts from 0.0, so it is 0.0 too).
+    const float v = static_cast<float>(acc);
+    if (out_bf16) {
+      static_cast<BFloat16*>(out)[j] = float_to_bf16(v);
+    } else {
+      static_cast<float*>(out)[j] = v;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    bias_total_kernel(const double* __restrict__ partial, int64_t blocks, int64_t cols,
+                      void* __restrict__ out, bool out_bf16) {
   const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= cols) return;
   double acc = 0.0;
-  for (int64_t i = 0; i < rows; ++i) acc += static_cast<double>(load_elem(g + i * ld + j));
+  for (int64_t b = 0; b < blocks; ++b) acc += partial[b * cols + j];
   const float v = static_cast<float>(acc);
   if (out_bf16) {
     static_cast<BFloat16*>(out)[j] = float_to_bf16(v);
@@ -119,19 +142,30 @@ void launch_combine_bitsplit(const float* hi, const float* lo, int64_t ld, const
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 
-void launch_bias_grad(const TensorView& g, TensorView out, cudaStream_t stream) {
+void launch_bias_grad(const TensorView& g, TensorView out, const CudaAllocator& alloc,
+                      cudaStream_t stream) {
   const int64_t rows = g.shape[0], cols = g.shape[1];
   if (cols == 0) return;
-  const int grid = grid_blocks(cols, kThreads, int64_t{1} << 20);
+  const int64_t blocks = rows > 0 ? (rows + kBiasGradBlockRows - 1) / kBiasGradBlockRows : 1;
+  DeviceBuffer partial(alloc, blocks > 1 ? sizeof(double) * blocks * cols : 0, stream);
+  double* part = blocks > 1 ? partial.as<double>() : nullptr;
+  // grid.y is at most 65535: a thread then takes row blocks y, y + 65535, ... of its column.
+  const dim3 grid(static_cast<unsigned>((cols + kThreads - 1) / kThreads),
+                  static_cast<unsigned>(blocks < 65535 ? blocks : 65535));
   const bool ob = out.dtype == DType::kBFloat16;
   if (g.dtype == DType::kBFloat16) {
-    bias_grad_kernel<BFloat16><<<grid, kThreads, 0, stream>>>(
-        g.ptr<const BFloat16>(), row_stride(g), rows, cols, out.data, ob);
+    bias_block_sums_kernel<BFloat16><<<grid, kThreads, 0, stream>>>(
+        g.ptr<const BFloat16>(), row_stride(g), rows, cols, part, out.data, ob);
   } else {
-    bias_grad_kernel<float><<<grid, kThreads, 0, stream>>>(g.ptr<const float>(), row_stride(g),
-                                                           rows, cols, out.data, ob);
+    bias_block_sums_kernel<float><<<grid, kThreads, 0, stream>>>(
+        g.ptr<const float>(), row_stride(g), rows, cols, part, out.data, ob);
   }
   INT4TRAIN_CUDA_LAUNCH_CHECK();
+  if (part != nullptr) {
+    bias_total_kernel<<<grid_blocks(cols, kThreads, int64_t{1} << 20), kThreads, 0, stream>>>(
+        part, blocks, cols, out.data, ob);
+    INT4TRAIN_CUDA_LAUNCH_CHECK();
+  }
 }
 
 }  // namespace cuda_detail
@@ -175,8 +209,9 @@ void lsq_backward_cuda(const TensorView& x, const TensorView& step, const Tensor
   }
   if (want_gs) {
     const double gamma = numel > 0 ? 1.0 / std::sqrt(static_cast<double>(numel) * kLsqQp) : 0.0;
-    sum_partials_kernel<<<1, 1, 0, s>>>(partial.as<const double>(), numel > 0 ? grid : 0, gamma,
-                                        grad_step.ptr<float>());
+    sum_partials_kernel<<<1, kSumThreads, 0, s>>>(partial.as<const double>(),
+                                                   numel > 0 ? grid : 0, gamma,
+                                                   grad_step.ptr<float>());
     INT4TRAIN_CUDA_LAUNCH_CHECK();
   }
 }

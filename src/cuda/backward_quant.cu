@@ -341,13 +341,6 @@ __global__ void __launch_bounds__(kThreads) lsq_backward_compact_kernel(const Ls
   }
 }
 
-__global__ void lsq_backward_finalize_kernel(const double* __restrict__ partial, int n,
-                                             double gamma, float* __restrict__ grad_step) {
-  double s = 0.0;
-  for (int i = 0; i < n; ++i) s += partial[i];
-  *grad_step = static_cast<float>(gamma * s);
-}
-
 // ------------------------------------------------------------------------------ codes -> FP8
 struct ToFp8Params {
   const uint8_t* codes;  // packed or int8
@@ -398,6 +391,41 @@ __global__ void __launch_bounds__(kThreads) codes_to_fp8_t_kernel(const ToFp8Par
     const int oc = i % kTile, orow = i / kTile;
     const int64_t out_r = c0 + orow, out_c = r0 + oc;
     if (out_r < p.cols && out_c < p.out_cols) p.out[out_r * p.ldo + out_c] = tile[oc][orow];
+  }
+}
+
+// The transposed operand of packed codes whose rows are 16-code multiples (cols % 16 == 0, so each
+// row's bytes are 8-byte aligned): a 64 x 64 tile per block, each thread reading 16 codes (8 bytes) of
+// a row and writing 16 operand bytes (one uint4) of an output row, through a shared tile (pitch 68:
+// 4-byte rows, 2-way bank conflicts at most). blockIdx.x: tiles of code rows (= output columns,
+// padding included), blockIdx.y: tiles of code columns (= output rows).
+__global__ void __launch_bounds__(kThreads) packed_to_fp8_t_kernel(const ToFp8Params p) {
+  constexpr int kPitch = kTile + 4;
+  __shared__ __align__(16) uint8_t tile[kTile * kPitch];
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;  // code rows
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTile;  // code columns
+  const int t = threadIdx.x;
+  {
+    const int rr = t >> 2, q = t & 3;
+    const int64_t r = r0 + rr, c = c0 + 16 * q;
+    uint2 w = make_uint2(0u, 0u);  // codes 0 (e4m3 0x00) past the end: the operand's zero padding
+    if (r < p.rows && c < p.cols) {
+      w = *reinterpret_cast<const uint2*>(p.codes + r * (p.cols / 2) + c / 2);
+    }
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      const uint32_t word = k < 8 ? w.x : w.y;
+      const int nib = static_cast<int>((word >> (4 * (k & 7))) & 0xFu);
+      tile[(16 * q + k) * kPitch + rr] = static_cast<uint8_t>(e4m3_of_code(nib));
+    }
+  }
+  __syncthreads();
+  const int oc = t >> 2, sgm = t & 3;
+  const int64_t out_r = c0 + oc, out_c = r0 + 16 * sgm;
+  if (out_r < p.cols && out_c < p.out_cols) {
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(tile + oc * kPitch + 16 * sgm);
+    *reinterpret_cast<uint4*>(p.out + out_r * p.ldo + out_c) =
+        make_uint4(src[0], src[1], src[2], src[3]);
   }
 }
 
@@ -542,8 +570,9 @@ void lsq_backward_compact_cuda(const TensorView& packed_codes, const TensorView&
   }
   if (want_gs) {
     const double gamma = numel > 0 ? 1.0 / std::sqrt(static_cast<double>(numel) * kLsqQp) : 0.0;
-    lsq_backward_finalize_kernel<<<1, 1, 0, s>>>(partial.as<const double>(), numel > 0 ? grid : 0,
-                                                 gamma, grad_step.ptr<float>());
+    sum_partials_kernel<<<1, kSumThreads, 0, s>>>(partial.as<const double>(),
+                                                   numel > 0 ? grid : 0, gamma,
+                                                   grad_step.ptr<float>());
     INT4TRAIN_CUDA_LAUNCH_CHECK();
   }
 }
@@ -568,6 +597,11 @@ void codes_to_fp8_cuda(const TensorView& codes, bool transpose, TensorView opera
   const cudaStream_t s = as_stream(stream);
   if (!transpose) {
     codes_to_fp8_kernel<<<grid_blocks(rows * p.out_cols, kThreads), kThreads, 0, s>>>(p);
+  } else if (p.packed && cols % 16 == 0 && aligned(p.codes, 8) &&
+             (cols + kTile - 1) / kTile <= 65535) {
+    const dim3 grid(static_cast<unsigned>((p.out_cols + kTile - 1) / kTile),
+                    static_cast<unsigned>((cols + kTile - 1) / kTile));
+    packed_to_fp8_t_kernel<<<grid, kThreads, 0, s>>>(p);
   } else {
     const dim3 grid(static_cast<unsigned>((cols + kTile - 1) / kTile),
                     static_cast<unsigned>((p.out_cols + kTile - 1) / kTile));

@@ -283,5 +283,26 @@ __device__ __forceinline__ double warp_sum_f64(double v) {
   return v;
 }
 
+// *out = float(gamma * sum of partial[0 .. n-1]) in fp64, by one block of kSumThreads threads in a
+// fixed order (thread t sums t, t + kSumThreads, ... in order, then a fixed tree): deterministic
+// run to run. Launch <<<1, kSumThreads>>>.
+constexpr int kSumThreads = 256;
+template <int kT = kSumThreads>
+__global__ void __launch_bounds__(kT)
+    sum_partials_kernel(const double* __restrict__ partial, int n, double gamma,
+                        float* __restrict__ out) {
+  __shared__ double sh[kT];
+  double s = 0.0;
+  for (int i = threadIdx.x; i < n; i += kT) s += partial[i];
+  sh[threadIdx.x] = s;
+  __syncthreads();
+#pragma unroll
+  for (int h = kT / 2; h > 0; h /= 2) {
+    if (static_cast<int>(threadIdx.x) < h) sh[threadIdx.x] += sh[threadIdx.x + h];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *out = static_cast<float>(gamma * sh[0]);
+}
+
 }  // namespace cuda_detail
 }  // namespace int4train

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "int4train/common.h"
+#include "int4train/cuda.h"
 
 namespace int4train {
 namespace cuda_detail {
@@ -41,9 +42,10 @@ void launch_combine_bitsplit(const float* hi, const float* lo, int64_t ld, const
                              const float* s2, float* out, int64_t ldo, int64_t rows, int64_t cols,
                              cudaStream_t stream);
 
-// out (fp32 or bf16 vector of cols) = column sums of g (fp32 or bf16 rows x cols), in fp64 in row
-// order (the CPU's bias gradient, bit for bit).
-void launch_bias_grad(const TensorView& g, TensorView out, cudaStream_t stream);
+// out (fp32 or bf16 vector of cols) = column sums of g (fp32 or bf16 rows x cols) in fp64 in
+// linear.h's kBiasGradBlockRows order (the CPU's bias gradient, bit for bit); temporaries from alloc.
+void launch_bias_grad(const TensorView& g, TensorView out, const CudaAllocator& alloc,
+                      cudaStream_t stream);
 
 }  // namespace cuda_detail
 }  // namespace int4train

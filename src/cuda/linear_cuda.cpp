@@ -137,7 +137,7 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   if (a.grad_bias.data != nullptr) {
     check_dtype(a.grad_bias, "grad_bias", {DType::kFloat32, DType::kBFloat16});
     check_vector(a.grad_bias, "grad_bias", c);
-    launch_bias_grad(a.grad_y, a.grad_bias, s);
+    launch_bias_grad(a.grad_y, a.grad_bias, alloc, s);
   }
   const bool dom_dx = want_dx || a.grad_step_x.data != nullptr;
   const bool dom_dw = want_dw || a.grad_step_w.data != nullptr;
