@@ -286,6 +286,42 @@ void bench_quant(int64_t rows, int64_t cols) {
   }
 }
 
+// The layer's forward arguments (bf16 x m x k, w n x k, bias, y m x n; steps = scales[0], [1]) and
+// its backward arguments (bf16 grad_y m x n; every gradient asked for, bf16; the steps' gradients in
+// gsteps[0], [1]).
+LinearForwardArgs forward_args(const void* x, const void* w, const Buf& bias, const Buf& scales,
+                               const Buf& y, const Buf& codes, const Buf& aux, int64_t m, int64_t k,
+                               int64_t n) {
+  LinearForwardArgs a;
+  a.x = make_matrix(const_cast<void*>(x), DType::kBFloat16, m, k);
+  a.w = make_matrix(const_cast<void*>(w), DType::kBFloat16, n, k);
+  a.bias = make_vector(bias.p, DType::kBFloat16, n);
+  a.step_x = make_scalar(scales.as<float>(), DType::kFloat32);
+  a.step_w = make_scalar(scales.as<float>() + 1, DType::kFloat32);
+  a.y = make_matrix(y.p, DType::kBFloat16, m, n);
+  a.saved_codes = make_matrix(codes.p, DType::kInt4Packed, m, k);
+  a.saved_aux = make_vector(aux.p, DType::kUInt8, compact_aux_bytes(m, k));
+  return a;
+}
+
+LinearBackwardArgs backward_args(const Buf& gy, const LinearForwardArgs& f, const Buf& gx,
+                                 const Buf& gw, const Buf& gbias, const Buf& gsteps, int64_t m,
+                                 int64_t k, int64_t n) {
+  LinearBackwardArgs a;
+  a.grad_y = make_matrix(gy.p, DType::kBFloat16, m, n);
+  a.saved_codes = f.saved_codes;
+  a.saved_aux = f.saved_aux;
+  a.w = f.w;
+  a.step_x = f.step_x;
+  a.step_w = f.step_w;
+  a.grad_x = make_matrix(gx.p, DType::kBFloat16, m, k);
+  a.grad_w = make_matrix(gw.p, DType::kBFloat16, n, k);
+  a.grad_bias = make_vector(gbias.p, DType::kBFloat16, n);
+  a.grad_step_x = make_scalar(gsteps.as<float>(), DType::kFloat32);
+  a.grad_step_w = make_scalar(gsteps.as<float>() + 1, DType::kFloat32);
+  return a;
+}
+
 void bench_gemm(int64_t tokens, int64_t in, int64_t out) {
   const int64_t m = tokens, k = in, n = out;
   const std::string shape =
@@ -327,16 +363,10 @@ void bench_gemm(int64_t tokens, int64_t in, int64_t out) {
   cfg.recipe = Recipe::kHqLss;
   cfg.hadamard_block = 256;
   const double msf = time_ms([&](int i) {
-    LinearForwardArgs a;
-    a.x = make_matrix(a16[i % kSets]->p, DType::kBFloat16, m, k);
-    a.w = make_matrix(b16[i % kSets]->p, DType::kBFloat16, n, k);
-    a.bias = make_vector(bias.p, DType::kBFloat16, n);
-    a.step_x = make_scalar(scales.as<float>(), DType::kFloat32);
-    a.step_w = make_scalar(scales.as<float>() + 1, DType::kFloat32);
-    a.y = make_matrix(y.p, DType::kBFloat16, m, n);
-    a.saved_codes = make_matrix(codes.p, DType::kInt4Packed, m, k);
-    a.saved_aux = make_vector(auxb.p, DType::kUInt8, compact_aux_bytes(m, k));
-    linear_forward_cuda(cfg, a, alloc, nullptr);
+    linear_forward_cuda(cfg,
+                        forward_args(a16[i % kSets]->p, b16[i % kSets]->p, bias, scales, y, codes,
+                                     auxb, m, k, n),
+                        alloc, nullptr);
   });
   std::snprintf(note, sizeof note, "%.2fx bf16 GEMM", ms16 / msf);
   report("linear_forward_cuda hq_lss g256 " + shape, msf, flops / msf / 1e9, "TFLOP/s", note);
@@ -347,19 +377,10 @@ void bench_gemm(int64_t tokens, int64_t in, int64_t out) {
   cfg.recipe = Recipe::kHqBs;
   const double msb = time_ms(
       [&](int i) {
-        LinearBackwardArgs a;
-        a.grad_y = make_matrix(gy.p, DType::kBFloat16, m, n);
-        a.saved_codes = make_matrix(codes.p, DType::kInt4Packed, m, k);
-        a.saved_aux = make_vector(auxb.p, DType::kUInt8, compact_aux_bytes(m, k));
-        a.w = make_matrix(b16[i % kSets]->p, DType::kBFloat16, n, k);
-        a.step_x = make_scalar(scales.as<float>(), DType::kFloat32);
-        a.step_w = make_scalar(scales.as<float>() + 1, DType::kFloat32);
-        a.grad_x = make_matrix(gx.p, DType::kBFloat16, m, k);
-        a.grad_w = make_matrix(gw.p, DType::kBFloat16, n, k);
-        a.grad_bias = make_vector(gbias.p, DType::kBFloat16, n);
-        a.grad_step_x = make_scalar(gsteps.as<float>(), DType::kFloat32);
-        a.grad_step_w = make_scalar(gsteps.as<float>() + 1, DType::kFloat32);
-        linear_backward_cuda(cfg, a, alloc, nullptr);
+        const LinearForwardArgs f =
+            forward_args(a16[i % kSets]->p, b16[i % kSets]->p, bias, scales, y, codes, auxb, m, k, n);
+        linear_backward_cuda(cfg, backward_args(gy, f, gx, gw, gbias, gsteps, m, k, n), alloc,
+                             nullptr);
       },
       3, 7);
   std::snprintf(note, sizeof note, "%.2fx (2x bf16 GEMM)", 2.0 * ms16 / msb);
@@ -382,31 +403,11 @@ void profile_step(int64_t m, int64_t k, int64_t n) {
   LinearConfig cfg;
   cfg.hadamard_block = 256;
   for (int i = 0; i < 2; ++i) {
-    LinearForwardArgs f;
-    f.x = make_matrix(x.p, DType::kBFloat16, m, k);
-    f.w = make_matrix(w.p, DType::kBFloat16, n, k);
-    f.bias = make_vector(bias.p, DType::kBFloat16, n);
-    f.step_x = make_scalar(scales.as<float>(), DType::kFloat32);
-    f.step_w = make_scalar(scales.as<float>() + 1, DType::kFloat32);
-    f.y = make_matrix(y.p, DType::kBFloat16, m, n);
-    f.saved_codes = make_matrix(codes.p, DType::kInt4Packed, m, k);
-    f.saved_aux = make_vector(auxb.p, DType::kUInt8, compact_aux_bytes(m, k));
+    const LinearForwardArgs f = forward_args(x.p, w.p, bias, scales, y, codes, auxb, m, k, n);
     cfg.recipe = Recipe::kHqLss;
     linear_forward_cuda(cfg, f, alloc, nullptr);
-    LinearBackwardArgs b;
-    b.grad_y = make_matrix(gy.p, DType::kBFloat16, m, n);
-    b.saved_codes = f.saved_codes;
-    b.saved_aux = f.saved_aux;
-    b.w = f.w;
-    b.step_x = f.step_x;
-    b.step_w = f.step_w;
-    b.grad_x = make_matrix(gx.p, DType::kBFloat16, m, k);
-    b.grad_w = make_matrix(gw.p, DType::kBFloat16, n, k);
-    b.grad_bias = make_vector(gbias.p, DType::kBFloat16, n);
-    b.grad_step_x = make_scalar(gsteps.as<float>(), DType::kFloat32);
-    b.grad_step_w = make_scalar(gsteps.as<float>() + 1, DType::kFloat32);
     cfg.recipe = Recipe::kHqBs;
-    linear_backward_cuda(cfg, b, alloc, nullptr);
+    linear_backward_cuda(cfg, backward_args(gy, f, gx, gw, gbias, gsteps, m, k, n), alloc, nullptr);
     ck(cudaDeviceSynchronize(), "profile step");
   }
   std::printf("profile step %lldx%lld->%lld: done\n", static_cast<long long>(m),
