@@ -7,7 +7,7 @@
 #      in the table folder are kept (a table can be finished over several calls); logs under $OUT.
 # Usage: scripts/gpu_all.sh [--budget SECONDS] [--tasks lm,imagecls] [--jobs N] [--seeds 0,1,2]
 #                           [--recipes R,R,...] [--table-dir DIR] [--no-kernels] [--no-pytest]
-#                           [--memcheck] [--bench]
+#                           [--memcheck] [--bench] [--task-args "TASK=FLAGS"]...
 # Data: Moby Dick ships in data/; Fashion-MNIST is looked for in $FMNIST (IDX folder); textcls needs
 # $SPAM (spam-assassin.jsonl.gz) and $MINILM (a model folder; fp16 weights are widened to fp32).
 set -uo pipefail
@@ -16,6 +16,7 @@ ROOT=$PWD
 OUT=${OUT:-/tmp/int4train_gpu_all}
 mkdir -p "$OUT"
 budget=570 tasks=lm,imagecls jobs=12 seeds=0,1,2 kernels=1 pytest=1 memcheck=0 bench=0 table_dir=
+extra_task_args=()
 recipes=fp,int8,lsq_luq,hq,hq_bs,hq_lss
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -25,6 +26,7 @@ while [ $# -gt 0 ]; do
     --seeds) seeds=$2; shift ;;
     --table-dir) table_dir=$2; shift ;;
     --recipes) recipes=$2; shift ;;
+    --task-args) extra_task_args+=(--task-args "$2"); shift ;;
     --no-kernels) kernels=0 ;;
     --no-pytest) pytest=0 ;;
     --memcheck) memcheck=1 ;;
@@ -83,6 +85,7 @@ transformers.AutoTokenizer.from_pretrained(src, local_files_only=True).save_pret
 PY
     table_args+=(--task-args "textcls=--data ${SPAM:?set SPAM} --model $model") ;;
 esac
+table_args+=("${extra_task_args[@]}")
 left=$(( budget - $(elapsed) - 25 ))
 if [ "$left" -gt 30 ]; then
   python3 -m int4train.train.table run --out "$table_dir" --tasks "$tasks" --recipes "$recipes" --seeds "$seeds" \
