@@ -131,6 +131,143 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- the fused epilogues of the bit-split backward (hq_bs): one pass from the two fp32 partial
+// products (hi and lo, integers) to the gradient in the input domain. Per element exactly the
+// separate kernels' arithmetic: v = float(s1 * s2 * (16 hi + lo)) in fp64 (16 hi + lo is exact in
+// fp64); the LSQ backward's mask and r; the Hadamard back-rotation of the masked row chunk (the
+// warp's 256 columns hold whole blocks); the step gradient's terms v * r summed in fp64 per thread,
+// per block, then by sum_partials_kernel (a fixed order for a given grid, so deterministic; within
+// an fp32 rounding of the CPU's order).
+struct EpilogueParams {
+  const float* hi;
+  const float* lo;
+  int64_t ld;  // of hi and lo
+  const float* s1;
+  const float* s2;
+  const uint8_t* packed;  // dX: the saved codes (rows x cols, packed) ...
+  const uint8_t* aux;     // ... and their compact aux bits
+  const void* w;          // dW: the weight (rows x cols), fp32 or bf16, row stride ldw ...
+  int64_t ldw;
+  const float* step;  // ... and its step
+  float hscale;
+  void* out;  // fp32 or bf16 (out_bf16), row stride ldo; may be null (only the step gradient)
+  bool out_bf16, out_vec;
+  int64_t ldo, rows, cols;
+  double* partial;  // one per block
+};
+
+__device__ __forceinline__ void combine8(const EpilogueParams& p, double scale, int64_t row,
+                                         int64_t col0, const float h[8], float v[8]) {
+  float l[8];
+  load8<true>(p.lo + row * p.ld + col0, l);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const double a = __fma_rn(16.0, static_cast<double>(h[i]), static_cast<double>(l[i]));
+    v[i] = __double2float_rn(__dmul_rn(scale, a));
+  }
+}
+
+__device__ __forceinline__ void store_out8(const EpilogueParams& p, int64_t row, int64_t col0,
+                                           const float v[8]) {
+  if (p.out == nullptr) return;
+  if (p.out_bf16) {
+    BFloat16* dst = static_cast<BFloat16*>(p.out) + row * p.ldo + col0;
+    p.out_vec ? store8<true>(dst, v) : store8<false>(dst, v);
+  } else {
+    float* dst = static_cast<float*>(p.out) + row * p.ldo + col0;
+    p.out_vec ? store8<true>(dst, v) : store8<false>(dst, v);
+  }
+}
+
+__device__ __forceinline__ void block_partial(double acc, double* partial) {
+  acc = warp_sum_f64(acc);
+  __shared__ double warp_acc[kThreads / 32];
+  if ((threadIdx.x & 31) == 0) warp_acc[threadIdx.x / 32] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double s = 0.0;
+    for (int w = 0; w < kThreads / 32; ++w) s += warp_acc[w];
+    partial[blockIdx.x] = s;
+  }
+}
+
+// dX: the input's LSQ backward from the saved codes and aux bits (lsq_backward_compact_cuda).
+template <int G>
+__global__ void __launch_bounds__(kThreads, 3) dx_epilogue_kernel(const EpilogueParams p) {
+  const int lane = threadIdx.x & 31;
+  const double scale = __dmul_rn(static_cast<double>(*p.s1), static_cast<double>(*p.s2));
+  double acc = 0.0;
+  for_each_warp_chunk<float, true, kChunkDepth>(
+      p.hi, p.ld, p.rows, p.cols, [&](int64_t row, int64_t col0, float h[8]) {
+        float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        if (col0 < p.cols) {
+          combine8(p, scale, row, col0, h, v);
+          const uint32_t codes =
+              *reinterpret_cast<const uint32_t*>(p.packed + row * (p.cols / 2) + col0 / 2);
+          const uint32_t bits = p.aux[(row * p.cols + col0) / 8];
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const int code = static_cast<int>(((codes >> (4 * i)) & 0xFu) ^ 0x8u) - 8;
+            const MaskR m = lsq_compact_decode(code, (bits >> i) & 1u);
+            acc += static_cast<double>(v[i]) * static_cast<double>(m.r);
+            v[i] = m.inside ? v[i] : 0.0f;
+          }
+        }
+        hadamard_warp8<G>(v, lane, p.hscale);
+        if (col0 < p.cols) store_out8(p, row, col0, v);
+      });
+  block_partial(acc, p.partial);
+}
+
+// dW: the weight's LSQ backward from W~ = the Hadamard transform of W, computed here from W
+// (lsq_backward_cuda's rules: v = W~ / s; mask -8 <= v <= 7; r = rint(v) - v inside, -8 / 7 out).
+template <typename In, int G>
+__global__ void __launch_bounds__(kThreads, 3) dw_epilogue_kernel(const EpilogueParams p) {
+  const int lane = threadIdx.x & 31;
+  const double scale = __dmul_rn(static_cast<double>(*p.s1), static_cast<double>(*p.s2));
+  const float inv = __frcp_rn(*p.step);
+  const float qlo = static_cast<float>(-kLsqQn), qhi = static_cast<float>(kLsqQp);
+  double acc = 0.0;
+  for_each_warp_chunk<In, true, kChunkDepth>(
+      static_cast<const In*>(p.w), p.ldw, p.rows, p.cols,
+      [&](int64_t row, int64_t col0, float wt[8]) {
+        hadamard_warp8<G>(wt, lane, p.hscale);
+        float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        if (col0 < p.cols) {
+          float h[8];
+          load8<true>(p.hi + row * p.ld + col0, h);
+          combine8(p, scale, row, col0, h, v);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const float x = __fmul_rn(wt[i], inv);
+            float res = __fsub_rn(rintf(x), x);
+            if (x < qlo) res = qlo;
+            if (x > qhi) res = qhi;
+            acc += static_cast<double>(v[i]) * static_cast<double>(res);
+            v[i] = (x >= qlo && x <= qhi) ? v[i] : 0.0f;
+          }
+        }
+        hadamard_warp8<G>(v, lane, p.hscale);
+        if (col0 < p.cols) store_out8(p, row, col0, v);
+      });
+  block_partial(acc, p.partial);
+}
+
+template <typename Kernel>
+void launch_epilogue(Kernel kernel, EpilogueParams p, float* grad_step, double gamma,
+                     const CudaAllocator& alloc, cudaStream_t stream) {
+  const int64_t warps = p.rows * ((p.cols + kWarpCols - 1) / kWarpCols);
+  const int grid = persistent_blocks(kernel, kThreads, (warps + kThreads / 32 - 1) / (kThreads / 32));
+  DeviceBuffer partial(alloc, sizeof(double) * grid, stream);
+  p.partial = partial.as<double>();
+  kernel<<<grid, kThreads, 0, stream>>>(p);
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+  if (grad_step != nullptr) {
+    sum_partials_kernel<<<1, kSumThreads, 0, stream>>>(p.partial, grid, gamma, grad_step);
+    INT4TRAIN_CUDA_LAUNCH_CHECK();
+  }
+}
+
 }  // namespace
 
 void launch_combine_bitsplit(const float* hi, const float* lo, int64_t ld, const float* s1,
@@ -165,6 +302,108 @@ void launch_bias_grad(const TensorView& g, TensorView out, const CudaAllocator& 
     bias_total_kernel<<<grid_blocks(cols, kThreads, int64_t{1} << 20), kThreads, 0, stream>>>(
         part, blocks, cols, out.data, ob);
     INT4TRAIN_CUDA_LAUNCH_CHECK();
+  }
+}
+
+namespace {
+double step_gamma(int64_t numel) {
+  return numel > 0 ? 1.0 / std::sqrt(static_cast<double>(numel) * kLsqQp) : 0.0;
+}
+
+bool vec_ok(const void* p, bool bf16, int64_t ld, int64_t rows) {
+  return reinterpret_cast<uintptr_t>(p) % (bf16 ? 16 : 32) == 0 && (rows == 1 || ld % 8 == 0);
+}
+}  // namespace
+
+void launch_dx_epilogue(const float* hi, const float* lo, int64_t ld, const float* s1,
+                        const float* s2, const TensorView& packed, const TensorView& aux,
+                        int32_t block, TensorView grad_x, TensorView grad_step,
+                        const CudaAllocator& alloc, cudaStream_t stream) {
+  EpilogueParams p{};
+  p.hi = hi;
+  p.lo = lo;
+  p.ld = ld;
+  p.s1 = s1;
+  p.s2 = s2;
+  p.packed = packed.ptr<const uint8_t>();
+  p.aux = aux.ptr<const uint8_t>();
+  p.rows = packed.shape[0];
+  p.cols = packed.shape[1];
+  p.hscale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
+  if (grad_x.data != nullptr) {
+    p.out = grad_x.data;
+    p.out_bf16 = grad_x.dtype == DType::kBFloat16;
+    p.ldo = row_stride(grad_x);
+    p.out_vec = vec_ok(grad_x.data, p.out_bf16, p.ldo, p.rows);
+  }
+  if (p.rows == 0) return;
+  float* gs = grad_step.data != nullptr ? grad_step.ptr<float>() : nullptr;
+  const double gamma = step_gamma(p.rows * p.cols);
+  switch (block) {
+#define INT4TRAIN_DX_CASE(G) \
+  case G:                    \
+    return launch_epilogue(dx_epilogue_kernel<G>, p, gs, gamma, alloc, stream);
+    INT4TRAIN_DX_CASE(1)
+    INT4TRAIN_DX_CASE(2)
+    INT4TRAIN_DX_CASE(4)
+    INT4TRAIN_DX_CASE(8)
+    INT4TRAIN_DX_CASE(16)
+    INT4TRAIN_DX_CASE(32)
+    INT4TRAIN_DX_CASE(64)
+    INT4TRAIN_DX_CASE(128)
+    INT4TRAIN_DX_CASE(256)
+#undef INT4TRAIN_DX_CASE
+    default:
+      throw_error(ErrorKind::kValue, "block: expected a power of two <= 256, got " +
+                                         std::to_string(block));
+  }
+}
+
+void launch_dw_epilogue(const float* hi, const float* lo, int64_t ld, const float* s1,
+                        const float* s2, const TensorView& w, const TensorView& step_w,
+                        int32_t block, TensorView grad_w, TensorView grad_step,
+                        const CudaAllocator& alloc, cudaStream_t stream) {
+  EpilogueParams p{};
+  p.hi = hi;
+  p.lo = lo;
+  p.ld = ld;
+  p.s1 = s1;
+  p.s2 = s2;
+  p.w = w.data;
+  p.ldw = row_stride(w);
+  p.step = step_w.ptr<const float>();
+  p.rows = w.shape[0];
+  p.cols = w.shape[1];
+  p.hscale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
+  if (grad_w.data != nullptr) {
+    p.out = grad_w.data;
+    p.out_bf16 = grad_w.dtype == DType::kBFloat16;
+    p.ldo = row_stride(grad_w);
+    p.out_vec = vec_ok(grad_w.data, p.out_bf16, p.ldo, p.rows);
+  }
+  if (p.rows == 0) return;
+  float* gs = grad_step.data != nullptr ? grad_step.ptr<float>() : nullptr;
+  const double gamma = step_gamma(p.rows * p.cols);
+  const bool bf16 = w.dtype == DType::kBFloat16;
+  switch (block) {
+#define INT4TRAIN_DW_CASE(G)                                                             \
+  case G:                                                                                \
+    return bf16 ? launch_epilogue(dw_epilogue_kernel<BFloat16, G>, p, gs, gamma, alloc, \
+                                  stream)                                                \
+                : launch_epilogue(dw_epilogue_kernel<float, G>, p, gs, gamma, alloc, stream);
+    INT4TRAIN_DW_CASE(1)
+    INT4TRAIN_DW_CASE(2)
+    INT4TRAIN_DW_CASE(4)
+    INT4TRAIN_DW_CASE(8)
+    INT4TRAIN_DW_CASE(16)
+    INT4TRAIN_DW_CASE(32)
+    INT4TRAIN_DW_CASE(64)
+    INT4TRAIN_DW_CASE(128)
+    INT4TRAIN_DW_CASE(256)
+#undef INT4TRAIN_DW_CASE
+    default:
+      throw_error(ErrorKind::kValue, "block: expected a power of two <= 256, got " +
+                                         std::to_string(block));
   }
 }
 

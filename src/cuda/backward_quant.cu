@@ -267,18 +267,6 @@ struct LsqBwdParams {
   double* partial;  // one per block, may be null
 };
 
-struct MaskR {
-  bool inside;
-  float r;
-};
-
-// quantize_kernels.cpp's lsq_backward_compact_tile rules.
-__device__ __forceinline__ MaskR decode(int c, bool b) {
-  if (c == -kLsqQn) return MaskR{!b, b ? static_cast<float>(-kLsqQn) : -0.25f};
-  if (c == kLsqQp) return MaskR{!b, b ? static_cast<float>(kLsqQp) : 0.25f};
-  return MaskR{true, b ? 0.5f : -0.5f};
-}
-
 template <bool kVec8>
 __global__ void __launch_bounds__(kThreads) lsq_backward_compact_kernel(const LsqBwdParams p) {
   const int64_t numel = p.rows * p.cols;
@@ -297,7 +285,7 @@ __global__ void __launch_bounds__(kThreads) lsq_backward_compact_kernel(const Ls
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int code = static_cast<int>(((codes >> (4 * i)) & 0xF) ^ 0x8) - 8;
-        const MaskR m = decode(code, (bits >> i) & 1u);
+        const MaskR m = lsq_compact_decode(code, (bits >> i) & 1u);
         out[i] = m.inside ? g[i] : 0.0f;
         acc += static_cast<double>(g[i]) * static_cast<double>(m.r);
       }
@@ -316,7 +304,7 @@ __global__ void __launch_bounds__(kThreads) lsq_backward_compact_kernel(const Ls
       const uint8_t byte = p.packed[r * prb + c / 2];
       const int code = (c & 1) ? unpack_int4_hi(byte) : unpack_int4_lo(byte);
       const bool bit = (p.aux[e >> 3] >> (e & 7)) & 1u;
-      const MaskR m = decode(code, bit);
+      const MaskR m = lsq_compact_decode(code, bit);
       const float g = p.gxhat[r * p.ldg + c];
       if (p.gx != nullptr) {
         const float out = m.inside ? g : 0.0f;

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "int4train/numeric.h"
+#include "int4train/quantize.h"
 
 namespace int4train {
 namespace cuda_detail {
@@ -267,6 +268,19 @@ __device__ __forceinline__ LsqCode lsq_code(float q, float lo, float hi) {
   const float c = !kMayBeNan || q == q ? fminf(fmaxf(q, lo), hi) : 0.0f;
   const float t = __fadd_rn(c, kRoundMagic);  // round to nearest even, as rintf
   return LsqCode{__fsub_rn(t, kRoundMagic), __float_as_uint(t) & 0xFu};
+}
+
+// The LSQ backward of one element from its compact state (quantize_kernels.cpp's
+// lsq_backward_compact_tile rules): whether the gradient passes (the STE mask) and the estimate r of
+// d x^ / d s / s used for the step's gradient, from the code c and its aux bit b.
+struct MaskR {
+  bool inside;
+  float r;
+};
+__device__ __forceinline__ MaskR lsq_compact_decode(int c, bool b) {
+  if (c == -kLsqQn) return MaskR{!b, b ? static_cast<float>(-kLsqQn) : -0.25f};
+  if (c == kLsqQp) return MaskR{!b, b ? static_cast<float>(kLsqQp) : 0.25f};
+  return MaskR{true, b ? 0.5f : -0.5f};
 }
 
 __device__ __forceinline__ uint32_t warp_sum_u32(uint32_t v) {

@@ -47,5 +47,22 @@ void launch_combine_bitsplit(const float* hi, const float* lo, int64_t ld, const
 void launch_bias_grad(const TensorView& g, TensorView out, const CudaAllocator& alloc,
                       cudaStream_t stream);
 
+// The fused epilogues of the bit-split backward (hq_bs), bit-exact with launch_combine_bitsplit
+// followed by lsq_backward_compact_cuda (dX) or lsq_backward_cuda on the Hadamard transform of w
+// (dW), and hadamard_transform_cuda into grad_x / grad_w; the step gradient in another fixed fp64
+// order (within an fp32 rounding). hi, lo: fp32 partial products (rows x cols, row stride ld, the
+// rows and cols of packed / w; 16-byte aligned, ld % 8 == 0); cols % 8 == 0; block divides cols.
+// dX: packed (4-byte aligned) and aux are the forward's saved codes and compact aux bits. dW: w is
+// fp32 or bf16, 16-byte (bf16) or 32-byte (fp32) aligned with a row stride % 8 == 0. grad_x / grad_w
+// and grad_step are optional (data == nullptr).
+void launch_dx_epilogue(const float* hi, const float* lo, int64_t ld, const float* s1,
+                        const float* s2, const TensorView& packed, const TensorView& aux,
+                        int32_t block, TensorView grad_x, TensorView grad_step,
+                        const CudaAllocator& alloc, cudaStream_t stream);
+void launch_dw_epilogue(const float* hi, const float* lo, int64_t ld, const float* s1,
+                        const float* s2, const TensorView& w, const TensorView& step_w,
+                        int32_t block, TensorView grad_w, TensorView grad_step,
+                        const CudaAllocator& alloc, cudaStream_t stream);
+
 }  // namespace cuda_detail
 }  // namespace int4train

@@ -92,6 +92,8 @@ struct Temp {
         view(make_matrix(buf.get(), dtype, rows, cols)) {}
 };
 
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
 }  // namespace
 
 void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
@@ -165,12 +167,19 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     Temp p(alloc, stream, DType::kFloat32, 2 * n, d);
     gemm_fp8_cuda(r_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view, alloc,
                   stream);
-    Temp dx(alloc, stream, DType::kFloat32, n, d);
-    launch_combine_bitsplit(p.buf.as<float>(), p.buf.as<float>() + n * d, d, sg.buf.as<float>(),
-                            a.step_w.ptr<float>(), dx.buf.as<float>(), d, n, d, s);
-    lsq_backward_compact_cuda(a.saved_codes, a.saved_aux, dx.view, dx.view, a.grad_step_x, alloc,
-                              stream);
-    if (want_dx) hadamard_transform_cuda(dx.view, a.grad_x, g, stream);
+    if (d % 8 == 0 && aligned(a.saved_codes.data, 4)) {
+      // Recombination, LSQ backward and back-rotation in one pass.
+      launch_dx_epilogue(p.buf.as<float>(), p.buf.as<float>() + n * d, d, sg.buf.as<float>(),
+                         a.step_w.ptr<float>(), a.saved_codes, a.saved_aux, g,
+                         want_dx ? a.grad_x : TensorView{}, a.grad_step_x, alloc, s);
+    } else {
+      Temp dx(alloc, stream, DType::kFloat32, n, d);
+      launch_combine_bitsplit(p.buf.as<float>(), p.buf.as<float>() + n * d, d, sg.buf.as<float>(),
+                              a.step_w.ptr<float>(), dx.buf.as<float>(), d, n, d, s);
+      lsq_backward_compact_cuda(a.saved_codes, a.saved_aux, dx.view, dx.view, a.grad_step_x,
+                                alloc, stream);
+      if (want_dx) hadamard_transform_cuda(dx.view, a.grad_x, g, stream);
+    }
   }
   if (dom_dw) {
     // dW~ = s_g s_x (16 Qhi^T + Qlo^T) Qx: two products with K = N tokens, summed exactly.
@@ -185,13 +194,21 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
                   stream);
     gemm_fp8_cuda(lot.view, qxt.view, TensorView{}, TensorView{}, TensorView{}, plo.view, alloc,
                   stream);
-    Temp dw(alloc, stream, DType::kFloat32, c, d);
-    launch_combine_bitsplit(phi.buf.as<float>(), plo.buf.as<float>(), d, sg.buf.as<float>(),
-                            a.step_x.ptr<float>(), dw.buf.as<float>(), d, c, d, s);
-    Temp wt(alloc, stream, DType::kFloat32, c, d);
-    hadamard_transform_cuda(a.w, wt.view, g, stream);
-    lsq_backward_cuda(wt.view, a.step_w, dw.view, dw.view, a.grad_step_w, alloc, stream);
-    if (want_dw) hadamard_transform_cuda(dw.view, a.grad_w, g, stream);
+    const bool w_bf16 = a.w.dtype == DType::kBFloat16;
+    if (d % 8 == 0 && aligned(a.w.data, w_bf16 ? 16 : 32) && (c == 1 || row_stride(a.w) % 8 == 0)) {
+      // Recombination, W~ = W B, LSQ backward and back-rotation in one pass.
+      launch_dw_epilogue(phi.buf.as<float>(), plo.buf.as<float>(), d, sg.buf.as<float>(),
+                         a.step_x.ptr<float>(), a.w, a.step_w, g,
+                         want_dw ? a.grad_w : TensorView{}, a.grad_step_w, alloc, s);
+    } else {
+      Temp dw(alloc, stream, DType::kFloat32, c, d);
+      launch_combine_bitsplit(phi.buf.as<float>(), plo.buf.as<float>(), d, sg.buf.as<float>(),
+                              a.step_x.ptr<float>(), dw.buf.as<float>(), d, c, d, s);
+      Temp wt(alloc, stream, DType::kFloat32, c, d);
+      hadamard_transform_cuda(a.w, wt.view, g, stream);
+      lsq_backward_cuda(wt.view, a.step_w, dw.view, dw.view, a.grad_step_w, alloc, stream);
+      if (want_dw) hadamard_transform_cuda(dw.view, a.grad_w, g, stream);
+    }
   }
 }
 
