@@ -57,15 +57,7 @@ __global__ void __launch_bounds__(kThreads)
     acc += static_cast<double>(gk) * static_cast<double>(res);
   }
   if (partial == nullptr) return;
-  acc = warp_sum_f64(acc);
-  __shared__ double warp_acc[kThreads / 32];
-  if ((threadIdx.x & 31) == 0) warp_acc[threadIdx.x / 32] = acc;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double s = 0.0;
-    for (int w = 0; w < kThreads / 32; ++w) s += warp_acc[w];
-    partial[blockIdx.x] = s;
-  }
+  block_sum_to<kThreads>(acc, partial);
 }
 
 // out = float(double(*s1) * double(*s2) * (16 * hi + lo)), hi and lo fp32 accumulators holding
@@ -179,18 +171,6 @@ __device__ __forceinline__ void store_out8(const EpilogueParams& p, int64_t row,
   }
 }
 
-__device__ __forceinline__ void block_partial(double acc, double* partial) {
-  acc = warp_sum_f64(acc);
-  __shared__ double warp_acc[kThreads / 32];
-  if ((threadIdx.x & 31) == 0) warp_acc[threadIdx.x / 32] = acc;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double s = 0.0;
-    for (int w = 0; w < kThreads / 32; ++w) s += warp_acc[w];
-    partial[blockIdx.x] = s;
-  }
-}
-
 // dX: the input's LSQ backward from the saved codes and aux bits (lsq_backward_compact_cuda).
 template <int G>
 __global__ void __launch_bounds__(kThreads, 3) dx_epilogue_kernel(const EpilogueParams p) {
@@ -216,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, 3) dx_epilogue_kernel(const Epilogue
         hadamard_warp8<G>(v, lane, p.hscale);
         if (col0 < p.cols) store_out8(p, row, col0, v);
       });
-  block_partial(acc, p.partial);
+  block_sum_to<kThreads>(acc, p.partial);
 }
 
 // dW: the weight's LSQ backward from W~ = the Hadamard transform of W, computed here from W
@@ -250,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, 3) dw_epilogue_kernel(const Epilogue
         hadamard_warp8<G>(v, lane, p.hscale);
         if (col0 < p.cols) store_out8(p, row, col0, v);
       });
-  block_partial(acc, p.partial);
+  block_sum_to<kThreads>(acc, p.partial);
 }
 
 template <typename Kernel>
@@ -313,29 +293,39 @@ double step_gamma(int64_t numel) {
 bool vec_ok(const void* p, bool bf16, int64_t ld, int64_t rows) {
   return reinterpret_cast<uintptr_t>(p) % (bf16 ? 16 : 32) == 0 && (rows == 1 || ld % 8 == 0);
 }
-}  // namespace
 
-void launch_dx_epilogue(const float* hi, const float* lo, int64_t ld, const float* s1,
-                        const float* s2, const TensorView& packed, const TensorView& aux,
-                        int32_t block, TensorView grad_x, TensorView grad_step,
-                        const CudaAllocator& alloc, cudaStream_t stream) {
+// The parameters both epilogues share: the partial products, their scales, the shape, the Hadamard
+// scale of `block` and the optional output.
+EpilogueParams epilogue_params(const float* hi, const float* lo, int64_t ld, const float* s1,
+                               const float* s2, int64_t rows, int64_t cols, int32_t block,
+                               const TensorView& out) {
   EpilogueParams p{};
   p.hi = hi;
   p.lo = lo;
   p.ld = ld;
   p.s1 = s1;
   p.s2 = s2;
+  p.rows = rows;
+  p.cols = cols;
+  p.hscale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
+  if (out.data != nullptr) {
+    p.out = out.data;
+    p.out_bf16 = out.dtype == DType::kBFloat16;
+    p.ldo = row_stride(out);
+    p.out_vec = vec_ok(out.data, p.out_bf16, p.ldo, rows);
+  }
+  return p;
+}
+}  // namespace
+
+void launch_dx_epilogue(const float* hi, const float* lo, int64_t ld, const float* s1,
+                        const float* s2, const TensorView& packed, const TensorView& aux,
+                        int32_t block, TensorView grad_x, TensorView grad_step,
+                        const CudaAllocator& alloc, cudaStream_t stream) {
+  EpilogueParams p = epilogue_params(hi, lo, ld, s1, s2, packed.shape[0], packed.shape[1], block,
+                                     grad_x);
   p.packed = packed.ptr<const uint8_t>();
   p.aux = aux.ptr<const uint8_t>();
-  p.rows = packed.shape[0];
-  p.cols = packed.shape[1];
-  p.hscale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
-  if (grad_x.data != nullptr) {
-    p.out = grad_x.data;
-    p.out_bf16 = grad_x.dtype == DType::kBFloat16;
-    p.ldo = row_stride(grad_x);
-    p.out_vec = vec_ok(grad_x.data, p.out_bf16, p.ldo, p.rows);
-  }
   if (p.rows == 0) return;
   float* gs = grad_step.data != nullptr ? grad_step.ptr<float>() : nullptr;
   const double gamma = step_gamma(p.rows * p.cols);
@@ -363,24 +353,10 @@ void launch_dw_epilogue(const float* hi, const float* lo, int64_t ld, const floa
                         const float* s2, const TensorView& w, const TensorView& step_w,
                         int32_t block, TensorView grad_w, TensorView grad_step,
                         const CudaAllocator& alloc, cudaStream_t stream) {
-  EpilogueParams p{};
-  p.hi = hi;
-  p.lo = lo;
-  p.ld = ld;
-  p.s1 = s1;
-  p.s2 = s2;
+  EpilogueParams p = epilogue_params(hi, lo, ld, s1, s2, w.shape[0], w.shape[1], block, grad_w);
   p.w = w.data;
   p.ldw = row_stride(w);
   p.step = step_w.ptr<const float>();
-  p.rows = w.shape[0];
-  p.cols = w.shape[1];
-  p.hscale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
-  if (grad_w.data != nullptr) {
-    p.out = grad_w.data;
-    p.out_bf16 = grad_w.dtype == DType::kBFloat16;
-    p.ldo = row_stride(grad_w);
-    p.out_vec = vec_ok(grad_w.data, p.out_bf16, p.ldo, p.rows);
-  }
   if (p.rows == 0) return;
   float* gs = grad_step.data != nullptr ? grad_step.ptr<float>() : nullptr;
   const double gamma = step_gamma(p.rows * p.cols);

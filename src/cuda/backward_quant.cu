@@ -318,15 +318,7 @@ __global__ void __launch_bounds__(kThreads) lsq_backward_compact_kernel(const Ls
     }
   }
   if (p.partial == nullptr) return;
-  acc = warp_sum_f64(acc);
-  __shared__ double warp_acc[kThreads / 32];
-  if ((threadIdx.x & 31) == 0) warp_acc[threadIdx.x / 32] = acc;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double sum = 0.0;
-    for (int w = 0; w < kThreads / 32; ++w) sum += warp_acc[w];
-    p.partial[blockIdx.x] = sum;
-  }
+  block_sum_to<kThreads>(acc, p.partial);
 }
 
 // ------------------------------------------------------------------------------ codes -> FP8

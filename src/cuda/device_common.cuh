@@ -297,6 +297,22 @@ __device__ __forceinline__ double warp_sum_f64(double v) {
   return v;
 }
 
+// partial[blockIdx.x] = the sum of acc over the block's threads (kThreads of them, a multiple of
+// 32), in fp64 in a fixed order: warps by shuffles, then the warps' sums in warp order. Every thread
+// of the block must call it.
+template <int kThreads>
+__device__ __forceinline__ void block_sum_to(double acc, double* partial) {
+  acc = warp_sum_f64(acc);
+  __shared__ double warp_acc[kThreads / 32];
+  if ((threadIdx.x & 31) == 0) warp_acc[threadIdx.x / 32] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double s = 0.0;
+    for (int w = 0; w < kThreads / 32; ++w) s += warp_acc[w];
+    partial[blockIdx.x] = s;
+  }
+}
+
 // *out = float(gamma * sum of partial[0 .. n-1]) in fp64, by one block of kSumThreads threads in a
 // fixed order (thread t sums t, t + kSumThreads, ... in order, then a fixed tree): deterministic
 // run to run. Launch <<<1, kSumThreads>>>.
