@@ -41,6 +41,15 @@ def test_run_and_summarize(text_file, tmp_path, capsys):
     mean, std = table.mean_std(fp)
     assert f"| fp | {mean:.4f} ± {std:.4f} | — | 0,1 |" in text
     assert "| hq_lss |" in text and (tmp_path / "plots" / "lm.png").stat().st_size > 0
+    # --json collects the runs into one file that summarize reads back to the same table.
+    collected = tmp_path / "runs.json"
+    assert table.main(["summarize", str(out), "--json", str(collected)]) == 0
+    back = json.loads(collected.read_text())["runs"]
+    assert [(r["recipe"], r["seed"]) for r in back] == [("fp", 0), ("fp", 1), ("hq_lss", 0), ("hq_lss", 1)]
+    assert all(r["loss_curve"] and r["command"] and "_path" not in r for r in back)
+    md2 = tmp_path / "table2.md"
+    assert table.main(["summarize", str(collected), "--md", str(md2)]) == 0
+    assert md2.read_text() == text
 
 
 def test_summary_statistics_and_gap():

@@ -200,6 +200,24 @@ def test_lm_lss_budget(text_file, tmp_path, capsys):
     assert "hq_lss:lss_budget=2.0" in stdout
 
 
+def test_lm_max_hadamard_block(text_file, tmp_path, capsys):
+    # --max-hadamard-block 1 switches the transform off for the hq recipes (recorded, block 1 chosen);
+    # it changes their training, and leaves the other recipes alone.
+    base = f"--task lm --data {text_file} --steps 4 {LM_TINY}"
+    rc, _, err = run_cli(f"{base} --recipe hq_bs,lsq_luq --max-hadamard-block 1 --out {tmp_path / 'a'}", capsys)
+    assert rc == 0, err
+    off, luq = load_metrics(tmp_path / "a")
+    assert off["config"]["max_hadamard_block"] == 1 and luq["config"]["max_hadamard_block"] is None
+    assert off["hadamard_blocks"] and set(off["hadamard_blocks"].values()) == {1}
+    assert luq["hadamard_blocks"] == {}
+    rc, _, err = run_cli(f"{base} --recipe hq_bs --out {tmp_path / 'b'}", capsys)
+    assert rc == 0, err
+    (on,) = load_metrics(tmp_path / "b")
+    assert on["config"]["max_hadamard_block"] == 256
+    assert max(on["hadamard_blocks"].values()) > 1
+    assert on["loss_curve"] != off["loss_curve"]
+
+
 def test_lm_byte_level(tmp_path, capsys):
     path = tmp_path / "blob.bin"
     path.write_bytes(bytes(range(256)) * 40)  # not UTF-8
@@ -365,13 +383,21 @@ def test_error_empty_image_split(tmp_path, capsys):
         ("--task lm --data spam-assassin", "built-in data set of --task textcls"),
         ("--task textcls --model /nonexistent/model", "--model: no such folder"),
         ("--task lm --recipe fp,hq_bs --lss-budget 1.5", "--lss-budget applies to hq_lss"),
+        ("--task lm --recipe fp,int8 --max-hadamard-block 1", "--max-hadamard-block applies to the hq"),
     ],
     ids=["flag-of-other-task", "unknown-recipe", "heads", "shortcut-of-other-task", "model",
-         "lss-budget-without-hq_lss"],
+         "lss-budget-without-hq_lss", "hadamard-block-without-hq"],
 )
 def test_usage_errors(args, message, capsys):
     rc, _, err = run_cli(f"{args} --no-progress", capsys)
     assert rc == 2 and message in err
+
+
+def test_max_hadamard_block_not_a_power_of_two(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--task", "lm", "--max-hadamard-block", "48"])
+    assert e.value.code == 2
+    assert "--max-hadamard-block: expected a power of two in [1, 256], got 48" in capsys.readouterr().err
 
 
 def test_lss_budget_out_of_range(capsys):

@@ -90,6 +90,15 @@ def _lss_budget(s: str) -> float:
     return v
 
 
+def _hadamard_block(s: str) -> int:
+    from ..config import MAX_HADAMARD_BLOCK
+
+    v = int(s)
+    if v < 1 or v > MAX_HADAMARD_BLOCK or v & (v - 1):
+        raise argparse.ArgumentTypeError(f"expected a power of two in [1, {MAX_HADAMARD_BLOCK}], got {s}")
+    return v
+
+
 def _nonneg_float(s: str) -> float:
     v = float(s)
     if not v >= 0:
@@ -230,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         "paper's N of the 2N bit-split rows; 2.0 keeps all, as hq_bs)",
     )
     t.add_argument(
+        "--max-hadamard-block",
+        type=_hadamard_block,
+        default=None,
+        help="hq recipes: the largest Hadamard block the first-batch search may choose, a power of two "
+        "<= 256 (default 256); 1 switches the transform off (an ablation: LSQ without Hadamard)",
+    )
+    t.add_argument(
         "--limit-train", type=_positive_int, help="keep the first N training samples (lm: tokens)"
     )
     t.add_argument(
@@ -349,6 +365,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     recipes = parse_recipes(args.recipe)
     if args.lss_budget != 1.0 and "hq_lss" not in recipes:
         raise UsageError(f"--lss-budget applies to hq_lss, which --recipe {args.recipe!r} does not name")
+    if args.max_hadamard_block is not None and not any(r.startswith("hq") for r in recipes):
+        raise UsageError(
+            f"--max-hadamard-block applies to the hq recipes, which --recipe {args.recipe!r} does not name"
+        )
     cfg = build_config(args)
     device = pick_device(args.device)
 
@@ -388,7 +408,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     runs = []
     for recipe in recipes:
-        spec = int4train.Recipe(recipe, lss_budget=args.lss_budget if recipe == "hq_lss" else 1.0)
+        options = {"lss_budget": args.lss_budget if recipe == "hq_lss" else 1.0}
+        if args.max_hadamard_block is not None and recipe.startswith("hq"):
+            options["max_hadamard_block"] = args.max_hadamard_block
+        spec = int4train.Recipe(recipe, **options)
         r = T.train_one(
             task, spec, args.seed, device, amp, args.step_lr_scale, progress=not args.no_progress
         )
@@ -403,6 +426,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "steps": r["steps"],
                     "step_lr_scale": args.step_lr_scale,
                     "lss_budget": spec.lss_budget if spec.name == "hq_lss" else None,
+                    "max_hadamard_block": spec.max_hadamard_block if spec.uses_hadamard else None,
                     "data_flags": {k: getattr(args, k) for k in DATA_FLAGS},
                     "split_seed": args.split_seed,
                 },

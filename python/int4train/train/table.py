@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("folders", nargs="+", help="folders searched for metrics.json, or JSON files of runs")
     s.add_argument("--md", default=None, help="write the markdown table here (default: stdout)")
     s.add_argument("--plots", default=None, help="folder for TASK.png loss-curve plots")
+    s.add_argument(
+        "--json",
+        default=None,
+        help="collect the runs into this file ({\"runs\": [...]}: metrics, configuration, command, loss "
+        "curve of each), which summarize reads back",
+    )
     return p
 
 
@@ -220,6 +226,19 @@ def load_runs(folders: list[str]) -> list[dict[str, Any]]:
     return runs
 
 
+# What --json keeps of a run (the rest, e.g. the per-layer list and the data description, stays in
+# the run's own metrics.json).
+RUN_KEYS = ("task", "recipe", "recipe_spec", "seed", "preset", "steps", "metrics", "final_train_loss",
+            "loss_curve", "train_time_s", "wall_time_s", "device", "amp", "threads", "config",
+            "torch_version", "int4train_version", "command")
+
+
+def write_runs(runs: list[dict[str, Any]], path: Path) -> None:
+    kept = [{k: r[k] for k in RUN_KEYS if k in r} for r in runs]
+    kept.sort(key=lambda r: (r["task"], _spec_order(_spec(r)), r["seed"]))
+    path.write_text(json.dumps({"runs": kept}) + "\n")
+
+
 def _metric(run: dict[str, Any]) -> float:
     m = run["metrics"]
     return m["val_loss"] if run["task"] == "lm" else 100.0 * m["accuracy"]
@@ -326,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plots:
         for p in plot_tasks(runs, Path(args.plots)):
             print(f"wrote {p}")
+    if args.json:
+        write_runs(runs, Path(args.json))
+        print(f"wrote {args.json} ({len(runs)} runs)")
     return 0
 
 

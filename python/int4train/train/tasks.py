@@ -498,4 +498,10 @@ def train_one(
         "wall_time_s": time.perf_counter() - t0,
         "parameters": sum(p.numel() for p in model.parameters()),
         "int4_layers": converted,
+        # The block each layer's first-batch search chose (hq recipes; 1 = no transform).
+        "hadamard_blocks": {
+            n: int(m.hadamard_block.item())
+            for n, m in model.named_modules()
+            if isinstance(m, int4train.Int4Linear) and m.recipe.uses_hadamard
+        },
     }
