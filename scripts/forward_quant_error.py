@@ -6,7 +6,10 @@ For every nn.Linear of the encoder it captures the input X of one batch and repo
     sticks out of a per-tensor 4-bit grid);
   - g: the Hadamard block the hq recipes choose on this batch (select_hadamard_block);
   - err g=1, err g: the relative LSQ 4-bit error ||X~ - s Q|| / ||X~|| of X at its initial step
-    (2 mean|X~| / sqrt(7)), without the transform (lsq_luq's forward) and with the chosen block.
+    (2 mean|X~| / sqrt(7)), without the transform (lsq_luq's forward) and with the chosen block;
+  - W g=1, W g: the same for the layer's weight;
+  - Y g=1, Y g: the error of the layer's output X W^T with both quantized, without and with the
+    transform.
 
     python scripts/forward_quant_error.py --texts 16 --max-length 256
 """
@@ -26,11 +29,26 @@ import int4train  # noqa: F401  (registers torch.ops.int4train)
 ops = torch.ops.int4train
 
 
-def rel_error(x: torch.Tensor, block: int) -> float:
+def dequantized(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X~, its LSQ 4-bit dequantization at the initial step)."""
     xt = ops.hadamard_transform(x, block)
     step = ops.lsq_init_step(xt)
     codes, _ = ops.lsq_quantize(xt, step)
-    return ((xt - step * codes.float()).norm() / xt.norm()).item()
+    return xt, step * codes.float()
+
+
+def rel_error(x: torch.Tensor, block: int) -> float:
+    xt, xq = dequantized(x, block)
+    return ((xt - xq).norm() / xt.norm()).item()
+
+
+def output_error(x: torch.Tensor, w: torch.Tensor, block: int) -> float:
+    """||X^ W^T - X W^T|| / ||X W^T|| with X and W quantized in the domain of `block` (the product is
+    the same in both domains, since the block transform is orthogonal)."""
+    _, xq = dequantized(x, block)
+    _, wq = dequantized(w, block)
+    y = x @ w.t()
+    return ((xq @ wq.t() - y).norm() / y.norm()).item()
 
 
 def main() -> None:
@@ -69,11 +87,15 @@ def main() -> None:
 
     modules = dict(model.named_modules())
     print(f"{mask.sum().item()} tokens of {args.texts} e-mails")
-    print(f"{'layer':44s} {'outlier':>8s} {'g':>4s} {'err g=1':>8s} {'err g':>8s}")
+    print(f"{'layer':44s} {'outlier':>8s} {'g':>4s} {'err g=1':>8s} {'err g':>8s} {'W g=1':>7s} "
+          f"{'W g':>7s} {'Y g=1':>7s} {'Y g':>7s}")
     for name, x in captured.items():
+        w = modules[name].weight.detach()
         outlier = (x.abs().amax(0).max() / x.pow(2).mean().sqrt()).item()
-        block = int(ops.select_hadamard_block(x, modules[name].weight.detach())[0])
-        print(f"{name:44s} {outlier:8.1f} {block:4d} {rel_error(x, 1):8.3f} {rel_error(x, block):8.3f}")
+        block = int(ops.select_hadamard_block(x, w)[0])
+        print(f"{name:44s} {outlier:8.1f} {block:4d} {rel_error(x, 1):8.3f} {rel_error(x, block):8.3f} "
+              f"{rel_error(w, 1):7.3f} {rel_error(w, block):7.3f} {output_error(x, w, 1):7.3f} "
+              f"{output_error(x, w, block):7.3f}")
 
 
 if __name__ == "__main__":
