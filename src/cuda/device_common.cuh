@@ -113,9 +113,8 @@ struct Lane8<BFloat16, true> {
 };
 
 // How many chunks a warp has in flight in for_each_warp_chunk: the loads of the next kDepth - 1
-// chunks are issued before the current one is computed. A kernel that does integer and shuffle work
-// per element after one 16-byte load per lane is latency-bound with one chunk in flight (measured on
-// the H100: docs/cuda.md); a persistent grid with the next loads in flight keeps the memory busy.
+// chunks are issued before the current one is computed (docs/cuda.md has what depth 1, 2 and 4
+// measured: the quantizers are bound by instructions, so the depth matters little).
 #ifndef INT4TRAIN_CUDA_CHUNK_DEPTH
 #define INT4TRAIN_CUDA_CHUNK_DEPTH 2
 #endif
