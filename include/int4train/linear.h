@@ -98,8 +98,9 @@ struct LinearForwardArgs {
 // sees the data), y is filled with NaN so that the problem surfaces rather than being quantized away.
 void linear_forward(const LinearConfig& config, const LinearForwardArgs& args);
 
-// The bias gradient's summation order (every implementation follows it, so results agree bit for
-// bit): column j of grad_y in fp64, the rows taken in consecutive blocks of kBiasGradBlockRows (the
+// The bias gradient's summation order (the CPU core and the CUDA kernels follow it, so their results
+// agree bit for bit; the PyTorch ops' device-generic path sums with ATen in fp64, within rounding of
+// it): column j of grad_y in fp64, the rows taken in consecutive blocks of kBiasGradBlockRows (the
 // last may be shorter), each block summed in row order starting from 0.0, the block sums added in
 // block order starting from 0.0, then rounded once to grad_bias's dtype. Blocks let a GPU sum the
 // rows of a column in parallel without changing the result.

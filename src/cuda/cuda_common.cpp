@@ -3,7 +3,10 @@
 #include "cuda_common.h"
 
 #include <atomic>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 
 namespace int4train {
 namespace cuda_detail {
@@ -71,6 +74,25 @@ void check_row_length(const TensorView& t, const char* arg) {
                                        std::to_string(kMaxRowLength) + " elements expected, got " +
                                        std::to_string(t.shape[1]));
   }
+}
+
+int occupancy_blocks_per_sm(const void* kernel, int threads) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int>, int> cache;
+  int dev = 0;
+  INT4TRAIN_CUDA_CHECK(cudaGetDevice(&dev));
+  const auto key = std::make_tuple(kernel, dev, threads);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  int occ = 0;
+  INT4TRAIN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, threads, 0));
+  if (occ < 1) occ = 1;
+  std::lock_guard<std::mutex> lock(mu);
+  cache[key] = occ;
+  return occ;
 }
 
 int sm_count() {

@@ -4,7 +4,6 @@
 
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -50,20 +49,15 @@ inline int64_t row_stride(const TensorView& t) {
 
 // Blocks for a persistent grid-stride kernel: as many as fill every multiprocessor of the current
 // device at the kernel's occupancy (threads per block, no dynamic shared memory), at most `needed`
-// and at least 1. The occupancy is computed once per kernel and device.
+// and at least 1. The occupancy is computed once per (kernel, device) and cached: the grid of a
+// kernel depends only on the device and `needed`, never on which kernels ran before.
 int sm_count();  // of the current device, cached per device
+int occupancy_blocks_per_sm(const void* kernel, int threads);  // cached per (kernel, device, threads)
 template <typename Kernel>
 int persistent_blocks(Kernel kernel, int threads, int64_t needed) {
-  static std::atomic<int> per_sm[64] = {};  // by device ordinal; 0 = not computed yet
-  int dev = 0;
-  INT4TRAIN_CUDA_CHECK(cudaGetDevice(&dev));
-  int occ = dev < 64 ? per_sm[dev].load(std::memory_order_relaxed) : 0;
-  if (occ == 0) {
-    INT4TRAIN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, threads, 0));
-    if (occ < 1) occ = 1;
-    if (dev < 64) per_sm[dev].store(occ, std::memory_order_relaxed);
-  }
-  const int64_t full = static_cast<int64_t>(occ) * sm_count();
+  const int64_t full =
+      static_cast<int64_t>(occupancy_blocks_per_sm(reinterpret_cast<const void*>(kernel), threads)) *
+      sm_count();
   return static_cast<int>(needed < 1 ? 1 : (needed < full ? needed : full));
 }
 

@@ -134,6 +134,7 @@ __device__ __forceinline__ void for_each_warp_chunk(const In* __restrict__ x, in
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   const int32_t ncols = static_cast<int32_t>(cols);
   const int32_t chunks = static_cast<int32_t>((cols + kWarpCols - 1) / kWarpCols);
+  if (chunks == 0 || rows <= 0) return;  // nothing to visit (uniform across the grid)
   // The next chunk to load, as (row, chunk of the row), advanced by nwarps chunks at a time without
   // a division per chunk.
   int64_t frow = warp / chunks;
