@@ -68,6 +68,16 @@ class Recipe:
         return self.name
 
     @property
+    def label(self) -> str:
+        """`spec` plus the options that change training but not the op's arithmetic (they act in
+        Int4Linear), e.g. "hq_bs:max_hadamard_block=1": what results record as `recipe_spec`, so that
+        such runs stay apart from the default's. Recipe.of reads it back."""
+        if self.max_hadamard_block == MAX_HADAMARD_BLOCK or self.name not in _HADAMARD_RECIPES:
+            return self.spec
+        sep = "," if ":" in self.spec else ":"
+        return f"{self.spec}{sep}max_hadamard_block={self.max_hadamard_block}"
+
+    @property
     def uses_lsq(self) -> bool:
         """True for the recipes with learned step sizes (LSQ 4-bit forward)."""
         return self.name in _LSQ_RECIPES
@@ -79,20 +89,25 @@ class Recipe:
 
     @classmethod
     def of(cls, recipe: Union["Recipe", str], seed: int | None = None) -> "Recipe":
-        """A Recipe from a Recipe, a name or a spec ("hq_lss:lss_budget=1.5", the inverse of `spec`);
-        `seed`, when given, replaces the recipe's seed."""
+        """A Recipe from a Recipe, a name, a spec ("hq_lss:lss_budget=1.5", the inverse of `spec`) or a
+        label ("hq_bs:max_hadamard_block=1", the inverse of `label`); `seed`, when given, replaces the
+        recipe's seed."""
         if isinstance(recipe, str):
             name, colon, opts = recipe.partition(":")
-            options = {}
+            options: dict = {}
             for item in opts.split(",") if colon else []:
                 key, _, value = item.partition("=")
-                if key != "lss_budget":
-                    raise ValueError(f"recipe: unknown option {key!r} in {recipe!r}; expected NAME or "
-                                     "hq_lss:lss_budget=X")
+                kind = {"lss_budget": float, "max_hadamard_block": int}.get(key)
+                if kind is None:
+                    raise ValueError(f"recipe: unknown option {key!r} in {recipe!r}; expected NAME, "
+                                     "hq_lss:lss_budget=X or an hq recipe with max_hadamard_block=G")
                 try:
-                    options[key] = float(value)
+                    options[key] = kind(value)
                 except ValueError:
-                    raise ValueError(f"recipe: lss_budget expects a number, got {value!r} in {recipe!r}") from None
+                    raise ValueError(f"recipe: {key} expects {'a number' if kind is float else 'an integer'}, "
+                                     f"got {value!r} in {recipe!r}") from None
+            if "max_hadamard_block" in options and name not in _HADAMARD_RECIPES:
+                raise ValueError(f"recipe: max_hadamard_block applies to the hq recipes, got {recipe!r}")
             r = cls(name=name, **options)
         elif isinstance(recipe, Recipe):
             r = recipe

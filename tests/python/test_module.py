@@ -303,6 +303,16 @@ def test_lss_budget_recipe():
                        ("hq_lss:lss_budget=x", "expects a number"), ("hq_lss:lss_budget=9", "lss_budget"), ("hq_lss:", "unknown option")]:
         with pytest.raises(ValueError, match=words):
             Recipe.of(bad)
+    # The label adds what acts in Int4Linear (max_hadamard_block) to the spec the ops take.
+    nb = Recipe("hq_lss", lss_budget=1.5, max_hadamard_block=1)
+    assert nb.spec == "hq_lss:lss_budget=1.5" and nb.label == "hq_lss:lss_budget=1.5,max_hadamard_block=1"
+    assert Recipe.of(nb.label) == nb and Recipe("hq_bs", max_hadamard_block=1).label == "hq_bs:max_hadamard_block=1"
+    assert Recipe("hq_bs").label == "hq_bs" and Recipe("lsq_luq").label == "lsq_luq"
+    for bad, words in [("lsq_luq:max_hadamard_block=1", "applies to the hq recipes"),
+                       ("hq_bs:max_hadamard_block=1.5", "expects an integer"),
+                       ("hq_bs:max_hadamard_block=48", "power of two")]:
+        with pytest.raises(ValueError, match=words):
+            Recipe.of(bad)
     torch.manual_seed(0)
     x = torch.randn(40, 32)
     gy = torch.randn(40, 16)

@@ -128,6 +128,16 @@ def test_recipe_variants_get_rows_of_their_own(text_file, tmp_path, capsys):
     assert (out / "lm" / "hq_lss@lss_budget2.0-s0" / "metrics.json").exists()
     text = table.summarize(table.load_runs([str(out)]))
     assert "| hq_lss |" in text and "| hq_lss:lss_budget=2.0 |" in text
+    # A max_hadamard_block variant gets its own folder and row; so do collected runs that recorded the
+    # block only in their configuration.
+    rc = table.main(["run", "--out", str(out), "--tasks", "lm", "--recipes", "hq_bs:max_hadamard_block=1",
+                     "--seeds", "0", "--preset", "tiny", "--jobs", "1", "--gpus", "none",
+                     "--task-args", f"lm=--data {text_file} {LM_TINY} --limit-test 256 --device cpu"])
+    assert rc == 0, capsys.readouterr().out
+    (run,) = table.load_runs([str(out / "lm" / "hq_bs@max_hadamard_block1-s0")])
+    assert run["recipe_spec"] == "hq_bs:max_hadamard_block=1" and run["config"]["max_hadamard_block"] == 1
+    old = dict(run, recipe_spec="hq_bs")
+    assert "| hq_bs:max_hadamard_block=1 |" in table.summarize([old])
     with pytest.raises(SystemExit):
         table.main(["run", "--out", str(out), "--recipes", "hq_bs:lss_budget=1.5"])
     with pytest.raises(SystemExit):

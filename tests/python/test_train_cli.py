@@ -208,6 +208,7 @@ def test_lm_max_hadamard_block(text_file, tmp_path, capsys):
     assert rc == 0, err
     off, luq = load_metrics(tmp_path / "a")
     assert off["config"]["max_hadamard_block"] == 1 and luq["config"]["max_hadamard_block"] is None
+    assert off["recipe_spec"] == "hq_bs:max_hadamard_block=1" and luq["recipe_spec"] == "lsq_luq"
     assert off["hadamard_blocks"] and set(off["hadamard_blocks"].values()) == {1}
     assert luq["hadamard_blocks"] == {}
     rc, _, err = run_cli(f"{base} --recipe hq_bs --out {tmp_path / 'b'}", capsys)

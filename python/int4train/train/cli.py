@@ -439,7 +439,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         runs.append(r)
         print(
-            f"{spec.spec}: "
+            f"{spec.label}: "
             + ", ".join(
                 f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in r["metrics"].items()

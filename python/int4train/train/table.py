@@ -131,9 +131,14 @@ def _recipe_flags(spec: str) -> tuple[str, list[str], str]:
         r = Recipe.of(spec)
     except ValueError as e:
         raise SystemExit(f"error: --recipes: {spec!r}: {e}") from None
-    if r.lss_budget == 1.0:
-        return r.name, [], r.name
-    return r.name, ["--lss-budget", repr(r.lss_budget)], f"{r.name}@lss_budget{r.lss_budget!r}"
+    flags, folder = [], r.name
+    if r.lss_budget != 1.0:
+        flags += ["--lss-budget", repr(r.lss_budget)]
+        folder += f"@lss_budget{r.lss_budget!r}"
+    if r.label != r.spec:  # max_hadamard_block
+        flags += ["--max-hadamard-block", str(r.max_hadamard_block)]
+        folder += f"@max_hadamard_block{r.max_hadamard_block}"
+    return r.name, flags, folder
 
 
 def run_all(args: argparse.Namespace) -> int:
@@ -245,7 +250,14 @@ def _metric(run: dict[str, Any]) -> float:
 
 
 def _spec(run: dict[str, Any]) -> str:
-    return run.get("recipe_spec", run["recipe"])
+    spec = run.get("recipe_spec", run["recipe"])
+    # Runs recorded before recipe_spec carried max_hadamard_block keep it in their configuration.
+    from ..config import MAX_HADAMARD_BLOCK
+
+    block = (run.get("config") or {}).get("max_hadamard_block")
+    if block not in (None, MAX_HADAMARD_BLOCK) and "max_hadamard_block" not in spec:
+        spec += f"{',' if ':' in spec else ':'}max_hadamard_block={block}"
+    return spec
 
 
 def _spec_order(spec: str) -> tuple[int, str]:

@@ -484,7 +484,7 @@ def train_one(
     return {
         "task": task.name,
         "recipe": recipe.name,
-        "recipe_spec": recipe.spec,
+        "recipe_spec": recipe.label,
         "seed": seed,
         "steps": steps,
         "metrics": metrics,
