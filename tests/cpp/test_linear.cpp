@@ -428,6 +428,33 @@ TEST(LinearShapes, OddSizesAndEmptyBatch) {
   }
 }
 
+// The bias gradient's summation order (linear.h, kBiasGradBlockRows) is observable: column 0 holds
+// 2^60, then ones, then -2^60 at the start of the second row block, then ones. Each 1 added to +-2^60
+// is lost in fp64 (its ulp there is 256). Row order gives 127 (the ones after -2^60 survive); the
+// blocked order gives 0 (each block sum is +-2^60 and they cancel). Column 1 (all ones, 300 rows, a
+// short last block) is exact in either order.
+TEST(LinearBias, GradientFollowsTheBlockOrder) {
+  ASSERT_EQ(kBiasGradBlockRows, 128);
+  const int64_t n = 300;
+  Problem p = make_problem(n, 16, 2, 3);
+  for (int64_t i = 0; i < n; ++i) {
+    float v = 1.0f;
+    if (i == 0) v = 0x1.0p60f;
+    if (i == kBiasGradBlockRows) v = -0x1.0p60f;
+    if (i >= 2 * kBiasGradBlockRows) v = 0.0f;
+    p.gy[static_cast<size_t>(i * 2)] = v;
+    p.gy[static_cast<size_t>(i * 2 + 1)] = 1.0f;
+  }
+  LinearConfig cfg;
+  cfg.recipe = Recipe::kFp;
+  cfg.hadamard_block = 1;
+  LayerRun run;
+  forward(cfg, p, run);
+  backward(cfg, p, run);
+  EXPECT_EQ(run.db[0], 0.0f) << "row order would give 127, the exact sum 254";
+  EXPECT_EQ(run.db[1], 300.0f);
+}
+
 TEST(LinearNonFinite, NaNInputSurfacesInOutput) {
   Problem p = make_problem(8, 32, 4, 1);
   p.x[5] = std::nanf("");
