@@ -286,12 +286,8 @@ void launch_bias_grad(const TensorView& g, TensorView out, const CudaAllocator& 
 }
 
 namespace {
-double step_gamma(int64_t numel) {
-  return numel > 0 ? 1.0 / std::sqrt(static_cast<double>(numel) * kLsqQp) : 0.0;
-}
-
 bool vec_ok(const void* p, bool bf16, int64_t ld, int64_t rows) {
-  return reinterpret_cast<uintptr_t>(p) % (bf16 ? 16 : 32) == 0 && (rows == 1 || ld % 8 == 0);
+  return aligned(p, bf16 ? 16 : 32) && (rows == 1 || ld % 8 == 0);
 }
 
 // The parameters both epilogues share: the partial products, their scales, the shape, the Hadamard
@@ -307,7 +303,7 @@ EpilogueParams epilogue_params(const float* hi, const float* lo, int64_t ld, con
   p.s2 = s2;
   p.rows = rows;
   p.cols = cols;
-  p.hscale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
+  p.hscale = hadamard_scale(block);
   if (out.data != nullptr) {
     p.out = out.data;
     p.out_bf16 = out.dtype == DType::kBFloat16;
@@ -315,6 +311,16 @@ EpilogueParams epilogue_params(const float* hi, const float* lo, int64_t ld, con
     p.out_vec = vec_ok(out.data, p.out_bf16, p.ldo, rows);
   }
   return p;
+}
+
+// An empty gradient: nothing to launch; the step gradient (a sum over no elements) is 0, as the
+// separate passes give.
+bool epilogue_empty(const EpilogueParams& p, float* grad_step, cudaStream_t stream) {
+  if (p.rows > 0 && p.cols > 0) return false;
+  if (grad_step != nullptr) {
+    INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(grad_step, 0, sizeof(float), stream));
+  }
+  return true;
 }
 }  // namespace
 
@@ -326,27 +332,12 @@ void launch_dx_epilogue(const float* hi, const float* lo, int64_t ld, const floa
                                      grad_x);
   p.packed = packed.ptr<const uint8_t>();
   p.aux = aux.ptr<const uint8_t>();
-  if (p.rows == 0) return;
   float* gs = grad_step.data != nullptr ? grad_step.ptr<float>() : nullptr;
-  const double gamma = step_gamma(p.rows * p.cols);
-  switch (block) {
-#define INT4TRAIN_DX_CASE(G) \
-  case G:                    \
-    return launch_epilogue(dx_epilogue_kernel<G>, p, gs, gamma, alloc, stream);
-    INT4TRAIN_DX_CASE(1)
-    INT4TRAIN_DX_CASE(2)
-    INT4TRAIN_DX_CASE(4)
-    INT4TRAIN_DX_CASE(8)
-    INT4TRAIN_DX_CASE(16)
-    INT4TRAIN_DX_CASE(32)
-    INT4TRAIN_DX_CASE(64)
-    INT4TRAIN_DX_CASE(128)
-    INT4TRAIN_DX_CASE(256)
-#undef INT4TRAIN_DX_CASE
-    default:
-      throw_error(ErrorKind::kValue, "block: expected a power of two <= 256, got " +
-                                         std::to_string(block));
-  }
+  if (epilogue_empty(p, gs, stream)) return;
+  dispatch_block(block, [&](auto g) {
+    launch_epilogue(dx_epilogue_kernel<decltype(g)::value>, p, gs,
+                    lsq_step_gamma(p.rows * p.cols), alloc, stream);
+  });
 }
 
 void launch_dw_epilogue(const float* hi, const float* lo, int64_t ld, const float* s1,
@@ -357,30 +348,15 @@ void launch_dw_epilogue(const float* hi, const float* lo, int64_t ld, const floa
   p.w = w.data;
   p.ldw = row_stride(w);
   p.step = step_w.ptr<const float>();
-  if (p.rows == 0) return;
   float* gs = grad_step.data != nullptr ? grad_step.ptr<float>() : nullptr;
-  const double gamma = step_gamma(p.rows * p.cols);
+  if (epilogue_empty(p, gs, stream)) return;
   const bool bf16 = w.dtype == DType::kBFloat16;
-  switch (block) {
-#define INT4TRAIN_DW_CASE(G)                                                             \
-  case G:                                                                                \
-    return bf16 ? launch_epilogue(dw_epilogue_kernel<BFloat16, G>, p, gs, gamma, alloc, \
-                                  stream)                                                \
-                : launch_epilogue(dw_epilogue_kernel<float, G>, p, gs, gamma, alloc, stream);
-    INT4TRAIN_DW_CASE(1)
-    INT4TRAIN_DW_CASE(2)
-    INT4TRAIN_DW_CASE(4)
-    INT4TRAIN_DW_CASE(8)
-    INT4TRAIN_DW_CASE(16)
-    INT4TRAIN_DW_CASE(32)
-    INT4TRAIN_DW_CASE(64)
-    INT4TRAIN_DW_CASE(128)
-    INT4TRAIN_DW_CASE(256)
-#undef INT4TRAIN_DW_CASE
-    default:
-      throw_error(ErrorKind::kValue, "block: expected a power of two <= 256, got " +
-                                         std::to_string(block));
-  }
+  const double gamma = lsq_step_gamma(p.rows * p.cols);
+  dispatch_block(block, [&](auto g) {
+    constexpr int G = decltype(g)::value;
+    bf16 ? launch_epilogue(dw_epilogue_kernel<BFloat16, G>, p, gs, gamma, alloc, stream)
+         : launch_epilogue(dw_epilogue_kernel<float, G>, p, gs, gamma, alloc, stream);
+  });
 }
 
 }  // namespace cuda_detail
@@ -423,7 +399,7 @@ void lsq_backward_cuda(const TensorView& x, const TensorView& step, const Tensor
     INT4TRAIN_CUDA_LAUNCH_CHECK();
   }
   if (want_gs) {
-    const double gamma = numel > 0 ? 1.0 / std::sqrt(static_cast<double>(numel) * kLsqQp) : 0.0;
+    const double gamma = lsq_step_gamma(numel);
     sum_partials_kernel<<<1, kSumThreads, 0, s>>>(partial.as<const double>(),
                                                    numel > 0 ? grid : 0, gamma,
                                                    grad_step.ptr<float>());

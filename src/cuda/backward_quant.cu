@@ -28,8 +28,6 @@ int grid_blocks(int64_t work_items, int64_t items_per_block, int64_t cap = int64
   return static_cast<int>(b);
 }
 
-bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
 // ------------------------------------------------------------------------------ absmax
 // |v| as bits: NaN > Inf > finite, as the CPU's absmax_bits.
 __device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(v) & 0x7FFFFFFFu; }
@@ -104,16 +102,6 @@ struct BitsplitParams {
   float* scale;
 };
 
-struct SplitCode {
-  int hi, lo;
-};
-
-__device__ __forceinline__ SplitCode split(float g, float inv, float u) {
-  const int q = stochastic_round_clamp(__fmul_rn(g, inv), u, -kBitSplitLevels, kBitSplitLevels);
-  const int h = (q + 8 + 128) / 16 - 8;  // floor((q + 8) / 16), numerator kept positive
-  return SplitCode{h, q - 16 * h};
-}
-
 __device__ __forceinline__ void bitsplit_scales(const BitsplitParams& p, float* inv) {
   const float amax = __uint_as_float(*p.amax_bits);
   const float levels = static_cast<float>(kBitSplitLevels);
@@ -125,7 +113,7 @@ __device__ __forceinline__ void bitsplit_scales(const BitsplitParams& p, float* 
 // The bit split of one value as exact floats and integers, without conversion instructions (see
 // kRoundMagic): q = stochastic_round_clamp(g * inv, u, -L, L) of numeric.h (floor of the rounded
 // sum v + u, clamped; clamping first is the same for integer bounds; NaN gives 0), then
-// hi = floor((q + 8) / 16), lo = q - 16 hi, as split() above.
+// hi = floor((q + 8) / 16) = ((q + 136) >> 4) - 8 (a non-negative shifted numerator), lo = q - 16 hi.
 struct SplitValue {
   int hi, lo;
   float hi_f, lo_f;
@@ -221,13 +209,13 @@ __global__ void __launch_bounds__(kThreads) bitsplit_small_kernel(const Bitsplit
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = t / pairs, j = t - row * pairs;
     const In* gr = static_cast<const In*>(p.g) + row * p.ldg;
-    SplitCode sc[2] = {{0, 0}, {0, 0}};
+    SplitValue sc[2] = {{0, 0, 0.0f, 0.0f}, {0, 0, 0.0f, 0.0f}};
     int32_t sq_hi = 0, sq_lo = 0;
     for (int k = 0; k < 2; ++k) {
       const int64_t c = 2 * j + k;
       if (c >= p.cols) continue;
       const float u = random_uniform(p.seed, p.stream, static_cast<uint64_t>(row * p.cols + c));
-      sc[k] = split(load_elem(gr + c), inv, u);
+      sc[k] = split_value(load_elem(gr + c), inv, u);
       sq_hi += sc[k].hi * sc[k].hi;
       sq_lo += sc[k].lo * sc[k].lo;
     }
@@ -549,7 +537,7 @@ void lsq_backward_compact_cuda(const TensorView& packed_codes, const TensorView&
     INT4TRAIN_CUDA_LAUNCH_CHECK();
   }
   if (want_gs) {
-    const double gamma = numel > 0 ? 1.0 / std::sqrt(static_cast<double>(numel) * kLsqQp) : 0.0;
+    const double gamma = lsq_step_gamma(numel);
     sum_partials_kernel<<<1, kSumThreads, 0, s>>>(partial.as<const double>(),
                                                    numel > 0 ? grid : 0, gamma,
                                                    grad_step.ptr<float>());

@@ -2,7 +2,6 @@
 // and cuda_available(). Host code only (compiled by the C++ compiler against the CUDA runtime).
 #include "cuda_common.h"
 
-#include <atomic>
 #include <map>
 #include <mutex>
 #include <string>
@@ -76,7 +75,7 @@ void check_row_length(const TensorView& t, const char* arg) {
   }
 }
 
-int occupancy_blocks_per_sm(const void* kernel, int threads) {
+int resident_blocks(const void* kernel, int threads) {
   static std::mutex mu;
   static std::map<std::tuple<const void*, int, int>, int> cache;
   int dev = 0;
@@ -87,25 +86,13 @@ int occupancy_blocks_per_sm(const void* kernel, int threads) {
     const auto it = cache.find(key);
     if (it != cache.end()) return it->second;
   }
-  int occ = 0;
-  INT4TRAIN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, threads, 0));
-  if (occ < 1) occ = 1;
+  int per_sm = 0, sms = 0;
+  INT4TRAIN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  INT4TRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int blocks = (per_sm < 1 ? 1 : per_sm) * (sms < 1 ? 1 : sms);
   std::lock_guard<std::mutex> lock(mu);
-  cache[key] = occ;
-  return occ;
-}
-
-int sm_count() {
-  static std::atomic<int> cached[64] = {};
-  int dev = 0;
-  INT4TRAIN_CUDA_CHECK(cudaGetDevice(&dev));
-  int n = dev < 64 ? cached[dev].load(std::memory_order_relaxed) : 0;
-  if (n == 0) {
-    INT4TRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-    if (n < 1) n = 1;
-    if (dev < 64) cached[dev].store(n, std::memory_order_relaxed);
-  }
-  return n;
+  cache[key] = blocks;
+  return blocks;
 }
 
 DeviceBuffer::DeviceBuffer(const CudaAllocator& alloc, size_t bytes, void* stream)

@@ -4,11 +4,14 @@
 
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "int4train/common.h"
 #include "int4train/cuda.h"
+#include "int4train/quantize.h"
 
 namespace int4train {
 namespace cuda_detail {
@@ -49,16 +52,57 @@ inline int64_t row_stride(const TensorView& t) {
 
 // Blocks for a persistent grid-stride kernel: as many as fill every multiprocessor of the current
 // device at the kernel's occupancy (threads per block, no dynamic shared memory), at most `needed`
-// and at least 1. The occupancy is computed once per (kernel, device) and cached: the grid of a
-// kernel depends only on the device and `needed`, never on which kernels ran before.
-int sm_count();  // of the current device, cached per device
-int occupancy_blocks_per_sm(const void* kernel, int threads);  // cached per (kernel, device, threads)
+// and at least 1. The grid of a kernel depends only on the device and `needed`, never on which
+// kernels ran before.
+int resident_blocks(const void* kernel, int threads);  // cached per (kernel, device, threads)
 template <typename Kernel>
 int persistent_blocks(Kernel kernel, int threads, int64_t needed) {
-  const int64_t full =
-      static_cast<int64_t>(occupancy_blocks_per_sm(reinterpret_cast<const void*>(kernel), threads)) *
-      sm_count();
+  const int64_t full = resident_blocks(reinterpret_cast<const void*>(kernel), threads);
   return static_cast<int>(needed < 1 ? 1 : (needed < full ? needed : full));
+}
+
+inline bool aligned(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// float(1 / sqrt(double(block))): the Hadamard transform's scale, as the CPU computes it.
+inline float hadamard_scale(int32_t block) {
+  return static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
+}
+
+// LSQ's step-gradient scale 1 / sqrt(numel * Qp) (0 for an empty tensor), as the CPU computes it.
+inline double lsq_step_gamma(int64_t numel) {
+  return numel > 0 ? 1.0 / std::sqrt(static_cast<double>(numel) * kLsqQp) : 0.0;
+}
+
+// f(std::integral_constant<int, G>{}) for the Hadamard block G = block (a power of two <= 256): the
+// one place where a runtime block picks a kernel instantiation. Any other block is an Error naming
+// `block` (the callers check it first).
+template <typename F>
+decltype(auto) dispatch_block(int32_t block, F&& f) {
+  switch (block) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 4:
+      return f(std::integral_constant<int, 4>{});
+    case 8:
+      return f(std::integral_constant<int, 8>{});
+    case 16:
+      return f(std::integral_constant<int, 16>{});
+    case 32:
+      return f(std::integral_constant<int, 32>{});
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 128:
+      return f(std::integral_constant<int, 128>{});
+    case 256:
+      return f(std::integral_constant<int, 256>{});
+    default:
+      throw_error(ErrorKind::kValue,
+                  "block: expected a power of two <= 256, got " + std::to_string(block));
+  }
 }
 
 // A temporary from an allocator, released (stream-ordered) when it goes out of scope.

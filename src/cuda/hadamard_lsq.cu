@@ -259,10 +259,6 @@ int grid_blocks(int64_t work_items, int64_t items_per_block) {
   return static_cast<int>(b);
 }
 
-float hadamard_scale(int32_t block) {
-  return static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
-}
-
 void check_block(int32_t block, int64_t cols) {
   if (!is_valid_hadamard_block(block)) {
     throw_error(ErrorKind::kValue, "block: expected a power of two in [1, " +
@@ -274,8 +270,6 @@ void check_block(int32_t block, int64_t cols) {
                                        std::to_string(cols) + ", got " + std::to_string(block));
   }
 }
-
-bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 template <typename In, int G, bool kVec>
 void launch_lsq_g(const LsqParams& p, cudaStream_t stream) {
@@ -291,26 +285,7 @@ void launch_lsq_g(const LsqParams& p, cudaStream_t stream) {
 
 template <typename In, bool kVec>
 void launch_lsq(const LsqParams& p, cudaStream_t stream) {
-  switch (p.block) {
-    case 1:
-      return launch_lsq_g<In, 1, kVec>(p, stream);
-    case 2:
-      return launch_lsq_g<In, 2, kVec>(p, stream);
-    case 4:
-      return launch_lsq_g<In, 4, kVec>(p, stream);
-    case 8:
-      return launch_lsq_g<In, 8, kVec>(p, stream);
-    case 16:
-      return launch_lsq_g<In, 16, kVec>(p, stream);
-    case 32:
-      return launch_lsq_g<In, 32, kVec>(p, stream);
-    case 64:
-      return launch_lsq_g<In, 64, kVec>(p, stream);
-    case 128:
-      return launch_lsq_g<In, 128, kVec>(p, stream);
-    default:
-      return launch_lsq_g<In, 256, kVec>(p, stream);
-  }
+  dispatch_block(p.block, [&](auto g) { launch_lsq_g<In, decltype(g)::value, kVec>(p, stream); });
 }
 
 template <typename In, typename Out, int G, bool kVec>
@@ -324,26 +299,8 @@ void launch_transform_g(const TransformParams& p, cudaStream_t stream) {
 
 template <typename In, typename Out, bool kVec>
 void launch_transform(const TransformParams& p, cudaStream_t stream) {
-  switch (p.block) {
-    case 1:
-      return launch_transform_g<In, Out, 1, kVec>(p, stream);
-    case 2:
-      return launch_transform_g<In, Out, 2, kVec>(p, stream);
-    case 4:
-      return launch_transform_g<In, Out, 4, kVec>(p, stream);
-    case 8:
-      return launch_transform_g<In, Out, 8, kVec>(p, stream);
-    case 16:
-      return launch_transform_g<In, Out, 16, kVec>(p, stream);
-    case 32:
-      return launch_transform_g<In, Out, 32, kVec>(p, stream);
-    case 64:
-      return launch_transform_g<In, Out, 64, kVec>(p, stream);
-    case 128:
-      return launch_transform_g<In, Out, 128, kVec>(p, stream);
-    default:
-      return launch_transform_g<In, Out, 256, kVec>(p, stream);
-  }
+  dispatch_block(p.block,
+                 [&](auto g) { launch_transform_g<In, Out, decltype(g)::value, kVec>(p, stream); });
 }
 
 template <typename In, typename Out>

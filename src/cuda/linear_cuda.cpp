@@ -92,8 +92,6 @@ struct Temp {
         view(make_matrix(buf.get(), dtype, rows, cols)) {}
 };
 
-bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
 }  // namespace
 
 void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
@@ -167,7 +165,7 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     Temp p(alloc, stream, DType::kFloat32, 2 * n, d);
     gemm_fp8_cuda(r_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view, alloc,
                   stream);
-    if (n > 0 && d > 0 && d % 8 == 0 && aligned(a.saved_codes.data, 4)) {
+    if (d % 8 == 0 && aligned(a.saved_codes.data, 4)) {
       // Recombination, LSQ backward and back-rotation in one pass.
       launch_dx_epilogue(p.buf.as<float>(), p.buf.as<float>() + n * d, d, sg.buf.as<float>(),
                          a.step_w.ptr<float>(), a.saved_codes, a.saved_aux, g,
@@ -195,8 +193,7 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     gemm_fp8_cuda(lot.view, qxt.view, TensorView{}, TensorView{}, TensorView{}, plo.view, alloc,
                   stream);
     const bool w_bf16 = a.w.dtype == DType::kBFloat16;
-    if (c > 0 && d > 0 && d % 8 == 0 && aligned(a.w.data, w_bf16 ? 16 : 32) &&
-        (c == 1 || row_stride(a.w) % 8 == 0)) {
+    if (d % 8 == 0 && aligned(a.w.data, w_bf16 ? 16 : 32) && (c == 1 || row_stride(a.w) % 8 == 0)) {
       // Recombination, W~ = W B, LSQ backward and back-rotation in one pass.
       launch_dw_epilogue(phi.buf.as<float>(), plo.buf.as<float>(), d, sg.buf.as<float>(),
                          a.step_x.ptr<float>(), a.w, a.step_w, g,
