@@ -64,6 +64,14 @@ def test_summary_statistics_and_gap():
     assert "| hq_lss | 90.00 ± 1.41 | -1.00 pt | 0,1 | 0.200 |" in text
     m, s = table.mean_std([3.0])
     assert m == 3.0 and math.isnan(s)
+    # Runs of different lengths are never averaged together: each length gets its rows, compared with
+    # the fp row of the same length.
+    longer = [dict(run(r, sd, a), steps=20) for r, sd, a in [("fp", 0, 0.95), ("hq_lss", 0, 0.93)]]
+    text = table.summarize(runs + longer)
+    assert "| fp @10 steps | 91.00 ± 1.41 | — | 0,1 | 0.200 |" in text
+    assert "| hq_lss @10 steps | 90.00 ± 1.41 | -1.00 pt | 0,1 | 0.200 |" in text
+    assert "| hq_lss @20 steps | 93.00 ± n/a | -2.00 pt | 0 | 0.100 |" in text
+    assert "10, 20 steps" in text
 
 
 def test_deadline_stops_and_reports(text_file, tmp_path, capsys):

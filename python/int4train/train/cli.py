@@ -365,7 +365,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     recipes = parse_recipes(args.recipe)
     if args.lss_budget != 1.0 and "hq_lss" not in recipes:
         raise UsageError(f"--lss-budget applies to hq_lss, which --recipe {args.recipe!r} does not name")
-    if args.max_hadamard_block is not None and not any(r.startswith("hq") for r in recipes):
+    from ..config import Recipe
+
+    hadamard = {r: Recipe(r).uses_hadamard for r in recipes}
+    if args.max_hadamard_block is not None and not any(hadamard.values()):
         raise UsageError(
             f"--max-hadamard-block applies to the hq recipes, which --recipe {args.recipe!r} does not name"
         )
@@ -409,7 +412,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     runs = []
     for recipe in recipes:
         options = {"lss_budget": args.lss_budget if recipe == "hq_lss" else 1.0}
-        if args.max_hadamard_block is not None and recipe.startswith("hq"):
+        if args.max_hadamard_block is not None and hadamard[recipe]:
             options["max_hadamard_block"] = args.max_hadamard_block
         spec = int4train.Recipe(recipe, **options)
         r = T.train_one(

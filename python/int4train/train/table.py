@@ -16,6 +16,7 @@ run that did not finish (deadline, error) has no metrics and is counted as missi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -252,16 +253,17 @@ def _metric(run: dict[str, Any]) -> float:
 def _spec(run: dict[str, Any]) -> str:
     spec = run.get("recipe_spec", run["recipe"])
     # Runs recorded before recipe_spec carried max_hadamard_block keep it in their configuration.
-    from ..config import MAX_HADAMARD_BLOCK
-
     block = (run.get("config") or {}).get("max_hadamard_block")
-    if block not in (None, MAX_HADAMARD_BLOCK) and "max_hadamard_block" not in spec:
-        spec += f"{',' if ':' in spec else ':'}max_hadamard_block={block}"
-    return spec
+    if block is None:
+        return spec
+    from ..config import Recipe
+
+    return dataclasses.replace(Recipe.of(spec), max_hadamard_block=block).label
+
 
 
 def _spec_order(spec: str) -> tuple[int, str]:
-    name = spec.split(":", 1)[0]
+    name = spec.split(":", 1)[0].split(" ", 1)[0]
     return (RECIPES.index(name) if name in RECIPES else len(RECIPES), spec)
 
 
@@ -272,28 +274,41 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, std
 
 
+def _cells(runs: list[dict[str, Any]], task: str) -> dict[str, list[dict[str, Any]]]:
+    """The runs of `task` by row: the recipe spec (variants such as hq_lss:lss_budget=1.5 get rows of
+    their own), and when the runs of the task differ in length, the spec with its step count, so that
+    runs of different lengths are never averaged together."""
+    mine = [r for r in runs if r["task"] == task]
+    several = len({r["steps"] for r in mine}) > 1
+    cells: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in mine:
+        cells[f"{_spec(r)} @{r['steps']} steps" if several else _spec(r)].append(r)
+    return cells
+
+
 def summarize(runs: list[dict[str, Any]]) -> str:
-    # A cell is (task, recipe spec): variants of a recipe (hq_lss:lss_budget=1.5) get rows of their own.
-    cells: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for r in runs:
-        cells[(r["task"], _spec(r))].append(r)
     lines = []
     for task in TASKS:
-        recipes = sorted((spec for (t, spec) in cells if t == task), key=_spec_order)
+        cells = _cells(runs, task)
+        recipes = sorted(cells, key=_spec_order)
         if not recipes:
             continue
-        any_run = cells[(task, recipes[0])][0]
+        any_run = cells[recipes[0]][0]
+        steps = ", ".join(str(n) for n in sorted({r["steps"] for rs in cells.values() for r in rs}))
         metric = "validation loss (nats/char)" if task == "lm" else "test accuracy (%)"
         lines.append(f"### {task}: {metric}, mean ± std over seeds\n")
         lines.append(f"device: {any_run['device']} · preset {any_run['preset']} · "
-                     f"{any_run['steps']} steps · torch {any_run['torch_version']}\n")
-        fp = mean_std([_metric(r) for r in cells[(task, "fp")]])[0] if (task, "fp") in cells else None
+                     f"{steps} steps · torch {any_run['torch_version']}\n")
         head = "| recipe | " + ("val loss" if task == "lm" else "accuracy") + " | vs fp | seeds | s/step |"
         lines += [head, "|---|---|---|---|---|"]
         for rc in recipes:
-            rs = sorted(cells[(task, rc)], key=lambda r: r["seed"])
+            rs = sorted(cells[rc], key=lambda r: r["seed"])
             mean, std = mean_std([_metric(r) for r in rs])
-            if fp is None or rc == "fp":
+            # The fp row of the same length is the reference.
+            fp_rows = [r for rr in cells.values() for r in rr
+                       if _spec(r) == "fp" and r["steps"] == rs[0]["steps"]]
+            fp = mean_std([_metric(r) for r in fp_rows])[0] if fp_rows else None
+            if fp is None or _spec(rs[0]) == "fp":
                 gap = "—"
             elif task == "lm":
                 gap = f"{100.0 * (mean - fp) / fp:+.2f}%"
@@ -316,13 +331,11 @@ def plot_tasks(runs: list[dict[str, Any]], folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    by_task: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
-    for r in runs:
-        by_task[r["task"]][_spec(r)].append(r["loss_curve"])
-    for task, recipes in by_task.items():
+    for task in sorted({r["task"] for r in runs}):
+        recipes = _cells(runs, task)
         fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
         for i, rc in enumerate(sorted(recipes, key=_spec_order)):
-            curves = recipes[rc]
+            curves = [r["loss_curve"] for r in recipes[rc]]
             length = min(len(c) for c in curves)
             mean = [sum(c[j] for c in curves) / len(curves) for j in range(length)]
             beta = min(0.98, 1.0 - 1.0 / max(2.0, length / 50.0))
