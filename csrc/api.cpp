@@ -70,6 +70,11 @@ Tensor lsq_init_step(const Tensor& x) {
   return handle.call(x);
 }
 
+Tensor lsq_mse_step(const Tensor& x) {
+  static const auto handle = op<Tensor(const Tensor&)>("int4train::lsq_mse_step");
+  return handle.call(x);
+}
+
 std::tuple<Tensor, Tensor> lsq_quantize(const Tensor& x, const Tensor& step, bool packed) {
   static const auto handle =
       op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, bool)>("int4train::lsq_quantize");

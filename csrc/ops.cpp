@@ -148,6 +148,20 @@ Tensor lsq_init_step_cpu(const Tensor& x) {
   return at::scalar_tensor(s, at::kFloat);
 }
 
+// Any device: the core's sample of x (quantize.h, kLsqMseSample) gathered where x lives, then the
+// search on the host, so that every device gets the CPU's step bit for bit. Once per layer.
+Tensor lsq_mse_step_any(const Tensor& x) {
+  const Tensor x2 = as_matrix(x, "x");
+  const int64_t n = x2.numel();
+  Tensor sample = x2.reshape({1, n});
+  if (n > kLsqMseSample) {
+    sample = sample.slice(1, 0, n, (n + kLsqMseSample - 1) / kLsqMseSample);
+  }
+  sample = sample.to(at::kCPU).contiguous();
+  const float s = call_core([&] { return lsq_mse_step(to_view(sample, "x")); });
+  return at::scalar_tensor(s, x.options().dtype(at::kFloat));
+}
+
 std::tuple<Tensor, Tensor> lsq_quantize_cpu(const Tensor& x, const Tensor& step, bool packed) {
   const Tensor x2 = as_matrix(x, "x");
   const Tensor s = fp32_scalar(step, "step", "int4train.lsq_quantize");
@@ -406,6 +420,7 @@ TORCH_LIBRARY(int4train, m) {
   m.def("select_hadamard_block(Tensor x, Tensor w, int max_block=256) -> (Tensor block, Tensor errors)",
         tags);
   m.def("lsq_init_step(Tensor x) -> Tensor", tags);
+  m.def("lsq_mse_step(Tensor x) -> Tensor", tags);
   m.def("lsq_quantize(Tensor x, Tensor step, bool packed=False) -> (Tensor codes, Tensor nonfinite)",
         tags);
   m.def(
@@ -447,6 +462,10 @@ TORCH_LIBRARY_IMPL(int4train, CPU, m) {
   m.impl("lss_probabilities", &lss_probabilities_cpu);
   m.impl("linear_forward", &linear_forward_cpu);
   m.impl("linear_backward", &linear_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(int4train, CompositeExplicitAutograd, m) {
+  m.impl("lsq_mse_step", &lsq_mse_step_any);
 }
 
 }  // namespace int4train::pt

@@ -65,6 +65,11 @@ def _lsq_init_step(x):
     return x.new_empty((), dtype=torch.float32)
 
 
+@register_fake("int4train::lsq_mse_step")
+def _lsq_mse_step(x):
+    return x.new_empty((), dtype=torch.float32)
+
+
 @register_fake("int4train::lsq_quantize")
 def _lsq_quantize(x, step, packed=False):
     return _codes_like(x, packed), x.new_empty((), dtype=torch.int64)

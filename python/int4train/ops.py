@@ -67,6 +67,12 @@ def lsq_init_step(x: Tensor) -> Tensor:
     return _ops.lsq_init_step(x)
 
 
+def lsq_mse_step(x: Tensor) -> Tensor:
+    """The first-batch step that minimises x's 4-bit reconstruction error over a fixed grid around
+    2 mean|x| / sqrt(7) (fp32 0-dim; the same bits on every device; `step_init="mse"`)."""
+    return _ops.lsq_mse_step(x)
+
+
 def lsq_quantize(x: Tensor, step: Tensor, packed: bool = False) -> Tuple[Tensor, Tensor]:
     """LSQ INT4 codes of x (int8, or packed uint8) and the count of non-finite inputs."""
     return _ops.lsq_quantize(x, step, packed)

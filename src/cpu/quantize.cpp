@@ -338,6 +338,60 @@ float lsq_init_step(const TensorView& x, int qp) {
   return std::max(s, FLT_MIN);
 }
 
+float lsq_mse_step(const TensorView& x, int qp) {
+  detail::check_float_matrix(x, "x");
+  if (qp < 1) {
+    throw_error(ErrorKind::kValue, "qp: expected a positive integer, got " + std::to_string(qp));
+  }
+  const int64_t rows = x.shape[0], cols = x.shape[1], numel = rows * cols;
+  const int64_t stride = numel <= kLsqMseSample ? 1 : (numel + kLsqMseSample - 1) / kLsqMseSample;
+  std::vector<float> v;
+  v.reserve(static_cast<size_t>((numel + stride - 1) / std::max<int64_t>(stride, 1)));
+  const bool bf16 = x.dtype == DType::kBFloat16;
+  int64_t nonfinite = 0;
+  double total = 0.0;
+  for (int64_t i = 0; i < numel; i += stride) {
+    const int64_t off = (i / cols) * x.strides[0] + i % cols;
+    const float e = bf16 ? bf16_to_float(x.ptr<const BFloat16>()[off]) : x.ptr<const float>()[off];
+    nonfinite += std::isfinite(e) ? 0 : 1;
+    total += std::fabs(static_cast<double>(e));
+    v.push_back(e);
+  }
+  if (nonfinite > 0) {
+    throw_error(ErrorKind::kValue, "x: expected finite values to initialise the LSQ step, found " +
+                                       std::to_string(nonfinite) + " non-finite (in the sample)");
+  }
+  if (!(total > 0.0)) return 1.0f;
+  const float m0 = std::max(
+      static_cast<float>(2.0 * (total / static_cast<double>(v.size())) /
+                         std::sqrt(static_cast<double>(qp))),
+      FLT_MIN);
+  const int lo = -(qp + 1), hi = qp;
+  const auto error = [&](float s) {
+    const float inv = 1.0f / s;
+    double e = 0.0;
+    for (const float t : v) {
+      const double d = static_cast<double>(s) * round_clamp(t * inv, lo, hi) - static_cast<double>(t);
+      e += d * d;
+    }
+    return e;
+  };
+  float best_f = 0.0f, best_s = m0;
+  double best_e = std::numeric_limits<double>::infinity();
+  const auto consider = [&](float f) {
+    const float s = m0 * f;
+    if (!(s >= FLT_MIN) || !std::isfinite(s)) return;
+    const double e = error(s);
+    if (e < best_e) best_e = e, best_f = f, best_s = s;
+  };
+  for (int i = 0; i <= 90; ++i) consider(static_cast<float>(0.20 + 0.02 * i));
+  const double centre = best_f;
+  for (int j = -9; j <= 9; ++j) {
+    if (j != 0) consider(static_cast<float>(centre + 0.002 * j));
+  }
+  return best_s;
+}
+
 int64_t lsq_quantize(const TensorView& x, const TensorView& step, TensorView codes) {
   detail::check_float_matrix(x, "x");
   const float s = detail::read_lsq_step(step, "step");

@@ -338,6 +338,90 @@ TEST(LsqInitStep, AllZeroGivesOneAndNonFiniteThrows) {
   }
 }
 
+// The 4-bit reconstruction error sum (s q - x)^2 of x at step s, straight from the formula.
+double lsq_error(const HostMatrix& x, float s) {
+  double e = 0.0;
+  for (int64_t i = 0; i < x.rows; ++i)
+    for (int64_t j = 0; j < x.cols; ++j) {
+      const float v = x.get(i, j);
+      const double d = static_cast<double>(s) * round_clamp(v * (1.0f / s), -8, 7) - v;
+      e += d * d;
+    }
+  return e;
+}
+
+TEST(LsqMseStep, NoGridStepHasASmallerError) {
+  for (DType dt : {DType::kFloat32, DType::kBFloat16}) {
+    HostMatrix x = random_matrix(61, 97, 11, 1.7f, dt);
+    const float s = lsq_mse_step(x.view());
+    const float m0 = lsq_init_step(x.view());
+    const double e = lsq_error(x, s);
+    // The coarse grid of the header, its best factor, then the fine grid around it: s is one of the
+    // candidates and none has a smaller error.
+    double coarse_best = std::numeric_limits<double>::infinity(), f_best = 0.0;
+    for (int i = 0; i <= 90; ++i) {
+      const double f = 0.20 + 0.02 * i, ei = lsq_error(x, m0 * static_cast<float>(f));
+      EXPECT_LE(e, ei) << i;
+      if (ei < coarse_best) coarse_best = ei, f_best = f;
+    }
+    bool on_grid = s == m0 * static_cast<float>(f_best);
+    for (int j = -9; j <= 9; ++j) {
+      const float sj = m0 * static_cast<float>(f_best + 0.002 * j);
+      EXPECT_LE(e, lsq_error(x, sj)) << j;
+      on_grid = on_grid || s == sj;
+    }
+    EXPECT_TRUE(on_grid) << s;
+    EXPECT_LT(e, lsq_error(x, m0));
+  }
+}
+
+TEST(LsqMseStep, GaussianDataGetsTheKnownOptimalStep) {
+  // The error-minimising uniform 16-level step for N(0, sigma^2) is about 0.335 sigma (Max, 1960);
+  // LSQ's 2 mean|x| / sqrt(7) is 0.60 sigma.
+  HostMatrix x = random_matrix(512, 512, 5, 0.25f);
+  const float s = lsq_mse_step(x.view());
+  EXPECT_GT(s, 0.31f * 0.25f);
+  EXPECT_LT(s, 0.36f * 0.25f);
+  EXPECT_NEAR(lsq_init_step(x.view()), 0.603f * 0.25f, 0.01f * 0.25f);
+}
+
+TEST(LsqMseStep, LargeInputsUseTheStridedSample) {
+  // 1100 x 1000 > kLsqMseSample: elements 0, 2, 4, ... (t = 2), in row-major order, with a row pad.
+  const int64_t rows = 1100, cols = 1000;
+  ASSERT_GT(rows * cols, kLsqMseSample);
+  const int64_t t = (rows * cols + kLsqMseSample - 1) / kLsqMseSample;
+  ASSERT_EQ(t, 2);
+  HostMatrix x = random_matrix(rows, cols, 8, 0.5f, DType::kBFloat16, 3);
+  for (int64_t j = 0; j < cols; j += 7) x.set(5, j, 40.0f);  // an outlier row shifts the optimum
+  HostMatrix sample(1, (rows * cols + t - 1) / t, DType::kBFloat16);
+  for (int64_t i = 0, k = 0; i < rows * cols; i += t, ++k) sample.set(0, k, x.get(i / cols, i % cols));
+  EXPECT_EQ(lsq_mse_step(x.view()), lsq_mse_step(sample.view()));
+  // Elements outside the sample do not count.
+  x.set(0, 1, 1e6f);
+  EXPECT_EQ(lsq_mse_step(x.view()), lsq_mse_step(sample.view()));
+}
+
+TEST(LsqMseStep, ZerosNonFiniteAndQp) {
+  HostMatrix z(3, 4);
+  EXPECT_EQ(lsq_mse_step(z.view()), 1.0f);
+  HostMatrix e(0, 4);
+  EXPECT_EQ(lsq_mse_step(e.view()), 1.0f);
+  HostMatrix x = random_matrix(3, 4, 7, 1.0f);
+  x.set(1, 2, kNaN);
+  try {
+    lsq_mse_step(x.view());
+    ADD_FAILURE() << "expected an Error";
+  } catch (const Error& err) {
+    EXPECT_EQ(std::string(err.what()).rfind("x:", 0), 0u) << err.what();
+  }
+  try {
+    lsq_mse_step(z.view(), 0);
+    ADD_FAILURE() << "expected an Error";
+  } catch (const Error& err) {
+    EXPECT_EQ(std::string(err.what()).rfind("qp:", 0), 0u) << err.what();
+  }
+}
+
 // ------------------------------------------------------------------- LSQ backward
 
 // Exact LSQ backward in fp64 from the header's formula.

@@ -96,6 +96,10 @@ def test_cuda_components_match_cpu():
         assert torch.equal(ops.hadamard_transform(x.cuda(), block).cpu(), ops.hadamard_transform(x, block))
     s = ops.lsq_init_step(x)
     torch.testing.assert_close(ops.lsq_init_step(x.cuda()).cpu(), s, rtol=1e-6, atol=0)
+    # The MSE step is searched on the host: the same bits on the device (a sampled large input too).
+    assert torch.equal(ops.lsq_mse_step(x.cuda()).cpu(), ops.lsq_mse_step(x))
+    big = torch.randn(1500, 1024).bfloat16()
+    assert torch.equal(ops.lsq_mse_step(big.cuda()).cpu(), ops.lsq_mse_step(big))
     for packed in (False, True):
         for a, b in zip(ops.lsq_quantize(x, s, packed), ops.lsq_quantize(x.cuda(), s.cuda(), packed)):
             assert torch.equal(a, b.cpu())

@@ -69,6 +69,9 @@ std::tuple<at::Tensor, at::Tensor> select_hadamard_block(const at::Tensor& x, co
                                                          int64_t max_block = 256);
 // LSQ first-batch step 2 mean|x| / sqrt(7), fp32 0-dim.
 at::Tensor lsq_init_step(const at::Tensor& x);
+// The step minimising x's 4-bit reconstruction error on a fixed grid (quantize.h, lsq_mse_step), fp32
+// 0-dim on x's device; the same bits on every device.
+at::Tensor lsq_mse_step(const at::Tensor& x);
 // LSQ codes of x (..., D): int8 (..., D), or uint8 (..., ceil(D/2)) packed; and the int64 0-dim
 // count of non-finite inputs.
 std::tuple<at::Tensor, at::Tensor> lsq_quantize(const at::Tensor& x, const at::Tensor& step,
