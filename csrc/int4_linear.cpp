@@ -23,6 +23,9 @@ void Int4LinearImpl::reset() {
   TORCH_CHECK_VALUE(options.in_features() >= 0 && options.out_features() >= 0,
                     "Int4Linear: in_features and out_features must be >= 0, got ",
                     options.in_features(), " and ", options.out_features());
+  TORCH_CHECK_VALUE(options.step_init() == "mean_abs" || options.step_init() == "mse",
+                    "Int4Linear: step_init must be \"mean_abs\" or \"mse\", got \"",
+                    options.step_init(), "\"");
   weight = register_parameter("weight",
                               torch::empty({options.out_features(), options.in_features()}));
   if (options.bias()) {
@@ -75,8 +78,9 @@ void Int4LinearImpl::initialize(const at::Tensor& x) {
       block = std::get<0>(select_hadamard_block(x2, weight, options.max_hadamard_block()))
                   .item<int64_t>();
     }
-    input_step.copy_(lsq_init_step(hadamard_transform(x2, block)));
-    weight_step.copy_(lsq_init_step(hadamard_transform(weight, block)));
+    const auto init = options.step_init() == "mse" ? &lsq_mse_step : &lsq_init_step;
+    input_step.copy_(init(hadamard_transform(x2, block)));
+    weight_step.copy_(init(hadamard_transform(weight, block)));
     hadamard_block.fill_(block);
   }
   initialized.fill_(true);

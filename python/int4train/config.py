@@ -14,6 +14,7 @@ _LSQ_RECIPES = ("lsq_luq", "hq", "hq_bs", "hq_lss")
 _HADAMARD_RECIPES = ("hq", "hq_bs", "hq_lss")
 MAX_HADAMARD_BLOCK = 256  # int4train::kMaxHadamardBlock
 MAX_LSS_BUDGET = 2.0  # int4train::kLssMaxBudget
+STEP_INITS = ("mean_abs", "mse")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +34,17 @@ class Recipe:
         backward product costs one N-row product); 2.0 keeps every non-zero row (hq_bs's gradients).
         Larger budgets cost more rows and lose less where gradients are not row-sparse
         (docs/accuracy.md: a language model, whose every token carries loss).
+    step_init: how the first batch sets the LSQ steps (LSQ recipes): "mse" (the default), the step
+        minimising the 4-bit reconstruction error of x~ on a fixed grid (ops.lsq_mse_step;
+        include/int4train/quantize.h), or "mean_abs", LSQ's 2 mean|x~| / sqrt(7), about 1.5x larger
+        on Hadamard-rotated data (docs/accuracy.md, "LSQ step initialisation").
     """
 
     name: str = "hq_lss"
     seed: int = 0
     max_hadamard_block: int = MAX_HADAMARD_BLOCK
     lss_budget: float = 1.0
+    step_init: str = "mse"
 
     def __post_init__(self) -> None:
         if self.name not in RECIPES:
@@ -56,6 +62,11 @@ class Recipe:
                 f"lss_budget must be a number in (0, {MAX_LSS_BUDGET:g}] (rows kept per token), got {lb!r}"
             )
         object.__setattr__(self, "lss_budget", float(lb))
+        if self.step_init not in STEP_INITS:
+            raise ValueError(f"step_init must be one of {', '.join(STEP_INITS)}, got {self.step_init!r}")
+        if self.step_init != "mse" and self.name not in _LSQ_RECIPES:
+            raise ValueError(f"step_init applies to the LSQ recipes ({', '.join(_LSQ_RECIPES)}), "
+                             f"got recipe {self.name!r}")
         if self.lss_budget != 1.0 and self.name != "hq_lss":
             raise ValueError(f"lss_budget applies to hq_lss only, got recipe {self.name!r}")
 
@@ -70,12 +81,17 @@ class Recipe:
     @property
     def label(self) -> str:
         """`spec` plus the options that change training but not the op's arithmetic (they act in
-        Int4Linear), e.g. "hq_bs:max_hadamard_block=1": what results record as `recipe_spec`, so that
-        such runs stay apart from the default's. Recipe.of reads it back."""
-        if self.max_hadamard_block == MAX_HADAMARD_BLOCK or self.name not in _HADAMARD_RECIPES:
+        Int4Linear), e.g. "hq_bs:max_hadamard_block=1" or "hq_lss:step_init=mean_abs": what results record
+        as `recipe_spec`, so that such runs stay apart from the default's. Recipe.of reads it back."""
+        extra = []
+        if self.max_hadamard_block != MAX_HADAMARD_BLOCK and self.name in _HADAMARD_RECIPES:
+            extra.append(f"max_hadamard_block={self.max_hadamard_block}")
+        if self.step_init != "mse" and self.uses_lsq:
+            extra.append(f"step_init={self.step_init}")
+        if not extra:
             return self.spec
         sep = "," if ":" in self.spec else ":"
-        return f"{self.spec}{sep}max_hadamard_block={self.max_hadamard_block}"
+        return self.spec + sep + ",".join(extra)
 
     @property
     def uses_lsq(self) -> bool:
@@ -90,22 +106,25 @@ class Recipe:
     @classmethod
     def of(cls, recipe: Union["Recipe", str], seed: int | None = None) -> "Recipe":
         """A Recipe from a Recipe, a name, a spec ("hq_lss:lss_budget=1.5", the inverse of `spec`) or a
-        label ("hq_bs:max_hadamard_block=1", the inverse of `label`); `seed`, when given, replaces the
-        recipe's seed."""
+        label ("hq_bs:max_hadamard_block=1,step_init=mean_abs", the inverse of `label`); `seed`, when
+        given, replaces the recipe's seed."""
         if isinstance(recipe, str):
             name, colon, opts = recipe.partition(":")
             options: dict = {}
             for item in opts.split(",") if colon else []:
                 key, _, value = item.partition("=")
-                kind = {"lss_budget": float, "max_hadamard_block": int}.get(key)
+                kind = {"lss_budget": float, "max_hadamard_block": int, "step_init": str}.get(key)
                 if kind is None:
                     raise ValueError(f"recipe: unknown option {key!r} in {recipe!r}; expected NAME, "
-                                     "hq_lss:lss_budget=X or an hq recipe with max_hadamard_block=G")
+                                     "hq_lss:lss_budget=X, an hq recipe with max_hadamard_block=G or "
+                                     "an LSQ recipe with step_init=mse|mean_abs")
                 try:
                     options[key] = kind(value)
                 except ValueError:
                     raise ValueError(f"recipe: {key} expects {'a number' if kind is float else 'an integer'}, "
                                      f"got {value!r} in {recipe!r}") from None
+            if "step_init" in options and name not in _LSQ_RECIPES:
+                raise ValueError(f"recipe: step_init applies to the LSQ recipes, got {recipe!r}")
             if "max_hadamard_block" in options and name not in _HADAMARD_RECIPES:
                 raise ValueError(f"recipe: max_hadamard_block applies to the hq recipes, got {recipe!r}")
             r = cls(name=name, **options)

@@ -25,8 +25,8 @@ class Int4Linear(nn.Module):
         hq, hq_bs, hq_lss), trained by the optimizer with the rest of the model.
       hadamard_block (int64), initialized (bool), step (int64): persistent buffers. `step` counts
         training forwards; it keys the random streams with the recipe's seed and the layer id.
-    The first forward on a non-empty batch initialises the steps (lsq_init_step of the Hadamard-
-    transformed x and W) and chooses the Hadamard block (select_hadamard_block; hq recipes, lsq_luq
+    The first forward on a non-empty batch initialises the steps (lsq_mse_step, or lsq_init_step with
+    the recipe's step_init="mean_abs", of the Hadamard-transformed x and W) and chooses the Hadamard block (select_hadamard_block; hq recipes, lsq_luq
     uses 1) unless the layer is already initialised, e.g. by load_state_dict: a loaded checkpoint is
     never re-initialised.
 
@@ -139,8 +139,10 @@ class Int4Linear(nn.Module):
                 block = int(block_t)
             xt = torch.ops.int4train.hadamard_transform(x2, block)
             wt = torch.ops.int4train.hadamard_transform(w, block)
-            self.input_step.copy_(torch.ops.int4train.lsq_init_step(xt))
-            self.weight_step.copy_(torch.ops.int4train.lsq_init_step(wt))
+            init = (torch.ops.int4train.lsq_mse_step if self.recipe.step_init == "mse"
+                    else torch.ops.int4train.lsq_init_step)
+            self.input_step.copy_(init(xt))
+            self.weight_step.copy_(init(wt))
             self.hadamard_block.fill_(block)
         self.initialized.fill_(True)
         self._sync_host_state()

@@ -97,12 +97,46 @@ def test_first_forward_initialises(lsq_recipe):
         assert block == expect and block > 1
     xt = torch.ops.int4train.hadamard_transform(x, block)
     wt = torch.ops.int4train.hadamard_transform(layer.weight.detach(), block)
-    assert torch.equal(layer.input_step.detach(), torch.ops.int4train.lsq_init_step(xt))
-    assert torch.equal(layer.weight_step.detach(), torch.ops.int4train.lsq_init_step(wt))
+    # The default step_init="mse": the steps that minimise the 4-bit error of the transformed operands.
+    sx, sw = torch.ops.int4train.lsq_mse_step(xt), torch.ops.int4train.lsq_mse_step(wt)
+    assert torch.equal(layer.input_step.detach(), sx) and torch.equal(layer.weight_step.detach(), sw)
+    assert not torch.equal(sx, torch.ops.int4train.lsq_init_step(xt))
     # Later batches never re-initialise.
     with torch.no_grad():
         layer(x * 100)
-    assert torch.equal(layer.input_step.detach(), torch.ops.int4train.lsq_init_step(xt))
+    assert torch.equal(layer.input_step.detach(), sx)
+
+    # step_init="mean_abs": LSQ's 2 mean|x~| / sqrt(7), same block.
+    ma = Int4Linear.from_linear(nn.Linear(*layer.weight.shape[::-1]), Recipe(lsq_recipe, step_init="mean_abs"))
+    with torch.no_grad():
+        ma.weight.copy_(layer.weight)
+        ma.eval()(x)
+    assert int(ma.hadamard_block) == block
+    assert torch.equal(ma.input_step.detach(), torch.ops.int4train.lsq_init_step(xt))
+    assert torch.equal(ma.weight_step.detach(), torch.ops.int4train.lsq_init_step(wt))
+
+
+def test_lsq_mse_step_op():
+    torch.manual_seed(1)
+    x = torch.randn(300, 64) * 0.3
+    s = torch.ops.int4train.lsq_mse_step(x)
+    assert s.dtype == torch.float32 and s.dim() == 0
+    err = lambda step: (step * (x / step).round().clamp(-8, 7) - x).pow(2).sum()  # noqa: E731
+    m0 = torch.ops.int4train.lsq_init_step(x)
+    assert err(s) < err(m0) and err(s) <= err(s * 1.01) and err(s) <= err(s * 0.99)
+    # (..., D) inputs are matrices of their rows; bf16 works; the same op for every layout.
+    assert torch.equal(torch.ops.int4train.lsq_mse_step(x.reshape(3, 100, 64)), s)
+    assert torch.equal(torch.ops.int4train.lsq_mse_step(x.t().contiguous().t()), s)
+    torch.ops.int4train.lsq_mse_step(x.bfloat16())
+    assert float(torch.ops.int4train.lsq_mse_step(torch.zeros(4, 4))) == 1.0
+    with pytest.raises(ValueError, match="x: expected finite"):
+        torch.ops.int4train.lsq_mse_step(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(TypeError, match="x: "):
+        torch.ops.int4train.lsq_mse_step(torch.ones(2, 2, dtype=torch.float64))
+    # Large inputs: the core's strided sample (quantize.h kLsqMseSample), gathered before the search.
+    big = torch.randn(1100, 1000)
+    assert torch.equal(torch.ops.int4train.lsq_mse_step(big),
+                       torch.ops.int4train.lsq_mse_step(big.reshape(1, -1)[:, ::2]))
 
 
 def test_step_counter_counts_training_forwards(recipe):
@@ -308,6 +342,19 @@ def test_lss_budget_recipe():
     assert nb.spec == "hq_lss:lss_budget=1.5" and nb.label == "hq_lss:lss_budget=1.5,max_hadamard_block=1"
     assert Recipe.of(nb.label) == nb and Recipe("hq_bs", max_hadamard_block=1).label == "hq_bs:max_hadamard_block=1"
     assert Recipe("hq_bs").label == "hq_bs" and Recipe("lsq_luq").label == "lsq_luq"
+    # step_init (LSQ recipes; default "mse") is a label option too.
+    mi = Recipe("hq_lss", lss_budget=1.5, max_hadamard_block=1, step_init="mean_abs")
+    assert mi.spec == "hq_lss:lss_budget=1.5"
+    assert mi.label == "hq_lss:lss_budget=1.5,max_hadamard_block=1,step_init=mean_abs"
+    assert Recipe.of(mi.label) == mi
+    assert Recipe.of("lsq_luq:step_init=mean_abs") == Recipe("lsq_luq", step_init="mean_abs")
+    assert Recipe("hq_bs", step_init="mse").label == "hq_bs" and Recipe("hq_bs").step_init == "mse"
+    with pytest.raises(ValueError, match="applies to the LSQ recipes"):
+        Recipe("int8", step_init="mean_abs")
+    for bad, words in [("fp:step_init=mse", "applies to the LSQ recipes"),
+                       ("hq_bs:step_init=max", "step_init must be one of mean_abs, mse")]:
+        with pytest.raises(ValueError, match=words):
+            Recipe.of(bad)
     for bad, words in [("lsq_luq:max_hadamard_block=1", "applies to the hq recipes"),
                        ("hq_bs:max_hadamard_block=1.5", "expects an integer"),
                        ("hq_bs:max_hadamard_block=48", "power of two")]:

@@ -219,6 +219,27 @@ def test_lm_max_hadamard_block(text_file, tmp_path, capsys):
     assert on["loss_curve"] != off["loss_curve"]
 
 
+def test_lm_step_init(text_file, tmp_path, capsys):
+    # --step-init mean_abs sets the LSQ recipes' first steps by LSQ's rule instead of the default error
+    # search (recorded in the run and its label); the fp recipe ignores it; without LSQ recipes it is
+    # a usage error.
+    base = f"--task lm --data {text_file} --steps 3 {LM_TINY}"
+    rc, _, err = run_cli(f"{base} --recipe hq_lss,fp --step-init mean_abs --out {tmp_path / 'a'}", capsys)
+    assert rc == 0, err
+    lss, fp = load_metrics(tmp_path / "a")
+    assert lss["recipe_spec"] == "hq_lss:step_init=mean_abs" and lss["config"]["step_init"] == "mean_abs"
+    assert fp["recipe_spec"] == "fp" and fp["config"]["step_init"] is None
+    assert lss["config"]["step_lr_scale"] == 0.01  # the lm preset's
+    rc, _, err = run_cli(f"{base} --recipe hq_lss --step-lr-scale 0.5 --out {tmp_path / 'b'}", capsys)
+    assert rc == 0, err
+    (default,) = load_metrics(tmp_path / "b")
+    assert default["config"]["step_init"] == "mse" and default["recipe_spec"] == "hq_lss"
+    assert default["config"]["step_lr_scale"] == 0.5
+    assert default["loss_curve"] != lss["loss_curve"]
+    rc, _, err = run_cli(f"{base} --recipe fp --step-init mse --out {tmp_path / 'c'}", capsys)
+    assert rc == 2 and "--step-init applies to the LSQ recipes" in err
+
+
 def test_lm_byte_level(tmp_path, capsys):
     path = tmp_path / "blob.bin"
     path.write_bytes(bytes(range(256)) * 40)  # not UTF-8

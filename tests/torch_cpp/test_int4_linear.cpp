@@ -163,10 +163,23 @@ TEST(Int4Linear, FirstBatchInitialisesStepsAndBlock) {
   const auto [expect, errors] = int4train::pt::select_hadamard_block(x, layer->weight);
   EXPECT_EQ(block, expect.item<int64_t>());
   EXPECT_GT(block, 1);
-  const auto sx = int4train::pt::lsq_init_step(int4train::pt::hadamard_transform(x, block));
+  // The default step_init "mse": the error-minimising steps of the transformed operands.
+  const auto xt = int4train::pt::hadamard_transform(x, block);
+  const auto wt = int4train::pt::hadamard_transform(layer->weight, block);
+  const auto sx = int4train::pt::lsq_mse_step(xt);
   EXPECT_TRUE(torch::equal(layer->input_step, sx));
+  EXPECT_TRUE(torch::equal(layer->weight_step, int4train::pt::lsq_mse_step(wt)));
+  EXPECT_FALSE(torch::equal(sx, int4train::pt::lsq_init_step(xt)));
   layer->forward(x * 100);  // never re-initialised
   EXPECT_TRUE(torch::equal(layer->input_step, sx));
+  // step_init "mean_abs": LSQ's 2 mean|x~| / sqrt(7).
+  Int4Linear mean_abs(Int4LinearOptions(64, 48).recipe("hq_lss").step_init("mean_abs"));
+  mean_abs->weight.copy_(layer->weight);
+  mean_abs->eval();
+  mean_abs->forward(x);
+  EXPECT_TRUE(torch::equal(mean_abs->input_step, int4train::pt::lsq_init_step(xt)));
+  EXPECT_TRUE(torch::equal(mean_abs->weight_step, int4train::pt::lsq_init_step(wt)));
+  EXPECT_THROW(Int4Linear(Int4LinearOptions(4, 4).step_init("max")), c10::ValueError);
 }
 
 TEST(Int4Linear, BadInputsThrow) {

@@ -27,14 +27,17 @@ struct Int4LinearOptions {
   TORCH_ARG(int64_t, layer) = 0;
   // Largest Hadamard block the first-batch search may pick (a power of two <= 256).
   TORCH_ARG(int64_t, max_hadamard_block) = 256;
+  // How the first batch sets the LSQ steps: "mse" (lsq_mse_step) or "mean_abs" (lsq_init_step), as
+  // the Python Recipe.step_init.
+  TORCH_ARG(std::string, step_init) = "mse";
 };
 
 // State (the names are the state_dict keys):
 //   weight (out, in), bias (out): parameters, as torch::nn::Linear;
 //   input_step, weight_step: fp32 0-dim parameters, the LSQ step sizes (LSQ recipes only);
 //   hadamard_block (int64 0-dim), initialized (bool 0-dim), step (int64 0-dim): buffers.
-// The first forward on a non-empty batch initialises the steps (lsq_init_step of the transformed x
-// and w) and picks the Hadamard block (hq recipes; lsq_luq uses 1), unless `initialized` is already
+// The first forward on a non-empty batch initialises the steps (lsq_mse_step, or lsq_init_step with
+// step_init "mean_abs", of the transformed x and w) and picks the Hadamard block (hq recipes; lsq_luq uses 1), unless `initialized` is already
 // set (a loaded checkpoint is never re-initialised). Each forward in training mode increments `step`.
 // forward takes x (..., in_features) in float32 or bfloat16 (any float dtype under autocast).
 class Int4LinearImpl : public torch::nn::Cloneable<Int4LinearImpl> {
