@@ -50,13 +50,15 @@ def test_run_and_summarize(text_file, tmp_path, capsys):
     md2 = tmp_path / "table2.md"
     assert table.main(["summarize", str(collected), "--md", str(md2)]) == 0
     assert md2.read_text() == text
+    # A run collected into two files counts once.
+    assert len(table.load_runs([str(collected), str(out), str(collected)])) == 4
 
 
 def test_summary_statistics_and_gap():
     def run(recipe, seed, acc):
         return {"task": "imagecls", "recipe": recipe, "seed": seed, "steps": 10, "train_time_s": 2.0,
                 "metrics": {"accuracy": acc}, "device": "cpu", "preset": "tiny", "torch_version": "x",
-                "loss_curve": [1.0, 0.5]}
+                "loss_curve": [1.0, 0.5], "config": {"step_init": "mse"}}
 
     runs = [run("fp", 0, 0.90), run("fp", 1, 0.92), run("hq_lss", 0, 0.89), run("hq_lss", 1, 0.91)]
     text = table.summarize(runs)
@@ -146,6 +148,21 @@ def test_recipe_variants_get_rows_of_their_own(text_file, tmp_path, capsys):
     assert run["recipe_spec"] == "hq_bs:max_hadamard_block=1" and run["config"]["max_hadamard_block"] == 1
     old = dict(run, recipe_spec="hq_bs")
     assert "| hq_bs:max_hadamard_block=1 |" in table.summarize([old])
+    # A step_init variant: its CLI flag and folder, alone and with the other options.
+    assert table._recipe_flags("hq_lss:step_init=mean_abs") == (
+        "hq_lss", ["--step-init", "mean_abs"], "hq_lss@step_initmean_abs")
+    assert table._recipe_flags("hq_bs:max_hadamard_block=1,step_init=mean_abs") == (
+        "hq_bs", ["--max-hadamard-block", "1", "--step-init", "mean_abs"],
+        "hq_bs@max_hadamard_block1@step_initmean_abs")
+    assert table._recipe_flags("hq_bs:step_init=mse") == ("hq_bs", [], "hq_bs")
+    # Rows: runs from before step_init existed used mean_abs; a step_lr_scale other than the task
+    # preset's gets a row of its own.
+    base = dict(run, recipe="hq_bs", recipe_spec="hq_bs", config={"step_lr_scale": 0.01})
+    assert table._spec(base) == "hq_bs:step_init=mean_abs"
+    assert table._spec(dict(base, config={"step_init": "mse", "step_lr_scale": 0.01})) == "hq_bs"
+    assert table._spec(dict(base, config={"step_init": "mse", "step_lr_scale": 1.0})) == (
+        "hq_bs step_lr_scale=1.0")
+    assert table._spec(dict(base, recipe="fp", recipe_spec="fp", config={"step_lr_scale": 1.0})) == "fp"
     with pytest.raises(SystemExit):
         table.main(["run", "--out", str(out), "--recipes", "hq_bs:lss_budget=1.5"])
     with pytest.raises(SystemExit):

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .plotting import ema
+from .presets import PRESETS
 
 TASKS = ("lm", "textcls", "imagecls")
 RECIPES = ("fp", "int8", "lsq_luq", "hq", "hq_bs", "hq_lss")
@@ -126,7 +127,7 @@ def gpu_ids(spec: str) -> list[str]:
 
 def _recipe_flags(spec: str) -> tuple[str, list[str], str]:
     """(recipe name, extra CLI flags, run-folder name) of a --recipes item: a name or a spec."""
-    from ..config import Recipe
+    from ..config import MAX_HADAMARD_BLOCK, Recipe
 
     try:
         r = Recipe.of(spec)
@@ -136,9 +137,12 @@ def _recipe_flags(spec: str) -> tuple[str, list[str], str]:
     if r.lss_budget != 1.0:
         flags += ["--lss-budget", repr(r.lss_budget)]
         folder += f"@lss_budget{r.lss_budget!r}"
-    if r.label != r.spec:  # max_hadamard_block
+    if r.uses_hadamard and r.max_hadamard_block != MAX_HADAMARD_BLOCK:
         flags += ["--max-hadamard-block", str(r.max_hadamard_block)]
         folder += f"@max_hadamard_block{r.max_hadamard_block}"
+    if r.uses_lsq and r.step_init != "mse":
+        flags += ["--step-init", r.step_init]
+        folder += f"@step_init{r.step_init}"
     return r.name, flags, folder
 
 
@@ -219,7 +223,9 @@ def run_all(args: argparse.Namespace) -> int:
 
 
 def load_runs(folders: list[str]) -> list[dict[str, Any]]:
-    runs = []
+    """The runs below `folders`; a run found in several files (the same record collected into two
+    tables) counts once."""
+    runs, seen = [], set()
     for folder in folders:
         # A folder is searched for metrics.json files; a file ({"runs": [...]}, e.g. a table's runs
         # collected into one file) is read as it is.
@@ -227,6 +233,10 @@ def load_runs(folders: list[str]) -> list[dict[str, Any]]:
         for path in paths:
             with open(path) as f:
                 for r in json.load(f)["runs"]:
+                    key = json.dumps({k: r.get(k) for k in RUN_KEYS}, sort_keys=True)
+                    if key in seen:
+                        continue
+                    seen.add(key)
                     r["_path"] = str(path)
                     runs.append(r)
     return runs
@@ -251,14 +261,25 @@ def _metric(run: dict[str, Any]) -> float:
 
 
 def _spec(run: dict[str, Any]) -> str:
-    spec = run.get("recipe_spec", run["recipe"])
-    # Runs recorded before recipe_spec carried max_hadamard_block keep it in their configuration.
-    block = (run.get("config") or {}).get("max_hadamard_block")
-    if block is None:
-        return spec
+    """A run's row label: its recipe label, and for the LSQ recipes the steps' learning-rate factor
+    when it is not the task preset's (" step_lr_scale=0.01"). Runs recorded before recipe_spec carried
+    max_hadamard_block keep it in their configuration; runs recorded before step_init existed used
+    "mean_abs", the default then."""
     from ..config import Recipe
 
-    return dataclasses.replace(Recipe.of(spec), max_hadamard_block=block).label
+    spec = run.get("recipe_spec", run["recipe"])
+    cfg = run.get("config") or {}
+    r = Recipe.of(spec)
+    if cfg.get("max_hadamard_block") is not None:
+        r = dataclasses.replace(r, max_hadamard_block=cfg["max_hadamard_block"])
+    if not r.uses_lsq:
+        return r.label
+    r = dataclasses.replace(r, step_init=cfg.get("step_init") or "mean_abs")
+    scale = cfg.get("step_lr_scale")
+    preset = PRESETS.get(run["task"], {}).get(run.get("preset", ""), {}).get("step_lr_scale")
+    if scale is None or preset is None or scale == preset:
+        return r.label
+    return f"{r.label} step_lr_scale={scale!r}"
 
 
 
