@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <string>
 #include <tuple>
@@ -152,10 +153,11 @@ Tensor lsq_init_step_cpu(const Tensor& x) {
 // search on the host, so that every device gets the CPU's step bit for bit. Once per layer.
 Tensor lsq_mse_step_any(const Tensor& x) {
   const Tensor x2 = as_matrix(x, "x");
-  const int64_t n = x2.numel();
-  Tensor sample = x2.reshape({1, n});
-  if (n > kLsqMseSample) {
-    sample = sample.slice(1, 0, n, (n + kLsqMseSample - 1) / kLsqMseSample);
+  const int64_t rows = x2.size(0), cols = x2.size(1);
+  Tensor sample = x2;
+  if (rows * cols > kLsqMseSample) {
+    const int64_t per = std::max<int64_t>(1, kLsqMseSample / cols);
+    sample = x2.slice(0, 0, rows, (rows + per - 1) / per);
   }
   sample = sample.to(at::kCPU).contiguous();
   const float s = call_core([&] { return lsq_mse_step(to_view(sample, "x")); });

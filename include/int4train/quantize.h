@@ -28,10 +28,11 @@ float lsq_init_step(const TensorView& x, int qp = kLsqQp);
 
 // First-batch initial step that minimises the 4-bit reconstruction error instead (LSQ+'s choice):
 //   s = argmin over the grid of sum_k (s * clamp(round_half_even(x_k * (1/s)), -Q_N, Q_P) - x_k)^2
-// (Q_N = qp + 1). The data: x's elements in row-major order if there are at most kLsqMseSample of
-// them, else the elements at flat indices 0, t, 2t, ... (t = ceil(numel / kLsqMseSample)): a sample
-// that a caller holding x on another device can gather itself and pass as a 1 x m matrix to get the
-// same step. With m0 = 2 mean|sample| / sqrt(qp) (the lsq_init_step of the sample) the grid is
+// (Q_N = qp + 1). The data: all of x if it has at most kLsqMseSample elements, else its whole rows
+// 0, t, 2t, ... with t = ceil(rows / max(1, floor(kLsqMseSample / cols))) (rows are tokens or output
+// units; every column is in the sample, so outlier channels count as often as in x): a sample that a
+// caller holding x on another device can gather itself and pass as a matrix to get the same step. In
+// row-major order, with m0 = 2 mean|sample| / sqrt(qp) (the lsq_init_step of the sample) the grid is
 // m0 * f for f = 0.20, 0.22, ..., 2.00, then f* + 0.002 j (j = -9..9) around the best f*; every
 // candidate step is the fp32 product float(m0) * float(f), errors are fp64 sums in index order, the
 // first smallest wins. Why: the mean-abs rule is tuned for heavy-tailed data; after a Hadamard

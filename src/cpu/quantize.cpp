@@ -343,19 +343,24 @@ float lsq_mse_step(const TensorView& x, int qp) {
   if (qp < 1) {
     throw_error(ErrorKind::kValue, "qp: expected a positive integer, got " + std::to_string(qp));
   }
-  const int64_t rows = x.shape[0], cols = x.shape[1], numel = rows * cols;
-  const int64_t stride = numel <= kLsqMseSample ? 1 : (numel + kLsqMseSample - 1) / kLsqMseSample;
+  const int64_t rows = x.shape[0], cols = x.shape[1];
+  const int64_t stride = rows * cols <= kLsqMseSample
+                             ? 1
+                             : (rows + std::max<int64_t>(1, kLsqMseSample / cols) - 1) /
+                                   std::max<int64_t>(1, kLsqMseSample / cols);
   std::vector<float> v;
-  v.reserve(static_cast<size_t>((numel + stride - 1) / std::max<int64_t>(stride, 1)));
+  v.reserve(static_cast<size_t>((rows + stride - 1) / stride * cols));
   const bool bf16 = x.dtype == DType::kBFloat16;
   int64_t nonfinite = 0;
   double total = 0.0;
-  for (int64_t i = 0; i < numel; i += stride) {
-    const int64_t off = (i / cols) * x.strides[0] + i % cols;
-    const float e = bf16 ? bf16_to_float(x.ptr<const BFloat16>()[off]) : x.ptr<const float>()[off];
-    nonfinite += std::isfinite(e) ? 0 : 1;
-    total += std::fabs(static_cast<double>(e));
-    v.push_back(e);
+  for (int64_t r = 0; r < rows; r += stride) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t off = r * x.strides[0] + c;
+      const float e = bf16 ? bf16_to_float(x.ptr<const BFloat16>()[off]) : x.ptr<const float>()[off];
+      nonfinite += std::isfinite(e) ? 0 : 1;
+      total += std::fabs(static_cast<double>(e));
+      v.push_back(e);
+    }
   }
   if (nonfinite > 0) {
     throw_error(ErrorKind::kValue, "x: expected finite values to initialise the LSQ step, found " +

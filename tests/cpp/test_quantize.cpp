@@ -385,20 +385,27 @@ TEST(LsqMseStep, GaussianDataGetsTheKnownOptimalStep) {
   EXPECT_NEAR(lsq_init_step(x.view()), 0.603f * 0.25f, 0.01f * 0.25f);
 }
 
-TEST(LsqMseStep, LargeInputsUseTheStridedSample) {
-  // 1100 x 1000 > kLsqMseSample: elements 0, 2, 4, ... (t = 2), in row-major order, with a row pad.
-  const int64_t rows = 1100, cols = 1000;
+TEST(LsqMseStep, LargeInputsUseWholeRowsAtAStride) {
+  // 2200 x 1000 > kLsqMseSample: 1048 rows fit, so rows 0, 3, 6, ... (t = 3), each whole, with a row
+  // pad; 1000 is a multiple of 2 and 4, so an element stride would have kept only some columns.
+  const int64_t rows = 2200, cols = 1000;
   ASSERT_GT(rows * cols, kLsqMseSample);
-  const int64_t t = (rows * cols + kLsqMseSample - 1) / kLsqMseSample;
-  ASSERT_EQ(t, 2);
+  const int64_t per = kLsqMseSample / cols, t = (rows + per - 1) / per;
+  ASSERT_EQ(t, 3);
   HostMatrix x = random_matrix(rows, cols, 8, 0.5f, DType::kBFloat16, 3);
-  for (int64_t j = 0; j < cols; j += 7) x.set(5, j, 40.0f);  // an outlier row shifts the optimum
-  HostMatrix sample(1, (rows * cols + t - 1) / t, DType::kBFloat16);
-  for (int64_t i = 0, k = 0; i < rows * cols; i += t, ++k) sample.set(0, k, x.get(i / cols, i % cols));
-  EXPECT_EQ(lsq_mse_step(x.view()), lsq_mse_step(sample.view()));
-  // Elements outside the sample do not count.
-  x.set(0, 1, 1e6f);
-  EXPECT_EQ(lsq_mse_step(x.view()), lsq_mse_step(sample.view()));
+  for (int64_t i = 0; i < rows; ++i) x.set(i, 7, 40.0f * (1 + i % 5));  // an outlier channel
+  HostMatrix sample((rows + t - 1) / t, cols, DType::kBFloat16);
+  for (int64_t i = 0; i < rows; i += t)
+    for (int64_t j = 0; j < cols; ++j) sample.set(i / t, j, x.get(i, j));
+  const float s = lsq_mse_step(x.view());
+  EXPECT_EQ(s, lsq_mse_step(sample.view()));
+  // The outlier channel is in the sample: without it the step is another.
+  HostMatrix bulk = sample;
+  for (int64_t i = 0; i < bulk.rows; ++i) bulk.set(i, 7, 0.0f);
+  EXPECT_NE(s, lsq_mse_step(bulk.view()));
+  // Rows outside the sample do not count.
+  x.set(1, 1, 1e6f);
+  EXPECT_EQ(lsq_mse_step(x.view()), s);
 }
 
 TEST(LsqMseStep, ZerosNonFiniteAndQp) {

@@ -133,10 +133,11 @@ def test_lsq_mse_step_op():
         torch.ops.int4train.lsq_mse_step(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(TypeError, match="x: "):
         torch.ops.int4train.lsq_mse_step(torch.ones(2, 2, dtype=torch.float64))
-    # Large inputs: the core's strided sample (quantize.h kLsqMseSample), gathered before the search.
-    big = torch.randn(1100, 1000)
-    assert torch.equal(torch.ops.int4train.lsq_mse_step(big),
-                       torch.ops.int4train.lsq_mse_step(big.reshape(1, -1)[:, ::2]))
+    # Large inputs: the core's sample of whole rows at a stride (quantize.h kLsqMseSample), gathered
+    # before the search.
+    big = torch.randn(2200, 1000)
+    big[:, 7] *= 50.0
+    assert torch.equal(torch.ops.int4train.lsq_mse_step(big), torch.ops.int4train.lsq_mse_step(big[::3]))
 
 
 def test_step_counter_counts_training_forwards(recipe):
