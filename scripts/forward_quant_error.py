@@ -29,12 +29,49 @@ import int4train  # noqa: F401  (registers torch.ops.int4train)
 ops = torch.ops.int4train
 
 
-def dequantized(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(X~, its LSQ 4-bit dequantization at the initial step)."""
+def dequantized(x: torch.Tensor, block: int, init=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(X~, its LSQ 4-bit dequantization at the initial step of `init`, LSQ's rule by default)."""
     xt = ops.hadamard_transform(x, block)
-    step = ops.lsq_init_step(xt)
+    step = (init or ops.lsq_init_step)(xt)
     codes, _ = ops.lsq_quantize(xt, step)
     return xt, step * codes.float()
+
+
+def step_report(t: torch.Tensor, block: int) -> str:
+    """'factor err_lsq err_mse' of t in the domain of `block`: lsq_mse_step / lsq_init_step and the
+    relative 4-bit error at each."""
+    xt, xq = dequantized(t, block)
+    _, xm = dequantized(t, block, ops.lsq_mse_step)
+    factor = float(ops.lsq_mse_step(xt) / ops.lsq_init_step(xt))
+    return f"{factor:5.2f} {((xt - xq).norm() / xt.norm()).item():.3f} {((xt - xm).norm() / xt.norm()).item():.3f}"
+
+
+def end_to_end(model, tok, texts, args) -> None:
+    import copy
+
+    import int4train
+
+    half = len(texts) // 2
+    batches = [tok(t, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
+               for t in (texts[:half], texts[half:])]
+
+    def run(m, b):
+        with torch.no_grad():
+            o = m(**b, output_hidden_states=True)
+        mask = b["attention_mask"].unsqueeze(-1).float()
+        return [h * mask for h in o.hidden_states[1:]], (o.last_hidden_state * mask).sum(1) / mask.sum(1)
+
+    ref_h, ref_p = run(model, batches[1])
+    print(f"{'recipe':44s} {'cosine':>7s} {'rel':>6s}  per-block hidden-state error")
+    for spec in args.recipes.split(";"):
+        m = copy.deepcopy(model)
+        int4train.convert_(m.encoder, spec)
+        run(m, batches[0])  # the first batch initialises the layers
+        hs, p = run(m, batches[1])
+        cos = torch.nn.functional.cosine_similarity(p, ref_p).mean().item()
+        rel = ((p - ref_p).norm() / ref_p.norm()).item()
+        blocks = " ".join(f"{((h - r).norm() / r.norm()).item():.3f}" for h, r in zip(hs, ref_h))
+        print(f"{spec:44s} {cos:7.4f} {rel:6.3f}  {blocks}")
 
 
 def rel_error(x: torch.Tensor, block: int) -> float:
@@ -61,6 +98,11 @@ def main() -> None:
     p.add_argument("--data", default=str(root.parent / "shared" / "data" / "spam-assassin.jsonl.gz"))
     p.add_argument("--texts", type=int, default=16)
     p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--steps", action="store_true", help="report the error-minimising initial steps")
+    p.add_argument("--end-to-end", action="store_true", help="report the quantized encoder's output error")
+    p.add_argument("--recipes", default="hq_bs;hq_bs:step_init=mean_abs;hq_bs:max_hadamard_block=1;"
+                   "hq_bs:max_hadamard_block=1,step_init=mean_abs",
+                   help="--end-to-end: recipe labels separated by ';'")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(2)
@@ -69,6 +111,9 @@ def main() -> None:
         texts = [json.loads(line)["text"] for _, line in zip(range(args.texts), f)]
     tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     model = AutoModel.from_pretrained(args.model, local_files_only=True, dtype=torch.float32).eval()
+    if args.end_to_end:
+        end_to_end(model, tok, texts, args)
+        return
     batch = tok(texts, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
     mask = batch["attention_mask"].reshape(-1).bool()
 
@@ -87,6 +132,14 @@ def main() -> None:
 
     modules = dict(model.named_modules())
     print(f"{mask.sum().item()} tokens of {args.texts} e-mails")
+    if args.steps:
+        print(f"{'layer':44s} {'g':>4s}  X g=1: factor err_lsq err_mse | X g | W g=1 | W g")
+        for name, x in captured.items():
+            w = modules[name].weight.detach()
+            block = int(ops.select_hadamard_block(x, w)[0])
+            cells = [step_report(t, b) for t in (x, w) for b in (1, block)]
+            print(f"{name:44s} {block:4d}  " + " | ".join(cells))
+        return
     print(f"{'layer':44s} {'outlier':>8s} {'g':>4s} {'err g=1':>8s} {'err g':>8s} {'W g=1':>7s} "
           f"{'W g':>7s} {'Y g=1':>7s} {'Y g':>7s}")
     for name, x in captured.items():
