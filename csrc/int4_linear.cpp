@@ -26,6 +26,9 @@ void Int4LinearImpl::reset() {
   TORCH_CHECK_VALUE(options.step_init() == "mean_abs" || options.step_init() == "mse",
                     "Int4Linear: step_init must be \"mean_abs\" or \"mse\", got \"",
                     options.step_init(), "\"");
+  TORCH_CHECK_VALUE(recipe_uses_lsq(recipe) || options.step_init() == "mse",
+                    "Int4Linear: step_init applies to the LSQ recipes, got \"", options.step_init(),
+                    "\" for recipe ", options.recipe());
   weight = register_parameter("weight",
                               torch::empty({options.out_features(), options.in_features()}));
   if (options.bias()) {

@@ -47,7 +47,9 @@ Tensor as_matrix(const Tensor& x, const char* arg) {
   TORCH_CHECK_VALUE(x.dim() >= 1, "int4train: ", arg, " must have at least one dimension, got a ",
                     "scalar");
   const int64_t cols = x.size(-1);
-  return x.contiguous().reshape({-1, cols});
+  int64_t rows = 1;  // the product of the leading dimensions (reshape cannot infer it when cols = 0)
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) rows *= x.size(i);
+  return x.contiguous().reshape({rows, cols});
 }
 
 void check_linear_shapes(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -156,6 +158,12 @@ Tensor lsq_mse_step_any(const Tensor& x) {
   const int64_t rows = x2.size(0), cols = x2.size(1);
   Tensor sample = x2;
   if (rows * cols > kLsqMseSample) {
+    // The core sees the sample only: the finiteness of the rest is checked where x lives.
+    TORCH_CHECK_TYPE(x2.scalar_type() == at::kFloat || x2.scalar_type() == at::kBFloat16,
+                     "x: expected float32 or bfloat16, got ", x2.scalar_type());
+    const int64_t bad = at::logical_not(at::isfinite(x2)).sum().item<int64_t>();
+    TORCH_CHECK_VALUE(bad == 0, "x: expected finite values to initialise the LSQ step, found ", bad,
+                      " non-finite");
     const int64_t per = std::max<int64_t>(1, kLsqMseSample / cols);
     sample = x2.slice(0, 0, rows, (rows + per - 1) / per);
   }

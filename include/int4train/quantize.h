@@ -37,7 +37,8 @@ float lsq_init_step(const TensorView& x, int qp = kLsqQp);
 // candidate step is the fp32 product float(m0) * float(f), errors are fp64 sums in index order, the
 // first smallest wins. Why: the mean-abs rule is tuned for heavy-tailed data; after a Hadamard
 // rotation the data is near Gaussian and the rule's step is ~1.5x the error-minimising one
-// (docs/method.md). An all-zero sample gives 1; a non-finite x is an Error naming `x`.
+// (docs/method.md). An all-zero sample gives 1; a non-finite value anywhere in x (not only in the
+// sample) is an Error naming `x`.
 constexpr int64_t kLsqMseSample = int64_t{1} << 20;
 float lsq_mse_step(const TensorView& x, int qp = kLsqQp);
 

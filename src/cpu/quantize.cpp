@@ -362,9 +362,16 @@ float lsq_mse_step(const TensorView& x, int qp) {
       v.push_back(e);
     }
   }
+  for (int64_t r = 0; stride > 1 && r < rows; ++r) {  // the rows outside the sample
+    for (int64_t c = 0; r % stride != 0 && c < cols; ++c) {
+      const int64_t off = r * x.strides[0] + c;
+      const float e = bf16 ? bf16_to_float(x.ptr<const BFloat16>()[off]) : x.ptr<const float>()[off];
+      nonfinite += std::isfinite(e) ? 0 : 1;
+    }
+  }
   if (nonfinite > 0) {
     throw_error(ErrorKind::kValue, "x: expected finite values to initialise the LSQ step, found " +
-                                       std::to_string(nonfinite) + " non-finite (in the sample)");
+                                       std::to_string(nonfinite) + " non-finite");
   }
   if (!(total > 0.0)) return 1.0f;
   const float m0 = std::max(

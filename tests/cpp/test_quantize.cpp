@@ -354,19 +354,26 @@ TEST(LsqMseStep, NoGridStepHasASmallerError) {
   for (DType dt : {DType::kFloat32, DType::kBFloat16}) {
     HostMatrix x = random_matrix(61, 97, 11, 1.7f, dt);
     const float s = lsq_mse_step(x.view());
-    const float m0 = lsq_init_step(x.view());
+    // m0 as the header defines it: the fp64 sum of |x| in index order.
+    double sum = 0.0;
+    for (int64_t i = 0; i < x.rows; ++i)
+      for (int64_t j = 0; j < x.cols; ++j) sum += std::fabs(static_cast<double>(x.get(i, j)));
+    const float m0 =
+        static_cast<float>(2.0 * (sum / static_cast<double>(x.rows * x.cols)) / std::sqrt(7.0));
     const double e = lsq_error(x, s);
     // The coarse grid of the header, its best factor, then the fine grid around it: s is one of the
     // candidates and none has a smaller error.
-    double coarse_best = std::numeric_limits<double>::infinity(), f_best = 0.0;
+    double coarse_best = std::numeric_limits<double>::infinity();
+    float f_best = 0.0f;
     for (int i = 0; i <= 90; ++i) {
-      const double f = 0.20 + 0.02 * i, ei = lsq_error(x, m0 * static_cast<float>(f));
+      const float f = static_cast<float>(0.20 + 0.02 * i);
+      const double ei = lsq_error(x, m0 * f);
       EXPECT_LE(e, ei) << i;
       if (ei < coarse_best) coarse_best = ei, f_best = f;
     }
-    bool on_grid = s == m0 * static_cast<float>(f_best);
+    bool on_grid = s == m0 * f_best;
     for (int j = -9; j <= 9; ++j) {
-      const float sj = m0 * static_cast<float>(f_best + 0.002 * j);
+      const float sj = m0 * static_cast<float>(static_cast<double>(f_best) + 0.002 * j);
       EXPECT_LE(e, lsq_error(x, sj)) << j;
       on_grid = on_grid || s == sj;
     }
@@ -403,9 +410,11 @@ TEST(LsqMseStep, LargeInputsUseWholeRowsAtAStride) {
   HostMatrix bulk = sample;
   for (int64_t i = 0; i < bulk.rows; ++i) bulk.set(i, 7, 0.0f);
   EXPECT_NE(s, lsq_mse_step(bulk.view()));
-  // Rows outside the sample do not count.
+  // Rows outside the sample do not count, except that they must be finite.
   x.set(1, 1, 1e6f);
   EXPECT_EQ(lsq_mse_step(x.view()), s);
+  x.set(1, 1, kInf);
+  EXPECT_THROW(lsq_mse_step(x.view()), Error);
 }
 
 TEST(LsqMseStep, ZerosNonFiniteAndQp) {

@@ -127,8 +127,11 @@ def test_lsq_mse_step_op():
     # (..., D) inputs are matrices of their rows; bf16 works; the same op for every layout.
     assert torch.equal(torch.ops.int4train.lsq_mse_step(x.reshape(3, 100, 64)), s)
     assert torch.equal(torch.ops.int4train.lsq_mse_step(x.t().contiguous().t()), s)
-    torch.ops.int4train.lsq_mse_step(x.bfloat16())
+    assert torch.equal(torch.ops.int4train.lsq_mse_step(x.bfloat16()),
+                       torch.ops.int4train.lsq_mse_step(x.bfloat16().float()))
     assert float(torch.ops.int4train.lsq_mse_step(torch.zeros(4, 4))) == 1.0
+    assert float(torch.ops.int4train.lsq_mse_step(torch.empty(5, 0))) == 1.0
+    assert float(torch.ops.int4train.lsq_init_step(torch.empty(5, 0))) == 1.0
     with pytest.raises(ValueError, match="x: expected finite"):
         torch.ops.int4train.lsq_mse_step(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(TypeError, match="x: "):
@@ -138,6 +141,9 @@ def test_lsq_mse_step_op():
     big = torch.randn(2200, 1000)
     big[:, 7] *= 50.0
     assert torch.equal(torch.ops.int4train.lsq_mse_step(big), torch.ops.int4train.lsq_mse_step(big[::3]))
+    big[1, 1] = float("inf")  # outside the sample, still an error
+    with pytest.raises(ValueError, match="x: expected finite values.*1 non-finite"):
+        torch.ops.int4train.lsq_mse_step(big)
 
 
 def test_step_counter_counts_training_forwards(recipe):

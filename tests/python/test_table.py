@@ -148,6 +148,20 @@ def test_recipe_variants_get_rows_of_their_own(text_file, tmp_path, capsys):
     assert run["recipe_spec"] == "hq_bs:max_hadamard_block=1" and run["config"]["max_hadamard_block"] == 1
     old = dict(run, recipe_spec="hq_bs")
     assert "| hq_bs:max_hadamard_block=1 |" in table.summarize([old])
+    # A finished run counts as done only if it ran with the current settings: one recorded before
+    # step_init existed (mean_abs then) is run again.
+    path = out / "lm" / "hq_lss-s0" / "metrics.json"
+    record = json.loads(path.read_text())
+    del record["runs"][0]["config"]["step_init"]
+    path.write_text(json.dumps(record))
+    capsys.readouterr()
+    rc = table.main(["run", "--out", str(out), "--tasks", "lm", "--recipes", "hq_lss,hq_lss:lss_budget=2",
+                     "--seeds", "0", "--preset", "tiny", "--jobs", "1", "--gpus", "none",
+                     "--task-args", f"lm=--data {text_file} {LM_TINY} --limit-test 256 --device cpu"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "1 runs already done" in printed and "1 runs in" in printed, printed
+    (again,) = table.load_runs([str(path)])
+    assert again["config"]["step_init"] == "mse"
     # A step_init variant: its CLI flag and folder, alone and with the other options.
     assert table._recipe_flags("hq_lss:step_init=mean_abs") == (
         "hq_lss", ["--step-init", "mean_abs"], "hq_lss@step_initmean_abs")

@@ -230,12 +230,15 @@ def test_lm_step_init(text_file, tmp_path, capsys):
     assert lss["recipe_spec"] == "hq_lss:step_init=mean_abs" and lss["config"]["step_init"] == "mean_abs"
     assert fp["recipe_spec"] == "fp" and fp["config"]["step_init"] is None
     assert lss["config"]["step_lr_scale"] == 0.01  # the lm preset's
-    rc, _, err = run_cli(f"{base} --recipe hq_lss --step-lr-scale 0.5 --out {tmp_path / 'b'}", capsys)
+    rc, _, err = run_cli(f"{base} --recipe hq_lss --out {tmp_path / 'b'}", capsys)
     assert rc == 0, err
     (default,) = load_metrics(tmp_path / "b")
     assert default["config"]["step_init"] == "mse" and default["recipe_spec"] == "hq_lss"
-    assert default["config"]["step_lr_scale"] == 0.5
-    assert default["loss_curve"] != lss["loss_curve"]
+    assert default["config"]["step_lr_scale"] == 0.01
+    assert default["loss_curve"] != lss["loss_curve"]  # the same run but for the initial steps
+    rc, _, err = run_cli(f"{base} --recipe hq_lss --step-lr-scale 0.5 --out {tmp_path / 'd'}", capsys)
+    assert rc == 0, err
+    assert load_metrics(tmp_path / "d")[0]["config"]["step_lr_scale"] == 0.5
     rc, _, err = run_cli(f"{base} --recipe fp --step-init mse --out {tmp_path / 'c'}", capsys)
     assert rc == 2 and "--step-init applies to the LSQ recipes" in err
 

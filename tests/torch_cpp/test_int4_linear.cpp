@@ -180,6 +180,7 @@ TEST(Int4Linear, FirstBatchInitialisesStepsAndBlock) {
   EXPECT_TRUE(torch::equal(mean_abs->input_step, int4train::pt::lsq_init_step(xt)));
   EXPECT_TRUE(torch::equal(mean_abs->weight_step, int4train::pt::lsq_init_step(wt)));
   EXPECT_THROW(Int4Linear(Int4LinearOptions(4, 4).step_init("max")), c10::ValueError);
+  EXPECT_THROW(Int4Linear(Int4LinearOptions(4, 4).recipe("fp").step_init("mean_abs")), c10::ValueError);
 }
 
 TEST(Int4Linear, BadInputsThrow) {

@@ -146,6 +146,13 @@ def _recipe_flags(spec: str) -> tuple[str, list[str], str]:
     return r.name, flags, folder
 
 
+def _expected_label(spec: str) -> str:
+    """The row label a fresh run of a --recipes item gets with the preset's settings."""
+    from ..config import Recipe
+
+    return Recipe.of(spec).label
+
+
 def run_all(args: argparse.Namespace) -> int:
     tasks = _list(args.tasks, TASKS, "--tasks")
     recipes = _list(args.recipes, None, "--recipes")
@@ -160,11 +167,22 @@ def run_all(args: argparse.Namespace) -> int:
     out = Path(args.out)
     # Seeds outermost: an interrupted table has whole seeds of every cell rather than all seeds of a few.
     jobs = [(t, r, s) for s in seeds for t in tasks for r in recipes]
-    # A run whose metrics.json exists is done: an interrupted table goes on where it stopped.
-    done = [j for j in jobs if (out / j[0] / f"{variants[j[1]][2]}-s{j[2]}" / "metrics.json").exists()]
+    # A run whose metrics.json exists is done, so an interrupted table goes on where it stopped, unless
+    # it ran with other settings (a run from before a default changed: its row label differs).
+    done, stale = [], []
+    for j in jobs:
+        path = out / j[0] / f"{variants[j[1]][2]}-s{j[2]}" / "metrics.json"
+        if path.exists():
+            runs = load_runs([str(path)])
+            fresh = "--step-lr-scale" in extra.get(j[0], [])  # then the label carries the scale
+            ok = runs and all(_spec(r) == _expected_label(j[1]) or fresh for r in runs)
+            (done if ok else stale).append(j)
     jobs = [j for j in jobs if j not in done]
     if done:
         print(f"table: {len(done)} runs already done in {out}", flush=True)
+    if stale:
+        print(f"table: {len(stale)} runs in {out} ran with other settings (e.g. {stale[0][1]} of "
+              f"{stale[0][0]}, seed {stale[0][2]}): running them again", flush=True)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     gpus = gpu_ids(args.gpus)
     if len(gpus) > 1:
