@@ -115,11 +115,23 @@ at::Tensor Int4LinearImpl::forward(const at::Tensor& x) {
 Int4Linear int4_linear_from(const torch::nn::Linear& linear, const std::string& recipe,
                             int64_t seed, int64_t layer) {
   const auto& lo = linear->options;
-  Int4Linear out(Int4LinearOptions(lo.in_features(), lo.out_features())
-                     .bias(lo.bias())
-                     .recipe(recipe)
-                     .seed(seed)
-                     .layer(layer));
+  return int4_linear_from(linear, Int4LinearOptions(lo.in_features(), lo.out_features())
+                                      .bias(lo.bias())
+                                      .recipe(recipe)
+                                      .seed(seed)
+                                      .layer(layer));
+}
+
+Int4Linear int4_linear_from(const torch::nn::Linear& linear, const Int4LinearOptions& options) {
+  const auto& lo = linear->options;
+  TORCH_CHECK_VALUE(options.in_features() == lo.in_features() &&
+                        options.out_features() == lo.out_features(),
+                    "int4_linear_from: options.in_features/out_features must be the linear's (",
+                    lo.in_features(), ", ", lo.out_features(), "), got (", options.in_features(),
+                    ", ", options.out_features(), ")");
+  TORCH_CHECK_VALUE(options.bias() == lo.bias(), "int4_linear_from: options.bias must be the linear's (",
+                    lo.bias() ? "true" : "false", ")");
+  Int4Linear out(options);
   // The new parameters share the storage of the old ones; the other state follows their device.
   torch::NoGradGuard no_grad;
   out->weight.set_data(linear->weight);

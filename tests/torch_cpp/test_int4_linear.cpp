@@ -151,6 +151,29 @@ TEST(Int4Linear, FpRecipeEqualsLinear) {
   EXPECT_EQ(layer->weight.data_ptr(), lin->weight.data_ptr());  // shared storage
 }
 
+TEST(Int4Linear, FromLinearTakesEveryOption) {
+  torch::nn::Linear lin(64, 16);
+  const auto options = Int4LinearOptions(64, 16)
+                           .recipe("hq_bs")
+                           .seed(3)
+                           .layer(4)
+                           .max_hadamard_block(1)
+                           .step_init("mean_abs");
+  Int4Linear layer = int4train::pt::int4_linear_from(lin, options);
+  EXPECT_EQ(layer->weight.data_ptr(), lin->weight.data_ptr());
+  EXPECT_EQ(layer->options.seed(), 3);
+  EXPECT_EQ(layer->options.layer(), 4);
+  torch::NoGradGuard no_grad;
+  const auto x = torch::randn({32, 64});
+  layer->eval();
+  layer->forward(x);
+  EXPECT_EQ(layer->block_size(), 1);  // max_hadamard_block 1: no transform
+  EXPECT_TRUE(torch::equal(layer->input_step, int4train::pt::lsq_init_step(x)));  // mean_abs
+  EXPECT_THROW(int4train::pt::int4_linear_from(lin, Int4LinearOptions(63, 16)), c10::ValueError);
+  EXPECT_THROW(int4train::pt::int4_linear_from(lin, Int4LinearOptions(64, 16).bias(false)),
+               c10::ValueError);
+}
+
 TEST(Int4Linear, FirstBatchInitialisesStepsAndBlock) {
   Int4Linear layer = make_layer("hq_lss");
   auto x = torch::randn({32, 64}) * 0.1;

@@ -67,5 +67,8 @@ TORCH_MODULE(Int4Linear);
 // An Int4Linear that shares the weight and bias of `linear` (same shapes, device and dtype).
 Int4Linear int4_linear_from(const torch::nn::Linear& linear, const std::string& recipe = "hq_lss",
                             int64_t seed = 0, int64_t layer = 0);
+// The same with every option (recipe, seed, layer, max_hadamard_block, step_init); in_features,
+// out_features and bias must be the linear's (a c10::ValueError naming the option otherwise).
+Int4Linear int4_linear_from(const torch::nn::Linear& linear, const Int4LinearOptions& options);
 
 }  // namespace int4train::pt
