@@ -4,7 +4,6 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <array>
 #include <string>
 #include <tuple>
@@ -157,15 +156,13 @@ Tensor lsq_mse_step_any(const Tensor& x) {
   const Tensor x2 = as_matrix(x, "x");
   const int64_t rows = x2.size(0), cols = x2.size(1);
   Tensor sample = x2;
-  if (rows * cols > kLsqMseSample) {
+  const int64_t stride = lsq_mse_sample_stride(rows, cols);
+  if (stride > 1) {
     // The core sees the sample only: the finiteness of the rest is checked where x lives.
-    TORCH_CHECK_TYPE(x2.scalar_type() == at::kFloat || x2.scalar_type() == at::kBFloat16,
-                     "x: expected float32 or bfloat16, got ", x2.scalar_type());
     const int64_t bad = at::logical_not(at::isfinite(x2)).sum().item<int64_t>();
     TORCH_CHECK_VALUE(bad == 0, "x: expected finite values to initialise the LSQ step, found ", bad,
                       " non-finite");
-    const int64_t per = std::max<int64_t>(1, kLsqMseSample / cols);
-    sample = x2.slice(0, 0, rows, (rows + per - 1) / per);
+    sample = x2.slice(0, 0, rows, stride);
   }
   sample = sample.to(at::kCPU).contiguous();
   const float s = call_core([&] { return lsq_mse_step(to_view(sample, "x")); });

@@ -41,6 +41,11 @@ float lsq_init_step(const TensorView& x, int qp = kLsqQp);
 // sample) is an Error naming `x`.
 constexpr int64_t kLsqMseSample = int64_t{1} << 20;
 float lsq_mse_step(const TensorView& x, int qp = kLsqQp);
+// The row stride t of lsq_mse_step's sample of a rows x cols matrix (1: all of it).
+constexpr int64_t lsq_mse_sample_stride(int64_t rows, int64_t cols) {
+  const int64_t per = cols > 0 && kLsqMseSample / cols > 1 ? kLsqMseSample / cols : 1;
+  return rows * cols <= kLsqMseSample ? 1 : (rows + per - 1) / per;
+}
 
 // codes = clamp(round_half_even(x * (1/s)), -8, 7). step: fp32 scalar (> 0 and finite, else Error).
 // codes: int8 (rows x cols) or kInt4Packed. Returns the number of non-finite values met in x.

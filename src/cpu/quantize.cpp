@@ -344,29 +344,22 @@ float lsq_mse_step(const TensorView& x, int qp) {
     throw_error(ErrorKind::kValue, "qp: expected a positive integer, got " + std::to_string(qp));
   }
   const int64_t rows = x.shape[0], cols = x.shape[1];
-  const int64_t stride = rows * cols <= kLsqMseSample
-                             ? 1
-                             : (rows + std::max<int64_t>(1, kLsqMseSample / cols) - 1) /
-                                   std::max<int64_t>(1, kLsqMseSample / cols);
+  const int64_t stride = lsq_mse_sample_stride(rows, cols);
   std::vector<float> v;
   v.reserve(static_cast<size_t>((rows + stride - 1) / stride * cols));
   const bool bf16 = x.dtype == DType::kBFloat16;
-  int64_t nonfinite = 0;
-  double total = 0.0;
-  for (int64_t r = 0; r < rows; r += stride) {
+  int64_t nonfinite = 0;  // over all of x
+  double total = 0.0;     // over the sample
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool sampled = r % stride == 0;
     for (int64_t c = 0; c < cols; ++c) {
       const int64_t off = r * x.strides[0] + c;
       const float e = bf16 ? bf16_to_float(x.ptr<const BFloat16>()[off]) : x.ptr<const float>()[off];
       nonfinite += std::isfinite(e) ? 0 : 1;
-      total += std::fabs(static_cast<double>(e));
-      v.push_back(e);
-    }
-  }
-  for (int64_t r = 0; stride > 1 && r < rows; ++r) {  // the rows outside the sample
-    for (int64_t c = 0; r % stride != 0 && c < cols; ++c) {
-      const int64_t off = r * x.strides[0] + c;
-      const float e = bf16 ? bf16_to_float(x.ptr<const BFloat16>()[off]) : x.ptr<const float>()[off];
-      nonfinite += std::isfinite(e) ? 0 : 1;
+      if (sampled) {
+        total += std::fabs(static_cast<double>(e));
+        v.push_back(e);
+      }
     }
   }
   if (nonfinite > 0) {

@@ -15,6 +15,8 @@
 #include "int4train/numeric.h"
 #include "int4train/philox.h"
 
+#include "expect_error.h"
+
 namespace int4train {
 namespace {
 
@@ -297,17 +299,6 @@ TEST(LssSelect, SampledSumIsUnbiased) {
 }
 
 // ------------------------------------------------------------------- errors
-
-template <class F>
-void expect_error(F&& f, const std::string& arg, ErrorKind kind = ErrorKind::kValue) {
-  try {
-    f();
-    ADD_FAILURE() << "expected an Error naming " << arg;
-  } catch (const Error& e) {
-    EXPECT_EQ(e.kind(), kind) << e.what();
-    EXPECT_EQ(std::string(e.what()).rfind(arg + ":", 0), 0u) << e.what();
-  }
-}
 
 TEST(LssErrors, BadArguments) {
   std::vector<float> c = {1.0f, 2.0f, 3.0f}, p(3), short_p(2);

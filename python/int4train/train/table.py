@@ -146,13 +146,6 @@ def _recipe_flags(spec: str) -> tuple[str, list[str], str]:
     return r.name, flags, folder
 
 
-def _expected_label(spec: str) -> str:
-    """The row label a fresh run of a --recipes item gets with the preset's settings."""
-    from ..config import Recipe
-
-    return Recipe.of(spec).label
-
-
 def run_all(args: argparse.Namespace) -> int:
     tasks = _list(args.tasks, TASKS, "--tasks")
     recipes = _list(args.recipes, None, "--recipes")
@@ -169,13 +162,16 @@ def run_all(args: argparse.Namespace) -> int:
     jobs = [(t, r, s) for s in seeds for t in tasks for r in recipes]
     # A run whose metrics.json exists is done, so an interrupted table goes on where it stopped, unless
     # it ran with other settings (a run from before a default changed: its row label differs).
+    from ..config import Recipe
+
     done, stale = [], []
+    label = {r: Recipe.of(r).label for r in recipes}  # a fresh run's, with the preset's settings
     for j in jobs:
         path = out / j[0] / f"{variants[j[1]][2]}-s{j[2]}" / "metrics.json"
         if path.exists():
             runs = load_runs([str(path)])
             fresh = "--step-lr-scale" in extra.get(j[0], [])  # then the label carries the scale
-            ok = runs and all(_spec(r) == _expected_label(j[1]) or fresh for r in runs)
+            ok = runs and all(_spec(r) == label[j[1]] or fresh for r in runs)
             (done if ok else stale).append(j)
     jobs = [j for j in jobs if j not in done]
     if done:
