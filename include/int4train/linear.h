@@ -20,9 +20,11 @@
 //
 // hq_lss sampling: the 2N bit-split rows R = [16 s hi ; s lo] get scores ||R_i|| (input gradient) and
 // ||R_i|| * ||x_hat_(i mod N)|| (weight gradient), water-filled to budget N, rounded to powers of two
-// and sampled (lss.h). Input gradient: kept rows, one INT4 product, scaled per output row by
-// 2^k (x16 for hi rows) and summed into their token's row. Weight gradient: kept rows grouped by their
-// exponent e = k (+4 for hi rows); one INT4 product per group, summed exactly in int64 with weight 2^e.
+// and sampled (lss.h; k <= kLssMaxExponent). Input gradient: kept rows, one INT4 product, scaled per
+// output row by 2^k (x16 for hi rows) and summed into their token's row. Weight gradient: kept rows
+// grouped by their exponent e = k (+4 for hi rows); one INT4 product per group, summed exactly in
+// int64 with weight 2^e. (The GPU path, cuda.h, computes the same integers another way: 2^k folded
+// into the tokens' codes of the hi and lo products.)
 #pragma once
 
 #include <cstdint>
@@ -118,6 +120,8 @@ struct LinearBackwardArgs {
                            // fixed order of kBiasGradBlockRows
   TensorView grad_step_x;  // out fp32 scalar, LSQ recipes; optional
   TensorView grad_step_w;  // out fp32 scalar, LSQ recipes; optional
+  TensorView rows_kept;    // out int64 vector of 2: LinearBackwardStats' two counts (input, weight),
+                           // in the memory of the other outputs (the device path's form); optional
 };
 
 // Statistics of the last backward's sampling, for logging and tests (hq_lss only; zero otherwise).

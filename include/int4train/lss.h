@@ -19,18 +19,35 @@ namespace int4train {
 void row_norms(const TensorView& in, TensorView norms);
 
 // Water-filling: p_i = min(1, kappa * c_i) with kappa chosen so that sum p_i = budget. Deterministic:
-//   sat = {}; repeat { kappa = (budget - |sat|) / sum_{i not in sat} c_i;
-//                      add every i with kappa * c_i >= 1 to sat } until nothing is added.
-// Sums in fp64. Rows with c_i = 0 get p_i = 0. If budget >= the number of positive scores, every
-// positive score gets p = 1. scores: fp32 >= 0 (a negative or non-finite score is an Error naming
-// `scores`); budget > 0 (or 0 when there are no scores); probs: fp32, same length.
+//   sat = {}; repeat { kappa = (budget - |sat|) / sum_{i not in sat, c_i > 0} c_i;
+//                      add every i with kappa * c_i >= 1 to sat } until nothing is added;
+//   p_i = float(kappa * c_i) for the rest (fp64 products, one rounding to fp32).
+// Rows with c_i = 0 get p_i = 0. If budget >= the number of positive scores, every positive score gets
+// p = 1. scores: fp32 >= 0 (a negative or non-finite score is an Error naming `scores`); budget > 0
+// (or 0 when there are no scores); probs: fp32, same length.
+//
+// The sums are fp64 in one fixed order, the same on the CPU and the GPU (lss_sample_cuda), so both
+// get the same kappa bit for bit: L = kLssSumLanes lanes, lane t adds the terms of indices t, t + L,
+// t + 2L, ... in index order starting from 0.0; then lss_lane_tree: within each group of 32
+// consecutive lanes, for s = 16, 8, ..., 1 every lane t < s of the group does lane[t] += lane[t + s];
+// then the same tree over the 32 group sums (group g's sum is its first lane). One GPU block of L
+// threads runs exactly this with warp shuffles; a plain index-order sum would be a serial chain of n
+// additions there.
+constexpr int kLssSumLanes = 1024;
+double lss_lane_tree(double* lanes);  // lanes: kLssSumLanes partial sums (overwritten); the total
 void lss_probabilities(const TensorView& scores, double budget, TensorView probs);
 
 // Round each probability to a power of two p' = 2^-k, k = round(-log2 p) (nearest in the log domain),
 // clamped to [0, max_exponent] (0..32); p = 0 gives k = -1 (never kept, weight 0). probs: fp32 in
 // [0, 1] (anything else is an Error naming `probs`); exponents: int8. The rounding is exact (no log):
 // with p = m 2^E, m in [1/2, 1), k = 1 - E if m^2 < 1/2 else -E.
-constexpr int kLssMaxExponent = 20;
+//
+// kLssMaxExponent is the layers' cap (linear.h, hq_lss): p' >= 1/16, so an importance weight is at
+// most 16. Any p' > 0 keeps the estimator unbiased; the cap keeps rows of tiny p more often than p
+// asks (variance down, the expected count up by at most 1/16 per such row) and bounds every weighted
+// code, 2^k times a 4-bit code, to [-128, 112]: exact in FP8 e4m3, so the GPU folds the weights of
+// the weight gradient's tokens into its FP8 operands (cuda.h) and keeps one product per gradient.
+constexpr int kLssMaxExponent = 4;
 void lss_round_pow2(const TensorView& probs, int max_exponent, TensorView exponents);
 
 // Bernoulli selection: row i is kept iff bernoulli_pow2(random_u32(rng.seed, rng.stream, i), k_i).

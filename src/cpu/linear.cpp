@@ -566,11 +566,9 @@ void products_bitsplit(const LinearConfig& cfg, bool sample, const TensorView& g
   }
 }
 
-}  // namespace
-
-void linear_backward(const LinearConfig& cfg, const LinearBackwardArgs& a,
-                     LinearBackwardStats* stats) {
-  if (stats) *stats = LinearBackwardStats{};
+// The backward of every recipe; linear_backward below adds the rows_kept output.
+void backward_impl(const LinearConfig& cfg, const LinearBackwardArgs& a,
+                   LinearBackwardStats* stats) {
   check_common(cfg, a.grad_y, a.w, "grad_y");
   check_matrix(a.grad_y, "grad_y");
   check_dtype(a.grad_y, "grad_y", {DType::kFloat32, DType::kBFloat16});
@@ -687,6 +685,24 @@ void linear_backward(const LinearConfig& cfg, const LinearBackwardArgs& a,
     lsq_backward(wt.view(DType::kFloat32), a.step_w, grads.dw.view(DType::kFloat32),
                  dwt.view(DType::kFloat32), a.grad_step_w);
     if (want_dw) hadamard_transform(dwt.view(DType::kFloat32), a.grad_w, g);
+  }
+}
+
+}  // namespace
+
+void linear_backward(const LinearConfig& cfg, const LinearBackwardArgs& a,
+                     LinearBackwardStats* stats) {
+  if (stats) *stats = LinearBackwardStats{};
+  if (a.rows_kept.data != nullptr) {
+    check_dtype(a.rows_kept, "rows_kept", {DType::kInt64});
+    check_vector(a.rows_kept, "rows_kept", 2);
+  }
+  LinearBackwardStats local;
+  backward_impl(cfg, a, &local);
+  if (stats) *stats = local;
+  if (a.rows_kept.data != nullptr) {
+    a.rows_kept.ptr<int64_t>()[0] = local.input_rows_kept;
+    a.rows_kept.ptr<int64_t>()[a.rows_kept.strides[0]] = local.weight_rows_kept;
   }
 }
 

@@ -89,6 +89,18 @@ double row_sumsq(const TensorView& in, int64_t i, int64_t cols) {
 
 }  // namespace
 
+double lss_lane_tree(double* lanes) {
+  // Within each group of 32 lanes, then over the 32 group sums: the tree s = 16, ..., 1 of lss.h.
+  auto tree32 = [](double* v, int stride) {
+    for (int s = 16; s >= 1; s /= 2) {
+      for (int t = 0; t < s; ++t) v[t * stride] += v[(t + s) * stride];
+    }
+  };
+  for (int w = 0; w < kLssSumLanes / 32; ++w) tree32(lanes + 32 * w, 1);
+  tree32(lanes, 32);
+  return lanes[0];
+}
+
 void row_norms(const TensorView& in, TensorView norms) {
   check_matrix(in, "in");
   check_dtype(in, "in", {DType::kFloat32, DType::kBFloat16, DType::kInt8, DType::kInt4Packed});
@@ -128,12 +140,14 @@ void lss_probabilities(const TensorView& scores, double budget, TensorView probs
     for (int64_t i : active) p[i] = 1.0f;
     return;
   }
-  // The water-filling loop of lss.h, sums in index order in fp64.
+  // The water-filling loop of lss.h, sums in fp64 in its fixed lane order.
   int64_t saturated = 0;
   double kappa = 0.0;
+  std::vector<double> lanes(kLssSumLanes);
   for (;;) {
-    double rest = 0.0;
-    for (int64_t i : active) rest += static_cast<double>(c[i]);
+    std::fill(lanes.begin(), lanes.end(), 0.0);
+    for (int64_t i : active) lanes[static_cast<size_t>(i % kLssSumLanes)] += static_cast<double>(c[i]);
+    const double rest = lss_lane_tree(lanes.data());
     kappa = (budget - static_cast<double>(saturated)) / rest;
     std::vector<int64_t> keep;
     keep.reserve(active.size());

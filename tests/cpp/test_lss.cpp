@@ -156,6 +156,41 @@ TEST(LssProbabilitiesEdge, LargeBudgetAllOnesAndZeroScores) {
   EXPECT_FLOAT_EQ(p[3], 0.5f);
 }
 
+// The fp64 sums follow lss.h's lane order (the GPU's), not index order: with terms of 1e16 and 1
+// they differ (1e16 + 1 rounds), so p equals the documented order's kappa bit for bit. One pass
+// suffices here (nothing saturates), so kappa = budget / sum.
+TEST(LssProbabilitiesEdge, SumsInTheDocumentedLaneOrder) {
+  const int64_t n = 3 * kLssSumLanes + 77;
+  std::vector<float> c(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) c[static_cast<size_t>(i)] = (i % 5 == 0) ? 1e16f : 1.0f;
+  double lanes[kLssSumLanes] = {};
+  for (int64_t i = 0; i < n; ++i) lanes[i % kLssSumLanes] += c[static_cast<size_t>(i)];
+  // The tree written out: pairs within groups of 32 lanes, then over the 32 group sums.
+  double groups[32];
+  for (int g = 0; g < 32; ++g) {
+    double* v = lanes + 32 * g;
+    for (int s = 16; s >= 1; s /= 2) {
+      for (int t = 0; t < s; ++t) v[t] += v[t + s];
+    }
+    groups[g] = v[0];
+  }
+  for (int s = 16; s >= 1; s /= 2) {
+    for (int t = 0; t < s; ++t) groups[t] += groups[t + s];
+  }
+  double serial = 0.0;
+  for (float v : c) serial += v;
+  ASSERT_NE(serial, groups[0]);  // the orders differ on this input
+  const double budget = 50.0;
+  std::vector<float> p(static_cast<size_t>(n));
+  lss_probabilities(fvec(c), budget, fvec(p));
+  const double kappa = budget / groups[0];
+  ASSERT_LT(kappa * 1e16, 1.0);  // nothing saturates
+  for (int64_t i = 0; i < n; ++i) {
+    ASSERT_EQ(p[static_cast<size_t>(i)], static_cast<float>(kappa * c[static_cast<size_t>(i)]))
+        << i;
+  }
+}
+
 // ------------------------------------------------------------------- power-of-two rounding
 
 TEST(LssRoundPow2, NearestInLogDomain) {
@@ -178,7 +213,7 @@ TEST(LssRoundPow2, NearestInLogDomain) {
   for (size_t i = 5; i < p.size(); ++i) {
     const double exact = -std::log2(static_cast<double>(p[i]));
     if (exact > kLssMaxExponent + 0.5) {
-      EXPECT_EQ(k[i], kLssMaxExponent);  // clamped: p' = 2^-20 >= p still unbiased
+      EXPECT_EQ(k[i], kLssMaxExponent);  // clamped: p' = 2^-max >= p, still unbiased
       continue;
     }
     EXPECT_EQ(k[i], static_cast<int>(std::lround(exact))) << p[i];
