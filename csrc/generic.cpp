@@ -497,9 +497,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(
             out.stats};
   }
 #ifdef INT4TRAIN_TORCH_CUDA
-  if (grad_y.is_cuda() && cfg.recipe == Recipe::kHqBs) {
-    // The dedicated kernels (cuda.h): bit split, exact FP8 products of the codes, LSQ backward and
-    // back-rotation. The bias gradient is above.
+  if (grad_y.is_cuda() && (cfg.recipe == Recipe::kHqBs || cfg.recipe == Recipe::kHqLss)) {
+    // The dedicated kernels (cuda.h): bit split, LSS selection on the device, exact FP8 products of
+    // the codes, LSQ backward and back-rotation. The bias gradient is above.
     LinearConfig kcfg = cfg;
     kcfg.step = detail::step_value(step);
     const Tensor gc = grad_y.contiguous(), wc = weight.contiguous(), ac = aux.contiguous();
@@ -514,6 +514,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(
     if (mask[1]) args.grad_w = detail::to_view(out.grad_w, "grad_weight");
     if (mask[3]) args.grad_step_x = detail::to_view(out.grad_input_step, "grad_input_step");
     if (mask[4]) args.grad_step_w = detail::to_view(out.grad_weight_step, "grad_weight_step");
+    args.rows_kept = detail::to_view(out.stats, "stats");
     cuda_bridge::linear_backward(kcfg, args, grad_y.get_device());
     return {out.grad_x, out.grad_w, out.grad_bias, out.grad_input_step, out.grad_weight_step,
             out.stats};

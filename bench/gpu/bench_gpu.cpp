@@ -385,9 +385,32 @@ void bench_gemm(int64_t tokens, int64_t in, int64_t out) {
       3, 7);
   std::snprintf(note, sizeof note, "%.2fx (2x bf16 GEMM)", 2.0 * ms16 / msb);
   report("linear_backward_cuda hq_bs g256 " + shape, msb, 2.0 * flops / msb / 1e9, "TFLOP/s", note);
+  // hq_lss (the default recipe): hq_bs's products, the LSS selection on the device (scores, the
+  // water-filling block, the weighted transposed operands). TFLOP/s as for the bf16 backward.
+  std::vector<int64_t> kept_host(2);
+  Buf kept(16);
+  cfg.recipe = Recipe::kHqLss;
+  const double msl = time_ms(
+      [&](int i) {
+        const LinearForwardArgs f =
+            forward_args(a16[i % kSets]->p, b16[i % kSets]->p, bias, scales, y, codes, auxb, m, k, n);
+        LinearBackwardArgs b = backward_args(gy, f, gx, gw, gbias, gsteps, m, k, n);
+        b.rows_kept = make_vector(kept.p, DType::kInt64, 2);
+        linear_backward_cuda(cfg, b, alloc, nullptr);
+      },
+      3, 7);
+  ck(cudaMemcpy(kept_host.data(), kept.p, 16, cudaMemcpyDeviceToHost), "kept");
+  std::snprintf(note, sizeof note, "%.2fx (2x bf16 GEMM); kept %lld, %lld of %lld rows",
+                2.0 * ms16 / msl, static_cast<long long>(kept_host[0]),
+                static_cast<long long>(kept_host[1]), static_cast<long long>(2 * m));
+  report("linear_backward_cuda hq_lss g256 " + shape, msl, 2.0 * flops / msl / 1e9, "TFLOP/s",
+         note);
+  std::snprintf(note, sizeof note, "%.2fx (3x bf16 GEMM)", 3.0 * ms16 / (msf + msl));
+  report("layer fwd+bwd hq_lss g256 " + shape, msf + msl, 3.0 * flops / (msf + msl) / 1e9,
+         "TFLOP/s", note);
 }
 
-// --profile-step: one forward (hq_lss) and one backward (hq_bs) of the first layer shape after one
+// --profile-step: one forward and one backward (hq_lss) of the first layer shape after one
 // warm-up call each, nothing else, so that a profiler (ncu, nsys) sees every kernel of one step.
 void profile_step(int64_t m, int64_t k, int64_t n) {
   Buf x(m * k * 2), w(n * k * 2), bias(n * 2), y(m * n * 2), scales(8);
@@ -406,7 +429,6 @@ void profile_step(int64_t m, int64_t k, int64_t n) {
     const LinearForwardArgs f = forward_args(x.p, w.p, bias, scales, y, codes, auxb, m, k, n);
     cfg.recipe = Recipe::kHqLss;
     linear_forward_cuda(cfg, f, alloc, nullptr);
-    cfg.recipe = Recipe::kHqBs;
     linear_backward_cuda(cfg, backward_args(gy, f, gx, gw, gbias, gsteps, m, k, n), alloc, nullptr);
     ck(cudaDeviceSynchronize(), "profile step");
   }

@@ -58,6 +58,18 @@ constexpr int64_t kMaxKFp8Int4 = (int64_t{1} << 24) / 64;
 // products, whose reduction dimension is the token dimension).
 void codes_to_fp8_cuda(const TensorView& codes, bool transpose, TensorView operand, void* stream);
 
+// codes_to_fp8_cuda with a power-of-two weight per code row folded in: operand value = code * 2^e_r
+// for code row r (a token of the weight gradient's operands), 0 where e_r = -1. codes: kInt4Packed
+// rows x K; row_exponents: int8 device vector of rows with values in [-1, kLssMaxExponent] (lss.h:
+// |code * 2^e| <= 128, exact in e4m3). A value outside that range cannot be reported from the
+// device: its row is written as e4m3 NaN, so every product that uses it is NaN.
+void codes_to_fp8_weighted_cuda(const TensorView& codes, const TensorView& row_exponents,
+                                bool transpose, TensorView operand, void* stream);
+
+// Largest K for which an FP8 product of weighted INT4 codes (codes_to_fp8_weighted_cuda, |a| <= 128)
+// against INT4 codes (|b| <= 8) is exact in fp32: 1024 K <= 2^24.
+constexpr int64_t kMaxKFp8Weighted = (int64_t{1} << 24) / 1024;
+
 // ------------------------------------------------------------------------------ products
 // C = A B^T in gemm.h's vocabulary: a is M x Kp, b is N x Kp, both FP8 operands (same Kp). out:
 // fp32 or bf16 M x N (row stride any),
@@ -128,6 +140,18 @@ void lsq_backward_cuda(const TensorView& x, const TensorView& step, const Tensor
                        TensorView grad_x, TensorView grad_step, const CudaAllocator& alloc,
                        void* stream);
 
+// ------------------------------------------------------------------------------ sampling
+// Leverage score sampling on the device: lss.h's lss_probabilities (its fixed summation order),
+// lss_round_pow2 with max_exponent and lss_select with rng, bit for bit, in one kernel and without
+// a host round trip: exponents[i] = k_i for a kept row (importance weight 2^k_i), -1 for a dropped
+// one. scores: fp32 device vector of n, finite and >= 0; budget as lss_probabilities (checked here,
+// on the host); max_exponent in [0, 32]; exponents: int8 device vector of n; kept: optional int64
+// device scalar, the number of rows kept. A negative or non-finite score (lss_probabilities' Error)
+// cannot be raised from the device: every exponent is then -1 and kept is -1. One block of
+// kLssSumLanes threads; each water-filling round reads the scores once.
+void lss_sample_cuda(const TensorView& scores, double budget, int max_exponent,
+                     const RandomKey& rng, TensorView exponents, TensorView kept, void* stream);
+
 // ------------------------------------------------------------------------------ random words
 // words[i] = random_u32(seed, stream, i) of philox.h for i < n (int64 values in [0, 2^32), the form
 // the device-generic PyTorch implementation computes with), where stream = (uint32(*stream_hi) << 32)
@@ -146,11 +170,13 @@ void philox_words_cuda(uint64_t seed, uint32_t stream_lo, const TensorView& stre
 void linear_forward_cuda(const LinearConfig& config, const LinearForwardArgs& args,
                          const CudaAllocator& alloc, void* stream);
 
-// linear_backward of linear.h on the device, so far for recipe hq_bs (bit split, all 2N rows; the
-// other recipes are an Error of kind kNotImplemented: hq and lsq_luq need their gradient
-// quantizers on the device, hq_lss the sampling). Every product runs on FP8 operands holding INT4
-// codes with exact accumulation; grad_x, grad_w, grad_bias equal the CPU's bit for bit, the step
-// gradients within one fp32 rounding (fp64 sums in another order). No host synchronisation.
+// linear_backward of linear.h on the device, for recipes hq_bs (bit split, all 2N rows) and hq_lss
+// (bit split + leverage score sampling; the selection by lss_sample_cuda, so the same rows as the
+// CPU's); the others are an Error of kind kNotImplemented (hq and lsq_luq need their gradient
+// quantizers on the device). Every product runs on FP8 operands holding INT4 codes (hq_lss's weight
+// gradient: codes times their token's importance weight) with exact accumulation; grad_x, grad_w,
+// grad_bias and rows_kept equal the CPU's bit for bit, the step gradients within one fp32 rounding
+// (fp64 sums in another order). No host synchronisation.
 void linear_backward_cuda(const LinearConfig& config, const LinearBackwardArgs& args,
                           const CudaAllocator& alloc, void* stream);
 

@@ -60,10 +60,32 @@ __global__ void __launch_bounds__(kThreads)
   block_sum_to<kThreads>(acc, partial);
 }
 
-// out = float(double(*s1) * double(*s2) * (16 * hi + lo)), hi and lo fp32 accumulators holding
-// integers (exact below 2^24), summed exactly in int64 (the CPU's order and rounding).
+// 2^e as a double (e in [-1022, 1023]).
+__device__ __forceinline__ double pow2(int e) {
+  return __longlong_as_double(static_cast<long long>(1023 + e) << 52);
+}
+
+// The exact recombination of one element's partial products (integers, exact in fp64): 16 hi + lo
+// (hq_bs; hq_lss's weight gradient, whose token weights are in the operands), or, with the LSS
+// exponents of the input gradient's rows (exps: 2N, hi rows first; -1 = dropped), the kept rows'
+// 2^(4 + k_hi) hi + 2^k_lo lo. Equal to the CPU's int64 sum converted to fp64 (both exact; a zero
+// is +0.0 as the CPU's, since the sum starts from +0.0).
+__device__ __forceinline__ double recombine(double h, double l, const int8_t* exps, int64_t rows,
+                                            int64_t row) {
+  if (exps == nullptr) return __fma_rn(16.0, h, l);
+  const int eh = exps[row], el = exps[rows + row];
+  double a = 0.0;
+  if (eh >= 0) a = __fma_rn(pow2(4 + eh), h, a);
+  if (el >= 0) a = __fma_rn(pow2(el), l, a);
+  return a;
+}
+
+// out = float(double(*s1) * double(*s2) * recombine(hi, lo)), hi and lo fp32 accumulators holding
+// integers (exact below 2^24), `chunks` of each (stride chunk_stride, the K-chunks of one product)
+// summed exactly in fp64: the CPU's int64 sum and its rounding.
 __global__ void __launch_bounds__(kThreads)
     combine_bitsplit_kernel(const float* __restrict__ hi, const float* __restrict__ lo, int64_t ld,
+                            int chunks, int64_t chunk_stride, const int8_t* __restrict__ exps,
                             const float* __restrict__ s1, const float* __restrict__ s2,
                             float* __restrict__ out, int64_t ldo, int64_t rows, int64_t cols) {
   const double scale = __dmul_rn(static_cast<double>(*s1), static_cast<double>(*s2));
@@ -71,9 +93,12 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = e / cols, c = e - r * cols;
-    const int64_t acc = (static_cast<int64_t>(__float2ll_rn(hi[r * ld + c])) << 4) +
-                        static_cast<int64_t>(__float2ll_rn(lo[r * ld + c]));
-    out[r * ldo + c] = __double2float_rn(__dmul_rn(scale, static_cast<double>(acc)));
+    double h = hi[r * ld + c], l = lo[r * ld + c];
+    for (int k = 1; k < chunks; ++k) {
+      h = __dadd_rn(h, static_cast<double>(hi[k * chunk_stride + r * ld + c]));
+      l = __dadd_rn(l, static_cast<double>(lo[k * chunk_stride + r * ld + c]));
+    }
+    out[r * ldo + c] = __double2float_rn(__dmul_rn(scale, recombine(h, l, exps, rows, r)));
   }
 }
 
@@ -134,6 +159,9 @@ struct EpilogueParams {
   const float* hi;
   const float* lo;
   int64_t ld;  // of hi and lo
+  int chunks;  // K-chunks of each product, chunk_stride apart, summed exactly
+  int64_t chunk_stride;
+  const int8_t* exps;  // dX of hq_lss: the rows' LSS exponents (recombine); null: 16 hi + lo
   const float* s1;
   const float* s2;
   const uint8_t* packed;  // dX: the saved codes (rows x cols, packed) ...
@@ -152,9 +180,34 @@ __device__ __forceinline__ void combine8(const EpilogueParams& p, double scale, 
                                          int64_t col0, const float h[8], float v[8]) {
   float l[8];
   load8<true>(p.lo + row * p.ld + col0, l);
+  if (p.chunks > 1) {  // K-chunked products (long batches, hq_lss): add the chunks' partials
+#pragma unroll 1
+    for (int i = 0; i < 8; ++i) {
+      double hd = h[i], ld = l[i];
+      for (int k = 1; k < p.chunks; ++k) {
+        hd = __dadd_rn(hd, static_cast<double>(p.hi[k * p.chunk_stride + row * p.ld + col0 + i]));
+        ld = __dadd_rn(ld, static_cast<double>(p.lo[k * p.chunk_stride + row * p.ld + col0 + i]));
+      }
+      v[i] = __double2float_rn(__dmul_rn(scale, recombine(hd, ld, p.exps, p.rows, row)));
+    }
+    return;
+  }
+  if (p.exps == nullptr) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const double a = __fma_rn(16.0, static_cast<double>(h[i]), static_cast<double>(l[i]));
+      v[i] = __double2float_rn(__dmul_rn(scale, a));
+    }
+    return;
+  }
+  const int eh = p.exps[row], el = p.exps[p.rows + row];
+  const double wh = eh >= 0 ? pow2(4 + eh) : 0.0, wl = el >= 0 ? pow2(el) : 0.0;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const double a = __fma_rn(16.0, static_cast<double>(h[i]), static_cast<double>(l[i]));
+    // recombine's sum, the row's exponents read once: a kept row adds its exact product to +0.0.
+    double a = 0.0;
+    if (eh >= 0) a = __fma_rn(wh, static_cast<double>(h[i]), a);
+    if (el >= 0) a = __fma_rn(wl, static_cast<double>(l[i]), a);
     v[i] = __double2float_rn(__dmul_rn(scale, a));
   }
 }
@@ -250,12 +303,14 @@ void launch_epilogue(Kernel kernel, EpilogueParams p, float* grad_step, double g
 
 }  // namespace
 
-void launch_combine_bitsplit(const float* hi, const float* lo, int64_t ld, const float* s1,
+void launch_combine_bitsplit(const float* hi, const float* lo, int64_t ld, int chunks,
+                             int64_t chunk_stride, const int8_t* exps, const float* s1,
                              const float* s2, float* out, int64_t ldo, int64_t rows, int64_t cols,
                              cudaStream_t stream) {
   if (rows * cols == 0) return;
   combine_bitsplit_kernel<<<grid_blocks(rows * cols, kThreads, int64_t{1} << 16), kThreads, 0,
-                            stream>>>(hi, lo, ld, s1, s2, out, ldo, rows, cols);
+                            stream>>>(hi, lo, ld, chunks, chunk_stride, exps, s1, s2, out, ldo,
+                                      rows, cols);
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 
@@ -299,6 +354,7 @@ EpilogueParams epilogue_params(const float* hi, const float* lo, int64_t ld, con
   p.hi = hi;
   p.lo = lo;
   p.ld = ld;
+  p.chunks = 1;
   p.s1 = s1;
   p.s2 = s2;
   p.rows = rows;
@@ -324,12 +380,13 @@ bool epilogue_empty(const EpilogueParams& p, float* grad_step, cudaStream_t stre
 }
 }  // namespace
 
-void launch_dx_epilogue(const float* hi, const float* lo, int64_t ld, const float* s1,
-                        const float* s2, const TensorView& packed, const TensorView& aux,
-                        int32_t block, TensorView grad_x, TensorView grad_step,
-                        const CudaAllocator& alloc, cudaStream_t stream) {
+void launch_dx_epilogue(const float* hi, const float* lo, int64_t ld, const int8_t* exps,
+                        const float* s1, const float* s2, const TensorView& packed,
+                        const TensorView& aux, int32_t block, TensorView grad_x,
+                        TensorView grad_step, const CudaAllocator& alloc, cudaStream_t stream) {
   EpilogueParams p = epilogue_params(hi, lo, ld, s1, s2, packed.shape[0], packed.shape[1], block,
                                      grad_x);
+  p.exps = exps;
   p.packed = packed.ptr<const uint8_t>();
   p.aux = aux.ptr<const uint8_t>();
   float* gs = grad_step.data != nullptr ? grad_step.ptr<float>() : nullptr;
@@ -340,11 +397,14 @@ void launch_dx_epilogue(const float* hi, const float* lo, int64_t ld, const floa
   });
 }
 
-void launch_dw_epilogue(const float* hi, const float* lo, int64_t ld, const float* s1,
-                        const float* s2, const TensorView& w, const TensorView& step_w,
-                        int32_t block, TensorView grad_w, TensorView grad_step,
-                        const CudaAllocator& alloc, cudaStream_t stream) {
+void launch_dw_epilogue(const float* hi, const float* lo, int64_t ld, int chunks,
+                        int64_t chunk_stride, const float* s1, const float* s2,
+                        const TensorView& w, const TensorView& step_w, int32_t block,
+                        TensorView grad_w, TensorView grad_step, const CudaAllocator& alloc,
+                        cudaStream_t stream) {
   EpilogueParams p = epilogue_params(hi, lo, ld, s1, s2, w.shape[0], w.shape[1], block, grad_w);
+  p.chunks = chunks;
+  p.chunk_stride = chunk_stride;
   p.w = w.data;
   p.ldw = row_stride(w);
   p.step = step_w.ptr<const float>();

@@ -11,6 +11,7 @@
 #include "device_common.cuh"
 #include "int4train/cuda.h"
 #include "int4train/int4.h"
+#include "int4train/lss.h"
 #include "int4train/numeric.h"
 #include "int4train/philox.h"
 #include "int4train/quantize.h"
@@ -316,7 +317,17 @@ struct ToFp8Params {
   int64_t ldc, rows, cols;
   uint8_t* out;
   int64_t ldo, out_cols;
+  const int8_t* row_exp;  // optional: code row r scaled by 2^row_exp[r] (-1: zero)
 };
+
+// The e4m3 byte of code * 2^e from the code's byte b: e = -1 gives 0; e in [0, kLssMaxExponent]
+// adds e to the exponent field of a non-zero code (|code| >= 1 is normal in e4m3 and |code * 2^e|
+// <= 128 stays below 448, so this is the exact value); anything else gives NaN (0x7F).
+__device__ __forceinline__ uint32_t e4m3_scaled(uint32_t b, int e) {
+  if (e < 0) return e == -1 ? 0u : 0x7Fu;
+  if (e > kLssMaxExponent) return 0x7Fu;
+  return (b & 0x7Fu) != 0 ? b + (static_cast<uint32_t>(e) << 3) : b;
+}
 
 __device__ __forceinline__ int load_code(const ToFp8Params& p, int64_t r, int64_t c) {
   if (p.packed) {
@@ -326,8 +337,11 @@ __device__ __forceinline__ int load_code(const ToFp8Params& p, int64_t r, int64_
   return static_cast<int>(reinterpret_cast<const int8_t*>(p.codes)[r * p.ldc + c]);
 }
 
-__device__ __forceinline__ uint8_t fp8_of(const ToFp8Params& p, int code) {
-  if (p.packed) return static_cast<uint8_t>(e4m3_of_code(code));
+__device__ __forceinline__ uint8_t fp8_of(const ToFp8Params& p, int code, int64_t r) {
+  if (p.packed) {
+    const uint32_t b = e4m3_of_code(code);
+    return static_cast<uint8_t>(p.row_exp != nullptr ? e4m3_scaled(b, p.row_exp[r]) : b);
+  }
   return static_cast<uint8_t>(
       __nv_cvt_float_to_fp8(static_cast<float>(code), __NV_SATFINITE, __NV_E4M3));
 }
@@ -338,7 +352,7 @@ __global__ void __launch_bounds__(kThreads) codes_to_fp8_kernel(const ToFp8Param
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = t / p.out_cols, c = t - r * p.out_cols;
-    p.out[r * p.ldo + c] = c < p.cols ? fp8_of(p, load_code(p, r, c)) : uint8_t{0};
+    p.out[r * p.ldo + c] = c < p.cols ? fp8_of(p, load_code(p, r, c), r) : uint8_t{0};
   }
 }
 
@@ -352,7 +366,7 @@ __global__ void __launch_bounds__(kThreads) codes_to_fp8_t_kernel(const ToFp8Par
   for (int i = threadIdx.x; i < kTile * kTile; i += blockDim.x) {
     const int rr = i / kTile, cc = i % kTile;
     const int64_t r = r0 + rr, c = c0 + cc;
-    tile[rr][cc] = (r < p.rows && c < p.cols) ? fp8_of(p, load_code(p, r, c)) : uint8_t{0};
+    tile[rr][cc] = (r < p.rows && c < p.cols) ? fp8_of(p, load_code(p, r, c), r) : uint8_t{0};
   }
   __syncthreads();
   for (int i = threadIdx.x; i < kTile * kTile; i += blockDim.x) {
@@ -377,14 +391,17 @@ __global__ void __launch_bounds__(kThreads) packed_to_fp8_t_kernel(const ToFp8Pa
     const int rr = t >> 2, q = t & 3;
     const int64_t r = r0 + rr, c = c0 + 16 * q;
     uint2 w = make_uint2(0u, 0u);  // codes 0 (e4m3 0x00) past the end: the operand's zero padding
+    int e = 0;
     if (r < p.rows && c < p.cols) {
       w = *reinterpret_cast<const uint2*>(p.codes + r * (p.cols / 2) + c / 2);
+      if (p.row_exp != nullptr) e = p.row_exp[r];
     }
 #pragma unroll
     for (int k = 0; k < 16; ++k) {
       const uint32_t word = k < 8 ? w.x : w.y;
       const int nib = static_cast<int>((word >> (4 * (k & 7))) & 0xFu);
-      tile[(16 * q + k) * kPitch + rr] = static_cast<uint8_t>(e4m3_of_code(nib));
+      const uint32_t b = e4m3_of_code(nib);
+      tile[(16 * q + k) * kPitch + rr] = static_cast<uint8_t>(p.row_exp != nullptr ? e4m3_scaled(b, e) : b);
     }
   }
   __syncthreads();
@@ -545,8 +562,36 @@ void lsq_backward_compact_cuda(const TensorView& packed_codes, const TensorView&
   }
 }
 
+namespace cuda_detail {
+namespace {
+void to_fp8(const TensorView& codes, const int8_t* row_exp, bool transpose, TensorView operand,
+            void* stream);
+}  // namespace
+}  // namespace cuda_detail
+
 void codes_to_fp8_cuda(const TensorView& codes, bool transpose, TensorView operand, void* stream) {
-  using namespace cuda_detail;
+  cuda_detail::to_fp8(codes, nullptr, transpose, operand, stream);
+}
+
+void codes_to_fp8_weighted_cuda(const TensorView& codes, const TensorView& row_exponents,
+                                bool transpose, TensorView operand, void* stream) {
+  check_dtype(codes, "codes", {DType::kInt4Packed});
+  check_dtype(row_exponents, "row_exponents", {DType::kInt8});
+  if (row_exponents.ndim != 1 || !row_exponents.is_contiguous() ||
+      (codes.ndim == 2 && row_exponents.numel() != codes.shape[0])) {
+    throw_error(ErrorKind::kValue,
+                "row_exponents: expected a contiguous int8 device vector of one exponent per code "
+                "row");
+  }
+  if (row_exponents.numel() > 0) check_not_null(row_exponents, "row_exponents");
+  cuda_detail::to_fp8(codes, row_exponents.numel() > 0 ? row_exponents.ptr<const int8_t>() : nullptr,
+                      transpose, operand, stream);
+}
+
+namespace cuda_detail {
+namespace {
+void to_fp8(const TensorView& codes, const int8_t* row_exp, bool transpose, TensorView operand,
+            void* stream) {
   check_dtype(codes, "codes", {DType::kInt4Packed, DType::kInt8});
   check_device_matrix(codes, "codes");
   check_fp8_operand(operand, "operand");
@@ -560,7 +605,8 @@ void codes_to_fp8_cuda(const TensorView& codes, bool transpose, TensorView opera
                 cols,
                 operand.ptr<uint8_t>(),
                 row_stride(operand),
-                operand.shape[1]};
+                operand.shape[1],
+                row_exp};
   if (out_rows == 0 || operand.shape[1] == 0) return;
   const cudaStream_t s = as_stream(stream);
   if (!transpose) {
@@ -577,5 +623,8 @@ void codes_to_fp8_cuda(const TensorView& codes, bool transpose, TensorView opera
   }
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
+
+}  // namespace
+}  // namespace cuda_detail
 
 }  // namespace int4train

@@ -36,9 +36,13 @@ void launch_fill_nan_if(const unsigned long long* counter, void* out, bool out_b
                         int64_t m, int64_t n, cudaStream_t stream);
 
 // out (fp32 rows x cols, row stride ldo) = float(double(*s1) * double(*s2) * (16 hi + lo)) with hi,
-// lo fp32 accumulators of integers (row stride ld) summed exactly in int64: the bit-split
-// recombination of src/cpu/linear.cpp (hq_bs), rounded as there.
-void launch_combine_bitsplit(const float* hi, const float* lo, int64_t ld, const float* s1,
+// lo fp32 accumulators of integers (row stride ld) summed exactly: the bit-split recombination of
+// src/cpu/linear.cpp, rounded as there. chunks: each of hi and lo is that many K-chunk partial
+// products, chunk_stride floats apart (1 for one product). exps (optional, hq_lss's input gradient):
+// the 2N rows' LSS exponents (hi rows first, -1 dropped); the sum is then 2^(4 + k_hi) hi +
+// 2^k_lo lo over the kept rows.
+void launch_combine_bitsplit(const float* hi, const float* lo, int64_t ld, int chunks,
+                             int64_t chunk_stride, const int8_t* exps, const float* s1,
                              const float* s2, float* out, int64_t ldo, int64_t rows, int64_t cols,
                              cudaStream_t stream);
 
@@ -55,14 +59,26 @@ void launch_bias_grad(const TensorView& g, TensorView out, const CudaAllocator& 
 // dX: packed (4-byte aligned) and aux are the forward's saved codes and compact aux bits. dW: w is
 // fp32 or bf16, 16-byte (bf16) or 32-byte (fp32) aligned with a row stride % 8 == 0. grad_x / grad_w
 // and grad_step are optional (data == nullptr).
-void launch_dx_epilogue(const float* hi, const float* lo, int64_t ld, const float* s1,
-                        const float* s2, const TensorView& packed, const TensorView& aux,
-                        int32_t block, TensorView grad_x, TensorView grad_step,
-                        const CudaAllocator& alloc, cudaStream_t stream);
-void launch_dw_epilogue(const float* hi, const float* lo, int64_t ld, const float* s1,
-                        const float* s2, const TensorView& w, const TensorView& step_w,
-                        int32_t block, TensorView grad_w, TensorView grad_step,
-                        const CudaAllocator& alloc, cudaStream_t stream);
+// exps and chunks as launch_combine_bitsplit's (dX: one chunk, optional exps; dW: chunks, no exps).
+void launch_dx_epilogue(const float* hi, const float* lo, int64_t ld, const int8_t* exps,
+                        const float* s1, const float* s2, const TensorView& packed,
+                        const TensorView& aux, int32_t block, TensorView grad_x,
+                        TensorView grad_step, const CudaAllocator& alloc, cudaStream_t stream);
+void launch_dw_epilogue(const float* hi, const float* lo, int64_t ld, int chunks,
+                        int64_t chunk_stride, const float* s1, const float* s2,
+                        const TensorView& w, const TensorView& step_w, int32_t block,
+                        TensorView grad_w, TensorView grad_step, const CudaAllocator& alloc,
+                        cudaStream_t stream);
+
+// LSS scores of the 2N bit-split rows (lss.cu): scores[i] = ||R_i|| / s_g from the exact sums of
+// squared codes r_sumsq (2N; x16 for i < n), times ||x_(i mod n)|| from x_sumsq (n) when given; the
+// CPU's fp32 operations and order (src/cpu/linear.cpp).
+void launch_lss_scores(const int32_t* r_sumsq, const int32_t* x_sumsq, int64_t n, float* scores,
+                       cudaStream_t stream);
+
+// out[r] = sum of squared codes of row r of packed INT4 codes (rows x cols), exact int32.
+void launch_packed_row_sumsq(const uint8_t* codes, int64_t rows, int64_t cols, int32_t* out,
+                             cudaStream_t stream);
 
 }  // namespace cuda_detail
 }  // namespace int4train

@@ -9,6 +9,7 @@
 #include "int4train/cuda.h"
 #include "int4train/hadamard.h"
 #include "int4train/linear.h"
+#include "int4train/lss.h"
 #include "int4train/quantize.h"
 #include "kernels.h"
 
@@ -97,9 +98,10 @@ struct Temp {
 void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
                           const CudaAllocator& alloc, void* stream) {
   using namespace cuda_detail;
-  if (cfg.recipe != Recipe::kHqBs) {
+  const bool lss = cfg.recipe == Recipe::kHqLss;
+  if (cfg.recipe != Recipe::kHqBs && !lss) {
     throw_error(ErrorKind::kNotImplemented,
-                std::string("recipe: linear_backward_cuda implements hq_bs so far, got ") +
+                std::string("recipe: linear_backward_cuda implements hq_bs and hq_lss so far, got ") +
                     recipe_name(cfg.recipe));
   }
   check_dtype(a.grad_y, "grad_y", {DType::kFloat32, DType::kBFloat16});
@@ -133,7 +135,15 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     check_dtype(a.grad_w, "grad_w", {DType::kFloat32, DType::kBFloat16});
     check_shape(a.grad_w, "grad_w", c, d);
   }
+  if (lss) check_lss_budget(cfg.lss_budget);
+  long long* kept = nullptr;  // rows_kept: (input, weight), int64 device vector
+  if (a.rows_kept.data != nullptr) {
+    check_dtype(a.rows_kept, "rows_kept", {DType::kInt64});
+    check_vector(a.rows_kept, "rows_kept", 2);
+    kept = a.rows_kept.ptr<long long>();
+  }
   const cudaStream_t s = as_stream(stream);
+  if (kept != nullptr) INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(kept, 0, 2 * sizeof *kept, s));
   if (a.grad_bias.data != nullptr) {
     check_dtype(a.grad_bias, "grad_bias", {DType::kFloat32, DType::kBFloat16});
     check_vector(a.grad_bias, "grad_bias", c);
@@ -155,11 +165,29 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   Temp hi(alloc, stream, DType::kInt4Packed, n, c), lo(alloc, stream, DType::kInt4Packed, n, c);
   Temp sg(alloc, stream, DType::kFloat32, 1, 1);
   const TensorView sg_v = make_scalar(sg.buf.get(), DType::kFloat32);
+  // hq_lss: the rows' exact sums of squared codes (the scores), then per gradient the scores, the
+  // selection (lss.h, the same rows as the CPU's) and its exponents (hi rows first; -1 dropped).
+  Temp rsq(alloc, stream, DType::kInt32, 1, lss ? 2 * n : 0);
+  Temp scores(alloc, stream, DType::kFloat32, 1, lss ? 2 * n : 0);
+  const TensorView rsq_v = lss ? make_vector(rsq.buf.get(), DType::kInt32, 2 * n) : TensorView{};
   quantize_bitsplit_cuda(a.grad_y, gkey, r_op.view, dom_dw ? hi.view : TensorView{},
-                         dom_dw ? lo.view : TensorView{}, TensorView{}, sg_v, alloc, stream);
+                         dom_dw ? lo.view : TensorView{}, rsq_v, sg_v, alloc, stream);
+  const double budget = cfg.lss_budget * static_cast<double>(n);
+  auto sample = [&](const int32_t* x_sumsq, RandomPurpose purpose, Temp& exps, int which) {
+    launch_lss_scores(rsq.buf.as<int32_t>(), x_sumsq, n, scores.buf.as<float>(), s);
+    const RandomKey key{cfg.seed, make_stream(cfg.step, cfg.layer, purpose)};
+    lss_sample_cuda(make_vector(scores.buf.get(), DType::kFloat32, 2 * n), budget, kLssMaxExponent,
+                    key, make_vector(exps.buf.get(), DType::kInt8, 2 * n),
+                    kept != nullptr ? make_scalar(kept + which, DType::kInt64) : TensorView{},
+                    stream);
+  };
 
   if (dom_dx) {
-    // dX~ = s_g s_w (16 Qhi + Qlo) Qw: one product over the 2N stacked rows (K = C).
+    // dX~ = s_g s_w (16 Qhi + Qlo) Qw: one product over the 2N stacked rows (K = C). hq_lss weights
+    // the rows' products by their exponents in the epilogue (no reduction over rows here).
+    Temp exps(alloc, stream, DType::kInt8, 1, lss ? 2 * n : 0);
+    if (lss) sample(nullptr, RandomPurpose::kSampleInput, exps, 0);
+    const int8_t* ex = lss ? exps.buf.as<int8_t>() : nullptr;
     Temp qwt(alloc, stream, DType::kFloat8E4M3, d, cp);
     codes_to_fp8_cuda(qw.view, true, qwt.view, stream);
     Temp p(alloc, stream, DType::kFloat32, 2 * n, d);
@@ -167,41 +195,74 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
                   stream);
     if (d % 8 == 0 && aligned(a.saved_codes.data, 4)) {
       // Recombination, LSQ backward and back-rotation in one pass.
-      launch_dx_epilogue(p.buf.as<float>(), p.buf.as<float>() + n * d, d, sg.buf.as<float>(),
+      launch_dx_epilogue(p.buf.as<float>(), p.buf.as<float>() + n * d, d, ex, sg.buf.as<float>(),
                          a.step_w.ptr<float>(), a.saved_codes, a.saved_aux, g,
                          want_dx ? a.grad_x : TensorView{}, a.grad_step_x, alloc, s);
     } else {
       Temp dx(alloc, stream, DType::kFloat32, n, d);
-      launch_combine_bitsplit(p.buf.as<float>(), p.buf.as<float>() + n * d, d, sg.buf.as<float>(),
-                              a.step_w.ptr<float>(), dx.buf.as<float>(), d, n, d, s);
+      launch_combine_bitsplit(p.buf.as<float>(), p.buf.as<float>() + n * d, d, 1, 0, ex,
+                              sg.buf.as<float>(), a.step_w.ptr<float>(), dx.buf.as<float>(), d, n,
+                              d, s);
       lsq_backward_compact_cuda(a.saved_codes, a.saved_aux, dx.view, dx.view, a.grad_step_x,
                                 alloc, stream);
       if (want_dx) hadamard_transform_cuda(dx.view, a.grad_x, g, stream);
     }
   }
   if (dom_dw) {
-    // dW~ = s_g s_x (16 Qhi^T + Qlo^T) Qx: two products with K = N tokens, summed exactly.
+    // dW~ = s_g s_x (16 Qhi^T + Qlo^T) Qx: two products with K = N tokens, summed exactly. hq_lss
+    // folds each token's weight 2^k (0 if dropped) into the transposed hi / lo operands (exact in
+    // FP8, lss.h), so the products stay two; their exactness bound (kMaxKFp8Weighted tokens) splits
+    // longer batches into K-chunks whose partial products the epilogue adds in fp64.
+    Temp exps(alloc, stream, DType::kInt8, 1, lss ? 2 * n : 0);
+    if (lss) {
+      Temp xsq(alloc, stream, DType::kInt32, 1, n);
+      launch_packed_row_sumsq(a.saved_codes.ptr<const uint8_t>(), n, d, xsq.buf.as<int32_t>(), s);
+      sample(xsq.buf.as<int32_t>(), RandomPurpose::kSampleWeight, exps, 1);
+    }
     Temp hit(alloc, stream, DType::kFloat8E4M3, c, np),
         lot(alloc, stream, DType::kFloat8E4M3, c, np);
     Temp qxt(alloc, stream, DType::kFloat8E4M3, d, np);
-    codes_to_fp8_cuda(hi.view, true, hit.view, stream);
-    codes_to_fp8_cuda(lo.view, true, lot.view, stream);
+    if (lss) {
+      codes_to_fp8_weighted_cuda(hi.view, make_vector(exps.buf.get(), DType::kInt8, n), true,
+                                 hit.view, stream);
+      codes_to_fp8_weighted_cuda(lo.view, make_vector(exps.buf.as<int8_t>() + n, DType::kInt8, n),
+                                 true, lot.view, stream);
+    } else {
+      codes_to_fp8_cuda(hi.view, true, hit.view, stream);
+      codes_to_fp8_cuda(lo.view, true, lot.view, stream);
+    }
     codes_to_fp8_cuda(a.saved_codes, true, qxt.view, stream);
-    Temp phi(alloc, stream, DType::kFloat32, c, d), plo(alloc, stream, DType::kFloat32, c, d);
-    gemm_fp8_cuda(hit.view, qxt.view, TensorView{}, TensorView{}, TensorView{}, phi.view, alloc,
-                  stream);
-    gemm_fp8_cuda(lot.view, qxt.view, TensorView{}, TensorView{}, TensorView{}, plo.view, alloc,
-                  stream);
+    const int64_t kmax = lss ? kMaxKFp8Weighted : kMaxKFp8Int4;  // multiples of kFp8Align
+    const int64_t chunks = np > kmax ? (np + kmax - 1) / kmax : 1;
+    Temp phi(alloc, stream, DType::kFloat32, chunks * c, d),
+        plo(alloc, stream, DType::kFloat32, chunks * c, d);
+    const auto cols = [&](const Temp& t, int64_t rows, int64_t k0, int64_t kc) {
+      TensorView v = make_matrix(t.buf.as<char>() + k0, DType::kFloat8E4M3, rows, kc);
+      v.strides[0] = np;
+      return v;
+    };
+    for (int64_t k = 0; k < chunks; ++k) {
+      const int64_t k0 = k * kmax, kc = np - k0 < kmax ? np - k0 : kmax;
+      const TensorView xk = chunks == 1 ? qxt.view : cols(qxt, d, k0, kc);
+      const TensorView ph = make_matrix(phi.buf.as<float>() + k * c * d, DType::kFloat32, c, d);
+      const TensorView pl = make_matrix(plo.buf.as<float>() + k * c * d, DType::kFloat32, c, d);
+      gemm_fp8_cuda(chunks == 1 ? hit.view : cols(hit, c, k0, kc), xk, TensorView{}, TensorView{},
+                    TensorView{}, ph, alloc, stream);
+      gemm_fp8_cuda(chunks == 1 ? lot.view : cols(lot, c, k0, kc), xk, TensorView{}, TensorView{},
+                    TensorView{}, pl, alloc, stream);
+    }
+    const int nchunks = static_cast<int>(chunks);
     const bool w_bf16 = a.w.dtype == DType::kBFloat16;
     if (d % 8 == 0 && aligned(a.w.data, w_bf16 ? 16 : 32) && (c == 1 || row_stride(a.w) % 8 == 0)) {
       // Recombination, W~ = W B, LSQ backward and back-rotation in one pass.
-      launch_dw_epilogue(phi.buf.as<float>(), plo.buf.as<float>(), d, sg.buf.as<float>(),
-                         a.step_x.ptr<float>(), a.w, a.step_w, g,
+      launch_dw_epilogue(phi.buf.as<float>(), plo.buf.as<float>(), d, nchunks, c * d,
+                         sg.buf.as<float>(), a.step_x.ptr<float>(), a.w, a.step_w, g,
                          want_dw ? a.grad_w : TensorView{}, a.grad_step_w, alloc, s);
     } else {
       Temp dw(alloc, stream, DType::kFloat32, c, d);
-      launch_combine_bitsplit(phi.buf.as<float>(), plo.buf.as<float>(), d, sg.buf.as<float>(),
-                              a.step_x.ptr<float>(), dw.buf.as<float>(), d, c, d, s);
+      launch_combine_bitsplit(phi.buf.as<float>(), plo.buf.as<float>(), d, nchunks, c * d, nullptr,
+                              sg.buf.as<float>(), a.step_x.ptr<float>(), dw.buf.as<float>(), d, c,
+                              d, s);
       Temp wt(alloc, stream, DType::kFloat32, c, d);
       hadamard_transform_cuda(a.w, wt.view, g, stream);
       lsq_backward_cuda(wt.view, a.step_w, dw.view, dw.view, a.grad_step_w, alloc, stream);

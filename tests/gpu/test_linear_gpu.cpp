@@ -47,13 +47,18 @@ struct Problem {
   bool in_bf16, out_bf16, bias;
   Recipe recipe;
   bool nonfinite;
+  bool sparse_grad = false;  // backward: row scales over four decades, every 4th row zero (LSS)
+  double lss_budget = kLssDefaultBudget;
 };
 
 std::string problem_name(const Problem& p) {
   return std::string(recipe_name(p.recipe)) + "/" + std::to_string(p.n) + "x" +
          std::to_string(p.d) + "x" + std::to_string(p.c) + "/g" + std::to_string(p.block) +
          (p.in_bf16 ? "/bf16_in" : "/fp32_in") + (p.out_bf16 ? "/bf16_out" : "/fp32_out") +
-         (p.bias ? "/bias" : "/nobias") + (p.nonfinite ? "/nonfinite" : "");
+         (p.bias ? "/bias" : "/nobias") + (p.nonfinite ? "/nonfinite" : "") +
+         (p.sparse_grad ? "/sparse_grad" : "") +
+         (p.lss_budget != kLssDefaultBudget ? "/budget" + std::to_string(p.lss_budget).substr(0, 3)
+                                            : "");
 }
 
 struct Outputs {
@@ -159,7 +164,8 @@ void run_forward(const Problem& p, bool graph) {
   GPU_CHECK_MSG(aux == want.aux, "saved aux differs");
 }
 
-// ---- backward (hq_bs): the CPU's forward saves the state, then both backwards run from it.
+// ---- backward (hq_bs, hq_lss): the CPU's forward saves the state, then both backwards run from it;
+// hq_lss also compares the rows kept (rows_kept).
 int64_t count_byte_diff(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b) {
   int64_t n = 0;
   for (size_t i = 0; i < a.size(); ++i) n += a[i] != b[i];
@@ -168,7 +174,15 @@ int64_t count_byte_diff(const std::vector<uint8_t>& a, const std::vector<uint8_t
 
 void run_backward(const Problem& p, bool graph) {
   auto x = randn(p.n * p.d, 11 + p.n, 1.0f), w = randn(p.c * p.d, 12 + p.c, 0.05f);
-  const auto gy = randn(p.n * p.c, 13 + p.d, 1e-3f);
+  auto gy = randn(p.n * p.c, 13 + p.d, 1e-3f);
+  if (p.sparse_grad) {
+    std::mt19937_64 rng(77 + p.n);
+    std::uniform_real_distribution<float> u(0.0f, 1.0f);
+    for (int64_t i = 0; i < p.n; ++i) {
+      const float scale = i % 4 == 0 ? 0.0f : std::pow(10.0f, -4.0f * u(rng));
+      for (int64_t j = 0; j < p.c; ++j) gy[static_cast<size_t>(i * p.c + j)] *= scale;
+    }
+  }
   float sx = 0.9f * lsq_init_step(make_matrix(x.data(), DType::kFloat32, p.n, p.d));
   float sw = 1.1f * lsq_init_step(make_matrix(w.data(), DType::kFloat32, p.c, p.d));
   const DType idt = p.in_bf16 ? DType::kBFloat16 : DType::kFloat32;
@@ -181,6 +195,7 @@ void run_backward(const Problem& p, bool graph) {
   cfg.seed = 99;
   cfg.step = 2;
   cfg.layer = 1;
+  cfg.lss_budget = p.lss_budget;
   const int64_t cb = p.n * packed_row_bytes(p.d), ab = compact_aux_bytes(p.n, p.d);
   std::vector<uint8_t> codes(static_cast<size_t>(cb)), aux(static_cast<size_t>(ab));
   std::vector<float> y(static_cast<size_t>(p.n * p.c));
@@ -209,11 +224,15 @@ void run_backward(const Problem& p, bool graph) {
   if (p.bias) ba.grad_bias = make_vector(want_gb.data(), odt, p.c);
   ba.grad_step_x = make_scalar(&want_gsx, DType::kFloat32);
   ba.grad_step_w = make_scalar(&want_gsw, DType::kFloat32);
+  std::vector<int64_t> want_kept(2, -7);
+  ba.rows_kept = make_vector(want_kept.data(), DType::kInt64, 2);
   linear_backward(cfg, ba);
 
   DevBuf dgy = gputest::upload(gb), dw = gputest::upload(wb), dcodes = gputest::upload(codes),
          daux = gputest::upload(aux), dsteps = gputest::upload(std::vector<float>{sx, sw});
-  DevBuf dgx(want_gx.size()), dgw(want_gw.size()), dgb(std::max<size_t>(1, want_gb.size())), dgs(8);
+  DevBuf dgx(want_gx.size()), dgw(want_gw.size()), dgb(std::max<size_t>(1, want_gb.size())), dgs(8),
+      dkept(2 * sizeof(int64_t));
+  dkept.poison();
   dgx.poison();
   dgw.poison();
   dgb.poison();
@@ -230,6 +249,7 @@ void run_backward(const Problem& p, bool graph) {
   if (p.bias) da.grad_bias = make_vector(dgb.get(), odt, p.c);
   da.grad_step_x = make_scalar(dgs.as<float>(), DType::kFloat32);
   da.grad_step_w = make_scalar(dgs.as<float>() + 1, DType::kFloat32);
+  da.rows_kept = make_vector(dkept.get(), DType::kInt64, 2);
   const CudaAllocator alloc = default_cuda_allocator();
   if (!graph) {
     linear_backward_cuda(cfg, da, alloc, nullptr);
@@ -241,6 +261,7 @@ void run_backward(const Problem& p, bool graph) {
     CUDA_OK(cudaStreamSynchronize(st));
     dgx.poison();
     dgw.poison();
+    dkept.poison();
     cudaGraph_t gr;
     CUDA_OK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
     linear_backward_cuda(cfg, da, alloc, st);
@@ -262,6 +283,15 @@ void run_backward(const Problem& p, bool graph) {
   if (p.bias) {
     const auto gbias = gputest::download<uint8_t>(dgb, want_gb.size());
     GPU_CHECK_MSG(count_byte_diff(gbias, want_gb) == 0, "grad_bias differs");
+  }
+  const auto kept = gputest::download<int64_t>(dkept, 2);
+  GPU_CHECK_MSG(kept[0] == want_kept[0] && kept[1] == want_kept[1],
+                "rows_kept " << kept[0] << ", " << kept[1] << " want " << want_kept[0] << ", "
+                             << want_kept[1]);
+  if (p.recipe == Recipe::kHqLss) {  // sampling happened: the counts are not 0 or all 2N rows
+    GPU_CHECK_MSG(want_kept[0] > 0 && want_kept[0] < 2 * p.n && want_kept[1] > 0 &&
+                      want_kept[1] < 2 * p.n,
+                  "rows kept " << want_kept[0] << ", " << want_kept[1] << " of " << 2 * p.n);
   }
   const auto gs = gputest::download<float>(dgs, 2);
   // fp64 sums of the same terms in another order: at most one fp32 rounding apart.
@@ -306,6 +336,24 @@ const bool registered = [] {
   }
   add_case("linear_backward_graph/" + problem_name(backward[3]), false,
            [=] { run_backward(backward[3], true); });
+  // hq_lss: the same shapes, the selection on the device; a row-sparse gradient (zero rows, tiny
+  // rows whose p is raised to the cap 1/16); another budget; and more tokens than one weighted FP8
+  // product can sum exactly (kMaxKFp8Weighted), so the weight gradient runs in two K-chunks.
+  std::vector<Problem> lss(std::begin(backward), std::end(backward));
+  for (Problem& p : lss) p.recipe = Recipe::kHqLss;
+  Problem sparse = lss[3];
+  sparse.sparse_grad = true;
+  lss.push_back(sparse);
+  Problem budget = lss[1];
+  budget.lss_budget = 1.5;
+  lss.push_back(budget);
+  Problem chunked{kMaxKFp8Weighted + 48, 64, 32, 16, true, false, true, Recipe::kHqLss, false};
+  lss.push_back(chunked);
+  for (const Problem& p : lss) {
+    add_case("linear_backward/" + problem_name(p), p.n > 4096, [=] { run_backward(p, false); });
+  }
+  add_case("linear_backward_graph/" + problem_name(lss[3]), false,
+           [=] { run_backward(lss[3], true); });
   return true;
 }();
 
