@@ -67,7 +67,9 @@ void codes_to_fp8_weighted_cuda(const TensorView& codes, const TensorView& row_e
                                 bool transpose, TensorView operand, void* stream);
 
 // Largest K for which an FP8 product of weighted INT4 codes (codes_to_fp8_weighted_cuda, |a| <= 128)
-// against INT4 codes (|b| <= 8) is exact in fp32: 1024 K <= 2^24.
+// against INT4 codes (|b| <= 8) is exact in fp32: 1024 K <= 2^24. This assumes fp32 accumulation
+// throughout; whether Hopper's FP8 tensor cores keep that for partial sums past 2^14 is tested by
+// fp8_weighted_exact (docs/cuda.md, "Leverage score sampling on the device").
 constexpr int64_t kMaxKFp8Weighted = (int64_t{1} << 24) / 1024;
 
 // ------------------------------------------------------------------------------ products

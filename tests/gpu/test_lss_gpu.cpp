@@ -193,6 +193,83 @@ void test_weighted(int64_t rows, int64_t cols, bool transpose, bool out_of_range
   GPU_CHECK_MSG(bad == 0, bad << " weighted operand bytes differ");
 }
 
+// The weight gradient's products with folded weights (|a| <= 128, |b| <= 8, so |a b| <= 1024) at the
+// bound kMaxKFp8Weighted, on data built to expose an accumulator narrower than fp32 inside the tensor
+// core: tokens whose products are +-1024 beside tokens whose products are 1, large first, small first,
+// and interleaved (every 128-token block then holds a partial sum of about 2^16 next to terms of 1).
+// Random data keeps partial sums small and cannot show such a loss. Each output must equal the exact
+// integer sum (below 2^24, so representable in the fp32 result).
+enum class Order { kLargeFirst, kSmallFirst, kInterleaved };
+void test_weighted_exact(Order order) {
+  const int64_t k = kMaxKFp8Weighted, m = 2, n = 16;
+  // Code rows are tokens: a (tokens x m) with a weight per token, b (tokens x n).
+  std::vector<int> a(static_cast<size_t>(k * m)), b(static_cast<size_t>(k * n));
+  std::vector<int8_t> exps(static_cast<size_t>(k));
+  for (int64_t t = 0; t < k; ++t) {
+    bool large = false;
+    switch (order) {
+      case Order::kLargeFirst: large = t < k / 2; break;
+      case Order::kSmallFirst: large = t >= k / 2; break;
+      case Order::kInterleaved: large = t % 2 == 0; break;
+    }
+    exps[static_cast<size_t>(t)] = static_cast<int8_t>(large ? kLssMaxExponent : 0);
+    for (int64_t j = 0; j < m; ++j) {
+      a[static_cast<size_t>(t * m + j)] = large ? (j == 0 ? -8 : 7) : 1;
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      // column 0: -8 (products 1024 / 896), column 1: 1, the rest alternate in sign with t.
+      const int v = j == 0 ? -8 : (j == 1 ? 1 : ((t + j) % 2 == 0 ? 7 : -8));
+      b[static_cast<size_t>(t * n + j)] = large ? v : (j % 3 == 0 ? 1 : -1);
+    }
+  }
+  auto pack = [](const std::vector<int>& codes, int64_t rows, int64_t cols) {
+    std::vector<uint8_t> out(static_cast<size_t>(rows * packed_row_bytes(cols)), 0);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < cols; c += 2) {
+        const int lo = codes[static_cast<size_t>(r * cols + c)];
+        const int hi = c + 1 < cols ? codes[static_cast<size_t>(r * cols + c + 1)] : 0;
+        out[static_cast<size_t>(r * packed_row_bytes(cols) + c / 2)] = pack_int4_pair(lo, hi);
+      }
+    }
+    return out;
+  };
+  DevBuf da = gputest::upload(pack(a, k, m)), db = gputest::upload(pack(b, k, n)),
+         de = gputest::upload(exps);
+  const int64_t kp = fp8_padded_cols(k);
+  DevBuf opa(static_cast<size_t>(m * kp)), opb(static_cast<size_t>(n * kp)), out(m * n * 4);
+  out.poison();
+  codes_to_fp8_weighted_cuda(make_matrix(da.get(), DType::kInt4Packed, k, m),
+                             make_vector(de.get(), DType::kInt8, k), true,
+                             make_matrix(opa.get(), DType::kFloat8E4M3, m, kp), nullptr);
+  codes_to_fp8_cuda(make_matrix(db.get(), DType::kInt4Packed, k, n), true,
+                    make_matrix(opb.get(), DType::kFloat8E4M3, n, kp), nullptr);
+  gemm_fp8_cuda(make_matrix(opa.get(), DType::kFloat8E4M3, m, kp),
+                make_matrix(opb.get(), DType::kFloat8E4M3, n, kp), TensorView{}, TensorView{},
+                TensorView{}, make_matrix(out.get(), DType::kFloat32, m, n),
+                default_cuda_allocator(), nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  const auto got = gputest::download<float>(out, static_cast<size_t>(m * n));
+  int64_t bad = 0;
+  std::string first;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      int64_t want = 0;
+      for (int64_t t = 0; t < k; ++t) {
+        const int64_t w = int64_t{1} << exps[static_cast<size_t>(t)];
+        want += static_cast<int64_t>(a[static_cast<size_t>(t * m + i)]) * w *
+                b[static_cast<size_t>(t * n + j)];
+      }
+      if (static_cast<double>(got[static_cast<size_t>(i * n + j)]) != static_cast<double>(want)) {
+        if (bad++ == 0) {
+          first = "(" + std::to_string(i) + ", " + std::to_string(j) + "): " +
+                  std::to_string(got[static_cast<size_t>(i * n + j)]) + " want " + std::to_string(want);
+        }
+      }
+    }
+  }
+  GPU_CHECK_MSG(bad == 0, bad << " of " << m * n << " weighted sums inexact, first " << first);
+}
+
 const bool registered = [] {
   using gputest::add_case;
   struct S {
@@ -223,6 +300,9 @@ const bool registered = [] {
   add_case("lss_sample/invalid/negative", false, [] { test_invalid(-1.0f); });
   add_case("lss_sample/invalid/inf", false, [] { test_invalid(INFINITY); });
   add_case("lss_sample/errors", false, test_arg_errors);
+  add_case("fp8_weighted_exact/large_first", false, [] { test_weighted_exact(Order::kLargeFirst); });
+  add_case("fp8_weighted_exact/small_first", false, [] { test_weighted_exact(Order::kSmallFirst); });
+  add_case("fp8_weighted_exact/interleaved", false, [] { test_weighted_exact(Order::kInterleaved); });
   for (bool t : {false, true}) {
     const std::string tn = t ? "transposed/" : "plain/";
     add_case("fp8_weighted/" + tn + "64x128", false, [=] { test_weighted(64, 128, t, false); });
