@@ -139,6 +139,19 @@ void test_arg_errors() {
   }, "kept");
 }
 
+// Codes (rows x cols, row-major ints in [-8, 7]) packed two per byte as kInt4Packed.
+std::vector<uint8_t> pack_codes(const std::vector<int>& codes, int64_t rows, int64_t cols) {
+  std::vector<uint8_t> out(static_cast<size_t>(rows * packed_row_bytes(cols)), 0);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; c += 2) {
+      const int lo = codes[static_cast<size_t>(r * cols + c)];
+      const int hi = c + 1 < cols ? codes[static_cast<size_t>(r * cols + c + 1)] : 0;
+      out[static_cast<size_t>(r * packed_row_bytes(cols) + c / 2)] = pack_int4_pair(lo, hi);
+    }
+  }
+  return out;
+}
+
 // codes * 2^e per code row (e in [-1, 4]; 5 and -2 give NaN rows), plain and transposed, against
 // the decoder: every byte, the padding zero.
 void test_weighted(int64_t rows, int64_t cols, bool transpose, bool out_of_range) {
@@ -154,15 +167,7 @@ void test_weighted(int64_t rows, int64_t cols, bool transpose, bool out_of_range
     exps[1] = static_cast<int8_t>(kLssMaxExponent + 1);
     exps[2] = -2;
   }
-  std::vector<uint8_t> packed(static_cast<size_t>(rows * packed_row_bytes(cols)), 0);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; c += 2) {
-      const int lo = codes[static_cast<size_t>(r * cols + c)];
-      const int hi = c + 1 < cols ? codes[static_cast<size_t>(r * cols + c + 1)] : 0;
-      packed[static_cast<size_t>(r * packed_row_bytes(cols) + c / 2)] = pack_int4_pair(lo, hi);
-    }
-  }
-  DevBuf dp = gputest::upload(packed), de = gputest::upload(exps);
+  DevBuf dp = gputest::upload(pack_codes(codes, rows, cols)), de = gputest::upload(exps);
   const int64_t out_rows = transpose ? cols : rows, k = transpose ? rows : cols;
   const int64_t kp = fp8_padded_cols(k);
   DevBuf op(static_cast<size_t>(std::max<int64_t>(1, out_rows * kp)));
@@ -222,18 +227,7 @@ void test_weighted_exact(Order order) {
       b[static_cast<size_t>(t * n + j)] = large ? v : (j % 3 == 0 ? 1 : -1);
     }
   }
-  auto pack = [](const std::vector<int>& codes, int64_t rows, int64_t cols) {
-    std::vector<uint8_t> out(static_cast<size_t>(rows * packed_row_bytes(cols)), 0);
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t c = 0; c < cols; c += 2) {
-        const int lo = codes[static_cast<size_t>(r * cols + c)];
-        const int hi = c + 1 < cols ? codes[static_cast<size_t>(r * cols + c + 1)] : 0;
-        out[static_cast<size_t>(r * packed_row_bytes(cols) + c / 2)] = pack_int4_pair(lo, hi);
-      }
-    }
-    return out;
-  };
-  DevBuf da = gputest::upload(pack(a, k, m)), db = gputest::upload(pack(b, k, n)),
+  DevBuf da = gputest::upload(pack_codes(a, k, m)), db = gputest::upload(pack_codes(b, k, n)),
          de = gputest::upload(exps);
   const int64_t kp = fp8_padded_cols(k);
   DevBuf opa(static_cast<size_t>(m * kp)), opb(static_cast<size_t>(n * kp)), out(m * n * 4);
