@@ -28,13 +28,12 @@ void row_norms(const TensorView& in, TensorView norms);
 //
 // The sums are fp64 in one fixed order, the same on the CPU and the GPU (lss_sample_cuda), so both
 // get the same kappa bit for bit: L = kLssSumLanes lanes, lane t adds the terms of indices t, t + L,
-// t + 2L, ... in index order starting from 0.0; then lss_lane_tree: within each group of 32
+// t + 2L, ... in index order starting from 0.0; then a tree: within each group of 32
 // consecutive lanes, for s = 16, 8, ..., 1 every lane t < s of the group does lane[t] += lane[t + s];
 // then the same tree over the 32 group sums (group g's sum is its first lane). One GPU block of L
 // threads runs exactly this with warp shuffles; a plain index-order sum would be a serial chain of n
 // additions there.
 constexpr int kLssSumLanes = 1024;
-double lss_lane_tree(double* lanes);  // lanes: kLssSumLanes partial sums (overwritten); the total
 void lss_probabilities(const TensorView& scores, double budget, TensorView probs);
 
 // Round each probability to a power of two p' = 2^-k, k = round(-log2 p) (nearest in the log domain),

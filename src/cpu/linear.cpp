@@ -702,7 +702,7 @@ void linear_backward(const LinearConfig& cfg, const LinearBackwardArgs& a,
   if (stats) *stats = local;
   if (a.rows_kept.data != nullptr) {
     a.rows_kept.ptr<int64_t>()[0] = local.input_rows_kept;
-    a.rows_kept.ptr<int64_t>()[a.rows_kept.strides[0]] = local.weight_rows_kept;
+    a.rows_kept.ptr<int64_t>()[1] = local.weight_rows_kept;  // contiguous (check_vector)
   }
 }
 

@@ -87,10 +87,9 @@ double row_sumsq(const TensorView& in, int64_t i, int64_t cols) {
   }
 }
 
-}  // namespace
-
-double lss_lane_tree(double* lanes) {
-  // Within each group of 32 lanes, then over the 32 group sums: the tree s = 16, ..., 1 of lss.h.
+// lss.h's tree over kLssSumLanes lane sums (overwritten): the water-filling's total.
+double lane_tree(double* lanes) {
+  // Within each group of 32 lanes, then over the 32 group sums: the tree s = 16, ..., 1.
   auto tree32 = [](double* v, int stride) {
     for (int s = 16; s >= 1; s /= 2) {
       for (int t = 0; t < s; ++t) v[t * stride] += v[(t + s) * stride];
@@ -100,6 +99,8 @@ double lss_lane_tree(double* lanes) {
   tree32(lanes, 32);
   return lanes[0];
 }
+
+}  // namespace
 
 void row_norms(const TensorView& in, TensorView norms) {
   check_matrix(in, "in");
@@ -147,7 +148,7 @@ void lss_probabilities(const TensorView& scores, double budget, TensorView probs
   for (;;) {
     std::fill(lanes.begin(), lanes.end(), 0.0);
     for (int64_t i : active) lanes[static_cast<size_t>(i % kLssSumLanes)] += static_cast<double>(c[i]);
-    const double rest = lss_lane_tree(lanes.data());
+    const double rest = lane_tree(lanes.data());
     kappa = (budget - static_cast<double>(saturated)) / rest;
     std::vector<int64_t> keep;
     keep.reserve(active.size());
