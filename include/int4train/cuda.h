@@ -12,14 +12,16 @@
 //    come from a CudaAllocator (stream-ordered), so a framework can pass its caching allocator.
 //  - Hopper has no INT4 tensor cores: 4-bit codes travel to the GEMM as FP8 e4m3 values (every
 //    integer in [-16, 16], and so every INT4 code, is exact in e4m3), multiplied by cuBLASLt with
-//    fp32 accumulation, which is exact for integer products while every partial sum stays below
-//    2^24 (kMaxKFp8Int4 below; measured in docs/cuda.md).
+//    default accumulation, which is exact for products of INT4 codes while every partial sum stays
+//    below 2^24 (kMaxKFp8Int4 below; measured in docs/cuda.md, including data built to defeat it).
+//    Products whose terms reach beyond |ab| <= 64 run on INT8 operands (below).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 
 #include "int4train/common.h"
+#include "int4train/gemm.h"
 #include "int4train/linear.h"
 #include "int4train/philox.h"
 
@@ -58,19 +60,24 @@ constexpr int64_t kMaxKFp8Int4 = (int64_t{1} << 24) / 64;
 // products, whose reduction dimension is the token dimension).
 void codes_to_fp8_cuda(const TensorView& codes, bool transpose, TensorView operand, void* stream);
 
-// codes_to_fp8_cuda with a power-of-two weight per code row folded in: operand value = code * 2^e_r
-// for code row r (a token of the weight gradient's operands), 0 where e_r = -1. codes: kInt4Packed
-// rows x K; row_exponents: int8 device vector of rows with values in [-1, kLssMaxExponent] (lss.h:
-// |code * 2^e| <= 128, exact in e4m3). A value outside that range cannot be reported from the
-// device: its row is written as e4m3 NaN, so every product that uses it is NaN.
-void codes_to_fp8_weighted_cuda(const TensorView& codes, const TensorView& row_exponents,
-                                bool transpose, TensorView operand, void* stream);
-
-// Largest K for which an FP8 product of weighted INT4 codes (codes_to_fp8_weighted_cuda, |a| <= 128)
-// against INT4 codes (|b| <= 8) is exact in fp32: 1024 K <= 2^24. This assumes fp32 accumulation
-// throughout; whether Hopper's FP8 tensor cores keep that for partial sums past 2^14 is tested by
-// fp8_weighted_exact (docs/cuda.md, "Leverage score sampling on the device").
-constexpr int64_t kMaxKFp8Weighted = (int64_t{1} << 24) / 1024;
+// ------------------------------------------------------------------------------ INT8 operands
+// Hopper's FP8 tensor cores keep only about 14 significant bits in the accumulator between
+// promotions to fp32 (DeepSeek-V3 reports it), so an FP8 product is exact only while its partial
+// sums between promotions fit: products of INT4 codes (|ab| <= 64) do, codes times an importance
+// weight (|ab| <= 1024) do not (both measured with data built for it: docs/cuda.md, "Exactness on
+// FP8 tensor cores"). Those products (hq_lss's weight gradient) run on INT8 tensor cores, whose
+// int32 accumulation is exact by construction. The INT8 operand has the FP8 operand's layout:
+// kInt8, rows x fp8_padded_cols(K), padding zero, row stride a multiple of 16, base 16-byte
+// aligned.
+//
+// operand = codes * 2^e_r for code row r as int8, 0 where e_r = -1: the weight gradient's operands
+// with each token's importance weight folded in (lss.h: |code * 2^e| <= 128, so [-128, 112] fits
+// int8 exactly). codes: kInt4Packed rows x K; row_exponents: optional (empty view: every e_r = 0)
+// int8 device vector of rows with values in [-1, kLssMaxExponent]; transpose as codes_to_fp8_cuda.
+// An exponent outside that range cannot be reported from the device: its row is written as zeros
+// and `invalid` (optional int64 device scalar, zeroed by the caller) is incremented.
+void codes_to_s8_cuda(const TensorView& codes, const TensorView& row_exponents, bool transpose,
+                      TensorView operand, TensorView invalid, void* stream);
 
 // ------------------------------------------------------------------------------ products
 // C = A B^T in gemm.h's vocabulary: a is M x Kp, b is N x Kp, both FP8 operands (same Kp). out:
@@ -88,6 +95,12 @@ void gemm_fp8_cuda(const TensorView& a, const TensorView& b, const TensorView& s
 // gemm_s32_ref on the same codes (K <= kMaxKFp8Int4).
 void gemm_fp8_s32_cuda(const TensorView& a, const TensorView& b, TensorView c,
                        const CudaAllocator& alloc, void* stream);
+
+// c (int32 M x N) = a b^T for INT8 operands (same Kp <= kMaxKInt8 of gemm.h, the bound for any int8
+// values; larger is an Error naming `a`): cuBLASLt's INT8 tensor-core product with int32
+// accumulation, equal to gemm_s32_ref on the same values. c: row stride any.
+void gemm_s8_s32_cuda(const TensorView& a, const TensorView& b, TensorView c,
+                      const CudaAllocator& alloc, void* stream);
 
 // ------------------------------------------------------------------------------ forward quantizer
 // The fused Hadamard + LSQ pass (one read of x): x~ = x B_block in hadamard.h's exact fp32 order,
@@ -175,10 +188,11 @@ void linear_forward_cuda(const LinearConfig& config, const LinearForwardArgs& ar
 // linear_backward of linear.h on the device, for recipes hq_bs (bit split, all 2N rows) and hq_lss
 // (bit split + leverage score sampling; the selection by lss_sample_cuda, so the same rows as the
 // CPU's); the others are an Error of kind kNotImplemented (hq and lsq_luq need their gradient
-// quantizers on the device). Every product runs on FP8 operands holding INT4 codes (hq_lss's weight
-// gradient: codes times their token's importance weight) with exact accumulation; grad_x, grad_w,
-// grad_bias and rows_kept equal the CPU's bit for bit, the step gradients within one fp32 rounding
-// (fp64 sums in another order). No host synchronisation.
+// quantizers on the device). Every product runs on FP8 operands holding INT4 codes, except hq_lss's
+// weight gradient, whose codes times their token's importance weight run on INT8 operands (see INT8
+// operands above); each product is exact. grad_x, grad_w, grad_bias and rows_kept equal the CPU's
+// bit for bit, the step gradients within one fp32 rounding (fp64 sums in another order). No host
+// synchronisation.
 void linear_backward_cuda(const LinearConfig& config, const LinearBackwardArgs& args,
                           const CudaAllocator& alloc, void* stream);
 

@@ -1,4 +1,4 @@
-// int4train CUDA path: the element-wise passes of the layer's backward that sit between the FP8
+// int4train CUDA path: the element-wise passes of the layer's backward that sit between the
 // products: the full-information LSQ backward (the weight's), the exact recombination of the
 // bit-split partial products (16 hi + lo, scaled in fp64 exactly as src/cpu/linear.cpp), and the
 // bias gradient (per-column sums in the CPU's order).
@@ -19,13 +19,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 1024;  // fixed by the shape only: deterministic partial sums
-
-int grid_blocks(int64_t items, int64_t per_block, int64_t cap) {
-  int64_t b = (items + per_block - 1) / per_block;
-  if (b < 1) b = 1;
-  if (b > cap) b = cap;
-  return static_cast<int>(b);
-}
 
 // quantize_kernels.cpp's lsq_backward_tile rules: v = x * (1/s); mask -8 <= v <= 7; r = rint(v) - v
 // inside, -8 below, 7 above.
@@ -80,11 +73,27 @@ __device__ __forceinline__ double recombine(double h, double l, const int8_t* ex
   return a;
 }
 
-// out = float(double(*s1) * double(*s2) * recombine(hi, lo)), hi and lo fp32 accumulators holding
-// integers (exact below 2^24), `chunks` of each (stride chunk_stride, the K-chunks of one product)
-// summed exactly in fp64: the CPU's int64 sum and its rounding.
+// v[i] = p[i], exactly, for the partial products: fp32 accumulators holding integers (FP8 products)
+// or int32 (INT8 products). p 32-byte aligned.
+__device__ __forceinline__ void load8_exact(const float* __restrict__ p, double v[8]) {
+  float f[8];
+  load8<true>(p, f);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = static_cast<double>(f[i]);
+}
+__device__ __forceinline__ void load8_exact(const int32_t* __restrict__ p, double v[8]) {
+  const int4 a = reinterpret_cast<const int4*>(p)[0], b = reinterpret_cast<const int4*>(p)[1];
+  const int w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = static_cast<double>(w[i]);
+}
+
+// out = float(double(*s1) * double(*s2) * recombine(hi, lo)), hi and lo partial products (P: fp32
+// accumulators holding integers, or int32), `chunks` of each (stride chunk_stride, the K-chunks of
+// one product) summed exactly in fp64: the CPU's int64 sum and its rounding.
+template <typename P>
 __global__ void __launch_bounds__(kThreads)
-    combine_bitsplit_kernel(const float* __restrict__ hi, const float* __restrict__ lo, int64_t ld,
+    combine_bitsplit_kernel(const P* __restrict__ hi, const P* __restrict__ lo, int64_t ld,
                             int chunks, int64_t chunk_stride, const int8_t* __restrict__ exps,
                             const float* __restrict__ s1, const float* __restrict__ s2,
                             float* __restrict__ out, int64_t ldo, int64_t rows, int64_t cols) {
@@ -93,7 +102,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = e / cols, c = e - r * cols;
-    double h = hi[r * ld + c], l = lo[r * ld + c];
+    double h = static_cast<double>(hi[r * ld + c]), l = static_cast<double>(lo[r * ld + c]);
     for (int k = 1; k < chunks; ++k) {
       h = __dadd_rn(h, static_cast<double>(hi[k * chunk_stride + r * ld + c]));
       l = __dadd_rn(l, static_cast<double>(lo[k * chunk_stride + r * ld + c]));
@@ -148,16 +157,16 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- the fused epilogues of the bit-split backward (hq_bs): one pass from the two fp32 partial
-// products (hi and lo, integers) to the gradient in the input domain. Per element exactly the
-// separate kernels' arithmetic: v = float(s1 * s2 * (16 hi + lo)) in fp64 (16 hi + lo is exact in
-// fp64); the LSQ backward's mask and r; the Hadamard back-rotation of the masked row chunk (the
-// warp's 256 columns hold whole blocks); the step gradient's terms v * r summed in fp64 per thread,
-// per block, then by sum_partials_kernel (a fixed order for a given grid, so deterministic; within
-// an fp32 rounding of the CPU's order).
+// ---- the fused epilogues of the bit-split backward (hq_bs, hq_lss): one pass from the two partial
+// products (hi and lo, integers in fp32 or int32) to the gradient in the input domain. Per element
+// exactly the separate kernels' arithmetic: v = float(s1 * s2 * (16 hi + lo)) in fp64 (16 hi + lo
+// is exact in fp64); the LSQ backward's mask and r; the Hadamard back-rotation of the masked row
+// chunk (the warp's 256 columns hold whole blocks); the step gradient's terms v * r summed in fp64
+// per thread, per block, then by sum_partials_kernel (a fixed order for a given grid, so
+// deterministic; within an fp32 rounding of the CPU's order).
 struct EpilogueParams {
-  const float* hi;
-  const float* lo;
+  const void* hi;  // fp32 or int32 (the kernel's P)
+  const void* lo;
   int64_t ld;  // of hi and lo
   int chunks;  // K-chunks of each product, chunk_stride apart, summed exactly
   int64_t chunk_stride;
@@ -176,17 +185,20 @@ struct EpilogueParams {
   double* partial;  // one per block
 };
 
+template <typename P>
 __device__ __forceinline__ void combine8(const EpilogueParams& p, double scale, int64_t row,
-                                         int64_t col0, const float h[8], float v[8]) {
-  float l[8];
-  load8<true>(p.lo + row * p.ld + col0, l);
-  if (p.chunks > 1) {  // K-chunked products (long batches, hq_lss): add the chunks' partials
+                                         int64_t col0, const double h[8], float v[8]) {
+  const P* hi = static_cast<const P*>(p.hi);
+  const P* lo = static_cast<const P*>(p.lo);
+  double l[8];
+  load8_exact(lo + row * p.ld + col0, l);
+  if (p.chunks > 1) {  // K-chunked products (long batches): add the chunks' partials
 #pragma unroll 1
     for (int i = 0; i < 8; ++i) {
       double hd = h[i], ld = l[i];
       for (int k = 1; k < p.chunks; ++k) {
-        hd = __dadd_rn(hd, static_cast<double>(p.hi[k * p.chunk_stride + row * p.ld + col0 + i]));
-        ld = __dadd_rn(ld, static_cast<double>(p.lo[k * p.chunk_stride + row * p.ld + col0 + i]));
+        hd = __dadd_rn(hd, static_cast<double>(hi[k * p.chunk_stride + row * p.ld + col0 + i]));
+        ld = __dadd_rn(ld, static_cast<double>(lo[k * p.chunk_stride + row * p.ld + col0 + i]));
       }
       v[i] = __double2float_rn(__dmul_rn(scale, recombine(hd, ld, p.exps, p.rows, row)));
     }
@@ -195,8 +207,7 @@ __device__ __forceinline__ void combine8(const EpilogueParams& p, double scale, 
   if (p.exps == nullptr) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const double a = __fma_rn(16.0, static_cast<double>(h[i]), static_cast<double>(l[i]));
-      v[i] = __double2float_rn(__dmul_rn(scale, a));
+      v[i] = __double2float_rn(__dmul_rn(scale, __fma_rn(16.0, h[i], l[i])));
     }
     return;
   }
@@ -206,8 +217,8 @@ __device__ __forceinline__ void combine8(const EpilogueParams& p, double scale, 
   for (int i = 0; i < 8; ++i) {
     // recombine's sum, the row's exponents read once: a kept row adds its exact product to +0.0.
     double a = 0.0;
-    if (eh >= 0) a = __fma_rn(wh, static_cast<double>(h[i]), a);
-    if (el >= 0) a = __fma_rn(wl, static_cast<double>(l[i]), a);
+    if (eh >= 0) a = __fma_rn(wh, h[i], a);
+    if (el >= 0) a = __fma_rn(wl, l[i], a);
     v[i] = __double2float_rn(__dmul_rn(scale, a));
   }
 }
@@ -231,10 +242,14 @@ __global__ void __launch_bounds__(kThreads, 3) dx_epilogue_kernel(const Epilogue
   const double scale = __dmul_rn(static_cast<double>(*p.s1), static_cast<double>(*p.s2));
   double acc = 0.0;
   for_each_warp_chunk<float, true, kChunkDepth>(
-      p.hi, p.ld, p.rows, p.cols, [&](int64_t row, int64_t col0, float h[8]) {
+      static_cast<const float*>(p.hi), p.ld, p.rows, p.cols,
+      [&](int64_t row, int64_t col0, float h[8]) {
         float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         if (col0 < p.cols) {
-          combine8(p, scale, row, col0, h, v);
+          double hd[8];
+#pragma unroll
+          for (int i = 0; i < 8; ++i) hd[i] = static_cast<double>(h[i]);
+          combine8<float>(p, scale, row, col0, hd, v);
           const uint32_t codes =
               *reinterpret_cast<const uint32_t*>(p.packed + row * (p.cols / 2) + col0 / 2);
           const uint32_t bits = p.aux[(row * p.cols + col0) / 8];
@@ -254,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, 3) dx_epilogue_kernel(const Epilogue
 
 // dW: the weight's LSQ backward from W~ = the Hadamard transform of W, computed here from W
 // (lsq_backward_cuda's rules: v = W~ / s; mask -8 <= v <= 7; r = rint(v) - v inside, -8 / 7 out).
-template <typename In, int G>
+template <typename In, typename P, int G>
 __global__ void __launch_bounds__(kThreads, 3) dw_epilogue_kernel(const EpilogueParams p) {
   const int lane = threadIdx.x & 31;
   const double scale = __dmul_rn(static_cast<double>(*p.s1), static_cast<double>(*p.s2));
@@ -267,9 +282,9 @@ __global__ void __launch_bounds__(kThreads, 3) dw_epilogue_kernel(const Epilogue
         hadamard_warp8<G>(wt, lane, p.hscale);
         float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         if (col0 < p.cols) {
-          float h[8];
-          load8<true>(p.hi + row * p.ld + col0, h);
-          combine8(p, scale, row, col0, h, v);
+          double h[8];
+          load8_exact(static_cast<const P*>(p.hi) + row * p.ld + col0, h);
+          combine8<P>(p, scale, row, col0, h, v);
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
             const float x = __fmul_rn(wt[i], inv);
@@ -303,14 +318,20 @@ void launch_epilogue(Kernel kernel, EpilogueParams p, float* grad_step, double g
 
 }  // namespace
 
-void launch_combine_bitsplit(const float* hi, const float* lo, int64_t ld, int chunks,
-                             int64_t chunk_stride, const int8_t* exps, const float* s1,
+void launch_combine_bitsplit(const SplitPartials& pp, const int8_t* exps, const float* s1,
                              const float* s2, float* out, int64_t ldo, int64_t rows, int64_t cols,
                              cudaStream_t stream) {
   if (rows * cols == 0) return;
-  combine_bitsplit_kernel<<<grid_blocks(rows * cols, kThreads, int64_t{1} << 16), kThreads, 0,
-                            stream>>>(hi, lo, ld, chunks, chunk_stride, exps, s1, s2, out, ldo,
-                                      rows, cols);
+  const int grid = grid_blocks(rows * cols, kThreads, int64_t{1} << 16);
+  auto launch = [&](auto* hi, auto* lo) {
+    combine_bitsplit_kernel<<<grid, kThreads, 0, stream>>>(
+        hi, lo, pp.ld, pp.chunks, pp.chunk_stride, exps, s1, s2, out, ldo, rows, cols);
+  };
+  if (pp.s32) {
+    launch(static_cast<const int32_t*>(pp.hi), static_cast<const int32_t*>(pp.lo));
+  } else {
+    launch(static_cast<const float*>(pp.hi), static_cast<const float*>(pp.lo));
+  }
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 
@@ -347,14 +368,14 @@ bool vec_ok(const void* p, bool bf16, int64_t ld, int64_t rows) {
 
 // The parameters both epilogues share: the partial products, their scales, the shape, the Hadamard
 // scale of `block` and the optional output.
-EpilogueParams epilogue_params(const float* hi, const float* lo, int64_t ld, const float* s1,
-                               const float* s2, int64_t rows, int64_t cols, int32_t block,
-                               const TensorView& out) {
+EpilogueParams epilogue_params(const SplitPartials& pp, const float* s1, const float* s2,
+                               int64_t rows, int64_t cols, int32_t block, const TensorView& out) {
   EpilogueParams p{};
-  p.hi = hi;
-  p.lo = lo;
-  p.ld = ld;
-  p.chunks = 1;
+  p.hi = pp.hi;
+  p.lo = pp.lo;
+  p.ld = pp.ld;
+  p.chunks = pp.chunks;
+  p.chunk_stride = pp.chunk_stride;
   p.s1 = s1;
   p.s2 = s2;
   p.rows = rows;
@@ -380,12 +401,14 @@ bool epilogue_empty(const EpilogueParams& p, float* grad_step, cudaStream_t stre
 }
 }  // namespace
 
-void launch_dx_epilogue(const float* hi, const float* lo, int64_t ld, const int8_t* exps,
-                        const float* s1, const float* s2, const TensorView& packed,
-                        const TensorView& aux, int32_t block, TensorView grad_x,
-                        TensorView grad_step, const CudaAllocator& alloc, cudaStream_t stream) {
-  EpilogueParams p = epilogue_params(hi, lo, ld, s1, s2, packed.shape[0], packed.shape[1], block,
-                                     grad_x);
+void launch_dx_epilogue(const SplitPartials& pp, const int8_t* exps, const float* s1,
+                        const float* s2, const TensorView& packed, const TensorView& aux,
+                        int32_t block, TensorView grad_x, TensorView grad_step,
+                        const CudaAllocator& alloc, cudaStream_t stream) {
+  if (pp.s32 || pp.chunks != 1) {
+    throw_error(ErrorKind::kRuntime, "launch_dx_epilogue: expected one fp32 partial product");
+  }
+  EpilogueParams p = epilogue_params(pp, s1, s2, packed.shape[0], packed.shape[1], block, grad_x);
   p.exps = exps;
   p.packed = packed.ptr<const uint8_t>();
   p.aux = aux.ptr<const uint8_t>();
@@ -397,14 +420,11 @@ void launch_dx_epilogue(const float* hi, const float* lo, int64_t ld, const int8
   });
 }
 
-void launch_dw_epilogue(const float* hi, const float* lo, int64_t ld, int chunks,
-                        int64_t chunk_stride, const float* s1, const float* s2,
+void launch_dw_epilogue(const SplitPartials& pp, const float* s1, const float* s2,
                         const TensorView& w, const TensorView& step_w, int32_t block,
                         TensorView grad_w, TensorView grad_step, const CudaAllocator& alloc,
                         cudaStream_t stream) {
-  EpilogueParams p = epilogue_params(hi, lo, ld, s1, s2, w.shape[0], w.shape[1], block, grad_w);
-  p.chunks = chunks;
-  p.chunk_stride = chunk_stride;
+  EpilogueParams p = epilogue_params(pp, s1, s2, w.shape[0], w.shape[1], block, grad_w);
   p.w = w.data;
   p.ldw = row_stride(w);
   p.step = step_w.ptr<const float>();
@@ -414,8 +434,13 @@ void launch_dw_epilogue(const float* hi, const float* lo, int64_t ld, int chunks
   const double gamma = lsq_step_gamma(p.rows * p.cols);
   dispatch_block(block, [&](auto g) {
     constexpr int G = decltype(g)::value;
-    bf16 ? launch_epilogue(dw_epilogue_kernel<BFloat16, G>, p, gs, gamma, alloc, stream)
-         : launch_epilogue(dw_epilogue_kernel<float, G>, p, gs, gamma, alloc, stream);
+    if (pp.s32) {
+      bf16 ? launch_epilogue(dw_epilogue_kernel<BFloat16, int32_t, G>, p, gs, gamma, alloc, stream)
+           : launch_epilogue(dw_epilogue_kernel<float, int32_t, G>, p, gs, gamma, alloc, stream);
+    } else {
+      bf16 ? launch_epilogue(dw_epilogue_kernel<BFloat16, float, G>, p, gs, gamma, alloc, stream)
+           : launch_epilogue(dw_epilogue_kernel<float, float, G>, p, gs, gamma, alloc, stream);
+    }
   });
 }
 

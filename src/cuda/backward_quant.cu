@@ -22,13 +22,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-int grid_blocks(int64_t work_items, int64_t items_per_block, int64_t cap = int64_t{1} << 20) {
-  int64_t b = (work_items + items_per_block - 1) / items_per_block;
-  if (b < 1) b = 1;
-  if (b > cap) b = cap;
-  return static_cast<int>(b);
-}
-
 // ------------------------------------------------------------------------------ absmax
 // |v| as bits: NaN > Inf > finite, as the CPU's absmax_bits.
 __device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(v) & 0x7FFFFFFFu; }
@@ -310,26 +303,27 @@ __global__ void __launch_bounds__(kThreads) lsq_backward_compact_kernel(const Ls
   block_sum_to<kThreads>(acc, p.partial);
 }
 
-// ------------------------------------------------------------------------------ codes -> FP8
-struct ToFp8Params {
+// ------------------------------------------------------------------------------ codes -> operands
+struct ToOperandParams {
   const uint8_t* codes;  // packed or int8
   bool packed;
   int64_t ldc, rows, cols;
   uint8_t* out;
   int64_t ldo, out_cols;
-  const int8_t* row_exp;  // optional: code row r scaled by 2^row_exp[r] (-1: zero)
+  bool s8;                      // INT8 operand (packed codes only); else FP8 e4m3
+  const int8_t* row_exp;        // INT8 only, optional: code row r scaled by 2^row_exp[r] (-1: zero)
+  unsigned long long* invalid;  // optional: counts rows with an exponent out of range
 };
 
-// The e4m3 byte of code * 2^e from the code's byte b: e = -1 gives 0; e in [0, kLssMaxExponent]
-// adds e to the exponent field of a non-zero code (|code| >= 1 is normal in e4m3 and |code * 2^e|
-// <= 128 stays below 448, so this is the exact value); anything else gives NaN (0x7F).
-__device__ __forceinline__ uint32_t e4m3_scaled(uint32_t b, int e) {
-  if (e < 0) return e == -1 ? 0u : 0x7Fu;
-  if (e > kLssMaxExponent) return 0x7Fu;
-  return (b & 0x7Fu) != 0 ? b + (static_cast<uint32_t>(e) << 3) : b;
+// The INT8 byte of code * 2^e: e = -1 gives 0, e in [0, kLssMaxExponent] the exact value (|code *
+// 2^e| <= 128, the product -8 * 16 = -128 included); anything else 0 (counted by the caller).
+__device__ __forceinline__ bool exponent_ok(int e) { return e >= -1 && e <= kLssMaxExponent; }
+__device__ __forceinline__ uint8_t s8_scaled(int code, int e) {
+  return e >= 0 && e <= kLssMaxExponent ? static_cast<uint8_t>(static_cast<int8_t>(code * (1 << e)))
+                                        : uint8_t{0};
 }
 
-__device__ __forceinline__ int load_code(const ToFp8Params& p, int64_t r, int64_t c) {
+__device__ __forceinline__ int load_code(const ToOperandParams& p, int64_t r, int64_t c) {
   if (p.packed) {
     const uint8_t byte = p.codes[r * ((p.cols + 1) / 2) + c / 2];
     return (c & 1) ? unpack_int4_hi(byte) : unpack_int4_lo(byte);
@@ -337,36 +331,42 @@ __device__ __forceinline__ int load_code(const ToFp8Params& p, int64_t r, int64_
   return static_cast<int>(reinterpret_cast<const int8_t*>(p.codes)[r * p.ldc + c]);
 }
 
-__device__ __forceinline__ uint8_t fp8_of(const ToFp8Params& p, int code, int64_t r) {
-  if (p.packed) {
-    const uint32_t b = e4m3_of_code(code);
-    return static_cast<uint8_t>(p.row_exp != nullptr ? e4m3_scaled(b, p.row_exp[r]) : b);
+// The operand byte of code row r's code; an out-of-range exponent is counted where the row's first
+// column is converted (once per row).
+__device__ __forceinline__ uint8_t operand_of(const ToOperandParams& p, int code, int64_t r,
+                                              int64_t c) {
+  if (p.s8) {
+    const int e = p.row_exp != nullptr ? p.row_exp[r] : 0;
+    if (!exponent_ok(e) && c == 0 && p.invalid != nullptr) atomicAdd(p.invalid, 1ull);
+    return s8_scaled(code, e);
   }
+  if (p.packed) return static_cast<uint8_t>(e4m3_of_code(code));
   return static_cast<uint8_t>(
       __nv_cvt_float_to_fp8(static_cast<float>(code), __NV_SATFINITE, __NV_E4M3));
 }
 
 // out[r, c] = code[r, c] (c < cols), 0 in the padding.
-__global__ void __launch_bounds__(kThreads) codes_to_fp8_kernel(const ToFp8Params p) {
+__global__ void __launch_bounds__(kThreads) codes_to_operand_kernel(const ToOperandParams p) {
   const int64_t total = p.rows * p.out_cols;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = t / p.out_cols, c = t - r * p.out_cols;
-    p.out[r * p.ldo + c] = c < p.cols ? fp8_of(p, load_code(p, r, c), r) : uint8_t{0};
+    p.out[r * p.ldo + c] = c < p.cols ? operand_of(p, load_code(p, r, c), r, c) : uint8_t{0};
   }
 }
 
 // out (cols x padded rows) = codes^T through a 64 x 64 shared tile: reads along code rows, writes
 // along output rows, both coalesced.
 constexpr int kTile = 64;
-__global__ void __launch_bounds__(kThreads) codes_to_fp8_t_kernel(const ToFp8Params p) {
+__global__ void __launch_bounds__(kThreads) codes_to_operand_t_kernel(const ToOperandParams p) {
   __shared__ uint8_t tile[kTile][kTile + 4];
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile;  // code rows = output columns
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile;  // code columns = output rows
   for (int i = threadIdx.x; i < kTile * kTile; i += blockDim.x) {
     const int rr = i / kTile, cc = i % kTile;
     const int64_t r = r0 + rr, c = c0 + cc;
-    tile[rr][cc] = (r < p.rows && c < p.cols) ? fp8_of(p, load_code(p, r, c), r) : uint8_t{0};
+    tile[rr][cc] =
+        (r < p.rows && c < p.cols) ? operand_of(p, load_code(p, r, c), r, c) : uint8_t{0};
   }
   __syncthreads();
   for (int i = threadIdx.x; i < kTile * kTile; i += blockDim.x) {
@@ -381,7 +381,7 @@ __global__ void __launch_bounds__(kThreads) codes_to_fp8_t_kernel(const ToFp8Par
 // a row and writing 16 operand bytes (one uint4) of an output row, through a shared tile (pitch 68:
 // 4-byte rows, 2-way bank conflicts at most). blockIdx.x: tiles of code rows (= output columns,
 // padding included), blockIdx.y: tiles of code columns (= output rows).
-__global__ void __launch_bounds__(kThreads) packed_to_fp8_t_kernel(const ToFp8Params p) {
+__global__ void __launch_bounds__(kThreads) packed_to_operand_t_kernel(const ToOperandParams p) {
   constexpr int kPitch = kTile + 4;
   __shared__ __align__(16) uint8_t tile[kTile * kPitch];
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;  // code rows
@@ -390,18 +390,19 @@ __global__ void __launch_bounds__(kThreads) packed_to_fp8_t_kernel(const ToFp8Pa
   {
     const int rr = t >> 2, q = t & 3;
     const int64_t r = r0 + rr, c = c0 + 16 * q;
-    uint2 w = make_uint2(0u, 0u);  // codes 0 (e4m3 0x00) past the end: the operand's zero padding
+    uint2 w = make_uint2(0u, 0u);  // codes 0 (byte 0x00) past the end: the operand's zero padding
     int e = 0;
     if (r < p.rows && c < p.cols) {
       w = *reinterpret_cast<const uint2*>(p.codes + r * (p.cols / 2) + c / 2);
       if (p.row_exp != nullptr) e = p.row_exp[r];
+      if (!exponent_ok(e) && c == 0 && p.invalid != nullptr) atomicAdd(p.invalid, 1ull);
     }
 #pragma unroll
     for (int k = 0; k < 16; ++k) {
       const uint32_t word = k < 8 ? w.x : w.y;
-      const int nib = static_cast<int>((word >> (4 * (k & 7))) & 0xFu);
-      const uint32_t b = e4m3_of_code(nib);
-      tile[(16 * q + k) * kPitch + rr] = static_cast<uint8_t>(p.row_exp != nullptr ? e4m3_scaled(b, e) : b);
+      const int code = unpack_int4_lo(static_cast<uint8_t>(word >> (4 * (k & 7))));
+      tile[(16 * q + k) * kPitch + rr] =
+          p.s8 ? s8_scaled(code, e) : static_cast<uint8_t>(e4m3_of_code(code));
     }
   }
   __syncthreads();
@@ -445,7 +446,7 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
   p.stream = rng.stream;
   p.scale = scale.ptr<float>();
   if (operand.data != nullptr) {
-    check_fp8_operand(operand, "operand");
+    check_gemm_operand(operand, "operand", DType::kFloat8E4M3);
     check_shape(operand, "operand", 2 * rows, fp8_padded_cols(cols));
     p.operand = operand.ptr<uint8_t>();
     p.ldop = row_stride(operand);
@@ -564,62 +565,71 @@ void lsq_backward_compact_cuda(const TensorView& packed_codes, const TensorView&
 
 namespace cuda_detail {
 namespace {
-void to_fp8(const TensorView& codes, const int8_t* row_exp, bool transpose, TensorView operand,
-            void* stream);
+void to_operand(const TensorView& codes, bool s8, const int8_t* row_exp, bool transpose,
+                TensorView operand, unsigned long long* invalid, void* stream);
 }  // namespace
 }  // namespace cuda_detail
 
 void codes_to_fp8_cuda(const TensorView& codes, bool transpose, TensorView operand, void* stream) {
-  cuda_detail::to_fp8(codes, nullptr, transpose, operand, stream);
+  check_dtype(codes, "codes", {DType::kInt4Packed, DType::kInt8});
+  cuda_detail::check_gemm_operand(operand, "operand", DType::kFloat8E4M3);
+  cuda_detail::to_operand(codes, false, nullptr, transpose, operand, nullptr, stream);
 }
 
-void codes_to_fp8_weighted_cuda(const TensorView& codes, const TensorView& row_exponents,
-                                bool transpose, TensorView operand, void* stream) {
+void codes_to_s8_cuda(const TensorView& codes, const TensorView& row_exponents, bool transpose,
+                      TensorView operand, TensorView invalid, void* stream) {
   check_dtype(codes, "codes", {DType::kInt4Packed});
-  check_dtype(row_exponents, "row_exponents", {DType::kInt8});
-  if (row_exponents.ndim != 1 || !row_exponents.is_contiguous() ||
-      (codes.ndim == 2 && row_exponents.numel() != codes.shape[0])) {
-    throw_error(ErrorKind::kValue,
-                "row_exponents: expected a contiguous int8 device vector of one exponent per code "
-                "row");
+  cuda_detail::check_gemm_operand(operand, "operand", DType::kInt8);
+  const bool weighted = row_exponents.data != nullptr || row_exponents.ndim > 0;
+  if (weighted) {
+    check_dtype(row_exponents, "row_exponents", {DType::kInt8});
+    if (row_exponents.ndim != 1 || !row_exponents.is_contiguous() ||
+        (codes.ndim == 2 && row_exponents.numel() != codes.shape[0])) {
+      throw_error(ErrorKind::kValue,
+                  "row_exponents: expected a contiguous int8 device vector of one exponent per "
+                  "code row");
+    }
+    if (row_exponents.numel() > 0) check_not_null(row_exponents, "row_exponents");
   }
-  if (row_exponents.numel() > 0) check_not_null(row_exponents, "row_exponents");
-  cuda_detail::to_fp8(codes, row_exponents.numel() > 0 ? row_exponents.ptr<const int8_t>() : nullptr,
-                      transpose, operand, stream);
+  if (invalid.data != nullptr) cuda_detail::check_device_scalar(invalid, "invalid", DType::kInt64);
+  cuda_detail::to_operand(
+      codes, true,
+      weighted && row_exponents.numel() > 0 ? row_exponents.ptr<const int8_t>() : nullptr,
+      transpose, operand, static_cast<unsigned long long*>(invalid.data), stream);
 }
 
 namespace cuda_detail {
 namespace {
-void to_fp8(const TensorView& codes, const int8_t* row_exp, bool transpose, TensorView operand,
-            void* stream) {
-  check_dtype(codes, "codes", {DType::kInt4Packed, DType::kInt8});
+void to_operand(const TensorView& codes, bool s8, const int8_t* row_exp, bool transpose,
+                TensorView operand, unsigned long long* invalid, void* stream) {
   check_device_matrix(codes, "codes");
-  check_fp8_operand(operand, "operand");
   const int64_t rows = codes.shape[0], cols = codes.shape[1];
   const int64_t out_rows = transpose ? cols : rows, out_k = transpose ? rows : cols;
   check_shape(operand, "operand", out_rows, fp8_padded_cols(out_k));
-  ToFp8Params p{codes.ptr<const uint8_t>(),
-                codes.dtype == DType::kInt4Packed,
-                codes.dtype == DType::kInt8 ? row_stride(codes) : 0,
-                rows,
-                cols,
-                operand.ptr<uint8_t>(),
-                row_stride(operand),
-                operand.shape[1],
-                row_exp};
+  ToOperandParams p{codes.ptr<const uint8_t>(),
+                    codes.dtype == DType::kInt4Packed,
+                    codes.dtype == DType::kInt8 ? row_stride(codes) : 0,
+                    rows,
+                    cols,
+                    operand.ptr<uint8_t>(),
+                    row_stride(operand),
+                    operand.shape[1],
+                    s8,
+                    row_exp,
+                    invalid};
   if (out_rows == 0 || operand.shape[1] == 0) return;
   const cudaStream_t s = as_stream(stream);
   if (!transpose) {
-    codes_to_fp8_kernel<<<grid_blocks(rows * p.out_cols, kThreads), kThreads, 0, s>>>(p);
+    codes_to_operand_kernel<<<grid_blocks(rows * p.out_cols, kThreads), kThreads, 0, s>>>(p);
   } else if (p.packed && cols % 16 == 0 && aligned(p.codes, 8) &&
              (cols + kTile - 1) / kTile <= 65535) {
     const dim3 grid(static_cast<unsigned>((p.out_cols + kTile - 1) / kTile),
                     static_cast<unsigned>((cols + kTile - 1) / kTile));
-    packed_to_fp8_t_kernel<<<grid, kThreads, 0, s>>>(p);
+    packed_to_operand_t_kernel<<<grid, kThreads, 0, s>>>(p);
   } else {
     const dim3 grid(static_cast<unsigned>((cols + kTile - 1) / kTile),
                     static_cast<unsigned>((p.out_cols + kTile - 1) / kTile));
-    codes_to_fp8_t_kernel<<<grid, kThreads, 0, s>>>(p);
+    codes_to_operand_t_kernel<<<grid, kThreads, 0, s>>>(p);
   }
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }

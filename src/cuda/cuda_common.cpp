@@ -43,21 +43,23 @@ void check_device_matrix(const TensorView& t, const char* arg) {
   }
 }
 
-void check_fp8_operand(const TensorView& t, const char* arg) {
-  check_dtype(t, arg, {DType::kFloat8E4M3});
+void check_gemm_operand(const TensorView& t, const char* arg, DType dtype) {
+  check_dtype(t, arg, {dtype});
   check_device_matrix(t, arg);
+  const std::string what =
+      std::string(arg) + (dtype == DType::kInt8 ? ": INT8 operand " : ": FP8 operand ");
   if (t.shape[1] % kFp8Align != 0) {
-    throw_error(ErrorKind::kValue, std::string(arg) + ": FP8 operand width must be a multiple of " +
+    throw_error(ErrorKind::kValue, what + "width must be a multiple of " +
                                        std::to_string(kFp8Align) + " (fp8_padded_cols), got " +
                                        std::to_string(t.shape[1]));
   }
   if (t.shape[0] > 1 && t.strides[0] % kFp8Align != 0) {
-    throw_error(ErrorKind::kValue,
-                std::string(arg) + ": FP8 operand row stride must be a multiple of " +
-                    std::to_string(kFp8Align) + ", got " + std::to_string(t.strides[0]));
+    throw_error(ErrorKind::kValue, what + "row stride must be a multiple of " +
+                                       std::to_string(kFp8Align) + ", got " +
+                                       std::to_string(t.strides[0]));
   }
   if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0) {
-    throw_error(ErrorKind::kValue, std::string(arg) + ": FP8 operand must be 16-byte aligned");
+    throw_error(ErrorKind::kValue, what + "must be 16-byte aligned");
   }
 }
 

@@ -34,9 +34,9 @@ inline cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(s
 
 // A device matrix view: ndim 2, row-contiguous, non-null unless empty.
 void check_device_matrix(const TensorView& t, const char* arg);
-// An FP8 operand (cuda.h): kFloat8E4M3, cols a multiple of 16, row stride a multiple of 16, base
-// address 16-byte aligned.
-void check_fp8_operand(const TensorView& t, const char* arg);
+// A GEMM operand (cuda.h): `dtype` (kFloat8E4M3 or kInt8), cols a multiple of 16, row stride a
+// multiple of 16, base address 16-byte aligned.
+void check_gemm_operand(const TensorView& t, const char* arg, DType dtype);
 // An fp32 / int64 / uint32 device scalar (one element).
 void check_device_scalar(const TensorView& t, const char* arg, DType dtype);
 
@@ -59,6 +59,15 @@ template <typename Kernel>
 int persistent_blocks(Kernel kernel, int threads, int64_t needed) {
   const int64_t full = resident_blocks(reinterpret_cast<const void*>(kernel), threads);
   return static_cast<int>(needed < 1 ? 1 : (needed < full ? needed : full));
+}
+
+// Blocks for a grid-stride kernel over `items` work items, `per_block` per block: at least 1, at
+// most `cap` (the kernels loop over what a capped grid leaves).
+inline int grid_blocks(int64_t items, int64_t per_block, int64_t cap = int64_t{1} << 20) {
+  int64_t b = (items + per_block - 1) / per_block;
+  if (b < 1) b = 1;
+  if (b > cap) b = cap;
+  return static_cast<int>(b);
 }
 
 inline bool aligned(const void* p, size_t bytes) {

@@ -1,6 +1,7 @@
 // int4train CUDA path: the products of 4-bit codes on Hopper's FP8 tensor cores through cuBLASLt
 // (C = A B^T in gemm.h's vocabulary), with device-pointer scales, an optional bias and bf16 or fp32
-// output, plus the exact int32-result mode that the tests hold equal to gemm_s32_ref.
+// output, plus the exact int32-result mode that the tests hold equal to gemm_s32_ref; and the INT8
+// product with int32 accumulation for operands whose terms FP8 cannot sum exactly (cuda.h).
 //
 // Mapping: cuBLASLt is column-major and its FP8 kernels need the "TN" form. A row-major M x N
 // output is a column-major N x M matrix D = B' A' with B' = our b (N x K row-major = K x N
@@ -64,9 +65,10 @@ uint32_t alignment_of(const void* p) {
   return al;
 }
 
-// One FP8 product as cuBLASLt sees it (after the operand swap).
+// One product as cuBLASLt sees it (after the operand swap).
 struct LtProblem {
-  int64_t m, n, k;  // cuBLASLt's m = our N, n = our M
+  cudaDataType_t ab_type;  // CUDA_R_8F_E4M3 (fp32 accumulation) or CUDA_R_8I (int32)
+  int64_t m, n, k;         // cuBLASLt's m = our N, n = our M
   const void* a;    // our b
   int64_t lda;
   const void* b;  // our a
@@ -81,8 +83,8 @@ struct LtProblem {
 };
 
 // What the chosen algorithm depends on; the pointers themselves are set on every call.
-using AlgoKey = std::tuple<int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int,
-                           int, uint32_t, uint32_t, uint32_t>;
+using AlgoKey = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int,
+                           int, int, uint32_t, uint32_t, uint32_t>;
 
 struct Descs {
   cublasLtMatmulDesc_t op = nullptr;
@@ -95,19 +97,25 @@ struct Descs {
   }
 };
 
+bool is_s8(const LtProblem& p) { return p.ab_type == CUDA_R_8I; }
+
 void make_descs(const LtProblem& p, Descs& ds) {
-  lt_check(cublasLtMatmulDescCreate(&ds.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "MatmulDescCreate");
+  lt_check(is_s8(p) ? cublasLtMatmulDescCreate(&ds.op, CUBLAS_COMPUTE_32I, CUDA_R_32I)
+                    : cublasLtMatmulDescCreate(&ds.op, CUBLAS_COMPUTE_32F, CUDA_R_32F),
+           "MatmulDescCreate");
   const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
   lt_check(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta),
            "TRANSA");
   lt_check(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb),
            "TRANSB");
-  // Default accumulation: fast accumulation would keep partial sums in the tensor core's reduced
-  // precision and lose integer exactness.
+  // FP8: default accumulation (fast accumulation would keep partial sums in the tensor core's
+  // reduced precision for longer and lose integer exactness).
   const int8_t fast = 0;
-  lt_check(
-      cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof fast),
-      "FAST_ACCUM");
+  if (!is_s8(p)) {
+    lt_check(
+        cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast, sizeof fast),
+        "FAST_ACCUM");
+  }
   if (p.scale_a != nullptr) {
     lt_check(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &p.scale_a,
                                             sizeof p.scale_a),
@@ -130,10 +138,10 @@ void make_descs(const LtProblem& p, Descs& ds) {
         cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt),
         "BIAS_DATA_TYPE");
   }
-  lt_check(cublasLtMatrixLayoutCreate(&ds.a, CUDA_R_8F_E4M3, static_cast<uint64_t>(p.k),
+  lt_check(cublasLtMatrixLayoutCreate(&ds.a, p.ab_type, static_cast<uint64_t>(p.k),
                                       static_cast<uint64_t>(p.m), p.lda),
            "layout A");
-  lt_check(cublasLtMatrixLayoutCreate(&ds.b, CUDA_R_8F_E4M3, static_cast<uint64_t>(p.k),
+  lt_check(cublasLtMatrixLayoutCreate(&ds.b, p.ab_type, static_cast<uint64_t>(p.k),
                                       static_cast<uint64_t>(p.n), p.ldb),
            "layout B");
   lt_check(cublasLtMatrixLayoutCreate(&ds.d, p.d_type, static_cast<uint64_t>(p.m),
@@ -147,6 +155,7 @@ bool find_algo(const LtProblem& p, const Descs& ds, cublasLtMatmulHeuristicResul
   static std::map<AlgoKey, std::pair<bool, cublasLtMatmulHeuristicResult_t>> cache;
   const uint32_t al_a = alignment_of(p.a), al_b = alignment_of(p.b), al_d = alignment_of(p.d);
   const AlgoKey key{current_device(),
+                    static_cast<int>(p.ab_type),
                     p.m,
                     p.n,
                     p.k,
@@ -202,7 +211,10 @@ bool run_lt(const LtProblem& p, const CudaAllocator& alloc, void* stream) {
   if (!find_algo(p, ds, &h)) return false;
   DeviceBuffer ws(alloc, h.workspaceSize, stream);
   const float one = 1.0f, zero = 0.0f;
-  lt_check(cublasLtMatmul(lt_handle(), ds.op, &one, p.a, ds.a, p.b, ds.b, &zero, p.d, ds.d, p.d,
+  const int32_t one_i = 1, zero_i = 0;  // the scale type of CUBLAS_COMPUTE_32I
+  const void* alpha = is_s8(p) ? static_cast<const void*>(&one_i) : &one;
+  const void* beta = is_s8(p) ? static_cast<const void*>(&zero_i) : &zero;
+  lt_check(cublasLtMatmul(lt_handle(), ds.op, alpha, p.a, ds.a, p.b, ds.b, beta, p.d, ds.d, p.d,
                           ds.d, &h.algo, ws.get(), h.workspaceSize, as_stream(stream)),
            "cublasLtMatmul");
   return true;
@@ -212,18 +224,21 @@ struct GemmShape {
   int64_t m, n, kp;
 };
 
-GemmShape check_operands(const TensorView& a, const TensorView& b) {
-  cuda_detail::check_fp8_operand(a, "a");
-  cuda_detail::check_fp8_operand(b, "b");
+GemmShape check_operands(const TensorView& a, const TensorView& b, DType dtype) {
+  cuda_detail::check_gemm_operand(a, "a", dtype);
+  cuda_detail::check_gemm_operand(b, "b", dtype);
   if (a.shape[1] != b.shape[1]) {
     throw_error(ErrorKind::kValue, "b: expected the padded width of a (" +
                                        std::to_string(a.shape[1]) + "), got " +
                                        std::to_string(b.shape[1]));
   }
-  if (a.shape[1] > fp8_padded_cols(kMaxKFp8Int4)) {
+  const bool s8 = dtype == DType::kInt8;
+  const int64_t kmax = s8 ? kMaxKInt8 : kMaxKFp8Int4;
+  if (a.shape[1] > kmax) {
     throw_error(ErrorKind::kValue,
-                "a: K = " + std::to_string(a.shape[1]) +
-                    " exceeds the exact FP8 bound kMaxKFp8Int4 = " + std::to_string(kMaxKFp8Int4));
+                "a: padded K = " + std::to_string(a.shape[1]) + " exceeds the exact " +
+                    (s8 ? "INT8 bound kMaxKInt8 = " : "FP8 bound kMaxKFp8Int4 = ") +
+                    std::to_string(kmax));
   }
   return GemmShape{a.shape[0], b.shape[0], a.shape[1]};
 }
@@ -257,8 +272,9 @@ size_t pad_b_bytes(const GemmShape& s) {
 // row count of b.
 void raw_product(const TensorView& a, const PaddedB& b, const GemmShape& s, float* d,
                  const CudaAllocator& alloc, void* stream) {
-  LtProblem p{b.rows,  s.m,     s.kp,    b.data,     b.ld, a.data, row_stride(a),
-              nullptr, nullptr, nullptr, CUDA_R_32F, d,    b.rows, CUDA_R_32F};
+  LtProblem p{CUDA_R_8F_E4M3, b.rows,  s.m,     s.kp,    b.data,     b.ld, a.data,
+              row_stride(a),  nullptr, nullptr, nullptr, CUDA_R_32F, d,    b.rows,
+              CUDA_R_32F};
   if (!run_lt(p, alloc, stream)) {
     throw_error(ErrorKind::kNotImplemented,
                 "gemm_fp8_cuda: cuBLASLt has no FP8 algorithm for M=" + std::to_string(s.m) +
@@ -271,7 +287,7 @@ void raw_product(const TensorView& a, const PaddedB& b, const GemmShape& s, floa
 void gemm_fp8_cuda(const TensorView& a, const TensorView& b, const TensorView& scale_a,
                    const TensorView& scale_b, const TensorView& bias, TensorView out,
                    const CudaAllocator& alloc, void* stream) {
-  const GemmShape s = check_operands(a, b);
+  const GemmShape s = check_operands(a, b, DType::kFloat8E4M3);
   check_dtype(out, "out", {DType::kFloat32, DType::kBFloat16});
   cuda_detail::check_device_matrix(out, "out");
   check_shape(out, "out", s.m, s.n);
@@ -308,7 +324,8 @@ void gemm_fp8_cuda(const TensorView& a, const TensorView& b, const TensorView& s
   const bool fusable_bias =
       bias.data == nullptr || (bias_bf16 && reinterpret_cast<uintptr_t>(bias.data) % 16 == 0);
   if (s.kp > 0 && s.n % kRowAlign == 0 && aligned_out && fusable_bias) {
-    LtProblem p{s.n,
+    LtProblem p{CUDA_R_8F_E4M3,
+                s.n,
                 s.m,
                 s.kp,
                 b.data,
@@ -334,13 +351,20 @@ void gemm_fp8_cuda(const TensorView& a, const TensorView& b, const TensorView& s
                                  bias.data, bias_bf16, out.data, out_bf16, ldo, s.m, s.n, st);
 }
 
-void gemm_fp8_s32_cuda(const TensorView& a, const TensorView& b, TensorView c,
-                       const CudaAllocator& alloc, void* stream) {
-  const GemmShape s = check_operands(a, b);
+namespace {
+// The int32 result c (M x N) of the exact modes; false when it is empty (nothing to do).
+bool check_s32_out(const TensorView& c, const GemmShape& s) {
   check_dtype(c, "c", {DType::kInt32});
   cuda_detail::check_device_matrix(c, "c");
   check_shape(c, "c", s.m, s.n);
-  if (s.m == 0 || s.n == 0) return;
+  return s.m > 0 && s.n > 0;
+}
+}  // namespace
+
+void gemm_fp8_s32_cuda(const TensorView& a, const TensorView& b, TensorView c,
+                       const CudaAllocator& alloc, void* stream) {
+  const GemmShape s = check_operands(a, b, DType::kFloat8E4M3);
+  if (!check_s32_out(c, s)) return;
   DeviceBuffer bpad(alloc, pad_b_bytes(s), stream);
   const PaddedB pb = pad_b(b, s, bpad, stream);
   DeviceBuffer acc(alloc, s.kp > 0 ? static_cast<size_t>(s.m * pb.rows) * sizeof(float) : 0,
@@ -348,6 +372,41 @@ void gemm_fp8_s32_cuda(const TensorView& a, const TensorView& b, TensorView c,
   if (s.kp > 0) raw_product(a, pb, s, acc.as<float>(), alloc, stream);
   cuda_detail::launch_f32_to_s32(s.kp > 0 ? acc.as<float>() : nullptr, pb.rows, c.ptr<int32_t>(),
                                  row_stride(c), s.m, s.n, as_stream(stream));
+}
+
+void gemm_s8_s32_cuda(const TensorView& a, const TensorView& b, TensorView c,
+                      const CudaAllocator& alloc, void* stream) {
+  const GemmShape s = check_operands(a, b, DType::kInt8);
+  if (!check_s32_out(c, s)) return;
+  const cudaStream_t st = as_stream(stream);
+  const int64_t ldc = row_stride(c);
+  if (s.kp == 0) {
+    INT4TRAIN_CUDA_CHECK(cudaMemset2DAsync(c.data, static_cast<size_t>(ldc) * 4, 0,
+                                           static_cast<size_t>(s.n) * 4, s.m, st));
+    return;
+  }
+  // Straight into c where cuBLASLt takes it (N a multiple of 16, aligned rows); else the product
+  // of the zero-padded b into a temporary, whose first N columns are copied out.
+  const bool direct = s.n % kRowAlign == 0 && reinterpret_cast<uintptr_t>(c.data) % 16 == 0 &&
+                      (s.m == 1 || ldc % 4 == 0);
+  DeviceBuffer bpad(alloc, direct ? 0 : pad_b_bytes(s), stream);
+  const PaddedB pb = direct ? PaddedB{b.data, row_stride(b), s.n} : pad_b(b, s, bpad, stream);
+  DeviceBuffer acc(alloc, direct ? 0 : static_cast<size_t>(s.m * pb.rows) * sizeof(int32_t),
+                   stream);
+  void* d = direct ? c.data : acc.get();
+  const int64_t ldd = direct ? (s.m == 1 ? s.n : ldc) : pb.rows;
+  LtProblem p{CUDA_R_8I, pb.rows, s.m,     s.kp,       pb.data, pb.ld, a.data,    row_stride(a),
+              nullptr,   nullptr, nullptr, CUDA_R_32I, d,       ldd,   CUDA_R_32I};
+  if (!run_lt(p, alloc, stream)) {
+    throw_error(ErrorKind::kNotImplemented,
+                "gemm_s8_s32_cuda: cuBLASLt has no INT8 algorithm for M=" + std::to_string(s.m) +
+                    " N=" + std::to_string(s.n) + " K=" + std::to_string(s.kp));
+  }
+  if (!direct) {
+    INT4TRAIN_CUDA_CHECK(
+        cudaMemcpy2DAsync(c.data, static_cast<size_t>(ldc) * 4, d, static_cast<size_t>(pb.rows) * 4,
+                          static_cast<size_t>(s.n) * 4, s.m, cudaMemcpyDeviceToDevice, st));
+  }
 }
 
 }  // namespace int4train

@@ -252,13 +252,6 @@ __global__ void __launch_bounds__(kThreads) hadamard_small_kernel(const Transfor
 }
 
 // ---- host side
-int grid_blocks(int64_t work_items, int64_t items_per_block) {
-  int64_t b = (work_items + items_per_block - 1) / items_per_block;
-  if (b < 1) b = 1;
-  if (b > (int64_t{1} << 20)) b = int64_t{1} << 20;
-  return static_cast<int>(b);
-}
-
 void check_block(int32_t block, int64_t cols) {
   if (!is_valid_hadamard_block(block)) {
     throw_error(ErrorKind::kValue, "block: expected a power of two in [1, " +
@@ -340,7 +333,7 @@ void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const Tensor
   p.seed = rng.seed;
   p.stream = rng.stream;
   if (operand.data != nullptr) {
-    check_fp8_operand(operand, "operand");
+    check_gemm_operand(operand, "operand", DType::kFloat8E4M3);
     check_shape(operand, "operand", rows, fp8_padded_cols(cols));
     p.operand = operand.ptr<uint8_t>();
     p.ldop = row_stride(operand);

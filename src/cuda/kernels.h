@@ -35,14 +35,23 @@ void launch_f32_to_s32(const float* acc, int64_t ld_acc, int32_t* c, int64_t ld_
 void launch_fill_nan_if(const unsigned long long* counter, void* out, bool out_bf16, int64_t ld_out,
                         int64_t m, int64_t n, cudaStream_t stream);
 
-// out (fp32 rows x cols, row stride ldo) = float(double(*s1) * double(*s2) * (16 hi + lo)) with hi,
-// lo fp32 accumulators of integers (row stride ld) summed exactly: the bit-split recombination of
-// src/cpu/linear.cpp, rounded as there. chunks: each of hi and lo is that many K-chunk partial
-// products, chunk_stride floats apart (1 for one product). exps (optional, hq_lss's input gradient):
-// the 2N rows' LSS exponents (hi rows first, -1 dropped); the sum is then 2^(4 + k_hi) hi +
-// 2^k_lo lo over the kept rows.
-void launch_combine_bitsplit(const float* hi, const float* lo, int64_t ld, int chunks,
-                             int64_t chunk_stride, const int8_t* exps, const float* s1,
+// The two partial products of the bit-split backward, hi and lo (rows x cols each, row stride ld):
+// fp32 accumulators holding integers (FP8 products) or int32 (s32: INT8 products); each is
+// `chunks` K-chunk partial products chunk_stride elements apart, summed exactly by the consumers.
+struct SplitPartials {
+  const void* hi;
+  const void* lo;
+  int64_t ld;
+  bool s32;
+  int chunks;
+  int64_t chunk_stride;
+};
+
+// out (fp32 rows x cols, row stride ldo) = float(double(*s1) * double(*s2) * (16 hi + lo)), hi and
+// lo summed exactly: the bit-split recombination of src/cpu/linear.cpp, rounded as there. exps
+// (optional, hq_lss's input gradient): the 2N rows' LSS exponents (hi rows first, -1 dropped); the
+// sum is then 2^(4 + k_hi) hi + 2^k_lo lo over the kept rows.
+void launch_combine_bitsplit(const SplitPartials& partials, const int8_t* exps, const float* s1,
                              const float* s2, float* out, int64_t ldo, int64_t rows, int64_t cols,
                              cudaStream_t stream);
 
@@ -51,21 +60,20 @@ void launch_combine_bitsplit(const float* hi, const float* lo, int64_t ld, int c
 void launch_bias_grad(const TensorView& g, TensorView out, const CudaAllocator& alloc,
                       cudaStream_t stream);
 
-// The fused epilogues of the bit-split backward (hq_bs), bit-exact with launch_combine_bitsplit
-// followed by lsq_backward_compact_cuda (dX) or lsq_backward_cuda on the Hadamard transform of w
-// (dW), and hadamard_transform_cuda into grad_x / grad_w; the step gradient in another fixed fp64
-// order (within an fp32 rounding). hi, lo: fp32 partial products (rows x cols, row stride ld, the
-// rows and cols of packed / w; 16-byte aligned, ld % 8 == 0); cols % 8 == 0; block divides cols.
-// dX: packed (4-byte aligned) and aux are the forward's saved codes and compact aux bits. dW: w is
-// fp32 or bf16, 16-byte (bf16) or 32-byte (fp32) aligned with a row stride % 8 == 0. grad_x / grad_w
-// and grad_step are optional (data == nullptr).
-// exps and chunks as launch_combine_bitsplit's (dX: one chunk, optional exps; dW: chunks, no exps).
-void launch_dx_epilogue(const float* hi, const float* lo, int64_t ld, const int8_t* exps,
-                        const float* s1, const float* s2, const TensorView& packed,
-                        const TensorView& aux, int32_t block, TensorView grad_x,
-                        TensorView grad_step, const CudaAllocator& alloc, cudaStream_t stream);
-void launch_dw_epilogue(const float* hi, const float* lo, int64_t ld, int chunks,
-                        int64_t chunk_stride, const float* s1, const float* s2,
+// The fused epilogues of the bit-split backward (hq_bs, hq_lss), bit-exact with
+// launch_combine_bitsplit followed by lsq_backward_compact_cuda (dX) or lsq_backward_cuda on the
+// Hadamard transform of w (dW), and hadamard_transform_cuda into grad_x / grad_w; the step gradient
+// in another fixed fp64 order (within an fp32 rounding). partials: the rows and cols of packed / w,
+// 32-byte aligned, ld % 8 == 0 (dX: one fp32 chunk; dW: fp32 or int32, any chunks); cols % 8 == 0;
+// block divides cols. dX: packed (4-byte aligned) and aux are the forward's saved codes and compact
+// aux bits; exps as launch_combine_bitsplit's. dW: w is fp32 or bf16, 16-byte (bf16) or 32-byte
+// (fp32) aligned with a row stride % 8 == 0. grad_x / grad_w and grad_step are optional (data ==
+// nullptr).
+void launch_dx_epilogue(const SplitPartials& partials, const int8_t* exps, const float* s1,
+                        const float* s2, const TensorView& packed, const TensorView& aux,
+                        int32_t block, TensorView grad_x, TensorView grad_step,
+                        const CudaAllocator& alloc, cudaStream_t stream);
+void launch_dw_epilogue(const SplitPartials& partials, const float* s1, const float* s2,
                         const TensorView& w, const TensorView& step_w, int32_t block,
                         TensorView grad_w, TensorView grad_step, const CudaAllocator& alloc,
                         cudaStream_t stream);

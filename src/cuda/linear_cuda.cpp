@@ -3,6 +3,7 @@
 // the two agree bit for bit. No host synchronisation: the non-finite report stays on the device.
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <string>
 
 #include "cuda_common.h"
@@ -135,7 +136,28 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     check_dtype(a.grad_w, "grad_w", {DType::kFloat32, DType::kBFloat16});
     check_shape(a.grad_w, "grad_w", c, d);
   }
-  if (lss) check_lss_budget(cfg.lss_budget);
+  if (lss) {
+    check_lss_budget(cfg.lss_budget);
+    // The device sampling's limits (the CPU's are wider): 2N rows in one int32-indexed selection,
+    // and exact int32 row sums of squared codes (at most 64 per element) of grad_y's and the saved
+    // codes' rows.
+    constexpr int64_t kMaxRow = (int64_t{1} << 31) / 64 - 1;
+    if (2 * n > INT32_MAX) {
+      throw_error(
+          ErrorKind::kValue,
+          "grad_y: hq_lss on the device samples 2N <= 2^31 - 1 rows, got N = " + std::to_string(n));
+    }
+    if (c > kMaxRow) {
+      throw_error(ErrorKind::kValue, "grad_y: hq_lss on the device takes rows of at most " +
+                                         std::to_string(kMaxRow) + " elements, got " +
+                                         std::to_string(c));
+    }
+    if (d > kMaxRow) {
+      throw_error(ErrorKind::kValue, "saved_codes: hq_lss on the device takes rows of at most " +
+                                         std::to_string(kMaxRow) + " elements, got " +
+                                         std::to_string(d));
+    }
+  }
   long long* kept = nullptr;  // rows_kept: (input, weight), int64 device vector
   if (a.rows_kept.data != nullptr) {
     check_dtype(a.rows_kept, "rows_kept", {DType::kInt64});
@@ -193,76 +215,83 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     Temp p(alloc, stream, DType::kFloat32, 2 * n, d);
     gemm_fp8_cuda(r_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view, alloc,
                   stream);
+    const SplitPartials pp{p.buf.as<float>(), p.buf.as<float>() + n * d, d, false, 1, 0};
     if (d % 8 == 0 && aligned(a.saved_codes.data, 4)) {
       // Recombination, LSQ backward and back-rotation in one pass.
-      launch_dx_epilogue(p.buf.as<float>(), p.buf.as<float>() + n * d, d, ex, sg.buf.as<float>(),
-                         a.step_w.ptr<float>(), a.saved_codes, a.saved_aux, g,
-                         want_dx ? a.grad_x : TensorView{}, a.grad_step_x, alloc, s);
+      launch_dx_epilogue(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(), a.saved_codes,
+                         a.saved_aux, g, want_dx ? a.grad_x : TensorView{}, a.grad_step_x, alloc,
+                         s);
     } else {
       Temp dx(alloc, stream, DType::kFloat32, n, d);
-      launch_combine_bitsplit(p.buf.as<float>(), p.buf.as<float>() + n * d, d, 1, 0, ex,
-                              sg.buf.as<float>(), a.step_w.ptr<float>(), dx.buf.as<float>(), d, n,
-                              d, s);
+      launch_combine_bitsplit(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(), dx.buf.as<float>(),
+                              d, n, d, s);
       lsq_backward_compact_cuda(a.saved_codes, a.saved_aux, dx.view, dx.view, a.grad_step_x,
                                 alloc, stream);
       if (want_dx) hadamard_transform_cuda(dx.view, a.grad_x, g, stream);
     }
   }
   if (dom_dw) {
-    // dW~ = s_g s_x (16 Qhi^T + Qlo^T) Qx: two products with K = N tokens, summed exactly. hq_lss
-    // folds each token's weight 2^k (0 if dropped) into the transposed hi / lo operands (exact in
-    // FP8, lss.h), so the products stay two; their exactness bound (kMaxKFp8Weighted tokens) splits
-    // longer batches into K-chunks whose partial products the epilogue adds in fp64.
+    // dW~ = s_g s_x (16 Qhi^T + Qlo^T) Qx: two products with K = N tokens, summed exactly. hq_bs:
+    // FP8 operands. hq_lss folds each token's weight 2^k (0 if dropped) into the transposed hi / lo
+    // codes, so the products stay two; such terms (|ab| <= 1024) are not summed exactly by the FP8
+    // tensor cores (cuda.h), so its operands are INT8 and the products accumulate in int32.
+    // Batches beyond the exactness bound (kMaxKFp8Int4 / kMaxKInt8 tokens) run in K-chunks whose
+    // partial products the epilogue adds in fp64.
     Temp exps(alloc, stream, DType::kInt8, 1, lss ? 2 * n : 0);
     if (lss) {
       Temp xsq(alloc, stream, DType::kInt32, 1, n);
       launch_packed_row_sumsq(a.saved_codes.ptr<const uint8_t>(), n, d, xsq.buf.as<int32_t>(), s);
       sample(xsq.buf.as<int32_t>(), RandomPurpose::kSampleWeight, exps, 1);
     }
-    Temp hit(alloc, stream, DType::kFloat8E4M3, c, np),
-        lot(alloc, stream, DType::kFloat8E4M3, c, np);
-    Temp qxt(alloc, stream, DType::kFloat8E4M3, d, np);
+    const DType op_type = lss ? DType::kInt8 : DType::kFloat8E4M3;
+    Temp hit(alloc, stream, op_type, c, np), lot(alloc, stream, op_type, c, np);
+    Temp qxt(alloc, stream, op_type, d, np);
     if (lss) {
-      codes_to_fp8_weighted_cuda(hi.view, make_vector(exps.buf.get(), DType::kInt8, n), true,
-                                 hit.view, stream);
-      codes_to_fp8_weighted_cuda(lo.view, make_vector(exps.buf.as<int8_t>() + n, DType::kInt8, n),
-                                 true, lot.view, stream);
+      codes_to_s8_cuda(hi.view, make_vector(exps.buf.get(), DType::kInt8, n), true, hit.view,
+                       TensorView{}, stream);
+      codes_to_s8_cuda(lo.view, make_vector(exps.buf.as<int8_t>() + n, DType::kInt8, n), true,
+                       lot.view, TensorView{}, stream);
+      codes_to_s8_cuda(a.saved_codes, TensorView{}, true, qxt.view, TensorView{}, stream);
     } else {
       codes_to_fp8_cuda(hi.view, true, hit.view, stream);
       codes_to_fp8_cuda(lo.view, true, lot.view, stream);
+      codes_to_fp8_cuda(a.saved_codes, true, qxt.view, stream);
     }
-    codes_to_fp8_cuda(a.saved_codes, true, qxt.view, stream);
-    const int64_t kmax = lss ? kMaxKFp8Weighted : kMaxKFp8Int4;  // multiples of kFp8Align
+    const int64_t kmax = (lss ? kMaxKInt8 : kMaxKFp8Int4) / kFp8Align * kFp8Align;
     const int64_t chunks = np > kmax ? (np + kmax - 1) / kmax : 1;
-    Temp phi(alloc, stream, DType::kFloat32, chunks * c, d),
-        plo(alloc, stream, DType::kFloat32, chunks * c, d);
+    const DType part_type = lss ? DType::kInt32 : DType::kFloat32;  // 4 bytes either way
+    Temp phi(alloc, stream, part_type, chunks * c, d), plo(alloc, stream, part_type, chunks * c, d);
     const auto cols = [&](const Temp& t, int64_t rows, int64_t k0, int64_t kc) {
-      TensorView v = make_matrix(t.buf.as<char>() + k0, DType::kFloat8E4M3, rows, kc);
+      if (chunks == 1) return t.view;
+      TensorView v = make_matrix(t.buf.as<char>() + k0, op_type, rows, kc);
       v.strides[0] = np;
       return v;
     };
     for (int64_t k = 0; k < chunks; ++k) {
       const int64_t k0 = k * kmax, kc = np - k0 < kmax ? np - k0 : kmax;
-      const TensorView xk = chunks == 1 ? qxt.view : cols(qxt, d, k0, kc);
-      const TensorView ph = make_matrix(phi.buf.as<float>() + k * c * d, DType::kFloat32, c, d);
-      const TensorView pl = make_matrix(plo.buf.as<float>() + k * c * d, DType::kFloat32, c, d);
-      gemm_fp8_cuda(chunks == 1 ? hit.view : cols(hit, c, k0, kc), xk, TensorView{}, TensorView{},
-                    TensorView{}, ph, alloc, stream);
-      gemm_fp8_cuda(chunks == 1 ? lot.view : cols(lot, c, k0, kc), xk, TensorView{}, TensorView{},
-                    TensorView{}, pl, alloc, stream);
+      const TensorView xk = cols(qxt, d, k0, kc);
+      const TensorView ph = make_matrix(phi.buf.as<char>() + 4 * k * c * d, part_type, c, d);
+      const TensorView pl = make_matrix(plo.buf.as<char>() + 4 * k * c * d, part_type, c, d);
+      if (lss) {
+        gemm_s8_s32_cuda(cols(hit, c, k0, kc), xk, ph, alloc, stream);
+        gemm_s8_s32_cuda(cols(lot, c, k0, kc), xk, pl, alloc, stream);
+      } else {
+        gemm_fp8_cuda(cols(hit, c, k0, kc), xk, TensorView{}, TensorView{}, TensorView{}, ph, alloc,
+                      stream);
+        gemm_fp8_cuda(cols(lot, c, k0, kc), xk, TensorView{}, TensorView{}, TensorView{}, pl, alloc,
+                      stream);
+      }
     }
-    const int nchunks = static_cast<int>(chunks);
+    const SplitPartials pp{phi.buf.get(), plo.buf.get(), d, lss, static_cast<int>(chunks), c * d};
     const bool w_bf16 = a.w.dtype == DType::kBFloat16;
     if (d % 8 == 0 && aligned(a.w.data, w_bf16 ? 16 : 32) && (c == 1 || row_stride(a.w) % 8 == 0)) {
       // Recombination, W~ = W B, LSQ backward and back-rotation in one pass.
-      launch_dw_epilogue(phi.buf.as<float>(), plo.buf.as<float>(), d, nchunks, c * d,
-                         sg.buf.as<float>(), a.step_x.ptr<float>(), a.w, a.step_w, g,
+      launch_dw_epilogue(pp, sg.buf.as<float>(), a.step_x.ptr<float>(), a.w, a.step_w, g,
                          want_dw ? a.grad_w : TensorView{}, a.grad_step_w, alloc, s);
     } else {
       Temp dw(alloc, stream, DType::kFloat32, c, d);
-      launch_combine_bitsplit(phi.buf.as<float>(), plo.buf.as<float>(), d, nchunks, c * d, nullptr,
-                              sg.buf.as<float>(), a.step_x.ptr<float>(), dw.buf.as<float>(), d, c,
-                              d, s);
+      launch_combine_bitsplit(pp, nullptr, sg.buf.as<float>(), a.step_x.ptr<float>(),
+                              dw.buf.as<float>(), d, c, d, s);
       Temp wt(alloc, stream, DType::kFloat32, c, d);
       hadamard_transform_cuda(a.w, wt.view, g, stream);
       lsq_backward_cuda(wt.view, a.step_w, dw.view, dw.view, a.grad_step_w, alloc, stream);

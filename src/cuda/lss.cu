@@ -156,16 +156,19 @@ __global__ void __launch_bounds__(kLanes)
   if (t == 0 && kept != nullptr) *kept = static_cast<long long>(kept_count);
 }
 
-// Dynamic shared memory for the staged kernel on the current device (set once per device; the
-// attribute call is not a stream operation, and the first call of a shape happens before any
-// capture in practice, as cuBLASLt's heuristics need too).
-size_t staged_limit() {
+// Dynamic shared memory for the staged kernel on the current device, set once per device. A first
+// call while `stream` is being captured into a CUDA graph does not touch device attributes (0: the
+// unstaged kernel, same results, goes into the graph); the next call outside a capture sets them.
+size_t staged_limit(cudaStream_t stream) {
   int dev = 0;
   INT4TRAIN_CUDA_CHECK(cudaGetDevice(&dev));
   static std::atomic<int> limits[64];
   if (dev < 0 || dev >= 64) return 0;
   int lim = limits[dev].load();
   if (lim == 0) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    INT4TRAIN_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture != cudaStreamCaptureStatusNone) return 0;
     int optin = 0;
     INT4TRAIN_CUDA_CHECK(
         cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
@@ -218,26 +221,20 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-int blocks_for(int64_t items, int threads) {
-  int64_t b = (items + threads - 1) / threads;
-  if (b < 1) b = 1;
-  if (b > 4096) b = 4096;
-  return static_cast<int>(b);
-}
-
 }  // namespace
 
 void launch_lss_scores(const int32_t* r_sumsq, const int32_t* x_sumsq, int64_t n, float* scores,
                        cudaStream_t stream) {
   if (n == 0) return;
-  lss_scores_kernel<<<blocks_for(2 * n, 256), 256, 0, stream>>>(r_sumsq, x_sumsq, n, scores);
+  lss_scores_kernel<<<grid_blocks(2 * n, 256, 4096), 256, 0, stream>>>(r_sumsq, x_sumsq, n, scores);
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 
 void launch_packed_row_sumsq(const uint8_t* codes, int64_t rows, int64_t cols, int32_t* out,
                              cudaStream_t stream) {
   if (rows == 0) return;
-  packed_row_sumsq_kernel<<<blocks_for(rows * 32, 256), 256, 0, stream>>>(codes, rows, cols, out);
+  packed_row_sumsq_kernel<<<grid_blocks(rows * 32, 256, 4096), 256, 0, stream>>>(codes, rows, cols,
+                                                                                 out);
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 
@@ -276,7 +273,7 @@ void lss_sample_cuda(const TensorView& scores, double budget, int max_exponent,
   int8_t* ex = n > 0 ? exponents.ptr<int8_t>() : nullptr;
   long long* kp = kept.data != nullptr ? kept.ptr<long long>() : nullptr;
   const size_t staged_bytes = static_cast<size_t>(n) * (sizeof(float) + 1);
-  if (n > 0 && staged_bytes <= staged_limit()) {
+  if (n > 0 && staged_bytes <= staged_limit(s)) {
     lss_sample_kernel<true><<<1, kLanes, staged_bytes, s>>>(c, n, budget, max_exponent, rng.seed,
                                                            rng.stream, ex, kp);
   } else {

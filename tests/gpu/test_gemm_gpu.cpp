@@ -1,7 +1,9 @@
-// GPU tests of the FP8 products (cuda.h): INT4 codes converted to FP8 operands (plain and
-// transposed) decode to the codes with zero padding; the exact int32 mode equals gemm_s32_ref bit
-// for bit over odd shapes, adversarial rows (-8/7 alternating, all -8) and K up to 65536; the
-// scaled product with bias and bf16/fp32 output equals the CPU's gemm_scaled.
+// GPU tests of the products (cuda.h): INT4 codes converted to FP8 operands (plain and transposed)
+// decode to the codes with zero padding; the FP8 exact int32 mode equals gemm_s32_ref bit for bit
+// over odd shapes, adversarial rows (-8/7 alternating, all -8) and K up to 65536; the scaled
+// product with bias and bf16/fp32 output equals the CPU's gemm_scaled; the INT8 product equals
+// gemm_s32_ref over odd shapes, full-range values and K up to kMaxKInt8; and both products stay
+// exact on data built to defeat an accumulator narrower than their exactness argument assumes.
 #include <algorithm>
 #include <cmath>
 #include <random>
@@ -12,6 +14,7 @@
 #include "int4train/cuda.h"
 #include "int4train/gemm.h"
 #include "int4train/int4.h"
+#include "int4train/lss.h"
 
 namespace {
 
@@ -136,6 +139,176 @@ void test_exact(int64_t m, int64_t n, int64_t k, Fill fill) {
   GPU_CHECK_MSG(bad == 0, bad << " of " << m * n << " differ (max |ref| " << max_abs << ")");
 }
 
+// Every (i, j) of an m x n result: got(i, j) == want(i, j) (integers), else the count and the
+// first.
+template <typename Want, typename Got>
+void expect_equal(int64_t m, int64_t n, Want want, Got got) {
+  int64_t bad = 0;
+  std::string first;
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t w = want(i, j), g = got(i, j);
+      if (g != w && bad++ == 0) {
+        first = "(" + std::to_string(i) + "," + std::to_string(j) + "): got " + std::to_string(g) +
+                " want " + std::to_string(w);
+      }
+    }
+  }
+  GPU_CHECK_MSG(bad == 0, bad << " of " << m * n << " differ, first " << first);
+}
+
+// ---- INT8 products: full-range int8 operands (rows x padded K, row stride a multiple of 16)
+// against gemm_s32_ref; the output with a row stride past N (the copy-out path) or contiguous
+// (direct).
+enum class Fill8 { kRandom, kAllMin, kAlternating };
+
+const char* fill8_name(Fill8 f) {
+  return f == Fill8::kRandom ? "random" : (f == Fill8::kAllMin ? "all_m128" : "alt_m128_127");
+}
+
+std::vector<int8_t> make_s8(int64_t rows, int64_t cols, int64_t ld, Fill8 fill, uint64_t seed) {
+  std::vector<int8_t> v(static_cast<size_t>(std::max<int64_t>(1, rows * ld)), 0);
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> dist(-128, 127);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < cols; ++k) {
+      int x = -128;
+      if (fill == Fill8::kRandom) x = dist(rng);
+      if (fill == Fill8::kAlternating) x = ((k + r) & 1) ? 127 : -128;
+      v[static_cast<size_t>(r * ld + k)] = static_cast<int8_t>(x);
+    }
+  }
+  return v;
+}
+
+void test_s8(int64_t m, int64_t n, int64_t k, Fill8 fill, bool strided_out) {
+  const int64_t kp = fp8_padded_cols(k);
+  const auto va = make_s8(m, k, kp, fill, 3000 + m * 7 + k), vb = make_s8(n, k, kp, fill, 4000 + n);
+  std::vector<int32_t> want(static_cast<size_t>(std::max<int64_t>(1, m * n)));
+  gemm_s32_ref(make_matrix(const_cast<int8_t*>(va.data()), DType::kInt8, m, kp),
+               make_matrix(const_cast<int8_t*>(vb.data()), DType::kInt8, n, kp),
+               make_matrix(want.data(), DType::kInt32, m, n));
+  DevBuf da = gputest::upload(va), db = gputest::upload(vb);
+  const int64_t ldc = strided_out ? n + 3 : n;
+  DevBuf dc(static_cast<size_t>(std::max<int64_t>(1, m * ldc)) * 4);
+  dc.poison();
+  TensorView c = make_matrix(dc.get(), DType::kInt32, m, n);
+  c.strides[0] = ldc;
+  gemm_s8_s32_cuda(make_matrix(da.get(), DType::kInt8, m, kp),
+                   make_matrix(db.get(), DType::kInt8, n, kp), c, default_cuda_allocator(),
+                   nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  const auto got = gputest::download<int32_t>(dc, static_cast<size_t>(m * ldc));
+  expect_equal(
+      m, n, [&](int64_t i, int64_t j) { return want[static_cast<size_t>(i * n + j)]; },
+      [&](int64_t i, int64_t j) { return got[static_cast<size_t>(i * ldc + j)]; });
+}
+
+// ---- exactness on data built to defeat a narrow accumulator. Tokens (the reduction dimension, the
+// code rows of the transposed operands, as in the weight gradient) whose products are large beside
+// tokens whose products are 1: in halves (large first, small first), interleaved, and in blocks of
+// 256 tokens (192 large, then 64 small). FP8 path: INT4 codes (large products 64 = -8 * -8) through
+// codes_to_fp8_cuda and the FP8 product at K = kMaxKFp8Int4. INT8 path: the weight gradient's codes
+// times the importance weight 16 (large products 1024) through codes_to_s8_cuda and the INT8
+// product at K = kMaxKInt8 (rounded down to 16). Hopper's FP8 accumulator keeps about 14 bits
+// between promotions to fp32 (cuda.h): the large products of the INT8 case lose the 1s there
+// (measured), random data never shows it. Row i of a follows pattern i % 2, row j of b pattern j %
+// 16, so the exact sums are computed once per pattern pair.
+enum class Order { kLargeFirst, kSmallFirst, kInterleaved, kBlocks };
+
+const char* order_name(Order o) {
+  switch (o) {
+    case Order::kLargeFirst:
+      return "large_first";
+    case Order::kSmallFirst:
+      return "small_first";
+    case Order::kInterleaved:
+      return "interleaved";
+    case Order::kBlocks:
+      return "blocks_192_64";
+  }
+  return "";
+}
+
+bool large_token(Order o, int64_t t, int64_t k) {
+  switch (o) {
+    case Order::kLargeFirst:
+      return t < k / 2;
+    case Order::kSmallFirst:
+      return t >= k / 2;
+    case Order::kInterleaved:
+      return t % 2 == 0;
+    case Order::kBlocks:
+      return t % 256 < 192;
+  }
+  return false;
+}
+
+void test_adversarial(bool weighted, Order order, int64_t m, int64_t n) {
+  constexpr int kPa = 2, kPb = 16;
+  const int64_t k = weighted ? kMaxKInt8 / kFp8Align * kFp8Align : kMaxKFp8Int4;
+  // Codes as (tokens x patterns), the layout of the weight gradient's code rows.
+  std::vector<int8_t> a(static_cast<size_t>(k * kPa)), b(static_cast<size_t>(k * kPb));
+  std::vector<int8_t> exps(static_cast<size_t>(k));
+  for (int64_t t = 0; t < k; ++t) {
+    const bool large = large_token(order, t, k);
+    exps[static_cast<size_t>(t)] = static_cast<int8_t>(large ? kLssMaxExponent : 0);
+    for (int64_t i = 0; i < kPa; ++i) {
+      a[static_cast<size_t>(t * kPa + i)] = static_cast<int8_t>(large ? (i == 0 ? -8 : 7) : 1);
+    }
+    for (int64_t j = 0; j < kPb; ++j) {
+      // column 0: -8 (products 64 / -56, x16 weighted), column 1: 1, the rest alternate with t.
+      const int v = j == 0 ? -8 : (j == 1 ? 1 : ((t + j) % 2 == 0 ? 7 : -8));
+      b[static_cast<size_t>(t * kPb + j)] = static_cast<int8_t>(large ? v : (j % 3 == 0 ? 1 : -1));
+    }
+  }
+  std::vector<int64_t> want(kPa * kPb, 0);
+  for (int64_t t = 0; t < k; ++t) {
+    const int64_t w = weighted ? int64_t{1} << exps[static_cast<size_t>(t)] : 1;
+    for (int i = 0; i < kPa; ++i) {
+      for (int j = 0; j < kPb; ++j) {
+        want[i * kPb + j] +=
+            w * a[static_cast<size_t>(t * kPa + i)] * b[static_cast<size_t>(t * kPb + j)];
+      }
+    }
+  }
+  // The (tokens x m) and (tokens x n) code matrices: column i holds pattern i % 2 (j % 16).
+  std::vector<int8_t> am(static_cast<size_t>(k * m)), bm(static_cast<size_t>(k * n));
+  for (int64_t t = 0; t < k; ++t) {
+    for (int64_t i = 0; i < m; ++i)
+      am[static_cast<size_t>(t * m + i)] = a[static_cast<size_t>(t * kPa + i % kPa)];
+    for (int64_t j = 0; j < n; ++j)
+      bm[static_cast<size_t>(t * n + j)] = b[static_cast<size_t>(t * kPb + j % kPb)];
+  }
+  DevBuf pa = gputest::upload(pack(am, k, m)), pb = gputest::upload(pack(bm, k, n)),
+         de = gputest::upload(exps);
+  const int64_t kp = fp8_padded_cols(k);
+  const DType op = weighted ? DType::kInt8 : DType::kFloat8E4M3;
+  DevBuf oa(static_cast<size_t>(m * kp)), ob(static_cast<size_t>(n * kp)),
+      out(static_cast<size_t>(m * n) * 4);
+  out.poison();
+  const TensorView va = make_matrix(oa.get(), op, m, kp), vb = make_matrix(ob.get(), op, n, kp);
+  const TensorView codes_a = make_matrix(pa.get(), DType::kInt4Packed, k, m);
+  const TensorView codes_b = make_matrix(pb.get(), DType::kInt4Packed, k, n);
+  const TensorView c = make_matrix(out.get(), DType::kInt32, m, n);
+  const CudaAllocator alloc = default_cuda_allocator();
+  if (weighted) {
+    codes_to_s8_cuda(codes_a, make_vector(de.get(), DType::kInt8, k), true, va, TensorView{},
+                     nullptr);
+    codes_to_s8_cuda(codes_b, TensorView{}, true, vb, TensorView{}, nullptr);
+    gemm_s8_s32_cuda(va, vb, c, alloc, nullptr);
+  } else {
+    codes_to_fp8_cuda(codes_a, true, va, nullptr);
+    codes_to_fp8_cuda(codes_b, true, vb, nullptr);
+    gemm_fp8_s32_cuda(va, vb, c, alloc, nullptr);
+  }
+  CUDA_OK(cudaDeviceSynchronize());
+  const auto got = gputest::download<int32_t>(out, static_cast<size_t>(m * n));
+  expect_equal(
+      m, n, [&](int64_t i, int64_t j) { return want[(i % kPa) * kPb + j % kPb]; },
+      [&](int64_t i, int64_t j) { return got[static_cast<size_t>(i * n + j)]; });
+}
+
 // ---- scaled products: out = (sa * sb) * acc + bias, as gemm_scaled with alpha = sa * sb.
 enum class BiasKind { kNone, kF32, kBf16, kBf16Unaligned };
 
@@ -250,6 +423,31 @@ void test_arg_errors() {
     threw = std::string(e.what()).find("b:") == 0;
   }
   GPU_CHECK_MSG(threw, "mismatched K must be an Error naming b");
+  threw = false;
+  try {  // an FP8 operand handed to the INT8 product
+    gemm_s8_s32_cuda(b, make_matrix(buf.get(), DType::kInt8, 4, 32), c, alloc, nullptr);
+  } catch (const Error& e) {
+    threw = std::string(e.what()).find("a:") == 0;
+  }
+  GPU_CHECK_MSG(threw, "an FP8 operand given to gemm_s8_s32_cuda must be an Error naming a");
+  threw = false;
+  try {  // K past kMaxKInt8
+    const int64_t kbig = fp8_padded_cols(kMaxKInt8 + 1);
+    gemm_s8_s32_cuda(make_matrix(buf.get(), DType::kInt8, 0, kbig),
+                     make_matrix(buf.get(), DType::kInt8, 0, kbig), c, alloc, nullptr);
+  } catch (const Error& e) {
+    threw = std::string(e.what()).find("a: padded K") == 0;
+  }
+  GPU_CHECK_MSG(threw, "K beyond kMaxKInt8 must be an Error naming a");
+  threw = false;
+  try {  // one exponent short
+    codes_to_s8_cuda(make_matrix(buf.get(), DType::kInt4Packed, 8, 32),
+                     make_vector(buf.get(), DType::kInt8, 7), false,
+                     make_matrix(buf.get(), DType::kInt8, 8, 32), TensorView{}, nullptr);
+  } catch (const Error& e) {
+    threw = std::string(e.what()).find("row_exponents:") == 0;
+  }
+  GPU_CHECK_MSG(threw, "a short exponent vector must be an Error naming row_exponents");
 }
 
 const bool registered = [] {
@@ -290,6 +488,33 @@ const bool registered = [] {
                        (one ? "/1scale" : "/2scales"),
                    false, [=] { test_scaled(s.m, s.n, s.k, bf16, bk, one); });
         }
+      }
+    }
+  }
+  struct E8 {
+    int64_t m, n, k;
+    Fill8 f;
+    bool strided, big;
+  };
+  for (E8 e :
+       {E8{1, 1, 1, Fill8::kRandom, true, false}, E8{5, 17, 33, Fill8::kRandom, true, false},
+        E8{3, 7, 15, Fill8::kAllMin, false, false}, E8{64, 64, 64, Fill8::kRandom, false, false},
+        E8{257, 129, 1000, Fill8::kRandom, true, false},
+        E8{128, 256, 4096, Fill8::kRandom, false, true},
+        E8{64, 48, 4096, Fill8::kAlternating, false, false},
+        E8{16, 16, kMaxKInt8 / 16 * 16, Fill8::kAllMin, false, true},
+        E8{8, 24, kMaxKInt8 / 16 * 16, Fill8::kRandom, true, true},
+        E8{256, 256, 16384, Fill8::kAlternating, false, true}}) {
+    add_case("gemm_s8/" + std::to_string(e.m) + "x" + std::to_string(e.n) + "x" +
+                 std::to_string(e.k) + "/" + fill8_name(e.f) + (e.strided ? "/strided" : "/direct"),
+             e.big, [=] { test_s8(e.m, e.n, e.k, e.f, e.strided); });
+  }
+  for (bool weighted : {false, true}) {
+    for (Order o : {Order::kLargeFirst, Order::kSmallFirst, Order::kInterleaved, Order::kBlocks}) {
+      for (int64_t mn : {int64_t{16}, int64_t{128}}) {
+        add_case(std::string(weighted ? "s8_weighted_exact/" : "fp8_int4_exact/") + order_name(o) +
+                     "/" + std::to_string(mn == 16 ? 2 : mn) + "x" + std::to_string(mn),
+                 true, [=] { test_adversarial(weighted, o, mn == 16 ? 2 : mn, mn); });
       }
     }
   }

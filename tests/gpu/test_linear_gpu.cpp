@@ -301,6 +301,38 @@ void run_backward(const Problem& p, bool graph) {
                 "grad_step_w " << gs[1] << " want " << want_gsw);
 }
 
+// hq_lss's device limits, checked on the host before anything runs (views over a small buffer:
+// nothing is read): 2N rows beyond int32, rows of grad_y or of the saved codes too long for exact
+// int32 row sums. Each is an Error naming the argument.
+void test_lss_limits() {
+  DevBuf buf(4096);
+  LinearConfig cfg;
+  cfg.recipe = Recipe::kHqLss;
+  cfg.hadamard_block = 16;
+  auto expect = [&](int64_t n, int64_t c, int64_t d, const char* arg) {
+    LinearBackwardArgs a;
+    a.grad_y = make_matrix(buf.get(), DType::kFloat32, n, c);
+    a.w = make_matrix(buf.get(), DType::kFloat32, c, d);
+    a.saved_codes = make_matrix(buf.get(), DType::kInt4Packed, n, d);
+    a.saved_aux = make_vector(buf.get(), DType::kUInt8, compact_aux_bytes(n, d));
+    a.step_x = make_scalar(buf.get(), DType::kFloat32);
+    a.step_w = make_scalar(buf.get(), DType::kFloat32);
+    a.grad_w = make_matrix(buf.get(), DType::kFloat32, c, d);
+    try {
+      linear_backward_cuda(cfg, a, default_cuda_allocator(), nullptr);
+    } catch (const Error& e) {
+      GPU_CHECK_MSG(std::string(e.what()).find(std::string(arg) + ":") == 0,
+                    "error '" << e.what() << "' does not name " << arg);
+      return;
+    }
+    GPU_CHECK_MSG(false, "no Error for hq_lss limits on " << arg);
+  };
+  const int64_t row_max = (int64_t{1} << 31) / 64 - 1;
+  expect(int64_t{1} << 30, 16, 16, "grad_y");
+  expect(4, row_max + 1, 16, "grad_y");
+  expect(4, 16, row_max + 1, "saved_codes");
+}
+
 const bool registered = [] {
   using gputest::add_case;
   const Problem problems[] = {
@@ -337,8 +369,8 @@ const bool registered = [] {
   add_case("linear_backward_graph/" + problem_name(backward[3]), false,
            [=] { run_backward(backward[3], true); });
   // hq_lss: the same shapes, the selection on the device; a row-sparse gradient (zero rows, tiny
-  // rows whose p is raised to the cap 1/16); another budget; and more tokens than one weighted FP8
-  // product can sum exactly (kMaxKFp8Weighted), so the weight gradient runs in two K-chunks.
+  // rows whose p is raised to the cap 1/16); another budget; and more tokens than one INT8 product
+  // may sum (kMaxKInt8), so the weight gradient runs in two K-chunks.
   std::vector<Problem> lss(std::begin(backward), std::end(backward));
   for (Problem& p : lss) p.recipe = Recipe::kHqLss;
   Problem sparse = lss[3];
@@ -347,11 +379,12 @@ const bool registered = [] {
   Problem budget = lss[1];
   budget.lss_budget = 1.5;
   lss.push_back(budget);
-  Problem chunked{kMaxKFp8Weighted + 48, 64, 32, 16, true, false, true, Recipe::kHqLss, false};
+  Problem chunked{kMaxKInt8 + 48, 64, 32, 16, true, false, true, Recipe::kHqLss, false};
   lss.push_back(chunked);
   for (const Problem& p : lss) {
     add_case("linear_backward/" + problem_name(p), p.n > 4096, [=] { run_backward(p, false); });
   }
+  add_case("linear_backward_errors/lss_limits", false, test_lss_limits);
   add_case("linear_backward_graph/" + problem_name(lss[3]), false,
            [=] { run_backward(lss[3], true); });
   return true;
