@@ -498,8 +498,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(
   }
 #ifdef INT4TRAIN_TORCH_CUDA
   if (grad_y.is_cuda() && (cfg.recipe == Recipe::kHqBs || cfg.recipe == Recipe::kHqLss)) {
-    // The dedicated kernels (cuda.h): bit split, LSS selection on the device, exact FP8 products of
-    // the codes, LSQ backward and back-rotation. The bias gradient is above.
+    // The dedicated kernels (cuda.h): bit split, LSS selection on the device, exact FP8 (hq_lss's
+    // weight gradient: INT8) products of the codes, LSQ backward and back-rotation. The bias gradient
+    // is above.
     LinearConfig kcfg = cfg;
     kcfg.step = detail::step_value(step);
     const Tensor gc = grad_y.contiguous(), wc = weight.contiguous(), ac = aux.contiguous();

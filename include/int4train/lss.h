@@ -44,8 +44,8 @@ void lss_probabilities(const TensorView& scores, double budget, TensorView probs
 // kLssMaxExponent is the layers' cap (linear.h, hq_lss): p' >= 1/16, so an importance weight is at
 // most 16. Any p' > 0 keeps the estimator unbiased; the cap keeps rows of tiny p more often than p
 // asks (variance down, the expected count up by at most 1/16 per such row) and bounds every weighted
-// code, 2^k times a 4-bit code, to [-128, 112]: exact in FP8 e4m3, so the GPU folds the weights of
-// the weight gradient's tokens into its FP8 operands (cuda.h) and keeps one product per gradient.
+// code, 2^k times a 4-bit code, to [-128, 112]: an int8, so the GPU folds the weights of the weight
+// gradient's tokens into its INT8 operands (cuda.h) and keeps one product per gradient.
 constexpr int kLssMaxExponent = 4;
 void lss_round_pow2(const TensorView& probs, int max_exponent, TensorView exponents);
 
