@@ -319,8 +319,8 @@ struct ToOperandParams {
 // 2^e| <= 128, the product -8 * 16 = -128 included); anything else 0 (counted by the caller).
 __device__ __forceinline__ bool exponent_ok(int e) { return e >= -1 && e <= kLssMaxExponent; }
 __device__ __forceinline__ uint8_t s8_scaled(int code, int e) {
-  return e >= 0 && e <= kLssMaxExponent ? static_cast<uint8_t>(static_cast<int8_t>(code * (1 << e)))
-                                        : uint8_t{0};
+  return e >= 0 && exponent_ok(e) ? static_cast<uint8_t>(static_cast<int8_t>(code * (1 << e)))
+                                  : uint8_t{0};
 }
 
 __device__ __forceinline__ int load_code(const ToOperandParams& p, int64_t r, int64_t c) {

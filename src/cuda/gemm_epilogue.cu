@@ -76,10 +76,7 @@ __global__ void scale_product_kernel(const float* __restrict__ a, const float* _
   *out = __fmul_rn(a != nullptr ? *a : 1.0f, b != nullptr ? *b : 1.0f);
 }
 
-int grid_for(int64_t total) {
-  const int64_t blocks = (total + kThreads - 1) / kThreads;
-  return static_cast<int>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
-}
+int grid_for(int64_t total) { return grid_blocks(total, kThreads, 65536); }
 
 }  // namespace
 

@@ -387,14 +387,14 @@ void gemm_s8_s32_cuda(const TensorView& a, const TensorView& b, TensorView c,
   }
   // Straight into c where cuBLASLt takes it (N a multiple of 16, aligned rows); else the product
   // of the zero-padded b into a temporary, whose first N columns are copied out.
-  const bool direct = s.n % kRowAlign == 0 && reinterpret_cast<uintptr_t>(c.data) % 16 == 0 &&
-                      (s.m == 1 || ldc % 4 == 0);
+  const bool direct =
+      s.n % kRowAlign == 0 && reinterpret_cast<uintptr_t>(c.data) % 16 == 0 && ldc % 4 == 0;
   DeviceBuffer bpad(alloc, direct ? 0 : pad_b_bytes(s), stream);
   const PaddedB pb = direct ? PaddedB{b.data, row_stride(b), s.n} : pad_b(b, s, bpad, stream);
   DeviceBuffer acc(alloc, direct ? 0 : static_cast<size_t>(s.m * pb.rows) * sizeof(int32_t),
                    stream);
   void* d = direct ? c.data : acc.get();
-  const int64_t ldd = direct ? (s.m == 1 ? s.n : ldc) : pb.rows;
+  const int64_t ldd = direct ? ldc : pb.rows;
   LtProblem p{CUDA_R_8I, pb.rows, s.m,     s.kp,       pb.data, pb.ld, a.data,    row_stride(a),
               nullptr,   nullptr, nullptr, CUDA_R_32I, d,       ldd,   CUDA_R_32I};
   if (!run_lt(p, alloc, stream)) {

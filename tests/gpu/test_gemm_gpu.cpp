@@ -244,9 +244,13 @@ bool large_token(Order o, int64_t t, int64_t k) {
   return false;
 }
 
-void test_adversarial(bool weighted, Order order, int64_t m, int64_t n) {
+// k = 0: the path's bound (kMaxKFp8Int4, kMaxKInt8 rounded down to 16). fp32_out (FP8 only): the
+// product through gemm_fp8_cuda into fp32, as the layer's backward runs it, instead of the int32
+// mode.
+void test_adversarial(bool weighted, Order order, int64_t m, int64_t n, int64_t k = 0,
+                      bool fp32_out = false) {
   constexpr int kPa = 2, kPb = 16;
-  const int64_t k = weighted ? kMaxKInt8 / kFp8Align * kFp8Align : kMaxKFp8Int4;
+  if (k == 0) k = weighted ? kMaxKInt8 / kFp8Align * kFp8Align : kMaxKFp8Int4;
   // Codes as (tokens x patterns), the layout of the weight gradient's code rows.
   std::vector<int8_t> a(static_cast<size_t>(k * kPa)), b(static_cast<size_t>(k * kPb));
   std::vector<int8_t> exps(static_cast<size_t>(k));
@@ -300,10 +304,21 @@ void test_adversarial(bool weighted, Order order, int64_t m, int64_t n) {
   } else {
     codes_to_fp8_cuda(codes_a, true, va, nullptr);
     codes_to_fp8_cuda(codes_b, true, vb, nullptr);
-    gemm_fp8_s32_cuda(va, vb, c, alloc, nullptr);
+    if (fp32_out) {
+      gemm_fp8_cuda(va, vb, TensorView{}, TensorView{}, TensorView{},
+                    make_matrix(out.get(), DType::kFloat32, m, n), alloc, nullptr);
+    } else {
+      gemm_fp8_s32_cuda(va, vb, c, alloc, nullptr);
+    }
   }
   CUDA_OK(cudaDeviceSynchronize());
-  const auto got = gputest::download<int32_t>(out, static_cast<size_t>(m * n));
+  std::vector<int32_t> got(static_cast<size_t>(m * n));
+  if (fp32_out) {  // integers below 2^24: exact in fp32
+    const auto f = gputest::download<float>(out, static_cast<size_t>(m * n));
+    for (size_t i = 0; i < f.size(); ++i) got[i] = static_cast<int32_t>(f[i]);
+  } else {
+    got = gputest::download<int32_t>(out, static_cast<size_t>(m * n));
+  }
   expect_equal(
       m, n, [&](int64_t i, int64_t j) { return want[(i % kPa) * kPb + j % kPb]; },
       [&](int64_t i, int64_t j) { return got[static_cast<size_t>(i * n + j)]; });
@@ -497,8 +512,9 @@ const bool registered = [] {
     bool strided, big;
   };
   for (E8 e :
-       {E8{1, 1, 1, Fill8::kRandom, true, false}, E8{5, 17, 33, Fill8::kRandom, true, false},
-        E8{3, 7, 15, Fill8::kAllMin, false, false}, E8{64, 64, 64, Fill8::kRandom, false, false},
+       {E8{1, 1, 1, Fill8::kRandom, true, false}, E8{1, 16, 32, Fill8::kRandom, false, false},
+        E8{5, 17, 33, Fill8::kRandom, true, false}, E8{3, 7, 15, Fill8::kAllMin, false, false},
+        E8{64, 64, 64, Fill8::kRandom, false, false},
         E8{257, 129, 1000, Fill8::kRandom, true, false},
         E8{128, 256, 4096, Fill8::kRandom, false, true},
         E8{64, 48, 4096, Fill8::kAlternating, false, false},
@@ -506,7 +522,8 @@ const bool registered = [] {
         E8{8, 24, kMaxKInt8 / 16 * 16, Fill8::kRandom, true, true},
         E8{256, 256, 16384, Fill8::kAlternating, false, true}}) {
     add_case("gemm_s8/" + std::to_string(e.m) + "x" + std::to_string(e.n) + "x" +
-                 std::to_string(e.k) + "/" + fill8_name(e.f) + (e.strided ? "/strided" : "/direct"),
+                 std::to_string(e.k) + "/" + fill8_name(e.f) +
+                 (e.strided ? "/ldc_n_plus_3" : "/ldc_n"),
              e.big, [=] { test_s8(e.m, e.n, e.k, e.f, e.strided); });
   }
   for (bool weighted : {false, true}) {
@@ -517,6 +534,14 @@ const bool registered = [] {
                  true, [=] { test_adversarial(weighted, o, mn == 16 ? 2 : mn, mn); });
       }
     }
+  }
+  // Layer-sized outputs, where cuBLASLt picks its large-tile kernels: FP8 as the backward runs it
+  // (fp32 out), and the INT8 path.
+  for (Order o : {Order::kInterleaved, Order::kBlocks}) {
+    add_case(std::string("fp8_int4_exact/") + order_name(o) + "/4096x4096/k16384/fp32_out", true,
+             [=] { test_adversarial(false, o, 4096, 4096, 16384, true); });
+    add_case(std::string("s8_weighted_exact/") + order_name(o) + "/4096x4096/k16384", true,
+             [=] { test_adversarial(true, o, 4096, 4096, 16384); });
   }
   add_case("gemm_errors/arguments", false, test_arg_errors);
   return true;
