@@ -141,8 +141,8 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
 // ------------------------------------------------------------------------------ LSQ backward
 // lsq_backward_compact on the device: grad_x = grad_xhat * mask (fp32 or bf16, may be grad_xhat
 // itself when fp32), grad_step = gamma * sum(grad_xhat * r_hat) (fp32 device scalar,
-// overwritten; the sum runs in fp64 atomics, so its last bit may differ from the CPU's fixed-order
-// sum). Either output may be null.
+// overwritten; fp64 partial sums per block added in a fixed order, so deterministic, but not the
+// CPU's order: its last bit may differ). Either output may be null.
 void lsq_backward_compact_cuda(const TensorView& packed_codes, const TensorView& aux,
                                const TensorView& grad_xhat, TensorView grad_x, TensorView grad_step,
                                const CudaAllocator& alloc, void* stream);

@@ -504,3 +504,20 @@ def test_textcls_with_real_minilm(tmp_path, capsys):
     assert rc == 0, err
     (r,) = load_metrics(tmp_path)
     assert r["data"]["model"].endswith("model") and len(r["int4_layers"]) == 36  # 6 layers x 6
+
+
+def test_lm_deterministic_flag(text_file, tmp_path, capsys):
+    # --deterministic runs the same math (on the CPU, bit for bit the curve without it), records
+    # itself, and restores torch's mode afterwards for an in-process caller.
+    curves = []
+    for k, flag in enumerate(["", "--deterministic"]):
+        out = tmp_path / str(k)
+        args = f"--task lm --data {text_file} --recipe hq_lss --steps 4 --seed 1 --out {out} {flag}"
+        rc, stdout, err = run_cli(f"{args} {LM_TINY}", capsys)
+        assert rc == 0, err
+        run = load_metrics(out)[0]
+        assert run["deterministic"] is bool(flag)
+        assert ("(deterministic)" in stdout) is bool(flag)
+        curves.append(run["loss_curve"])
+    assert curves[0] == curves[1]
+    assert not torch.are_deterministic_algorithms_enabled()

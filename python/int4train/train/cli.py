@@ -159,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="reproducible runs on the GPU too: torch's deterministic algorithms only (an error "
+        "names any operation without one), cuBLAS with a fixed workspace; slower",
+    )
+    p.add_argument(
         "--threads",
         type=_positive_int,
         default=None,
@@ -389,10 +395,27 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     import torch
 
-    import int4train
-
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.deterministic:
+        # cuBLAS needs the workspace setting before its first handle (nothing has used CUDA yet);
+        # the mode is restored when the runs end, so an in-process caller keeps its own.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            return _run_recipes(args, recipes, hadamard, cfg, device)
+        finally:
+            torch.use_deterministic_algorithms(previous)
+    return _run_recipes(args, recipes, hadamard, cfg, device)
+
+
+def _run_recipes(args, recipes, hadamard, cfg, device) -> list[dict[str, Any]]:
+    import torch
+
+    import int4train
+    from ..config import Recipe
+
     amp = args.amp and device.type == "cuda"
     if args.amp and not amp:
         print("note: --amp applies to CUDA only; the CPU computes in fp32", file=sys.stderr)
@@ -414,7 +437,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     steps = T.resolve_steps(task)
     print(
         f"int4train {int4train.__version__} | task {args.task} | preset {args.preset} | "
-        f"device {device}{' (bf16 autocast)' if amp else ''} | threads {torch.get_num_threads()} "
+        f"device {device}{' (bf16 autocast)' if amp else ''}"
+        f"{' (deterministic)' if args.deterministic else ''} | threads {torch.get_num_threads()} "
         f"| seed {args.seed} | {steps} steps | recipes {', '.join(recipes)}",
         flush=True,
     )
@@ -437,6 +461,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "preset": args.preset,
                 "device": str(device),
                 "amp": amp,
+                "deterministic": args.deterministic,
                 "threads": torch.get_num_threads(),
                 "config": {
                     **cfg,
