@@ -185,6 +185,7 @@ def test_cuda_training_cli_deterministic_runs_repeat(tmp_path, capsys):
     # Two GPU runs of the training CLI with --deterministic (hq_lss: the device kernels, LSS on the
     # device; the model's attention and cuBLAS under torch's deterministic mode) give the same loss
     # curve and validation loss, bit for bit.
+    import json
     from pathlib import Path
 
     from int4train.train import cli
@@ -200,6 +201,6 @@ def test_cuda_training_cli_deterministic_runs_repeat(tmp_path, capsys):
         )
         assert cli.main(args.split()) == 0, capsys.readouterr().err
         with open(out / "metrics.json") as f:
-            runs.append(__import__("json").load(f)["runs"][0])
+            runs.append(json.load(f)["runs"][0])
     assert runs[0]["loss_curve"] == runs[1]["loss_curve"]
     assert runs[0]["metrics"]["val_loss"] == runs[1]["metrics"]["val_loss"]
