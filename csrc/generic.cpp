@@ -438,27 +438,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward(
 }
 
 // The kept rows' importance weights 2^e (0 for dropped rows) of one LSS selection over the 2N
-// bit-split rows, as float64; also the number kept.
+// bit-split rows, as float64; also the number kept. The whole selection runs on the host through
+// the core (lss.h: fixed-order fp64 sums, the exponents' capacity search and the stratified draw),
+// the same rows as the CPU layer and the CUDA kernels.
 std::pair<Tensor, Tensor> lss_weights(const Tensor& scores, int64_t n, const LinearConfig& cfg,
                                       RandomPurpose purpose, const Tensor& stream_hi) {
-  // Water-filling and power-of-two rounding on the host: the core's fixed-order fp64 sums.
   const Tensor scores_cpu = scores.to(at::kCPU).contiguous();
+  const int64_t rows = scores_cpu.numel();
+  const double budget = cfg.lss_budget * static_cast<double>(n);
+  const int64_t capacity = lss_capacity(budget, rows);
   Tensor probs = at::empty_like(scores_cpu);
-  Tensor exps = at::empty({scores_cpu.numel()}, scores_cpu.options().dtype(at::kChar));
+  Tensor exps = at::empty({rows}, scores_cpu.options().dtype(at::kChar));
+  Tensor slots = at::empty({capacity}, scores_cpu.options().dtype(at::kInt));
+  const uint64_t step = static_cast<uint64_t>(stream_hi.item<int64_t>()) & 0xFFFFFFFFull;
+  const RandomKey key{cfg.seed,
+                      (step << 32) | static_cast<uint64_t>(stream_low(cfg.layer, purpose))};
+  int64_t kept = 0;
   call_core([&] {
-    lss_probabilities(detail::to_view(scores_cpu, "scores"), cfg.lss_budget * static_cast<double>(n),
+    lss_probabilities(detail::to_view(scores_cpu, "scores"), budget,
                       detail::to_view(probs, "probs"));
-    lss_round_pow2(detail::to_view(probs, "probs"), kLssMaxExponent, detail::to_view(exps, "exps"));
+    lss_round_pow2(detail::to_view(probs, "probs"), kLssMaxExponent, capacity,
+                   detail::to_view(exps, "exps"));
+    kept = lss_select(detail::to_view(exps, "exps"), kLssMaxExponent, key,
+                      detail::to_view(slots, "slots"));
   });
-  const Tensor k = exps.to(scores.device()).to(at::kLong);
-  // Bernoulli(2^-k) on the device: the top k bits of the row's Philox word are zero.
-  const Tensor w = philox_words(cfg.seed, stream_low(cfg.layer, purpose), stream_hi, 2 * n,
-                                scores.options());
-  const Tensor kept = (k >= 0) & (shr(w, 32 - k.clamp_min(0)) == 0);
-  const Tensor base = at::cat({at::full({n}, 4, k.options()), at::zeros({n}, k.options())});
-  const Tensor e = base + k.clamp_min(0);
-  const Tensor pow2 = shl(e + 1023, 52).view(at::kDouble);
-  return {at::where(kept, pow2, at::zeros_like(pow2)), kept.sum()};
+  // Weight 2^(k + 4) of a kept hi row (the x16 of the bit split), 2^k of a kept lo row, else 0.
+  Tensor w = at::zeros({rows}, scores_cpu.options().dtype(at::kDouble));
+  double* wp = w.data_ptr<double>();
+  const int8_t* kp = exps.data_ptr<int8_t>();
+  for (const int32_t i : c10::ArrayRef<int32_t>(slots.data_ptr<int32_t>(), capacity)) {
+    if (i >= 0) wp[i] = std::ldexp(1.0, kp[i] + (i < n ? 4 : 0));
+  }
+  return {w.to(scores.device()), at::scalar_tensor(kept, scores.options().dtype(at::kLong))};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(

@@ -79,6 +79,24 @@ void codes_to_fp8_cuda(const TensorView& codes, bool transpose, TensorView opera
 void codes_to_s8_cuda(const TensorView& codes, const TensorView& row_exponents, bool transpose,
                       TensorView operand, TensorView invalid, void* stream);
 
+// The compacted operands of a sampled product (hq_lss): column j of operand (cols x
+// fp8_padded_cols(M), M = row_map's length) is code row row_map[j] mod codes.rows scaled by
+// 2^map_exponents[row_map[j]] as int8, i.e. codes_to_s8_cuda's transposed operand of the gathered
+// rows; row_map[j] = -1 (an empty slot) gives a zero column. codes: kInt4Packed rows x cols;
+// row_map: int32 device vector of M with values in [-1, R); map_exponents: int8 device vector of R
+// with values in [-1, kLssMaxExponent]. A map value or exponent out of range gives a zero column
+// and increments `invalid` (optional int64 device scalar), as codes_to_s8_cuda.
+void gather_codes_to_s8_cuda(const TensorView& codes, const TensorView& row_map,
+                             const TensorView& map_exponents, TensorView operand,
+                             TensorView invalid, void* stream);
+
+// out row j = operand row row_map[j] (bytes, padding included), a zero row where row_map[j] = -1
+// (or out of range, counted in `invalid` as above): the compacted rows of an FP8 or INT8 operand.
+// operand and out: kFloat8E4M3 or kInt8 GEMM operands (same dtype and padded width); row_map:
+// int32 device vector of out's rows.
+void gather_operand_rows_cuda(const TensorView& operand, const TensorView& row_map, TensorView out,
+                              TensorView invalid, void* stream);
+
 // ------------------------------------------------------------------------------ products
 // C = A B^T in gemm.h's vocabulary: a is M x Kp, b is N x Kp, both FP8 operands (same Kp). out:
 // fp32 or bf16 M x N (row stride any),
@@ -157,15 +175,20 @@ void lsq_backward_cuda(const TensorView& x, const TensorView& step, const Tensor
 
 // ------------------------------------------------------------------------------ sampling
 // Leverage score sampling on the device: lss.h's lss_probabilities (its fixed summation order),
-// lss_round_pow2 with max_exponent and lss_select with rng, bit for bit, in one kernel and without
-// a host round trip: exponents[i] = k_i for a kept row (importance weight 2^k_i), -1 for a dropped
-// one. scores: fp32 device vector of n, finite and >= 0; budget as lss_probabilities (checked here,
-// on the host); max_exponent in [0, 32]; exponents: int8 device vector of n; kept: optional int64
-// device scalar, the number of rows kept. A negative or non-finite score (lss_probabilities' Error)
-// cannot be raised from the device: every exponent is then -1 and kept is -1. One block of
-// kLssSumLanes threads; each water-filling round reads the scores once.
-void lss_sample_cuda(const TensorView& scores, double budget, int max_exponent,
-                     const RandomKey& rng, TensorView exponents, TensorView kept, void* stream);
+// lss_round_pow2 with max_exponent and max_rows, and lss_select with rng, bit for bit, in one
+// kernel and without a host round trip: exponents[i] = k_i for a kept row (importance weight
+// 2^k_i), -1 for a dropped one; slot_rows (int32 device vector of max_rows) = lss_select's slots
+// (the row kept in each slot, -1 for none); slots (optional int32 device vector of n) the inverse:
+// the slot of a kept row, -1 for a dropped one. scores: fp32 device vector of n, finite and >= 0;
+// budget as lss_probabilities (checked here, on the host); max_exponent in [0, 30]; max_rows with
+// max_rows * 2^max_exponent >= n; exponents: int8 device vector of n; kept: optional int64 device
+// scalar, the number of rows kept (at most max_rows). A negative or non-finite score
+// (lss_probabilities' Error) cannot be raised from the device: every exponent and slot is then -1
+// and kept is -1. One block of kLssSumLanes threads; each water-filling round and each step of the
+// exponents' search reads the scores once.
+void lss_sample_cuda(const TensorView& scores, double budget, int max_exponent, int64_t max_rows,
+                     const RandomKey& rng, TensorView exponents, TensorView slots,
+                     TensorView slot_rows, TensorView kept, void* stream);
 
 // ------------------------------------------------------------------------------ random words
 // words[i] = random_u32(seed, stream, i) of philox.h for i < n (int64 values in [0, 2^32), the form
@@ -190,9 +213,11 @@ void linear_forward_cuda(const LinearConfig& config, const LinearForwardArgs& ar
 // CPU's); the others are an Error of kind kNotImplemented (hq and lsq_luq need their gradient
 // quantizers on the device). Every product runs on FP8 operands holding INT4 codes, except hq_lss's
 // weight gradient, whose codes times their token's importance weight run on INT8 operands (see INT8
-// operands above); each product is exact. grad_x, grad_w, grad_bias and rows_kept equal the CPU's
-// bit for bit, the step gradients within one fp32 rounding (fp64 sums in another order). No host
-// synchronisation.
+// operands above); each product is exact. hq_lss's two sampled products are compacted: the kept
+// rows are gathered into ceil(lss_budget * N) rows (lss.h's capacity, known on the host), so each
+// costs a product of that many rows instead of 2N. grad_x, grad_w, grad_bias and rows_kept equal
+// the CPU's bit for bit, the step gradients within one fp32 rounding (fp64 sums in another order).
+// No host synchronisation.
 void linear_backward_cuda(const LinearConfig& config, const LinearBackwardArgs& args,
                           const CudaAllocator& alloc, void* stream);
 

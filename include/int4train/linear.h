@@ -43,12 +43,15 @@ Recipe parse_recipe(const std::string& name);
 bool recipe_uses_lsq(Recipe recipe);       // lsq_luq, hq, hq_bs, hq_lss
 bool recipe_uses_hadamard(Recipe recipe);  // hq, hq_bs, hq_lss
 
-// lss_budget (used by hq_lss, checked for every recipe): the expected number of rows leverage score
-// sampling keeps of the 2N bit-split rows, in units of N (the water-filling budget is lss_budget * N).
-// 1 is the paper's method (each sampled product costs one N-row product); 2 keeps every non-zero row
-// with p = 1, which gives hq_bs's gradients bit for bit. In (0, 2] (an Error naming `lss_budget`
-// otherwise).
+// lss_budget (used by hq_lss, checked for every recipe): how many of the 2N bit-split rows leverage
+// score sampling keeps, in units of N: the water-filling budget is B = lss_budget * N and each
+// sampled product has at most ceil(B) rows (lss.h: the power-of-two probabilities fit that capacity
+// and the stratified selection never exceeds it). 1 is the paper's method (each sampled product
+// costs one N-row product); 2 keeps every non-zero row with p = 1, which gives hq_bs's gradients
+// bit for bit. In [1/8, 2] (an Error naming `lss_budget` otherwise): below 1/8 the probabilities'
+// floor of 2^-kLssMaxExponent = 1/16 cannot fit 2N rows into the capacity.
 constexpr double kLssDefaultBudget = 1.0;
+constexpr double kLssMinBudget = 0.125;
 constexpr double kLssMaxBudget = 2.0;
 
 struct LinearConfig {
@@ -60,7 +63,7 @@ struct LinearConfig {
   double lss_budget = kLssDefaultBudget;  // hq_lss: kept rows per token (above)
 };
 
-// Checks cfg.lss_budget: finite, in (0, kLssMaxBudget]; an Error naming `lss_budget` otherwise.
+// Checks cfg.lss_budget: in [kLssMinBudget, kLssMaxBudget]; an Error naming `lss_budget` otherwise.
 void check_lss_budget(double lss_budget);
 
 // A recipe spec: a recipe name, optionally followed by options after a colon, comma-separated

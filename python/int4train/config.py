@@ -13,6 +13,7 @@ RECIPES = ("fp", "int8", "lsq_luq", "hq", "hq_bs", "hq_lss")
 _LSQ_RECIPES = ("lsq_luq", "hq", "hq_bs", "hq_lss")
 _HADAMARD_RECIPES = ("hq", "hq_bs", "hq_lss")
 MAX_HADAMARD_BLOCK = 256  # int4train::kMaxHadamardBlock
+MIN_LSS_BUDGET = 0.125  # int4train::kLssMinBudget
 MAX_LSS_BUDGET = 2.0  # int4train::kLssMaxBudget
 STEP_INITS = ("mean_abs", "mse")
 
@@ -29,9 +30,10 @@ class Recipe:
         layer id, so the same seed reproduces a run bit for bit on the CPU and the GPU. 0 <= seed < 2**63.
     max_hadamard_block: the largest Hadamard block the first-batch search may choose (hq recipes),
         a power of two <= 256.
-    lss_budget: hq_lss only: the expected number of rows leverage score sampling keeps of the 2N
-        bit-split rows of a gradient, in units of N, in (0, 2]. 1.0 is the paper's method (each sampled
-        backward product costs one N-row product); 2.0 keeps every non-zero row (hq_bs's gradients).
+    lss_budget: hq_lss only: how many of the 2N bit-split rows of a gradient leverage score sampling
+        keeps, in units of N, in [0.125, 2]: the water-filling budget, and the most rows a sampled
+        product has (ceil(lss_budget * N)). 1.0 is the paper's method (each sampled backward product
+        costs one N-row product); 2.0 keeps every non-zero row (hq_bs's gradients).
         Larger budgets cost more rows and lose less where gradients are not row-sparse
         (docs/accuracy.md: a language model, whose every token carries loss).
     step_init: how the first batch sets the LSQ steps (LSQ recipes): "mse" (the default), the step
@@ -57,9 +59,9 @@ class Recipe:
                 f"max_hadamard_block must be a power of two in [1, {MAX_HADAMARD_BLOCK}], got {b!r}"
             )
         lb = self.lss_budget
-        if isinstance(lb, bool) or not isinstance(lb, (int, float)) or not 0.0 < lb <= MAX_LSS_BUDGET:
+        if isinstance(lb, bool) or not isinstance(lb, (int, float)) or not MIN_LSS_BUDGET <= lb <= MAX_LSS_BUDGET:
             raise ValueError(
-                f"lss_budget must be a number in (0, {MAX_LSS_BUDGET:g}] (rows kept per token), got {lb!r}"
+                f"lss_budget must be a number in [{MIN_LSS_BUDGET:g}, {MAX_LSS_BUDGET:g}] (rows kept per token), got {lb!r}"
             )
         object.__setattr__(self, "lss_budget", float(lb))
         if self.step_init not in STEP_INITS:

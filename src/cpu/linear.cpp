@@ -272,11 +272,12 @@ void check_common(const LinearConfig& cfg, const TensorView& x_like, const Tenso
 }  // namespace
 
 void check_lss_budget(double lss_budget) {
-  if (!(lss_budget > 0.0 && lss_budget <= kLssMaxBudget)) {
+  if (!(lss_budget >= kLssMinBudget && lss_budget <= kLssMaxBudget)) {
     char buf[64];
     std::snprintf(buf, sizeof(buf), "%g", lss_budget);
     throw_error(ErrorKind::kValue,
-                "lss_budget: expected a number in (0, 2] (rows kept per token), got " + std::string(buf));
+                "lss_budget: expected a number in [0.125, 2] (rows kept per token), got " +
+                    std::string(buf));
   }
 }
 
@@ -483,16 +484,17 @@ void products_bitsplit(const LinearConfig& cfg, bool sample, const TensorView& g
     }
     std::vector<float> probs(static_cast<size_t>(m));
     std::vector<int8_t> k(static_cast<size_t>(m));
-    std::vector<int32_t> idx(static_cast<size_t>(m));
-    lss_probabilities(make_vector(const_cast<float*>(scores.data()), DType::kFloat32, m),
-                      cfg.lss_budget * static_cast<double>(n),
+    const double budget = cfg.lss_budget * static_cast<double>(n);
+    const int64_t capacity = lss_capacity(budget, m);
+    std::vector<int32_t> slots(static_cast<size_t>(capacity));
+    lss_probabilities(make_vector(const_cast<float*>(scores.data()), DType::kFloat32, m), budget,
                       make_vector(probs.data(), DType::kFloat32, m));
-    lss_round_pow2(make_vector(probs.data(), DType::kFloat32, m), kLssMaxExponent,
+    lss_round_pow2(make_vector(probs.data(), DType::kFloat32, m), kLssMaxExponent, capacity,
                    make_vector(k.data(), DType::kInt8, m));
-    const int64_t kept = lss_select(make_vector(k.data(), DType::kInt8, m), key(cfg, purpose),
-                                    make_vector(idx.data(), DType::kInt32, m));
-    for (int64_t j = 0; j < kept; ++j) {
-      const int64_t i = idx[static_cast<size_t>(j)];
+    lss_select(make_vector(k.data(), DType::kInt8, m), kLssMaxExponent, key(cfg, purpose),
+               make_vector(slots.data(), DType::kInt32, capacity));
+    for (const int32_t i : slots) {
+      if (i < 0) continue;
       rows.push_back(i);
       exps.push_back(base_exp(i) + k[static_cast<size_t>(i)]);
     }

@@ -166,67 +166,125 @@ void lss_probabilities(const TensorView& scores, double budget, TensorView probs
   for (int64_t i : active) p[i] = static_cast<float>(kappa * static_cast<double>(c[i]));
 }
 
-void lss_round_pow2(const TensorView& probs, int max_exponent, TensorView exponents) {
+void lss_round_pow2(const TensorView& probs, int max_exponent, int64_t max_rows,
+                    TensorView exponents) {
   const int64_t n = check_flat(probs, "probs", DType::kFloat32);
-  if (max_exponent < 0 || max_exponent > 32) {
-    throw_error(ErrorKind::kValue, "max_exponent: expected an integer in [0, 32], got " +
+  if (max_exponent < 0 || max_exponent > 30) {
+    throw_error(ErrorKind::kValue, "max_exponent: expected an integer in [0, 30], got " +
                                        std::to_string(max_exponent));
   }
   check_dtype(exponents, "exponents", {DType::kInt8});
   check_vector(exponents, "exponents", n);
+  // Every row at one unit must fit: then the search below always ends feasible.
+  if (max_rows < 0 || max_rows > INT32_MAX || (max_rows << max_exponent) < n) {
+    throw_error(ErrorKind::kValue,
+                "max_rows: expected a row capacity in [ceil(n / 2^max_exponent), "
+                "2^31 - 1] = [" +
+                    std::to_string((n + (int64_t{1} << max_exponent) - 1) >> max_exponent) +
+                    ", 2147483647] for n = " + std::to_string(n) + " rows, got " +
+                    std::to_string(max_rows));
+  }
   const float* p = probs.ptr<const float>();
-  int8_t* k = exponents.ptr<int8_t>();
   for (int64_t i = 0; i < n; ++i) {
-    const float pi = p[i];
-    if (!(pi >= 0.0f && pi <= 1.0f)) {
+    if (!(p[i] >= 0.0f && p[i] <= 1.0f)) {
       throw_error(ErrorKind::kValue, "probs: expected probabilities in [0, 1], got " +
-                                         std::to_string(pi) + " at index " + std::to_string(i));
+                                         std::to_string(p[i]) + " at index " + std::to_string(i));
     }
-    if (pi == 0.0f) {
-      k[i] = -1;
-      continue;
+  }
+  const int64_t cap = max_rows << max_exponent;  // in units (lss.h)
+  auto units = [&](double tau) {
+    int64_t s = 0;
+    for (int64_t i = 0; i < n; ++i)
+      s += lss_units(lss_exponent(p[i], tau, max_exponent), max_exponent);
+    return s;
+  };
+  int8_t* k = exponents.ptr<int8_t>();
+  if (units(kLssTau0) <= cap) {
+    for (int64_t i = 0; i < n; ++i) {
+      k[i] = static_cast<int8_t>(lss_exponent(p[i], kLssTau0, max_exponent));
     }
-    // p = m 2^E with m in [1/2, 1): -log2 p = -E - log2 m, -log2 m in (0, 1]; it rounds up to
-    // 1 - E iff -log2 m > 1/2, i.e. m^2 < 1/2 (exact in fp64: no logarithm, no tie).
-    int e;
-    const double m = std::frexp(static_cast<double>(pi), &e);
-    int ki = (m * m < 0.5) ? 1 - e : -e;
-    ki = std::min(std::max(ki, 0), max_exponent);
-    k[i] = static_cast<int8_t>(ki);
+    return;
+  }
+  double lo = kLssTau0, hi = kLssTau0;
+  for (int j = 1; j <= max_exponent; ++j) {
+    hi = lo;
+    lo *= 0.5;
+    if (units(lo) <= cap) break;
+  }
+  for (int s = 0; s < kLssTauSteps; ++s) {
+    const double mid = (lo + hi) * 0.5;
+    if (units(mid) <= cap) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  // The rows whose exponent differs between lo and hi take hi's in index order while the units fit.
+  int64_t slack = cap - units(lo), taken = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int klo = lss_exponent(p[i], lo, max_exponent),
+              khi = lss_exponent(p[i], hi, max_exponent);
+    taken += lss_units(khi, max_exponent) - lss_units(klo, max_exponent);
+    k[i] = static_cast<int8_t>(taken <= slack ? khi : klo);
   }
 }
 
-int64_t lss_select(const TensorView& exponents, const RandomKey& rng, TensorView indices) {
+int64_t lss_select(const TensorView& exponents, int max_exponent, const RandomKey& rng,
+                   TensorView slot_rows) {
   const int64_t n = check_flat(exponents, "exponents", DType::kInt8);
-  check_dtype(indices, "indices", {DType::kInt32});
-  if (indices.ndim != 1 || !indices.is_contiguous() || indices.numel() < n) {
-    throw_error(ErrorKind::kValue, "indices: expected a contiguous int32 vector of at least " +
-                                       std::to_string(n) + " elements");
+  if (max_exponent < 0 || max_exponent > 30) {
+    throw_error(ErrorKind::kValue, "max_exponent: expected an integer in [0, 30], got " +
+                                       std::to_string(max_exponent));
   }
-  check_not_null(indices, "indices");
   if (n > INT32_MAX) {
     throw_error(ErrorKind::kValue, "exponents: at most 2^31 - 1 rows can be indexed in int32");
   }
   const int8_t* k = exponents.ptr<const int8_t>();
+  const int kmax = max_exponent;
+  std::vector<int64_t> start(static_cast<size_t>(kmax) + 1, 0);  // per exponent: count, then a_i
   for (int64_t i = 0; i < n; ++i) {
-    if (k[i] < -1 || k[i] > 32) {
-      throw_error(ErrorKind::kValue, "exponents: expected values in [-1, 32], got " +
-                                         std::to_string(k[i]) + " at index " + std::to_string(i));
+    if (k[i] < -1 || k[i] > kmax) {
+      throw_error(ErrorKind::kValue, "exponents: expected values in [-1, " + std::to_string(kmax) +
+                                         "], got " + std::to_string(k[i]) + " at index " +
+                                         std::to_string(i));
+    }
+    if (k[i] >= 0) ++start[static_cast<size_t>(k[i])];
+  }
+  int64_t total = 0;  // units, dyadic order: exponent 0 first
+  for (int e = 0; e <= kmax; ++e) {
+    const int64_t count = start[static_cast<size_t>(e)];
+    start[static_cast<size_t>(e)] = total;
+    total += count * lss_units(e, kmax);
+  }
+  const int64_t strata = (total + (int64_t{1} << kmax) - 1) >> kmax;
+  check_dtype(slot_rows, "slot_rows", {DType::kInt32});
+  if (slot_rows.ndim != 1 || !slot_rows.is_contiguous() || slot_rows.numel() < strata) {
+    throw_error(ErrorKind::kValue, "slot_rows: expected a contiguous int32 vector of at least " +
+                                       std::to_string(strata) +
+                                       " elements (the strata of these "
+                                       "exponents)");
+  }
+  if (slot_rows.numel() > 0) check_not_null(slot_rows, "slot_rows");
+  int32_t* out = slot_rows.ptr<int32_t>();
+  std::fill(out, out + slot_rows.numel(), -1);
+  const int64_t mask = (int64_t{1} << kmax) - 1;
+  int64_t kept = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (k[i] < 0) continue;
+    const int64_t u = lss_units(k[i], kmax);
+    const int64_t a = start[static_cast<size_t>(k[i])];
+    start[static_cast<size_t>(k[i])] += u;
+    const int64_t m = a >> kmax, o = a & mask;
+    const int64_t v =
+        kmax == 0 ? 0
+                  : static_cast<int64_t>(
+                        random_u32(rng.seed, rng.stream, static_cast<uint64_t>(m)) >> (32 - kmax));
+    if (v >= o && v < o + u) {
+      out[m] = static_cast<int32_t>(i);
+      ++kept;
     }
   }
-  int32_t* out = indices.ptr<int32_t>();
-  const auto& kern = detail::quant_kernels();
-  int64_t count = 0;
-  uint32_t scratch[detail::kUniformScratch];
-  for (int64_t b = 0; b < n; b += detail::kQuantTile) {
-    const int64_t len = std::min(detail::kQuantTile, n - b);
-    const uint32_t* w = kern.words(rng.seed, rng.stream, static_cast<uint64_t>(b), len, scratch);
-    for (int64_t q = 0; q < len; ++q) {
-      const int ki = k[b + q];
-      if (ki >= 0 && bernoulli_pow2(w[q], ki)) out[count++] = static_cast<int32_t>(b + q);
-    }
-  }
-  return count;
+  return kept;
 }
 
 }  // namespace int4train

@@ -90,24 +90,34 @@ __device__ __forceinline__ void load8_exact(const int32_t* __restrict__ p, doubl
 
 // out = float(double(*s1) * double(*s2) * recombine(hi, lo)), hi and lo partial products (P: fp32
 // accumulators holding integers, or int32), `chunks` of each (stride chunk_stride, the K-chunks of
-// one product) summed exactly in fp64: the CPU's int64 sum and its rounding.
+// one product) summed exactly in fp64: the CPU's int64 sum and its rounding. With slots (one chunk)
+// row r's hi and lo partials are rows slots[r] and slots[rows + r] of the compacted product (-1: a
+// dropped row, 0); without lo, hi already holds the recombined sum.
 template <typename P>
 __global__ void __launch_bounds__(kThreads)
     combine_bitsplit_kernel(const P* __restrict__ hi, const P* __restrict__ lo, int64_t ld,
-                            int chunks, int64_t chunk_stride, const int8_t* __restrict__ exps,
-                            const float* __restrict__ s1, const float* __restrict__ s2,
-                            float* __restrict__ out, int64_t ldo, int64_t rows, int64_t cols) {
+                            int chunks, int64_t chunk_stride, const int32_t* __restrict__ slots,
+                            const int8_t* __restrict__ exps, const float* __restrict__ s1,
+                            const float* __restrict__ s2, float* __restrict__ out, int64_t ldo,
+                            int64_t rows, int64_t cols) {
   const double scale = __dmul_rn(static_cast<double>(*s1), static_cast<double>(*s2));
   const int64_t total = rows * cols;
+  auto sum = [&](const P* base, int64_t r, int64_t c) {
+    double v = static_cast<double>(base[r * ld + c]);
+    for (int k = 1; k < chunks; ++k) {
+      v = __dadd_rn(v, static_cast<double>(base[k * chunk_stride + r * ld + c]));
+    }
+    return v;
+  };
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = e / cols, c = e - r * cols;
-    double h = static_cast<double>(hi[r * ld + c]), l = static_cast<double>(lo[r * ld + c]);
-    for (int k = 1; k < chunks; ++k) {
-      h = __dadd_rn(h, static_cast<double>(hi[k * chunk_stride + r * ld + c]));
-      l = __dadd_rn(l, static_cast<double>(lo[k * chunk_stride + r * ld + c]));
-    }
-    out[r * ldo + c] = __double2float_rn(__dmul_rn(scale, recombine(h, l, exps, rows, r)));
+    const int64_t hr = slots != nullptr ? slots[r] : r;
+    const int64_t lr = slots != nullptr ? slots[rows + r] : r;
+    const double h = hr >= 0 ? sum(hi, hr, c) : 0.0;
+    const double a =
+        lo == nullptr ? h : recombine(h, lr >= 0 ? sum(lo, lr, c) : 0.0, exps, rows, r);
+    out[r * ldo + c] = __double2float_rn(__dmul_rn(scale, a));
   }
 }
 
@@ -170,7 +180,8 @@ struct EpilogueParams {
   int64_t ld;  // of hi and lo
   int chunks;  // K-chunks of each product, chunk_stride apart, summed exactly
   int64_t chunk_stride;
-  const int8_t* exps;  // dX of hq_lss: the rows' LSS exponents (recombine); null: 16 hi + lo
+  const int32_t* slots;  // dX of hq_lss: the rows' slots in the compacted product (SplitPartials)
+  const int8_t* exps;    // dX of hq_lss: the rows' LSS exponents (recombine); null: 16 hi + lo
   const float* s1;
   const float* s2;
   const uint8_t* packed;  // dX: the saved codes (rows x cols, packed) ...
@@ -190,10 +201,21 @@ __device__ __forceinline__ void combine8(const EpilogueParams& p, double scale, 
                                          int64_t col0, const double h[8], float v[8]) {
   const P* hi = static_cast<const P*>(p.hi);
   const P* lo = static_cast<const P*>(p.lo);
+  if (lo == nullptr) {  // one partial product, the recombined sum (hq_lss's weight gradient)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      double hd = h[i];
+      for (int k = 1; k < p.chunks; ++k) {
+        hd = __dadd_rn(hd, static_cast<double>(hi[k * p.chunk_stride + row * p.ld + col0 + i]));
+      }
+      v[i] = __double2float_rn(__dmul_rn(scale, hd));
+    }
+    return;
+  }
   double l[8];
   load8_exact(lo + row * p.ld + col0, l);
   if (p.chunks > 1) {  // K-chunked products (long batches): add the chunks' partials
-#pragma unroll 1
+#pragma unroll
     for (int i = 0; i < 8; ++i) {
       double hd = h[i], ld = l[i];
       for (int k = 1; k < p.chunks; ++k) {
@@ -223,6 +245,55 @@ __device__ __forceinline__ void combine8(const EpilogueParams& p, double scale, 
   }
 }
 
+// The source of the dX epilogue for a compacted product (p.slots): row's hi and lo partials are
+// rows slots[row] and slots[rows + row] of one fp32 product, absent (zero, flag off) where dropped;
+// loaded ahead by for_each_warp_chunk_from like a plain row.
+struct SlotSrc {
+  struct Buf {
+    float h[8], l[8];
+    bool has_h, has_l;
+  };
+  const float* __restrict__ prod;
+  const int32_t* __restrict__ slots;
+  int64_t ld, rows;
+  __device__ __forceinline__ void load(Buf& b, int64_t row, int32_t col) const {
+    const int32_t hs = slots[row], ls = slots[rows + row];
+    b.has_h = hs >= 0;
+    b.has_l = ls >= 0;
+    if (b.has_h) {
+      load8<true>(prod + hs * ld + col, b.h);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) b.h[i] = 0.0f;
+    }
+    if (b.has_l) {
+      load8<true>(prod + ls * ld + col, b.l);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) b.l[i] = 0.0f;
+    }
+  }
+  __device__ __forceinline__ void zero(Buf& b) const {
+    b.has_h = b.has_l = false;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) b.h[i] = b.l[i] = 0.0f;
+  }
+};
+
+// recombine's sum over the kept rows of a SlotSrc chunk (exponents of the row from p.exps).
+__device__ __forceinline__ void combine8_slots(const EpilogueParams& p, double scale, int64_t row,
+                                               const SlotSrc::Buf& b, float v[8]) {
+  const int eh = p.exps[row], el = p.exps[p.rows + row];
+  const double wh = b.has_h ? pow2(4 + eh) : 0.0, wl = b.has_l ? pow2(el) : 0.0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    double a = 0.0;
+    if (b.has_h) a = __fma_rn(wh, static_cast<double>(b.h[i]), a);
+    if (b.has_l) a = __fma_rn(wl, static_cast<double>(b.l[i]), a);
+    v[i] = __double2float_rn(__dmul_rn(scale, a));
+  }
+}
+
 __device__ __forceinline__ void store_out8(const EpilogueParams& p, int64_t row, int64_t col0,
                                            const float v[8]) {
   if (p.out == nullptr) return;
@@ -236,34 +307,54 @@ __device__ __forceinline__ void store_out8(const EpilogueParams& p, int64_t row,
 }
 
 // dX: the input's LSQ backward from the saved codes and aux bits (lsq_backward_compact_cuda).
-template <int G>
-__global__ void __launch_bounds__(kThreads, 3) dx_epilogue_kernel(const EpilogueParams p) {
+// kSlots: the partials of a compacted product, read through the slots (SlotSrc).
+// The compacted variant keeps two rows' partials per chunk in flight: 2 blocks per SM (128
+// registers) instead of 3, so that they stay in registers.
+template <int G, bool kSlots>
+__global__ void __launch_bounds__(kThreads, kSlots ? 2 : 3)
+    dx_epilogue_kernel(const EpilogueParams p) {
   const int lane = threadIdx.x & 31;
   const double scale = __dmul_rn(static_cast<double>(*p.s1), static_cast<double>(*p.s2));
   double acc = 0.0;
-  for_each_warp_chunk<float, true, kChunkDepth>(
-      static_cast<const float*>(p.hi), p.ld, p.rows, p.cols,
-      [&](int64_t row, int64_t col0, float h[8]) {
-        float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-        if (col0 < p.cols) {
-          double hd[8];
+  // The LSQ backward and back-rotation of one chunk's recombined values v.
+  auto finish = [&](int64_t row, int64_t col0, float v[8]) {
+    if (col0 < p.cols) {
+      const uint32_t codes =
+          *reinterpret_cast<const uint32_t*>(p.packed + row * (p.cols / 2) + col0 / 2);
+      const uint32_t bits = p.aux[(row * p.cols + col0) / 8];
 #pragma unroll
-          for (int i = 0; i < 8; ++i) hd[i] = static_cast<double>(h[i]);
-          combine8<float>(p, scale, row, col0, hd, v);
-          const uint32_t codes =
-              *reinterpret_cast<const uint32_t*>(p.packed + row * (p.cols / 2) + col0 / 2);
-          const uint32_t bits = p.aux[(row * p.cols + col0) / 8];
+      for (int i = 0; i < 8; ++i) {
+        const int code = static_cast<int>(((codes >> (4 * i)) & 0xFu) ^ 0x8u) - 8;
+        const MaskR m = lsq_compact_decode(code, (bits >> i) & 1u);
+        acc += static_cast<double>(v[i]) * static_cast<double>(m.r);
+        v[i] = m.inside ? v[i] : 0.0f;
+      }
+    }
+    hadamard_warp8<G>(v, lane, p.hscale);
+    if (col0 < p.cols) store_out8(p, row, col0, v);
+  };
+  if constexpr (kSlots) {
+    const SlotSrc src{static_cast<const float*>(p.hi), p.slots, p.ld, p.rows};
+    for_each_warp_chunk_from<kChunkDepth>(
+        src, p.rows, p.cols, [&](int64_t row, int64_t col0, const SlotSrc::Buf& b) {
+          float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+          if (col0 < p.cols) combine8_slots(p, scale, row, b, v);
+          finish(row, col0, v);
+        });
+  } else {
+    for_each_warp_chunk<float, true, kChunkDepth>(
+        static_cast<const float*>(p.hi), p.ld, p.rows, p.cols,
+        [&](int64_t row, int64_t col0, float h[8]) {
+          float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+          if (col0 < p.cols) {
+            double hd[8];
 #pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const int code = static_cast<int>(((codes >> (4 * i)) & 0xFu) ^ 0x8u) - 8;
-            const MaskR m = lsq_compact_decode(code, (bits >> i) & 1u);
-            acc += static_cast<double>(v[i]) * static_cast<double>(m.r);
-            v[i] = m.inside ? v[i] : 0.0f;
+            for (int i = 0; i < 8; ++i) hd[i] = static_cast<double>(h[i]);
+            combine8<float>(p, scale, row, col0, hd, v);
           }
-        }
-        hadamard_warp8<G>(v, lane, p.hscale);
-        if (col0 < p.cols) store_out8(p, row, col0, v);
-      });
+          finish(row, col0, v);
+        });
+  }
   block_sum_to<kThreads>(acc, p.partial);
 }
 
@@ -325,7 +416,7 @@ void launch_combine_bitsplit(const SplitPartials& pp, const int8_t* exps, const 
   const int grid = grid_blocks(rows * cols, kThreads, int64_t{1} << 16);
   auto launch = [&](auto* hi, auto* lo) {
     combine_bitsplit_kernel<<<grid, kThreads, 0, stream>>>(
-        hi, lo, pp.ld, pp.chunks, pp.chunk_stride, exps, s1, s2, out, ldo, rows, cols);
+        hi, lo, pp.ld, pp.chunks, pp.chunk_stride, pp.slots, exps, s1, s2, out, ldo, rows, cols);
   };
   if (pp.s32) {
     launch(static_cast<const int32_t*>(pp.hi), static_cast<const int32_t*>(pp.lo));
@@ -405,18 +496,22 @@ void launch_dx_epilogue(const SplitPartials& pp, const int8_t* exps, const float
                         const float* s2, const TensorView& packed, const TensorView& aux,
                         int32_t block, TensorView grad_x, TensorView grad_step,
                         const CudaAllocator& alloc, cudaStream_t stream) {
-  if (pp.s32 || pp.chunks != 1) {
-    throw_error(ErrorKind::kRuntime, "launch_dx_epilogue: expected one fp32 partial product");
+  if (pp.s32 || pp.chunks != 1 || pp.lo == nullptr || (pp.slots != nullptr && exps == nullptr)) {
+    throw_error(ErrorKind::kRuntime,
+                "launch_dx_epilogue: expected one fp32 partial product of hi and lo rows");
   }
   EpilogueParams p = epilogue_params(pp, s1, s2, packed.shape[0], packed.shape[1], block, grad_x);
+  p.slots = pp.slots;
   p.exps = exps;
   p.packed = packed.ptr<const uint8_t>();
   p.aux = aux.ptr<const uint8_t>();
   float* gs = grad_step.data != nullptr ? grad_step.ptr<float>() : nullptr;
   if (epilogue_empty(p, gs, stream)) return;
+  const double gamma = lsq_step_gamma(p.rows * p.cols);
   dispatch_block(block, [&](auto g) {
-    launch_epilogue(dx_epilogue_kernel<decltype(g)::value>, p, gs,
-                    lsq_step_gamma(p.rows * p.cols), alloc, stream);
+    constexpr int G = decltype(g)::value;
+    p.slots != nullptr ? launch_epilogue(dx_epilogue_kernel<G, true>, p, gs, gamma, alloc, stream)
+                       : launch_epilogue(dx_epilogue_kernel<G, false>, p, gs, gamma, alloc, stream);
   });
 }
 

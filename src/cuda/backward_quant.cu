@@ -307,12 +307,14 @@ __global__ void __launch_bounds__(kThreads) lsq_backward_compact_kernel(const Ls
 struct ToOperandParams {
   const uint8_t* codes;  // packed or int8
   bool packed;
-  int64_t ldc, rows, cols;
+  int64_t ldc, rows, cols;  // rows: operand positions (code rows, or row_map's length)
   uint8_t* out;
   int64_t ldo, out_cols;
   bool s8;                      // INT8 operand (packed codes only); else FP8 e4m3
   const int8_t* row_exp;        // INT8 only, optional: code row r scaled by 2^row_exp[r] (-1: zero)
   unsigned long long* invalid;  // optional: counts rows with an exponent out of range
+  const int32_t* row_map;       // optional: position r takes code row row_map[r] mod src_rows,
+  int64_t src_rows, map_range;  // scaled by 2^row_exp[row_map[r]]; -1 a zero row
 };
 
 // The INT8 byte of code * 2^e: e = -1 gives 0, e in [0, kLssMaxExponent] the exact value (|code *
@@ -323,6 +325,31 @@ __device__ __forceinline__ uint8_t s8_scaled(int code, int e) {
                                   : uint8_t{0};
 }
 
+// Where operand position r comes from: its code row (-1: a zero row) and exponent. An out-of-range
+// map value or exponent gives a zero row, counted once per position (where `first`).
+struct Source {
+  int64_t row;
+  int e;
+};
+__device__ __forceinline__ Source source_of(const ToOperandParams& p, int64_t r, bool first) {
+  int64_t v = r;
+  if (p.row_map != nullptr) {
+    v = p.row_map[r];
+    if (v < 0 || v >= p.map_range) {
+      if (v >= 0 || v < -1) {
+        if (first && p.invalid != nullptr) atomicAdd(p.invalid, 1ull);
+      }
+      return Source{-1, -1};
+    }
+  }
+  const int e = p.row_exp != nullptr ? p.row_exp[v] : 0;
+  if (!exponent_ok(e)) {
+    if (first && p.invalid != nullptr) atomicAdd(p.invalid, 1ull);
+    return Source{-1, -1};
+  }
+  return Source{v < p.src_rows ? v : v % p.src_rows, e};
+}
+
 __device__ __forceinline__ int load_code(const ToOperandParams& p, int64_t r, int64_t c) {
   if (p.packed) {
     const uint8_t byte = p.codes[r * ((p.cols + 1) / 2) + c / 2];
@@ -331,15 +358,12 @@ __device__ __forceinline__ int load_code(const ToOperandParams& p, int64_t r, in
   return static_cast<int>(reinterpret_cast<const int8_t*>(p.codes)[r * p.ldc + c]);
 }
 
-// The operand byte of code row r's code; an out-of-range exponent is counted where the row's first
-// column is converted (once per row).
-__device__ __forceinline__ uint8_t operand_of(const ToOperandParams& p, int code, int64_t r,
-                                              int64_t c) {
-  if (p.s8) {
-    const int e = p.row_exp != nullptr ? p.row_exp[r] : 0;
-    if (!exponent_ok(e) && c == 0 && p.invalid != nullptr) atomicAdd(p.invalid, 1ull);
-    return s8_scaled(code, e);
-  }
+// The operand byte of position r, column c (< cols).
+__device__ __forceinline__ uint8_t operand_of(const ToOperandParams& p, int64_t r, int64_t c) {
+  const Source src = source_of(p, r, c == 0);
+  if (src.row < 0) return uint8_t{0};
+  const int code = load_code(p, src.row, c);
+  if (p.s8) return s8_scaled(code, src.e);
   if (p.packed) return static_cast<uint8_t>(e4m3_of_code(code));
   return static_cast<uint8_t>(
       __nv_cvt_float_to_fp8(static_cast<float>(code), __NV_SATFINITE, __NV_E4M3));
@@ -351,7 +375,7 @@ __global__ void __launch_bounds__(kThreads) codes_to_operand_kernel(const ToOper
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = t / p.out_cols, c = t - r * p.out_cols;
-    p.out[r * p.ldo + c] = c < p.cols ? operand_of(p, load_code(p, r, c), r, c) : uint8_t{0};
+    p.out[r * p.ldo + c] = c < p.cols ? operand_of(p, r, c) : uint8_t{0};
   }
 }
 
@@ -365,8 +389,7 @@ __global__ void __launch_bounds__(kThreads) codes_to_operand_t_kernel(const ToOp
   for (int i = threadIdx.x; i < kTile * kTile; i += blockDim.x) {
     const int rr = i / kTile, cc = i % kTile;
     const int64_t r = r0 + rr, c = c0 + cc;
-    tile[rr][cc] =
-        (r < p.rows && c < p.cols) ? operand_of(p, load_code(p, r, c), r, c) : uint8_t{0};
+    tile[rr][cc] = (r < p.rows && c < p.cols) ? operand_of(p, r, c) : uint8_t{0};
   }
   __syncthreads();
   for (int i = threadIdx.x; i < kTile * kTile; i += blockDim.x) {
@@ -384,7 +407,7 @@ __global__ void __launch_bounds__(kThreads) codes_to_operand_t_kernel(const ToOp
 __global__ void __launch_bounds__(kThreads) packed_to_operand_t_kernel(const ToOperandParams p) {
   constexpr int kPitch = kTile + 4;
   __shared__ __align__(16) uint8_t tile[kTile * kPitch];
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;  // code rows
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;  // positions
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTile;  // code columns
   const int t = threadIdx.x;
   {
@@ -393,9 +416,10 @@ __global__ void __launch_bounds__(kThreads) packed_to_operand_t_kernel(const ToO
     uint2 w = make_uint2(0u, 0u);  // codes 0 (byte 0x00) past the end: the operand's zero padding
     int e = 0;
     if (r < p.rows && c < p.cols) {
-      w = *reinterpret_cast<const uint2*>(p.codes + r * (p.cols / 2) + c / 2);
-      if (p.row_exp != nullptr) e = p.row_exp[r];
-      if (!exponent_ok(e) && c == 0 && p.invalid != nullptr) atomicAdd(p.invalid, 1ull);
+      const Source src = source_of(p, r, c == 0);
+      if (src.row >= 0)
+        w = *reinterpret_cast<const uint2*>(p.codes + src.row * (p.cols / 2) + c / 2);
+      e = src.e;
     }
 #pragma unroll
     for (int k = 0; k < 16; ++k) {
@@ -412,6 +436,27 @@ __global__ void __launch_bounds__(kThreads) packed_to_operand_t_kernel(const ToO
     const uint32_t* src = reinterpret_cast<const uint32_t*>(tile + oc * kPitch + 16 * sgm);
     *reinterpret_cast<uint4*>(p.out + out_r * p.ldo + out_c) =
         make_uint4(src[0], src[1], src[2], src[3]);
+  }
+}
+
+// out row j = in row map[j] (-1 or out of range: zeros), 16 bytes per thread (widths and strides
+// of GEMM operands are multiples of 16).
+__global__ void __launch_bounds__(kThreads)
+    gather_rows_kernel(const uint8_t* __restrict__ in, int64_t ldi, int64_t in_rows,
+                       const int32_t* __restrict__ map, uint8_t* __restrict__ out, int64_t ldo,
+                       int64_t rows, int64_t width, unsigned long long* invalid) {
+  const int64_t vecs = width / 16, total = rows * vecs;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = t / vecs, q = t - j * vecs;
+    const int64_t v = map[j];
+    uint4 w = make_uint4(0u, 0u, 0u, 0u);
+    if (v >= 0 && v < in_rows) {
+      w = *reinterpret_cast<const uint4*>(in + v * ldi + 16 * q);
+    } else if (v != -1 && q == 0 && invalid != nullptr) {
+      atomicAdd(invalid, 1ull);
+    }
+    *reinterpret_cast<uint4*>(out + j * ldo + 16 * q) = w;
   }
 }
 
@@ -565,8 +610,16 @@ void lsq_backward_compact_cuda(const TensorView& packed_codes, const TensorView&
 
 namespace cuda_detail {
 namespace {
+// Where an operand's rows come from: every code row in order, or a map (row_map positions, code row
+// = map value mod codes.rows, exponent row_exp[map value]).
+struct RowMap {
+  bool mapped = false;
+  const int32_t* map = nullptr;
+  int64_t len = 0, range = 0;
+};
 void to_operand(const TensorView& codes, bool s8, const int8_t* row_exp, bool transpose,
-                TensorView operand, unsigned long long* invalid, void* stream);
+                TensorView operand, unsigned long long* invalid, void* stream,
+                const RowMap& rm = RowMap{});
 }  // namespace
 }  // namespace cuda_detail
 
@@ -598,12 +651,65 @@ void codes_to_s8_cuda(const TensorView& codes, const TensorView& row_exponents, 
       transpose, operand, static_cast<unsigned long long*>(invalid.data), stream);
 }
 
+namespace {
+int64_t check_row_map(const TensorView& row_map) {
+  check_dtype(row_map, "row_map", {DType::kInt32});
+  if (row_map.ndim != 1 || !row_map.is_contiguous()) {
+    throw_error(ErrorKind::kValue, "row_map: expected a contiguous int32 device vector");
+  }
+  if (row_map.numel() > 0) check_not_null(row_map, "row_map");
+  return row_map.numel();
+}
+}  // namespace
+
+void gather_codes_to_s8_cuda(const TensorView& codes, const TensorView& row_map,
+                             const TensorView& map_exponents, TensorView operand,
+                             TensorView invalid, void* stream) {
+  check_dtype(codes, "codes", {DType::kInt4Packed});
+  cuda_detail::check_device_matrix(codes, "codes");
+  cuda_detail::check_gemm_operand(operand, "operand", DType::kInt8);
+  const int64_t m = check_row_map(row_map);
+  check_dtype(map_exponents, "map_exponents", {DType::kInt8});
+  if (map_exponents.ndim != 1 || !map_exponents.is_contiguous()) {
+    throw_error(ErrorKind::kValue, "map_exponents: expected a contiguous int8 device vector");
+  }
+  if (map_exponents.numel() > 0) check_not_null(map_exponents, "map_exponents");
+  if (codes.shape[0] == 0 && map_exponents.numel() > 0) {
+    throw_error(ErrorKind::kValue, "codes: expected code rows for the map's values, got none");
+  }
+  if (invalid.data != nullptr) cuda_detail::check_device_scalar(invalid, "invalid", DType::kInt64);
+  cuda_detail::to_operand(codes, true,
+                          map_exponents.numel() > 0 ? map_exponents.ptr<const int8_t>() : nullptr,
+                          true, operand, static_cast<unsigned long long*>(invalid.data), stream,
+                          cuda_detail::RowMap{true, m > 0 ? row_map.ptr<const int32_t>() : nullptr,
+                                              m, map_exponents.numel()});
+}
+
+void gather_operand_rows_cuda(const TensorView& operand, const TensorView& row_map, TensorView out,
+                              TensorView invalid, void* stream) {
+  using namespace cuda_detail;
+  check_dtype(operand, "operand", {DType::kFloat8E4M3, DType::kInt8});
+  check_gemm_operand(operand, "operand", operand.dtype);
+  check_gemm_operand(out, "out", operand.dtype);
+  const int64_t m = check_row_map(row_map);
+  check_shape(out, "out", m, operand.shape[1]);
+  if (invalid.data != nullptr) check_device_scalar(invalid, "invalid", DType::kInt64);
+  const int64_t width = operand.shape[1];
+  if (m == 0 || width == 0) return;
+  gather_rows_kernel<<<grid_blocks(m * (width / 16), kThreads), kThreads, 0, as_stream(stream)>>>(
+      operand.ptr<const uint8_t>(), row_stride(operand), operand.shape[0],
+      row_map.ptr<const int32_t>(), out.ptr<uint8_t>(), row_stride(out), m, width,
+      static_cast<unsigned long long*>(invalid.data));
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+}
+
 namespace cuda_detail {
 namespace {
 void to_operand(const TensorView& codes, bool s8, const int8_t* row_exp, bool transpose,
-                TensorView operand, unsigned long long* invalid, void* stream) {
+                TensorView operand, unsigned long long* invalid, void* stream, const RowMap& rm) {
   check_device_matrix(codes, "codes");
-  const int64_t rows = codes.shape[0], cols = codes.shape[1];
+  const int64_t src_rows = codes.shape[0], cols = codes.shape[1];
+  const int64_t rows = rm.mapped ? rm.len : src_rows;  // operand positions
   const int64_t out_rows = transpose ? cols : rows, out_k = transpose ? rows : cols;
   check_shape(operand, "operand", out_rows, fp8_padded_cols(out_k));
   ToOperandParams p{codes.ptr<const uint8_t>(),
@@ -616,7 +722,10 @@ void to_operand(const TensorView& codes, bool s8, const int8_t* row_exp, bool tr
                     operand.shape[1],
                     s8,
                     row_exp,
-                    invalid};
+                    invalid,
+                    rm.map,
+                    src_rows,
+                    rm.range};
   if (out_rows == 0 || operand.shape[1] == 0) return;
   const cudaStream_t s = as_stream(stream);
   if (!transpose) {

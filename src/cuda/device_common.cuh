@@ -120,14 +120,15 @@ struct Lane8<BFloat16, true> {
 #endif
 constexpr int kChunkDepth = INT4TRAIN_CUDA_CHUNK_DEPTH;
 
-// Visits the chunks (a row's 256 consecutive columns, 8 per lane) of a rows x cols matrix x (row
-// stride ldx), the warps of the grid taking them in turn (warp w: chunks w, w + W, w + 2W, ... in
-// row-major chunk order, W the number of warps), with kDepth chunks' loads in flight per warp.
-// body(row, col0, v) runs on every lane of the warp for each chunk, col0 = the lane's first column
-// (col0 >= cols: past the row end, v all zero); warp-uniform, so it may use shuffles.
-template <typename In, bool kVec, int kDepth, typename Body>
-__device__ __forceinline__ void for_each_warp_chunk(const In* __restrict__ x, int64_t ldx,
-                                                    int64_t rows, int64_t cols, Body&& body) {
+// Visits the chunks (a row's 256 consecutive columns, 8 per lane) of a rows x cols matrix, the
+// warps of the grid taking them in turn (warp w: chunks w, w + W, w + 2W, ... in row-major chunk
+// order, W the number of warps), with kDepth chunks' loads in flight per warp. The loads come from
+// `src`: a policy with a buffer type Src::Buf, src.load(buf, row, col0) and src.zero(buf).
+// body(row, col0, buf) runs on every lane of the warp for each chunk, col0 = the lane's first
+// column (col0 >= cols: past the row end, buf zero); warp-uniform, so it may use shuffles.
+template <int kDepth, typename Src, typename Body>
+__device__ __forceinline__ void for_each_warp_chunk_from(const Src& src, int64_t rows, int64_t cols,
+                                                         Body&& body) {
   // Column indices fit in 32 bits (the launchers check cols <= kMaxRowLength, cuda_common.h).
   const int lane = threadIdx.x & 31;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
@@ -141,16 +142,16 @@ __device__ __forceinline__ void for_each_warp_chunk(const In* __restrict__ x, in
   int32_t fchunk = static_cast<int32_t>(warp - frow * chunks);
   const int64_t step_rows = nwarps / chunks;
   const int32_t step_chunks = static_cast<int32_t>(nwarps - step_rows * chunks);
-  Lane8<In, kVec> buf[kDepth];
+  typename Src::Buf buf[kDepth];
   int64_t brow[kDepth];
   int32_t bcol[kDepth];
   auto fetch = [&](int k) {
     brow[k] = frow;
     bcol[k] = fchunk * kWarpCols + kLaneElems * lane;
     if (frow < rows && bcol[k] < ncols) {
-      buf[k].load(x + frow * ldx + bcol[k]);
+      src.load(buf[k], frow, bcol[k]);
     } else {
-      buf[k].zero();
+      src.zero(buf[k]);
     }
     fchunk += step_chunks;
     frow += step_rows;
@@ -166,14 +167,38 @@ __device__ __forceinline__ void for_each_warp_chunk(const In* __restrict__ x, in
     for (int k = 0; k < kDepth; ++k) {
       // A warp's chunks come in increasing order: past the last row, all later ones are too.
       if (brow[k] >= rows) return;
-      float v[8];
-      buf[k].to_float(v);
+      const typename Src::Buf cur = buf[k];
       const int64_t row = brow[k];
       const int64_t col0 = bcol[k];
       fetch(k);
-      body(row, col0, v);
+      body(row, col0, cur);
     }
   }
+}
+
+// The plain source: rows of a matrix x (row stride ldx), 8 values per lane as Lane8.
+template <typename In, bool kVec>
+struct MatrixSrc {
+  using Buf = Lane8<In, kVec>;
+  const In* __restrict__ x;
+  int64_t ldx;
+  __device__ __forceinline__ void load(Buf& b, int64_t row, int32_t col) const {
+    b.load(x + row * ldx + col);
+  }
+  __device__ __forceinline__ void zero(Buf& b) const { b.zero(); }
+};
+
+// for_each_warp_chunk_from over the rows of x, body(row, col0, v) with the lane's 8 values as
+// floats (all zero past the row end).
+template <typename In, bool kVec, int kDepth, typename Body>
+__device__ __forceinline__ void for_each_warp_chunk(const In* __restrict__ x, int64_t ldx,
+                                                    int64_t rows, int64_t cols, Body&& body) {
+  for_each_warp_chunk_from<kDepth>(MatrixSrc<In, kVec>{x, ldx}, rows, cols,
+                                   [&](int64_t row, int64_t col0, const Lane8<In, kVec>& b) {
+                                     float v[8];
+                                     b.to_float(v);
+                                     body(row, col0, v);
+                                   });
 }
 
 // The block Hadamard transform of hadamard.h on the 8 values of each lane of a warp that covers 256

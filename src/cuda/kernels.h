@@ -38,6 +38,10 @@ void launch_fill_nan_if(const unsigned long long* counter, void* out, bool out_b
 // The two partial products of the bit-split backward, hi and lo (rows x cols each, row stride ld):
 // fp32 accumulators holding integers (FP8 products) or int32 (s32: INT8 products); each is
 // `chunks` K-chunk partial products chunk_stride elements apart, summed exactly by the consumers.
+// lo == nullptr: hi alone already holds 16 hi + lo with the importance weights folded in (hq_lss's
+// compacted weight gradient). slots (one fp32 chunk; hq_lss's compacted input gradient): hi and lo
+// both point at the product of the kept rows, and row r's hi and lo partials are its rows
+// slots[r] and slots[rows + r], -1 for a dropped row.
 struct SplitPartials {
   const void* hi;
   const void* lo;
@@ -45,6 +49,7 @@ struct SplitPartials {
   bool s32;
   int chunks;
   int64_t chunk_stride;
+  const int32_t* slots = nullptr;
 };
 
 // out (fp32 rows x cols, row stride ldo) = float(double(*s1) * double(*s2) * (16 hi + lo)), hi and
@@ -77,6 +82,23 @@ void launch_dw_epilogue(const SplitPartials& partials, const float* s1, const fl
                         const TensorView& w, const TensorView& step_w, int32_t block,
                         TensorView grad_w, TensorView grad_step, const CudaAllocator& alloc,
                         cudaStream_t stream);
+
+// lss_sample_cuda's problem, unchecked (lss.cu; the caller guarantees its arguments' rules), and
+// one launch for up to kMaxLssBatch of them, one block each (the layer's two samplings at once).
+struct LssSampleArgs {
+  const float* scores;
+  int64_t n;
+  double budget;
+  int max_exponent;
+  int64_t max_rows;
+  uint64_t seed, stream;
+  int8_t* exponents;
+  int32_t* slots;      // optional
+  int32_t* slot_rows;  // max_rows
+  long long* kept;     // optional
+};
+constexpr int kMaxLssBatch = 2;
+void launch_lss_sample(const LssSampleArgs* args, int count, cudaStream_t stream);
 
 // LSS scores of the 2N bit-split rows (lss.cu): scores[i] = ||R_i|| / s_g from the exact sums of
 // squared codes r_sumsq (2N; x16 for i < n), times ||x_(i mod n)|| from x_sumsq (n) when given; the

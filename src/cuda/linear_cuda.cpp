@@ -9,6 +9,7 @@
 #include "cuda_common.h"
 #include "int4train/cuda.h"
 #include "int4train/hadamard.h"
+#include "int4train/int4.h"
 #include "int4train/linear.h"
 #include "int4train/lss.h"
 #include "int4train/quantize.h"
@@ -180,42 +181,96 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   Temp qw(alloc, stream, DType::kInt4Packed, c, d);
   hadamard_lsq_quantize_cuda(a.w, g, a.step_w, RandomKey{}, TensorView{}, qw.view, TensorView{},
                              TensorView{}, stream);
-  // Bit split of grad_y: the stacked operand [hi; lo] and the packed codes for the transposes.
+  // Bit split of grad_y: the stacked operand [hi; lo] and the packed codes for the transposes (one
+  // buffer of 2N code rows, hi first: the compacted gather of hq_lss indexes it by bit-split row).
   const RandomKey gkey{cfg.seed, make_stream(cfg.step, cfg.layer, RandomPurpose::kGradRound)};
   const int64_t cp = fp8_padded_cols(c), np = fp8_padded_cols(n);
   Temp r_op(alloc, stream, DType::kFloat8E4M3, 2 * n, cp);
-  Temp hi(alloc, stream, DType::kInt4Packed, n, c), lo(alloc, stream, DType::kInt4Packed, n, c);
+  Temp hilo(alloc, stream, DType::kInt4Packed, 2 * n, c);
+  const int64_t row_bytes = packed_row_bytes(c);
+  const TensorView hi = make_matrix(hilo.buf.get(), DType::kInt4Packed, n, c);
+  const TensorView lo =
+      make_matrix(hilo.buf.as<uint8_t>() + n * row_bytes, DType::kInt4Packed, n, c);
   Temp sg(alloc, stream, DType::kFloat32, 1, 1);
   const TensorView sg_v = make_scalar(sg.buf.get(), DType::kFloat32);
-  // hq_lss: the rows' exact sums of squared codes (the scores), then per gradient the scores, the
-  // selection (lss.h, the same rows as the CPU's) and its exponents (hi rows first; -1 dropped).
+  // hq_lss: the rows' exact sums of squared codes (the scores), then per gradient the scores and
+  // the selection (lss.h, the same rows as the CPU's): exponents (hi rows first; -1 dropped) and
+  // the kept rows' slots in the compacted products of `capacity` rows. Both selections in one
+  // launch.
   Temp rsq(alloc, stream, DType::kInt32, 1, lss ? 2 * n : 0);
-  Temp scores(alloc, stream, DType::kFloat32, 1, lss ? 2 * n : 0);
   const TensorView rsq_v = lss ? make_vector(rsq.buf.get(), DType::kInt32, 2 * n) : TensorView{};
-  quantize_bitsplit_cuda(a.grad_y, gkey, r_op.view, dom_dw ? hi.view : TensorView{},
-                         dom_dw ? lo.view : TensorView{}, rsq_v, sg_v, alloc, stream);
+  quantize_bitsplit_cuda(a.grad_y, gkey, r_op.view, dom_dw ? hi : TensorView{},
+                         dom_dw ? lo : TensorView{}, rsq_v, sg_v, alloc, stream);
   const double budget = cfg.lss_budget * static_cast<double>(n);
-  auto sample = [&](const int32_t* x_sumsq, RandomPurpose purpose, Temp& exps, int which) {
-    launch_lss_scores(rsq.buf.as<int32_t>(), x_sumsq, n, scores.buf.as<float>(), s);
-    const RandomKey key{cfg.seed, make_stream(cfg.step, cfg.layer, purpose)};
-    lss_sample_cuda(make_vector(scores.buf.get(), DType::kFloat32, 2 * n), budget, kLssMaxExponent,
-                    key, make_vector(exps.buf.get(), DType::kInt8, 2 * n),
-                    kept != nullptr ? make_scalar(kept + which, DType::kInt64) : TensorView{},
-                    stream);
+  const int64_t capacity = lss ? lss_capacity(budget, 2 * n) : 0;
+  struct Selection {
+    Temp scores, exps, slots, slot_rows;
+    Selection(const CudaAllocator& al, void* st, int64_t rows, int64_t slotted, int64_t cap)
+        : scores(al, st, DType::kFloat32, 1, rows),
+          exps(al, st, DType::kInt8, 1, rows),
+          slots(al, st, DType::kInt32, 1, slotted),
+          slot_rows(al, st, DType::kInt32, 1, cap) {}
+    LssSampleArgs args(const LinearConfig& cfg, RandomPurpose purpose, double budget,
+                       long long* kept) {
+      return LssSampleArgs{scores.buf.as<float>(),
+                           exps.view.shape[1],
+                           budget,
+                           kLssMaxExponent,
+                           slot_rows.view.shape[1],
+                           cfg.seed,
+                           make_stream(cfg.step, cfg.layer, purpose),
+                           exps.buf.as<int8_t>(),
+                           slots.view.shape[1] > 0 ? slots.buf.as<int32_t>() : nullptr,
+                           slot_rows.buf.as<int32_t>(),
+                           kept};
+    }
   };
+  const bool lss_dx = lss && dom_dx, lss_dw = lss && dom_dw;
+  Selection sel_x(alloc, stream, lss_dx ? 2 * n : 0, lss_dx ? 2 * n : 0, lss_dx ? capacity : 0);
+  Selection sel_w(alloc, stream, lss_dw ? 2 * n : 0, 0, lss_dw ? capacity : 0);
+  if (lss) {
+    LssSampleArgs batch[kMaxLssBatch];
+    int count = 0;
+    if (lss_dx) {
+      launch_lss_scores(rsq.buf.as<int32_t>(), nullptr, n, sel_x.scores.buf.as<float>(), s);
+      batch[count++] = sel_x.args(cfg, RandomPurpose::kSampleInput, budget, kept);
+    }
+    if (lss_dw) {
+      Temp xsq(alloc, stream, DType::kInt32, 1, n);
+      launch_packed_row_sumsq(a.saved_codes.ptr<const uint8_t>(), n, d, xsq.buf.as<int32_t>(), s);
+      launch_lss_scores(rsq.buf.as<int32_t>(), xsq.buf.as<int32_t>(), n,
+                        sel_w.scores.buf.as<float>(), s);
+      batch[count++] = sel_w.args(cfg, RandomPurpose::kSampleWeight, budget,
+                                  kept != nullptr ? kept + 1 : nullptr);
+    }
+    if (count > 0) launch_lss_sample(batch, count, s);
+  }
 
   if (dom_dx) {
-    // dX~ = s_g s_w (16 Qhi + Qlo) Qw: one product over the 2N stacked rows (K = C). hq_lss weights
-    // the rows' products by their exponents in the epilogue (no reduction over rows here).
-    Temp exps(alloc, stream, DType::kInt8, 1, lss ? 2 * n : 0);
-    if (lss) sample(nullptr, RandomPurpose::kSampleInput, exps, 0);
-    const int8_t* ex = lss ? exps.buf.as<int8_t>() : nullptr;
+    // dX~ = s_g s_w (16 Qhi + Qlo) Qw (K = C). hq_bs: one product over the 2N stacked rows. hq_lss:
+    // the kept rows gathered into `capacity` rows (empty slots zero), one product over them; the
+    // epilogue finds each token's hi and lo rows through the slots and weights them by their
+    // exponents (no reduction over rows here, so FP8 stays exact).
     Temp qwt(alloc, stream, DType::kFloat8E4M3, d, cp);
     codes_to_fp8_cuda(qw.view, true, qwt.view, stream);
-    Temp p(alloc, stream, DType::kFloat32, 2 * n, d);
-    gemm_fp8_cuda(r_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view, alloc,
-                  stream);
-    const SplitPartials pp{p.buf.as<float>(), p.buf.as<float>() + n * d, d, false, 1, 0};
+    const int64_t m = lss ? capacity : 2 * n;
+    Temp p(alloc, stream, DType::kFloat32, m, d);
+    SplitPartials pp{p.buf.as<float>(), p.buf.as<float>() + n * d, d, false, 1, 0};
+    const int8_t* ex = nullptr;
+    if (lss) {
+      const Selection& sel = sel_x;
+      Temp kept_op(alloc, stream, DType::kFloat8E4M3, m, cp);
+      gather_operand_rows_cuda(r_op.view, make_vector(sel.slot_rows.buf.get(), DType::kInt32, m),
+                               kept_op.view, TensorView{}, stream);
+      gemm_fp8_cuda(kept_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view, alloc,
+                    stream);
+      pp.lo = p.buf.as<float>();
+      pp.slots = sel.slots.buf.as<int32_t>();
+      ex = sel.exps.buf.as<int8_t>();
+    } else {
+      gemm_fp8_cuda(r_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view, alloc,
+                    stream);
+    }
     if (d % 8 == 0 && aligned(a.saved_codes.data, 4)) {
       // Recombination, LSQ backward and back-rotation in one pass.
       launch_dx_epilogue(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(), a.saved_codes,
@@ -231,58 +286,62 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     }
   }
   if (dom_dw) {
-    // dW~ = s_g s_x (16 Qhi^T + Qlo^T) Qx: two products with K = N tokens, summed exactly. hq_bs:
-    // FP8 operands. hq_lss folds each token's weight 2^k (0 if dropped) into the transposed hi / lo
-    // codes, so the products stay two; such terms (|ab| <= 1024) are not summed exactly by the FP8
-    // tensor cores (cuda.h), so its operands are INT8 and the products accumulate in int32.
-    // Batches beyond the exactness bound (kMaxKFp8Int4 / kMaxKInt8 tokens) run in K-chunks whose
-    // partial products the epilogue adds in fp64.
-    Temp exps(alloc, stream, DType::kInt8, 1, lss ? 2 * n : 0);
-    if (lss) {
-      Temp xsq(alloc, stream, DType::kInt32, 1, n);
-      launch_packed_row_sumsq(a.saved_codes.ptr<const uint8_t>(), n, d, xsq.buf.as<int32_t>(), s);
-      sample(xsq.buf.as<int32_t>(), RandomPurpose::kSampleWeight, exps, 1);
-    }
+    // dW~ = s_g s_x (16 Qhi^T + Qlo^T) Qx. hq_bs: two FP8 products with K = N tokens (hi and lo),
+    // summed exactly in the epilogue. hq_lss: one INT8 product over the `capacity` compacted slots:
+    // slot j holds kept bit-split row i's codes times 2^k_i and its token's x codes times 16 for a
+    // hi row (both int8: |code 2^k| <= 128, |16 x| <= 128), so K = capacity and the product is the
+    // whole sum; such terms (|ab| <= 2^14) are not summed exactly by the FP8 tensor cores (cuda.h).
+    // Batches beyond the exactness bound (kMaxKFp8Int4 / kMaxKInt8) run in K-chunks whose partial
+    // products the epilogue adds in fp64.
+    const int64_t kdim = lss ? fp8_padded_cols(capacity) : np;
     const DType op_type = lss ? DType::kInt8 : DType::kFloat8E4M3;
-    Temp hit(alloc, stream, op_type, c, np), lot(alloc, stream, op_type, c, np);
-    Temp qxt(alloc, stream, op_type, d, np);
+    Temp hit(alloc, stream, op_type, c, kdim), lot(alloc, stream, op_type, lss ? 0 : c, kdim);
+    Temp qxt(alloc, stream, op_type, d, kdim);
     if (lss) {
-      codes_to_s8_cuda(hi.view, make_vector(exps.buf.get(), DType::kInt8, n), true, hit.view,
-                       TensorView{}, stream);
-      codes_to_s8_cuda(lo.view, make_vector(exps.buf.as<int8_t>() + n, DType::kInt8, n), true,
-                       lot.view, TensorView{}, stream);
-      codes_to_s8_cuda(a.saved_codes, TensorView{}, true, qxt.view, TensorView{}, stream);
+      const Selection& sel = sel_w;
+      const TensorView map = make_vector(sel.slot_rows.buf.get(), DType::kInt32, capacity);
+      gather_codes_to_s8_cuda(hilo.view, map, make_vector(sel.exps.buf.get(), DType::kInt8, 2 * n),
+                              hit.view, TensorView{}, stream);
+      // The x16 of the hi rows on the token side: exponent 4 for map values < N, 0 above.
+      Temp xexp(alloc, stream, DType::kInt8, 1, 2 * n);
+      if (n > 0) {
+        INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(xexp.buf.get(), 4, n, s));
+        INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(xexp.buf.as<int8_t>() + n, 0, n, s));
+      }
+      gather_codes_to_s8_cuda(a.saved_codes, map, make_vector(xexp.buf.get(), DType::kInt8, 2 * n),
+                              qxt.view, TensorView{}, stream);
     } else {
-      codes_to_fp8_cuda(hi.view, true, hit.view, stream);
-      codes_to_fp8_cuda(lo.view, true, lot.view, stream);
+      codes_to_fp8_cuda(hi, true, hit.view, stream);
+      codes_to_fp8_cuda(lo, true, lot.view, stream);
       codes_to_fp8_cuda(a.saved_codes, true, qxt.view, stream);
     }
     const int64_t kmax = (lss ? kMaxKInt8 : kMaxKFp8Int4) / kFp8Align * kFp8Align;
-    const int64_t chunks = np > kmax ? (np + kmax - 1) / kmax : 1;
+    const int64_t chunks = kdim > kmax ? (kdim + kmax - 1) / kmax : 1;
     const DType part_type = lss ? DType::kInt32 : DType::kFloat32;  // 4 bytes either way
-    Temp phi(alloc, stream, part_type, chunks * c, d), plo(alloc, stream, part_type, chunks * c, d);
+    Temp phi(alloc, stream, part_type, chunks * c, d);
+    Temp plo(alloc, stream, part_type, lss ? 0 : chunks * c, d);
     const auto cols = [&](const Temp& t, int64_t rows, int64_t k0, int64_t kc) {
       if (chunks == 1) return t.view;
       TensorView v = make_matrix(t.buf.as<char>() + k0, op_type, rows, kc);
-      v.strides[0] = np;
+      v.strides[0] = kdim;
       return v;
     };
     for (int64_t k = 0; k < chunks; ++k) {
-      const int64_t k0 = k * kmax, kc = np - k0 < kmax ? np - k0 : kmax;
+      const int64_t k0 = k * kmax, kc = kdim - k0 < kmax ? kdim - k0 : kmax;
       const TensorView xk = cols(qxt, d, k0, kc);
       const TensorView ph = make_matrix(phi.buf.as<char>() + 4 * k * c * d, part_type, c, d);
-      const TensorView pl = make_matrix(plo.buf.as<char>() + 4 * k * c * d, part_type, c, d);
       if (lss) {
         gemm_s8_s32_cuda(cols(hit, c, k0, kc), xk, ph, alloc, stream);
-        gemm_s8_s32_cuda(cols(lot, c, k0, kc), xk, pl, alloc, stream);
       } else {
+        const TensorView pl = make_matrix(plo.buf.as<char>() + 4 * k * c * d, part_type, c, d);
         gemm_fp8_cuda(cols(hit, c, k0, kc), xk, TensorView{}, TensorView{}, TensorView{}, ph, alloc,
                       stream);
         gemm_fp8_cuda(cols(lot, c, k0, kc), xk, TensorView{}, TensorView{}, TensorView{}, pl, alloc,
                       stream);
       }
     }
-    const SplitPartials pp{phi.buf.get(), plo.buf.get(), d, lss, static_cast<int>(chunks), c * d};
+    const SplitPartials pp{phi.buf.get(), lss ? nullptr : plo.buf.get(), d,
+                           lss,           static_cast<int>(chunks),      c * d};
     const bool w_bf16 = a.w.dtype == DType::kBFloat16;
     if (d % 8 == 0 && aligned(a.w.data, w_bf16 ? 16 : 32) && (c == 1 || row_stride(a.w) % 8 == 0)) {
       // Recombination, W~ = W B, LSQ backward and back-rotation in one pass.

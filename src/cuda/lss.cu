@@ -1,6 +1,6 @@
 // int4train CUDA path: leverage score sampling on the device (lss.h's water-filling, power-of-two
-// rounding and Bernoulli selection, bit for bit, without a host round trip) and the row scores of
-// the layer's sampled backward products (linear.h, hq_lss).
+// rounding within the row capacity and stratified selection, bit for bit, without a host round
+// trip) and the row scores of the layer's sampled backward products (linear.h, hq_lss).
 #include <atomic>
 #include <climits>
 #include <cmath>
@@ -58,32 +58,73 @@ __device__ SumCount lane_tree_sum(double v, int n, double* sh, int* shn) {
   return SumCount{sh[32], shn[32]};  // read before the next call's first barrier overwrites it
 }
 
-// lss_round_pow2 of one probability p in [0, 1].
-__device__ __forceinline__ int round_pow2(float p, int max_exponent) {
-  if (p == 0.0f) return -1;
-  int e;
-  const double m = frexp(static_cast<double>(p), &e);
-  int k = (__dmul_rn(m, m) < 0.5) ? 1 - e : -e;
-  k = k < 0 ? 0 : (k > max_exponent ? max_exponent : k);
-  return k;
+// An int64 sum over the block (exact in any order): every thread gets it. Three barriers, so that
+// back-to-back calls never overwrite a total still being read.
+__device__ long long block_sum_ll(long long v, long long* sh) {
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+#pragma unroll
+  for (int s = 16; s >= 1; s /= 2) v += __shfl_down_sync(0xffffffffu, v, s);
+  __syncthreads();  // the previous call's readers are done with sh
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    long long w = sh[lane];
+#pragma unroll
+    for (int s = 16; s >= 1; s /= 2) w += __shfl_down_sync(0xffffffffu, w, s);
+    if (lane == 0) sh[32] = w;
+  }
+  __syncthreads();
+  return sh[32];
 }
 
-// One block of kLanes threads; element i belongs to thread i % kLanes throughout, so the sampling
-// state is only ever read back by the thread that wrote it. With kStaged the scores and states live
-// in dynamic shared memory (n * 5 bytes), loaded once: every water-filling round then reads shared
-// memory instead of waiting on global loads (one SM runs the whole selection, so latency is its
-// cost). The loops are branch-free so that the loads of a thread's elements can be in flight at once.
+// Exclusive prefix sum of one value per thread over the block in thread order, and the total.
+template <typename T>
+__device__ T block_exclusive_scan(T v, T* sh, T* total) {
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+  T inc = v;
+#pragma unroll
+  for (int s = 1; s < 32; s *= 2) {
+    const T o = __shfl_up_sync(0xffffffffu, inc, s);
+    if (lane >= s) inc += o;
+  }
+  __syncthreads();  // the previous call's readers are done with sh
+  if (lane == 31) sh[warp] = inc;
+  __syncthreads();
+  if (warp == 0) {
+    T w = sh[lane], winc = w;
+#pragma unroll
+    for (int s = 1; s < 32; s *= 2) {
+      const T o = __shfl_up_sync(0xffffffffu, winc, s);
+      if (lane >= s) winc += o;
+    }
+    sh[lane] = winc - w;  // exclusive prefix of warp `lane`
+    if (lane == 31) sh[32] = winc;
+  }
+  __syncthreads();
+  *total = sh[32];
+  return sh[warp] + inc - v;
+}
+
+// One block of kLanes threads; element i belongs to thread i % kLanes through the water-filling and
+// the exponents' search, so the sampling state is only ever read back by the thread that wrote it;
+// the stratified draw then gives thread t the contiguous rows [t L, (t + 1) L) (its ranks are
+// prefix sums in index order). With kStaged the scores and states live in dynamic shared memory
+// (n * 5 bytes), loaded once: every pass then reads shared memory instead of waiting on global
+// loads (one SM runs the whole selection, so latency is its cost). The strided loops are
+// branch-free so that the loads of a thread's elements can be in flight at once.
 template <bool kStaged>
-__global__ void __launch_bounds__(kLanes)
-    lss_sample_kernel(const float* __restrict__ c_global, int64_t n, double budget,
-                      int max_exponent, uint64_t seed, uint64_t stream, int8_t* __restrict__ ex,
-                      long long* __restrict__ kept) {
+__device__ __forceinline__ void lss_sample_block(
+    const float* __restrict__ c_global, int64_t n, double budget, int max_exponent,
+    int64_t max_rows, uint64_t seed, uint64_t stream, int8_t* __restrict__ ex,
+    int32_t* __restrict__ slots, int32_t* __restrict__ slot_rows, long long* __restrict__ kept) {
   extern __shared__ float staged[];
   __shared__ double sh[33];
   __shared__ int shn[33];
+  __shared__ long long shl[33];
   const int t = threadIdx.x;
   const float* c = kStaged ? staged : c_global;
   int8_t* st = kStaged ? reinterpret_cast<int8_t*>(staged + n) : ex;
+  for (int64_t j = t; j < max_rows; j += kLanes) slot_rows[j] = -1;  // before any slot is written
   // Pass 0: validate, stage, and sum every positive score (the first round's sum) and count them.
   int bad = 0, pos = 0;
   double lane = 0.0;
@@ -99,7 +140,10 @@ __global__ void __launch_bounds__(kLanes)
   }
   bad = __syncthreads_or(bad);
   if (bad) {  // lss_probabilities' Error, reported on the device
-    for (int64_t i = t; i < n; i += kLanes) ex[i] = kZero;
+    for (int64_t i = t; i < n; i += kLanes) {
+      ex[i] = kZero;
+      if (slots != nullptr) slots[i] = -1;
+    }
     if (t == 0 && kept != nullptr) *kept = -1;
     return;
   }
@@ -134,26 +178,138 @@ __global__ void __launch_bounds__(kLanes)
       saturated += r.count;
     }
   }
+  // lss_round_pow2: the probabilities p_i = float(kappa c_i) (1 saturated, 0 zero), the threshold
+  // search of lss.h on the exact unit sums, then every exponent (into the state, same thread).
+  const int K = max_exponent;
+  auto prob_of = [&](int64_t i) {
+    const int8_t s = st[i];
+    return s == kZero        ? 0.0f
+           : s == kSaturated ? 1.0f
+                             : __double2float_rn(__dmul_rn(kappa, static_cast<double>(c[i])));
+  };
+  // Staged: each probability once, in place of its score (same thread), for the search's passes.
+  if (kStaged) {
+    for (int64_t i = t; i < n; i += kLanes) staged[i] = prob_of(i);
+    __syncthreads();  // the passes in thread-contiguous order read other threads' probabilities
+  }
+  auto prob = [&](int64_t i) { return kStaged ? staged[i] : prob_of(i); };
+  auto units = [&](double tau) {
+    long long mine = 0;
+#pragma unroll 4
+    for (int64_t i = t; i < n; i += kLanes) mine += lss_units(lss_exponent(prob(i), tau, K), K);
+    return block_sum_ll(mine, shl);
+  };
+  const long long room = static_cast<long long>(max_rows) << K;
+  // Thread t's contiguous rows [b, e) (index order across threads) for the passes that need it.
+  // The chunk length is 4 times an odd number: threads' first bytes then lie in distinct shared
+  // memory banks (the int8 passes are free of bank conflicts, the fp32 ones 4-way at most).
+  int64_t len = ((n + kLanes - 1) / kLanes + 3) / 4 * 4;
+  if ((len / 4) % 2 == 0) len += 4;
+  const int64_t b = t * len < n ? t * len : n, e = b + len < n ? b + len : n;
+  if (units(kLssTau0) <= room) {
+    for (int64_t i = t; i < n; i += kLanes) {
+      st[i] = static_cast<int8_t>(lss_exponent(prob(i), kLssTau0, K));
+    }
+  } else {
+    double lo = kLssTau0, hi = kLssTau0;
+#pragma unroll 1
+    for (int j = 1; j <= K; ++j) {
+      hi = lo;
+      lo = __dmul_rn(lo, 0.5);
+      if (units(lo) <= room) break;
+    }
+#pragma unroll 1
+    for (int s = 0; s < kLssTauSteps; ++s) {
+      const double mid = __dmul_rn(__dadd_rn(lo, hi), 0.5);
+      if (units(mid) <= room) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    // Rows whose exponent differs between lo and hi take hi's in index order while the extra units
+    // fit the slack: an exclusive scan of each thread's extra units, then its rows in order.
+    const long long slack = room - units(lo);
+    long long extra = 0;
+    for (int64_t i = b; i < e; ++i) {
+      const float pi = prob(i);
+      extra += lss_units(lss_exponent(pi, hi, K), K) - lss_units(lss_exponent(pi, lo, K), K);
+    }
+    long long total = 0;
+    long long taken = block_exclusive_scan(extra, shl, &total);
+    for (int64_t i = b; i < e; ++i) {
+      const float pi = prob(i);
+      const int klo = lss_exponent(pi, lo, K), khi = lss_exponent(pi, hi, K);
+      taken += lss_units(khi, K) - lss_units(klo, K);
+      st[i] = static_cast<int8_t>(taken <= slack ? khi : klo);
+    }
+  }
+  __syncthreads();  // the draw reads other threads' exponents
+  // The stratified draw (lss_select): thread t's contiguous rows, their starts in the dyadic order
+  // from one exclusive scan per exponent, then the stratum's draw decides each row.
+  int count[31];
+  for (int k = 0; k <= K; ++k) count[k] = 0;
+  for (int64_t i = b; i < e; ++i) {
+    const int k = st[i];
+    if (k >= 0) ++count[k];
+  }
+  long long start[31];
+  long long base = 0;
+#pragma unroll 1
+  for (int k = 0; k <= K; ++k) {
+    int total = 0;
+    const int before = block_exclusive_scan(count[k], shn, &total);
+    const long long u = lss_units(k, K);
+    start[k] = base + u * before;
+    base += u * total;
+  }
   __shared__ unsigned long long kept_count;
   if (t == 0) kept_count = 0;
   __syncthreads();
   unsigned long long mine = 0;
-#pragma unroll 2
-  for (int64_t i = t; i < n; i += kLanes) {
-    const int8_t s = st[i];
-    const int k = s == kZero ? -1
-                  : s == kSaturated
-                      ? 0
-                      : round_pow2(__double2float_rn(__dmul_rn(kappa, static_cast<double>(c[i]))),
-                                   max_exponent);
-    const bool keep =
-        k >= 0 && bernoulli_pow2(random_u32(seed, stream, static_cast<uint64_t>(i)), k);
+  const long long mask = (1ll << K) - 1;
+  uint64_t cached[31];
+  Philox4x32 words[31];
+  for (int k = 0; k <= K; ++k) cached[k] = ~uint64_t{0};
+  for (int64_t i = b; i < e; ++i) {
+    const int k = st[i];
+    bool keep = false;
+    long long m = -1;
+    if (k >= 0) {
+      const long long a = start[k];
+      const long long u = lss_units(k, K);
+      start[k] = a + u;
+      m = a >> K;
+      const long long o = a & mask;
+      // random_u32(seed, stream, m): the Philox block of m, kept per exponent (consecutive rows
+      // of one exponent fall into the same or the next strata).
+      const uint64_t blk = static_cast<uint64_t>(m) >> 2;
+      if (cached[k] != blk) {
+        words[k] = random_block(seed, stream, blk);
+        cached[k] = blk;
+      }
+      const long long v = K == 0 ? 0 : static_cast<long long>(words[k].v[m & 3] >> (32 - K));
+      keep = v >= o && v < o + u;
+    }
     ex[i] = keep ? static_cast<int8_t>(k) : kZero;
+    if (slots != nullptr) slots[i] = keep ? static_cast<int32_t>(m) : -1;
+    if (keep) slot_rows[m] = static_cast<int32_t>(i);
     mine += keep ? 1 : 0;
   }
   if (mine != 0) atomicAdd(&kept_count, mine);
   __syncthreads();
   if (t == 0 && kept != nullptr) *kept = static_cast<long long>(kept_count);
+}
+
+// Block b samples problem b (the layer's two samplings run side by side, one SM each).
+struct SampleBatch {
+  LssSampleArgs a[kMaxLssBatch];
+};
+template <bool kStaged>
+__global__ void __launch_bounds__(kLanes) lss_sample_kernel(const SampleBatch batch) {
+  const LssSampleArgs& a = batch.a[blockIdx.x];
+  lss_sample_block<kStaged>(a.scores, a.n, a.budget, a.max_exponent, a.max_rows, a.seed, a.stream,
+                            a.exponents, a.slots, a.slot_rows, a.kept);
 }
 
 // Dynamic shared memory for the staged kernel on the current device, set once per device. A first
@@ -223,6 +379,25 @@ __global__ void __launch_bounds__(256)
 
 }  // namespace
 
+void launch_lss_sample(const LssSampleArgs* args, int count, cudaStream_t stream) {
+  if (count < 1 || count > kMaxLssBatch) {
+    throw_error(ErrorKind::kRuntime, "launch_lss_sample: expected 1 or 2 problems");
+  }
+  SampleBatch batch{};
+  int64_t n = 0;
+  for (int i = 0; i < count; ++i) {
+    batch.a[i] = args[i];
+    n = args[i].n > n ? args[i].n : n;
+  }
+  const size_t staged_bytes = static_cast<size_t>(n) * (sizeof(float) + 1);
+  if (n > 0 && staged_bytes <= staged_limit(stream)) {
+    lss_sample_kernel<true><<<count, kLanes, staged_bytes, stream>>>(batch);
+  } else {
+    lss_sample_kernel<false><<<count, kLanes, 0, stream>>>(batch);
+  }
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+}
+
 void launch_lss_scores(const int32_t* r_sumsq, const int32_t* x_sumsq, int64_t n, float* scores,
                        cudaStream_t stream) {
   if (n == 0) return;
@@ -240,8 +415,9 @@ void launch_packed_row_sumsq(const uint8_t* codes, int64_t rows, int64_t cols, i
 
 }  // namespace cuda_detail
 
-void lss_sample_cuda(const TensorView& scores, double budget, int max_exponent,
-                     const RandomKey& rng, TensorView exponents, TensorView kept, void* stream) {
+void lss_sample_cuda(const TensorView& scores, double budget, int max_exponent, int64_t max_rows,
+                     const RandomKey& rng, TensorView exponents, TensorView slots,
+                     TensorView slot_rows, TensorView kept, void* stream) {
   using namespace cuda_detail;
   check_dtype(scores, "scores", {DType::kFloat32});
   if (scores.ndim != 1 || !scores.is_contiguous()) {
@@ -257,30 +433,41 @@ void lss_sample_cuda(const TensorView& scores, double budget, int max_exponent,
     throw_error(ErrorKind::kValue,
                 "budget: expected a positive finite row budget, got " + std::to_string(budget));
   }
-  if (max_exponent < 0 || max_exponent > 32) {
-    throw_error(ErrorKind::kValue, "max_exponent: expected an integer in [0, 32], got " +
+  if (max_exponent < 0 || max_exponent > 30) {
+    throw_error(ErrorKind::kValue, "max_exponent: expected an integer in [0, 30], got " +
                                        std::to_string(max_exponent));
   }
-  check_dtype(exponents, "exponents", {DType::kInt8});
-  if (exponents.ndim != 1 || !exponents.is_contiguous() || exponents.numel() != n) {
-    throw_error(ErrorKind::kValue, "exponents: expected a contiguous int8 device vector of " +
-                                       std::to_string(n) + " elements");
+  if (max_rows < 0 || max_rows > INT32_MAX || (max_rows << max_exponent) < n) {
+    throw_error(
+        ErrorKind::kValue,
+        "max_rows: expected a row capacity in [ceil(n / 2^max_exponent), 2^31 - 1] for n = " +
+            std::to_string(n) + " rows, got " + std::to_string(max_rows));
   }
-  if (n > 0) check_not_null(exponents, "exponents");
+  auto check_vec = [&](const TensorView& v, const char* name, DType dtype, int64_t len) {
+    check_dtype(v, name, {dtype});
+    if (v.ndim != 1 || !v.is_contiguous() || v.numel() != len) {
+      throw_error(ErrorKind::kValue, std::string(name) + ": expected a contiguous " +
+                                         dtype_name(dtype) + " device vector of " +
+                                         std::to_string(len) + " elements");
+    }
+    if (len > 0) check_not_null(v, name);
+  };
+  check_vec(exponents, "exponents", DType::kInt8, n);
+  check_vec(slot_rows, "slot_rows", DType::kInt32, max_rows);
+  if (slots.data != nullptr) check_vec(slots, "slots", DType::kInt32, n);
   if (kept.data != nullptr) check_device_scalar(kept, "kept", DType::kInt64);
-  const cudaStream_t s = as_stream(stream);
-  const float* c = n > 0 ? scores.ptr<const float>() : nullptr;
-  int8_t* ex = n > 0 ? exponents.ptr<int8_t>() : nullptr;
-  long long* kp = kept.data != nullptr ? kept.ptr<long long>() : nullptr;
-  const size_t staged_bytes = static_cast<size_t>(n) * (sizeof(float) + 1);
-  if (n > 0 && staged_bytes <= staged_limit(s)) {
-    lss_sample_kernel<true><<<1, kLanes, staged_bytes, s>>>(c, n, budget, max_exponent, rng.seed,
-                                                           rng.stream, ex, kp);
-  } else {
-    lss_sample_kernel<false><<<1, kLanes, 0, s>>>(c, n, budget, max_exponent, rng.seed,
-                                                 rng.stream, ex, kp);
-  }
-  INT4TRAIN_CUDA_LAUNCH_CHECK();
+  const LssSampleArgs args{n > 0 ? scores.ptr<const float>() : nullptr,
+                           n,
+                           budget,
+                           max_exponent,
+                           max_rows,
+                           rng.seed,
+                           rng.stream,
+                           n > 0 ? exponents.ptr<int8_t>() : nullptr,
+                           slots.data != nullptr ? slots.ptr<int32_t>() : nullptr,
+                           max_rows > 0 ? slot_rows.ptr<int32_t>() : nullptr,
+                           kept.data != nullptr ? kept.ptr<long long>() : nullptr};
+  launch_lss_sample(&args, 1, as_stream(stream));
 }
 
 }  // namespace int4train

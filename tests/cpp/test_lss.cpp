@@ -4,18 +4,18 @@
 // and errors.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "expect_error.h"
 #include "int4train/int4.h"
 #include "int4train/lss.h"
 #include "int4train/numeric.h"
 #include "int4train/philox.h"
-
-#include "expect_error.h"
 
 namespace int4train {
 namespace {
@@ -193,7 +193,15 @@ TEST(LssProbabilitiesEdge, SumsInTheDocumentedLaneOrder) {
 
 // ------------------------------------------------------------------- power-of-two rounding
 
-TEST(LssRoundPow2, NearestInLogDomain) {
+int64_t units_of(const std::vector<int8_t>& k, int kmax) {
+  int64_t s = 0;
+  for (int8_t e : k) s += e < 0 ? 0 : int64_t{1} << (kmax - e);
+  return s;
+}
+
+// With room for every row at p' = 1 (max_rows = n) the search keeps tau = kLssTau0: rounding to the
+// nearest power of two in the log domain.
+TEST(LssRoundPow2, NearestInLogDomainWithRoom) {
   std::mt19937 rng(4);
   std::uniform_real_distribution<double> logp(-24.0, 0.0);
   std::vector<float> p(5000);
@@ -203,8 +211,9 @@ TEST(LssRoundPow2, NearestInLogDomain) {
   p[2] = 0.5f;
   p[3] = std::nextafter(std::sqrt(0.5f), 0.0f);  // just below the 0 / 1 boundary 2^-1/2
   p[4] = std::nextafter(std::sqrt(0.5f), 1.0f);
+  const int64_t n = static_cast<int64_t>(p.size());
   std::vector<int8_t> k(p.size());
-  lss_round_pow2(fvec(p), kLssMaxExponent, i8vec(k));
+  lss_round_pow2(fvec(p), kLssMaxExponent, n, i8vec(k));
   EXPECT_EQ(k[0], 0);
   EXPECT_EQ(k[1], -1);
   EXPECT_EQ(k[2], 1);
@@ -220,29 +229,117 @@ TEST(LssRoundPow2, NearestInLogDomain) {
     const double ratio = std::ldexp(1.0, -k[i]) / p[i];
     EXPECT_GE(ratio, 1.0 / std::sqrt(2.0));
     EXPECT_LE(ratio, std::sqrt(2.0));
+    EXPECT_EQ(k[i], lss_exponent(p[i], kLssTau0, kLssMaxExponent));
   }
   std::vector<int8_t> k5(p.size());
-  lss_round_pow2(fvec(p), 5, i8vec(k5));
+  lss_round_pow2(fvec(p), 5, n, i8vec(k5));
   for (size_t i = 0; i < p.size(); ++i) EXPECT_LE(k5[i], 5);
+}
+
+// Water-filled probabilities of a budget B rounded within the capacity ceil(B): the rounded sum
+// fits (sum p' <= capacity), nearly fills it, and the exponents come from two close thresholds (k
+// never increases with p beyond their band); a capacity with room gives the nearest rounding above.
+TEST(LssRoundPow2, FitsTheCapacity) {
+  std::mt19937 rng(6);
+  std::lognormal_distribution<double> heavy(0.0, 1.5);
+  for (const double budget : {400.0, 1000.0, 2500.5, 4000.0}) {
+    std::vector<float> c(5000), p(c.size());
+    for (auto& v : c) v = static_cast<float>(heavy(rng));
+    for (size_t i = 0; i < c.size(); i += 7) c[i] = 0.0f;
+    lss_probabilities(fvec(c), budget, fvec(p));
+    const int64_t cap = lss_capacity(budget, static_cast<int64_t>(c.size()));
+    ASSERT_EQ(cap, static_cast<int64_t>(std::ceil(budget)));
+    std::vector<int8_t> k(c.size());
+    lss_round_pow2(fvec(p), kLssMaxExponent, cap, i8vec(k));
+    const int64_t units = units_of(k, kLssMaxExponent), room = cap << kLssMaxExponent;
+    RecordProperty("fill_" + std::to_string(budget), std::to_string(double(units) / room));
+    EXPECT_LE(units, room) << budget;
+    EXPECT_GT(units, 0.97 * room) << budget;
+    // lo and hi end at most lo / 2^kLssTauSteps apart, so exponents never increase with p across
+    // probabilities more than a factor 1 + 2^-kLssTauSteps apart.
+    std::vector<size_t> order(c.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::sort(order.begin(), order.end(), [&](size_t x, size_t y) { return p[x] < p[y]; });
+    const double band = 1.0 + std::ldexp(1.0, -kLssTauSteps);
+    size_t lag = 0;
+    for (size_t j = 0; j < order.size(); ++j) {
+      const float pb = p[order[j]];
+      if (pb == 0.0f) {
+        EXPECT_EQ(k[order[j]], -1);
+        continue;
+      }
+      while (lag < j && p[order[lag]] * band < pb) ++lag;
+      if (lag == 0 || p[order[lag - 1]] == 0.0f) continue;
+      // The largest p_a below pb / band (each such row a has k_a >= k(p_a, hi) >= k(pb, lo) >=
+      // k_b).
+      EXPECT_GE(k[order[lag - 1]], k[order[j]]) << p[order[lag - 1]] << " " << pb;
+    }
+  }
+}
+
+TEST(LssRoundPow2, TiesFillTheCapacityInIndexOrder) {
+  std::vector<float> p(1000, 1e-6f);
+  for (int i = 0; i < 600; ++i) p[static_cast<size_t>(i * 5 / 3)] = 1.0f;
+  std::vector<int8_t> k(p.size());
+  lss_round_pow2(fvec(p), kLssMaxExponent, 500, i8vec(k));
+  const int64_t units = units_of(k, kLssMaxExponent);
+  EXPECT_LE(units, 500 * 16);
+  EXPECT_GT(units, 500 * 16 - 16);
+  int last_full = -1, first_half = -1;
+  for (size_t i = 0; i < p.size(); ++i) {
+    if (p[i] != 1.0f) {
+      EXPECT_EQ(k[i], kLssMaxExponent);
+      continue;
+    }
+    ASSERT_TRUE(k[i] == 0 || k[i] == 1) << i;
+    if (k[i] == 0) last_full = static_cast<int>(i);
+    if (k[i] == 1 && first_half < 0) first_half = static_cast<int>(i);
+  }
+  ASSERT_GE(first_half, 0);
+  EXPECT_LT(last_full, first_half);  // index order
 }
 
 // ------------------------------------------------------------------- selection
 
-TEST(LssSelect, FrequencyMatchesPowerOfTwo) {
-  const int per = 512, levels = 10;  // exponents -1, 0, ..., 8
+// lss.h's dyadic layout, written out: the start a_i of each row (exponent 0 first, index order
+// within an exponent), -1 for k = -1.
+std::vector<int64_t> dyadic_starts(const std::vector<int8_t>& k, int kmax) {
+  std::vector<int64_t> start(k.size(), -1);
+  int64_t at = 0;
+  for (int e = 0; e <= kmax; ++e) {
+    for (size_t i = 0; i < k.size(); ++i) {
+      if (k[i] != e) continue;
+      start[i] = at;
+      at += int64_t{1} << (kmax - e);
+    }
+  }
+  return start;
+}
+
+TEST(LssSelect, FrequencyMatchesPowerOfTwoAndSlotsAreFull) {
+  const int per = 512, levels = 10, kmax = 8;  // exponents -1, 0, ..., 8
   std::vector<int8_t> k(per * levels);
   for (int i = 0; i < per * levels; ++i) k[i] = static_cast<int8_t>(i % levels - 1);
-  std::vector<int32_t> idx(k.size());
+  const int64_t units = units_of(k, kmax), strata = (units + (1 << kmax) - 1) >> kmax;
+  std::vector<int32_t> slots(strata + 3);
   std::vector<int64_t> kept(levels, 0);
   const int draws = 200;
   for (int d = 0; d < draws; ++d) {
-    const int64_t m = lss_select(i8vec(k), key(d), i32vec(idx));
-    for (int64_t j = 0; j < m; ++j) {
-      if (j > 0) {
-        ASSERT_LT(idx[j - 1], idx[j]);  // ascending
+    const int64_t m = lss_select(i8vec(k), kmax, key(d), i32vec(slots));
+    int64_t filled = 0;
+    for (int64_t j = 0; j < static_cast<int64_t>(slots.size()); ++j) {
+      if (j >= strata) {
+        ASSERT_EQ(slots[j], -1);  // past the strata: written, empty
+        continue;
       }
-      ++kept[idx[j] % levels];
+      if (slots[j] < 0) {
+        ASSERT_EQ(j, strata - 1);  // only the last (partial) stratum may come out empty
+        continue;
+      }
+      ++filled;
+      ++kept[slots[j] % levels];
     }
+    ASSERT_EQ(filled, m);
   }
   EXPECT_EQ(kept[0], 0);                                  // p = 0: never
   EXPECT_EQ(kept[1], static_cast<int64_t>(per) * draws);  // k = 0: always
@@ -252,31 +349,41 @@ TEST(LssSelect, FrequencyMatchesPowerOfTwo) {
   }
 }
 
-TEST(LssSelect, DeterministicPerSeed) {
-  std::vector<int8_t> k(3001);
-  for (size_t i = 0; i < k.size(); ++i) k[i] = static_cast<int8_t>(i % 5);
-  std::vector<int32_t> a(k.size()), b(k.size()), c(k.size());
-  const int64_t na = lss_select(i8vec(k), key(42), i32vec(a));
-  const int64_t nb = lss_select(i8vec(k), key(42), i32vec(b));
-  const int64_t nc = lss_select(i8vec(k), key(43), i32vec(c));
-  ASSERT_EQ(na, nb);
-  EXPECT_TRUE(std::equal(a.begin(), a.begin() + na, b.begin()));
-  EXPECT_FALSE(na == nc && std::equal(a.begin(), a.begin() + na, c.begin()));
-  // The documented rule, element by element.
-  int64_t m = 0;
-  for (size_t i = 0; i < k.size(); ++i) {
-    if (bernoulli_pow2(random_u32(42, key(42).stream, i), k[i])) {
-      ASSERT_LT(m, na);
-      EXPECT_EQ(a[m++], static_cast<int32_t>(i));
+TEST(LssSelect, DeterministicPerSeedAndTheDocumentedRule) {
+  for (const int kmax : {0, 3, kLssMaxExponent}) {
+    std::vector<int8_t> k(3001);
+    for (size_t i = 0; i < k.size(); ++i) {
+      k[i] = static_cast<int8_t>((i * 7 + i / 5) % (kmax + 2)) - 1;
     }
+    const int64_t strata = (units_of(k, kmax) + (1 << kmax) - 1) >> kmax;
+    std::vector<int32_t> a(strata), b(strata), c(strata);
+    const int64_t na = lss_select(i8vec(k), kmax, key(42), i32vec(a));
+    const int64_t nb = lss_select(i8vec(k), kmax, key(42), i32vec(b));
+    lss_select(i8vec(k), kmax, key(43), i32vec(c));
+    ASSERT_EQ(na, nb);
+    EXPECT_EQ(a, b);
+    if (kmax > 0) EXPECT_NE(a, c);
+    // The rule, row by row.
+    const std::vector<int64_t> start = dyadic_starts(k, kmax);
+    std::vector<int32_t> expect(strata, -1);
+    for (size_t i = 0; i < k.size(); ++i) {
+      if (k[i] < 0) continue;
+      const int64_t m = start[i] >> kmax, o = start[i] & ((1 << kmax) - 1);
+      const int64_t v = kmax == 0 ? 0 : random_u32(42, key(42).stream, m) >> (32 - kmax);
+      if (v >= o && v < o + (int64_t{1} << (kmax - k[i]))) {
+        ASSERT_EQ(expect[m], -1);
+        expect[m] = static_cast<int32_t>(i);
+      }
+    }
+    EXPECT_EQ(a, expect) << kmax;
   }
-  EXPECT_EQ(m, na);
 }
 
 // The LSS estimate of sum_i R_i (n rows of m columns): sum over kept rows of 2^k_i R_i, with p from
 // the row norms and a budget. Its mean over D draws converges to the exact sum like 1/sqrt(D): the
 // RMS error over independent replicates, in units of the predicted per-draw standard deviation, is
-// 1/sqrt(D) at D and half that at 4D draws (a bias would add a floor).
+// 1/sqrt(D) at D and half that at 4D draws (a bias would add a floor). The per-draw variance of the
+// stratified draw: per stratum, sum_i 2^k_i R_i^2 - (sum_i R_i)^2 over its rows.
 TEST(LssSelect, SampledSumIsUnbiased) {
   const int64_t n = 256, m = 4;
   std::mt19937 rng(5);
@@ -296,26 +403,33 @@ TEST(LssSelect, SampledSumIsUnbiased) {
   std::vector<float> p(n);
   std::vector<int8_t> k(n);
   lss_probabilities(fvec(scores), 64.0, fvec(p));
-  lss_round_pow2(fvec(p), kLssMaxExponent, i8vec(k));
-  // Per-draw variance of column j: sum_i R_ij^2 (2^k_i - 1).
+  lss_round_pow2(fvec(p), kLssMaxExponent, 64, i8vec(k));
+  const std::vector<int64_t> start = dyadic_starts(k, kLssMaxExponent);
+  const int64_t strata = (units_of(k, kLssMaxExponent) + 15) >> 4;
   std::vector<double> sd(m, 0.0);
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j < m; ++j) {
-      sd[j] += r[i * m + j] * r[i * m + j] * (std::ldexp(1.0, k[i]) - 1);
+  for (int64_t j = 0; j < m; ++j) {
+    std::vector<double> sum(strata, 0.0), wsq(strata, 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      if (k[i] < 0) continue;
+      const int64_t s = start[i] >> kLssMaxExponent;
+      sum[s] += r[i * m + j];
+      wsq[s] += std::ldexp(1.0, k[i]) * r[i * m + j] * r[i * m + j];
     }
+    for (int64_t s = 0; s < strata; ++s) sd[j] += wsq[s] - sum[s] * sum[s];
+    sd[j] = std::sqrt(sd[j]);
+    ASSERT_GT(sd[j], 0.0);
   }
-  for (auto& v : sd) v = std::sqrt(v);
-  std::vector<int32_t> idx(n);
+  std::vector<int32_t> slots(64);
   const int replicates = 1000;
   auto normalised_error = [&](int draws, uint64_t first) {
     double sq = 0;
     for (int rep = 0; rep < replicates; ++rep) {
       std::vector<double> acc(m, 0.0);
       for (int d = 0; d < draws; ++d) {
-        const int64_t kept =
-            lss_select(i8vec(k), key(first + static_cast<uint64_t>(rep) * draws + d), i32vec(idx));
-        for (int64_t q = 0; q < kept; ++q) {
-          const int64_t i = idx[q];
+        lss_select(i8vec(k), kLssMaxExponent, key(first + static_cast<uint64_t>(rep) * draws + d),
+                   i32vec(slots));
+        for (const int32_t i : slots) {
+          if (i < 0) continue;
           const double w = std::ldexp(1.0, k[i]);
           for (int64_t j = 0; j < m; ++j) acc[j] += w * r[i * m + j];
         }
@@ -355,15 +469,20 @@ TEST(LssErrors, BadArguments) {
   expect_error([&] { lss_probabilities(fvec(c), 1.0, fvec(short_p)); }, "probs");
   std::vector<int8_t> k(3);
   std::vector<float> bad_p = {0.5f, 1.5f, 0.1f};
-  expect_error([&] { lss_round_pow2(fvec(bad_p), kLssMaxExponent, i8vec(k)); }, "probs");
-  expect_error([&] { lss_round_pow2(fvec(c), 40, i8vec(k)); }, "max_exponent");
+  expect_error([&] { lss_round_pow2(fvec(bad_p), kLssMaxExponent, 3, i8vec(k)); }, "probs");
+  expect_error([&] { lss_round_pow2(fvec(c), 31, 3, i8vec(k)); }, "max_exponent");
+  expect_error([&] { lss_round_pow2(fvec(p), 0, 2, i8vec(k)); }, "max_rows");  // 3 rows, room for 2
+  expect_error([&] { lss_round_pow2(fvec(p), 1, 1, i8vec(k)); }, "max_rows");
+  lss_round_pow2(fvec(p), 1, 2, i8vec(k));  // 3 rows fit 2 rows of 2 units at p' >= 1/2
   std::vector<int32_t> k32(3);
-  expect_error([&] { lss_round_pow2(fvec(p), 20, i32vec(k32)); }, "exponents", ErrorKind::kType);
+  expect_error([&] { lss_round_pow2(fvec(p), 20, 3, i32vec(k32)); }, "exponents", ErrorKind::kType);
+  std::vector<int8_t> k0 = {0, 0, 0};
   std::vector<int32_t> idx(2);
-  expect_error([&] { lss_select(i8vec(k), key(1), i32vec(idx)); }, "indices");
-  std::vector<int8_t> kb = {0, 33, 1};
+  expect_error([&] { lss_select(i8vec(k0), 4, key(1), i32vec(idx)); }, "slot_rows");
+  std::vector<int8_t> kb = {0, 5, 1};
   std::vector<int32_t> idx3(3);
-  expect_error([&] { lss_select(i8vec(kb), key(1), i32vec(idx3)); }, "exponents");
+  expect_error([&] { lss_select(i8vec(kb), 4, key(1), i32vec(idx3)); }, "exponents");
+  expect_error([&] { lss_select(i8vec(k0), -1, key(1), i32vec(idx3)); }, "max_exponent");
   std::vector<float> norms(2);
   std::vector<float> m(6);
   expect_error([&] { row_norms(make_matrix(m.data(), DType::kFloat32, 3, 2), fvec(norms)); },

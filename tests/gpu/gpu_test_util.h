@@ -95,6 +95,38 @@ std::vector<T> download(const DevBuf& d, size_t n) {
   return h;
 }
 
+// Runs fn(stream) on the default stream, or (graph) captures it into a CUDA graph on a stream of
+// its own (global capture mode) and replays it `replays` times; synchronised either way. With a
+// `reset`, a captured fn first runs once outside the capture (cuBLASLt handles and heuristics are
+// set up there, not in the graph) and reset() then re-poisons the outputs before the capture.
+template <typename Fn>
+void run_maybe_captured(bool graph, Fn&& fn, int replays = 1,
+                        const std::function<void()>& reset = nullptr) {
+  if (!graph) {
+    fn(cudaStream_t{nullptr});
+    CUDA_OK(cudaDeviceSynchronize());
+    return;
+  }
+  cudaStream_t s;
+  CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  if (reset) {
+    fn(s);
+    CUDA_OK(cudaStreamSynchronize(s));
+    reset();
+  }
+  cudaGraph_t g;
+  CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+  fn(s);
+  CUDA_OK(cudaStreamEndCapture(s, &g));
+  cudaGraphExec_t exec;
+  CUDA_OK(cudaGraphInstantiate(&exec, g, 0));
+  for (int i = 0; i < replays; ++i) CUDA_OK(cudaGraphLaunch(exec, s));
+  CUDA_OK(cudaStreamSynchronize(s));
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(g);
+  cudaStreamDestroy(s);
+}
+
 // Independent e4m3 decoder (sign, 4-bit exponent with bias 7, 3-bit mantissa; 0x7F/0xFF NaN).
 inline float decode_e4m3(uint8_t b) {
   const int sign = b >> 7, exp = (b >> 3) & 0xF, man = b & 7;

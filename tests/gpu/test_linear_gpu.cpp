@@ -117,28 +117,11 @@ void run_forward(const Problem& p, bool graph) {
   da.saved_codes = make_matrix(dcodes.get(), DType::kInt4Packed, p.n, p.d);
   da.saved_aux = make_vector(daux.get(), DType::kUInt8, ab);
   const CudaAllocator alloc = default_cuda_allocator();
-  if (!graph) {
-    linear_forward_cuda(cfg, da, alloc, nullptr);
-    CUDA_OK(cudaDeviceSynchronize());
-  } else {
-    cudaStream_t s;
-    CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
-    // Warm-up outside the capture (cuBLASLt handle and heuristics), then capture and replay twice.
-    linear_forward_cuda(cfg, da, alloc, s);
-    CUDA_OK(cudaStreamSynchronize(s));
-    dy.poison();
-    cudaGraph_t g;
-    CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-    linear_forward_cuda(cfg, da, alloc, s);
-    CUDA_OK(cudaStreamEndCapture(s, &g));
-    cudaGraphExec_t exec;
-    CUDA_OK(cudaGraphInstantiate(&exec, g, 0));
-    for (int i = 0; i < 2; ++i) CUDA_OK(cudaGraphLaunch(exec, s));
-    CUDA_OK(cudaStreamSynchronize(s));
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(g);
-    cudaStreamDestroy(s);
-  }
+  // Graph: a warm-up outside the capture (cuBLASLt handle and heuristics), then capture, replay
+  // twice.
+  gputest::run_maybe_captured(
+      graph, [&](cudaStream_t s) { linear_forward_cuda(cfg, da, alloc, s); }, 2,
+      [&] { dy.poison(); });
   const auto y = gputest::download<uint8_t>(dy, want.y.size());
   const auto codes = gputest::download<uint8_t>(dcodes, want.codes.size());
   const auto aux = gputest::download<uint8_t>(daux, want.aux.size());
@@ -251,29 +234,13 @@ void run_backward(const Problem& p, bool graph) {
   da.grad_step_w = make_scalar(dgs.as<float>() + 1, DType::kFloat32);
   da.rows_kept = make_vector(dkept.get(), DType::kInt64, 2);
   const CudaAllocator alloc = default_cuda_allocator();
-  if (!graph) {
-    linear_backward_cuda(cfg, da, alloc, nullptr);
-    CUDA_OK(cudaDeviceSynchronize());
-  } else {
-    cudaStream_t st;
-    CUDA_OK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    linear_backward_cuda(cfg, da, alloc, st);  // warm-up: handles, heuristics
-    CUDA_OK(cudaStreamSynchronize(st));
-    dgx.poison();
-    dgw.poison();
-    dkept.poison();
-    cudaGraph_t gr;
-    CUDA_OK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-    linear_backward_cuda(cfg, da, alloc, st);
-    CUDA_OK(cudaStreamEndCapture(st, &gr));
-    cudaGraphExec_t exec;
-    CUDA_OK(cudaGraphInstantiate(&exec, gr, 0));
-    CUDA_OK(cudaGraphLaunch(exec, st));
-    CUDA_OK(cudaStreamSynchronize(st));
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(gr);
-    cudaStreamDestroy(st);
-  }
+  gputest::run_maybe_captured(
+      graph, [&](cudaStream_t s) { linear_backward_cuda(cfg, da, alloc, s); }, 1,
+      [&] {
+        dgx.poison();
+        dgw.poison();
+        dkept.poison();
+      });
   const auto gx = gputest::download<uint8_t>(dgx, want_gx.size());
   const auto gw = gputest::download<uint8_t>(dgw, want_gw.size());
   GPU_CHECK_MSG(count_byte_diff(gx, want_gx) == 0, count_byte_diff(gx, want_gx)
@@ -378,6 +345,8 @@ const bool registered = [] {
   lss.push_back(sparse);
   Problem budget = lss[1];
   budget.lss_budget = 1.5;
+  lss.push_back(budget);
+  budget.lss_budget = kLssMinBudget;  // the capacity binds hardest: most rows at p' = 1/16
   lss.push_back(budget);
   Problem chunked{kMaxKInt8 + 48, 64, 32, 16, true, false, true, Recipe::kHqLss, false};
   lss.push_back(chunked);

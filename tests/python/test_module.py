@@ -332,7 +332,8 @@ def test_lss_budget_recipe():
     r = Recipe("hq_lss", seed=3, lss_budget=1.5)
     assert r.spec == "hq_lss:lss_budget=1.5" and r.lss_budget == 1.5
     assert Recipe("hq_lss", lss_budget=2).lss_budget == 2.0
-    for bad in (0, -1, 2.5, float("nan"), "1", True):
+    assert Recipe("hq_lss", lss_budget=0.125).lss_budget == 0.125
+    for bad in (0, 0.1, -1, 2.5, float("nan"), "1", True):
         with pytest.raises(ValueError, match="lss_budget"):
             Recipe("hq_lss", lss_budget=bad)
     with pytest.raises(ValueError, match="hq_lss only"):

@@ -425,11 +425,12 @@ def test_max_hadamard_block_not_a_power_of_two(capsys):
     assert "--max-hadamard-block: expected a power of two in [1, 256], got 48" in capsys.readouterr().err
 
 
-def test_lss_budget_out_of_range(capsys):
+@pytest.mark.parametrize("bad", ["2.5", "0.1"])
+def test_lss_budget_out_of_range(capsys, bad):
     with pytest.raises(SystemExit) as e:
-        cli.main(["--task", "lm", "--lss-budget", "2.5"])
+        cli.main(["--task", "lm", "--lss-budget", bad])
     assert e.value.code == 2
-    assert "--lss-budget: expected a number in (0, 2], got 2.5" in capsys.readouterr().err
+    assert f"--lss-budget: expected a number in [0.125, 2], got {bad}" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")

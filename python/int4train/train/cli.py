@@ -83,11 +83,13 @@ def _positive_float(s: str) -> float:
 
 
 def _lss_budget(s: str) -> float:
-    from ..config import MAX_LSS_BUDGET
+    from ..config import MAX_LSS_BUDGET, MIN_LSS_BUDGET
 
     v = float(s)
-    if not 0.0 < v <= MAX_LSS_BUDGET:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, {MAX_LSS_BUDGET:g}], got {s}")
+    if not MIN_LSS_BUDGET <= v <= MAX_LSS_BUDGET:
+        raise argparse.ArgumentTypeError(
+            f"expected a number in [{MIN_LSS_BUDGET:g}, {MAX_LSS_BUDGET:g}], got {s}"
+        )
     return v
 
 
