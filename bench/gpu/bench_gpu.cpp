@@ -410,8 +410,9 @@ void bench_gemm(int64_t tokens, int64_t in, int64_t out) {
          "TFLOP/s", note);
 }
 
-// --profile-step: one forward and one backward (hq_lss) of the first layer shape after one
-// warm-up call each, nothing else, so that a profiler (ncu, nsys) sees every kernel of one step.
+// --profile-step [TOKENS IN OUT]: one forward and one backward (hq_lss) of a layer shape (default
+// the first, 8192x4096->4096) after one warm-up call each, nothing else, so that a profiler (ncu,
+// nsys) sees every kernel of one step.
 void profile_step(int64_t m, int64_t k, int64_t n) {
   Buf x(m * k * 2), w(n * k * 2), bias(n * 2), y(m * n * 2), scales(8);
   fill_random_bf16(x, m * k, 1);
@@ -441,7 +442,12 @@ void profile_step(int64_t m, int64_t k, int64_t n) {
 int main(int argc, char** argv) {
   const std::string arg = argc > 1 ? argv[1] : "";
   if (arg == "--profile-step") {
-    profile_step(8192, 4096, 4096);
+    if (argc != 2 && argc != 5) {
+      std::fprintf(stderr, "usage: %s --profile-step [TOKENS IN OUT]\n", argv[0]);
+      return 2;
+    }
+    const auto dim = [&](int i, int64_t dflt) { return argc == 5 ? std::atoll(argv[i]) : dflt; };
+    profile_step(dim(2, 8192), dim(3, 4096), dim(4, 4096));
     return 0;
   }
   const bool quick = arg == "--quick";
