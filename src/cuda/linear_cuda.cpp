@@ -255,18 +255,17 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     codes_to_fp8_cuda(qw.view, true, qwt.view, stream);
     const int64_t m = lss ? capacity : 2 * n;
     Temp p(alloc, stream, DType::kFloat32, m, d);
-    SplitPartials pp{p.buf.as<float>(), p.buf.as<float>() + n * d, d, false, 1, 0};
+    // hq_bs: the hi rows' partials, then the lo rows'; hq_lss: both in the one product, by slot.
+    SplitPartials pp{p.buf.as<float>(), p.buf.as<float>() + (lss ? 0 : n * d), d, false, 1, 0};
     const int8_t* ex = nullptr;
     if (lss) {
-      const Selection& sel = sel_x;
       Temp kept_op(alloc, stream, DType::kFloat8E4M3, m, cp);
-      gather_operand_rows_cuda(r_op.view, make_vector(sel.slot_rows.buf.get(), DType::kInt32, m),
+      gather_operand_rows_cuda(r_op.view, make_vector(sel_x.slot_rows.buf.get(), DType::kInt32, m),
                                kept_op.view, TensorView{}, stream);
       gemm_fp8_cuda(kept_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view, alloc,
                     stream);
-      pp.lo = p.buf.as<float>();
-      pp.slots = sel.slots.buf.as<int32_t>();
-      ex = sel.exps.buf.as<int8_t>();
+      pp.slots = sel_x.slots.buf.as<int32_t>();
+      ex = sel_x.exps.buf.as<int8_t>();
     } else {
       gemm_fp8_cuda(r_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view, alloc,
                     stream);
@@ -298,10 +297,10 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     Temp hit(alloc, stream, op_type, c, kdim), lot(alloc, stream, op_type, lss ? 0 : c, kdim);
     Temp qxt(alloc, stream, op_type, d, kdim);
     if (lss) {
-      const Selection& sel = sel_w;
-      const TensorView map = make_vector(sel.slot_rows.buf.get(), DType::kInt32, capacity);
-      gather_codes_to_s8_cuda(hilo.view, map, make_vector(sel.exps.buf.get(), DType::kInt8, 2 * n),
-                              hit.view, TensorView{}, stream);
+      const TensorView map = make_vector(sel_w.slot_rows.buf.get(), DType::kInt32, capacity);
+      gather_codes_to_s8_cuda(hilo.view, map,
+                              make_vector(sel_w.exps.buf.get(), DType::kInt8, 2 * n), hit.view,
+                              TensorView{}, stream);
       // The x16 of the hi rows on the token side: exponent 4 for map values < N, 0 above.
       Temp xexp(alloc, stream, DType::kInt8, 1, 2 * n);
       if (n > 0) {
