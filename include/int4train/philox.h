@@ -17,11 +17,11 @@ namespace int4train {
 
 // What a random number is used for; part of the stream so that uses never share bits.
 enum class RandomPurpose : uint32_t {
-  kGradRound = 1,      // stochastic rounding of the output gradient (bit split, plain 4/8-bit, LUQ)
-  kSampleInput = 2,    // LSS Bernoulli selection for the input-gradient product
-  kSampleWeight = 3,   // LSS Bernoulli selection for the weight-gradient product
-  kLsqAux = 4,         // the 1-bit stochastic rounding residual saved by the compact LSQ state
-  kTest = 15,          // reserved for tests
+  kGradRound = 1,     // stochastic rounding of the output gradient (bit split, plain 4/8-bit, LUQ)
+  kSampleInput = 2,   // LSS selection (its strata's draws) for the input-gradient product
+  kSampleWeight = 3,  // LSS selection (its strata's draws) for the weight-gradient product
+  kLsqAux = 4,        // the 1-bit stochastic rounding residual saved by the compact LSQ state
+  kTest = 15,         // reserved for tests
 };
 
 // stream = step << 32 | layer << 8 | purpose  (step: 32 bits, layer: 24 bits, purpose: 8 bits).

@@ -1,6 +1,7 @@
 // int4train core: leverage score sampling on the CPU (lss.h): row norms, the deterministic
-// water-filling probabilities, power-of-two rounding and the Bernoulli selection. Everything here
-// is exact or fixed-order, so the same inputs and seed select the same rows on every machine.
+// water-filling probabilities, power-of-two rounding within a row capacity and the stratified
+// selection. Everything here is exact or fixed-order, so the same inputs and seed select the same
+// rows on every machine.
 #include "int4train/lss.h"
 
 #include <algorithm>

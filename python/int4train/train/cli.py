@@ -244,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lss-budget",
         type=_lss_budget,
         default=1.0,
-        help="hq_lss: rows kept by leverage score sampling per token, in (0, 2] (default 1.0, the "
-        "paper's N of the 2N bit-split rows; 2.0 keeps all, as hq_bs)",
+        help="hq_lss: rows kept by leverage score sampling per token, in [0.125, 2] (default 1.0, "
+        "at most the paper's N of the 2N bit-split rows; 2.0 keeps all, as hq_bs)",
     )
     t.add_argument(
         "--max-hadamard-block",
