@@ -19,12 +19,14 @@
 // exact clip mask and residual; results are rotated back by the Hadamard transform.
 //
 // hq_lss sampling: the 2N bit-split rows R = [16 s hi ; s lo] get scores ||R_i|| (input gradient) and
-// ||R_i|| * ||x_hat_(i mod N)|| (weight gradient), water-filled to budget N, rounded to powers of two
-// and sampled (lss.h; k <= kLssMaxExponent). Input gradient: kept rows, one INT4 product, scaled per
-// output row by 2^k (x16 for hi rows) and summed into their token's row. Weight gradient: kept rows
-// grouped by their exponent e = k (+4 for hi rows); one INT4 product per group, summed exactly in
-// int64 with weight 2^e. (The GPU path, cuda.h, computes the same integers another way: 2^k folded
-// into the tokens' codes of the hi and lo products.)
+// ||R_i|| * ||x_hat_(i mod N)|| (weight gradient), water-filled to budget lss_budget * N, rounded to
+// powers of two within the capacity ceil(lss_budget * N) and drawn by the stratified selection (lss.h;
+// k <= kLssMaxExponent; at most that many rows kept). Input gradient: kept rows, one INT4 product,
+// scaled per output row by 2^k (x16 for hi rows) and summed into their token's row. Weight gradient:
+// kept rows grouped by their exponent e = k (+4 for hi rows); one INT4 product per group, summed
+// exactly in int64 with weight 2^e. (The GPU path, cuda.h, computes the same integers another way:
+// one product over the kept rows' slots with 2^k folded into their codes and the x16 of hi rows into
+// their tokens' codes.)
 #pragma once
 
 #include <cstdint>
