@@ -207,21 +207,26 @@ void lss_round_pow2(const TensorView& probs, int max_exponent, int64_t max_rows,
     return;
   }
   double lo = kLssTau0, hi = kLssTau0;
+  int64_t at_lo = 0;  // S(lo), kept from the pass that tested lo
   for (int j = 1; j <= max_exponent; ++j) {
     hi = lo;
     lo *= 0.5;
-    if (units(lo) <= cap) break;
+    at_lo = units(lo);
+    if (at_lo <= cap) break;
   }
   for (int s = 0; s < kLssTauSteps; ++s) {
     const double mid = (lo + hi) * 0.5;
-    if (units(mid) <= cap) {
+    const int64_t at_mid = units(mid);
+    if (at_mid <= cap) {
       lo = mid;
+      at_lo = at_mid;
     } else {
       hi = mid;
     }
   }
   // The rows whose exponent differs between lo and hi take hi's in index order while the units fit.
-  int64_t slack = cap - units(lo), taken = 0;
+  const int64_t slack = cap - at_lo;
+  int64_t taken = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int klo = lss_exponent(p[i], lo, max_exponent),
               khi = lss_exponent(p[i], hi, max_exponent);

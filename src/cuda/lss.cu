@@ -212,24 +212,28 @@ __device__ __forceinline__ void lss_sample_block(
     }
   } else {
     double lo = kLssTau0, hi = kLssTau0;
+    long long at_lo = 0;  // S(lo), kept from the pass that tested lo
 #pragma unroll 1
     for (int j = 1; j <= K; ++j) {
       hi = lo;
       lo = __dmul_rn(lo, 0.5);
-      if (units(lo) <= room) break;
+      at_lo = units(lo);
+      if (at_lo <= room) break;
     }
 #pragma unroll 1
     for (int s = 0; s < kLssTauSteps; ++s) {
       const double mid = __dmul_rn(__dadd_rn(lo, hi), 0.5);
-      if (units(mid) <= room) {
+      const long long at_mid = units(mid);
+      if (at_mid <= room) {
         lo = mid;
+        at_lo = at_mid;
       } else {
         hi = mid;
       }
     }
     // Rows whose exponent differs between lo and hi take hi's in index order while the extra units
     // fit the slack: an exclusive scan of each thread's extra units, then its rows in order.
-    const long long slack = room - units(lo);
+    const long long slack = room - at_lo;
     long long extra = 0;
     for (int64_t i = b; i < e; ++i) {
       const float pi = prob(i);
