@@ -370,8 +370,9 @@ void bench_gemm(int64_t tokens, int64_t in, int64_t out) {
   });
   std::snprintf(note, sizeof note, "%.2fx bf16 GEMM", ms16 / msf);
   report("linear_forward_cuda hq_lss g256 " + shape, msf, flops / msf / 1e9, "TFLOP/s", note);
-  // The backward (hq_bs: every product on 4-bit codes, 2N bit-split rows, so twice the FLOPs of a
-  // bf16 backward's two products), beside 2x the bf16 product above (the bf16 backward's cost).
+  // The backward (hq_bs: the 8-bit gradient q = 16 hi + lo in one INT8 row per token, so each
+  // product has the FLOPs of a bf16 backward's), beside 2x the bf16 product above (the bf16
+  // backward's cost).
   Buf gy(m * n * 2), gx(m * k * 2), gw(n * k * 2), gbias(n * 2), gsteps(8);
   fill_random_bf16(gy, m * n, 7);
   cfg.recipe = Recipe::kHqBs;
@@ -385,6 +386,9 @@ void bench_gemm(int64_t tokens, int64_t in, int64_t out) {
       3, 7);
   std::snprintf(note, sizeof note, "%.2fx (2x bf16 GEMM)", 2.0 * ms16 / msb);
   report("linear_backward_cuda hq_bs g256 " + shape, msb, 2.0 * flops / msb / 1e9, "TFLOP/s", note);
+  std::snprintf(note, sizeof note, "%.2fx (3x bf16 GEMM)", 3.0 * ms16 / (msf + msb));
+  report("layer fwd+bwd hq_bs g256 " + shape, msf + msb, 3.0 * flops / (msf + msb) / 1e9, "TFLOP/s",
+         note);
   // hq_lss (the default recipe): hq_bs's products, the LSS selection on the device (scores, the
   // water-filling block, the weighted transposed operands). TFLOP/s as for the bf16 backward.
   std::vector<int64_t> kept_host(2);
@@ -410,10 +414,10 @@ void bench_gemm(int64_t tokens, int64_t in, int64_t out) {
          "TFLOP/s", note);
 }
 
-// --profile-step [TOKENS IN OUT]: one forward and one backward (hq_lss) of a layer shape (default
-// the first, 8192x4096->4096) after one warm-up call each, nothing else, so that a profiler (ncu,
-// nsys) sees every kernel of one step.
-void profile_step(int64_t m, int64_t k, int64_t n) {
+// --profile-step [TOKENS IN OUT [RECIPE]]: one forward and one backward (hq_lss, or RECIPE) of a
+// layer shape (default the first, 8192x4096->4096) after one warm-up call each, nothing else, so
+// that a profiler (ncu, nsys) sees every kernel of one step.
+void profile_step(int64_t m, int64_t k, int64_t n, Recipe recipe) {
   Buf x(m * k * 2), w(n * k * 2), bias(n * 2), y(m * n * 2), scales(8);
   fill_random_bf16(x, m * k, 1);
   fill_random_bf16(w, n * k, 2);
@@ -428,13 +432,13 @@ void profile_step(int64_t m, int64_t k, int64_t n) {
   cfg.hadamard_block = 256;
   for (int i = 0; i < 2; ++i) {
     const LinearForwardArgs f = forward_args(x.p, w.p, bias, scales, y, codes, auxb, m, k, n);
-    cfg.recipe = Recipe::kHqLss;
+    cfg.recipe = recipe;
     linear_forward_cuda(cfg, f, alloc, nullptr);
     linear_backward_cuda(cfg, backward_args(gy, f, gx, gw, gbias, gsteps, m, k, n), alloc, nullptr);
     ck(cudaDeviceSynchronize(), "profile step");
   }
-  std::printf("profile step %lldx%lld->%lld: done\n", static_cast<long long>(m),
-              static_cast<long long>(k), static_cast<long long>(n));
+  std::printf("profile step %lldx%lld->%lld %s: done\n", static_cast<long long>(m),
+              static_cast<long long>(k), static_cast<long long>(n), recipe_name(recipe));
 }
 
 }  // namespace
@@ -442,12 +446,13 @@ void profile_step(int64_t m, int64_t k, int64_t n) {
 int main(int argc, char** argv) {
   const std::string arg = argc > 1 ? argv[1] : "";
   if (arg == "--profile-step") {
-    if (argc != 2 && argc != 5) {
-      std::fprintf(stderr, "usage: %s --profile-step [TOKENS IN OUT]\n", argv[0]);
+    if (argc != 2 && argc != 5 && argc != 6) {
+      std::fprintf(stderr, "usage: %s --profile-step [TOKENS IN OUT [RECIPE]]\n", argv[0]);
       return 2;
     }
-    const auto dim = [&](int i, int64_t dflt) { return argc == 5 ? std::atoll(argv[i]) : dflt; };
-    profile_step(dim(2, 8192), dim(3, 4096), dim(4, 4096));
+    const auto dim = [&](int i, int64_t dflt) { return argc >= 5 ? std::atoll(argv[i]) : dflt; };
+    profile_step(dim(2, 8192), dim(3, 4096), dim(4, 4096),
+                 argc == 6 ? parse_recipe(argv[5]) : Recipe::kHqLss);
     return 0;
   }
   const bool quick = arg == "--quick";

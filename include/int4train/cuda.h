@@ -75,7 +75,9 @@ void codes_to_fp8_cuda(const TensorView& codes, bool transpose, TensorView opera
 // int8 exactly). codes: kInt4Packed rows x K; row_exponents: optional (empty view: every e_r = 0)
 // int8 device vector of rows with values in [-1, kLssMaxExponent]; transpose as codes_to_fp8_cuda.
 // An exponent outside that range cannot be reported from the device: its row is written as zeros
-// and `invalid` (optional int64 device scalar, zeroed by the caller) is incremented.
+// and `invalid` (optional int64 device scalar, zeroed by the caller) is incremented. codes may also
+// be kInt8 (any values, e.g. an INT8 operand's real columns), copied as they are, without
+// row_exponents: the transposed INT8 operand of an INT8 operand (hq_bs's gradient codes).
 void codes_to_s8_cuda(const TensorView& codes, const TensorView& row_exponents, bool transpose,
                       TensorView operand, TensorView invalid, void* stream);
 
@@ -149,6 +151,9 @@ void absmax_bits_cuda(const TensorView& g, TensorView amax_bits, void* stream);
 // scale:
 //   operand  FP8 operand 2N x fp8_padded_cols(C): rows 0..N-1 hold hi, rows N..2N-1 hold lo (the
 //            stacked R of ALGORITHM.md without its factor 16, which the consumers apply exactly);
+//            or an INT8 operand N x fp8_padded_cols(C) holding q = 16 hi + lo in [-119, 119], the
+//            whole 8-bit gradient in one row per token (Hopper's INT8 tensor cores take it at the
+//            rate of an FP8 row, so the split rows would only double the product);
 //   hi, lo   kInt4Packed N x C codes (equal to quantize_bitsplit's);
 //   row_sumsq int32 vector of 2N: sum of squared codes of each operand row (exact; LSS scores);
 //   scale    fp32 device scalar s = max|g| / 119 (0 for an all-zero g).

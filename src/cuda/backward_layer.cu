@@ -73,14 +73,7 @@ __device__ __forceinline__ double recombine(double h, double l, const int8_t* ex
   return a;
 }
 
-// v[i] = p[i], exactly, for the partial products: fp32 accumulators holding integers (FP8 products)
-// or int32 (INT8 products). p 32-byte aligned.
-__device__ __forceinline__ void load8_exact(const float* __restrict__ p, double v[8]) {
-  float f[8];
-  load8<true>(p, f);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) v[i] = static_cast<double>(f[i]);
-}
+// v[i] = p[i], exactly, for an int32 product. p 32-byte aligned.
 __device__ __forceinline__ void load8_exact(const int32_t* __restrict__ p, double v[8]) {
   const int4 a = reinterpret_cast<const int4*>(p)[0], b = reinterpret_cast<const int4*>(p)[1];
   const int w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
@@ -167,18 +160,17 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- the fused epilogues of the bit-split backward (hq_bs, hq_lss): one pass from the two partial
-// products (hi and lo, integers in fp32 or int32) to the gradient in the input domain. Per element
-// exactly the separate kernels' arithmetic: v = float(s1 * s2 * (16 hi + lo)) in fp64 (16 hi + lo
-// is exact in fp64); the LSQ backward's mask and r; the Hadamard back-rotation of the masked row
-// chunk (the warp's 256 columns hold whole blocks); the step gradient's terms v * r summed in fp64
-// per thread, per block, then by sum_partials_kernel (a fixed order for a given grid, so
-// deterministic; within an fp32 rounding of the CPU's order).
+// ---- the fused epilogues of the bit-split backward (hq_bs, hq_lss): one pass from the product
+// (int32 holding 16 hi + lo, or hq_lss's compacted fp32 rows of hi and lo read through the slots)
+// to the gradient in the input domain. Per element exactly the separate kernels' arithmetic: v =
+// float(s1 * s2 * (16 hi + lo)) in fp64 (16 hi + lo is exact in fp64); the LSQ backward's mask and
+// r; the Hadamard back-rotation of the masked row chunk (the warp's 256 columns hold whole blocks);
+// the step gradient's terms v * r summed in fp64 per thread, per block, then by sum_partials_kernel
+// (a fixed order for a given grid, so deterministic; within an fp32 rounding of the CPU's order).
 struct EpilogueParams {
-  const void* hi;  // fp32 or int32 (the kernel's P)
-  const void* lo;
-  int64_t ld;  // of hi and lo
-  int chunks;  // K-chunks of each product, chunk_stride apart, summed exactly
+  const void* hi;  // int32 holding 16 hi + lo, or the compacted fp32 product (slots)
+  int64_t ld;
+  int chunks;  // K-chunks of the int32 product, chunk_stride apart, summed exactly
   int64_t chunk_stride;
   const int32_t* slots;  // dX of hq_lss: the rows' slots in the compacted product (SplitPartials)
   const int8_t* exps;    // dX of hq_lss: the rows' LSS exponents (recombine); null: 16 hi + lo
@@ -196,52 +188,19 @@ struct EpilogueParams {
   double* partial;  // one per block
 };
 
-template <typename P>
+// out = float(scale * sum of the K-chunks) for one lane's 8 elements of an int32 product that holds
+// the recombined sum 16 hi + lo (hq_bs; hq_lss's weight gradient, the importance weights folded
+// into its operands); h: the first chunk's values.
 __device__ __forceinline__ void combine8(const EpilogueParams& p, double scale, int64_t row,
                                          int64_t col0, const double h[8], float v[8]) {
-  const P* hi = static_cast<const P*>(p.hi);
-  const P* lo = static_cast<const P*>(p.lo);
-  if (lo == nullptr) {  // one partial product, the recombined sum (hq_lss's weight gradient)
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      double hd = h[i];
-      for (int k = 1; k < p.chunks; ++k) {
-        hd = __dadd_rn(hd, static_cast<double>(hi[k * p.chunk_stride + row * p.ld + col0 + i]));
-      }
-      v[i] = __double2float_rn(__dmul_rn(scale, hd));
-    }
-    return;
-  }
-  double l[8];
-  load8_exact(lo + row * p.ld + col0, l);
-  if (p.chunks > 1) {  // K-chunked products (long batches): add the chunks' partials
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      double hd = h[i], ld = l[i];
-      for (int k = 1; k < p.chunks; ++k) {
-        hd = __dadd_rn(hd, static_cast<double>(hi[k * p.chunk_stride + row * p.ld + col0 + i]));
-        ld = __dadd_rn(ld, static_cast<double>(lo[k * p.chunk_stride + row * p.ld + col0 + i]));
-      }
-      v[i] = __double2float_rn(__dmul_rn(scale, recombine(hd, ld, p.exps, p.rows, row)));
-    }
-    return;
-  }
-  if (p.exps == nullptr) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      v[i] = __double2float_rn(__dmul_rn(scale, __fma_rn(16.0, h[i], l[i])));
-    }
-    return;
-  }
-  const int eh = p.exps[row], el = p.exps[p.rows + row];
-  const double wh = eh >= 0 ? pow2(4 + eh) : 0.0, wl = el >= 0 ? pow2(el) : 0.0;
+  const int32_t* hi = static_cast<const int32_t*>(p.hi);
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    // recombine's sum, the row's exponents read once: a kept row adds its exact product to +0.0.
-    double a = 0.0;
-    if (eh >= 0) a = __fma_rn(wh, h[i], a);
-    if (el >= 0) a = __fma_rn(wl, l[i], a);
-    v[i] = __double2float_rn(__dmul_rn(scale, a));
+    double hd = h[i];
+    for (int k = 1; k < p.chunks; ++k) {
+      hd = __dadd_rn(hd, static_cast<double>(hi[k * p.chunk_stride + row * p.ld + col0 + i]));
+    }
+    v[i] = __double2float_rn(__dmul_rn(scale, hd));
   }
 }
 
@@ -280,6 +239,23 @@ struct SlotSrc {
   }
 };
 
+// The source of the dX epilogue for an INT8 product (hq_bs: q = 16 hi + lo in one operand row):
+// the int32 partials of row `row`, 8 per lane, 32-byte aligned (the first K-chunk; combine8 adds
+// the others).
+struct S32Src {
+  struct Buf {
+    int4 a, b;
+  };
+  const int32_t* __restrict__ prod;
+  int64_t ld;
+  __device__ __forceinline__ void load(Buf& b, int64_t row, int32_t col) const {
+    const int4* q = reinterpret_cast<const int4*>(prod + row * ld + col);
+    b.a = q[0];
+    b.b = q[1];
+  }
+  __device__ __forceinline__ void zero(Buf& b) const { b.a = b.b = make_int4(0, 0, 0, 0); }
+};
+
 // recombine's sum over the kept rows of a SlotSrc chunk (exponents of the row from p.exps).
 __device__ __forceinline__ void combine8_slots(const EpilogueParams& p, double scale, int64_t row,
                                                const SlotSrc::Buf& b, float v[8]) {
@@ -307,7 +283,8 @@ __device__ __forceinline__ void store_out8(const EpilogueParams& p, int64_t row,
 }
 
 // dX: the input's LSQ backward from the saved codes and aux bits (lsq_backward_compact_cuda).
-// kSlots: the partials of a compacted product, read through the slots (SlotSrc).
+// kSlots: the partials of a compacted FP8 product, read through the slots (SlotSrc); else one int32
+// product (any K-chunks) that holds the recombined sum (S32Src).
 // The compacted variant keeps two rows' partials per chunk in flight: 2 blocks per SM (128
 // registers) instead of 3, so that they stay in registers.
 template <int G, bool kSlots>
@@ -342,15 +319,16 @@ __global__ void __launch_bounds__(kThreads, kSlots ? 2 : 3)
           finish(row, col0, v);
         });
   } else {
-    for_each_warp_chunk<float, true, kChunkDepth>(
-        static_cast<const float*>(p.hi), p.ld, p.rows, p.cols,
-        [&](int64_t row, int64_t col0, float h[8]) {
+    const S32Src src{static_cast<const int32_t*>(p.hi), p.ld};
+    for_each_warp_chunk_from<kChunkDepth>(
+        src, p.rows, p.cols, [&](int64_t row, int64_t col0, const S32Src::Buf& b) {
           float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
           if (col0 < p.cols) {
-            double hd[8];
-#pragma unroll
-            for (int i = 0; i < 8; ++i) hd[i] = static_cast<double>(h[i]);
-            combine8<float>(p, scale, row, col0, hd, v);
+            const double hd[8] = {static_cast<double>(b.a.x), static_cast<double>(b.a.y),
+                                  static_cast<double>(b.a.z), static_cast<double>(b.a.w),
+                                  static_cast<double>(b.b.x), static_cast<double>(b.b.y),
+                                  static_cast<double>(b.b.z), static_cast<double>(b.b.w)};
+            combine8(p, scale, row, col0, hd, v);
           }
           finish(row, col0, v);
         });
@@ -360,7 +338,7 @@ __global__ void __launch_bounds__(kThreads, kSlots ? 2 : 3)
 
 // dW: the weight's LSQ backward from W~ = the Hadamard transform of W, computed here from W
 // (lsq_backward_cuda's rules: v = W~ / s; mask -8 <= v <= 7; r = rint(v) - v inside, -8 / 7 out).
-template <typename In, typename P, int G>
+template <typename In, int G>
 __global__ void __launch_bounds__(kThreads, 3) dw_epilogue_kernel(const EpilogueParams p) {
   const int lane = threadIdx.x & 31;
   const double scale = __dmul_rn(static_cast<double>(*p.s1), static_cast<double>(*p.s2));
@@ -374,8 +352,8 @@ __global__ void __launch_bounds__(kThreads, 3) dw_epilogue_kernel(const Epilogue
         float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         if (col0 < p.cols) {
           double h[8];
-          load8_exact(static_cast<const P*>(p.hi) + row * p.ld + col0, h);
-          combine8<P>(p, scale, row, col0, h, v);
+          load8_exact(static_cast<const int32_t*>(p.hi) + row * p.ld + col0, h);
+          combine8(p, scale, row, col0, h, v);
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
             const float x = __fmul_rn(wt[i], inv);
@@ -463,7 +441,6 @@ EpilogueParams epilogue_params(const SplitPartials& pp, const float* s1, const f
                                int64_t rows, int64_t cols, int32_t block, const TensorView& out) {
   EpilogueParams p{};
   p.hi = pp.hi;
-  p.lo = pp.lo;
   p.ld = pp.ld;
   p.chunks = pp.chunks;
   p.chunk_stride = pp.chunk_stride;
@@ -496,9 +473,12 @@ void launch_dx_epilogue(const SplitPartials& pp, const int8_t* exps, const float
                         const float* s2, const TensorView& packed, const TensorView& aux,
                         int32_t block, TensorView grad_x, TensorView grad_step,
                         const CudaAllocator& alloc, cudaStream_t stream) {
-  if (pp.s32 || pp.chunks != 1 || pp.lo == nullptr || (pp.slots != nullptr && exps == nullptr)) {
+  const bool compacted = pp.slots != nullptr && !pp.s32 && pp.chunks == 1 && exps != nullptr;
+  const bool int8_product = pp.slots == nullptr && pp.s32 && pp.lo == nullptr && exps == nullptr;
+  if (!compacted && !int8_product) {
     throw_error(ErrorKind::kRuntime,
-                "launch_dx_epilogue: expected one fp32 partial product of hi and lo rows");
+                "launch_dx_epilogue: expected a compacted fp32 product with slots and exponents, "
+                "or an int32 product holding 16 hi + lo");
   }
   EpilogueParams p = epilogue_params(pp, s1, s2, packed.shape[0], packed.shape[1], block, grad_x);
   p.slots = pp.slots;
@@ -519,6 +499,10 @@ void launch_dw_epilogue(const SplitPartials& pp, const float* s1, const float* s
                         const TensorView& w, const TensorView& step_w, int32_t block,
                         TensorView grad_w, TensorView grad_step, const CudaAllocator& alloc,
                         cudaStream_t stream) {
+  if (!pp.s32 || pp.lo != nullptr || pp.slots != nullptr) {
+    throw_error(ErrorKind::kRuntime,
+                "launch_dw_epilogue: expected an int32 product holding 16 hi + lo");
+  }
   EpilogueParams p = epilogue_params(pp, s1, s2, w.shape[0], w.shape[1], block, grad_w);
   p.w = w.data;
   p.ldw = row_stride(w);
@@ -529,13 +513,8 @@ void launch_dw_epilogue(const SplitPartials& pp, const float* s1, const float* s
   const double gamma = lsq_step_gamma(p.rows * p.cols);
   dispatch_block(block, [&](auto g) {
     constexpr int G = decltype(g)::value;
-    if (pp.s32) {
-      bf16 ? launch_epilogue(dw_epilogue_kernel<BFloat16, int32_t, G>, p, gs, gamma, alloc, stream)
-           : launch_epilogue(dw_epilogue_kernel<float, int32_t, G>, p, gs, gamma, alloc, stream);
-    } else {
-      bf16 ? launch_epilogue(dw_epilogue_kernel<BFloat16, float, G>, p, gs, gamma, alloc, stream)
-           : launch_epilogue(dw_epilogue_kernel<float, float, G>, p, gs, gamma, alloc, stream);
-    }
+    bf16 ? launch_epilogue(dw_epilogue_kernel<BFloat16, G>, p, gs, gamma, alloc, stream)
+         : launch_epilogue(dw_epilogue_kernel<float, G>, p, gs, gamma, alloc, stream);
   });
 }
 

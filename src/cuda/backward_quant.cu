@@ -88,8 +88,9 @@ struct BitsplitParams {
   int64_t ldg, rows, cols;
   const uint32_t* amax_bits;
   uint64_t seed, stream;
-  uint8_t* operand;  // 2 rows x padded cols: hi rows then lo rows; may be null
+  uint8_t* operand;  // FP8 2 rows x padded cols, hi rows then lo rows; or (q8) INT8 rows of q
   int64_t ldop, op_cols;
+  bool q8;      // operand: INT8 rows x padded cols of q = 16 hi + lo (one row per row of g)
   uint8_t* hi;  // packed, may be null
   uint8_t* lo;
   int32_t* row_sumsq;  // 2 rows, zeroed before; may be null
@@ -111,6 +112,7 @@ __device__ __forceinline__ void bitsplit_scales(const BitsplitParams& p, float* 
 struct SplitValue {
   int hi, lo;
   float hi_f, lo_f;
+  __device__ __forceinline__ int q() const { return 16 * hi + lo; }
 };
 __device__ __forceinline__ SplitValue split_value(float g, float inv, float u) {
   constexpr float kL = static_cast<float>(kBitSplitLevels);
@@ -122,15 +124,16 @@ __device__ __forceinline__ SplitValue split_value(float g, float inv, float u) {
   return SplitValue{h, l, int_as_exact_float(h), int_as_exact_float(l)};
 }
 
-// One lane's 8 values (columns col0 .. col0+7 of `row`): codes, operand rows, packed hi/lo.
-template <bool kVec>
+// One lane's 8 values (columns col0 .. col0+7 of `row`): codes, operand rows, packed hi/lo. kQ8:
+// the operand is p.q8's INT8 row of q (8 bytes) instead of the FP8 hi and lo rows.
+template <bool kVec, bool kQ8>
 __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, int64_t row, int64_t col0,
                                                 const float v[8], float inv, int32_t* sq_hi,
                                                 int32_t* sq_lo) {
   const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;
   const Philox4x32 r0 = random_block(p.seed, p.stream, b0);
   const Philox4x32 r1 = random_block(p.seed, p.stream, b0 + 1);
-  uint32_t ph = 0, pl = 0;
+  uint32_t ph = 0, pl = 0, q0 = 0, q1 = 0;
   float hf[8], lf[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -140,8 +143,13 @@ __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, int64_t
     *sq_lo += sv.lo * sv.lo;
     ph |= static_cast<uint32_t>(sv.hi & 0xF) << (4 * i);
     pl |= static_cast<uint32_t>(sv.lo & 0xF) << (4 * i);
-    hf[i] = sv.hi_f;
-    lf[i] = sv.lo_f;
+    if (kQ8) {
+      const uint32_t byte = static_cast<uint32_t>(sv.q()) & 0xFFu;
+      (i < 4 ? q0 : q1) |= byte << (8 * (i & 3));
+    } else {
+      hf[i] = sv.hi_f;
+      lf[i] = sv.lo_f;
+    }
   }
   const int64_t pb = row * (p.cols / 2) + col0 / 2;
   if (p.hi != nullptr) {
@@ -155,7 +163,10 @@ __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, int64_t
       }
     }
   }
-  if (p.operand != nullptr) {
+  if (p.operand == nullptr) return;
+  if (kQ8) {
+    *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(q0, q1);
+  } else {
     *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) =
         make_uint2(e4m3x2(hf[0], hf[1]) | (e4m3x2(hf[2], hf[3]) << 16),
                    e4m3x2(hf[4], hf[5]) | (e4m3x2(hf[6], hf[7]) << 16));
@@ -167,7 +178,7 @@ __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, int64_t
 
 // Rows a multiple of 8 long: a warp per 256 columns, 8 per lane, a persistent grid with
 // kChunkDepth chunks' loads in flight per warp (device_common.cuh).
-template <typename In, bool kVec>
+template <typename In, bool kVec, bool kQ8>
 __global__ void __launch_bounds__(kThreads, 3) bitsplit_kernel(const BitsplitParams p) {
   const int lane = threadIdx.x & 31;
   float inv;
@@ -177,11 +188,13 @@ __global__ void __launch_bounds__(kThreads, 3) bitsplit_kernel(const BitsplitPar
       [&](int64_t row, int64_t col0, float v[8]) {
         int32_t sq_hi = 0, sq_lo = 0;
         if (col0 < p.cols) {
-          bitsplit_store8<kVec>(p, row, col0, v, inv, &sq_hi, &sq_lo);
+          bitsplit_store8<kVec, kQ8>(p, row, col0, v, inv, &sq_hi, &sq_lo);
         } else if (p.operand != nullptr && col0 < p.op_cols) {
           *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(0u, 0u);
-          *reinterpret_cast<uint2*>(p.operand + (p.rows + row) * p.ldop + col0) =
-              make_uint2(0u, 0u);
+          if (!kQ8) {
+            *reinterpret_cast<uint2*>(p.operand + (p.rows + row) * p.ldop + col0) =
+                make_uint2(0u, 0u);
+          }
         }
         if (p.row_sumsq != nullptr) {
           sq_hi = warp_sum_s32(sq_hi);
@@ -222,8 +235,12 @@ __global__ void __launch_bounds__(kThreads) bitsplit_small_kernel(const Bitsplit
       for (int k = 0; k < 2; ++k) {
         const int64_t c = 2 * j + k;
         if (c >= p.op_cols) continue;
-        p.operand[row * p.ldop + c] = static_cast<uint8_t>(e4m3_of_code(sc[k].hi));
-        p.operand[(p.rows + row) * p.ldop + c] = static_cast<uint8_t>(e4m3_of_code(sc[k].lo));
+        if (p.q8) {
+          p.operand[row * p.ldop + c] = static_cast<uint8_t>(static_cast<int8_t>(sc[k].q()));
+        } else {
+          p.operand[row * p.ldop + c] = static_cast<uint8_t>(e4m3_of_code(sc[k].hi));
+          p.operand[(p.rows + row) * p.ldop + c] = static_cast<uint8_t>(e4m3_of_code(sc[k].lo));
+        }
       }
     }
     if (p.row_sumsq != nullptr) {
@@ -310,7 +327,7 @@ struct ToOperandParams {
   int64_t ldc, rows, cols;  // rows: operand positions (code rows, or row_map's length)
   uint8_t* out;
   int64_t ldo, out_cols;
-  bool s8;                      // INT8 operand (packed codes only); else FP8 e4m3
+  bool s8;                      // INT8 operand; else FP8 e4m3
   const int8_t* row_exp;        // INT8 only, optional: code row r scaled by 2^row_exp[r] (-1: zero)
   unsigned long long* invalid;  // optional: counts rows with an exponent out of range
   const int32_t* row_map;       // optional: position r takes code row row_map[r] mod src_rows,
@@ -399,12 +416,14 @@ __global__ void __launch_bounds__(kThreads) codes_to_operand_t_kernel(const ToOp
   }
 }
 
-// The transposed operand of packed codes whose rows are 16-code multiples (cols % 16 == 0, so each
-// row's bytes are 8-byte aligned): a 64 x 64 tile per block, each thread reading 16 codes (8 bytes) of
-// a row and writing 16 operand bytes (one uint4) of an output row, through a shared tile (pitch 68:
-// 4-byte rows, 2-way bank conflicts at most). blockIdx.x: tiles of code rows (= output columns,
-// padding included), blockIdx.y: tiles of code columns (= output rows).
-__global__ void __launch_bounds__(kThreads) packed_to_operand_t_kernel(const ToOperandParams p) {
+// The transposed operand of codes whose rows are 16-code multiples (cols % 16 == 0; packed: each
+// row's bytes 8-byte aligned; int8 (kPacked false): 16-byte aligned, ldc % 16 == 0): a 64 x 64 tile
+// per block, each thread reading 16 codes (8 packed bytes or 16 int8) of a row and writing 16
+// operand bytes (one uint4) of an output row, through a shared tile (pitch 68: 4-byte rows, 2-way
+// bank conflicts at most). blockIdx.x: tiles of code rows (= output columns, padding included),
+// blockIdx.y: tiles of code columns (= output rows).
+template <bool kPacked>
+__global__ void __launch_bounds__(kThreads) codes_to_operand_t16_kernel(const ToOperandParams p) {
   constexpr int kPitch = kTile + 4;
   __shared__ __align__(16) uint8_t tile[kTile * kPitch];
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTile;  // positions
@@ -413,20 +432,41 @@ __global__ void __launch_bounds__(kThreads) packed_to_operand_t_kernel(const ToO
   {
     const int rr = t >> 2, q = t & 3;
     const int64_t r = r0 + rr, c = c0 + 16 * q;
-    uint2 w = make_uint2(0u, 0u);  // codes 0 (byte 0x00) past the end: the operand's zero padding
+    // codes 0 past the end: the operand's zero padding
+    uint4 w = make_uint4(0u, 0u, 0u, 0u);
     int e = 0;
     if (r < p.rows && c < p.cols) {
       const Source src = source_of(p, r, c == 0);
-      if (src.row >= 0)
-        w = *reinterpret_cast<const uint2*>(p.codes + src.row * (p.cols / 2) + c / 2);
+      if (src.row >= 0) {
+        if (kPacked) {
+          const uint2 h = *reinterpret_cast<const uint2*>(p.codes + src.row * (p.cols / 2) + c / 2);
+          w.x = h.x;
+          w.y = h.y;
+        } else {
+          w = *reinterpret_cast<const uint4*>(p.codes + src.row * p.ldc + c);
+        }
+      }
       e = src.e;
     }
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
     for (int k = 0; k < 16; ++k) {
-      const uint32_t word = k < 8 ? w.x : w.y;
-      const int code = unpack_int4_lo(static_cast<uint8_t>(word >> (4 * (k & 7))));
-      tile[(16 * q + k) * kPitch + rr] =
-          p.s8 ? s8_scaled(code, e) : static_cast<uint8_t>(e4m3_of_code(code));
+      int code;
+      if (kPacked) {
+        code = unpack_int4_lo(static_cast<uint8_t>(words[k >> 3] >> (4 * (k & 7))));
+      } else {
+        code = static_cast<int8_t>(static_cast<uint8_t>(words[k >> 2] >> (8 * (k & 3))));
+      }
+      uint8_t byte;
+      if (p.s8) {
+        byte = s8_scaled(code, e);
+      } else if (kPacked) {
+        byte = static_cast<uint8_t>(e4m3_of_code(code));
+      } else {
+        byte = static_cast<uint8_t>(
+            __nv_cvt_float_to_fp8(static_cast<float>(code), __NV_SATFINITE, __NV_E4M3));
+      }
+      tile[(16 * q + k) * kPitch + rr] = byte;
     }
   }
   __syncthreads();
@@ -491,8 +531,10 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
   p.stream = rng.stream;
   p.scale = scale.ptr<float>();
   if (operand.data != nullptr) {
-    check_gemm_operand(operand, "operand", DType::kFloat8E4M3);
-    check_shape(operand, "operand", 2 * rows, fp8_padded_cols(cols));
+    check_dtype(operand, "operand", {DType::kFloat8E4M3, DType::kInt8});
+    p.q8 = operand.dtype == DType::kInt8;
+    check_gemm_operand(operand, "operand", operand.dtype);
+    check_shape(operand, "operand", p.q8 ? rows : 2 * rows, fp8_padded_cols(cols));
     p.operand = operand.ptr<uint8_t>();
     p.ldop = row_stride(operand);
     p.op_cols = operand.shape[1];
@@ -529,11 +571,15 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
     auto launch = [&](auto kernel) {
       kernel<<<persistent_blocks(kernel, kThreads, needed), kThreads, 0, s>>>(p);
     };
-    if (bf16) {
-      vec ? launch(bitsplit_kernel<BFloat16, true>) : launch(bitsplit_kernel<BFloat16, false>);
-    } else {
-      vec ? launch(bitsplit_kernel<float, true>) : launch(bitsplit_kernel<float, false>);
-    }
+    auto launch_in = [&](auto in) {
+      using In = decltype(in);
+      if (p.q8) {
+        vec ? launch(bitsplit_kernel<In, true, true>) : launch(bitsplit_kernel<In, false, true>);
+      } else {
+        vec ? launch(bitsplit_kernel<In, true, false>) : launch(bitsplit_kernel<In, false, false>);
+      }
+    };
+    bf16 ? launch_in(BFloat16{}) : launch_in(float{});
   } else {
     const int64_t pairs = (fp8_padded_cols(cols) > cols ? fp8_padded_cols(cols) : cols + 1) / 2;
     const int grid = grid_blocks(rows * pairs, kThreads);
@@ -631,9 +677,14 @@ void codes_to_fp8_cuda(const TensorView& codes, bool transpose, TensorView opera
 
 void codes_to_s8_cuda(const TensorView& codes, const TensorView& row_exponents, bool transpose,
                       TensorView operand, TensorView invalid, void* stream) {
-  check_dtype(codes, "codes", {DType::kInt4Packed});
+  check_dtype(codes, "codes", {DType::kInt4Packed, DType::kInt8});
   cuda_detail::check_gemm_operand(operand, "operand", DType::kInt8);
   const bool weighted = row_exponents.data != nullptr || row_exponents.ndim > 0;
+  if (weighted && codes.dtype == DType::kInt8) {
+    throw_error(ErrorKind::kValue,
+                "row_exponents: int8 codes are copied as they are, expected no exponents (an empty "
+                "view)");
+  }
   if (weighted) {
     check_dtype(row_exponents, "row_exponents", {DType::kInt8});
     if (row_exponents.ndim != 1 || !row_exponents.is_contiguous() ||
@@ -730,11 +781,13 @@ void to_operand(const TensorView& codes, bool s8, const int8_t* row_exp, bool tr
   const cudaStream_t s = as_stream(stream);
   if (!transpose) {
     codes_to_operand_kernel<<<grid_blocks(rows * p.out_cols, kThreads), kThreads, 0, s>>>(p);
-  } else if (p.packed && cols % 16 == 0 && aligned(p.codes, 8) &&
-             (cols + kTile - 1) / kTile <= 65535) {
+  } else if (cols % 16 == 0 && (cols + kTile - 1) / kTile <= 65535 &&
+             (p.packed ? aligned(p.codes, 8)
+                       : aligned(p.codes, 16) && (rows <= 1 || p.ldc % 16 == 0))) {
     const dim3 grid(static_cast<unsigned>((p.out_cols + kTile - 1) / kTile),
                     static_cast<unsigned>((cols + kTile - 1) / kTile));
-    packed_to_operand_t_kernel<<<grid, kThreads, 0, s>>>(p);
+    p.packed ? codes_to_operand_t16_kernel<true><<<grid, kThreads, 0, s>>>(p)
+             : codes_to_operand_t16_kernel<false><<<grid, kThreads, 0, s>>>(p);
   } else {
     const dim3 grid(static_cast<unsigned>((cols + kTile - 1) / kTile),
                     static_cast<unsigned>((p.out_cols + kTile - 1) / kTile));

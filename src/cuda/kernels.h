@@ -38,10 +38,10 @@ void launch_fill_nan_if(const unsigned long long* counter, void* out, bool out_b
 // The two partial products of the bit-split backward, hi and lo (rows x cols each, row stride ld):
 // fp32 accumulators holding integers (FP8 products) or int32 (s32: INT8 products); each is
 // `chunks` K-chunk partial products chunk_stride elements apart, summed exactly by the consumers.
-// lo == nullptr: hi alone already holds 16 hi + lo with the importance weights folded in (hq_lss's
-// compacted weight gradient). slots (one fp32 chunk; hq_lss's compacted input gradient): hi and lo
-// both point at the product of the kept rows, and row r's hi and lo partials are its rows
-// slots[r] and slots[rows + r], -1 for a dropped row.
+// lo == nullptr: hi alone already holds 16 hi + lo (hq_bs's INT8 products of q = 16 hi + lo), with
+// the importance weights folded in (hq_lss's compacted weight gradient). slots (one fp32 chunk;
+// hq_lss's compacted input gradient): hi and lo both point at the product of the kept rows, and row
+// r's hi and lo partials are its rows slots[r] and slots[rows + r], -1 for a dropped row.
 struct SplitPartials {
   const void* hi;
   const void* lo;
@@ -69,11 +69,12 @@ void launch_bias_grad(const TensorView& g, TensorView out, const CudaAllocator& 
 // launch_combine_bitsplit followed by lsq_backward_compact_cuda (dX) or lsq_backward_cuda on the
 // Hadamard transform of w (dW), and hadamard_transform_cuda into grad_x / grad_w; the step gradient
 // in another fixed fp64 order (within an fp32 rounding). partials: the rows and cols of packed / w,
-// 32-byte aligned, ld % 8 == 0 (dX: one fp32 chunk; dW: fp32 or int32, any chunks); cols % 8 == 0;
-// block divides cols. dX: packed (4-byte aligned) and aux are the forward's saved codes and compact
-// aux bits; exps as launch_combine_bitsplit's. dW: w is fp32 or bf16, 16-byte (bf16) or 32-byte
-// (fp32) aligned with a row stride % 8 == 0. grad_x / grad_w and grad_step are optional (data ==
-// nullptr).
+// 32-byte aligned, ld % 8 == 0 (dX: hq_lss's compacted fp32 product with slots and exps, or an
+// int32 product without lo, any chunks (hq_bs's INT8 product of q = 16 hi + lo); dW: an int32
+// product without lo, any chunks); cols % 8 == 0; block divides cols. dX: packed (4-byte aligned)
+// and aux are the forward's saved codes and compact aux bits; exps as launch_combine_bitsplit's.
+// dW: w is fp32 or bf16, 16-byte (bf16) or 32-byte (fp32) aligned with a row stride % 8 == 0.
+// grad_x / grad_w and grad_step are optional (data == nullptr).
 void launch_dx_epilogue(const SplitPartials& partials, const int8_t* exps, const float* s1,
                         const float* s2, const TensorView& packed, const TensorView& aux,
                         int32_t block, TensorView grad_x, TensorView grad_step,

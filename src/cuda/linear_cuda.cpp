@@ -181,12 +181,15 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   Temp qw(alloc, stream, DType::kInt4Packed, c, d);
   hadamard_lsq_quantize_cuda(a.w, g, a.step_w, RandomKey{}, TensorView{}, qw.view, TensorView{},
                              TensorView{}, stream);
-  // Bit split of grad_y: the stacked operand [hi; lo] and the packed codes for the transposes (one
-  // buffer of 2N code rows, hi first: the compacted gather of hq_lss indexes it by bit-split row).
+  // Bit split of grad_y. hq_bs: q = 16 hi + lo as one INT8 operand row per token (INT8 rows cost
+  // what FP8 rows cost on Hopper, so both products have N rows, like hq_lss's compacted ones, and
+  // sample nothing). hq_lss: the stacked FP8 operand [hi; lo] and the packed codes for the
+  // transposes (one buffer of 2N code rows, hi first: the compacted gather indexes it by bit-split
+  // row).
   const RandomKey gkey{cfg.seed, make_stream(cfg.step, cfg.layer, RandomPurpose::kGradRound)};
   const int64_t cp = fp8_padded_cols(c), np = fp8_padded_cols(n);
-  Temp r_op(alloc, stream, DType::kFloat8E4M3, 2 * n, cp);
-  Temp hilo(alloc, stream, DType::kInt4Packed, 2 * n, c);
+  Temp r_op(alloc, stream, lss ? DType::kFloat8E4M3 : DType::kInt8, lss ? 2 * n : n, cp);
+  Temp hilo(alloc, stream, DType::kInt4Packed, lss ? 2 * n : 0, c);
   const int64_t row_bytes = packed_row_bytes(c);
   const TensorView hi = make_matrix(hilo.buf.get(), DType::kInt4Packed, n, c);
   const TensorView lo =
@@ -199,8 +202,9 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   // launch.
   Temp rsq(alloc, stream, DType::kInt32, 1, lss ? 2 * n : 0);
   const TensorView rsq_v = lss ? make_vector(rsq.buf.get(), DType::kInt32, 2 * n) : TensorView{};
-  quantize_bitsplit_cuda(a.grad_y, gkey, r_op.view, dom_dw ? hi : TensorView{},
-                         dom_dw ? lo : TensorView{}, rsq_v, sg_v, alloc, stream);
+  const bool lss_dx = lss && dom_dx, lss_dw = lss && dom_dw;
+  quantize_bitsplit_cuda(a.grad_y, gkey, r_op.view, lss_dw ? hi : TensorView{},
+                         lss_dw ? lo : TensorView{}, rsq_v, sg_v, alloc, stream);
   const double budget = cfg.lss_budget * static_cast<double>(n);
   const int64_t capacity = lss ? lss_capacity(budget, 2 * n) : 0;
   struct Selection {
@@ -225,7 +229,6 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
                            kept};
     }
   };
-  const bool lss_dx = lss && dom_dx, lss_dw = lss && dom_dw;
   Selection sel_x(alloc, stream, lss_dx ? 2 * n : 0, lss_dx ? 2 * n : 0, lss_dx ? capacity : 0);
   Selection sel_w(alloc, stream, lss_dw ? 2 * n : 0, 0, lss_dw ? capacity : 0);
   if (lss) {
@@ -246,29 +249,52 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     if (count > 0) launch_lss_sample(batch, count, s);
   }
 
+  // The products over K beyond the INT8 bound (kMaxKInt8, any int8 values) run in K-chunks, whose
+  // int32 partial products the epilogues add in fp64: column block k0 .. k0 + kc of an operand.
+  const int64_t kmax = kMaxKInt8 / kFp8Align * kFp8Align;
+  const auto k_chunks = [&](int64_t kdim) { return kdim > kmax ? (kdim + kmax - 1) / kmax : 1; };
+  const auto k_cols = [&](const Temp& t, int64_t rows, int64_t kdim, int64_t k) {
+    const int64_t k0 = k * kmax, kc = kdim - k0 < kmax ? kdim - k0 : kmax;
+    if (k0 == 0 && kc == kdim) return t.view;
+    TensorView v = make_matrix(t.buf.as<char>() + k0, t.view.dtype, rows, kc);
+    v.strides[0] = kdim;
+    return v;
+  };
+  // The int32 products of a x b^T chunk by chunk into `out` (chunks x rows x cols).
+  const auto s8_product = [&](const Temp& at, int64_t rows, const Temp& bt, int64_t cols,
+                              int64_t kdim, const Temp& out) {
+    for (int64_t k = 0; k < k_chunks(kdim); ++k) {
+      gemm_s8_s32_cuda(
+          k_cols(at, rows, kdim, k), k_cols(bt, cols, kdim, k),
+          make_matrix(out.buf.as<int32_t>() + k * rows * cols, DType::kInt32, rows, cols), alloc,
+          stream);
+    }
+  };
+
   if (dom_dx) {
-    // dX~ = s_g s_w (16 Qhi + Qlo) Qw (K = C). hq_bs: one product over the 2N stacked rows. hq_lss:
-    // the kept rows gathered into `capacity` rows (empty slots zero), one product over them; the
-    // epilogue finds each token's hi and lo rows through the slots and weights them by their
+    // dX~ = s_g s_w (16 Qhi + Qlo) Qw (K = C). hq_bs: one INT8 product of the N rows of q. hq_lss:
+    // the kept FP8 rows gathered into `capacity` rows (empty slots zero), one product over them;
+    // the epilogue finds each token's hi and lo rows through the slots and weights them by their
     // exponents (no reduction over rows here, so FP8 stays exact).
-    Temp qwt(alloc, stream, DType::kFloat8E4M3, d, cp);
-    codes_to_fp8_cuda(qw.view, true, qwt.view, stream);
-    const int64_t m = lss ? capacity : 2 * n;
-    Temp p(alloc, stream, DType::kFloat32, m, d);
-    // hq_bs: the hi rows' partials, then the lo rows'; hq_lss: both in the one product, by slot.
-    SplitPartials pp{p.buf.as<float>(), p.buf.as<float>() + (lss ? 0 : n * d), d, false, 1, 0};
+    SplitPartials pp{};
     const int8_t* ex = nullptr;
+    Temp qwt(alloc, stream, lss ? DType::kFloat8E4M3 : DType::kInt8, d, cp);
+    Temp p(alloc, stream, lss ? DType::kFloat32 : DType::kInt32, lss ? capacity : k_chunks(cp) * n,
+           d);
     if (lss) {
-      Temp kept_op(alloc, stream, DType::kFloat8E4M3, m, cp);
-      gather_operand_rows_cuda(r_op.view, make_vector(sel_x.slot_rows.buf.get(), DType::kInt32, m),
+      codes_to_fp8_cuda(qw.view, true, qwt.view, stream);
+      Temp kept_op(alloc, stream, DType::kFloat8E4M3, capacity, cp);
+      gather_operand_rows_cuda(r_op.view,
+                               make_vector(sel_x.slot_rows.buf.get(), DType::kInt32, capacity),
                                kept_op.view, TensorView{}, stream);
       gemm_fp8_cuda(kept_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view, alloc,
                     stream);
-      pp.slots = sel_x.slots.buf.as<int32_t>();
+      pp = SplitPartials{p.buf.get(), p.buf.get(), d, false, 1, 0, sel_x.slots.buf.as<int32_t>()};
       ex = sel_x.exps.buf.as<int8_t>();
     } else {
-      gemm_fp8_cuda(r_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view, alloc,
-                    stream);
+      codes_to_s8_cuda(qw.view, TensorView{}, true, qwt.view, TensorView{}, stream);
+      s8_product(r_op, n, qwt, d, cp, p);
+      pp = SplitPartials{p.buf.get(), nullptr, d, true, static_cast<int>(k_chunks(cp)), n * d};
     }
     if (d % 8 == 0 && aligned(a.saved_codes.data, 4)) {
       // Recombination, LSQ backward and back-rotation in one pass.
@@ -285,21 +311,17 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     }
   }
   if (dom_dw) {
-    // dW~ = s_g s_x (16 Qhi^T + Qlo^T) Qx. hq_bs: two FP8 products with K = N tokens (hi and lo),
-    // summed exactly in the epilogue. hq_lss: one INT8 product over the `capacity` compacted slots:
-    // slot j holds kept bit-split row i's codes times 2^k_i and its token's x codes times 16 for a
-    // hi row (both int8: |code 2^k| <= 128, |16 x| <= 128), so K = capacity and the product is the
-    // whole sum; such terms (|ab| <= 2^14) are not summed exactly by the FP8 tensor cores (cuda.h).
-    // Batches beyond the exactness bound (kMaxKFp8Int4 / kMaxKInt8) run in K-chunks whose partial
-    // products the epilogue adds in fp64.
+    // dW~ = s_g s_x (16 Qhi^T + Qlo^T) Qx, one INT8 product whose reduction runs over tokens.
+    // hq_bs: q^T against the x codes (K = N). hq_lss: over the `capacity` compacted slots: slot j
+    // holds kept bit-split row i's codes times 2^k_i and its token's x codes times 16 for a hi row
+    // (both int8: |code 2^k| <= 128, |16 x| <= 128), so K = capacity and the product is the whole
+    // sum; such terms (|ab| <= 2^14) are not summed exactly by the FP8 tensor cores (cuda.h).
     const int64_t kdim = lss ? fp8_padded_cols(capacity) : np;
-    const DType op_type = lss ? DType::kInt8 : DType::kFloat8E4M3;
-    Temp hit(alloc, stream, op_type, c, kdim), lot(alloc, stream, op_type, lss ? 0 : c, kdim);
-    Temp qxt(alloc, stream, op_type, d, kdim);
+    Temp gt(alloc, stream, DType::kInt8, c, kdim), qxt(alloc, stream, DType::kInt8, d, kdim);
     if (lss) {
       const TensorView map = make_vector(sel_w.slot_rows.buf.get(), DType::kInt32, capacity);
       gather_codes_to_s8_cuda(hilo.view, map,
-                              make_vector(sel_w.exps.buf.get(), DType::kInt8, 2 * n), hit.view,
+                              make_vector(sel_w.exps.buf.get(), DType::kInt8, 2 * n), gt.view,
                               TensorView{}, stream);
       // The x16 of the hi rows on the token side: exponent 4 for map values < N, 0 above.
       Temp xexp(alloc, stream, DType::kInt8, 1, 2 * n);
@@ -310,37 +332,15 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
       gather_codes_to_s8_cuda(a.saved_codes, map, make_vector(xexp.buf.get(), DType::kInt8, 2 * n),
                               qxt.view, TensorView{}, stream);
     } else {
-      codes_to_fp8_cuda(hi, true, hit.view, stream);
-      codes_to_fp8_cuda(lo, true, lot.view, stream);
-      codes_to_fp8_cuda(a.saved_codes, true, qxt.view, stream);
+      TensorView q = make_matrix(r_op.buf.get(), DType::kInt8, n, c);  // the real columns
+      q.strides[0] = cp;
+      codes_to_s8_cuda(q, TensorView{}, true, gt.view, TensorView{}, stream);
+      codes_to_s8_cuda(a.saved_codes, TensorView{}, true, qxt.view, TensorView{}, stream);
     }
-    const int64_t kmax = (lss ? kMaxKInt8 : kMaxKFp8Int4) / kFp8Align * kFp8Align;
-    const int64_t chunks = kdim > kmax ? (kdim + kmax - 1) / kmax : 1;
-    const DType part_type = lss ? DType::kInt32 : DType::kFloat32;  // 4 bytes either way
-    Temp phi(alloc, stream, part_type, chunks * c, d);
-    Temp plo(alloc, stream, part_type, lss ? 0 : chunks * c, d);
-    const auto cols = [&](const Temp& t, int64_t rows, int64_t k0, int64_t kc) {
-      if (chunks == 1) return t.view;
-      TensorView v = make_matrix(t.buf.as<char>() + k0, op_type, rows, kc);
-      v.strides[0] = kdim;
-      return v;
-    };
-    for (int64_t k = 0; k < chunks; ++k) {
-      const int64_t k0 = k * kmax, kc = kdim - k0 < kmax ? kdim - k0 : kmax;
-      const TensorView xk = cols(qxt, d, k0, kc);
-      const TensorView ph = make_matrix(phi.buf.as<char>() + 4 * k * c * d, part_type, c, d);
-      if (lss) {
-        gemm_s8_s32_cuda(cols(hit, c, k0, kc), xk, ph, alloc, stream);
-      } else {
-        const TensorView pl = make_matrix(plo.buf.as<char>() + 4 * k * c * d, part_type, c, d);
-        gemm_fp8_cuda(cols(hit, c, k0, kc), xk, TensorView{}, TensorView{}, TensorView{}, ph, alloc,
-                      stream);
-        gemm_fp8_cuda(cols(lot, c, k0, kc), xk, TensorView{}, TensorView{}, TensorView{}, pl, alloc,
-                      stream);
-      }
-    }
-    const SplitPartials pp{phi.buf.get(), lss ? nullptr : plo.buf.get(), d,
-                           lss,           static_cast<int>(chunks),      c * d};
+    Temp phi(alloc, stream, DType::kInt32, k_chunks(kdim) * c, d);
+    s8_product(gt, c, qxt, d, kdim, phi);
+    const SplitPartials pp{phi.buf.get(), nullptr, d, true, static_cast<int>(k_chunks(kdim)),
+                           c * d};
     const bool w_bf16 = a.w.dtype == DType::kBFloat16;
     if (d % 8 == 0 && aligned(a.w.data, w_bf16 ? 16 : 32) && (c == 1 || row_stride(a.w) % 8 == 0)) {
       // Recombination, W~ = W B, LSQ backward and back-rotation in one pass.

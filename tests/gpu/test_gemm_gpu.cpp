@@ -99,6 +99,37 @@ void test_to_fp8(int64_t rows, int64_t cols, bool transpose) {
   GPU_CHECK_MSG(bad == 0, bad << " operand bytes differ");
 }
 
+// INT8 operands from int8 values (codes_to_s8_cuda with kInt8 codes: hq_bs's q = 16 hi + lo and its
+// transpose): every byte, the zero padding included. ld: the source's row stride (a multiple of 16
+// with 16-byte rows takes the tiled transpose, anything else the generic one).
+void test_s8_copy(int64_t rows, int64_t cols, int64_t ld, bool transpose) {
+  std::mt19937_64 rng(17 + rows * 131 + cols);
+  std::vector<int8_t> v(static_cast<size_t>(std::max<int64_t>(1, rows * ld)));
+  for (auto& x : v) x = static_cast<int8_t>(static_cast<int>(rng() % 256) - 128);
+  const DevBuf dv = gputest::upload(v);
+  TensorView src = make_matrix(dv.get(), DType::kInt8, rows, cols);
+  src.strides[0] = ld;
+  const int64_t out_rows = transpose ? cols : rows, k = transpose ? rows : cols;
+  const int64_t kp = fp8_padded_cols(k);
+  DevBuf dout(static_cast<size_t>(std::max<int64_t>(1, out_rows * kp)));
+  dout.poison();
+  codes_to_s8_cuda(src, TensorView{}, transpose,
+                   make_matrix(dout.get(), DType::kInt8, out_rows, kp), TensorView{}, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  const auto got = gputest::download<int8_t>(dout, static_cast<size_t>(out_rows * kp));
+  int64_t bad = 0;
+  for (int64_t r = 0; r < out_rows; ++r) {
+    for (int64_t c = 0; c < kp; ++c) {
+      int want = 0;
+      if (c < k) {
+        want = transpose ? v[static_cast<size_t>(c * ld + r)] : v[static_cast<size_t>(r * ld + c)];
+      }
+      bad += got[static_cast<size_t>(r * kp + c)] != want;
+    }
+  }
+  GPU_CHECK_MSG(bad == 0, bad << " INT8 operand bytes differ");
+}
+
 // ---- exact integer products
 void test_exact(int64_t m, int64_t n, int64_t k, Fill fill) {
   const auto ca = make_codes(m, k, fill, 1000 + m * 7 + k);
@@ -463,6 +494,15 @@ void test_arg_errors() {
     threw = std::string(e.what()).find("row_exponents:") == 0;
   }
   GPU_CHECK_MSG(threw, "a short exponent vector must be an Error naming row_exponents");
+  threw = false;
+  try {  // int8 codes are copied as they are: exponents would overflow them
+    codes_to_s8_cuda(make_matrix(buf.get(), DType::kInt8, 8, 32),
+                     make_vector(buf.get(), DType::kInt8, 8), false,
+                     make_matrix(buf.get(), DType::kInt8, 8, 32), TensorView{}, nullptr);
+  } catch (const Error& e) {
+    threw = std::string(e.what()).find("row_exponents:") == 0;
+  }
+  GPU_CHECK_MSG(threw, "exponents with int8 codes must be an Error naming row_exponents");
 }
 
 const bool registered = [] {
@@ -475,6 +515,17 @@ const bool registered = [] {
       add_case("fp8_operand/" + std::string(t ? "transposed/" : "plain/") + std::to_string(s.m) +
                    "x" + std::to_string(s.k),
                false, [=] { test_to_fp8(s.m, s.k, t); });
+    }
+  }
+  struct C {
+    int64_t rows, cols, ld;
+  };
+  for (bool t : {false, true}) {
+    for (C c : {C{1, 1, 16}, C{5, 3, 7}, C{64, 48, 48}, C{129, 80, 96}, C{300, 4096, 4096},
+                C{37, 100, 112}}) {
+      add_case("s8_operand/" + std::string(t ? "transposed/" : "plain/") + std::to_string(c.rows) +
+                   "x" + std::to_string(c.cols) + "/ld" + std::to_string(c.ld),
+               false, [=] { test_s8_copy(c.rows, c.cols, c.ld, t); });
     }
   }
   struct E {

@@ -333,6 +333,13 @@ const bool registered = [] {
   for (const Problem& p : backward) {
     add_case("linear_backward/" + problem_name(p), false, [=] { run_backward(p, false); });
   }
+  // hq_bs's INT8 products past the INT8 bound (kMaxKInt8) run in K-chunks: more tokens (the weight
+  // gradient's K) and more output features (the input gradient's K) than one product may sum.
+  for (const Problem& p :
+       {Problem{kMaxKInt8 + 48, 64, 32, 16, true, false, true, Recipe::kHqBs, false},
+        Problem{16, 64, kMaxKInt8 + 48, 16, true, true, true, Recipe::kHqBs, false}}) {
+    add_case("linear_backward/" + problem_name(p), true, [=] { run_backward(p, false); });
+  }
   add_case("linear_backward_graph/" + problem_name(backward[3]), false,
            [=] { run_backward(backward[3], true); });
   // hq_lss: the same shapes, the selection on the device; a row-sparse gradient (zero rows, tiny

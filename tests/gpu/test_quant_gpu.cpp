@@ -264,6 +264,28 @@ void test_bitsplit(int64_t rows, int64_t cols, bool bf16, Data data, bool zeros)
   }
   GPU_CHECK_MSG(bad_op == 0, bad_op << " operand bytes differ");
   GPU_CHECK_MSG(bad_sq == 0, bad_sq << " row sums of squares differ");
+  // The INT8 operand alone (hq_bs): one row of q = 16 hi + lo per row of g, padding zero, the same
+  // scale.
+  DevBuf dq(static_cast<size_t>(std::max<int64_t>(1, rows * kp)));
+  dq.poison();
+  dscale.poison();
+  quantize_bitsplit_cuda(dg.view, key, make_matrix(dq.get(), DType::kInt8, rows, kp), TensorView{},
+                         TensorView{}, TensorView{}, make_scalar(dscale.get(), DType::kFloat32),
+                         alloc, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  const float q_scale = gputest::download<float>(dscale, 1)[0];
+  GPU_CHECK_MSG(gputest::bits_of(q_scale) == gputest::bits_of(got_scale),
+                "INT8 mode scale " << q_scale << " want " << got_scale);
+  const auto q = gputest::download<int8_t>(dq, static_cast<size_t>(rows * kp));
+  int64_t bad_q = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < kp; ++c) {
+      const size_t i = static_cast<size_t>(r * cols + c);
+      const int want = c < cols ? 16 * ch[i] + cl[i] : 0;
+      bad_q += q[static_cast<size_t>(r * kp + c)] != want;
+    }
+  }
+  GPU_CHECK_MSG(bad_q == 0, bad_q << " INT8 operand bytes (q = 16 hi + lo) differ");
 }
 
 // ---- compact LSQ backward
