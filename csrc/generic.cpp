@@ -372,12 +372,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward(
       detail::allocate_linear_outputs(cfg.recipe, n, d, c, x.scalar_type(), x.options());
   const Tensor saved_step = detail::saved_step_of(step);
   const Tensor stream_hi = stream_hi_of(step, x);
+#ifdef INT4TRAIN_TORCH_CUDA
+  const bool device_kernels = x.is_cuda() && recipe_uses_lsq(cfg.recipe);
+#else
+  const bool device_kernels = false;
+#endif
   Tensor sx, sw;
   if (recipe_uses_lsq(cfg.recipe)) {
     sx = detail::fp32_scalar(input_step, "input_step", op).to(x.device());
     sw = detail::fp32_scalar(weight_step, "weight_step", op).to(x.device());
-    TORCH_CHECK_VALUE(((sx > 0) & at::isfinite(sx) & (sw > 0) & at::isfinite(sw)).item<bool>(),
-                      "step: expected a positive finite step size");
+    // The device kernels take a bad step on the device (y all NaN, as a non-finite input): reading
+    // it here would synchronise with the host.
+    if (!device_kernels) {
+      TORCH_CHECK_VALUE(((sx > 0) & at::isfinite(sx) & (sw > 0) & at::isfinite(sw)).item<bool>(),
+                        "step: expected a positive finite step size");
+    }
   }
   if (n == 0 || d == 0 || c == 0) {
     out.y.zero_();
@@ -386,11 +395,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward(
     return {out.y, out.codes, out.aux, out.scale, saved_step};
   }
 #ifdef INT4TRAIN_TORCH_CUDA
-  if (x.is_cuda() && recipe_uses_lsq(cfg.recipe)) {
+  if (device_kernels) {
     // The dedicated kernels (cuda.h): fused Hadamard + LSQ passes and one FP8 product of the
-    // codes, equal to the core bit for bit. The step is read on the host for the random streams.
+    // codes, equal to the core bit for bit. The step stays on the device (device_step).
     LinearConfig kcfg = cfg;
-    kcfg.step = detail::step_value(step);
+    kcfg.device_step = stream_hi.data_ptr<int64_t>();
     const Tensor xc = x.contiguous(), wc = weight.contiguous();
     const std::optional<Tensor> bc = bias.has_value() && bias->defined()
                                          ? std::optional<Tensor>(bias->contiguous())
@@ -497,23 +506,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(
   }
   if (mask[3] && !sx.defined()) out.grad_input_step.zero_();
   if (mask[4] && !sw.defined()) out.grad_weight_step.zero_();
-  const Tensor g32 = grad_y.to(at::kFloat);
-  if (mask[2]) out.grad_bias.copy_(g32.to(at::kDouble).sum(0).to(at::kFloat));
-  if (n == 0 || d == 0 || c == 0) {
-    if (mask[0]) out.grad_x.zero_();
-    if (mask[1]) out.grad_w.zero_();
-    if (mask[3]) out.grad_input_step.zero_();
-    if (mask[4]) out.grad_weight_step.zero_();
-    return {out.grad_x, out.grad_w, out.grad_bias, out.grad_input_step, out.grad_weight_step,
-            out.stats};
-  }
 #ifdef INT4TRAIN_TORCH_CUDA
-  if (grad_y.is_cuda() && (cfg.recipe == Recipe::kHqBs || cfg.recipe == Recipe::kHqLss)) {
-    // The dedicated kernels (cuda.h): bit split, LSS selection on the device, exact FP8 (hq_lss's
-    // weight gradient: INT8) products of the codes, LSQ backward and back-rotation. The bias gradient
-    // is above.
+  if (grad_y.is_cuda() && (cfg.recipe == Recipe::kHqBs || cfg.recipe == Recipe::kHqLss) && n > 0 &&
+      d > 0 && c > 0) {
+    // The dedicated kernels (cuda.h): bit split, LSS selection on the device, exact INT8 / FP8
+    // products of the codes, LSQ backward and back-rotation, and the bias gradient in linear.h's
+    // order (the CPU's, bit for bit). The step stays on the device (LinearConfig::device_step): no
+    // host synchronisation.
     LinearConfig kcfg = cfg;
-    kcfg.step = detail::step_value(step);
+    kcfg.device_step = stream_hi.data_ptr<int64_t>();
     const Tensor gc = grad_y.contiguous(), wc = weight.contiguous(), ac = aux.contiguous();
     LinearBackwardArgs args;
     args.grad_y = detail::to_view(gc, "grad_y");
@@ -524,6 +525,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(
     args.step_w = detail::to_view(sw, "weight_step");
     if (mask[0]) args.grad_x = detail::to_view(out.grad_x, "grad_x");
     if (mask[1]) args.grad_w = detail::to_view(out.grad_w, "grad_weight");
+    if (mask[2]) args.grad_bias = detail::to_view(out.grad_bias, "grad_bias");
     if (mask[3]) args.grad_step_x = detail::to_view(out.grad_input_step, "grad_input_step");
     if (mask[4]) args.grad_step_w = detail::to_view(out.grad_weight_step, "grad_weight_step");
     args.rows_kept = detail::to_view(out.stats, "stats");
@@ -532,6 +534,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(
             out.stats};
   }
 #endif
+  const Tensor g32 = grad_y.to(at::kFloat);
+  if (mask[2]) out.grad_bias.copy_(g32.to(at::kDouble).sum(0).to(at::kFloat));
+  if (n == 0 || d == 0 || c == 0) {
+    if (mask[0]) out.grad_x.zero_();
+    if (mask[1]) out.grad_w.zero_();
+    if (mask[3]) out.grad_input_step.zero_();
+    if (mask[4]) out.grad_weight_step.zero_();
+    return {out.grad_x,          out.grad_w,           out.grad_bias,
+            out.grad_input_step, out.grad_weight_step, out.stats};
+  }
   const bool want_dx = mask[0], want_dw = mask[1];
   const Tensor w32 = weight.to(at::kFloat);
   const auto grad_words = [&](int64_t count) {

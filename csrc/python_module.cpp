@@ -1,7 +1,11 @@
 // int4train PyTorch binding: the Python extension module int4train._C. It holds no functions:
 // importing it loads this library, whose static TORCH_LIBRARY registrations define the
-// torch.ops.int4train.* operators (Python adds only fake kernels and wrappers).
+// torch.ops.int4train.* operators (Python adds only fake kernels and wrappers). Its one attribute,
+// DENSE_FALLBACK_MACS, is linear.h's kDenseFallbackMacs (the small-shape rule), so that Python
+// reads the constant instead of copying it.
 #include <Python.h>
+
+#include "int4train/linear.h"
 
 namespace {
 
@@ -19,4 +23,14 @@ PyModuleDef int4train_module = {
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&int4train_module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&int4train_module);
+  if (m == nullptr) return nullptr;
+  PyObject* macs = PyFloat_FromDouble(int4train::kDenseFallbackMacs);
+  if (macs == nullptr || PyModule_AddObject(m, "DENSE_FALLBACK_MACS", macs) != 0) {
+    Py_XDECREF(macs);
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

@@ -216,9 +216,11 @@ void linear_forward_cuda(const LinearConfig& config, const LinearForwardArgs& ar
 // linear_backward of linear.h on the device, for recipes hq_bs (bit split, all 2N rows) and hq_lss
 // (bit split + leverage score sampling; the selection by lss_sample_cuda, so the same rows as the
 // CPU's); the others are an Error of kind kNotImplemented (hq and lsq_luq need their gradient
-// quantizers on the device). Every product runs on FP8 operands holding INT4 codes, except hq_lss's
-// weight gradient, whose codes times their token's importance weight run on INT8 operands (see INT8
-// operands above); each product is exact. hq_lss's two sampled products are compacted: the kept
+// quantizers on the device). hq_bs: the 8-bit gradient q = 16 hi + lo as one INT8 row per token, so
+// each gradient is one INT8 product of N rows (the same integers as the two 4-bit products). hq_lss:
+// the input gradient on FP8 operands holding INT4 codes, the weight gradient's codes times their
+// token's importance weight on INT8 operands (see INT8 operands above). Each product is exact; K
+// beyond kMaxKInt8 runs in K-chunks. hq_lss's two sampled products are compacted: the kept
 // rows are gathered into ceil(lss_budget * N) rows (lss.h's capacity, known on the host), so each
 // costs a product of that many rows instead of 2N. grad_x, grad_w, grad_bias and rows_kept equal
 // the CPU's bit for bit, the step gradients within one fp32 rounding (fp64 sums in another order).

@@ -56,6 +56,26 @@ constexpr double kLssDefaultBudget = 1.0;
 constexpr double kLssMinBudget = 0.125;
 constexpr double kLssMaxBudget = 2.0;
 
+// The small-shape rule (docs/cuda.md, "Small shapes"): on Hopper a 4-bit product runs on 8-bit
+// tensor cores at about 1.5-1.8x bf16's rate on large shapes, and the quantizers, the bit split and
+// the fused epilogues add memory passes whose cost does not shrink with the product, so below some
+// size a layer's quantized forward + backward is slower than the same layer in bf16. Measured on an
+// H100 (bench/results/gpu-h100-2026-11-28-int8.md, hq_bs forward + backward against three cuBLAS
+// bf16 products): 0.39x at 9.7e9 multiply-adds per call (4096 x 768 -> 3072, BERT-base's MLP),
+// 0.65x at 6.9e10, 0.86x at 1.4e11, 1.10-1.30x at 5.5e11; 0.9x falls between the last two. A module
+// whose fallback threshold T > 0 (Python: Recipe.dense_fallback "auto" is T = kDenseFallbackMacs,
+// a number is T itself; LibTorch: Int4LinearOptions::dense_below_macs) computes a call on a CUDA
+// device whose N x D x C (tokens x in_features x out_features) is below T as the plain product in
+// the input's dtype (bf16 under bf16 autocast): no quantization, no step gradients for that call.
+// The CPU path never falls back (it is the reference, and slower than any product it replaces).
+constexpr double kDenseFallbackMacs = 274877906944.0;  // 2^38, about 2.7e11
+inline bool below_dense_threshold(int64_t tokens, int64_t in_features, int64_t out_features,
+                                  double threshold_macs) {
+  return static_cast<double>(tokens) * static_cast<double>(in_features) *
+             static_cast<double>(out_features) <
+         threshold_macs;
+}
+
 struct LinearConfig {
   Recipe recipe = Recipe::kHqLss;
   int32_t hadamard_block = 1;  // HQ recipes: a power of two dividing D; others: must be 1
@@ -63,6 +83,10 @@ struct LinearConfig {
   uint32_t step = 0;   // training step, part of every random stream
   uint32_t layer = 0;  // layer id, part of every random stream
   double lss_budget = kLssDefaultBudget;  // hq_lss: kept rows per token (above)
+  // CUDA only (linear_forward_cuda / linear_backward_cuda), optional: the training step as an int64
+  // device scalar, read by the kernels in place of `step` (its low 32 bits, as philox.h's streams
+  // take them), so that the caller never reads it on the host (RandomKey::device_step).
+  const int64_t* device_step = nullptr;
 };
 
 // Checks cfg.lss_budget: in [kLssMinBudget, kLssMaxBudget]; an Error naming `lss_budget` otherwise.

@@ -89,6 +89,20 @@ INT4TRAIN_HD bool bernoulli_pow2(uint32_t u, int k) {
 struct RandomKey {
   uint64_t seed = 0;
   uint64_t stream = 0;
+  // CUDA kernels only (cuda.h), optional: an int64 device scalar whose low 32 bits replace the
+  // stream's step bits (32..63; make_stream) when the kernel runs, so that the training step can
+  // stay on the device (no host read, so a training step can be captured in a CUDA graph and
+  // replayed).
+  const int64_t* device_step = nullptr;
 };
+
+// The stream a kernel uses: `stream` with its step bits replaced by the low 32 bits of *device_step
+// when given (RandomKey::device_step).
+INT4TRAIN_HD uint64_t stream_with_step(uint64_t stream, const int64_t* device_step) {
+  return device_step == nullptr
+             ? stream
+             : (stream & 0xFFFFFFFFull) |
+                   (static_cast<uint64_t>(static_cast<uint32_t>(*device_step)) << 32);
+}
 
 }  // namespace int4train

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Union
 
+from . import _C
+
 RECIPES = ("fp", "int8", "lsq_luq", "hq", "hq_bs", "hq_lss")
 _LSQ_RECIPES = ("lsq_luq", "hq", "hq_bs", "hq_lss")
 _HADAMARD_RECIPES = ("hq", "hq_bs", "hq_lss")
@@ -16,6 +18,8 @@ MAX_HADAMARD_BLOCK = 256  # int4train::kMaxHadamardBlock
 MIN_LSS_BUDGET = 0.125  # int4train::kLssMinBudget
 MAX_LSS_BUDGET = 2.0  # int4train::kLssMaxBudget
 STEP_INITS = ("mean_abs", "mse")
+# The small-shape rule's measured threshold, int4train::kDenseFallbackMacs (include/int4train/linear.h).
+DENSE_FALLBACK_MACS = float(_C.DENSE_FALLBACK_MACS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +44,12 @@ class Recipe:
         minimising the 4-bit reconstruction error of x~ on a fixed grid (ops.lsq_mse_step;
         include/int4train/quantize.h), or "mean_abs", LSQ's 2 mean|x~| / sqrt(7), about 1.5x larger
         on Hadamard-rotated data (docs/accuracy.md, "LSQ step initialisation").
+    dense_fallback: the small-shape rule (include/int4train/linear.h; docs/cuda.md, "Small shapes"):
+        "never" (the default: every call runs the recipe), "auto" (on a CUDA device, a call whose
+        tokens x in_features x out_features is below DENSE_FALLBACK_MACS, about 2.7e11 multiply-adds,
+        runs as the plain F.linear in the input's dtype, where an H100 measured the quantized layer
+        below 0.9x of bf16), or a number of multiply-adds, the threshold itself. A call that falls
+        back is not quantized and gives its LSQ steps no gradient. The CPU never falls back.
     """
 
     name: str = "hq_lss"
@@ -47,6 +57,7 @@ class Recipe:
     max_hadamard_block: int = MAX_HADAMARD_BLOCK
     lss_budget: float = 1.0
     step_init: str = "mse"
+    dense_fallback: Union[str, float] = "never"
 
     def __post_init__(self) -> None:
         if self.name not in RECIPES:
@@ -71,6 +82,16 @@ class Recipe:
                              f"got recipe {self.name!r}")
         if self.lss_budget != 1.0 and self.name != "hq_lss":
             raise ValueError(f"lss_budget applies to hq_lss only, got recipe {self.name!r}")
+        df = self.dense_fallback
+        if isinstance(df, str):
+            if df not in ("never", "auto"):
+                raise ValueError(f"dense_fallback must be \"never\", \"auto\" or a number of "
+                                 f"multiply-adds >= 0, got {df!r}")
+        elif isinstance(df, bool) or not isinstance(df, (int, float)) or not df >= 0 or df == float("inf"):
+            raise ValueError(f"dense_fallback must be \"never\", \"auto\" or a finite number of "
+                             f"multiply-adds >= 0, got {df!r}")
+        else:
+            object.__setattr__(self, "dense_fallback", float(df))
 
     @property
     def spec(self) -> str:
@@ -90,10 +111,22 @@ class Recipe:
             extra.append(f"max_hadamard_block={self.max_hadamard_block}")
         if self.step_init != "mse" and self.uses_lsq:
             extra.append(f"step_init={self.step_init}")
+        if self.dense_fallback != "never":
+            df = self.dense_fallback
+            extra.append(f"dense_fallback={df if isinstance(df, str) else repr(df)}")
         if not extra:
             return self.spec
         sep = "," if ":" in self.spec else ":"
         return self.spec + sep + ",".join(extra)
+
+    @property
+    def dense_below_macs(self) -> float:
+        """The small-shape rule's threshold in multiply-adds per call (0: never fall back)."""
+        if self.dense_fallback == "never":
+            return 0.0
+        if self.dense_fallback == "auto":
+            return DENSE_FALLBACK_MACS
+        return float(self.dense_fallback)
 
     @property
     def uses_lsq(self) -> bool:
@@ -115,15 +148,18 @@ class Recipe:
             options: dict = {}
             for item in opts.split(",") if colon else []:
                 key, _, value = item.partition("=")
-                kind = {"lss_budget": float, "max_hadamard_block": int, "step_init": str}.get(key)
+                kind = {"lss_budget": float, "max_hadamard_block": int, "step_init": str,
+                        "dense_fallback": _fallback_value}.get(key)
                 if kind is None:
                     raise ValueError(f"recipe: unknown option {key!r} in {recipe!r}; expected NAME, "
-                                     "hq_lss:lss_budget=X, an hq recipe with max_hadamard_block=G or "
-                                     "an LSQ recipe with step_init=mse|mean_abs")
+                                     "hq_lss:lss_budget=X, an hq recipe with max_hadamard_block=G, "
+                                     "an LSQ recipe with step_init=mse|mean_abs, or "
+                                     "dense_fallback=never|auto|MACS")
                 try:
                     options[key] = kind(value)
                 except ValueError:
-                    raise ValueError(f"recipe: {key} expects {'a number' if kind is float else 'an integer'}, "
+                    expected = {float: "a number", int: "an integer"}.get(kind, "never, auto or a number")
+                    raise ValueError(f"recipe: {key} expects {expected}, "
                                      f"got {value!r} in {recipe!r}") from None
             if "step_init" in options and name not in _LSQ_RECIPES:
                 raise ValueError(f"recipe: step_init applies to the LSQ recipes, got {recipe!r}")
@@ -135,6 +171,11 @@ class Recipe:
         else:
             raise TypeError(f"recipe must be a Recipe or one of {RECIPES}, got {type(recipe).__name__}")
         return r if seed is None else dataclasses.replace(r, seed=seed)
+
+
+def _fallback_value(value: str) -> Union[str, float]:
+    """A dense_fallback option's value as written in a label: "never", "auto" or a number."""
+    return value if value in ("never", "auto") else float(value)
 
 
 RecipeLike = Union[Recipe, str]

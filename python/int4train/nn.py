@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .config import Recipe, RecipeLike
 
@@ -24,7 +25,8 @@ class Int4Linear(nn.Module):
       input_step, weight_step: fp32 0-dim parameters, the LSQ step sizes (LSQ recipes only: lsq_luq,
         hq, hq_bs, hq_lss), trained by the optimizer with the rest of the model.
       hadamard_block (int64), initialized (bool), step (int64): persistent buffers. `step` counts
-        training forwards; it keys the random streams with the recipe's seed and the layer id.
+        training forwards that ran the recipe (not those the small-shape rule, Recipe.dense_fallback,
+        sent to F.linear); it keys the random streams with the recipe's seed and the layer id.
     The first forward on a non-empty batch initialises the steps (lsq_mse_step, or lsq_init_step with
     the recipe's step_init="mean_abs", of the Hadamard-transformed x and W) and chooses the Hadamard block (select_hadamard_block; hq recipes, lsq_luq
     uses 1) unless the layer is already initialised, e.g. by load_state_dict: a loaded checkpoint is
@@ -165,7 +167,27 @@ class Int4Linear(nn.Module):
             )
         if not self._initialized:
             self._initialize(x)
-        y = torch.ops.int4train.linear(
+        if x.is_cuda and self._below_dense_threshold(x):
+            # The small-shape rule (Recipe.dense_fallback): nothing quantized, no random numbers
+            # drawn, so `step` (which keys them) does not advance.
+            return F.linear(x, self.weight, self.bias)
+        y = self._quantized(x)
+        if self.training:
+            with torch.no_grad():
+                self.step.add_(1)
+        return y
+
+    def _below_dense_threshold(self, x: torch.Tensor) -> bool:
+        """linear.h's below_dense_threshold for this call: tokens x in x out (in fp64, as there) below
+        the recipe's dense_below_macs."""
+        threshold = self.recipe.dense_below_macs
+        if threshold <= 0:
+            return False
+        tokens = x.numel() // self.in_features if self.in_features > 0 else 0
+        return float(tokens) * float(self.in_features) * float(self.out_features) < threshold
+
+    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.int4train.linear(
             x,
             self.weight,
             self.bias,
@@ -177,14 +199,12 @@ class Int4Linear(nn.Module):
             self.step,
             self.layer_id,
         )
-        if self.training:
-            with torch.no_grad():
-                self.step.add_(1)
-        return y
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, recipe={self.recipe.spec}, layer_id={self.layer_id}"
+            + (f", dense_fallback={self.recipe.dense_fallback}"
+               if self.recipe.dense_fallback != "never" else "")
             + (f", hadamard_block={self._block}" if self.recipe.uses_hadamard else "")
         )

@@ -88,6 +88,7 @@ struct BitsplitParams {
   int64_t ldg, rows, cols;
   const uint32_t* amax_bits;
   uint64_t seed, stream;
+  const int64_t* device_step;  // RandomKey::device_step
   uint8_t* operand;  // FP8 2 rows x padded cols, hi rows then lo rows; or (q8) INT8 rows of q
   int64_t ldop, op_cols;
   bool q8;      // operand: INT8 rows x padded cols of q = 16 hi + lo (one row per row of g)
@@ -127,12 +128,12 @@ __device__ __forceinline__ SplitValue split_value(float g, float inv, float u) {
 // One lane's 8 values (columns col0 .. col0+7 of `row`): codes, operand rows, packed hi/lo. kQ8:
 // the operand is p.q8's INT8 row of q (8 bytes) instead of the FP8 hi and lo rows.
 template <bool kVec, bool kQ8>
-__device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, int64_t row, int64_t col0,
-                                                const float v[8], float inv, int32_t* sq_hi,
-                                                int32_t* sq_lo) {
+__device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, uint64_t stream,
+                                                int64_t row, int64_t col0, const float v[8],
+                                                float inv, int32_t* sq_hi, int32_t* sq_lo) {
   const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;
-  const Philox4x32 r0 = random_block(p.seed, p.stream, b0);
-  const Philox4x32 r1 = random_block(p.seed, p.stream, b0 + 1);
+  const Philox4x32 r0 = random_block(p.seed, stream, b0);
+  const Philox4x32 r1 = random_block(p.seed, stream, b0 + 1);
   uint32_t ph = 0, pl = 0, q0 = 0, q1 = 0;
   float hf[8], lf[8];
 #pragma unroll
@@ -183,12 +184,13 @@ __global__ void __launch_bounds__(kThreads, 3) bitsplit_kernel(const BitsplitPar
   const int lane = threadIdx.x & 31;
   float inv;
   bitsplit_scales(p, &inv);
+  const uint64_t stream = stream_with_step(p.stream, p.device_step);
   for_each_warp_chunk<In, kVec, kChunkDepth>(
       static_cast<const In*>(p.g), p.ldg, p.rows, p.cols,
       [&](int64_t row, int64_t col0, float v[8]) {
         int32_t sq_hi = 0, sq_lo = 0;
         if (col0 < p.cols) {
-          bitsplit_store8<kVec, kQ8>(p, row, col0, v, inv, &sq_hi, &sq_lo);
+          bitsplit_store8<kVec, kQ8>(p, stream, row, col0, v, inv, &sq_hi, &sq_lo);
         } else if (p.operand != nullptr && col0 < p.op_cols) {
           *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(0u, 0u);
           if (!kQ8) {
@@ -210,6 +212,7 @@ template <typename In>
 __global__ void __launch_bounds__(kThreads) bitsplit_small_kernel(const BitsplitParams p) {
   float inv;
   bitsplit_scales(p, &inv);
+  const uint64_t stream = stream_with_step(p.stream, p.device_step);
   const int64_t pairs = (p.op_cols > p.cols ? p.op_cols : p.cols + 1) / 2;
   const int64_t total = p.rows * pairs;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
@@ -221,7 +224,7 @@ __global__ void __launch_bounds__(kThreads) bitsplit_small_kernel(const Bitsplit
     for (int k = 0; k < 2; ++k) {
       const int64_t c = 2 * j + k;
       if (c >= p.cols) continue;
-      const float u = random_uniform(p.seed, p.stream, static_cast<uint64_t>(row * p.cols + c));
+      const float u = random_uniform(p.seed, stream, static_cast<uint64_t>(row * p.cols + c));
       sc[k] = split_value(load_elem(gr + c), inv, u);
       sq_hi += sc[k].hi * sc[k].hi;
       sq_lo += sc[k].lo * sc[k].lo;
@@ -529,6 +532,7 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
   p.cols = cols;
   p.seed = rng.seed;
   p.stream = rng.stream;
+  p.device_step = rng.device_step;
   p.scale = scale.ptr<float>();
   if (operand.data != nullptr) {
     check_dtype(operand, "operand", {DType::kFloat8E4M3, DType::kInt8});

@@ -28,6 +28,7 @@ struct LsqParams {
   float hscale;  // float(1 / sqrt(double(block))), as the CPU computes it
   int32_t block;
   uint64_t seed, stream;
+  const int64_t* device_step;  // RandomKey::device_step: the stream's step bits, read on the device
   uint8_t* operand;  // may be null
   int64_t ldop, op_cols;
   uint8_t* packed;                // may be null
@@ -60,15 +61,15 @@ __device__ __forceinline__ void count_nonfinite(uint32_t bad, unsigned long long
 // Codes (exact floats), packed nibbles and aux bits of one lane's 8 transformed values; kClean:
 // every v[i] is finite and 1/s is finite, so no q is NaN and nothing is counted.
 template <bool kAux, bool kClean>
-__device__ __forceinline__ void lsq_quantize8(const LsqParams& p, uint64_t b0, const float v[8],
-                                              float inv, bool bad_step, uint32_t* bad,
-                                              float value[8], uint32_t* packed_word,
+__device__ __forceinline__ void lsq_quantize8(const LsqParams& p, uint64_t stream, uint64_t b0,
+                                              const float v[8], float inv, bool bad_step,
+                                              uint32_t* bad, float value[8], uint32_t* packed_word,
                                               uint32_t* bits) {
   // Two halves of 4 values, each with its own Philox block (fewer registers live at once).
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     Philox4x32 r{};
-    if (kAux) r = random_block(p.seed, p.stream, b0 + half);
+    if (kAux) r = random_block(p.seed, stream, b0 + half);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int i = 4 * half + j;
@@ -85,9 +86,9 @@ __device__ __forceinline__ void lsq_quantize8(const LsqParams& p, uint64_t b0, c
 
 // Quantizes and stores one lane's 8 transformed values (columns col0 .. col0+7 of `row`).
 template <bool kVec, bool kAux>
-__device__ __forceinline__ void lsq_store8(const LsqParams& p, int64_t row, int64_t col0,
-                                           const float v[8], float inv, bool inv_ok, bool bad_step,
-                                           uint32_t* bad) {
+__device__ __forceinline__ void lsq_store8(const LsqParams& p, uint64_t stream, int64_t row,
+                                           int64_t col0, const float v[8], float inv, bool inv_ok,
+                                           bool bad_step, uint32_t* bad) {
   const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;  // col0, cols: x8
   // z is NaN iff some v[i] is Inf or NaN (Inf * 0 and NaN * 0 are NaN): the rare lanes that have
   // one take the checked path.
@@ -97,9 +98,9 @@ __device__ __forceinline__ void lsq_store8(const LsqParams& p, int64_t row, int6
   uint32_t packed_word = 0, bits = 0;
   float value[8];
   if (inv_ok && z == z) {
-    lsq_quantize8<kAux, true>(p, b0, v, inv, bad_step, bad, value, &packed_word, &bits);
+    lsq_quantize8<kAux, true>(p, stream, b0, v, inv, bad_step, bad, value, &packed_word, &bits);
   } else {
-    lsq_quantize8<kAux, false>(p, b0, v, inv, bad_step, bad, value, &packed_word, &bits);
+    lsq_quantize8<kAux, false>(p, stream, b0, v, inv, bad_step, bad, value, &packed_word, &bits);
   }
   const uint32_t op_lo = e4m3x2(value[0], value[1]) | (e4m3x2(value[2], value[3]) << 16);
   const uint32_t op_hi = e4m3x2(value[4], value[5]) | (e4m3x2(value[6], value[7]) << 16);
@@ -129,13 +130,14 @@ __global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_kernel(const LsqPara
   const float inv = __frcp_rn(s);  // == 1.0f / s correctly rounded, as the CPU computes it
   const bool bad_step = step_is_bad(s);
   const bool inv_ok = !bad_step && isfinite(inv);
+  const uint64_t stream = kAux ? stream_with_step(p.stream, p.device_step) : 0;
   uint32_t bad = 0;
   for_each_warp_chunk<In, kVec, kChunkDepth>(
       static_cast<const In*>(p.x), p.ldx, p.rows, p.cols,
       [&](int64_t row, int64_t col0, float v[8]) {
         hadamard_warp8<G>(v, lane, p.hscale);
         if (col0 < p.cols) {
-          lsq_store8<kVec, kAux>(p, row, col0, v, inv, inv_ok, bad_step, &bad);
+          lsq_store8<kVec, kAux>(p, stream, row, col0, v, inv, inv_ok, bad_step, &bad);
         } else if (p.operand != nullptr && col0 < p.op_cols) {
           *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(0u, 0u);
         }
@@ -190,6 +192,7 @@ __global__ void __launch_bounds__(kThreads) lsq_small_aux_kernel(const LsqParams
   const int64_t numel = p.rows * p.cols;
   const int64_t nbytes = (numel + 7) / 8;
   const float inv = __frcp_rn(*p.step);
+  const uint64_t stream = stream_with_step(p.stream, p.device_step);
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < nbytes;
        b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     uint32_t bits = 0;
@@ -200,7 +203,7 @@ __global__ void __launch_bounds__(kThreads) lsq_small_aux_kernel(const LsqParams
       const In* xr = static_cast<const In*>(p.x) + row * p.ldx;
       const float q = __fmul_rn(hadamard_small_at(xr, c, p.block, p.hscale), inv);
       const int code = round_clamp(q, -kLsqQn, kLsqQp);
-      const float u = random_uniform(p.seed, p.stream, static_cast<uint64_t>(e));
+      const float u = random_uniform(p.seed, stream, static_cast<uint64_t>(e));
       bits |= lsq_aux_bit(q, static_cast<float>(code), u) << k;
     }
     p.aux[b] = static_cast<uint8_t>(bits);
@@ -332,6 +335,7 @@ void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const Tensor
   p.block = block;
   p.seed = rng.seed;
   p.stream = rng.stream;
+  p.device_step = rng.device_step;
   if (operand.data != nullptr) {
     check_gemm_operand(operand, "operand", DType::kFloat8E4M3);
     check_shape(operand, "operand", rows, fp8_padded_cols(cols));

@@ -93,6 +93,7 @@ struct LssSampleArgs {
   int max_exponent;
   int64_t max_rows;
   uint64_t seed, stream;
+  const int64_t* device_step;  // RandomKey::device_step (optional)
   int8_t* exponents;
   int32_t* slots;      // optional
   int32_t* slot_rows;  // max_rows

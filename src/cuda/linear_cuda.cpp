@@ -71,7 +71,8 @@ void linear_forward_cuda(const LinearConfig& cfg, const LinearForwardArgs& a,
   const TensorView cnt = make_scalar(counter, DType::kInt64);
   const TensorView opx = make_matrix(base + x_off, DType::kFloat8E4M3, n, dp);
   const TensorView opw = make_matrix(base + w_off, DType::kFloat8E4M3, c, dp);
-  const RandomKey aux_key{cfg.seed, make_stream(cfg.step, cfg.layer, RandomPurpose::kLsqAux)};
+  const RandomKey aux_key{cfg.seed, make_stream(cfg.step, cfg.layer, RandomPurpose::kLsqAux),
+                          cfg.device_step};
   hadamard_lsq_quantize_cuda(a.x, g, a.step_x, aux_key, opx, a.saved_codes, a.saved_aux, cnt,
                              stream);
   hadamard_lsq_quantize_cuda(a.w, g, a.step_w, RandomKey{}, opw, TensorView{}, TensorView{}, cnt,
@@ -186,7 +187,8 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   // sample nothing). hq_lss: the stacked FP8 operand [hi; lo] and the packed codes for the
   // transposes (one buffer of 2N code rows, hi first: the compacted gather indexes it by bit-split
   // row).
-  const RandomKey gkey{cfg.seed, make_stream(cfg.step, cfg.layer, RandomPurpose::kGradRound)};
+  const RandomKey gkey{cfg.seed, make_stream(cfg.step, cfg.layer, RandomPurpose::kGradRound),
+                       cfg.device_step};
   const int64_t cp = fp8_padded_cols(c), np = fp8_padded_cols(n);
   Temp r_op(alloc, stream, lss ? DType::kFloat8E4M3 : DType::kInt8, lss ? 2 * n : n, cp);
   Temp hilo(alloc, stream, DType::kInt4Packed, lss ? 2 * n : 0, c);
@@ -223,6 +225,7 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
                            slot_rows.view.shape[1],
                            cfg.seed,
                            make_stream(cfg.step, cfg.layer, purpose),
+                           cfg.device_step,
                            exps.buf.as<int8_t>(),
                            slots.view.shape[1] > 0 ? slots.buf.as<int32_t>() : nullptr,
                            slot_rows.buf.as<int32_t>(),

@@ -312,8 +312,9 @@ struct SampleBatch {
 template <bool kStaged>
 __global__ void __launch_bounds__(kLanes) lss_sample_kernel(const SampleBatch batch) {
   const LssSampleArgs& a = batch.a[blockIdx.x];
-  lss_sample_block<kStaged>(a.scores, a.n, a.budget, a.max_exponent, a.max_rows, a.seed, a.stream,
-                            a.exponents, a.slots, a.slot_rows, a.kept);
+  lss_sample_block<kStaged>(a.scores, a.n, a.budget, a.max_exponent, a.max_rows, a.seed,
+                            stream_with_step(a.stream, a.device_step), a.exponents, a.slots,
+                            a.slot_rows, a.kept);
 }
 
 // Dynamic shared memory for the staged kernel on the current device, set once per device. A first
@@ -467,6 +468,7 @@ void lss_sample_cuda(const TensorView& scores, double budget, int max_exponent, 
                            max_rows,
                            rng.seed,
                            rng.stream,
+                           rng.device_step,
                            n > 0 ? exponents.ptr<int8_t>() : nullptr,
                            slots.data != nullptr ? slots.ptr<int32_t>() : nullptr,
                            max_rows > 0 ? slot_rows.ptr<int32_t>() : nullptr,

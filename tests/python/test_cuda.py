@@ -142,6 +142,76 @@ def test_cuda_module_matches_cpu_module(recipe):
     assert int(gpu.step) == 2 and gpu.step.is_cuda
 
 
+@pytest.mark.parametrize("recipe", ["hq_bs", "hq_lss"])
+def test_cuda_training_step_graph_capture(recipe):
+    # The layer's whole training step (forward, backward, the step counter) in one CUDA graph: the
+    # capture fails on any host synchronisation, and each replay reads the advanced step on the device,
+    # so its random streams are those of an eager step at that step (compared bit for bit).
+    torch.manual_seed(0)
+    layer = int4train.Int4Linear(64, 32, recipe=recipe, layer_id=3).cuda()
+    x = torch.randn(48, 64, device="cuda", requires_grad=True)
+    gy = torch.randn(48, 32, device="cuda")
+    with torch.no_grad():
+        layer(x)  # initialise: the first batch's statistics are read on the host
+    ref = copy.deepcopy(layer)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (cuBLASLt heuristics, allocations)
+        for _ in range(2):
+            x.grad = None
+            layer.zero_grad(set_to_none=True)
+            layer(x).backward(gy)
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+        y.backward(gy)
+    for _ in range(3):
+        step = int(layer.step)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert int(layer.step) == step + 1
+        ref.step.fill_(step)
+        ref.zero_grad(set_to_none=True)
+        xr = x.detach().clone().requires_grad_(True)
+        yr = ref(xr)
+        yr.backward(gy)
+        assert torch.equal(y, yr) and torch.equal(x.grad, xr.grad)
+        for a, b in zip(layer.parameters(), ref.parameters()):
+            assert torch.equal(a.grad, b.grad)
+
+
+def test_cuda_dense_fallback_rule():
+    # Recipe.dense_fallback on CUDA: a call below the threshold is F.linear itself (forward and
+    # gradients bit for bit, no step gradient); above it, the quantized layer as without the rule.
+    torch.manual_seed(0)
+    base = int4train.Int4Linear(64, 32, recipe="hq_bs", layer_id=1).cuda()
+    x = torch.randn(5, 7, 64, device="cuda")
+    with torch.no_grad():
+        base(x)  # initialise
+    calls = 5 * 7 * 64 * 32
+    for threshold, dense in [(calls + 1.0, True), (float(calls), False), ("auto", True)]:
+        layer = copy.deepcopy(base)
+        layer.recipe = int4train.Recipe("hq_bs", dense_fallback=threshold)
+        ref = copy.deepcopy(base)
+        xl, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        y = layer(xl)
+        if dense:
+            yr = nn.functional.linear(xr, ref.weight, ref.bias)
+        else:
+            yr = ref(xr)
+        assert torch.equal(y, yr), threshold
+        g = torch.randn_like(y)
+        y.backward(g)
+        yr.backward(g)
+        assert torch.equal(xl.grad, xr.grad) and torch.equal(layer.weight.grad, ref.weight.grad)
+        assert torch.equal(layer.bias.grad, ref.bias.grad)
+        assert (layer.input_step.grad is None) == dense
+        assert int(layer.step) == int(base.step) + (0 if dense else 1)
+
+
 def test_cuda_hf_bert_bf16_autocast():
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()

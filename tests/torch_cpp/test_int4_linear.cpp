@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "int4train/linear.h"
 #include "int4train/torch/int4_linear.h"
 #include "int4train/torch/ops.h"
 
@@ -204,6 +205,22 @@ TEST(Int4Linear, FirstBatchInitialisesStepsAndBlock) {
   EXPECT_TRUE(torch::equal(mean_abs->weight_step, int4train::pt::lsq_init_step(wt)));
   EXPECT_THROW(Int4Linear(Int4LinearOptions(4, 4).step_init("max")), c10::ValueError);
   EXPECT_THROW(Int4Linear(Int4LinearOptions(4, 4).recipe("fp").step_init("mean_abs")), c10::ValueError);
+}
+
+TEST(Int4Linear, DenseFallbackOnlyOnCuda) {
+  // The small-shape rule (int4train/linear.h): a CPU layer never falls back, whatever the
+  // threshold; a negative threshold is a ValueError.
+  EXPECT_TRUE(int4train::below_dense_threshold(4, 8, 16, 513.0));
+  EXPECT_FALSE(int4train::below_dense_threshold(4, 8, 16, 512.0));
+  EXPECT_GT(int4train::kDenseFallbackMacs, 0.0);
+  torch::nn::Linear lin(32, 16);
+  Int4Linear plain =
+      int4train::pt::int4_linear_from(lin, Int4LinearOptions(32, 16).recipe("hq_bs"));
+  Int4Linear rule = int4train::pt::int4_linear_from(
+      lin, Int4LinearOptions(32, 16).recipe("hq_bs").dense_below_macs(1e30));
+  const auto x = torch::randn({6, 32});
+  EXPECT_TRUE(torch::equal(plain->forward(x), rule->forward(x)));
+  EXPECT_THROW(Int4Linear(Int4LinearOptions(4, 4).dense_below_macs(-1.0)), c10::ValueError);
 }
 
 TEST(Int4Linear, BadInputsThrow) {

@@ -30,6 +30,10 @@ struct Int4LinearOptions {
   // How the first batch sets the LSQ steps: "mse" (lsq_mse_step) or "mean_abs" (lsq_init_step), as
   // the Python Recipe.step_init.
   TORCH_ARG(std::string, step_init) = "mse";
+  // The small-shape rule (int4train/linear.h): a forward on a CUDA device whose tokens x in x out
+  // is below this many multiply-adds runs as the plain product in x's dtype (at::linear) instead.
+  // 0 (the default): never; int4train::kDenseFallbackMacs: the measured H100 rule.
+  TORCH_ARG(double, dense_below_macs) = 0.0;
 };
 
 // State (the names are the state_dict keys):
