@@ -1,0 +1,81 @@
+"""What a PyTorch user sees: one training step (forward + backward) of int4train.Int4Linear against
+nn.Linear on a CUDA device, bf16 weights and inputs, on the layer shapes of issue 4, with the small-
+shape rule (Recipe.dense_fallback="auto") beside the recipes without it. Steps run back to back as in
+training (no synchronisation between them), `--iters` steps between two CUDA events, five such
+timings after warm-up; each time is the median per step. Where the GPU work is short (BERT-base's
+shape) this measures the host's cost of launching a step (Python, autograd, the op's dispatch), as
+training does. The ratio is nn.Linear's time over the layer's, so above 1 is faster than bf16.
+Prints a Markdown table.
+
+    python scripts/bench_module.py [--iters 20] [--recipes hq_bs,hq_lss,hq_bs:dense_fallback=auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from torch import nn
+
+import int4train
+
+SHAPES = [(8192, 4096, 4096), (8192, 4096, 16384), (8192, 16384, 4096), (16384, 1024, 4096),
+          (4096, 768, 3072)]
+
+
+def step_time_ms(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, iters: int) -> float:
+    def step() -> None:
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+        layer(x).backward(gy)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            step()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / iters)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--recipes", default="hq_bs,hq_lss,hq_bs:dense_fallback=auto")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_module.py: needs a CUDA device")
+    recipes = [int4train.Recipe.of(r) for r in args.recipes.split(",")]
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"int4train {int4train.__version__}; per step (forward + backward), median of 5 timings "
+          f"of {args.iters} back-to-back steps")
+    head = "| tokens x in -> out | nn.Linear bf16 | " + " | ".join(r.label for r in recipes) + " |"
+    print(head)
+    print("|" + "---|" * (2 + len(recipes)))
+    for n, d, c in SHAPES:
+        torch.manual_seed(0)
+        lin = nn.Linear(d, c, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        gy = torch.randn(n, c, device="cuda", dtype=torch.bfloat16)
+        base = step_time_ms(lin, x, gy, args.iters)
+        cells = []
+        for r in recipes:
+            layer = int4train.Int4Linear.from_linear(lin, recipe=r)
+            t = step_time_ms(layer, x, gy, args.iters)
+            cells.append(f"{t:.3f} ms ({base / t:.2f}x)")
+            del layer
+        print(f"| {n}x{d}->{c} | {base:.3f} ms | " + " | ".join(cells) + " |", flush=True)
+        del lin, x, gy
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
