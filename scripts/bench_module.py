@@ -1,11 +1,12 @@
 """What a PyTorch user sees: one training step (forward + backward) of int4train.Int4Linear against
 nn.Linear on a CUDA device, bf16 weights and inputs, on the layer shapes of issue 4, with the small-
 shape rule (Recipe.dense_fallback="auto") beside the recipes without it. Steps run back to back as in
-training (no synchronisation between them), `--iters` steps between two CUDA events, five such
-timings after warm-up; each time is the median per step. Where the GPU work is short (BERT-base's
+training (no synchronisation between them), `--iters` steps between two CUDA events; the layers of a
+shape take turns, nn.Linear first, for `--rounds` rounds (so a drift of the machine's speed hits them
+alike), and each time is the median per step over the rounds. Where the GPU work is short (BERT-base's
 shape) this measures the host's cost of launching a step (Python, autograd, the op's dispatch), as
-training does. The ratio is nn.Linear's time over the layer's, so above 1 is faster than bf16.
-Prints a Markdown table.
+training does; such host-bound times move by about 10% between runs. The ratio is nn.Linear's time
+over the layer's, so above 1 is faster than bf16. Prints a Markdown table.
 
     python scripts/bench_module.py [--iters 20] [--recipes hq_bs,hq_lss,hq_bs:dense_fallback=auto]
 """
@@ -24,39 +25,44 @@ SHAPES = [(8192, 4096, 4096), (8192, 4096, 16384), (8192, 16384, 4096), (16384, 
           (4096, 768, 3072)]
 
 
-def step_time_ms(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, iters: int) -> float:
-    def step() -> None:
+def step_times_ms(layers: list, x: torch.Tensor, gy: torch.Tensor, iters: int,
+                  rounds: int) -> list:
+    """Median time per training step of each layer, the layers taking turns round by round."""
+    def step(layer: nn.Module) -> None:
         x.grad = None
         for p in layer.parameters():
             p.grad = None
         layer(x).backward(gy)
 
-    for _ in range(3):
-        step()
+    for layer in layers:
+        for _ in range(3):
+            step(layer)
     torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            step()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / iters)
-    return statistics.median(times)
+    times = [[] for _ in layers]
+    for _ in range(rounds):
+        for i, layer in enumerate(layers):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(iters):
+                step(layer)
+            b.record()
+            b.synchronize()
+            times[i].append(a.elapsed_time(b) / iters)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--recipes", default="hq_bs,hq_lss,hq_bs:dense_fallback=auto")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_module.py: needs a CUDA device")
     recipes = [int4train.Recipe.of(r) for r in args.recipes.split(",")]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-          f"int4train {int4train.__version__}; per step (forward + backward), median of 5 timings "
-          f"of {args.iters} back-to-back steps")
+          f"int4train {int4train.__version__}; per step (forward + backward), median of "
+          f"{args.rounds} rounds of {args.iters} back-to-back steps, the layers taking turns")
     head = "| tokens x in -> out | nn.Linear bf16 | " + " | ".join(r.label for r in recipes) + " |"
     print(head)
     print("|" + "---|" * (2 + len(recipes)))
@@ -65,13 +71,10 @@ def main() -> None:
         lin = nn.Linear(d, c, device="cuda", dtype=torch.bfloat16)
         x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         gy = torch.randn(n, c, device="cuda", dtype=torch.bfloat16)
-        base = step_time_ms(lin, x, gy, args.iters)
-        cells = []
-        for r in recipes:
-            layer = int4train.Int4Linear.from_linear(lin, recipe=r)
-            t = step_time_ms(layer, x, gy, args.iters)
-            cells.append(f"{t:.3f} ms ({base / t:.2f}x)")
-            del layer
+        layers = [int4train.Int4Linear.from_linear(lin, recipe=r) for r in recipes]
+        base, *rest = step_times_ms([lin] + layers, x, gy, args.iters, args.rounds)
+        cells = [f"{t:.3f} ms ({base / t:.2f}x)" for t in rest]
+        del layers
         print(f"| {n}x{d}->{c} | {base:.3f} ms | " + " | ".join(cells) + " |", flush=True)
         del lin, x, gy
         torch.cuda.empty_cache()
