@@ -67,9 +67,23 @@ void Int4LinearImpl::pretty_print(std::ostream& stream) const {
   stream << ")";
 }
 
-bool Int4LinearImpl::is_initialized() const { return initialized.item<bool>(); }
+const Int4LinearImpl::HostState& Int4LinearImpl::host_state() const {
+  if (host_.init_data != initialized.data_ptr() || host_.init_version != initialized._version() ||
+      host_.block_data != hadamard_block.data_ptr() ||
+      host_.block_version != hadamard_block._version()) {
+    host_.initialized = initialized.item<bool>();
+    host_.block = hadamard_block.item<int64_t>();
+    host_.init_data = initialized.data_ptr();
+    host_.init_version = initialized._version();
+    host_.block_data = hadamard_block.data_ptr();
+    host_.block_version = hadamard_block._version();
+  }
+  return host_;
+}
 
-int64_t Int4LinearImpl::block_size() const { return hadamard_block.item<int64_t>(); }
+bool Int4LinearImpl::is_initialized() const { return host_state().initialized; }
+
+int64_t Int4LinearImpl::block_size() const { return host_state().block; }
 
 void Int4LinearImpl::initialize(const at::Tensor& x) {
   torch::NoGradGuard no_grad;

@@ -223,6 +223,35 @@ TEST(Int4Linear, DenseFallbackOnlyOnCuda) {
   EXPECT_THROW(Int4Linear(Int4LinearOptions(4, 4).dense_below_macs(-1.0)), c10::ValueError);
 }
 
+TEST(Int4Linear, HostCopiesFollowLoadsAndWrites) {
+  // forward reads `initialized` and `hadamard_block` on the host only after they change: a load
+  // into an initialised layer, and an in-place write, must both show.
+  torch::NoGradGuard no_grad;
+  auto x = torch::randn({32, 64}) * 0.1;
+  x.select(1, 3) += 30.0;  // an outlier channel: a Hadamard block > 1 wins
+  Int4Linear a(Int4LinearOptions(64, 48).recipe("hq_lss"));
+  a->eval();
+  a->forward(x);
+  const int64_t block = a->block_size();
+  ASSERT_GT(block, 1);
+  Int4Linear b(Int4LinearOptions(64, 48).recipe("hq_lss").max_hadamard_block(1));
+  b->eval();
+  b->forward(torch::randn({32, 64}));
+  ASSERT_TRUE(b->is_initialized());
+  ASSERT_EQ(b->block_size(), 1);
+  std::stringstream stream;
+  torch::save(a, stream);
+  torch::load(b, stream);
+  EXPECT_EQ(b->block_size(), block);
+  EXPECT_TRUE(torch::equal(a->forward(x), b->forward(x)));
+  b->hadamard_block.fill_(2);
+  EXPECT_EQ(b->block_size(), 2);
+  Int4Linear c(Int4LinearOptions(64, 48).recipe("hq_lss"));
+  EXPECT_FALSE(c->is_initialized());
+  c->initialized.fill_(true);
+  EXPECT_TRUE(c->is_initialized());
+}
+
 TEST(Int4Linear, BadInputsThrow) {
   Int4Linear layer = make_layer("hq", 32, 16);
   EXPECT_THROW(layer->forward(torch::randn({4, 31})), c10::ValueError);

@@ -65,6 +65,19 @@ class Int4LinearImpl : public torch::nn::Cloneable<Int4LinearImpl> {
 
  private:
   void initialize(const at::Tensor& x);
+  // Host copies of `initialized` and `hadamard_block`, which every forward branches on. They are
+  // read from the device again only when either buffer is another tensor or has been written (its
+  // storage or version counter changed: initialisation, torch::load, .to(), an in-place write), so
+  // a forward on a CUDA device does not synchronise with the host.
+  struct HostState {
+    const void* init_data = nullptr;
+    const void* block_data = nullptr;
+    int64_t init_version = -1, block_version = -1;
+    bool initialized = false;
+    int64_t block = 1;
+  };
+  const HostState& host_state() const;
+  mutable HostState host_;
 };
 TORCH_MODULE(Int4Linear);
 
