@@ -58,14 +58,12 @@ __device__ __forceinline__ double pow2(int e) {
   return __longlong_as_double(static_cast<long long>(1023 + e) << 52);
 }
 
-// The exact recombination of one element's partial products (integers, exact in fp64): 16 hi + lo
-// (hq_bs; hq_lss's weight gradient, whose token weights are in the operands), or, with the LSS
-// exponents of the input gradient's rows (exps: 2N, hi rows first; -1 = dropped), the kept rows'
-// 2^(4 + k_hi) hi + 2^k_lo lo. Equal to the CPU's int64 sum converted to fp64 (both exact; a zero
-// is +0.0 as the CPU's, since the sum starts from +0.0).
+// The exact recombination of one element's hi and lo partials of hq_lss's compacted input
+// gradient, with the LSS exponents of its rows (exps: 2N, hi rows first; -1 = dropped): the kept
+// rows' 2^(4 + k_hi) hi + 2^k_lo lo. Equal to the CPU's int64 sum converted to fp64 (both exact; a
+// zero is +0.0 as the CPU's, since the sum starts from +0.0).
 __device__ __forceinline__ double recombine(double h, double l, const int8_t* exps, int64_t rows,
                                             int64_t row) {
-  if (exps == nullptr) return __fma_rn(16.0, h, l);
   const int eh = exps[row], el = exps[rows + row];
   double a = 0.0;
   if (eh >= 0) a = __fma_rn(pow2(4 + eh), h, a);
@@ -81,35 +79,33 @@ __device__ __forceinline__ void load8_exact(const int32_t* __restrict__ p, doubl
   for (int i = 0; i < 8; ++i) v[i] = static_cast<double>(w[i]);
 }
 
-// out = float(double(*s1) * double(*s2) * recombine(hi, lo)), hi and lo partial products (P: fp32
-// accumulators holding integers, or int32), `chunks` of each (stride chunk_stride, the K-chunks of
-// one product) summed exactly in fp64: the CPU's int64 sum and its rounding. With slots (one chunk)
-// row r's hi and lo partials are rows slots[r] and slots[rows + r] of the compacted product (-1: a
-// dropped row, 0); without lo, hi already holds the recombined sum.
+// out = float(double(*s1) * double(*s2) * sum), SplitPartials' two forms (P: int32 for s32, fp32
+// for slots): the s32 product's `chunks` K-chunks (stride chunk_stride) summed exactly in fp64, or
+// recombine of row r's hi and lo rows slots[r], slots[rows + r] (-1: a dropped row, 0). The CPU's
+// int64 sum and its rounding.
 template <typename P>
 __global__ void __launch_bounds__(kThreads)
-    combine_bitsplit_kernel(const P* __restrict__ hi, const P* __restrict__ lo, int64_t ld,
-                            int chunks, int64_t chunk_stride, const int32_t* __restrict__ slots,
+    combine_bitsplit_kernel(const P* __restrict__ prod, int64_t ld, int chunks,
+                            int64_t chunk_stride, const int32_t* __restrict__ slots,
                             const int8_t* __restrict__ exps, const float* __restrict__ s1,
                             const float* __restrict__ s2, float* __restrict__ out, int64_t ldo,
                             int64_t rows, int64_t cols) {
   const double scale = __dmul_rn(static_cast<double>(*s1), static_cast<double>(*s2));
   const int64_t total = rows * cols;
-  auto sum = [&](const P* base, int64_t r, int64_t c) {
-    double v = static_cast<double>(base[r * ld + c]);
-    for (int k = 1; k < chunks; ++k) {
-      v = __dadd_rn(v, static_cast<double>(base[k * chunk_stride + r * ld + c]));
-    }
-    return v;
-  };
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = e / cols, c = e - r * cols;
-    const int64_t hr = slots != nullptr ? slots[r] : r;
-    const int64_t lr = slots != nullptr ? slots[rows + r] : r;
-    const double h = hr >= 0 ? sum(hi, hr, c) : 0.0;
-    const double a =
-        lo == nullptr ? h : recombine(h, lr >= 0 ? sum(lo, lr, c) : 0.0, exps, rows, r);
+    double a;
+    if (slots == nullptr) {
+      a = static_cast<double>(prod[r * ld + c]);
+      for (int k = 1; k < chunks; ++k) {
+        a = __dadd_rn(a, static_cast<double>(prod[k * chunk_stride + r * ld + c]));
+      }
+    } else {
+      const int64_t hr = slots[r], lr = slots[rows + r];
+      a = recombine(hr >= 0 ? static_cast<double>(prod[hr * ld + c]) : 0.0,
+                    lr >= 0 ? static_cast<double>(prod[lr * ld + c]) : 0.0, exps, rows, r);
+    }
     out[r * ldo + c] = __double2float_rn(__dmul_rn(scale, a));
   }
 }
@@ -168,12 +164,12 @@ __global__ void __launch_bounds__(kThreads)
 // the step gradient's terms v * r summed in fp64 per thread, per block, then by sum_partials_kernel
 // (a fixed order for a given grid, so deterministic; within an fp32 rounding of the CPU's order).
 struct EpilogueParams {
-  const void* hi;  // int32 holding 16 hi + lo, or the compacted fp32 product (slots)
+  const void* prod;  // SplitPartials::prod: int32 holding 16 hi + lo, or the compacted fp32 product
   int64_t ld;
   int chunks;  // K-chunks of the int32 product, chunk_stride apart, summed exactly
   int64_t chunk_stride;
   const int32_t* slots;  // dX of hq_lss: the rows' slots in the compacted product (SplitPartials)
-  const int8_t* exps;    // dX of hq_lss: the rows' LSS exponents (recombine); null: 16 hi + lo
+  const int8_t* exps;    // dX of hq_lss: the rows' LSS exponents (recombine)
   const float* s1;
   const float* s2;
   const uint8_t* packed;  // dX: the saved codes (rows x cols, packed) ...
@@ -193,12 +189,12 @@ struct EpilogueParams {
 // into its operands); h: the first chunk's values.
 __device__ __forceinline__ void combine8(const EpilogueParams& p, double scale, int64_t row,
                                          int64_t col0, const double h[8], float v[8]) {
-  const int32_t* hi = static_cast<const int32_t*>(p.hi);
+  const int32_t* prod = static_cast<const int32_t*>(p.prod);
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     double hd = h[i];
     for (int k = 1; k < p.chunks; ++k) {
-      hd = __dadd_rn(hd, static_cast<double>(hi[k * p.chunk_stride + row * p.ld + col0 + i]));
+      hd = __dadd_rn(hd, static_cast<double>(prod[k * p.chunk_stride + row * p.ld + col0 + i]));
     }
     v[i] = __double2float_rn(__dmul_rn(scale, hd));
   }
@@ -311,7 +307,7 @@ __global__ void __launch_bounds__(kThreads, kSlots ? 2 : 3)
     if (col0 < p.cols) store_out8(p, row, col0, v);
   };
   if constexpr (kSlots) {
-    const SlotSrc src{static_cast<const float*>(p.hi), p.slots, p.ld, p.rows};
+    const SlotSrc src{static_cast<const float*>(p.prod), p.slots, p.ld, p.rows};
     for_each_warp_chunk_from<kChunkDepth>(
         src, p.rows, p.cols, [&](int64_t row, int64_t col0, const SlotSrc::Buf& b) {
           float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
@@ -319,7 +315,7 @@ __global__ void __launch_bounds__(kThreads, kSlots ? 2 : 3)
           finish(row, col0, v);
         });
   } else {
-    const S32Src src{static_cast<const int32_t*>(p.hi), p.ld};
+    const S32Src src{static_cast<const int32_t*>(p.prod), p.ld};
     for_each_warp_chunk_from<kChunkDepth>(
         src, p.rows, p.cols, [&](int64_t row, int64_t col0, const S32Src::Buf& b) {
           float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
@@ -352,7 +348,7 @@ __global__ void __launch_bounds__(kThreads, 3) dw_epilogue_kernel(const Epilogue
         float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         if (col0 < p.cols) {
           double h[8];
-          load8_exact(static_cast<const int32_t*>(p.hi) + row * p.ld + col0, h);
+          load8_exact(static_cast<const int32_t*>(p.prod) + row * p.ld + col0, h);
           combine8(p, scale, row, col0, h, v);
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
@@ -385,22 +381,34 @@ void launch_epilogue(Kernel kernel, EpilogueParams p, float* grad_step, double g
   }
 }
 
+// SplitPartials in one of its two forms: s32 without slots or exps, or the slots form (fp32, one
+// chunk) with exps (dX only: `slots_ok`); anything else is a bug in the caller.
+void check_split_partials(const SplitPartials& pp, const int8_t* exps, const char* who,
+                          bool slots_ok = true) {
+  const bool s32_form = pp.s32 && pp.slots == nullptr && exps == nullptr;
+  const bool slots_form =
+      slots_ok && !pp.s32 && pp.slots != nullptr && pp.chunks == 1 && exps != nullptr;
+  if (!s32_form && !slots_form) {
+    throw_error(ErrorKind::kRuntime,
+                std::string(who) + ": expected an int32 product holding 16 hi + lo" +
+                    (slots_ok ? ", or a compacted fp32 product with slots and exponents" : ""));
+  }
+}
+
 }  // namespace
 
 void launch_combine_bitsplit(const SplitPartials& pp, const int8_t* exps, const float* s1,
                              const float* s2, float* out, int64_t ldo, int64_t rows, int64_t cols,
                              cudaStream_t stream) {
+  check_split_partials(pp, exps, "launch_combine_bitsplit");
   if (rows * cols == 0) return;
   const int grid = grid_blocks(rows * cols, kThreads, int64_t{1} << 16);
-  auto launch = [&](auto* hi, auto* lo) {
+  auto launch = [&](auto* prod) {
     combine_bitsplit_kernel<<<grid, kThreads, 0, stream>>>(
-        hi, lo, pp.ld, pp.chunks, pp.chunk_stride, pp.slots, exps, s1, s2, out, ldo, rows, cols);
+        prod, pp.ld, pp.chunks, pp.chunk_stride, pp.slots, exps, s1, s2, out, ldo, rows, cols);
   };
-  if (pp.s32) {
-    launch(static_cast<const int32_t*>(pp.hi), static_cast<const int32_t*>(pp.lo));
-  } else {
-    launch(static_cast<const float*>(pp.hi), static_cast<const float*>(pp.lo));
-  }
+  pp.s32 ? launch(static_cast<const int32_t*>(pp.prod))
+         : launch(static_cast<const float*>(pp.prod));
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 
@@ -440,7 +448,7 @@ bool vec_ok(const void* p, bool bf16, int64_t ld, int64_t rows) {
 EpilogueParams epilogue_params(const SplitPartials& pp, const float* s1, const float* s2,
                                int64_t rows, int64_t cols, int32_t block, const TensorView& out) {
   EpilogueParams p{};
-  p.hi = pp.hi;
+  p.prod = pp.prod;
   p.ld = pp.ld;
   p.chunks = pp.chunks;
   p.chunk_stride = pp.chunk_stride;
@@ -473,13 +481,7 @@ void launch_dx_epilogue(const SplitPartials& pp, const int8_t* exps, const float
                         const float* s2, const TensorView& packed, const TensorView& aux,
                         int32_t block, TensorView grad_x, TensorView grad_step,
                         const CudaAllocator& alloc, cudaStream_t stream) {
-  const bool compacted = pp.slots != nullptr && !pp.s32 && pp.chunks == 1 && exps != nullptr;
-  const bool int8_product = pp.slots == nullptr && pp.s32 && pp.lo == nullptr && exps == nullptr;
-  if (!compacted && !int8_product) {
-    throw_error(ErrorKind::kRuntime,
-                "launch_dx_epilogue: expected a compacted fp32 product with slots and exponents, "
-                "or an int32 product holding 16 hi + lo");
-  }
+  check_split_partials(pp, exps, "launch_dx_epilogue");
   EpilogueParams p = epilogue_params(pp, s1, s2, packed.shape[0], packed.shape[1], block, grad_x);
   p.slots = pp.slots;
   p.exps = exps;
@@ -499,10 +501,7 @@ void launch_dw_epilogue(const SplitPartials& pp, const float* s1, const float* s
                         const TensorView& w, const TensorView& step_w, int32_t block,
                         TensorView grad_w, TensorView grad_step, const CudaAllocator& alloc,
                         cudaStream_t stream) {
-  if (!pp.s32 || pp.lo != nullptr || pp.slots != nullptr) {
-    throw_error(ErrorKind::kRuntime,
-                "launch_dw_epilogue: expected an int32 product holding 16 hi + lo");
-  }
+  check_split_partials(pp, nullptr, "launch_dw_epilogue", false);
   EpilogueParams p = epilogue_params(pp, s1, s2, w.shape[0], w.shape[1], block, grad_w);
   p.w = w.data;
   p.ldw = row_stride(w);

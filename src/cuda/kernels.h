@@ -35,16 +35,16 @@ void launch_f32_to_s32(const float* acc, int64_t ld_acc, int32_t* c, int64_t ld_
 void launch_fill_nan_if(const unsigned long long* counter, void* out, bool out_bf16, int64_t ld_out,
                         int64_t m, int64_t n, cudaStream_t stream);
 
-// The two partial products of the bit-split backward, hi and lo (rows x cols each, row stride ld):
-// fp32 accumulators holding integers (FP8 products) or int32 (s32: INT8 products); each is
-// `chunks` K-chunk partial products chunk_stride elements apart, summed exactly by the consumers.
-// lo == nullptr: hi alone already holds 16 hi + lo (hq_bs's INT8 products of q = 16 hi + lo), with
-// the importance weights folded in (hq_lss's compacted weight gradient). slots (one fp32 chunk;
-// hq_lss's compacted input gradient): hi and lo both point at the product of the kept rows, and row
-// r's hi and lo partials are its rows slots[r] and slots[rows + r], -1 for a dropped row.
+// The product the bit-split backward's epilogues read (row stride ld), one of two forms:
+//   s32: an int32 INT8 product that holds the recombined sum 16 hi + lo itself (hq_bs: the rows of
+//        q = 16 hi + lo; hq_lss's weight gradient: the importance weights folded into its
+//        operands), in `chunks` K-chunk partial products chunk_stride elements apart, summed
+//        exactly by the consumers;
+//   slots (hq_lss's compacted input gradient, !s32, one chunk): the fp32 FP8 product of the kept
+//        rows; output row r's hi and lo partials are its rows slots[r] and slots[rows + r], -1 for
+//        a dropped row, weighted by the rows' LSS exponents (exps).
 struct SplitPartials {
-  const void* hi;
-  const void* lo;
+  const void* prod;
   int64_t ld;
   bool s32;
   int chunks;
@@ -52,10 +52,10 @@ struct SplitPartials {
   const int32_t* slots = nullptr;
 };
 
-// out (fp32 rows x cols, row stride ldo) = float(double(*s1) * double(*s2) * (16 hi + lo)), hi and
-// lo summed exactly: the bit-split recombination of src/cpu/linear.cpp, rounded as there. exps
-// (optional, hq_lss's input gradient): the 2N rows' LSS exponents (hi rows first, -1 dropped); the
-// sum is then 2^(4 + k_hi) hi + 2^k_lo lo over the kept rows.
+// out (fp32 rows x cols, row stride ldo) = float(double(*s1) * double(*s2) * (16 hi + lo)), the sum
+// exact: the bit-split recombination of src/cpu/linear.cpp, rounded as there. For the slots form,
+// exps (the 2N rows' LSS exponents, hi rows first, -1 dropped) makes the sum 2^(4 + k_hi) hi +
+// 2^k_lo lo over the kept rows; the s32 form takes no exps.
 void launch_combine_bitsplit(const SplitPartials& partials, const int8_t* exps, const float* s1,
                              const float* s2, float* out, int64_t ldo, int64_t rows, int64_t cols,
                              cudaStream_t stream);
@@ -69,9 +69,8 @@ void launch_bias_grad(const TensorView& g, TensorView out, const CudaAllocator& 
 // launch_combine_bitsplit followed by lsq_backward_compact_cuda (dX) or lsq_backward_cuda on the
 // Hadamard transform of w (dW), and hadamard_transform_cuda into grad_x / grad_w; the step gradient
 // in another fixed fp64 order (within an fp32 rounding). partials: the rows and cols of packed / w,
-// 32-byte aligned, ld % 8 == 0 (dX: hq_lss's compacted fp32 product with slots and exps, or an
-// int32 product without lo, any chunks (hq_bs's INT8 product of q = 16 hi + lo); dW: an int32
-// product without lo, any chunks); cols % 8 == 0; block divides cols. dX: packed (4-byte aligned)
+// 32-byte aligned, ld % 8 == 0 (dX: either form, the slots form with exps; dW: the s32 form);
+// cols % 8 == 0; block divides cols. dX: packed (4-byte aligned)
 // and aux are the forward's saved codes and compact aux bits; exps as launch_combine_bitsplit's.
 // dW: w is fp32 or bf16, 16-byte (bf16) or 32-byte (fp32) aligned with a row stride % 8 == 0.
 // grad_x / grad_w and grad_step are optional (data == nullptr).

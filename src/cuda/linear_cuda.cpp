@@ -292,12 +292,12 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
                                kept_op.view, TensorView{}, stream);
       gemm_fp8_cuda(kept_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view, alloc,
                     stream);
-      pp = SplitPartials{p.buf.get(), p.buf.get(), d, false, 1, 0, sel_x.slots.buf.as<int32_t>()};
+      pp = SplitPartials{p.buf.get(), d, false, 1, 0, sel_x.slots.buf.as<int32_t>()};
       ex = sel_x.exps.buf.as<int8_t>();
     } else {
       codes_to_s8_cuda(qw.view, TensorView{}, true, qwt.view, TensorView{}, stream);
       s8_product(r_op, n, qwt, d, cp, p);
-      pp = SplitPartials{p.buf.get(), nullptr, d, true, static_cast<int>(k_chunks(cp)), n * d};
+      pp = SplitPartials{p.buf.get(), d, true, static_cast<int>(k_chunks(cp)), n * d};
     }
     if (d % 8 == 0 && aligned(a.saved_codes.data, 4)) {
       // Recombination, LSQ backward and back-rotation in one pass.
@@ -342,8 +342,7 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     }
     Temp phi(alloc, stream, DType::kInt32, k_chunks(kdim) * c, d);
     s8_product(gt, c, qxt, d, kdim, phi);
-    const SplitPartials pp{phi.buf.get(), nullptr, d, true, static_cast<int>(k_chunks(kdim)),
-                           c * d};
+    const SplitPartials pp{phi.buf.get(), d, true, static_cast<int>(k_chunks(kdim)), c * d};
     const bool w_bf16 = a.w.dtype == DType::kBFloat16;
     if (d % 8 == 0 && aligned(a.w.data, w_bf16 ? 16 : 32) && (c == 1 || row_stride(a.w) % 8 == 0)) {
       // Recombination, W~ = W B, LSQ backward and back-rotation in one pass.
