@@ -260,11 +260,21 @@ void bench_quant(int64_t rows, int64_t cols) {
                              make_matrix(hi.p, DType::kInt4Packed, rows, cols),
                              make_matrix(lo.p, DType::kInt4Packed, rows, cols),
                              make_vector(sq.p, DType::kInt32, 2 * rows),
-                             make_scalar(sc.p, DType::kFloat32), alloc, nullptr);
+                             make_scalar(sc.p, DType::kFloat32), TensorView{}, alloc, nullptr);
     });
     // Two reads of G (absmax, then quantize) + operand (2 B) + hi/lo (1 B).
     report("bitsplit G " + shape + " bf16 -> fp8 hi/lo + int4 + sumsq", ms,
            numel * (2.0 * 2 + 2.0 + 1.0) / ms / 1e6, "GB/s", "(2 reads of G)");
+    // hq_bs's pass: the INT8 operand q = 16 hi + lo, and the bias gradient from the reduction pass.
+    Buf q8(rows * kp), sums(cols * 2);
+    const double ms_q = time_ms([&](int i) {
+      quantize_bitsplit_cuda(make_matrix(xb[i % kSets]->p, DType::kBFloat16, rows, cols), key,
+                             make_matrix(q8.p, DType::kInt8, rows, kp), TensorView{}, TensorView{},
+                             TensorView{}, make_scalar(sc.p, DType::kFloat32),
+                             make_vector(sums.p, DType::kBFloat16, cols), alloc, nullptr);
+    });
+    report("bitsplit G " + shape + " bf16 -> int8 q + column sums", ms_q,
+           numel * (2.0 * 2 + 1.0) / ms_q / 1e6, "GB/s", "(2 reads of G)");
     Buf amax(4);
     const double ms2 = time_ms([&](int i) {
       absmax_bits_cuda(make_matrix(xb[i % kSets]->p, DType::kBFloat16, rows, cols),

@@ -156,10 +156,13 @@ void absmax_bits_cuda(const TensorView& g, TensorView amax_bits, void* stream);
 //            rate of an FP8 row, so the split rows would only double the product);
 //   hi, lo   kInt4Packed N x C codes (equal to quantize_bitsplit's);
 //   row_sumsq int32 vector of 2N: sum of squared codes of each operand row (exact; LSS scores);
-//   scale    fp32 device scalar s = max|g| / 119 (0 for an all-zero g).
+//   scale    fp32 device scalar s = max|g| / 119 (0 for an all-zero g);
+//   column_sums fp32 or bf16 vector of C: the column sums of g in linear.h's bias-gradient order
+//            (kBiasGradBlockRows), bit for bit the CPU's grad_bias, from the same reduction pass
+//            as the scale (one read of g for both).
 void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
                             TensorView hi, TensorView lo, TensorView row_sumsq, TensorView scale,
-                            const CudaAllocator& alloc, void* stream);
+                            TensorView column_sums, const CudaAllocator& alloc, void* stream);
 
 // ------------------------------------------------------------------------------ LSQ backward
 // lsq_backward_compact on the device: grad_x = grad_xhat * mask (fp32 or bf16, may be grad_xhat

@@ -1,7 +1,8 @@
 // int4train CUDA path: the element-wise passes of the layer's backward that sit between the
 // products: the full-information LSQ backward (the weight's), the exact recombination of the
 // bit-split partial products (16 hi + lo, scaled in fp64 exactly as src/cpu/linear.cpp), and the
-// bias gradient (per-column sums in the CPU's order).
+// reduction pass over the output gradient (its absmax and the bias gradient's column sums in the
+// CPU's order).
 #include <cmath>
 #include <string>
 
@@ -110,50 +111,118 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// grad_bias in linear.h's order: partial[b, j] = sum of column j over row block b (rows in order,
-// fp64), one thread per (block, column); then, when there is more than one block, out[j] = the
-// partials of column j added in block order. With one block the first kernel writes out directly.
-template <typename In>
-__global__ void __launch_bounds__(kThreads)
-    bias_block_sums_kernel(const In* __restrict__ g, int64_t ld, int64_t rows, int64_t cols,
-                           double* __restrict__ partial, void* __restrict__ out, bool out_bf16) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= cols) return;
-  const int64_t blocks = (rows + kBiasGradBlockRows - 1) / kBiasGradBlockRows;
-  for (int64_t b = blockIdx.y; b < (blocks > 0 ? blocks : 1); b += gridDim.y) {
-    const int64_t i0 = b * kBiasGradBlockRows;
-    const int64_t i1 = i0 + kBiasGradBlockRows < rows ? i0 + kBiasGradBlockRows : rows;
-    double acc = 0.0;
-#pragma unroll 8
-    for (int64_t i = i0; i < i1; ++i) acc += static_cast<double>(load_elem(g + i * ld + j));
-    if (partial != nullptr) {
-      partial[b * cols + j] = acc;
-      continue;
-    }
-    // One block: the block sum is the total (0.0 + acc == acc, also for -0.0: 0.0 + -0.0 = 0.0
-    // and the block sum of a column of -0.0 starts from 0.0, so it is 0.0 too).
-    const float v = static_cast<float>(acc);
-    if (out_bf16) {
-      static_cast<BFloat16*>(out)[j] = float_to_bf16(v);
-    } else {
-      static_cast<float*>(out)[j] = v;
-    }
-  }
-}
+// One read of g for the backward's two reductions over it: max |g| (launch_absmax's bits, into
+// amax with atomicMax) and grad_bias in linear.h's order, partial[b, j] = the sum of column j over
+// row block b (rows in order, fp64, from 0.0). Each sum is a dependent chain in one thread, so what
+// bounds the pass is how many loads are in flight: one warp per (row block, kPairCols-column tile)
+// item, two columns a lane (one 4-byte load of a bf16 row), kSumBatch rows' loads issued before
+// their in-order sums, and small blocks of a grid with one warp per item, so that every SM holds
+// items. With one row block the sums go to out directly; otherwise bias_total_kernel adds the
+// partials of each column in block order.
+constexpr int kColSumThreads = 64;
+constexpr int64_t kPairCols = 64;
+constexpr int kSumBatch = 32;
+constexpr int kTotalBatch = 8;
+static_assert(kBiasGradBlockRows % kSumBatch == 0, "whole blocks run in batches");
 
-__global__ void __launch_bounds__(kThreads)
-    bias_total_kernel(const double* __restrict__ partial, int64_t blocks, int64_t cols,
-                      void* __restrict__ out, bool out_bf16) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= cols) return;
-  double acc = 0.0;
-  for (int64_t b = 0; b < blocks; ++b) acc += partial[b * cols + j];
+__device__ __forceinline__ void store_bias(void* out, bool out_bf16, int64_t j, double acc) {
   const float v = static_cast<float>(acc);
   if (out_bf16) {
     static_cast<BFloat16*>(out)[j] = float_to_bf16(v);
   } else {
     static_cast<float*>(out)[j] = v;
   }
+}
+
+// The lane's two values of one row: kPair, one aligned load (cols even); else element by element,
+// a column past the end reading 0.0.
+template <typename In, bool kPair>
+__device__ __forceinline__ void load_pair(const In* p, bool c1, float* v0, float* v1) {
+  if constexpr (kPair && sizeof(In) == 2) {
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(p);
+    *v0 = __uint_as_float(w << 16);
+    *v1 = __uint_as_float(w & 0xFFFF0000u);
+  } else if constexpr (kPair) {
+    const float2 f = *reinterpret_cast<const float2*>(p);
+    *v0 = f.x;
+    *v1 = f.y;
+  } else {
+    *v0 = load_elem(p);
+    *v1 = c1 ? load_elem(p + 1) : 0.0f;
+  }
+}
+
+template <typename In, bool kPair>
+__global__ void __launch_bounds__(kColSumThreads)
+    absmax_column_sums_kernel(const In* __restrict__ g, int64_t ld, int64_t rows, int64_t cols,
+                              uint32_t* __restrict__ amax, double* __restrict__ partial,
+                              void* __restrict__ out, bool out_bf16) {
+  const int lane = threadIdx.x & 31;
+  const int64_t tiles = (cols + kPairCols - 1) / kPairCols;
+  // No rows: one empty block, so that the sums are written (0.0).
+  const int64_t blocks = rows > 0 ? (rows + kBiasGradBlockRows - 1) / kBiasGradBlockRows : 1;
+  const int64_t item = (static_cast<int64_t>(blockIdx.x) * kColSumThreads + threadIdx.x) / 32;
+  uint32_t m = 0;
+  if (item < tiles * blocks) {
+    const int64_t b = item / tiles, j = (item - b * tiles) * kPairCols + 2 * lane;
+    const int64_t i0 = b * kBiasGradBlockRows;
+    const int64_t i1 = i0 + kBiasGradBlockRows < rows ? i0 + kBiasGradBlockRows : rows;
+    const bool c0 = j < cols, c1 = j + 1 < cols;
+    if (c0) {
+      double acc0 = 0.0, acc1 = 0.0;
+      const In* p = g + i0 * ld + j;
+      int64_t i = i0;
+      for (; i + kSumBatch <= i1; i += kSumBatch, p += kSumBatch * ld) {
+        float v0[kSumBatch], v1[kSumBatch];
+#pragma unroll
+        for (int k = 0; k < kSumBatch; ++k) load_pair<In, kPair>(p + k * ld, c1, &v0[k], &v1[k]);
+#pragma unroll
+        for (int k = 0; k < kSumBatch; ++k) {
+          acc0 += static_cast<double>(v0[k]);
+          acc1 += static_cast<double>(v1[k]);
+          m = max(m, max(abs_bits(v0[k]), abs_bits(v1[k])));  // a missing column reads 0.0
+        }
+      }
+      for (; i < i1; ++i, p += ld) {
+        float v0, v1;
+        load_pair<In, kPair>(p, c1, &v0, &v1);
+        acc0 += static_cast<double>(v0);
+        acc1 += static_cast<double>(v1);
+        m = max(m, max(abs_bits(v0), abs_bits(v1)));
+      }
+      // One block: the block sum is the total (0.0 + acc == acc, also for -0.0: the block sum of
+      // a column of -0.0 starts from 0.0, so it is 0.0 too).
+      if (partial != nullptr) {
+        partial[b * cols + j] = acc0;
+        if (c1) partial[b * cols + j + 1] = acc1;
+      } else {
+        store_bias(out, out_bf16, j, acc0);
+        if (c1) store_bias(out, out_bf16, j + 1, acc1);
+      }
+    }
+  }
+  m = __reduce_max_sync(kFullMask, m);
+  if (lane == 0 && m > 0) atomicMax(amax, m);
+}
+
+// out[j] = the row blocks' partial sums of column j added in block order (fp64, from 0.0), a
+// batch of partials' loads in flight at a time.
+__global__ void __launch_bounds__(kThreads)
+    bias_total_kernel(const double* __restrict__ partial, int64_t blocks, int64_t cols,
+                      void* __restrict__ out, bool out_bf16) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= cols) return;
+  double acc = 0.0;
+  int64_t b = 0;
+  for (; b + kTotalBatch <= blocks; b += kTotalBatch) {
+    double v[kTotalBatch];
+#pragma unroll
+    for (int k = 0; k < kTotalBatch; ++k) v[k] = partial[(b + k) * cols + j];
+#pragma unroll
+    for (int k = 0; k < kTotalBatch; ++k) acc += v[k];
+  }
+  for (; b < blocks; ++b) acc += partial[b * cols + j];
+  store_bias(out, out_bf16, j, acc);
 }
 
 // ---- the fused epilogues of the bit-split backward (hq_bs, hq_lss): one pass from the product
@@ -412,28 +481,37 @@ void launch_combine_bitsplit(const SplitPartials& pp, const int8_t* exps, const 
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 
-void launch_bias_grad(const TensorView& g, TensorView out, const CudaAllocator& alloc,
-                      cudaStream_t stream) {
+void launch_absmax_column_sums(const TensorView& g, uint32_t* amax, TensorView column_sums,
+                               const CudaAllocator& alloc, cudaStream_t stream) {
+  INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(amax, 0, sizeof(uint32_t), stream));
   const int64_t rows = g.shape[0], cols = g.shape[1];
   if (cols == 0) return;
   const int64_t blocks = rows > 0 ? (rows + kBiasGradBlockRows - 1) / kBiasGradBlockRows : 1;
   DeviceBuffer partial(alloc, blocks > 1 ? sizeof(double) * blocks * cols : 0, stream);
   double* part = blocks > 1 ? partial.as<double>() : nullptr;
-  // grid.y is at most 65535: a thread then takes row blocks y, y + 65535, ... of its column.
-  const dim3 grid(static_cast<unsigned>((cols + kThreads - 1) / kThreads),
-                  static_cast<unsigned>(blocks < 65535 ? blocks : 65535));
-  const bool ob = out.dtype == DType::kBFloat16;
-  if (g.dtype == DType::kBFloat16) {
-    bias_block_sums_kernel<BFloat16><<<grid, kThreads, 0, stream>>>(
-        g.ptr<const BFloat16>(), row_stride(g), rows, cols, part, out.data, ob);
+  const bool ob = column_sums.dtype == DType::kBFloat16, bf16 = g.dtype == DType::kBFloat16;
+  const int64_t ld = row_stride(g);
+  const bool pair = cols % 2 == 0 && (rows <= 1 || ld % 2 == 0) && aligned(g.data, bf16 ? 4 : 8);
+  const int64_t warps = blocks * ((cols + kPairCols - 1) / kPairCols);
+  const int64_t grid = (warps + kColSumThreads / 32 - 1) / (kColSumThreads / 32);
+  if (grid > INT32_MAX) throw_error(ErrorKind::kValue, "g: too many rows x columns");
+  auto launch = [&](auto kernel, const auto* p) {
+    kernel<<<static_cast<unsigned>(grid), kColSumThreads, 0, stream>>>(p, ld, rows, cols, amax,
+                                                                       part, column_sums.data, ob);
+  };
+  if (bf16) {
+    const BFloat16* p = g.ptr<const BFloat16>();
+    pair ? launch(absmax_column_sums_kernel<BFloat16, true>, p)
+         : launch(absmax_column_sums_kernel<BFloat16, false>, p);
   } else {
-    bias_block_sums_kernel<float><<<grid, kThreads, 0, stream>>>(
-        g.ptr<const float>(), row_stride(g), rows, cols, part, out.data, ob);
+    const float* p = g.ptr<const float>();
+    pair ? launch(absmax_column_sums_kernel<float, true>, p)
+         : launch(absmax_column_sums_kernel<float, false>, p);
   }
   INT4TRAIN_CUDA_LAUNCH_CHECK();
   if (part != nullptr) {
     bias_total_kernel<<<grid_blocks(cols, kThreads, int64_t{1} << 20), kThreads, 0, stream>>>(
-        part, blocks, cols, out.data, ob);
+        part, blocks, cols, column_sums.data, ob);
     INT4TRAIN_CUDA_LAUNCH_CHECK();
   }
 }

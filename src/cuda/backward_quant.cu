@@ -15,6 +15,7 @@
 #include "int4train/numeric.h"
 #include "int4train/philox.h"
 #include "int4train/quantize.h"
+#include "kernels.h"
 
 namespace int4train {
 namespace cuda_detail {
@@ -23,8 +24,6 @@ namespace {
 constexpr int kThreads = 256;
 
 // ------------------------------------------------------------------------------ absmax
-// |v| as bits: NaN > Inf > finite, as the CPU's absmax_bits.
-__device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(v) & 0x7FFFFFFFu; }
 
 template <typename In, bool kVec8>
 __global__ void __launch_bounds__(kThreads)
@@ -518,7 +517,7 @@ void absmax_bits_cuda(const TensorView& g, TensorView amax_bits, void* stream) {
 
 void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
                             TensorView hi, TensorView lo, TensorView row_sumsq, TensorView scale,
-                            const CudaAllocator& alloc, void* stream) {
+                            TensorView column_sums, const CudaAllocator& alloc, void* stream) {
   using namespace cuda_detail;
   check_dtype(g, "g", {DType::kFloat32, DType::kBFloat16});
   check_device_matrix(g, "g");
@@ -564,7 +563,13 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
     INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(p.row_sumsq, 0, sizeof(int32_t) * 2 * rows, s));
   }
   DeviceBuffer amax(alloc, sizeof(uint32_t), stream);
-  launch_absmax(g, amax.as<uint32_t>(), s);
+  if (column_sums.data != nullptr) {
+    check_dtype(column_sums, "column_sums", {DType::kFloat32, DType::kBFloat16});
+    check_vector(column_sums, "column_sums", cols);
+    launch_absmax_column_sums(g, amax.as<uint32_t>(), column_sums, alloc, s);
+  } else {
+    launch_absmax(g, amax.as<uint32_t>(), s);
+  }
   p.amax_bits = amax.as<const uint32_t>();
   const bool bf16 = g.dtype == DType::kBFloat16;
   if (cols % kLaneElems == 0 && cols > 0) {

@@ -22,6 +22,8 @@ constexpr int kWarpCols = 32 * kLaneElems;
 
 __device__ __forceinline__ float load_elem(const float* p) { return *p; }
 __device__ __forceinline__ float load_elem(const BFloat16* p) { return bf16_to_float(*p); }
+// |v| as bits: NaN > Inf > finite, as the CPU's absmax_bits.
+__device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(v) & 0x7FFFFFFFu; }
 
 // v[0..7] = p[0..7]; kVec: p is 32-byte (fp32) / 16-byte (bf16) aligned.
 template <bool kVec>

@@ -60,10 +60,12 @@ void launch_combine_bitsplit(const SplitPartials& partials, const int8_t* exps, 
                              const float* s2, float* out, int64_t ldo, int64_t rows, int64_t cols,
                              cudaStream_t stream);
 
-// out (fp32 or bf16 vector of cols) = column sums of g (fp32 or bf16 rows x cols) in fp64 in
-// linear.h's kBiasGradBlockRows order (the CPU's bias gradient, bit for bit); temporaries from alloc.
-void launch_bias_grad(const TensorView& g, TensorView out, const CudaAllocator& alloc,
-                      cudaStream_t stream);
+// One pass over g (fp32 or bf16 rows x cols): *amax = max |g| as fp32 bits (NaN > Inf > finite, as
+// launch_absmax; zeroed first) and column_sums (fp32 or bf16 vector of cols) = the column sums of g
+// in fp64 in linear.h's kBiasGradBlockRows order (the CPU's bias gradient, bit for bit);
+// temporaries from alloc.
+void launch_absmax_column_sums(const TensorView& g, uint32_t* amax, TensorView column_sums,
+                               const CudaAllocator& alloc, cudaStream_t stream);
 
 // The fused epilogues of the bit-split backward (hq_bs, hq_lss), bit-exact with
 // launch_combine_bitsplit followed by lsq_backward_compact_cuda (dX) or lsq_backward_cuda on the

@@ -171,11 +171,17 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   if (a.grad_bias.data != nullptr) {
     check_dtype(a.grad_bias, "grad_bias", {DType::kFloat32, DType::kBFloat16});
     check_vector(a.grad_bias, "grad_bias", c);
-    launch_bias_grad(a.grad_y, a.grad_bias, alloc, s);
   }
   const bool dom_dx = want_dx || a.grad_step_x.data != nullptr;
   const bool dom_dw = want_dw || a.grad_step_w.data != nullptr;
-  if (!dom_dx && !dom_dw) return;
+  if (!dom_dx && !dom_dw) {
+    // The bias gradient alone: the bit split's reduction pass without the split.
+    if (a.grad_bias.data != nullptr) {
+      DeviceBuffer amax(alloc, sizeof(uint32_t), stream);
+      launch_absmax_column_sums(a.grad_y, amax.as<uint32_t>(), a.grad_bias, alloc, s);
+    }
+    return;
+  }
 
   // The weight is unchanged since the forward: its codes again (same bits as the forward's), and
   // for its LSQ backward the fp32 W~.
@@ -206,7 +212,7 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   const TensorView rsq_v = lss ? make_vector(rsq.buf.get(), DType::kInt32, 2 * n) : TensorView{};
   const bool lss_dx = lss && dom_dx, lss_dw = lss && dom_dw;
   quantize_bitsplit_cuda(a.grad_y, gkey, r_op.view, lss_dw ? hi : TensorView{},
-                         lss_dw ? lo : TensorView{}, rsq_v, sg_v, alloc, stream);
+                         lss_dw ? lo : TensorView{}, rsq_v, sg_v, a.grad_bias, alloc, stream);
   const double budget = cfg.lss_budget * static_cast<double>(n);
   const int64_t capacity = lss ? lss_capacity(budget, 2 * n) : 0;
   struct Selection {

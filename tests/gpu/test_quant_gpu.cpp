@@ -5,6 +5,7 @@
 // against lsq_backward_compact. Shapes include 1, odd, non-multiple-of-8 and strided rows.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <random>
@@ -15,6 +16,8 @@
 #include "int4train/cuda.h"
 #include "int4train/hadamard.h"
 #include "int4train/int4.h"
+#include "int4train/linear.h"
+#include "int4train/numeric.h"
 #include "int4train/quantize.h"
 
 namespace {
@@ -230,7 +233,7 @@ void test_bitsplit(int64_t rows, int64_t cols, bool bf16, Data data, bool zeros)
                          make_matrix(dhi.get(), DType::kInt4Packed, rows, cols),
                          make_matrix(dlo.get(), DType::kInt4Packed, rows, cols),
                          make_vector(dsq.get(), DType::kInt32, 2 * rows),
-                         make_scalar(dscale.get(), DType::kFloat32), alloc, nullptr);
+                         make_scalar(dscale.get(), DType::kFloat32), TensorView{}, alloc, nullptr);
   CUDA_OK(cudaDeviceSynchronize());
   const float got_scale = gputest::download<float>(dscale, 1)[0];
   GPU_CHECK_MSG(gputest::bits_of(got_scale) == gputest::bits_of(want_scale) ||
@@ -265,17 +268,44 @@ void test_bitsplit(int64_t rows, int64_t cols, bool bf16, Data data, bool zeros)
   GPU_CHECK_MSG(bad_op == 0, bad_op << " operand bytes differ");
   GPU_CHECK_MSG(bad_sq == 0, bad_sq << " row sums of squares differ");
   // The INT8 operand alone (hq_bs): one row of q = 16 hi + lo per row of g, padding zero, the same
-  // scale.
+  // scale; with the column sums of g from the same reduction pass (linear.h's bias-gradient order:
+  // fp64 sums of row blocks of kBiasGradBlockRows, added in block order, rounded once).
   DevBuf dq(static_cast<size_t>(std::max<int64_t>(1, rows * kp)));
+  DevBuf dsums(static_cast<size_t>(std::max<int64_t>(1, cols)) * 4);
   dq.poison();
   dscale.poison();
+  dsums.poison();
+  const DType sums_dtype = bf16 ? DType::kBFloat16 : DType::kFloat32;
   quantize_bitsplit_cuda(dg.view, key, make_matrix(dq.get(), DType::kInt8, rows, kp), TensorView{},
                          TensorView{}, TensorView{}, make_scalar(dscale.get(), DType::kFloat32),
-                         alloc, nullptr);
+                         make_vector(dsums.get(), sums_dtype, cols), alloc, nullptr);
   CUDA_OK(cudaDeviceSynchronize());
   const float q_scale = gputest::download<float>(dscale, 1)[0];
   GPU_CHECK_MSG(gputest::bits_of(q_scale) == gputest::bits_of(got_scale),
                 "INT8 mode scale " << q_scale << " want " << got_scale);
+  const auto sums =
+      gputest::download<uint8_t>(dsums, static_cast<size_t>(cols) * dtype_size(sums_dtype));
+  int64_t bad_sums = 0;
+  for (int64_t c = 0; c < cols; ++c) {
+    double total = 0.0;
+    for (int64_t i0 = 0; i0 < rows; i0 += kBiasGradBlockRows) {
+      double block = 0.0;
+      for (int64_t i = i0; i < std::min(rows, i0 + kBiasGradBlockRows); ++i) {
+        block += static_cast<double>(g[static_cast<size_t>(i * cols + c)]);
+      }
+      total += block;
+    }
+    const float want = static_cast<float>(total);
+    uint32_t want_bits = gputest::bits_of(want), got_bits = 0;
+    if (bf16) {
+      want_bits = float_to_bf16(want).bits;
+      std::memcpy(&got_bits, &sums[static_cast<size_t>(2 * c)], 2);
+    } else {
+      std::memcpy(&got_bits, &sums[static_cast<size_t>(4 * c)], 4);
+    }
+    bad_sums += got_bits != want_bits;
+  }
+  GPU_CHECK_MSG(bad_sums == 0, bad_sums << " column sums differ");
   const auto q = gputest::download<int8_t>(dq, static_cast<size_t>(rows * kp));
   int64_t bad_q = 0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -388,12 +418,15 @@ const bool registered = [] {
                                             nullptr);
                   }, "in"),
                   "hadamard_transform_cuda: expected an Error naming in");
-    GPU_CHECK_MSG(names([&] {
-                    quantize_bitsplit_cuda(make_matrix(dx.get(), DType::kBFloat16, 1, cols),
-                                           RandomKey{}, TensorView{}, TensorView{}, TensorView{},
-                                           TensorView{}, make_scalar(dstep.get(), DType::kFloat32),
-                                           default_cuda_allocator(), nullptr);
-                  }, "g"),
+    GPU_CHECK_MSG(names(
+                      [&] {
+                        quantize_bitsplit_cuda(make_matrix(dx.get(), DType::kBFloat16, 1, cols),
+                                               RandomKey{}, TensorView{}, TensorView{},
+                                               TensorView{}, TensorView{},
+                                               make_scalar(dstep.get(), DType::kFloat32),
+                                               TensorView{}, default_cuda_allocator(), nullptr);
+                      },
+                      "g"),
                   "quantize_bitsplit_cuda: expected an Error naming g");
   });
   add_case("hadamard_lsq/0x64/g16/fp32/empty", false, [] {
@@ -424,7 +457,8 @@ const bool registered = [] {
     bool big;
   };
   for (B b : {B{1, 1, false}, B{3, 7, false}, B{5, 37, false}, B{64, 256, false},
-              B{33, 1000, false}, B{128, 768, false}, B{2, 12, false}, B{512, 4096, true}}) {
+              B{33, 1000, false}, B{128, 768, false}, B{2, 12, false}, B{129, 33, false},
+              B{300, 70, false}, B{512, 4096, true}}) {
     for (bool bf16 : {false, true}) {
       for (Data d : {Data::kNormal, Data::kOutliers}) {
         add_case("bitsplit/" + std::to_string(b.rows) + "x" + std::to_string(b.cols) +
