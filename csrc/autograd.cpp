@@ -4,13 +4,16 @@
 // their fake kernels). Also the autocast kernels of `linear` and the autograd of hadamard_transform.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <array>
-#include <limits>
 #include <string>
+#include <tuple>
 
+#include "cuda_bridge.h"
+#include "int4train/quantize.h"
 #include "int4train/torch/ops.h"
 #include "ops_internal.h"
 
@@ -21,6 +24,90 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// ---------------------------------------------------------------- the steps from their parameters
+// _lsq_steps(input_step, weight_step) -> the fp32 0-dim steps the quantizers use,
+// lsq_step_of_param of each (quantize.h: |p| floored at the smallest normal float);
+// _lsq_step_grads(input_step, weight_step, grad_input_step, grad_weight_step) -> the gradients back
+// to the parameters (lsq_step_param_grad, in each parameter's dtype and shape; an empty grad gives
+// an empty output). Below autograd (the linear's Function calls them), so a training step pays one
+// launch for both steps each way on CUDA instead of a dozen ATen ops and their autograd nodes.
+// Elsewhere (and for fp16 / fp64 parameters) the ATen form, which PyTorch's own
+// clamp_min(abs(p)) differentiates the same way.
+
+void check_step_param(const Tensor& p, const char* arg) {
+  TORCH_CHECK_VALUE(p.numel() == 1, "int4train.linear: ", arg,
+                    " (an LSQ step) must hold one element, got shape ", p.sizes());
+  TORCH_CHECK_TYPE(p.is_floating_point(), "int4train.linear: ", arg,
+                   " (an LSQ step) must be a floating-point tensor, got ", p.scalar_type());
+}
+
+bool step_kernels(const Tensor& a, const Tensor& b) {
+  const auto ok = [](const Tensor& p) {
+    return p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16;
+  };
+  return cuda_bridge::kAvailable && a.is_cuda() && a.device() == b.device() && ok(a) && ok(b);
+}
+
+std::tuple<Tensor, Tensor> lsq_steps_impl(const Tensor& input_step, const Tensor& weight_step) {
+  check_step_param(input_step, "input_step");
+  check_step_param(weight_step, "weight_step");
+#ifdef INT4TRAIN_TORCH_CUDA
+  if (step_kernels(input_step, weight_step)) return cuda_bridge::lsq_steps(input_step, weight_step);
+#endif
+  const auto of = [](const Tensor& p) {
+    return p.to(at::kFloat).reshape({}).abs().clamp_min(kLsqStepFloor);
+  };
+  return {of(input_step), of(weight_step)};
+}
+
+std::tuple<Tensor, Tensor> lsq_step_grads_impl(const Tensor& input_step, const Tensor& weight_step,
+                                               const Tensor& grad_input_step,
+                                               const Tensor& grad_weight_step) {
+  check_step_param(input_step, "input_step");
+  check_step_param(weight_step, "weight_step");
+  for (const Tensor* g : {&grad_input_step, &grad_weight_step}) {
+    TORCH_CHECK_VALUE(
+        g->numel() <= 1 && g->scalar_type() == at::kFloat,
+        "int4train._lsq_step_grads: the step gradients must be fp32 with one element ",
+        "(or none), got ", g->scalar_type(), " ", g->sizes());
+  }
+#ifdef INT4TRAIN_TORCH_CUDA
+  if (step_kernels(input_step, weight_step)) {
+    return cuda_bridge::lsq_step_grads(input_step, weight_step, grad_input_step, grad_weight_step);
+  }
+#endif
+  const auto of = [](const Tensor& p, const Tensor& g) {
+    if (g.numel() == 0) return at::empty({0}, p.options());
+    const Tensor p32 = p.to(at::kFloat).reshape({});
+    const Tensor kept =
+        at::where(p32.abs() >= kLsqStepFloor, g.reshape({}), at::zeros({}, g.options()));
+    return (kept * p32.sgn()).to(p.scalar_type()).reshape(p.sizes());
+  };
+  return {of(input_step, grad_input_step), of(weight_step, grad_weight_step)};
+}
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+std::tuple<Tensor, Tensor> lsq_steps(const Tensor& input_step, const Tensor& weight_step) {
+  static const auto handle =
+      op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&)>("int4train::_lsq_steps");
+  return handle.call(input_step, weight_step);
+}
+
+std::tuple<Tensor, Tensor> lsq_step_grads(const Tensor& input_step, const Tensor& weight_step,
+                                          const Tensor& grad_input_step,
+                                          const Tensor& grad_weight_step) {
+  static const auto handle =
+      op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
+          "int4train::_lsq_step_grads");
+  return handle.call(input_step, weight_step, grad_input_step, grad_weight_step);
+}
+
+// ---------------------------------------------------------------- the linear layer's autograd
+
 // Position of each forward argument among the Function's variable inputs (-1: not a variable), so
 // that needs_input_grad, which counts variables only, can be asked per argument.
 int64_t variable_index(const std::optional<Tensor>& t, int64_t* next) {
@@ -29,14 +116,16 @@ int64_t variable_index(const std::optional<Tensor>& t, int64_t* next) {
 
 class LinearFunction : public torch::autograd::Function<LinearFunction> {
  public:
-  // x: (N, D); weight: (C, D); steps: fp32 scalars or absent; returns y (N, C).
+  // x: (N, D); weight: (C, D); steps: the step parameters (any float one-element tensors) or
+  // absent; returns y (N, C). The LSQ recipes quantize with _lsq_steps of the two parameters.
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                         const std::optional<Tensor>& bias, const std::optional<Tensor>& input_step,
                         const std::optional<Tensor>& weight_step, const std::string& recipe,
                         int64_t hadamard_block, int64_t seed, const Tensor& step, int64_t layer) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, codes, aux, scale, saved_step] = linear_forward(x, weight, bias, input_step, weight_step, recipe,
-                                                 hadamard_block, seed, step, layer);
+    const auto [sx, sw] = effective_steps(recipe, input_step, weight_step);
+    auto [y, codes, aux, scale, saved_step] =
+        linear_forward(x, weight, bias, sx, sw, recipe, hadamard_block, seed, step, layer);
     int64_t next = 2;  // x and weight are variables 0 and 1
     ctx->saved_data["bias_index"] = variable_index(bias, &next);
     ctx->saved_data["input_step_index"] = variable_index(input_step, &next);
@@ -51,7 +140,8 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     // place after the forward (and under torch.compile an output of the op is the one value the
     // partitioner can neither move into the backward nor recompute from the mutated counter).
     ctx->save_for_backward({keep_x ? x : Tensor(), weight, input_step.value_or(Tensor()),
-                            weight_step.value_or(Tensor()), codes, aux, scale, saved_step});
+                            weight_step.value_or(Tensor()), codes, aux, scale, saved_step,
+                            sx.value_or(Tensor()), sw.value_or(Tensor())});
     return y;
   }
 
@@ -72,16 +162,37 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) return grads;
     auto opt = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
     auto [gx, gw, gb, gsx, gsw, stats] = linear_backward(
-        grad_outputs[0], opt(x), saved[4], saved[5], saved[6], weight, opt(input_step),
-        opt(weight_step), ctx->saved_data["recipe"].toStringRef(),
-        ctx->saved_data["hadamard_block"].toInt(), ctx->saved_data["seed"].toInt(), saved[7],
-        ctx->saved_data["layer"].toInt(), mask);
+        grad_outputs[0], opt(x), saved[4], saved[5], saved[6], weight, opt(saved[8]), opt(saved[9]),
+        ctx->saved_data["recipe"].toStringRef(), ctx->saved_data["hadamard_block"].toInt(),
+        ctx->saved_data["seed"].toInt(), saved[7], ctx->saved_data["layer"].toInt(), mask);
     if (mask[0]) grads[0] = gx;
     if (mask[1]) grads[1] = gw;
     if (mask[2]) grads[2] = gb;
-    if (mask[3]) grads[3] = gsx;
-    if (mask[4]) grads[4] = gsw;
+    if (mask[3] || mask[4]) {
+      if (saved[8].defined()) {
+        // Through _lsq_steps: both parameters' gradients in one call.
+        std::tie(gsx, gsw) = lsq_step_grads(input_step, weight_step, gsx, gsw);
+      } else {
+        // Steps the recipe does not use: zero gradients in the parameters' dtypes.
+        gsx = mask[3] ? at::zeros_like(input_step) : gsx;
+        gsw = mask[4] ? at::zeros_like(weight_step) : gsw;
+      }
+      if (mask[3]) grads[3] = gsx;
+      if (mask[4]) grads[4] = gsw;
+    }
     return grads;
+  }
+
+  // The steps linear_forward takes: an LSQ recipe's from _lsq_steps of both parameters (one of
+  // them absent: passed on as absent, for linear_forward's error); other recipes use none.
+  static std::pair<std::optional<Tensor>, std::optional<Tensor>> effective_steps(
+      const std::string& recipe, const std::optional<Tensor>& input_step,
+      const std::optional<Tensor>& weight_step) {
+    const bool both = input_step.has_value() && input_step->defined() && weight_step.has_value() &&
+                      weight_step->defined();
+    if (!recipe_uses_lsq(detail::recipe_from(recipe)) || !both) return {std::nullopt, std::nullopt};
+    auto [sx, sw] = lsq_steps(*input_step, *weight_step);
+    return {sx, sw};
   }
 };
 
@@ -133,24 +244,16 @@ std::vector<int64_t> output_shape(const Tensor& x, const Tensor& weight) {
   return shape;
 }
 
-// The step the quantizers use: |s| in fp32, floored at the smallest normal float. An optimizer update
-// that carries a learned step across zero then mirrors it instead of breaking the layer (the core
-// needs s > 0); the gradient flows through |s| (and through the cast: a bf16 step gets a bf16 grad).
-std::optional<Tensor> as_fp32_scalar(const std::optional<Tensor>& t) {
-  if (!t.has_value() || !t->defined()) return std::nullopt;
-  return t->to(at::kFloat).reshape({}).abs().clamp_min(std::numeric_limits<float>::min());
-}
-
 Tensor linear_autograd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                        const std::optional<Tensor>& input_step,
                        const std::optional<Tensor>& weight_step, c10::string_view recipe,
                        int64_t hadamard_block, int64_t seed, const Tensor& step, int64_t layer) {
   check_linear_args(x, weight, bias);
-  const Tensor x2 = x.reshape({-1, weight.size(1)});
-  const Tensor y = LinearFunction::apply(x2, weight, bias, as_fp32_scalar(input_step),
-                                         as_fp32_scalar(weight_step), std::string(recipe),
-                                         hadamard_block, seed, step, layer);
-  return y.reshape(output_shape(x, weight));
+  const bool flat = x.dim() == 2;  // (N, D) already: no reshapes (two view ops a call)
+  const Tensor x2 = flat ? x : x.reshape({-1, weight.size(1)});
+  const Tensor y = LinearFunction::apply(x2, weight, bias, input_step, weight_step,
+                                         std::string(recipe), hadamard_block, seed, step, layer);
+  return flat ? y : y.reshape(output_shape(x, weight));
 }
 
 // Without autograd (inference mode, or a backend below it): the forward alone.
@@ -162,8 +265,9 @@ Tensor linear_forward_only(const Tensor& x, const Tensor& weight,
                            int64_t layer) {
   check_linear_args(x, weight, bias);
   const Tensor x2 = x.reshape({-1, weight.size(1)});
-  const Tensor y = std::get<0>(linear_forward(x2, weight, bias, as_fp32_scalar(input_step),
-                                              as_fp32_scalar(weight_step), std::string(recipe),
+  const auto [sx, sw] =
+      LinearFunction::effective_steps(std::string(recipe), input_step, weight_step);
+  const Tensor y = std::get<0>(linear_forward(x2, weight, bias, sx, sw, std::string(recipe),
                                               hadamard_block, seed, step, layer));
   return y.reshape(output_shape(x, weight));
 }
@@ -198,6 +302,8 @@ TORCH_LIBRARY_IMPL(int4train, Autograd, m) {
 
 TORCH_LIBRARY_IMPL(int4train, CompositeExplicitAutograd, m) {
   m.impl("linear", &linear_forward_only);
+  m.impl("_lsq_steps", &lsq_steps_impl);
+  m.impl("_lsq_step_grads", &lsq_step_grads_impl);
 }
 
 TORCH_LIBRARY_IMPL(int4train, Autocast, m) {

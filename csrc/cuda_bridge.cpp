@@ -50,6 +50,53 @@ at::Tensor hadamard_fp32(const at::Tensor& x, int64_t g) {
   return out;
 }
 
+namespace {
+
+// A one-element tensor (the caller checked numel 1) as a 0-dim core view of its storage.
+TensorView scalar_view(const at::Tensor& t, const char* arg) {
+  return detail::to_view(t.dim() == 0 ? t : t.reshape({}), arg);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> lsq_steps(const at::Tensor& input_param,
+                                             const at::Tensor& weight_param) {
+  const c10::cuda::CUDAGuard guard(input_param.device());
+  // Two allocations: an op's outputs may not alias each other (torch.compile assumes fresh,
+  // 16-byte aligned outputs).
+  at::Tensor sx = at::empty({}, input_param.options().dtype(at::kFloat));
+  at::Tensor sw = at::empty({}, input_param.options().dtype(at::kFloat));
+  detail::call_core([&] {
+    lsq_steps_cuda(scalar_view(input_param, "input_step"), scalar_view(weight_param, "weight_step"),
+                   detail::to_view(sx, "input_step"), detail::to_view(sw, "weight_step"),
+                   current_stream(input_param.get_device()));
+  });
+  return {sx, sw};
+}
+
+std::tuple<at::Tensor, at::Tensor> lsq_step_grads(const at::Tensor& input_param,
+                                                  const at::Tensor& weight_param,
+                                                  const at::Tensor& grad_input_step,
+                                                  const at::Tensor& grad_weight_step) {
+  const c10::cuda::CUDAGuard guard(input_param.device());
+  // Fresh outputs (an op's output may not alias its inputs).
+  const auto out_of = [](const at::Tensor& p, const at::Tensor& g) {
+    return g.numel() == 0 ? at::empty({0}, p.options()) : at::empty(p.sizes(), p.options());
+  };
+  at::Tensor gx = out_of(input_param, grad_input_step), gw = out_of(weight_param, grad_weight_step);
+  const auto grad_view = [](const at::Tensor& g, const char* arg) {
+    return g.numel() == 0 ? TensorView{} : scalar_view(g, arg);
+  };
+  detail::call_core([&] {
+    lsq_step_grads_cuda(
+        scalar_view(input_param, "input_step"), scalar_view(weight_param, "weight_step"),
+        grad_view(grad_input_step, "grad_input_step"),
+        grad_view(grad_weight_step, "grad_weight_step"), grad_view(gx, "grad_input_param"),
+        grad_view(gw, "grad_weight_param"), current_stream(input_param.get_device()));
+  });
+  return {gx, gw};
+}
+
 void linear_forward(const LinearConfig& config, const LinearForwardArgs& args, int device) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   detail::call_core(

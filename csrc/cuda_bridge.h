@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <tuple>
 
 #include "int4train/linear.h"
 
@@ -25,6 +26,15 @@ at::Tensor philox_words(uint64_t seed, uint32_t stream_lo, const at::Tensor& ste
 
 // x (rows, d) fp32 or bf16 CUDA -> x B_g in fp32, bit-identical to hadamard.h's order.
 at::Tensor hadamard_fp32(const at::Tensor& x, int64_t g);
+
+// lsq_steps_cuda / lsq_step_grads_cuda (cuda.h) on one-element fp32 or bf16 CUDA tensors of one
+// device: the two fp32 0-dim steps; the two parameter gradients (empty where the grad is empty).
+std::tuple<at::Tensor, at::Tensor> lsq_steps(const at::Tensor& input_param,
+                                             const at::Tensor& weight_param);
+std::tuple<at::Tensor, at::Tensor> lsq_step_grads(const at::Tensor& input_param,
+                                                  const at::Tensor& weight_param,
+                                                  const at::Tensor& grad_input_step,
+                                                  const at::Tensor& grad_weight_step);
 
 // linear_forward_cuda / linear_backward_cuda on the device of the views (device index given).
 void linear_forward(const LinearConfig& config, const LinearForwardArgs& args, int device);

@@ -349,7 +349,8 @@ Tensor stream_hi_of(const Tensor& step, const Tensor& like) {
                     step.sizes());
   TORCH_CHECK_TYPE(!at::isFloatingType(step.scalar_type()),
                    "int4train: step must be an integer tensor, got ", step.scalar_type());
-  return step.to(like.device(), at::kLong).reshape({});
+  const Tensor s = step.to(like.device(), at::kLong);
+  return s.dim() == 0 ? s : s.reshape({});
 }
 
 // ---------------------------------------------------------------- the linear layer
@@ -368,15 +369,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward(
   check_float(x, "x");
   check_float(weight, "w");
   if (bias.has_value() && bias->defined()) check_float(*bias, "bias");
-  detail::LinearTensors out =
-      detail::allocate_linear_outputs(cfg.recipe, n, d, c, x.scalar_type(), x.options());
-  const Tensor saved_step = detail::saved_step_of(step);
-  const Tensor stream_hi = stream_hi_of(step, x);
 #ifdef INT4TRAIN_TORCH_CUDA
   const bool device_kernels = x.is_cuda() && recipe_uses_lsq(cfg.recipe);
 #else
   const bool device_kernels = false;
 #endif
+  // The device kernels write every aux byte (cuda.h).
+  detail::LinearTensors out = detail::allocate_linear_outputs(cfg.recipe, n, d, c, x.scalar_type(),
+                                                              x.options(), !device_kernels);
+  const Tensor saved_step = detail::saved_step_of(step);
+  const Tensor stream_hi = stream_hi_of(step, x);
   Tensor sx, sw;
   if (recipe_uses_lsq(cfg.recipe)) {
     sx = detail::fp32_scalar(input_step, "input_step", op).to(x.device());
@@ -496,8 +498,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(
   check_recipe_block(cfg, d);
   check_float(grad_y, "grad_y");
   check_float(weight, "w");
+#ifdef INT4TRAIN_TORCH_CUDA
+  const bool device_kernels = grad_y.is_cuda() &&
+                              (cfg.recipe == Recipe::kHqBs || cfg.recipe == Recipe::kHqLss) &&
+                              n > 0 && d > 0 && c > 0;
+#else
+  const bool device_kernels = false;
+#endif
+  // The device kernels write the stats (rows kept) themselves.
   detail::LinearGradTensors out = detail::allocate_linear_grads(
-      n, d, c, grad_y.scalar_type(), weight.scalar_type(), grad_y.options(), mask);
+      n, d, c, grad_y.scalar_type(), weight.scalar_type(), grad_y.options(), mask, !device_kernels);
   const Tensor stream_hi = stream_hi_of(step, grad_y);
   Tensor sx, sw;
   if (recipe_uses_lsq(cfg.recipe)) {
@@ -507,8 +517,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(
   if (mask[3] && !sx.defined()) out.grad_input_step.zero_();
   if (mask[4] && !sw.defined()) out.grad_weight_step.zero_();
 #ifdef INT4TRAIN_TORCH_CUDA
-  if (grad_y.is_cuda() && (cfg.recipe == Recipe::kHqBs || cfg.recipe == Recipe::kHqLss) && n > 0 &&
-      d > 0 && c > 0) {
+  if (device_kernels) {
     // The dedicated kernels (cuda.h): bit split, LSS selection on the device, exact INT8 / FP8
     // products of the codes, LSQ backward and back-rotation, and the bias gradient in linear.h's
     // order (the CPU's, bit for bit). The step stays on the device (LinearConfig::device_step): no

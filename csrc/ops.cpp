@@ -71,11 +71,12 @@ Tensor fp32_scalar(const std::optional<Tensor>& t, const char* arg, const char* 
   TORCH_CHECK_VALUE(t->numel() == 1, op, ": ", arg, " must be a scalar, got shape ", t->sizes());
   TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, op, ": ", arg, " must be float32, got ",
                    t->scalar_type());
-  return t->contiguous().reshape({});
+  return t->dim() == 0 ? *t : t->reshape({});  // one element: contiguous either way
 }
 
 LinearTensors allocate_linear_outputs(Recipe recipe, int64_t n, int64_t d, int64_t c,
-                                      at::ScalarType y_dtype, const at::TensorOptions& device) {
+                                      at::ScalarType y_dtype, const at::TensorOptions& device,
+                                      bool zero_aux) {
   const LinearSavedShapes s = call_core([&] { return linear_saved_shapes(recipe, n, d); });
   LinearTensors out;
   out.y = at::empty({n, c}, device.dtype(y_dtype));
@@ -88,13 +89,15 @@ LinearTensors allocate_linear_outputs(Recipe recipe, int64_t n, int64_t d, int64
                 dtype_name(s.codes_dtype));
     out.codes = at::empty({s.codes_rows, s.codes_cols}, device.dtype(at::kChar));
   }
-  out.aux = at::zeros({s.aux_bytes}, device.dtype(at::kByte));
+  out.aux = zero_aux ? at::zeros({s.aux_bytes}, device.dtype(at::kByte))
+                     : at::empty({s.aux_bytes}, device.dtype(at::kByte));
   out.scale = at::zeros({}, device.dtype(at::kFloat));
   return out;
 }
 
 Tensor saved_step_of(const Tensor& step) {
-  return step.to(at::kLong).reshape({}).clone(at::MemoryFormat::Contiguous);
+  const Tensor s = step.to(at::kLong);
+  return (s.dim() == 0 ? s : s.reshape({})).clone(at::MemoryFormat::Contiguous);
 }
 
 TensorView codes_view(const Tensor& codes, int64_t d, const char* arg) {
@@ -402,8 +405,8 @@ namespace detail {
 
 LinearGradTensors allocate_linear_grads(int64_t n, int64_t d, int64_t c, at::ScalarType grad_dtype,
                                         at::ScalarType weight_dtype,
-                                        const at::TensorOptions& device,
-                                        std::array<bool, 5> mask) {
+                                        const at::TensorOptions& device, std::array<bool, 5> mask,
+                                        bool zero_stats) {
   LinearGradTensors g;
   auto pick = [&](bool keep, at::IntArrayRef shape, at::ScalarType dtype) {
     return keep ? at::empty(shape, device.dtype(dtype)) : at::empty({0}, device.dtype(dtype));
@@ -413,7 +416,8 @@ LinearGradTensors allocate_linear_grads(int64_t n, int64_t d, int64_t c, at::Sca
   g.grad_bias = pick(mask[2], {c}, grad_dtype);
   g.grad_input_step = pick(mask[3], {}, at::kFloat);
   g.grad_weight_step = pick(mask[4], {}, at::kFloat);
-  g.stats = at::zeros({2}, device.dtype(at::kLong));
+  g.stats = zero_stats ? at::zeros({2}, device.dtype(at::kLong))
+                       : at::empty({2}, device.dtype(at::kLong));
   return g;
 }
 
@@ -449,6 +453,13 @@ TORCH_LIBRARY(int4train, m) {
       "int seed, Tensor step, int layer, bool[5] output_mask) -> (Tensor grad_x, "
       "Tensor grad_weight, Tensor grad_bias, Tensor grad_input_step, Tensor grad_weight_step, "
       "Tensor stats)",
+      tags);
+  // The LSQ steps from their parameters and the gradients back (quantize.h lsq_step_of_param,
+  // lsq_step_param_grad), called by the layer's autograd below it (autograd.cpp).
+  m.def("_lsq_steps(Tensor input_step, Tensor weight_step) -> (Tensor, Tensor)", tags);
+  m.def(
+      "_lsq_step_grads(Tensor input_step, Tensor weight_step, Tensor grad_input_step, "
+      "Tensor grad_weight_step) -> (Tensor, Tensor)",
       tags);
   // The differentiable layer (autograd and autocast kernels in autograd.cpp). x: (..., in_features).
   m.def(

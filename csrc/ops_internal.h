@@ -29,12 +29,14 @@ void check_linear_shapes(const at::Tensor& x, const at::Tensor& weight,
 at::Tensor fp32_scalar(const std::optional<at::Tensor>& t, const char* arg, const char* op);
 
 // linear_forward's outputs: y (N, C), the saved codes (uint8 (N, ceil(D/2)) packed INT4 for LSQ
-// recipes, int8 (N, D) for int8, (0, 0) for fp), aux (uint8 vector) and scale (fp32 0-dim).
+// recipes, int8 (N, D) for int8, (0, 0) for fp), aux (uint8 vector; zeroed unless the caller's
+// kernel writes every byte: zero_aux false) and scale (fp32 0-dim, zero).
 struct LinearTensors {
   at::Tensor y, codes, aux, scale;
 };
 LinearTensors allocate_linear_outputs(Recipe recipe, int64_t n, int64_t d, int64_t c,
-                                      at::ScalarType y_dtype, const at::TensorOptions& device);
+                                      at::ScalarType y_dtype, const at::TensorOptions& device,
+                                      bool zero_aux = true);
 // linear_forward's last output: a copy of the step its random streams used (int64 0-dim, on the
 // step's device), which the backward takes as its step.
 at::Tensor saved_step_of(const at::Tensor& step);
@@ -42,12 +44,14 @@ at::Tensor saved_step_of(const at::Tensor& step);
 TensorView codes_view(const at::Tensor& codes, int64_t d, const char* arg);
 
 // linear_backward's outputs; an output whose mask bit is false is an empty (0,) tensor.
-// grad_x and grad_bias take grad_y's dtype, grad_weight the weight's, the step gradients fp32.
+// grad_x and grad_bias take grad_y's dtype, grad_weight the weight's, the step gradients fp32;
+// stats int64 (2,), zeroed unless the caller's kernel writes it (zero_stats false).
 struct LinearGradTensors {
   at::Tensor grad_x, grad_w, grad_bias, grad_input_step, grad_weight_step, stats;
 };
 LinearGradTensors allocate_linear_grads(int64_t n, int64_t d, int64_t c, at::ScalarType grad_dtype,
                                         at::ScalarType weight_dtype,
-                                        const at::TensorOptions& device, std::array<bool, 5> mask);
+                                        const at::TensorOptions& device, std::array<bool, 5> mask,
+                                        bool zero_stats = true);
 
 }  // namespace int4train::pt::detail

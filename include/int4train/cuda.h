@@ -137,6 +137,21 @@ void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const Tensor
                                 const RandomKey& rng, TensorView operand, TensorView packed,
                                 TensorView aux, TensorView nonfinite, void* stream);
 
+// The two steps of a layer from their learned parameters in one launch (the PyTorch layer's every
+// call): input_step = lsq_step_of_param(input_param), weight_step likewise (quantize.h). Params:
+// fp32 or bf16 device scalars; steps: fp32 device scalars. A pair whose param has data == nullptr
+// is skipped.
+void lsq_steps_cuda(const TensorView& input_param, const TensorView& weight_param,
+                    TensorView input_step, TensorView weight_step, void* stream);
+
+// Their gradients back to the parameters in one launch: grad_param = lsq_step_param_grad(param,
+// grad_step) in the param's dtype (bf16 rounded to nearest even). grad_step: fp32 device scalars;
+// grad_param may be the grad_step view itself for an fp32 param (read before written). A pair whose
+// grad_step has data == nullptr is skipped.
+void lsq_step_grads_cuda(const TensorView& input_param, const TensorView& weight_param,
+                         const TensorView& grad_input_step, const TensorView& grad_weight_step,
+                         TensorView grad_input_param, TensorView grad_weight_param, void* stream);
+
 // out = in B_block (hadamard.h), bit-identical to hadamard_transform_ref. in/out: fp32 or bf16,
 // same shape, may be the very same view (in place).
 void hadamard_transform_cuda(const TensorView& in, TensorView out, int32_t block, void* stream);

@@ -22,6 +22,24 @@ namespace int4train {
 constexpr int kLsqQn = 8;
 constexpr int kLsqQp = 7;
 
+// The step a layer quantizes with, from its learned parameter p: |p| floored at the smallest normal
+// float, so that an optimizer update carrying p across zero mirrors the step instead of breaking
+// the quantizers (which need s > 0); NaN stays NaN. lsq_step_param_grad is the chain rule back to p
+// as PyTorch differentiates clamp_min(abs(p), floor): g * 1[|p| >= floor] * sign(p), sign being 0
+// at
+// +-0 and NaN. The PyTorch layer applies both (csrc/autograd.cpp); the core's functions below take
+// the step itself.
+constexpr float kLsqStepFloor = 0x1p-126f;
+INT4TRAIN_HD float lsq_step_of_param(float p) {
+  const float a = p < 0.0f ? -p : p;
+  return a < kLsqStepFloor ? kLsqStepFloor : a;
+}
+INT4TRAIN_HD float lsq_step_param_grad(float p, float g) {
+  const float a = p < 0.0f ? -p : p;
+  const float sign = p > 0.0f ? 1.0f : (p < 0.0f ? -1.0f : 0.0f);
+  return (a >= kLsqStepFloor ? g : 0.0f) * sign;
+}
+
 // First-batch initial step: s = 2 * mean|x| / sqrt(Q_P), mean accumulated in fp64. An all-zero x gives
 // s = 1 (any positive step quantizes zeros exactly). A non-finite x is an Error naming `x`.
 float lsq_init_step(const TensorView& x, int qp = kLsqQp);

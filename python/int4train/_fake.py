@@ -138,6 +138,19 @@ register_fake("int4train::linear_forward")(_linear_forward)
 register_fake("int4train::linear_backward")(_linear_backward)
 
 
+@register_fake("int4train::_lsq_steps")
+def _lsq_steps(input_step, weight_step):
+    return (input_step.new_empty((), dtype=torch.float32),
+            weight_step.new_empty((), dtype=torch.float32))
+
+
+@register_fake("int4train::_lsq_step_grads")
+def _lsq_step_grads(input_step, weight_step, grad_input_step, grad_weight_step):
+    def grad(p, g):
+        return p.new_empty(p.shape if g.numel() > 0 else (0,))
+    return grad(input_step, grad_input_step), grad(weight_step, grad_weight_step)
+
+
 @register_fake("int4train::linear")
 def _linear(x, weight, bias, input_step, weight_step, recipe, hadamard_block, seed, step, layer):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))

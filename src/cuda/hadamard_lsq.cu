@@ -254,6 +254,37 @@ __global__ void __launch_bounds__(kThreads) hadamard_small_kernel(const Transfor
   }
 }
 
+// ---- the steps from their parameters (quantize.h): thread i < 2 handles pair i; with grads, the
+// chain rule back to the parameters instead.
+struct StepPairs {
+  const void* param[2];
+  bool bf16[2];
+  const float* grad[2];  // null: forward (out = fp32 step)
+  void* out[2];          // null: pair skipped
+};
+
+__global__ void lsq_steps_kernel(const StepPairs sp) {
+  const int i = threadIdx.x;
+  if (i >= 2 || sp.out[i] == nullptr) return;
+  const float p = sp.bf16[i] ? bf16_to_float(*static_cast<const BFloat16*>(sp.param[i]))
+                             : *static_cast<const float*>(sp.param[i]);
+  if (sp.grad[i] == nullptr) {
+    *static_cast<float*>(sp.out[i]) = lsq_step_of_param(p);
+    return;
+  }
+  const float g = lsq_step_param_grad(p, *sp.grad[i]);
+  if (sp.bf16[i]) {
+    *static_cast<BFloat16*>(sp.out[i]) = float_to_bf16(g);
+  } else {
+    *static_cast<float*>(sp.out[i]) = g;
+  }
+}
+
+void launch_lsq_steps(const StepPairs& sp, void* stream) {
+  lsq_steps_kernel<<<1, 32, 0, as_stream(stream)>>>(sp);
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+}
+
 // ---- host side
 void check_block(int32_t block, int64_t cols) {
   if (!is_valid_hadamard_block(block)) {
@@ -390,6 +421,49 @@ void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const Tensor
     }
     INT4TRAIN_CUDA_LAUNCH_CHECK();
   }
+}
+
+void lsq_steps_cuda(const TensorView& input_param, const TensorView& weight_param,
+                    TensorView input_step, TensorView weight_step, void* stream) {
+  using namespace cuda_detail;
+  StepPairs sp{};
+  const TensorView* params[2] = {&input_param, &weight_param};
+  TensorView* steps[2] = {&input_step, &weight_step};
+  const char* names[2][2] = {{"input_param", "input_step"}, {"weight_param", "weight_step"}};
+  for (int i = 0; i < 2; ++i) {
+    if (params[i]->data == nullptr) continue;
+    check_dtype(*params[i], names[i][0], {DType::kFloat32, DType::kBFloat16});
+    check_device_scalar(*params[i], names[i][0], params[i]->dtype);
+    check_device_scalar(*steps[i], names[i][1], DType::kFloat32);
+    sp.param[i] = params[i]->data;
+    sp.bf16[i] = params[i]->dtype == DType::kBFloat16;
+    sp.out[i] = steps[i]->data;
+  }
+  if (sp.out[0] != nullptr || sp.out[1] != nullptr) launch_lsq_steps(sp, stream);
+}
+
+void lsq_step_grads_cuda(const TensorView& input_param, const TensorView& weight_param,
+                         const TensorView& grad_input_step, const TensorView& grad_weight_step,
+                         TensorView grad_input_param, TensorView grad_weight_param, void* stream) {
+  using namespace cuda_detail;
+  StepPairs sp{};
+  const TensorView* params[2] = {&input_param, &weight_param};
+  const TensorView* grads[2] = {&grad_input_step, &grad_weight_step};
+  TensorView* outs[2] = {&grad_input_param, &grad_weight_param};
+  const char* names[2][3] = {{"input_param", "grad_input_step", "grad_input_param"},
+                             {"weight_param", "grad_weight_step", "grad_weight_param"}};
+  for (int i = 0; i < 2; ++i) {
+    if (grads[i]->data == nullptr) continue;
+    check_dtype(*params[i], names[i][0], {DType::kFloat32, DType::kBFloat16});
+    check_device_scalar(*params[i], names[i][0], params[i]->dtype);
+    check_device_scalar(*grads[i], names[i][1], DType::kFloat32);
+    check_device_scalar(*outs[i], names[i][2], params[i]->dtype);
+    sp.param[i] = params[i]->data;
+    sp.bf16[i] = params[i]->dtype == DType::kBFloat16;
+    sp.grad[i] = grads[i]->ptr<const float>();
+    sp.out[i] = outs[i]->data;
+  }
+  if (sp.out[0] != nullptr || sp.out[1] != nullptr) launch_lsq_steps(sp, stream);
 }
 
 void hadamard_transform_cuda(const TensorView& in, TensorView out, int32_t block, void* stream) {

@@ -90,6 +90,30 @@ def test_cuda_lss_budget_matches_cpu_core(budget):
         assert torch.equal(cpu[0], bs[0]) and torch.equal(cpu[1], bs[1])
 
 
+def test_cuda_lsq_step_kernels_match_cpu():
+    # The one-launch steps and their gradients (fp32 and bf16 parameters, mixed) equal the CPU's
+    # ATen form, itself equal to PyTorch's clamp_min(abs(p)) autograd (test_ops.py), bit for bit
+    # (a NaN as a NaN: the GPU's arithmetic gives its canonical NaN, not the input's payload).
+    values = (2.0, -3.0, -0.37, 1e-40, -1e-40, 0.0, -0.0, math.inf, -math.inf, math.nan)
+    for da, db in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                   (torch.float32, torch.bfloat16)):
+        for a in values:
+            pa, pb = torch.tensor(a, dtype=da), torch.tensor([-0.75], dtype=db)
+            ga, gb = torch.tensor(1.5), torch.tensor(-0.3)
+            cpu = ops._lsq_steps(pa, pb) + ops._lsq_step_grads(pa, pb, ga, gb)
+            dev = ops._lsq_steps(pa.cuda(), pb.cuda()) + ops._lsq_step_grads(
+                pa.cuda(), pb.cuda(), ga.cuda(), gb.cuda())
+            for c, g in zip(cpu, dev):
+                assert c.dtype == g.dtype and c.shape == g.shape and g.is_cuda
+                both_nan = bool(c.isnan().all()) and bool(g.isnan().all().cpu())
+                assert both_nan or torch.equal(c.reshape(-1).view(torch.uint8),
+                                               g.cpu().reshape(-1).view(torch.uint8)), (a, da, db,
+                                                                                         c, g)
+            none_a, only_b = ops._lsq_step_grads(pa.cuda(), pb.cuda(), torch.empty(0).cuda(),
+                                                 gb.cuda())
+            assert none_a.numel() == 0 and torch.equal(only_b.cpu(), cpu[3])
+
+
 def test_cuda_components_match_cpu():
     x = torch.randn(9, 64)
     for block in (1, 4, 64):

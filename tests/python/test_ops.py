@@ -359,6 +359,52 @@ def test_linear_errors():
         ops.linear_forward(torch.randn(2, 3, 8), w, b, None, None, "fp", 1, 0, s, 0)
 
 
+STEP_PARAMS = (2.0, -3.0, -0.37, 1e-40, -1e-40, 0.0, -0.0, math.inf, -math.inf, math.nan)
+
+
+def step_reference(p, g):
+    """The steps' autograd composition the layer once ran: clamp_min(abs(p)) and its gradient."""
+    q = p.detach().clone().requires_grad_(True)
+    s = q.to(torch.float32).reshape(()).abs().clamp_min(torch.finfo(torch.float32).tiny)
+    s.backward(g)
+    return s.detach(), q.grad
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_lsq_step_ops_match_autograd_composition(dtype):
+    # _lsq_steps / _lsq_step_grads (what Int4Linear's autograd calls) equal clamp_min(abs(p)) and
+    # its autograd gradient bit for bit, signed zeros and NaN included.
+    for a in STEP_PARAMS:
+        for b in STEP_PARAMS[:3]:
+            pa, pb = torch.tensor(a, dtype=dtype), torch.tensor([b], dtype=dtype)  # 0-dim and (1,)
+            ga, gb = torch.tensor(1.5), torch.tensor(-0.3)
+            sa, sb = ops._lsq_steps(pa, pb)
+            ra, rga = step_reference(pa, ga)
+            rb, rgb = step_reference(pb, gb)
+            assert same_bits(sa, ra) and same_bits(sb, rb), (a, b)
+            grad_a, grad_b = ops._lsq_step_grads(pa, pb, ga, gb)
+            assert same_bits(grad_a, rga) and same_bits(grad_b, rgb), (a, b, grad_a, rga)
+            none_a, only_b = ops._lsq_step_grads(pa, pb, torch.empty(0), gb)
+            assert none_a.numel() == 0 and same_bits(only_b, rgb)
+
+
+def test_lsq_step_ops_reject_bad_parameters():
+    one = torch.tensor(1.0)
+    with pytest.raises(ValueError, match="input_step"):
+        ops._lsq_steps(torch.ones(2), one)
+    with pytest.raises(TypeError, match="weight_step"):
+        ops._lsq_steps(one, torch.tensor(1))
+    with pytest.raises(ValueError, match="step gradients"):
+        ops._lsq_step_grads(one, one, torch.ones(2), one)
+    opcheck(ops._lsq_steps.default, (one, torch.tensor([-0.5]).bfloat16()))
+    opcheck(ops._lsq_step_grads.default, (one, -one, torch.tensor(2.0), torch.empty(0)))
+
+
 def test_linear_uses_step_magnitude():
     # An optimizer step may carry a learned step size across zero: the layer quantizes with |s|
     # (the gradient mirrors), never with a non-positive step.
