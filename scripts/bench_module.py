@@ -5,10 +5,13 @@ training (no synchronisation between them), `--iters` steps between two CUDA eve
 shape take turns, nn.Linear first, for `--rounds` rounds (so a drift of the machine's speed hits them
 alike), and each time is the median per step over the rounds. Where the GPU work is short (BERT-base's
 shape) this measures the host's cost of launching a step (Python, autograd, the op's dispatch), as
-training does; such host-bound times move by about 10% between runs. The ratio is nn.Linear's time
-over the layer's, so above 1 is faster than bf16. Prints a Markdown table.
+training does; such host-bound times move by 10-30% between runs. With --graphs every layer's step
+(nn.Linear's too) is captured once in a CUDA graph and replayed, which takes the host out: what
+torch.cuda.graphs / torch.compile(mode="reduce-overhead") give a host-bound model. The ratio is
+nn.Linear's time over the layer's, so above 1 is faster than bf16. Prints a Markdown table.
 
     python scripts/bench_module.py [--iters 20] [--recipes hq_bs,hq_lss,hq_bs:dense_fallback=auto]
+                                   [--graphs]
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ SHAPES = [(8192, 4096, 4096), (8192, 4096, 16384), (8192, 16384, 4096), (16384, 
           (4096, 768, 3072)]
 
 
-def step_times_ms(layers: list, x: torch.Tensor, gy: torch.Tensor, iters: int,
-                  rounds: int) -> list:
+def step_times_ms(layers: list, x: torch.Tensor, gy: torch.Tensor, iters: int, rounds: int,
+                  graphs: bool) -> list:
     """Median time per training step of each layer, the layers taking turns round by round."""
     def step(layer: nn.Module) -> None:
         x.grad = None
@@ -34,17 +37,35 @@ def step_times_ms(layers: list, x: torch.Tensor, gy: torch.Tensor, iters: int,
             p.grad = None
         layer(x).backward(gy)
 
-    for layer in layers:
+    def graphed(layer: nn.Module):
+        # Warm-up steps on a side stream (the layer initialises there), then one step captured with
+        # the gradients unset: each replay writes them anew, as the eager step does.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step(layer)
+        torch.cuda.current_stream().wait_stream(side)
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            layer(x).backward(gy)
+        return graph.replay
+
+    steps = [graphed(layer) if graphs else (lambda layer=layer: step(layer)) for layer in layers]
+    for run in steps:
         for _ in range(3):
-            step(layer)
+            run()
     torch.cuda.synchronize()
     times = [[] for _ in layers]
     for _ in range(rounds):
-        for i, layer in enumerate(layers):
+        for i, run in enumerate(steps):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             for _ in range(iters):
-                step(layer)
+                run()
             b.record()
             b.synchronize()
             times[i].append(a.elapsed_time(b) / iters)
@@ -56,13 +77,16 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--recipes", default="hq_bs,hq_lss,hq_bs:dense_fallback=auto")
+    ap.add_argument("--graphs", action="store_true",
+                    help="replay each layer's step from a CUDA graph (no host cost)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_module.py: needs a CUDA device")
     recipes = [int4train.Recipe.of(r) for r in args.recipes.split(",")]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"int4train {int4train.__version__}; per step (forward + backward), median of "
-          f"{args.rounds} rounds of {args.iters} back-to-back steps, the layers taking turns")
+          f"{args.rounds} rounds of {args.iters} back-to-back steps, the layers taking turns"
+          + ("; every step replayed from a CUDA graph" if args.graphs else ""))
     head = "| tokens x in -> out | nn.Linear bf16 | " + " | ".join(r.label for r in recipes) + " |"
     print(head)
     print("|" + "---|" * (2 + len(recipes)))
@@ -72,7 +96,7 @@ def main() -> None:
         x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         gy = torch.randn(n, c, device="cuda", dtype=torch.bfloat16)
         layers = [int4train.Int4Linear.from_linear(lin, recipe=r) for r in recipes]
-        base, *rest = step_times_ms([lin] + layers, x, gy, args.iters, args.rounds)
+        base, *rest = step_times_ms([lin] + layers, x, gy, args.iters, args.rounds, args.graphs)
         cells = [f"{t:.3f} ms ({base / t:.2f}x)" for t in rest]
         del layers
         print(f"| {n}x{d}->{c} | {base:.3f} ms | " + " | ".join(cells) + " |", flush=True)

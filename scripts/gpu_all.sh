@@ -2,7 +2,7 @@
 # Everything on a GPU machine in one call, within a time budget, short table last:
 #   1. the CUDA kernel tests (scripts/gpu_check.sh: build, tests, optional memcheck and benchmark),
 #   2. the Python package built with its CUDA kernels, and its CUDA tests (tests/python/test_cuda.py),
-#      then with --bench the module-level step times (scripts/bench_module.py),
+#      then with --bench the module-level step times (scripts/bench_module.py, eager and CUDA graphs),
 #   3. the accuracy table of docs/accuracy.md (python -m int4train.train.table), as many runs as the
 #      remaining budget allows, several processes at once, spread over every visible GPU; runs already
 #      in the table folder are kept (a table can be finished over several calls); logs under $OUT.
@@ -71,9 +71,12 @@ if [ "$pytest" = 1 ]; then
 fi
 
 if [ "$bench" = 1 ]; then
-  # The module-level step times (what a PyTorch user sees), the small-shape rule included.
+  # The module-level step times (what a PyTorch user sees), the small-shape rule included; then
+  # the same steps replayed from CUDA graphs (no host cost).
   python3 scripts/bench_module.py > "$OUT/bench_module.md" 2>&1
-  summary+=("module bench   : rc=$? ($(elapsed) s)")
+  rc=$?
+  python3 scripts/bench_module.py --graphs >> "$OUT/bench_module.md" 2>&1
+  summary+=("module bench   : rc=$rc, graphs rc=$? ($(elapsed) s)")
 fi
 
 table_args=()
