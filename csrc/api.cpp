@@ -1,19 +1,15 @@
-// int4train for LibTorch: the C++ entry points of int4train/torch/ops.h, each a typed call of its op
-// through the c10 dispatcher (so autograd, autocast and the device kernels apply as from Python).
-#include <ATen/core/dispatch/Dispatcher.h>
-
+// int4train for LibTorch: the C++ entry points of int4train/torch/ops.h, each a typed call of its
+// op through the c10 dispatcher (so autograd, autocast and the device kernels apply as from
+// Python).
 #include "int4train/torch/ops.h"
+#include "ops_internal.h"
 
 namespace int4train::pt {
 namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
+using detail::op;
 
 }  // namespace
 

@@ -4,7 +4,6 @@
 // their fake kernels). Also the autocast kernels of `linear` and the autograd of hadamard_transform.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -86,23 +85,17 @@ std::tuple<Tensor, Tensor> lsq_step_grads_impl(const Tensor& input_step, const T
   return {of(input_step, grad_input_step), of(weight_step, grad_weight_step)};
 }
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
 std::tuple<Tensor, Tensor> lsq_steps(const Tensor& input_step, const Tensor& weight_step) {
   static const auto handle =
-      op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&)>("int4train::_lsq_steps");
+      detail::op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&)>("int4train::_lsq_steps");
   return handle.call(input_step, weight_step);
 }
 
 std::tuple<Tensor, Tensor> lsq_step_grads(const Tensor& input_step, const Tensor& weight_step,
                                           const Tensor& grad_input_step,
                                           const Tensor& grad_weight_step) {
-  static const auto handle =
-      op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
-          "int4train::_lsq_step_grads");
+  static const auto handle = detail::op<std::tuple<Tensor, Tensor>(
+      const Tensor&, const Tensor&, const Tensor&, const Tensor&)>("int4train::_lsq_step_grads");
   return handle.call(input_step, weight_step, grad_input_step, grad_weight_step);
 }
 
@@ -264,12 +257,13 @@ Tensor linear_forward_only(const Tensor& x, const Tensor& weight,
                            int64_t hadamard_block, int64_t seed, const Tensor& step,
                            int64_t layer) {
   check_linear_args(x, weight, bias);
-  const Tensor x2 = x.reshape({-1, weight.size(1)});
+  const bool flat = x.dim() == 2;
+  const Tensor x2 = flat ? x : x.reshape({-1, weight.size(1)});
   const auto [sx, sw] =
       LinearFunction::effective_steps(std::string(recipe), input_step, weight_step);
   const Tensor y = std::get<0>(linear_forward(x2, weight, bias, sx, sw, std::string(recipe),
                                               hadamard_block, seed, step, layer));
-  return y.reshape(output_shape(x, weight));
+  return flat ? y : y.reshape(output_shape(x, weight));
 }
 
 // Autocast: like nn.Linear, the layer takes lower-precision operands under autocast. The core

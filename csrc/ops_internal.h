@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <array>
 #include <cstdint>
@@ -13,6 +14,13 @@
 #include "int4train/linear.h"
 
 namespace int4train::pt::detail {
+
+// The typed handle of a registered op, for calls through the dispatcher (so autograd, autocast and
+// the device kernels apply); look it up once (a static) per call site.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
 
 // The low 32 bits of an integer scalar tensor holding the training step (read on the host).
 uint32_t step_value(const at::Tensor& step);
