@@ -70,6 +70,23 @@ def test_cuda_linear_matches_cpu_core(recipe, dtype):
                 torch.testing.assert_close(b.cpu(), a, rtol=tol, atol=tol * max(1.0, a.abs().max().item()))
 
 
+@pytest.mark.parametrize("recipe", ["hq_bs", "hq_lss"])
+def test_cuda_backward_bias_alone_matches_cpu_core(recipe):
+    # Only the bias gradient asked for (a frozen weight, as in BitFit): the device kernels run the
+    # reduction pass alone; its column sums (several 128-row blocks, a partial last one, an odd
+    # width) equal the CPU core's bit for bit, and the unselected outputs are empty.
+    for dtype in (torch.float32, torch.bfloat16):
+        args = cpu_args(recipe, 300, 64, 37, dtype)
+        y, codes, aux, scale, saved = ops.linear_forward(*args)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+        bargs = [gy, None, codes, aux, scale, args[1], args[3], args[4], recipe, args[6], args[7],
+                 saved, args[9], [False, False, True, False, False]]
+        cpu_g = ops.linear_backward(*bargs)
+        gpu_g = ops.linear_backward(*to_cuda(bargs))
+        assert gpu_g[2].dtype == dtype and torch.equal(cpu_g[2], gpu_g[2].cpu())
+        assert all(g.numel() == 0 for g in (gpu_g[0], gpu_g[1], gpu_g[3], gpu_g[4]))
+
+
 @pytest.mark.parametrize("budget", [1.5, 2.0])
 def test_cuda_lss_budget_matches_cpu_core(budget):
     # The recipe spec reaches the CUDA path: the same sampled rows and gradients as the CPU core.
