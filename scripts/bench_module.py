@@ -28,14 +28,23 @@ SHAPES = [(8192, 4096, 4096), (8192, 4096, 16384), (8192, 16384, 4096), (16384, 
           (4096, 768, 3072)]
 
 
+def clear_grads(layer: nn.Module, x: torch.Tensor) -> None:
+    x.grad = None
+    for p in layer.parameters():
+        p.grad = None
+
+
+def train_step(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> None:
+    """One training step as the benchmarks time it: gradients unset, forward, backward of gy."""
+    clear_grads(layer, x)
+    layer(x).backward(gy)
+
+
 def step_times_ms(layers: list, x: torch.Tensor, gy: torch.Tensor, iters: int, rounds: int,
                   graphs: bool) -> list:
     """Median time per training step of each layer, the layers taking turns round by round."""
     def step(layer: nn.Module) -> None:
-        x.grad = None
-        for p in layer.parameters():
-            p.grad = None
-        layer(x).backward(gy)
+        train_step(layer, x, gy)
 
     def graphed(layer: nn.Module):
         # Warm-up steps on a side stream (the layer initialises there), then one step captured with
@@ -46,9 +55,7 @@ def step_times_ms(layers: list, x: torch.Tensor, gy: torch.Tensor, iters: int, r
             for _ in range(3):
                 step(layer)
         torch.cuda.current_stream().wait_stream(side)
-        x.grad = None
-        for p in layer.parameters():
-            p.grad = None
+        clear_grads(layer, x)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             layer(x).backward(gy)

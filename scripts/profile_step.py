@@ -19,6 +19,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import int4train
+from bench_module import train_step  # the step bench_module.py times (scripts/ is on the path)
 
 RUNTIME_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC",
                  "cudaMemsetAsync", "cudaMemcpyAsync", "cudaMalloc", "cudaFree",
@@ -43,10 +44,7 @@ def main() -> None:
         (r, int4train.Int4Linear.from_linear(lin, recipe=r)) for r in args.recipes.split(",")]
 
     def step(layer: nn.Module) -> None:
-        x.grad = None
-        for p in layer.parameters():
-            p.grad = None
-        layer(x).backward(gy)
+        train_step(layer, x, gy)
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; shape {n}x{d}->{c} "
           f"bf16; {args.steps} steps per measurement")

@@ -26,9 +26,8 @@ constexpr int kLsqQp = 7;
 // float, so that an optimizer update carrying p across zero mirrors the step instead of breaking
 // the quantizers (which need s > 0); NaN stays NaN. lsq_step_param_grad is the chain rule back to p
 // as PyTorch differentiates clamp_min(abs(p), floor): g * 1[|p| >= floor] * sign(p), sign being 0
-// at
-// +-0 and NaN. The PyTorch layer applies both (csrc/autograd.cpp); the core's functions below take
-// the step itself.
+// at +-0 and NaN. The PyTorch layer applies both (csrc/autograd.cpp); the core's functions below
+// take the step itself.
 constexpr float kLsqStepFloor = 0x1p-126f;
 INT4TRAIN_HD float lsq_step_of_param(float p) {
   const float a = p < 0.0f ? -p : p;
