@@ -34,9 +34,10 @@ def _is_convertible(module: nn.Module) -> bool:
     )
 
 
-def _from_conv1d(conv: nn.Module, recipe: Recipe, layer_id: int) -> Int4Linear:
-    in_features, out_features = conv.weight.shape
-    layer = Int4Linear.from_linear(_ConvAsLinear(conv), recipe=recipe, layer_id=layer_id)
+def _from_conv1d(conv: nn.Module, recipe: Recipe, layer_id: int, process_group) -> Int4Linear:
+    layer = Int4Linear.from_linear(
+        _ConvAsLinear(conv), recipe=recipe, layer_id=layer_id, process_group=process_group
+    )
     layer._source_conv1d = type(conv)  # unconvert_ gives a Conv1D back
     return layer
 
@@ -61,6 +62,7 @@ def convert_(
     recipe: RecipeLike = "hq_lss",
     filter_fn: Optional[FilterFn] = None,
     seed: Optional[int] = None,
+    process_group=None,
 ) -> nn.Module:
     """Replaces, in place, every nn.Linear of `model` (and every transformers Conv1D, as in GPT-2)
     for which filter_fn(module, qualified_name) is true (default: all) by an Int4Linear of `recipe`.
@@ -69,7 +71,9 @@ def convert_(
     built before the conversion still holds them, though not the new step sizes: build it after).
     A Conv1D's weight is transposed into a new (out, in) Parameter. Layer ids are assigned 0, 1, ...
     in module order over the converted layers
-    (after any Int4Linear already in the model). `seed` overrides the recipe's seed. Returns `model`
+    (after any Int4Linear already in the model). `seed` overrides the recipe's seed.
+    `process_group`: the data-parallel group of the model's replicas (DDP, FSDP; e.g.
+    torch.distributed.group.WORLD), given to every new layer (Int4Linear.process_group). Returns `model`
     (converted in place; a bare nn.Linear passed as `model` cannot be replaced in place, so
     convert_ returns its Int4Linear instead).
     """
@@ -77,7 +81,7 @@ def convert_(
     if _is_convertible(model):
         if filter_fn is not None and not filter_fn(model, ""):
             return model
-        return _convert_one(model, r, 0)
+        return _convert_one(model, r, 0, process_group)
     targets = []
     seen = set()
     # Layers converted by an earlier call keep their ids; new ones continue after them.
@@ -92,17 +96,19 @@ def convert_(
     replacement = {}
     for name, module in targets:
         if id(module) not in replacement:
-            replacement[id(module)] = _convert_one(module, r, base + len(seen))
+            replacement[id(module)] = _convert_one(module, r, base + len(seen), process_group)
             seen.add(id(module))
         _set_child(model, name, replacement[id(module)])
     return model
 
 
-def _convert_one(module: nn.Module, recipe: Recipe, layer_id: int) -> Int4Linear:
+def _convert_one(module: nn.Module, recipe: Recipe, layer_id: int, process_group) -> Int4Linear:
     if _is_hf_conv1d(module):
-        layer = _from_conv1d(module, recipe, layer_id)
+        layer = _from_conv1d(module, recipe, layer_id, process_group)
     else:
-        layer = Int4Linear.from_linear(module, recipe=recipe, layer_id=layer_id)
+        layer = Int4Linear.from_linear(
+            module, recipe=recipe, layer_id=layer_id, process_group=process_group
+        )
     layer.train(module.training)
     return layer
 

@@ -6,15 +6,71 @@ run on 4-bit integers (or any recipe of int4train.Recipe), through the C++ op to
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
+from torch import distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
 from .config import Recipe, RecipeLike
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+_SEED_MASK = (1 << 63) - 1
+_RANK_SEED_MULTIPLIER = 0x9E3779B97F4A7C15  # odd: rank -> rank * multiplier is one-to-one
+_warned_unsynchronized = False
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed a data-parallel rank's layers key their random streams with: `seed` on rank 0, and
+    seed XOR (rank * 0x9E3779B97F4A7C15 mod 2^63) on the others, so that ranks draw independent
+    stochastic roundings and samples (their average keeps the 1/ranks variance of independent
+    estimates) while rank 0 reproduces a one-process run of the same seed."""
+    if rank < 0:
+        raise ValueError(f"rank_seed: rank must be >= 0, got {rank}")
+    return (seed ^ (rank * _RANK_SEED_MULTIPLIER)) & _SEED_MASK
+
+
+class _GroupRef:
+    """A layer's data-parallel process group (or none) and this process's rank in it. Shared, not
+    copied, by copy.deepcopy; dropped by pickling (a process group does not outlive its process)."""
+
+    __slots__ = ("group", "rank", "size")
+
+    def __init__(self, group) -> None:
+        self.group = group
+        if group is None:
+            self.rank, self.size = 0, 1
+        else:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError(
+                    "Int4Linear: process_group was given but torch.distributed is not initialised; "
+                    "call torch.distributed.init_process_group first"
+                )
+            self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+            if self.rank < 0:
+                raise ValueError("Int4Linear: this process is not a member of process_group")
+
+    def __deepcopy__(self, memo) -> "_GroupRef":
+        return self
+
+    def __reduce__(self):
+        return (_GroupRef, (None,))
+
+
+def _warn_if_unsynchronized(group: _GroupRef) -> None:
+    if group.group is None and dist.is_available() and dist.is_initialized() and (
+        dist.get_world_size() > 1
+    ):
+        warnings.warn(
+            f"Int4Linear: torch.distributed runs {dist.get_world_size()} processes but this layer "
+            "has no process_group, so each process initialises its LSQ steps and Hadamard block "
+            "from its own first batch and draws the same random numbers as the others. Under data "
+            "parallelism (DDP, FSDP) pass the data-parallel group: int4train.convert_(model, ..., "
+            "process_group=torch.distributed.group.WORLD) or Int4Linear(..., process_group=...).",
+            stacklevel=4,
+        )
 
 
 class Int4Linear(nn.Module):
@@ -32,6 +88,10 @@ class Int4Linear(nn.Module):
     uses 1) unless the layer is already initialised, e.g. by load_state_dict: a loaded checkpoint is
     never re-initialised.
 
+    process_group: under data parallelism (DDP), the group of the model's replicas: the first-batch
+    initialisation is agreed on by the group and each rank draws its own random numbers (see
+    Int4Linear.process_group; docs/pytorch.md, "Data parallelism").
+
     Dtypes: float32 and bfloat16 (x, weight and bias of one dtype, as nn.Linear requires). Under
     torch.autocast the layer computes with bf16 operands for bf16 autocast and fp32 for fp16
     autocast; float16 or float64 tensors outside autocast raise TypeError (the core computes in fp32
@@ -47,12 +107,14 @@ class Int4Linear(nn.Module):
         dtype=None,
         recipe: RecipeLike = "hq_lss",
         layer_id: int = 0,
+        process_group=None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.recipe = Recipe.of(recipe)
         self.layer_id = int(layer_id)
+        self.process_group = process_group
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory))
         if bias:
@@ -87,7 +149,11 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, recipe: RecipeLike = "hq_lss", layer_id: int = 0
+        cls,
+        linear: nn.Linear,
+        recipe: RecipeLike = "hq_lss",
+        layer_id: int = 0,
+        process_group=None,
     ) -> "Int4Linear":
         """An Int4Linear holding `linear`'s own weight and bias Parameters (shared, not copied)."""
         weight = linear.weight
@@ -98,6 +164,7 @@ class Int4Linear(nn.Module):
         out.out_features, out.in_features = weight.shape
         out.recipe = Recipe.of(recipe)
         out.layer_id = int(layer_id)
+        out.process_group = process_group
         out.weight = weight
         out.bias = linear.bias
         out._make_state(weight.device)
@@ -123,31 +190,89 @@ class Int4Linear(nn.Module):
         self._initialized = bool(self.initialized.item())
         self._block = int(self.hadamard_block.item())
 
+    # ------------------------------------------------------------------ data parallelism
+
+    _group = _GroupRef(None)  # class defaults: layers pickled before process_group existed
+    _rank = 0
+
+    @property
+    def process_group(self):
+        """The data-parallel group whose processes hold replicas of this layer (None: no group).
+
+        With a group, the first-batch initialisation is agreed on by the group (the lowest rank whose
+        batch is non-empty calibrates every rank, so the replicas start equal, as DDP requires) and
+        each rank keys its random streams with rank_seed(recipe.seed, rank). Every rank of the group
+        must run the layer's first forward (an empty batch is fine)."""
+        return self._group.group
+
+    @process_group.setter
+    def process_group(self, group) -> None:
+        self._group = _GroupRef(group)
+        self._rank = self._group.rank
+
     @torch.compiler.disable
     @torch.no_grad()
     def _initialize(self, x: torch.Tensor) -> None:
+        if bool(self.initialized.item()):
+            # Set since the host copy was taken (buffers written directly, e.g. broadcast by a
+            # data-parallel wrapper from rank 0): adopt it, never re-initialise.
+            self._sync_host_state()
+            return
         x2 = x.detach().reshape(-1, self.in_features)
-        if x2.shape[0] == 0:
+        group = self._group
+        if group.size > 1:
+            state = self._agree(x2, group)
+        else:
+            _warn_if_unsynchronized(group)
+            state = self._calibrate(x2) if x2.shape[0] > 0 else None
+        if state is None:
             return  # nothing to learn from: initialise on the first non-empty batch
+        block, input_step, weight_step = state
         if self.recipe.uses_lsq:
-            w = self.weight.detach()
-            if x2.dtype != w.dtype:
-                x2 = x2.to(w.dtype)
-            block = 1
-            if self.recipe.uses_hadamard:
-                block_t, _ = torch.ops.int4train.select_hadamard_block(
-                    x2, w, self.recipe.max_hadamard_block
-                )
-                block = int(block_t)
-            xt = torch.ops.int4train.hadamard_transform(x2, block)
-            wt = torch.ops.int4train.hadamard_transform(w, block)
-            init = (torch.ops.int4train.lsq_mse_step if self.recipe.step_init == "mse"
-                    else torch.ops.int4train.lsq_init_step)
-            self.input_step.copy_(init(xt))
-            self.weight_step.copy_(init(wt))
+            self.input_step.copy_(input_step)
+            self.weight_step.copy_(weight_step)
             self.hadamard_block.fill_(block)
         self.initialized.fill_(True)
         self._sync_host_state()
+
+    def _calibrate(self, x2: torch.Tensor):
+        """(Hadamard block, input step, weight step) from this batch: the block search and the steps
+        of the transformed x and W (LSQ recipes; the others have nothing to calibrate)."""
+        one = torch.ones((), dtype=torch.float32, device=x2.device)
+        if not self.recipe.uses_lsq:
+            return 1, one, one
+        w = self.weight.detach()
+        if x2.dtype != w.dtype:
+            x2 = x2.to(w.dtype)
+        block = 1
+        if self.recipe.uses_hadamard:
+            block_t, _ = torch.ops.int4train.select_hadamard_block(
+                x2, w, self.recipe.max_hadamard_block
+            )
+            block = int(block_t)
+        xt = torch.ops.int4train.hadamard_transform(x2, block)
+        wt = torch.ops.int4train.hadamard_transform(w, block)
+        init = (torch.ops.int4train.lsq_mse_step if self.recipe.step_init == "mse"
+                else torch.ops.int4train.lsq_init_step)
+        return block, init(xt), init(wt)
+
+    def _agree(self, x2: torch.Tensor, group: _GroupRef):
+        """Every rank's calibration (rows of [has batch, block, input step, weight step], summed
+        over the group: one all_reduce, fp64, exact for the int block and the fp32 steps); the
+        lowest rank with a batch wins. None when no rank had one."""
+        table = torch.zeros((group.size, 4), dtype=torch.float64, device=x2.device)
+        if x2.shape[0] > 0:
+            block, xs, ws = self._calibrate(x2)
+            table[group.rank, 0] = 1.0
+            table[group.rank, 1] = float(block)
+            table[group.rank, 2] = xs.to(torch.float64)
+            table[group.rank, 3] = ws.to(torch.float64)
+        dist.all_reduce(table, group=group.group)
+        ranks = torch.nonzero(table[:, 0] > 0).flatten().tolist()
+        if not ranks:
+            return None
+        row = table[ranks[0]]
+        return int(row[1].item()), row[2].to(torch.float32), row[3].to(torch.float32)
 
     # ------------------------------------------------------------------ forward
 
@@ -195,7 +320,7 @@ class Int4Linear(nn.Module):
             self.weight_step,
             self.recipe.spec,
             self._block,
-            self.recipe.seed,
+            rank_seed(self.recipe.seed, self._rank),
             self.step,
             self.layer_id,
         )

@@ -315,3 +315,13 @@ def test_cuda_training_cli_deterministic_runs_repeat(tmp_path, capsys):
             runs.append(json.load(f)["runs"][0])
     assert runs[0]["loss_curve"] == runs[1]["loss_curve"]
     assert runs[0]["metrics"]["val_loss"] == runs[1]["metrics"]["val_loss"]
+
+
+def test_cuda_data_parallel_replicas_agree(tmp_path):
+    # test_distributed.py's checks with the ranks' tensors on CUDA: NCCL over two GPUs where the
+    # machine has them, otherwise gloo with both ranks on the one GPU.
+    from test_distributed import check_ranks, run_ranks
+
+    two = torch.cuda.device_count() >= 2
+    check_ranks(run_ranks(tmp_path, "cuda", "nccl" if two else "gloo"))
+
