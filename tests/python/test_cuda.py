@@ -325,3 +325,25 @@ def test_cuda_data_parallel_replicas_agree(tmp_path):
     two = torch.cuda.device_count() >= 2
     check_ranks(run_ranks(tmp_path, "cuda", "nccl" if two else "gloo"))
 
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_cuda_training_cli_torchrun_two_gpus(tmp_path):
+    # The training CLI under torchrun on two GPUs (NCCL, DDP, one process per GPU), hq_lss on the
+    # device kernels: it finishes, rank 0 writes one run that records two processes.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    text = Path(__file__).resolve().parents[2] / "data" / "moby-dick.txt.gz"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "int4train.train", "--task", "lm", "--data", str(text), "--recipe", "hq_lss",
+           "--steps", "6", "--layers", "1", "--d-model", "64", "--heads", "2", "--context", "32",
+           "--batch-size", "16", "--warmup", "2", "--limit-train", "20000", "--limit-test", "4000",
+           "--no-progress", "--device", "cuda", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(tmp_path / "metrics.json") as f:
+        (run,) = json.load(f)["runs"]
+    assert run["processes"] == 2 and run["device"] == "cuda:0"
+    assert all(math.isfinite(v) for v in run["loss_curve"])

@@ -456,6 +456,64 @@ def test_module_entry_point(tmp_path):
     assert proc.returncode == 2 and "no such file" in proc.stderr
 
 
+def torchrun(args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "int4train.train", *args.split(), "--threads", "1"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_lm_torchrun_two_processes(text_file, tmp_path, capsys):
+    # Two processes (gloo, CPU) train one model with DDP, each on its half of every global batch:
+    # fp's first loss is the one-process run's (the same global batch, before any update), rank 0
+    # alone writes the outputs, and the runs record their launcher.
+    args = f"--task lm --data {text_file} --recipe fp,hq_lss --steps 4 {LM_TINY}"
+    proc = torchrun(f"{args} --out {tmp_path / 'ddp'}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = load_metrics(tmp_path / "ddp")
+    for r in runs:
+        assert r["processes"] == 2
+        assert r["command"].startswith("torchrun --nnodes 1 --nproc_per_node 2")
+        assert len(r["loss_curve"]) == 4 and all(math.isfinite(v) for v in r["loss_curve"])
+    assert proc.stdout.count("hq_lss: val_loss") == 1  # printed by rank 0 only
+    rc, _, err = run_cli(f"{args} --out {tmp_path / 'one'}", capsys)
+    assert rc == 0, err
+    single = load_metrics(tmp_path / "one")
+    assert single[0]["processes"] == 1
+    assert runs[0]["loss_curve"][0] == pytest.approx(single[0]["loss_curve"][0], rel=1e-6)
+
+
+@pytest.mark.parametrize("task", ["lm", "imagecls"])
+def test_rank_shares_make_the_global_batch(task, text_file, idx_folder):
+    # Each rank's batches are its contiguous share of the one-process batches, in order.
+    from int4train.train import tasks as T
+
+    data, tiny = (text_file, LM_TINY) if task == "lm" else (idx_folder, VIT_TINY)
+    args = cli.build_parser().parse_args(f"--task {task} --data {data} {tiny}".split())
+    t = T.TASKS[task](cli.build_config(args), args)
+    t.prepare()
+
+    def first(ranks, n=3):
+        it = t.batches(torch.Generator().manual_seed(5), torch.device("cpu"), ranks)
+        return [next(it) for _ in range(n)]
+
+    whole = first(T.Ranks())
+    parts = [first(T.Ranks(r, 2)) for r in range(2)]
+    for k, batch in enumerate(whole):
+        for i, field in enumerate(batch):
+            joined = torch.cat([parts[0][k][i], parts[1][k][i]])
+            assert torch.equal(joined, field) and len(parts[0][k][i]) == len(field) // 2
+    with pytest.raises(D.DataError, match="multiple of 3"):
+        T.Ranks(0, 3).share(list(range(8)))
+
+
+def test_torchrun_batch_must_split(text_file, tmp_path):
+    proc = torchrun(f"--task lm --data {text_file} --steps 2 --out {tmp_path} {LM_TINY} "
+                    "--batch-size 7")
+    assert proc.returncode != 0
+    assert "--batch-size 7 is the global batch: it must be a multiple of the 2 processes" in (
+        proc.stderr)
+
+
 # ---------------------------------------------------------------------------- pieces, shortcuts
 
 

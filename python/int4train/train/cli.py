@@ -6,6 +6,7 @@ writes metrics.json and loss.png to --out. docs/training.md describes every flag
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
 import os
 import platform
@@ -375,6 +376,33 @@ def format_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def pick_ranks(value: str | None):
+    """The processes of this training (torchrun's RANK / WORLD_SIZE / LOCAL_RANK) and this one's
+    device: cuda:LOCAL_RANK where CUDA is used. (Ranks(), pick_device(value)) without torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(value)
+    if world <= 1:
+        return T.SINGLE, device
+    import torch
+
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if device.type == "cuda":
+        if value is not None and torch.device(value).index is not None:
+            raise UsageError(
+                f"--device {value}: under torchrun every process takes cuda:LOCAL_RANK; "
+                "pass --device cuda"
+            )
+        if local >= torch.cuda.device_count():
+            raise UsageError(
+                f"torchrun started process {local} of this machine, which has only "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    return T.Ranks(rank, world), device
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -393,7 +421,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             f"--step-init applies to the LSQ recipes, which --recipe {args.recipe!r} does not name"
         )
     cfg = build_config(args)
-    device = pick_device(args.device)
+    ranks, device = pick_ranks(args.device)
+    if cfg["batch_size"] % ranks.world:
+        raise UsageError(
+            f"--batch-size {cfg['batch_size']} is the global batch: it must be a multiple of the "
+            f"{ranks.world} processes"
+        )
 
     import torch
 
@@ -405,19 +438,27 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         previous = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True)
-        try:
-            return _run_recipes(args, recipes, hadamard, cfg, device)
-        finally:
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _run_recipes(args, recipes, hadamard, cfg, device, ranks)
+    finally:
+        if args.deterministic:
             torch.use_deterministic_algorithms(previous)
-    return _run_recipes(args, recipes, hadamard, cfg, device)
+        if ranks.world > 1:
+            dist.destroy_process_group()
 
 
-def _run_recipes(args, recipes, hadamard, cfg, device) -> list[dict[str, Any]]:
+def _run_recipes(args, recipes, hadamard, cfg, device, ranks) -> list[dict[str, Any]]:
     import torch
 
     import int4train
     from ..config import Recipe
 
+    lead = ranks.rank == 0  # the process that prints and writes
+    print = builtins.print if lead else (lambda *a, **k: None)  # noqa: A001
     amp = args.amp and device.type == "cuda"
     if args.amp and not amp:
         print("note: --amp applies to CUDA only; the CPU computes in fp32", file=sys.stderr)
@@ -440,12 +481,14 @@ def _run_recipes(args, recipes, hadamard, cfg, device) -> list[dict[str, Any]]:
     print(
         f"int4train {int4train.__version__} | task {args.task} | preset {args.preset} | "
         f"device {device}{' (bf16 autocast)' if amp else ''}"
+        f"{f' x {ranks.world} processes (DDP)' if ranks.world > 1 else ''}"
         f"{' (deterministic)' if args.deterministic else ''} | threads {torch.get_num_threads()} "
         f"| seed {args.seed} | {steps} steps | recipes {', '.join(recipes)}",
         flush=True,
     )
     print("data: " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "classes"), flush=True)
-    out.mkdir(parents=True, exist_ok=True)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
 
     runs = []
     for recipe in recipes:
@@ -456,7 +499,14 @@ def _run_recipes(args, recipes, hadamard, cfg, device) -> list[dict[str, Any]]:
             options["step_init"] = args.step_init
         spec = int4train.Recipe(recipe, **options)
         r = T.train_one(
-            task, spec, args.seed, device, amp, cfg["step_lr_scale"], progress=not args.no_progress
+            task,
+            spec,
+            args.seed,
+            device,
+            amp,
+            cfg["step_lr_scale"],
+            progress=not args.no_progress,
+            ranks=ranks,
         )
         r.update(
             {
@@ -478,7 +528,7 @@ def _run_recipes(args, recipes, hadamard, cfg, device) -> list[dict[str, Any]]:
                 "int4train_version": int4train.__version__,
                 "torch_version": torch.__version__,
                 "python": platform.python_version(),
-                "command": "python -m int4train.train " + " ".join(args.argv),
+                "command": _launcher(ranks) + " ".join(args.argv),
             }
         )
         runs.append(r)
@@ -491,12 +541,20 @@ def _run_recipes(args, recipes, hadamard, cfg, device) -> list[dict[str, Any]]:
             + f", final train loss {r['final_train_loss']:.4f}, wall {r['wall_time_s']:.1f} s",
             flush=True,
         )
-        _write(out, runs, args)
+        if lead:
+            _write(out, runs, args)
 
     print()
     print(format_table(runs))
     print(f"\nwrote {out / 'metrics.json'} and {out / 'loss.png'}")
     return runs
+
+
+def _launcher(ranks) -> str:
+    if ranks.world == 1:
+        return "python -m int4train.train "
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world))
+    return f"torchrun --nnodes {ranks.world // per_node} --nproc_per_node {per_node} -m int4train.train "
 
 
 def _write(out: Path, runs: list[dict[str, Any]], args) -> None:

@@ -6,6 +6,7 @@ model's transformer-block linear layers for Int4Linear layers of the chosen reci
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import time
@@ -70,6 +71,41 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, step_lr_scale
     return groups
 
 
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """The processes training one model together (torchrun): this one's rank and their number.
+    Every rank draws the same global batch and trains on its own contiguous share of it, so the
+    global batch, the data order and the steps do not depend on the number of processes."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def group(self):
+        """The data-parallel process group (None for a single process)."""
+        if self.world == 1:
+            return None
+        import torch.distributed as dist
+
+        return dist.group.WORLD
+
+    def share(self, batch):
+        """This rank's rows of a global batch (a tensor or a list) of a multiple of `world` rows."""
+        if self.world == 1:
+            return batch
+        n = len(batch)
+        if n % self.world:
+            raise D.DataError(
+                f"a batch of {n} rows does not split over {self.world} processes: use a batch size "
+                f"that is a multiple of {self.world}"
+            )
+        k = n // self.world
+        return batch[self.rank * k : (self.rank + 1) * k]
+
+
+SINGLE = Ranks()
+
+
 def _autocast(device: torch.device, amp: bool):
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -98,8 +134,8 @@ class Task:
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
-    def batches(self, generator: torch.Generator, device: torch.device):
-        """An endless iterator of training batches."""
+    def batches(self, generator: torch.Generator, device: torch.device, ranks: Ranks = SINGLE):
+        """An endless iterator of training batches: this rank's share of each global batch."""
         raise NotImplementedError
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
@@ -156,13 +192,13 @@ class LMTask(Task):
             dropout=c["dropout"],
         )
 
-    def batches(self, generator, device):
+    def batches(self, generator, device, ranks=SINGLE):
         c = self.cfg
         t, n = c["context"], len(self.train_t)
         offsets = torch.arange(t + 1)
         while True:
             starts = torch.randint(0, n - t, (c["batch_size"],), generator=generator)
-            win = self.train_t[starts[:, None] + offsets]
+            win = self.train_t[ranks.share(starts)[:, None] + offsets]
             yield win[:, :-1].to(device), win[:, 1:].to(device)
 
     def loss(self, model, batch):
@@ -253,12 +289,12 @@ class TextClsTask(Task):
             mask[i, : len(s)] = 1
         return x.to(device), mask.to(device)
 
-    def batches(self, generator, device):
+    def batches(self, generator, device, ranks=SINGLE):
         bs = min(self.cfg["batch_size"], len(self.train_ids))
         while True:  # shuffled epochs; the last incomplete batch of an epoch is dropped
             order = torch.randperm(len(self.train_ids), generator=generator).tolist()
             for i in range(0, len(order) - bs + 1, bs):
-                idx = order[i : i + bs]
+                idx = ranks.share(order[i : i + bs])
                 x, m = self._collate([self.train_ids[j] for j in idx], device)
                 yield x, m, self.train_y[idx].to(device)
 
@@ -327,13 +363,13 @@ class ImageClsTask(Task):
             dropout=c["dropout"],
         )
 
-    def batches(self, generator, device):
+    def batches(self, generator, device, ranks=SINGLE):
         bs = min(self.cfg["batch_size"], len(self.train_x))
         x_all, y_all = self.train_x.to(device), self.train_y.to(device)
         while True:  # shuffled epochs; the last incomplete batch of an epoch is dropped
             order = torch.randperm(len(x_all), generator=generator).to(device)
             for i in range(0, len(order) - bs + 1, bs):
-                idx = order[i : i + bs]
+                idx = ranks.share(order[i : i + bs])
                 yield x_all[idx], y_all[idx]
 
     def loss(self, model, batch):
@@ -359,6 +395,16 @@ TASKS = {"lm": LMTask, "textcls": TextClsTask, "imagecls": ImageClsTask}
 # ---------------------------------------------------------------------------------- the loop
 
 
+def _mean_over_ranks(value: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    if ranks.world == 1:
+        return value
+    import torch.distributed as dist
+
+    total = value.float().clone()
+    dist.all_reduce(total)
+    return total / ranks.world
+
+
 def resolve_steps(task: Task) -> int:
     c = task.cfg
     if c.get("steps"):
@@ -382,9 +428,12 @@ def train_one(
     step_lr_scale: float,
     progress: bool,
     log_every: int = 10,
+    ranks: Ranks = SINGLE,
 ) -> dict[str, Any]:
     """Trains a fresh model of `task` under `recipe` (a name or an int4train.Recipe) and evaluates it;
-    returns the run's metrics."""
+    returns the run's metrics. With several ranks (torchrun), each process calls this with its own
+    `ranks` and device: the model is wrapped in DistributedDataParallel and its Int4Linear layers get
+    the process group (one first-batch calibration, independent random streams per rank)."""
     import int4train
 
     recipe = int4train.Recipe.of(recipe, seed)
@@ -393,9 +442,19 @@ def train_one(
     model = task.build_model()
     # The one place where the recipe enters: every nn.Linear the model's filter names (those in the
     # transformer blocks) becomes an int4train.Int4Linear; embeddings and the head stay as they are.
-    int4train.convert_(model, recipe=recipe, filter_fn=model.int4_filter, seed=seed)
+    int4train.convert_(
+        model, recipe=recipe, filter_fn=model.int4_filter, seed=seed, process_group=ranks.group
+    )
     converted = [n for n, m in model.named_modules() if isinstance(m, int4train.Int4Linear)]
     model.to(device).train()
+    net = model
+    if ranks.world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[device] if device.type == "cuda" else None,
+            # The small-shape rule leaves the steps of the layers it sends to F.linear unused.
+            find_unused_parameters=recipe.dense_fallback != "never",
+        )
     c = task.cfg
     steps = resolve_steps(task)
     opt = torch.optim.AdamW(
@@ -404,7 +463,7 @@ def train_one(
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(c["warmup"], steps), steps))
     gen = torch.Generator().manual_seed(seed)
-    batches = task.batches(gen, device)
+    batches = task.batches(gen, device, ranks)
 
     from tqdm.auto import tqdm
 
@@ -412,7 +471,7 @@ def train_one(
         total=steps,
         desc=f"{task.name} {recipe.spec}",
         unit="step",
-        disable=not progress,
+        disable=not progress or ranks.rank != 0,
         dynamic_ncols=True,
         mininterval=0.5,
     )
@@ -422,18 +481,22 @@ def train_one(
         ts = time.perf_counter()
         batch = next(batches)
         with _autocast(device, amp):
-            loss = task.loss(model, batch)
-        if not torch.isfinite(loss):
+            loss = task.loss(net, batch)
+        # The global batch's loss (the mean of the ranks' equal shares), the same on every rank, so
+        # that they stop together.
+        value = _mean_over_ranks(loss.detach(), ranks).item()
+        if not math.isfinite(value):
             bar.close()
-            raise FloatingPointError(f"{recipe.spec}: the training loss is {loss.item()} at step {step}")
+            raise FloatingPointError(f"{recipe.spec}: the training loss is {value} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        value = loss.item()  # synchronises, so train_time is the device's time too
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # so that train_time is the device's time too
         train_time += time.perf_counter() - ts
-        items += task.items(batch)
+        items += task.items(batch) * ranks.world
         curve.append(value)
         bar.update(1)
         if step % log_every == 0 or step == steps - 1:
@@ -462,6 +525,7 @@ def train_one(
         "wall_time_s": time.perf_counter() - t0,
         "parameters": sum(p.numel() for p in model.parameters()),
         "int4_layers": converted,
+        "processes": ranks.world,
         # The block each layer's first-batch search chose (hq recipes; 1 = no transform).
         "hadamard_blocks": {
             n: int(m.hadamard_block.item())
