@@ -107,18 +107,29 @@ int64_t variable_index(const std::optional<Tensor>& t, int64_t* next) {
   return t.has_value() && t->defined() ? (*next)++ : -1;
 }
 
+// The weight as the layer computes with it: cast to `dtype` when given (autocast), else as it is.
+Tensor weight_as(const Tensor& weight, std::optional<at::ScalarType> dtype) {
+  return dtype.has_value() ? weight.to(*dtype) : weight;
+}
+
 class LinearFunction : public torch::autograd::Function<LinearFunction> {
  public:
   // x: (N, D); weight: (C, D); steps: the step parameters (any float one-element tensors) or
   // absent; returns y (N, C). The LSQ recipes quantize with _lsq_steps of the two parameters.
+  // weight_dtype (autocast): the layer computes with weight.to(weight_dtype), a cast made here and
+  // again in the backward, so that the cast copy is not kept between them (the weight itself is).
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
                         const std::optional<Tensor>& bias, const std::optional<Tensor>& input_step,
                         const std::optional<Tensor>& weight_step, const std::string& recipe,
-                        int64_t hadamard_block, int64_t seed, const Tensor& step, int64_t layer) {
+                        int64_t hadamard_block, int64_t seed, const Tensor& step, int64_t layer,
+                        std::optional<at::ScalarType> weight_dtype) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const auto [sx, sw] = effective_steps(recipe, input_step, weight_step);
     auto [y, codes, aux, scale, saved_step] =
-        linear_forward(x, weight, bias, sx, sw, recipe, hadamard_block, seed, step, layer);
+        linear_forward(x, weight_as(weight, weight_dtype), bias, sx, sw, recipe, hadamard_block,
+                       seed, step, layer);
+    ctx->saved_data["weight_dtype"] =
+        weight_dtype.has_value() ? static_cast<int64_t>(*weight_dtype) : int64_t{-1};
     int64_t next = 2;  // x and weight are variables 0 and 1
     ctx->saved_data["bias_index"] = variable_index(bias, &next);
     ctx->saved_data["input_step_index"] = variable_index(input_step, &next);
@@ -141,7 +152,10 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor& x = saved[0];
-    const Tensor& weight = saved[1];
+    const int64_t weight_dtype = ctx->saved_data["weight_dtype"].toInt();
+    const Tensor weight = weight_as(
+        saved[1],
+        weight_dtype < 0 ? std::nullopt : std::optional(static_cast<at::ScalarType>(weight_dtype)));
     const Tensor& input_step = saved[2];
     const Tensor& weight_step = saved[3];
     auto needs = [&](const char* key) {
@@ -151,7 +165,7 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
     const std::array<bool, 5> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                    needs("bias_index"), needs("input_step_index"),
                                    needs("weight_step_index")};
-    variable_list grads(10);
+    variable_list grads(11);  // one per forward argument
     if (!(mask[0] || mask[1] || mask[2] || mask[3] || mask[4])) return grads;
     auto opt = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
     auto [gx, gw, gb, gsx, gsw, stats] = linear_backward(
@@ -159,7 +173,8 @@ class LinearFunction : public torch::autograd::Function<LinearFunction> {
         ctx->saved_data["recipe"].toStringRef(), ctx->saved_data["hadamard_block"].toInt(),
         ctx->saved_data["seed"].toInt(), saved[7], ctx->saved_data["layer"].toInt(), mask);
     if (mask[0]) grads[0] = gx;
-    if (mask[1]) grads[1] = gw;
+    // In the weight's own dtype, as autocast's cast would have passed it back.
+    if (mask[1]) grads[1] = weight_dtype < 0 ? gw : gw.to(saved[1].scalar_type());
     if (mask[2]) grads[2] = gb;
     if (mask[3] || mask[4]) {
       if (saved[8].defined()) {
@@ -202,10 +217,12 @@ class HadamardFunction : public torch::autograd::Function<HadamardFunction> {
   }
 };
 
-void check_linear_dtypes(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
-  TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type(),
+// weight_dtype: the dtype the layer computes the weight in (its own, or autocast's).
+void check_linear_dtypes(const Tensor& x, at::ScalarType weight_dtype,
+                         const std::optional<Tensor>& bias) {
+  TORCH_CHECK_TYPE(x.scalar_type() == weight_dtype,
                    "int4train.linear: x and weight must have the same dtype (as nn.Linear), got ",
-                   x.scalar_type(), " and ", weight.scalar_type());
+                   x.scalar_type(), " and ", weight_dtype);
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
                    "int4train.linear: supports float32 and bfloat16 (under autocast, any float ",
                    "input), got ", x.scalar_type(),
@@ -217,7 +234,8 @@ void check_linear_dtypes(const Tensor& x, const Tensor& weight, const std::optio
   }
 }
 
-void check_linear_args(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
+void check_linear_args(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                       std::optional<at::ScalarType> weight_dtype = std::nullopt) {
   TORCH_CHECK_VALUE(weight.dim() == 2, "int4train.linear: weight must be 2-D, got shape ",
                     weight.sizes());
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == weight.size(1), "int4train.linear: x has shape ",
@@ -228,7 +246,7 @@ void check_linear_args(const Tensor& x, const Tensor& weight, const std::optiona
                       "int4train.linear: bias must have shape [", weight.size(0), "], got ",
                       bias->sizes());
   }
-  check_linear_dtypes(x, weight, bias);
+  check_linear_dtypes(x, weight_dtype.value_or(weight.scalar_type()), bias);
 }
 
 std::vector<int64_t> output_shape(const Tensor& x, const Tensor& weight) {
@@ -237,16 +255,26 @@ std::vector<int64_t> output_shape(const Tensor& x, const Tensor& weight) {
   return shape;
 }
 
+Tensor linear_function(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                       const std::optional<Tensor>& input_step,
+                       const std::optional<Tensor>& weight_step, c10::string_view recipe,
+                       int64_t hadamard_block, int64_t seed, const Tensor& step, int64_t layer,
+                       std::optional<at::ScalarType> weight_dtype) {
+  check_linear_args(x, weight, bias, weight_dtype);
+  const bool flat = x.dim() == 2;  // (N, D) already: no reshapes (two view ops a call)
+  const Tensor x2 = flat ? x : x.reshape({-1, weight.size(1)});
+  const Tensor y =
+      LinearFunction::apply(x2, weight, bias, input_step, weight_step, std::string(recipe),
+                            hadamard_block, seed, step, layer, weight_dtype);
+  return flat ? y : y.reshape(output_shape(x, weight));
+}
+
 Tensor linear_autograd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                        const std::optional<Tensor>& input_step,
                        const std::optional<Tensor>& weight_step, c10::string_view recipe,
                        int64_t hadamard_block, int64_t seed, const Tensor& step, int64_t layer) {
-  check_linear_args(x, weight, bias);
-  const bool flat = x.dim() == 2;  // (N, D) already: no reshapes (two view ops a call)
-  const Tensor x2 = flat ? x : x.reshape({-1, weight.size(1)});
-  const Tensor y = LinearFunction::apply(x2, weight, bias, input_step, weight_step,
-                                         std::string(recipe), hadamard_block, seed, step, layer);
-  return flat ? y : y.reshape(output_shape(x, weight));
+  return linear_function(x, weight, bias, input_step, weight_step, recipe, hadamard_block, seed,
+                         step, layer, std::nullopt);
 }
 
 // Without autograd (inference mode, or a backend below it): the forward alone.
@@ -268,7 +296,11 @@ Tensor linear_forward_only(const Tensor& x, const Tensor& weight,
 
 // Autocast: like nn.Linear, the layer takes lower-precision operands under autocast. The core
 // computes in bf16 or fp32, so bf16 autocast gives bf16 operands and fp16 autocast gives fp32 (the
-// steps stay fp32 either way).
+// steps stay fp32 either way). Unlike nn.Linear, a training forward does not keep autocast's cast
+// copy of the weight for the backward (2 bytes per weight element: more than the layer's saved
+// codes, 0.625 byte per input element, wherever C > 0.31 N): the layer's Function casts the weight
+// itself, in the forward and again in the backward, and keeps the weight (a parameter, there
+// anyway). The same values, so the same outputs and gradients.
 template <c10::DispatchKey kKey, c10::DeviceType kDevice>
 Tensor linear_autocast(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                        const std::optional<Tensor>& input_step,
@@ -277,9 +309,16 @@ Tensor linear_autocast(const Tensor& x, const Tensor& weight, const std::optiona
   c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
   const at::ScalarType dtype =
       at::autocast::get_autocast_dtype(kDevice) == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
-  return linear(at::autocast::cached_cast(dtype, x, kDevice),
-                at::autocast::cached_cast(dtype, weight, kDevice),
-                at::autocast::cached_cast(dtype, bias, kDevice), input_step, weight_step,
+  // The weights autocast would cast (at::autocast::is_eligible, then a different dtype).
+  const bool cast_weight = weight.is_floating_point() && weight.scalar_type() != at::kDouble &&
+                           weight.device().type() == kDevice && weight.scalar_type() != dtype;
+  const Tensor xc = at::autocast::cached_cast(dtype, x, kDevice);
+  const std::optional<Tensor> bc = at::autocast::cached_cast(dtype, bias, kDevice);
+  if (cast_weight && at::GradMode::is_enabled() && !c10::InferenceMode::is_enabled()) {
+    return linear_function(xc, weight, bc, input_step, weight_step, recipe, hadamard_block, seed,
+                           step, layer, dtype);
+  }
+  return linear(xc, at::autocast::cached_cast(dtype, weight, kDevice), bc, input_step, weight_step,
                 std::string(recipe), hadamard_block, seed, step, layer);
 }
 

@@ -8,10 +8,12 @@ shape) this measures the host's cost of launching a step (Python, autograd, the 
 training does; such host-bound times move by 10-30% between runs. With --graphs every layer's step
 (nn.Linear's too) is captured once in a CUDA graph and replayed, which takes the host out: what
 torch.cuda.graphs / torch.compile(mode="reduce-overhead") give a host-bound model. The ratio is
-nn.Linear's time over the layer's, so above 1 is faster than bf16. Prints a Markdown table.
+nn.Linear's time over the layer's, so above 1 is faster than bf16. With --autocast the weights and
+inputs are fp32 and each forward runs under bf16 autocast (nn.Linear's too; the casts are part of
+the step). Prints a Markdown table.
 
     python scripts/bench_module.py [--iters 20] [--recipes hq_bs,hq_lss,hq_bs:dense_fallback=auto]
-                                   [--graphs]
+                                   [--graphs] [--autocast]
 """
 
 from __future__ import annotations
@@ -34,17 +36,29 @@ def clear_grads(layer: nn.Module, x: torch.Tensor) -> None:
         p.grad = None
 
 
-def train_step(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> None:
+def forward_backward(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, amp: bool) -> None:
+    """The forward (under bf16 autocast with `amp`, its own autocast region per step, as in
+    training: autocast's cast of a weight lives one forward) and the backward of gy."""
+    if amp:
+        # Without its cache, autocast casts a weight at each use (a CUDA graph capture needs that).
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            y = layer(x)
+    else:
+        y = layer(x)
+    y.backward(gy)
+
+
+def train_step(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, amp: bool = False) -> None:
     """One training step as the benchmarks time it: gradients unset, forward, backward of gy."""
     clear_grads(layer, x)
-    layer(x).backward(gy)
+    forward_backward(layer, x, gy, amp)
 
 
 def step_times_ms(layers: list, x: torch.Tensor, gy: torch.Tensor, iters: int, rounds: int,
-                  graphs: bool) -> list:
+                  graphs: bool, amp: bool = False) -> list:
     """Median time per training step of each layer, the layers taking turns round by round."""
     def step(layer: nn.Module) -> None:
-        train_step(layer, x, gy)
+        train_step(layer, x, gy, amp)
 
     def graphed(layer: nn.Module):
         # Warm-up steps on a side stream (the layer initialises there), then one step captured with
@@ -58,7 +72,7 @@ def step_times_ms(layers: list, x: torch.Tensor, gy: torch.Tensor, iters: int, r
         clear_grads(layer, x)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            layer(x).backward(gy)
+            forward_backward(layer, x, gy, amp)
         return graph.replay
 
     steps = [graphed(layer) if graphs else (lambda layer=layer: step(layer)) for layer in layers]
@@ -86,6 +100,8 @@ def main() -> None:
     ap.add_argument("--recipes", default="hq_bs,hq_lss,hq_bs:dense_fallback=auto")
     ap.add_argument("--graphs", action="store_true",
                     help="replay each layer's step from a CUDA graph (no host cost)")
+    ap.add_argument("--autocast", action="store_true",
+                    help="fp32 weights and inputs, each forward under bf16 autocast (nn.Linear too)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_module.py: needs a CUDA device")
@@ -93,17 +109,21 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"int4train {int4train.__version__}; per step (forward + backward), median of "
           f"{args.rounds} rounds of {args.iters} back-to-back steps, the layers taking turns"
-          + ("; every step replayed from a CUDA graph" if args.graphs else ""))
-    head = "| tokens x in -> out | nn.Linear bf16 | " + " | ".join(r.label for r in recipes) + " |"
+          + ("; every step replayed from a CUDA graph" if args.graphs else "")
+          + ("; fp32 weights and inputs under bf16 autocast" if args.autocast else ""))
+    base_label = "nn.Linear, autocast" if args.autocast else "nn.Linear bf16"
+    head = f"| tokens x in -> out | {base_label} | " + " | ".join(r.label for r in recipes) + " |"
     print(head)
     print("|" + "---|" * (2 + len(recipes)))
     for n, d, c in SHAPES:
         torch.manual_seed(0)
-        lin = nn.Linear(d, c, device="cuda", dtype=torch.bfloat16)
-        x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dtype = torch.float32 if args.autocast else torch.bfloat16
+        lin = nn.Linear(d, c, device="cuda", dtype=dtype)
+        x = torch.randn(n, d, device="cuda", dtype=dtype, requires_grad=True)
         gy = torch.randn(n, c, device="cuda", dtype=torch.bfloat16)
         layers = [int4train.Int4Linear.from_linear(lin, recipe=r) for r in recipes]
-        base, *rest = step_times_ms([lin] + layers, x, gy, args.iters, args.rounds, args.graphs)
+        base, *rest = step_times_ms([lin] + layers, x, gy, args.iters, args.rounds, args.graphs,
+                                    args.autocast)
         cells = [f"{t:.3f} ms ({base / t:.2f}x)" for t in rest]
         del layers
         print(f"| {n}x{d}->{c} | {base:.3f} ms | " + " | ".join(cells) + " |", flush=True)

@@ -53,6 +53,26 @@ def test_compile_forward_backward_match_eager(recipe):
     assert int(compiled_model.up.step) == int(eager.up.step) == 3
 
 
+@pytest.mark.parametrize("recipe", ["hq_bs", "hq_lss"])
+def test_compile_under_autocast_matches_eager(recipe):
+    # bf16 autocast around the compiled model (the layer casts its fp32 weight inside its autograd
+    # function): the same outputs and gradients as eager, bit for bit, with aot_eager.
+    torch._dynamo.reset()
+    eager = initialised(recipe)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True, dynamic=False)
+    x = torch.randn(4, 5, 32)
+    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ye, yc = eager(xe), compiled(xc)
+    assert ye.dtype == torch.bfloat16 and torch.equal(ye, yc)
+    ye.float().square().sum().backward()
+    yc.float().square().sum().backward()
+    assert torch.equal(xe.grad, xc.grad)
+    for (n, pe), (_, pc) in zip(eager.named_parameters(), compiled_model.named_parameters()):
+        assert pe.grad.dtype == pe.dtype and torch.equal(pe.grad, pc.grad), n
+
+
 def test_inductor_matches_eager():
     torch._dynamo.reset()
     eager = initialised("hq_lss")

@@ -227,6 +227,50 @@ def test_cpu_autocast_bf16(recipe):
         assert layer(x).dtype == torch.float32
 
 
+def saved_for_backward(fn) -> list:
+    """The tensors autograd keeps from fn() for the backward."""
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        fn()
+    return kept
+
+
+def test_autocast_keeps_no_cast_weight(recipe):
+    # Under autocast the layer computes with the bf16 cast of its fp32 weight, as nn.Linear does,
+    # but keeps the weight itself for the backward (nn.Linear keeps the cast copy): outputs and
+    # gradients equal, bit for bit, those of the same layer given the bf16 operands outright.
+    n, d, c = 24, 32, 48
+    layer = make_layer(recipe, d, c)
+    x = torch.randn(n, d, requires_grad=True)
+    with torch.no_grad():
+        layer(x)  # initialise
+    step = int(layer.step)
+    out = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = saved_for_backward(lambda: out.append(layer(x)))
+    out[0].float().square().sum().backward()
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    extra = [t for t in kept if t.untyped_storage().data_ptr() not in params]
+    assert not any(t.shape == layer.weight.shape for t in extra)  # no copy of the weight
+    if recipe in LSQ_RECIPES:  # the packed codes, the aux bits and scalars
+        assert sum(t.numel() * t.element_size() for t in extra) <= n * d * 5 // 8 + 64
+
+    ref = copy.deepcopy(layer)
+    ref.step.fill_(step)
+    wb = ref.weight.detach().to(torch.bfloat16).requires_grad_(True)
+    bb = ref.bias.detach().to(torch.bfloat16).requires_grad_(True)
+    xb = x.detach().to(torch.bfloat16).requires_grad_(True)
+    y = torch.ops.int4train.linear(xb, wb, bb, ref.input_step, ref.weight_step, ref.recipe.spec,
+                                   ref._block, ref.recipe.seed, ref.step, ref.layer_id)
+    y.float().square().sum().backward()
+    assert torch.equal(layer.weight.grad, wb.grad.float())
+    assert torch.equal(layer.bias.grad, bb.grad.float())
+    assert torch.equal(x.grad, xb.grad.float())
+    if recipe in LSQ_RECIPES:
+        assert torch.equal(layer.input_step.grad, ref.input_step.grad)
+        assert torch.equal(layer.weight_step.grad, ref.weight_step.grad)
+
+
 def test_state_dict_round_trip_reproduces_forward(recipe):
     layer = make_layer(recipe)
     opt = torch.optim.SGD(layer.parameters(), lr=0.01)
