@@ -33,44 +33,28 @@ def initialised(recipe, seed=0):
     return model
 
 
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "autocast"])
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_compile_forward_backward_match_eager(recipe):
+def test_compile_forward_backward_match_eager(recipe, amp):
+    # aot_eager against eager, bit for bit, over two steps (the step counters advance together); with
+    # amp under bf16 autocast, where the layer casts its fp32 weight inside its autograd function.
     torch._dynamo.reset()
     eager = initialised(recipe)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True, dynamic=False)
     x = torch.randn(4, 5, 32)
-    for _ in range(2):  # the step counters advance together
+    for _ in range(2):
         xe = x.clone().requires_grad_(True)
         xc = x.clone().requires_grad_(True)
-        ye, yc = eager(xe), compiled(xc)
-        assert torch.equal(ye, yc)
-        ye.square().sum().backward()
-        yc.square().sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            ye, yc = eager(xe), compiled(xc)
+        assert ye.dtype == (torch.bfloat16 if amp else torch.float32) and torch.equal(ye, yc)
+        ye.float().square().sum().backward()
+        yc.float().square().sum().backward()
         assert torch.equal(xe.grad, xc.grad)
         for (n, pe), (_, pc) in zip(eager.named_parameters(), compiled_model.named_parameters()):
-            assert torch.equal(pe.grad, pc.grad), n
+            assert pe.grad.dtype == pe.dtype and torch.equal(pe.grad, pc.grad), n
     assert int(compiled_model.up.step) == int(eager.up.step) == 3
-
-
-@pytest.mark.parametrize("recipe", ["hq_bs", "hq_lss"])
-def test_compile_under_autocast_matches_eager(recipe):
-    # bf16 autocast around the compiled model (the layer casts its fp32 weight inside its autograd
-    # function): the same outputs and gradients as eager, bit for bit, with aot_eager.
-    torch._dynamo.reset()
-    eager = initialised(recipe)
-    compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, backend="aot_eager", fullgraph=True, dynamic=False)
-    x = torch.randn(4, 5, 32)
-    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ye, yc = eager(xe), compiled(xc)
-    assert ye.dtype == torch.bfloat16 and torch.equal(ye, yc)
-    ye.float().square().sum().backward()
-    yc.float().square().sum().backward()
-    assert torch.equal(xe.grad, xc.grad)
-    for (n, pe), (_, pc) in zip(eager.named_parameters(), compiled_model.named_parameters()):
-        assert pe.grad.dtype == pe.dtype and torch.equal(pe.grad, pc.grad), n
 
 
 def test_inductor_matches_eager():
