@@ -19,7 +19,6 @@ from .config import Recipe, RecipeLike
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 _SEED_MASK = (1 << 63) - 1
 _RANK_SEED_MULTIPLIER = 0x9E3779B97F4A7C15  # odd: rank -> rank * multiplier is one-to-one
-_warned_unsynchronized = False
 
 
 def rank_seed(seed: int, rank: int) -> int:
