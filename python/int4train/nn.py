@@ -77,7 +77,7 @@ class Int4Linear(nn.Module):
 
     State (state_dict keys):
       weight (out_features, in_features), bias (out_features): parameters, as nn.Linear.
-      input_step, weight_step: fp32 0-dim parameters, the LSQ step sizes (LSQ recipes only: lsq_luq,
+      input_step, weight_step: fp32 parameters of shape (1,), the LSQ step sizes (LSQ recipes only: lsq_luq,
         hq, hq_bs, hq_lss), trained by the optimizer with the rest of the model.
       hadamard_block (int64), initialized (bool), step (int64): persistent buffers. `step` counts
         training forwards that ran the recipe (not those the small-shape rule, Recipe.dense_fallback,
@@ -125,8 +125,9 @@ class Int4Linear(nn.Module):
 
     def _make_state(self, device) -> None:
         if self.recipe.uses_lsq:
-            self.input_step = nn.Parameter(torch.ones((), device=device, dtype=torch.float32))
-            self.weight_step = nn.Parameter(torch.ones((), device=device, dtype=torch.float32))
+            # Shape (1,), not (): FSDP's fully_shard takes no 0-dim parameter.
+            self.input_step = nn.Parameter(torch.ones(1, device=device, dtype=torch.float32))
+            self.weight_step = nn.Parameter(torch.ones(1, device=device, dtype=torch.float32))
         else:
             self.register_parameter("input_step", None)
             self.register_parameter("weight_step", None)
@@ -182,6 +183,11 @@ class Int4Linear(nn.Module):
     # ------------------------------------------------------------------ state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints saved while the steps were 0-dim tensors (until 2026-11-28) load too.
+        for name in ("input_step", "weight_step"):
+            t = state_dict.get(prefix + name)
+            if isinstance(t, torch.Tensor) and t.dim() == 0:
+                state_dict[prefix + name] = t.reshape(1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._sync_host_state()
 

@@ -11,7 +11,9 @@ Each rank records what the test compares across ranks into OUT_FILE (torch.save 
   - "grads", "grads_single": weight gradients of one backward on the same batch on every rank
     (process group set, no DDP), and rank 0's from a model without a group;
   - "ddp": every parameter and buffer after three AdamW steps of a DDP-wrapped model on per-rank
-    batches.
+    batches;
+  - "fsdp": the same with FSDP's fully_shard instead of DDP, the layers initialised (one eval
+    forward on the first batch) before sharding (None with gloo on CUDA tensors).
 """
 
 from __future__ import annotations
@@ -98,6 +100,36 @@ def main() -> None:
         opt.step()
     out["ddp"] = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()}
 
+    # FSDP (fully_shard): the layers initialise before sharding (FSDP would drop a write to the
+    # steps made inside its forward); an eval forward does not advance the step counters. Not with
+    # gloo on CUDA tensors (FSDP's reduce-scatter there is NCCL's).
+    out["fsdp"] = None
+    if device_kind == "cuda" and backend != "nccl":
+        return finish(out, out_file)
+    from torch.distributed.fsdp import fully_shard
+
+    m = int4train.convert_(model_on(device), RECIPE, process_group=group)
+    with torch.no_grad():
+        m.eval()(batch(rank, 48, device))
+    m.train()
+    for layer in m:
+        if isinstance(layer, int4train.Int4Linear):
+            fully_shard(layer)
+    fully_shard(m)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for step in range(3):
+        opt.zero_grad()
+        m(batch(rank + 10 * step, 48, device)).square().mean().backward()
+        opt.step()
+    out["fsdp"] = {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
+        for k, v in m.state_dict().items()
+    }
+
+    finish(out, out_file)
+
+
+def finish(out: dict, out_file: str) -> None:
     torch.save(out, out_file)
     dist.barrier()
     dist.destroy_process_group()

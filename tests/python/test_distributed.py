@@ -72,6 +72,12 @@ def check_ranks(records: list) -> None:
     for k in r0["ddp"]:
         assert torch.equal(r0["ddp"][k], r1["ddp"][k]), k
     assert int(r0["ddp"]["0.step"]) == 3
+    # FSDP, layers initialised before sharding: the DDP run's state, bit for bit (with two ranks the
+    # averaged gradients are the same sums halved), on both ranks.
+    for r in (r0, r1) if r0["fsdp"] is not None else ():
+        assert r["fsdp"].keys() == r0["ddp"].keys()
+        for k in r0["ddp"]:
+            assert torch.equal(r["fsdp"][k], r0["ddp"][k]), k
 
 
 def test_data_parallel_replicas_agree(tmp_path):

@@ -29,7 +29,8 @@ def test_same_parameters_as_linear(recipe):
     names = {n for n, _ in layer.named_parameters()}
     if recipe in LSQ_RECIPES:
         assert names == {"weight", "bias", "input_step", "weight_step"}
-        assert layer.input_step.dtype == torch.float32 and layer.input_step.dim() == 0
+        # One-element vectors, not 0-dim tensors: FSDP's fully_shard takes no 0-dim parameter.
+        assert layer.input_step.dtype == torch.float32 and layer.input_step.shape == (1,)
     else:
         assert names == {"weight", "bias"}
     assert set(layer.state_dict()) == names | {"hadamard_block", "initialized", "step"}
@@ -99,12 +100,13 @@ def test_first_forward_initialises(lsq_recipe):
     wt = torch.ops.int4train.hadamard_transform(layer.weight.detach(), block)
     # The default step_init="mse": the steps that minimise the 4-bit error of the transformed operands.
     sx, sw = torch.ops.int4train.lsq_mse_step(xt), torch.ops.int4train.lsq_mse_step(wt)
-    assert torch.equal(layer.input_step.detach(), sx) and torch.equal(layer.weight_step.detach(), sw)
+    assert torch.equal(layer.input_step.detach(), sx.reshape(1))
+    assert torch.equal(layer.weight_step.detach(), sw.reshape(1))
     assert not torch.equal(sx, torch.ops.int4train.lsq_init_step(xt))
     # Later batches never re-initialise.
     with torch.no_grad():
         layer(x * 100)
-    assert torch.equal(layer.input_step.detach(), sx)
+    assert torch.equal(layer.input_step.detach(), sx.reshape(1))
 
     # step_init="mean_abs": LSQ's 2 mean|x~| / sqrt(7), same block.
     ma = Int4Linear.from_linear(nn.Linear(*layer.weight.shape[::-1]), Recipe(lsq_recipe, step_init="mean_abs"))
@@ -112,8 +114,8 @@ def test_first_forward_initialises(lsq_recipe):
         ma.weight.copy_(layer.weight)
         ma.eval()(x)
     assert int(ma.hadamard_block) == block
-    assert torch.equal(ma.input_step.detach(), torch.ops.int4train.lsq_init_step(xt))
-    assert torch.equal(ma.weight_step.detach(), torch.ops.int4train.lsq_init_step(wt))
+    assert torch.equal(ma.input_step.detach(), torch.ops.int4train.lsq_init_step(xt).reshape(1))
+    assert torch.equal(ma.weight_step.detach(), torch.ops.int4train.lsq_init_step(wt).reshape(1))
 
 
 def test_lsq_mse_step_op():
@@ -298,6 +300,20 @@ def test_state_dict_round_trip_reproduces_forward(recipe):
     layer(xg).sum().backward()
     fresh(xf).sum().backward()
     assert torch.equal(xg.grad, xf.grad)
+
+
+def test_loads_checkpoints_with_0dim_steps(lsq_recipe):
+    # Checkpoints saved while the steps were 0-dim tensors load into the (1,)-shaped parameters.
+    layer = make_layer(lsq_recipe)
+    x = torch.randn(16, 32)
+    layer(x)
+    old = {k: (v.reshape(()) if k.endswith("_step") and k != "step" else v)
+           for k, v in layer.state_dict().items()}
+    assert old["input_step"].dim() == 0
+    fresh = Int4Linear(32, 16, recipe=lsq_recipe, layer_id=3)
+    fresh.load_state_dict(old)
+    assert fresh.input_step.shape == (1,) and torch.equal(fresh.input_step, layer.input_step)
+    assert torch.equal(fresh.eval()(x), layer.eval()(x))
 
 
 def _expected_gradients(recipe, x, w, g, block, sx, sw):
