@@ -106,7 +106,11 @@ def main() -> None:
     out["fsdp"] = None
     if device_kind == "cuda" and backend != "nccl":
         return finish(out, out_file)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    # The mesh of this run's device type: fully_shard's default mesh is CUDA's wherever CUDA exists.
+    mesh = init_device_mesh(device_kind, (world,))
 
     m = int4train.convert_(model_on(device), RECIPE, process_group=group)
     with torch.no_grad():
@@ -114,8 +118,8 @@ def main() -> None:
     m.train()
     for layer in m:
         if isinstance(layer, int4train.Int4Linear):
-            fully_shard(layer)
-    fully_shard(m)
+            fully_shard(layer, mesh=mesh)
+    fully_shard(m, mesh=mesh)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     for step in range(3):
         opt.zero_grad()
