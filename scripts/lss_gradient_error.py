@@ -11,7 +11,15 @@ next batch, and for each layer reports
   - the relative error ||est - exact|| / ||exact|| of the input gradient dX = G W and the weight
     gradient dW = G^T X, mean over --draws seeds, for hq_bs and for hq_lss at each --budgets value.
 
+With --estimators it instead reports, per layer, the sampling error alone of the input gradient at
+budget N (sqrt(sum (1/p_i - 1) ||R_i W||^2) / ||G W||, independent draws, the bit split's rows R as
+hq_lss forms them) for three choices of p: the water-filled probabilities of scores ||R_i|| as they
+are, the same rounded to powers of two (k <= 4, one threshold fitted to keep sum p <= N, as
+lss_round_pow2 does), and an oracle water-filled on ||R_i W|| itself (the variance-optimal scores,
+which cost the product to know): how much the rounding costs and how much better scores could give.
+
     python scripts/lss_gradient_error.py --steps 300 --budgets 1,1.5
+    python scripts/lss_gradient_error.py --steps 300 --estimators
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ def main() -> None:
     p.add_argument("--budgets", default="1,1.5", help="comma list of hq_lss lss_budget values")
     p.add_argument("--draws", type=int, default=8, help="seeds per estimate")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--estimators", action="store_true",
+                   help="the input gradient's sampling error under three choices of p (see above)")
     args = p.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     torch.manual_seed(0)
@@ -82,6 +92,10 @@ def main() -> None:
     for h in handles:
         h.remove()
 
+    if args.estimators:
+        for name in linears:
+            estimator_errors(name, captured[name]["g"], modules[name].weight.detach())
+        return
     recipes = [("hq_bs", int4train.Recipe("hq_bs"))] + [
         (f"lss {b:g}", int4train.Recipe("hq_lss", lss_budget=b)) for b in budgets
     ]
@@ -116,6 +130,33 @@ def main() -> None:
                 ew += ((layer.weight.grad - dw_ref).norm() / dw_ref.norm()).item() / args.draws
             line += f" | {ex:11.3f} {ew:11.3f}"
         print(line)
+
+
+def estimator_errors(name: str, g: torch.Tensor, w: torch.Tensor) -> None:
+    n = g.shape[0]
+    s = g.abs().max() / 119
+    q = torch.floor(g / s + torch.rand(g.shape, generator=torch.Generator().manual_seed(0)))
+    hi = torch.floor((q + 8) / 16)
+    rows = torch.cat([16 * s * hi, s * (q - 16 * hi)]).double()  # the 2N rows R
+    rw2 = (rows @ w.double()).pow(2).sum(1)
+    exact = (g.double() @ w.double()).norm().item()
+    nz = rw2 > 0
+
+    def error(p: torch.Tensor) -> float:
+        return ((1 / p[nz] - 1) * rw2[nz]).sum().sqrt().item() / exact
+
+    p = torch.ops.int4train.lss_probabilities(rows.norm(dim=1).float(), float(n)).double()
+
+    def rounded(tau: float) -> torch.Tensor:
+        return 2.0 ** -torch.floor(torch.log2(1 / (p * tau))).clamp(0, 4)
+
+    lo, hi_t = 1e-3, 4.0  # the largest threshold whose rounded probabilities sum to at most N
+    for _ in range(60):
+        mid = (lo * hi_t) ** 0.5
+        lo, hi_t = (mid, hi_t) if rounded(mid)[nz].sum() <= n else (lo, mid)
+    oracle = torch.ops.int4train.lss_probabilities(rw2.sqrt().float(), float(n)).double()
+    print(f"{name:16s} water-filled {error(p):.3f}  powers of two {error(rounded(lo)):.3f}  "
+          f"oracle {error(oracle):.3f}")
 
 
 if __name__ == "__main__":
