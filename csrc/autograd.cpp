@@ -309,9 +309,9 @@ Tensor linear_autocast(const Tensor& x, const Tensor& weight, const std::optiona
   c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
   const at::ScalarType dtype =
       at::autocast::get_autocast_dtype(kDevice) == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
-  // The weights autocast would cast (at::autocast::is_eligible, then a different dtype).
-  const bool cast_weight = weight.is_floating_point() && weight.scalar_type() != at::kDouble &&
-                           weight.device().type() == kDevice && weight.scalar_type() != dtype;
+  // The weights autocast would cast: eligible, and of another dtype.
+  const bool cast_weight =
+      at::autocast::is_eligible(weight, kDevice) && weight.scalar_type() != dtype;
   const Tensor xc = at::autocast::cached_cast(dtype, x, kDevice);
   const std::optional<Tensor> bc = at::autocast::cached_cast(dtype, bias, kDevice);
   if (cast_weight && at::GradMode::is_enabled() && !c10::InferenceMode::is_enabled()) {
