@@ -134,10 +134,8 @@ def main() -> None:
 
 def estimator_errors(name: str, g: torch.Tensor, w: torch.Tensor) -> None:
     n = g.shape[0]
-    s = g.abs().max() / 119
-    q = torch.floor(g / s + torch.rand(g.shape, generator=torch.Generator().manual_seed(0)))
-    hi = torch.floor((q + 8) / 16)
-    rows = torch.cat([16 * s * hi, s * (q - 16 * hi)]).double()  # the 2N rows R
+    hi, lo, s = int4train.ops.quantize_bitsplit(g, 0, 0)  # the recipe's bit split
+    rows = torch.cat([16 * s * hi.double(), s * lo.double()])  # the 2N rows R
     rw2 = (rows @ w.double()).pow(2).sum(1)
     exact = (g.double() @ w.double()).norm().item()
     nz = rw2 > 0
