@@ -76,6 +76,19 @@ inline bool below_dense_threshold(int64_t tokens, int64_t in_features, int64_t o
          threshold_macs;
 }
 
+// Which 8-bit tensor-core format carries the 4-bit products on a CUDA device (linear_forward_cuda,
+// linear_backward_cuda; cuda.h). The integers and so the results are the same bit for bit with
+// either engine, and the CPU path ignores the choice:
+//   kAuto  FP8 where the device has FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper
+//          and later), INT8 otherwise (8.0-8.7: A100, A10, RTX 30xx);
+//   kFp8   e4m3 operands, cuBLASLt's FP8 product; scale and bias fused into its epilogue. A device
+//          without FP8 is an Error naming `gemm`;
+//   kInt8  int8 operands, cuBLASLt's INT8 product with int32 accumulation, scale and bias in a
+//          second pass over the output (cuBLASLt's INT8 kernels write no bf16).
+// hq_bs's backward and hq_lss's weight gradient run on INT8 with either engine (cuda.h).
+enum class GemmEngine : int32_t { kAuto = 0, kFp8 = 1, kInt8 = 2 };
+const char* gemm_engine_name(GemmEngine engine);  // "auto", "fp8", "int8"
+
 struct LinearConfig {
   Recipe recipe = Recipe::kHqLss;
   int32_t hadamard_block = 1;  // HQ recipes: a power of two dividing D; others: must be 1
@@ -83,6 +96,7 @@ struct LinearConfig {
   uint32_t step = 0;   // training step, part of every random stream
   uint32_t layer = 0;  // layer id, part of every random stream
   double lss_budget = kLssDefaultBudget;  // hq_lss: kept rows per token (above)
+  GemmEngine gemm = GemmEngine::kAuto;    // CUDA only: the products' tensor-core format (above)
   // CUDA only (linear_forward_cuda / linear_backward_cuda), optional: the training step as an int64
   // device scalar, read by the kernels in place of `step` (its low 32 bits, as philox.h's streams
   // take them), so that the caller never reads it on the host (RandomKey::device_step).
@@ -93,11 +107,13 @@ struct LinearConfig {
 void check_lss_budget(double lss_budget);
 
 // A recipe spec: a recipe name, optionally followed by options after a colon, comma-separated
-// key=value pairs. The one option so far is hq_lss's lss_budget: "hq_lss", "hq_lss:lss_budget=1.5".
-// This is how a recipe crosses string interfaces (the PyTorch ops take it as `str recipe`); the value
-// is parsed with strtod, so a value printed with round-trip precision (Python's repr) is exact.
-// Sets cfg->recipe and cfg->lss_budget (kLssDefaultBudget when absent). An unknown name or key, a
-// malformed value or an option the recipe does not take is an Error naming `recipe`.
+// key=value pairs: hq_lss's lss_budget ("hq_lss:lss_budget=1.5") and the LSQ recipes' gemm = auto,
+// fp8 or int8 ("hq_bs:gemm=int8", "hq_lss:lss_budget=1.5,gemm=int8"). This is how a recipe crosses
+// string interfaces (the PyTorch ops take it as `str recipe`); lss_budget is parsed with strtod, so
+// a value printed with round-trip precision (Python's repr) is exact. Sets cfg->recipe,
+// cfg->lss_budget and cfg->gemm (kLssDefaultBudget and kAuto when absent). An unknown name or key,
+// a malformed value, a repeated key or an option the recipe does not take is an Error naming
+// `recipe`.
 void parse_recipe_spec(const std::string& spec, LinearConfig* cfg);
 
 // What the forward saves for the backward, by recipe (the caller allocates; see linear_saved_shapes):

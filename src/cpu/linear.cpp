@@ -43,10 +43,24 @@ Recipe parse_recipe(const std::string& name) {
                                      "'; expected one of fp, int8, lsq_luq, hq, hq_bs, hq_lss");
 }
 
+const char* gemm_engine_name(GemmEngine engine) {
+  switch (engine) {
+    case GemmEngine::kAuto:
+      return "auto";
+    case GemmEngine::kFp8:
+      return "fp8";
+    case GemmEngine::kInt8:
+      return "int8";
+  }
+  return "unknown";
+}
+
 void parse_recipe_spec(const std::string& spec, LinearConfig* cfg) {
   const size_t colon = spec.find(':');
   const Recipe recipe = parse_recipe(spec.substr(0, colon));
   double budget = kLssDefaultBudget;
+  GemmEngine gemm = GemmEngine::kAuto;
+  bool seen_budget = false, seen_gemm = false;
   if (colon != std::string::npos) {
     const std::string options = spec.substr(colon + 1);
     size_t pos = 0;
@@ -56,27 +70,57 @@ void parse_recipe_spec(const std::string& spec, LinearConfig* cfg) {
                                                                                 : comma - pos);
       const size_t eq = item.find('=');
       const std::string key = item.substr(0, eq);
-      if (key != "lss_budget") {
-        throw_error(ErrorKind::kValue, "recipe: unknown option '" + key + "' in '" + spec +
-                                           "'; expected NAME or hq_lss:lss_budget=X");
-      }
-      if (recipe != Recipe::kHqLss) {
-        throw_error(ErrorKind::kValue, "recipe: lss_budget applies to hq_lss only, got '" + spec + "'");
-      }
       const std::string value = eq == std::string::npos ? std::string() : item.substr(eq + 1);
-      char* end = nullptr;
-      budget = value.empty() ? 0.0 : std::strtod(value.c_str(), &end);
-      if (value.empty() || end != value.c_str() + value.size()) {
-        throw_error(ErrorKind::kValue, "recipe: lss_budget expects a number, got '" + value +
-                                           "' in '" + spec + "'");
+      bool* seen = key == "lss_budget" ? &seen_budget : key == "gemm" ? &seen_gemm : nullptr;
+      if (seen == nullptr) {
+        throw_error(ErrorKind::kValue,
+                    "recipe: unknown option '" + key + "' in '" + spec +
+                        "'; expected NAME, hq_lss:lss_budget=X or an LSQ recipe with "
+                        "gemm=auto|fp8|int8");
       }
-      check_lss_budget(budget);
+      if (*seen) {
+        throw_error(ErrorKind::kValue,
+                    "recipe: option '" + key + "' given twice in '" + spec + "'");
+      }
+      *seen = true;
+      if (key == "lss_budget") {
+        if (recipe != Recipe::kHqLss) {
+          throw_error(ErrorKind::kValue,
+                      "recipe: lss_budget applies to hq_lss only, got '" + spec + "'");
+        }
+        char* end = nullptr;
+        budget = value.empty() ? 0.0 : std::strtod(value.c_str(), &end);
+        if (value.empty() || end != value.c_str() + value.size()) {
+          throw_error(ErrorKind::kValue,
+                      "recipe: lss_budget expects a number, got '" + value + "' in '" + spec + "'");
+        }
+        check_lss_budget(budget);
+      } else {
+        if (!recipe_uses_lsq(recipe)) {
+          throw_error(
+              ErrorKind::kValue,
+              "recipe: gemm applies to the LSQ recipes (lsq_luq, hq, hq_bs, hq_lss), got '" + spec +
+                  "'");
+        }
+        bool known = false;
+        for (GemmEngine e : {GemmEngine::kAuto, GemmEngine::kFp8, GemmEngine::kInt8}) {
+          if (value == gemm_engine_name(e)) {
+            gemm = e;
+            known = true;
+          }
+        }
+        if (!known) {
+          throw_error(ErrorKind::kValue, "recipe: gemm expects auto, fp8 or int8, got '" + value +
+                                             "' in '" + spec + "'");
+        }
+      }
       if (comma == std::string::npos) break;
       pos = comma + 1;
     }
   }
   cfg->recipe = recipe;
   cfg->lss_budget = budget;
+  cfg->gemm = gemm;
 }
 
 bool recipe_uses_lsq(Recipe recipe) {

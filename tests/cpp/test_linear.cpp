@@ -347,11 +347,40 @@ TEST(LinearLss, RecipeSpecParsesAndRejects) {
   EXPECT_EQ(cfg.lss_budget, kLssMinBudget);
   parse_recipe_spec("hq_lss", &cfg);
   EXPECT_EQ(cfg.lss_budget, kLssDefaultBudget);
-  for (const char* bad :
-       {"hq_bs:lss_budget=1.5", "hq_lss:lss_budget=", "hq_lss:lss_budget", "hq_lss:lss_budget=abc",
-        "hq_lss:lss_budget=1.5x", "hq_lss:lss_budget=2.5", "hq_lss:lss_budget=0",
-        "hq_lss:lss_budget=0.1", "hq_lss:lss_budget=-1", "hq_lss:lss_budget=nan", "hq_lss:budget=1",
-        "hq_lss:", "hq_lss4", ""}) {
+  EXPECT_EQ(cfg.gemm, GemmEngine::kAuto);
+  parse_recipe_spec("hq_bs:gemm=int8", &cfg);
+  EXPECT_EQ(cfg.recipe, Recipe::kHqBs);
+  EXPECT_EQ(cfg.gemm, GemmEngine::kInt8);
+  parse_recipe_spec("hq_lss:lss_budget=1.5,gemm=fp8", &cfg);
+  EXPECT_EQ(cfg.lss_budget, 1.5);
+  EXPECT_EQ(cfg.gemm, GemmEngine::kFp8);
+  parse_recipe_spec("lsq_luq:gemm=auto", &cfg);
+  EXPECT_EQ(cfg.gemm, GemmEngine::kAuto);
+  parse_recipe_spec("hq", &cfg);  // every option back to its default
+  EXPECT_EQ(cfg.gemm, GemmEngine::kAuto);
+  EXPECT_EQ(cfg.lss_budget, kLssDefaultBudget);
+  for (const char* bad : {"hq_bs:lss_budget=1.5",
+                          "hq_lss:lss_budget=",
+                          "hq_lss:lss_budget",
+                          "hq_lss:lss_budget=abc",
+                          "hq_lss:lss_budget=1.5x",
+                          "hq_lss:lss_budget=2.5",
+                          "hq_lss:lss_budget=0",
+                          "hq_lss:lss_budget=0.1",
+                          "hq_lss:lss_budget=-1",
+                          "hq_lss:lss_budget=nan",
+                          "hq_lss:budget=1",
+                          "hq_lss:",
+                          "hq_lss4",
+                          "",
+                          "hq_bs:gemm=",
+                          "hq_bs:gemm=fp16",
+                          "hq_bs:gemm=INT8",
+                          "fp:gemm=int8",
+                          "int8:gemm=fp8",
+                          "hq_bs:gemm=int8,gemm=fp8",
+                          "hq_lss:lss_budget=1.5,lss_budget=1.5",
+                          "hq_bs:gemm=int8,"}) {
     try {
       parse_recipe_spec(bad, &cfg);
       ADD_FAILURE() << "expected an error for '" << bad << "'";
@@ -359,7 +388,8 @@ TEST(LinearLss, RecipeSpecParsesAndRejects) {
       EXPECT_EQ(e.kind(), ErrorKind::kValue) << bad;
       const std::string what = e.what();
       EXPECT_TRUE(what.find("recipe") != std::string::npos ||
-                  what.find("lss_budget") != std::string::npos)
+                  what.find("lss_budget") != std::string::npos ||
+                  what.find("gemm") != std::string::npos)
           << bad << ": " << what;
     }
   }
