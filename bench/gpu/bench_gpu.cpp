@@ -85,6 +85,16 @@ void fill_random_bf16(Buf& b, size_t n, uint64_t seed) {
   fill_from_pool(b, n, pool, seed);
 }
 void fill_random_f32(Buf& b, size_t n, uint64_t seed) { fill_from_pool(b, n, normal_pool(), seed); }
+void fill_random_codes_s8(Buf& b, size_t n, uint64_t seed) {
+  // int8 bytes of uniform INT4 codes (the INT8 engine's operands).
+  static const std::vector<int8_t> pool = [] {
+    std::mt19937_64 rng(3);
+    std::vector<int8_t> v(kPool);
+    for (auto& x : v) x = static_cast<int8_t>(static_cast<int>(rng() & 15) - 8);
+    return v;
+  }();
+  fill_from_pool(b, n, pool, seed);
+}
 void fill_random_codes_fp8(Buf& b, size_t n, uint64_t seed) {
   // e4m3 bytes of uniform INT4 codes (the bit patterns of -8..7).
   static const std::vector<uint8_t> pool = [] {
@@ -356,14 +366,18 @@ void bench_gemm(int64_t tokens, int64_t in, int64_t out) {
   const double ms16 = time_ms([&](int i) { base.run(a16[i % kSets]->p, b16[i % kSets]->p, y.p); });
   report("cuBLAS bf16 " + shape + " (+bias, bf16 out)", ms16, flops / ms16 / 1e9, "TFLOP/s");
   const CudaAllocator alloc = default_cuda_allocator();
-  const double ms8 = time_ms([&](int i) {
-    gemm_fp8_cuda(make_matrix(a8[i % kSets]->p, DType::kFloat8E4M3, m, k),
-                  make_matrix(b8[i % kSets]->p, DType::kFloat8E4M3, n, k),
-                  make_scalar(scales.as<float>(), DType::kFloat32),
-                  make_scalar(scales.as<float>() + 1, DType::kFloat32),
-                  make_vector(bias.p, DType::kBFloat16, n),
-                  make_matrix(y.p, DType::kBFloat16, m, n), alloc, nullptr);
-  });
+  // A scaled product of code operands (gemm_fp8_cuda or the INT8 engine's gemm_s8_cuda) into y.
+  const auto time_scaled = [&](auto gemm, DType dtype, const std::vector<std::unique_ptr<Buf>>& as,
+                               const std::vector<std::unique_ptr<Buf>>& bs) {
+    return time_ms([&](int i) {
+      gemm(make_matrix(as[i % kSets]->p, dtype, m, k), make_matrix(bs[i % kSets]->p, dtype, n, k),
+           make_scalar(scales.as<float>(), DType::kFloat32),
+           make_scalar(scales.as<float>() + 1, DType::kFloat32),
+           make_vector(bias.p, DType::kBFloat16, n), make_matrix(y.p, DType::kBFloat16, m, n),
+           alloc, nullptr);
+    });
+  };
+  const double ms8 = time_scaled(gemm_fp8_cuda, DType::kFloat8E4M3, a8, b8);
   char note[64];
   std::snprintf(note, sizeof note, "%.2fx bf16", ms16 / ms8);
   report("FP8(INT4 codes) gemm_fp8_cuda " + shape, ms8, flops / ms8 / 1e9, "TFLOP/s", note);
@@ -421,6 +435,45 @@ void bench_gemm(int64_t tokens, int64_t in, int64_t out) {
          note);
   std::snprintf(note, sizeof note, "%.2fx (3x bf16 GEMM)", 3.0 * ms16 / (msf + msl));
   report("layer fwd+bwd hq_lss g256 " + shape, msf + msl, 3.0 * flops / (msf + msl) / 1e9,
+         "TFLOP/s", note);
+  // The INT8 engine (GemmEngine::kInt8, the products of devices without FP8: A100, RTX 30xx), timed
+  // here on this device's INT8 tensor cores: the product with its scale-and-bias pass, the forward
+  // and hq_lss's backward (hq_bs's backward is INT8 with either engine).
+  {
+    std::vector<std::unique_ptr<Buf>> as8, bs8;
+    for (int s = 0; s < kSets; ++s) {
+      as8.emplace_back(new Buf(m * k));
+      fill_random_codes_s8(*as8.back(), m * k, 500 + s);
+      bs8.emplace_back(new Buf(n * k));
+      fill_random_codes_s8(*bs8.back(), n * k, 600 + s);
+    }
+    const double mss8 = time_scaled(gemm_s8_cuda, DType::kInt8, as8, bs8);
+    std::snprintf(note, sizeof note, "%.2fx bf16", ms16 / mss8);
+    report("INT8(INT4 codes) gemm_s8_cuda " + shape, mss8, flops / mss8 / 1e9, "TFLOP/s", note);
+  }
+  cfg.gemm = GemmEngine::kInt8;
+  const double msf8 = time_ms([&](int i) {
+    linear_forward_cuda(
+        cfg,
+        forward_args(a16[i % kSets]->p, b16[i % kSets]->p, bias, scales, y, codes, auxb, m, k, n),
+        alloc, nullptr);
+  });
+  std::snprintf(note, sizeof note, "%.2fx bf16 GEMM", ms16 / msf8);
+  report("linear_forward_cuda hq_lss g256 int8 " + shape, msf8, flops / msf8 / 1e9, "TFLOP/s",
+         note);
+  const double msl8 = time_ms(
+      [&](int i) {
+        const LinearForwardArgs f = forward_args(a16[i % kSets]->p, b16[i % kSets]->p, bias, scales,
+                                                 y, codes, auxb, m, k, n);
+        linear_backward_cuda(cfg, backward_args(gy, f, gx, gw, gbias, gsteps, m, k, n), alloc,
+                             nullptr);
+      },
+      3, 7);
+  std::snprintf(note, sizeof note, "%.2fx (2x bf16 GEMM)", 2.0 * ms16 / msl8);
+  report("linear_backward_cuda hq_lss g256 int8 " + shape, msl8, 2.0 * flops / msl8 / 1e9,
+         "TFLOP/s", note);
+  std::snprintf(note, sizeof note, "%.2fx (3x bf16 GEMM)", 3.0 * ms16 / (msf8 + msb));
+  report("layer fwd+bwd hq_bs g256 int8 " + shape, msf8 + msb, 3.0 * flops / (msf8 + msb) / 1e9,
          "TFLOP/s", note);
 }
 

@@ -14,7 +14,10 @@
 //    integer in [-16, 16], and so every INT4 code, is exact in e4m3), multiplied by cuBLASLt with
 //    default accumulation, which is exact for products of INT4 codes while every partial sum stays
 //    below 2^24 (kMaxKFp8Int4 below; measured in docs/cuda.md, including data built to defeat it).
-//    Products whose terms reach beyond |ab| <= 64 run on INT8 operands (below).
+//    Products whose terms reach beyond |ab| <= 64 run on INT8 operands (below), and so do all
+//    products on devices without FP8 tensor cores (compute capability below 8.9; the layer's
+//    GemmEngine, linear.h). The kernels are built for sm_90a and sm_80 (PTX included, so later
+//    devices JIT it); below 8.0 the PyTorch binding uses its device-generic path.
 #pragma once
 
 #include <cstddef>
@@ -29,6 +32,18 @@ namespace int4train {
 
 // True when the library was built with CUDA and a CUDA device is visible.
 bool cuda_available();
+
+// 10 * major + minor of device `device`'s compute capability (cached per device); an Error naming
+// `device` if there is no such device.
+int cuda_compute_capability(int device);
+// FP8 e4m3 tensor cores (compute capability 8.9 or newer).
+constexpr int kMinCapabilityFp8 = 89;
+// The kernels of this header run on compute capability 8.0 and newer.
+constexpr int kMinCapabilityKernels = 80;
+// The engine a layer's products run on for `gemm` on device `device`: kAuto resolves to kFp8 where
+// the device has FP8 tensor cores and to kInt8 elsewhere; kFp8 on a device without them is an Error
+// naming `gemm` (linear.h, GemmEngine).
+GemmEngine resolve_gemm_engine(GemmEngine gemm, int device);
 
 // ------------------------------------------------------------------------------ temporaries
 // A stream-ordered device allocator. allocate returns memory usable on `stream` (aligned to at
@@ -116,17 +131,29 @@ void gemm_fp8_cuda(const TensorView& a, const TensorView& b, const TensorView& s
 void gemm_fp8_s32_cuda(const TensorView& a, const TensorView& b, TensorView c,
                        const CudaAllocator& alloc, void* stream);
 
-// c (int32 M x N) = a b^T for INT8 operands (same Kp <= kMaxKInt8 of gemm.h, the bound for any int8
-// values; larger is an Error naming `a`): cuBLASLt's INT8 tensor-core product with int32
-// accumulation, equal to gemm_s32_ref on the same values. c: row stride any.
+// c (int32 M x N) = a b^T for INT8 operands (same Kp <= max_k; larger is an Error naming `a`):
+// cuBLASLt's INT8 tensor-core product with int32 accumulation, equal to gemm_s32_ref on the same
+// values. max_k is the caller's exactness bound for its values: kMaxKInt8 of gemm.h (the default)
+// for any int8 values, kMaxKFp8Int4 where both operands hold INT4 codes (|ab| <= 64) and the sums
+// must also be exact in fp32 (what an FP8 product of the same codes guarantees). c: row stride any.
 void gemm_s8_s32_cuda(const TensorView& a, const TensorView& b, TensorView c,
-                      const CudaAllocator& alloc, void* stream);
+                      const CudaAllocator& alloc, void* stream, int64_t max_k = kMaxKInt8);
+
+// gemm_fp8_cuda's contract on INT8 operands holding INT4 codes (the engine of devices without FP8,
+// GemmEngine::kInt8): the exact int32 product (Kp <= kMaxKInt4 of gemm.h, an Error naming `a`
+// beyond), then out = (scale_a * scale_b) * float(acc) + bias in gemm.h's Epilogue order, in a
+// second pass (cuBLASLt's INT8 kernels write int32 or int8 only). Equal to the CPU's gemm_scaled on
+// the same codes bit for bit.
+void gemm_s8_cuda(const TensorView& a, const TensorView& b, const TensorView& scale_a,
+                  const TensorView& scale_b, const TensorView& bias, TensorView out,
+                  const CudaAllocator& alloc, void* stream);
 
 // ------------------------------------------------------------------------------ forward quantizer
 // The fused Hadamard + LSQ pass (one read of x): x~ = x B_block in hadamard.h's exact fp32 order,
 // codes = clamp(rint(x~ * (1 / step)), -8, 7) as lsq_quantize. x: fp32 or bf16 rows x D (D a
 // multiple of block). step: fp32 device scalar. Outputs, each optional (data == nullptr skips it):
-//   operand   FP8 operand rows x fp8_padded_cols(D) (the forward GEMM's input);
+//   operand   FP8 or INT8 operand rows x fp8_padded_cols(D) (the forward GEMM's input, in the
+//             layout of either engine);
 //   packed    kInt4Packed rows x D, the codes saved for backward;
 //   aux       uint8 compact_aux_bytes(rows, D): the compact LSQ bits of quantize.h (random key
 //             `rng`), so (packed, aux) equal lsq_quantize_compact's outputs bit for bit;
@@ -166,6 +193,7 @@ void absmax_bits_cuda(const TensorView& g, TensorView amax_bits, void* stream);
 // scale:
 //   operand  FP8 operand 2N x fp8_padded_cols(C): rows 0..N-1 hold hi, rows N..2N-1 hold lo (the
 //            stacked R of ALGORITHM.md without its factor 16, which the consumers apply exactly);
+//            or the same stacked rows as an INT8 operand (2N rows, the INT8 engine's form);
 //            or an INT8 operand N x fp8_padded_cols(C) holding q = 16 hi + lo in [-119, 119], the
 //            whole 8-bit gradient in one row per token (Hopper's INT8 tensor cores take it at the
 //            rate of an FP8 row, so the split rows would only double the product);
@@ -224,10 +252,11 @@ void philox_words_cuda(uint64_t seed, uint32_t stream_lo, const TensorView& stre
 // ------------------------------------------------------------------------------ the layer
 // linear_forward of linear.h on the device, for the LSQ recipes (lsq_luq, hq, hq_bs, hq_lss; the
 // others are an Error of kind kNotImplemented): X and W each take one fused Hadamard + LSQ pass,
-// the product one FP8 GEMM with s_x s_w and the bias in its epilogue. All views are device memory;
-// step_x, step_w are device scalars; y, saved_codes, saved_aux as linear.h says. If X~ or W~ holds
-// a non-finite value, y is filled with NaN by a device-side check (no host synchronisation). Equal
-// to the CPU's linear_forward bit for bit (tested).
+// the product one FP8 GEMM with s_x s_w and the bias in its epilogue (config.gemm: or one INT8
+// product and the scale-and-bias pass, resolve_gemm_engine on the current device). All views are
+// device memory; step_x, step_w are device scalars; y, saved_codes, saved_aux as linear.h says. If
+// X~ or W~ holds a non-finite value, y is filled with NaN by a device-side check (no host
+// synchronisation). Equal to the CPU's linear_forward bit for bit (tested).
 void linear_forward_cuda(const LinearConfig& config, const LinearForwardArgs& args,
                          const CudaAllocator& alloc, void* stream);
 
@@ -235,14 +264,14 @@ void linear_forward_cuda(const LinearConfig& config, const LinearForwardArgs& ar
 // (bit split + leverage score sampling; the selection by lss_sample_cuda, so the same rows as the
 // CPU's); the others are an Error of kind kNotImplemented (hq and lsq_luq need their gradient
 // quantizers on the device). hq_bs: the 8-bit gradient q = 16 hi + lo as one INT8 row per token, so
-// each gradient is one INT8 product of N rows (the same integers as the two 4-bit products). hq_lss:
-// the input gradient on FP8 operands holding INT4 codes, the weight gradient's codes times their
-// token's importance weight on INT8 operands (see INT8 operands above). Each product is exact; K
-// beyond kMaxKInt8 runs in K-chunks. hq_lss's two sampled products are compacted: the kept
-// rows are gathered into ceil(lss_budget * N) rows (lss.h's capacity, known on the host), so each
-// costs a product of that many rows instead of 2N. grad_x, grad_w, grad_bias and rows_kept equal
-// the CPU's bit for bit, the step gradients within one fp32 rounding (fp64 sums in another order).
-// No host synchronisation.
+// each gradient is one INT8 product of N rows (the same integers as the two 4-bit products).
+// hq_lss: the input gradient on FP8 operands holding INT4 codes (INT8 ones under the INT8 engine,
+// config.gemm), the weight gradient's codes times their token's importance weight on INT8 operands
+// (see INT8 operands above). Each product is exact; K beyond kMaxKInt8 runs in K-chunks. hq_lss's
+// two sampled products are compacted: the kept rows are gathered into ceil(lss_budget * N) rows
+// (lss.h's capacity, known on the host), so each costs a product of that many rows instead of 2N.
+// grad_x, grad_w, grad_bias and rows_kept equal the CPU's bit for bit, the step gradients within
+// one fp32 rounding (fp64 sums in another order). No host synchronisation.
 void linear_backward_cuda(const LinearConfig& config, const LinearBackwardArgs& args,
                           const CudaAllocator& alloc, void* stream);
 

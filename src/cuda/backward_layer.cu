@@ -238,6 +238,7 @@ struct EpilogueParams {
   int chunks;  // K-chunks of the int32 product, chunk_stride apart, summed exactly
   int64_t chunk_stride;
   const int32_t* slots;  // dX of hq_lss: the rows' slots in the compacted product (SplitPartials)
+  bool slots_s32;        // ... an int32 product (the INT8 engine) instead of fp32
   const int8_t* exps;    // dX of hq_lss: the rows' LSS exponents (recombine)
   const float* s1;
   const float* s2;
@@ -270,8 +271,9 @@ __device__ __forceinline__ void combine8(const EpilogueParams& p, double scale, 
 }
 
 // The source of the dX epilogue for a compacted product (p.slots): row's hi and lo partials are
-// rows slots[row] and slots[rows + row] of one fp32 product, absent (zero, flag off) where dropped;
-// loaded ahead by for_each_warp_chunk_from like a plain row.
+// rows slots[row] and slots[rows + row] of one fp32 product (s32: int32, the INT8 engine's, whose
+// values are exact in fp32 too: cuda.h), absent (zero, flag off) where dropped; loaded ahead by
+// for_each_warp_chunk_from like a plain row.
 struct SlotSrc {
   struct Buf {
     float h[8], l[8];
@@ -280,22 +282,25 @@ struct SlotSrc {
   const float* __restrict__ prod;
   const int32_t* __restrict__ slots;
   int64_t ld, rows;
+  bool s32;
+  __device__ __forceinline__ void load_row(int32_t slot, int32_t col, float v[8]) const {
+    if (slot < 0) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = 0.0f;
+      return;
+    }
+    load8<true>(prod + slot * ld + col, v);
+    if (s32) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = __int2float_rn(__float_as_int(v[i]));
+    }
+  }
   __device__ __forceinline__ void load(Buf& b, int64_t row, int32_t col) const {
     const int32_t hs = slots[row], ls = slots[rows + row];
     b.has_h = hs >= 0;
     b.has_l = ls >= 0;
-    if (b.has_h) {
-      load8<true>(prod + hs * ld + col, b.h);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) b.h[i] = 0.0f;
-    }
-    if (b.has_l) {
-      load8<true>(prod + ls * ld + col, b.l);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) b.l[i] = 0.0f;
-    }
+    load_row(hs, col, b.h);
+    load_row(ls, col, b.l);
   }
   __device__ __forceinline__ void zero(Buf& b) const {
     b.has_h = b.has_l = false;
@@ -376,7 +381,7 @@ __global__ void __launch_bounds__(kThreads, kSlots ? 2 : 3)
     if (col0 < p.cols) store_out8(p, row, col0, v);
   };
   if constexpr (kSlots) {
-    const SlotSrc src{static_cast<const float*>(p.prod), p.slots, p.ld, p.rows};
+    const SlotSrc src{static_cast<const float*>(p.prod), p.slots, p.ld, p.rows, p.slots_s32};
     for_each_warp_chunk_from<kChunkDepth>(
         src, p.rows, p.cols, [&](int64_t row, int64_t col0, const SlotSrc::Buf& b) {
           float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
@@ -450,17 +455,16 @@ void launch_epilogue(Kernel kernel, EpilogueParams p, float* grad_step, double g
   }
 }
 
-// SplitPartials in one of its two forms: s32 without slots or exps, or the slots form (fp32, one
-// chunk) with exps (dX only: `slots_ok`); anything else is a bug in the caller.
+// SplitPartials in one of its two forms: s32 without slots or exps, or the slots form (fp32 or
+// int32, one chunk) with exps (dX only: `slots_ok`); anything else is a bug in the caller.
 void check_split_partials(const SplitPartials& pp, const int8_t* exps, const char* who,
                           bool slots_ok = true) {
   const bool s32_form = pp.s32 && pp.slots == nullptr && exps == nullptr;
-  const bool slots_form =
-      slots_ok && !pp.s32 && pp.slots != nullptr && pp.chunks == 1 && exps != nullptr;
+  const bool slots_form = slots_ok && pp.slots != nullptr && pp.chunks == 1 && exps != nullptr;
   if (!s32_form && !slots_form) {
     throw_error(ErrorKind::kRuntime,
                 std::string(who) + ": expected an int32 product holding 16 hi + lo" +
-                    (slots_ok ? ", or a compacted fp32 product with slots and exponents" : ""));
+                    (slots_ok ? ", or a compacted product with slots and exponents" : ""));
   }
 }
 
@@ -562,6 +566,7 @@ void launch_dx_epilogue(const SplitPartials& pp, const int8_t* exps, const float
   check_split_partials(pp, exps, "launch_dx_epilogue");
   EpilogueParams p = epilogue_params(pp, s1, s2, packed.shape[0], packed.shape[1], block, grad_x);
   p.slots = pp.slots;
+  p.slots_s32 = pp.s32;
   p.exps = exps;
   p.packed = packed.ptr<const uint8_t>();
   p.aux = aux.ptr<const uint8_t>();

@@ -91,6 +91,7 @@ struct BitsplitParams {
   uint8_t* operand;  // FP8 2 rows x padded cols, hi rows then lo rows; or (q8) INT8 rows of q
   int64_t ldop, op_cols;
   bool q8;      // operand: INT8 rows x padded cols of q = 16 hi + lo (one row per row of g)
+  bool s8;      // operand: the hi and lo rows as INT8 (the INT8 engine) instead of FP8
   uint8_t* hi;  // packed, may be null
   uint8_t* lo;
   int32_t* row_sumsq;  // 2 rows, zeroed before; may be null
@@ -168,11 +169,13 @@ __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, uint64_
     *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(q0, q1);
   } else {
     *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) =
-        make_uint2(e4m3x2(hf[0], hf[1]) | (e4m3x2(hf[2], hf[3]) << 16),
-                   e4m3x2(hf[4], hf[5]) | (e4m3x2(hf[6], hf[7]) << 16));
+        p.s8 ? s8x8_of_nibbles(ph)
+             : make_uint2(e4m3x2(hf[0], hf[1]) | (e4m3x2(hf[2], hf[3]) << 16),
+                          e4m3x2(hf[4], hf[5]) | (e4m3x2(hf[6], hf[7]) << 16));
     *reinterpret_cast<uint2*>(p.operand + (p.rows + row) * p.ldop + col0) =
-        make_uint2(e4m3x2(lf[0], lf[1]) | (e4m3x2(lf[2], lf[3]) << 16),
-                   e4m3x2(lf[4], lf[5]) | (e4m3x2(lf[6], lf[7]) << 16));
+        p.s8 ? s8x8_of_nibbles(pl)
+             : make_uint2(e4m3x2(lf[0], lf[1]) | (e4m3x2(lf[2], lf[3]) << 16),
+                          e4m3x2(lf[4], lf[5]) | (e4m3x2(lf[6], lf[7]) << 16));
   }
 }
 
@@ -239,6 +242,10 @@ __global__ void __launch_bounds__(kThreads) bitsplit_small_kernel(const Bitsplit
         if (c >= p.op_cols) continue;
         if (p.q8) {
           p.operand[row * p.ldop + c] = static_cast<uint8_t>(static_cast<int8_t>(sc[k].q()));
+        } else if (p.s8) {
+          p.operand[row * p.ldop + c] = static_cast<uint8_t>(static_cast<int8_t>(sc[k].hi));
+          p.operand[(p.rows + row) * p.ldop + c] =
+              static_cast<uint8_t>(static_cast<int8_t>(sc[k].lo));
         } else {
           p.operand[row * p.ldop + c] = static_cast<uint8_t>(e4m3_of_code(sc[k].hi));
           p.operand[(p.rows + row) * p.ldop + c] = static_cast<uint8_t>(e4m3_of_code(sc[k].lo));
@@ -535,7 +542,10 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
   p.scale = scale.ptr<float>();
   if (operand.data != nullptr) {
     check_dtype(operand, "operand", {DType::kFloat8E4M3, DType::kInt8});
-    p.q8 = operand.dtype == DType::kInt8;
+    // INT8: 2N rows are the stacked hi and lo rows, any other count must be N rows of q.
+    const bool s8 = operand.dtype == DType::kInt8;
+    p.s8 = s8 && rows > 0 && operand.shape[0] == 2 * rows;
+    p.q8 = s8 && !p.s8;
     check_gemm_operand(operand, "operand", operand.dtype);
     check_shape(operand, "operand", p.q8 ? rows : 2 * rows, fp8_padded_cols(cols));
     p.operand = operand.ptr<uint8_t>();

@@ -1,5 +1,6 @@
-// int4train CUDA path: error reporting, device-view checks, the default stream-ordered allocator
-// and cuda_available(). Host code only (compiled by the C++ compiler against the CUDA runtime).
+// int4train CUDA path: error reporting, device-view checks, the default stream-ordered allocator,
+// cuda_available() and the devices' capabilities. Host code only (compiled by the C++ compiler
+// against the CUDA runtime).
 #include "cuda_common.h"
 
 #include <map>
@@ -77,6 +78,12 @@ void check_row_length(const TensorView& t, const char* arg) {
   }
 }
 
+int current_device() {
+  int dev = 0;
+  INT4TRAIN_CUDA_CHECK(cudaGetDevice(&dev));
+  return dev;
+}
+
 int resident_blocks(const void* kernel, int threads) {
   static std::mutex mu;
   static std::map<std::tuple<const void*, int, int>, int> cache;
@@ -141,6 +148,45 @@ bool cuda_available() {
     return false;
   }
   return count > 0;
+}
+
+int cuda_compute_capability(int device) {
+  static std::mutex mu;
+  static std::map<int, int> cache;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = cache.find(device);
+    if (it != cache.end()) return it->second;
+  }
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    (void)cudaGetLastError();
+    count = 0;
+  }
+  if (device < 0 || device >= count) {
+    throw_error(ErrorKind::kValue, "device: expected a CUDA device index in [0, " +
+                                       std::to_string(count) + "), got " + std::to_string(device));
+  }
+  int major = 0, minor = 0;
+  INT4TRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  INT4TRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  const int cc = 10 * major + minor;
+  std::lock_guard<std::mutex> lock(mu);
+  cache[device] = cc;
+  return cc;
+}
+
+GemmEngine resolve_gemm_engine(GemmEngine gemm, int device) {
+  const int cc = cuda_compute_capability(device);
+  const bool fp8 = cc >= kMinCapabilityFp8;
+  if (gemm == GemmEngine::kAuto) return fp8 ? GemmEngine::kFp8 : GemmEngine::kInt8;
+  if (gemm == GemmEngine::kFp8 && !fp8) {
+    throw_error(ErrorKind::kValue,
+                "gemm: fp8 needs FP8 tensor cores (compute capability 8.9 or newer); device " +
+                    std::to_string(device) + " has " + std::to_string(cc / 10) + "." +
+                    std::to_string(cc % 10) + " (use gemm=int8 or auto)");
+  }
+  return gemm;
 }
 
 }  // namespace int4train

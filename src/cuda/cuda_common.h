@@ -55,6 +55,9 @@ inline int64_t row_stride(const TensorView& t) {
 // and at least 1. The grid of a kernel depends only on the device and `needed`, never on which
 // kernels ran before.
 int resident_blocks(const void* kernel, int threads);  // cached per (kernel, device, threads)
+
+// The calling thread's current CUDA device (cudaGetDevice).
+int current_device();
 template <typename Kernel>
 int persistent_blocks(Kernel kernel, int threads, int64_t needed) {
   const int64_t full = resident_blocks(reinterpret_cast<const void*>(kernel), threads);

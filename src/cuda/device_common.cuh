@@ -275,6 +275,19 @@ __device__ __forceinline__ uint32_t e4m3x2(float a, float b) {
       __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3));
 }
 
+// The INT8 operand bytes of eight INT4 codes given as 4-bit two's-complement nibbles (code i in
+// bits 4i .. 4i+3 of w), sign-extended, code 0 in the low byte of .x: the INT8 engine's form of
+// what e4m3x2 gives the FP8 one.
+__device__ __forceinline__ uint2 s8x8_of_nibbles(uint32_t w) {
+  uint32_t b[2] = {0u, 0u};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t byte = ((((w >> (4 * i)) & 0xFu) ^ 0x8u) - 0x8u) & 0xFFu;
+    b[i / 4] |= byte << (8 * (i % 4));
+  }
+  return make_uint2(b[0], b[1]);
+}
+
 // Integer-valued floats and their integers without a conversion instruction: for |n| < 2^22,
 // kRoundMagic + n is exact and its bit pattern is bits(kRoundMagic) + n; adding kRoundMagic to a
 // float in that range rounds it to an integer in the addition's rounding mode.

@@ -24,6 +24,7 @@ namespace int4train {
 namespace {
 
 using cuda_detail::as_stream;
+using cuda_detail::current_device;
 using cuda_detail::DeviceBuffer;
 using cuda_detail::row_stride;
 
@@ -35,12 +36,6 @@ void lt_check(cublasStatus_t status, const char* what) {
     throw_error(ErrorKind::kRuntime,
                 std::string("cuBLASLt error ") + std::to_string(status) + " in " + what);
   }
-}
-
-int current_device() {
-  int dev = 0;
-  INT4TRAIN_CUDA_CHECK(cudaGetDevice(&dev));
-  return dev;
 }
 
 // One cuBLASLt handle per device for the process's lifetime (handles are thread-safe).
@@ -224,7 +219,8 @@ struct GemmShape {
   int64_t m, n, kp;
 };
 
-GemmShape check_operands(const TensorView& a, const TensorView& b, DType dtype) {
+// kmax: the exactness bound on the padded K (gemm.h, cuda.h), 0 for the dtype's default.
+GemmShape check_operands(const TensorView& a, const TensorView& b, DType dtype, int64_t kmax = 0) {
   cuda_detail::check_gemm_operand(a, "a", dtype);
   cuda_detail::check_gemm_operand(b, "b", dtype);
   if (a.shape[1] != b.shape[1]) {
@@ -233,12 +229,11 @@ GemmShape check_operands(const TensorView& a, const TensorView& b, DType dtype) 
                                        std::to_string(b.shape[1]));
   }
   const bool s8 = dtype == DType::kInt8;
-  const int64_t kmax = s8 ? kMaxKInt8 : kMaxKFp8Int4;
+  if (kmax <= 0) kmax = s8 ? kMaxKInt8 : kMaxKFp8Int4;
   if (a.shape[1] > kmax) {
-    throw_error(ErrorKind::kValue,
-                "a: padded K = " + std::to_string(a.shape[1]) + " exceeds the exact " +
-                    (s8 ? "INT8 bound kMaxKInt8 = " : "FP8 bound kMaxKFp8Int4 = ") +
-                    std::to_string(kmax));
+    throw_error(ErrorKind::kValue, "a: padded K = " + std::to_string(a.shape[1]) +
+                                       " exceeds the exact " + (s8 ? "INT8" : "FP8") +
+                                       " bound of these values, " + std::to_string(kmax));
   }
   return GemmShape{a.shape[0], b.shape[0], a.shape[1]};
 }
@@ -282,12 +277,10 @@ void raw_product(const TensorView& a, const PaddedB& b, const GemmShape& s, floa
   }
 }
 
-}  // namespace
-
-void gemm_fp8_cuda(const TensorView& a, const TensorView& b, const TensorView& scale_a,
-                   const TensorView& scale_b, const TensorView& bias, TensorView out,
-                   const CudaAllocator& alloc, void* stream) {
-  const GemmShape s = check_operands(a, b, DType::kFloat8E4M3);
+// The scaled products' other arguments (out M x N fp32 or bf16, optional scales and bias); true for
+// a bf16 bias.
+bool check_scaled_args(const GemmShape& s, const TensorView& scale_a, const TensorView& scale_b,
+                       const TensorView& bias, const TensorView& out) {
   check_dtype(out, "out", {DType::kFloat32, DType::kBFloat16});
   cuda_detail::check_device_matrix(out, "out");
   check_shape(out, "out", s.m, s.n);
@@ -299,9 +292,18 @@ void gemm_fp8_cuda(const TensorView& a, const TensorView& b, const TensorView& s
     check_dtype(bias, "bias", {DType::kFloat32, DType::kBFloat16});
     check_vector(bias, "bias", s.n);
   }
+  return bias.data != nullptr && bias.dtype == DType::kBFloat16;
+}
+
+}  // namespace
+
+void gemm_fp8_cuda(const TensorView& a, const TensorView& b, const TensorView& scale_a,
+                   const TensorView& scale_b, const TensorView& bias, TensorView out,
+                   const CudaAllocator& alloc, void* stream) {
+  const GemmShape s = check_operands(a, b, DType::kFloat8E4M3);
+  const bool bias_bf16 = check_scaled_args(s, scale_a, scale_b, bias, out);
   if (s.m == 0 || s.n == 0) return;
   const bool out_bf16 = out.dtype == DType::kBFloat16;
-  const bool bias_bf16 = bias.dtype == DType::kBFloat16;
   const int64_t ldo = row_stride(out);
   const int64_t elem = out_bf16 ? 2 : 4;
   const cudaStream_t st = as_stream(stream);
@@ -374,39 +376,63 @@ void gemm_fp8_s32_cuda(const TensorView& a, const TensorView& b, TensorView c,
                                  row_stride(c), s.m, s.n, as_stream(stream));
 }
 
-void gemm_s8_s32_cuda(const TensorView& a, const TensorView& b, TensorView c,
-                      const CudaAllocator& alloc, void* stream) {
-  const GemmShape s = check_operands(a, b, DType::kInt8);
-  if (!check_s32_out(c, s)) return;
+namespace {
+// c (int32, row stride ldc) = a b^T of INT8 operands whose shapes check_operands has checked.
+void s8_product(const TensorView& a, const TensorView& b, const GemmShape& s, int32_t* c,
+                int64_t ldc, const CudaAllocator& alloc, void* stream) {
   const cudaStream_t st = as_stream(stream);
-  const int64_t ldc = row_stride(c);
   if (s.kp == 0) {
-    INT4TRAIN_CUDA_CHECK(cudaMemset2DAsync(c.data, static_cast<size_t>(ldc) * 4, 0,
+    INT4TRAIN_CUDA_CHECK(cudaMemset2DAsync(c, static_cast<size_t>(ldc) * 4, 0,
                                            static_cast<size_t>(s.n) * 4, s.m, st));
     return;
   }
   // Straight into c where cuBLASLt takes it (N a multiple of 16, aligned rows); else the product
   // of the zero-padded b into a temporary, whose first N columns are copied out.
   const bool direct =
-      s.n % kRowAlign == 0 && reinterpret_cast<uintptr_t>(c.data) % 16 == 0 && ldc % 4 == 0;
+      s.n % kRowAlign == 0 && reinterpret_cast<uintptr_t>(c) % 16 == 0 && ldc % 4 == 0;
   DeviceBuffer bpad(alloc, direct ? 0 : pad_b_bytes(s), stream);
   const PaddedB pb = direct ? PaddedB{b.data, row_stride(b), s.n} : pad_b(b, s, bpad, stream);
   DeviceBuffer acc(alloc, direct ? 0 : static_cast<size_t>(s.m * pb.rows) * sizeof(int32_t),
                    stream);
-  void* d = direct ? c.data : acc.get();
+  void* d = direct ? static_cast<void*>(c) : acc.get();
   const int64_t ldd = direct ? ldc : pb.rows;
   LtProblem p{CUDA_R_8I, pb.rows, s.m,     s.kp,       pb.data, pb.ld, a.data,    row_stride(a),
               nullptr,   nullptr, nullptr, CUDA_R_32I, d,       ldd,   CUDA_R_32I};
   if (!run_lt(p, alloc, stream)) {
     throw_error(ErrorKind::kNotImplemented,
-                "gemm_s8_s32_cuda: cuBLASLt has no INT8 algorithm for M=" + std::to_string(s.m) +
+                "INT8 product: cuBLASLt has no INT8 algorithm for M=" + std::to_string(s.m) +
                     " N=" + std::to_string(s.n) + " K=" + std::to_string(s.kp));
   }
   if (!direct) {
     INT4TRAIN_CUDA_CHECK(
-        cudaMemcpy2DAsync(c.data, static_cast<size_t>(ldc) * 4, d, static_cast<size_t>(pb.rows) * 4,
+        cudaMemcpy2DAsync(c, static_cast<size_t>(ldc) * 4, d, static_cast<size_t>(pb.rows) * 4,
                           static_cast<size_t>(s.n) * 4, s.m, cudaMemcpyDeviceToDevice, st));
   }
+}
+}  // namespace
+
+void gemm_s8_s32_cuda(const TensorView& a, const TensorView& b, TensorView c,
+                      const CudaAllocator& alloc, void* stream, int64_t max_k) {
+  if (max_k <= 0) throw_error(ErrorKind::kValue, "max_k: expected a positive bound on K");
+  const GemmShape s = check_operands(a, b, DType::kInt8, max_k);
+  if (!check_s32_out(c, s)) return;
+  s8_product(a, b, s, c.ptr<int32_t>(), row_stride(c), alloc, stream);
+}
+
+void gemm_s8_cuda(const TensorView& a, const TensorView& b, const TensorView& scale_a,
+                  const TensorView& scale_b, const TensorView& bias, TensorView out,
+                  const CudaAllocator& alloc, void* stream) {
+  const GemmShape s = check_operands(a, b, DType::kInt8, kMaxKInt4);
+  const bool bias_bf16 = check_scaled_args(s, scale_a, scale_b, bias, out);
+  if (s.m == 0 || s.n == 0) return;
+  // The exact int32 product in a temporary (INT4 codes: |sum| <= 64 K < 2^31), then the scale and
+  // bias pass in the CPU's order.
+  DeviceBuffer acc(alloc, s.kp > 0 ? static_cast<size_t>(s.m * s.n) * sizeof(int32_t) : 0, stream);
+  if (s.kp > 0) s8_product(a, b, s, acc.as<int32_t>(), s.n, alloc, stream);
+  cuda_detail::launch_scale_bias(
+      s.kp > 0 ? acc.as<const int32_t>() : nullptr, s.n, static_cast<const float*>(scale_a.data),
+      static_cast<const float*>(scale_b.data), bias.data, bias_bf16, out.data,
+      out.dtype == DType::kBFloat16, row_stride(out), s.m, s.n, as_stream(stream));
 }
 
 }  // namespace int4train

@@ -31,6 +31,7 @@ struct LsqParams {
   const int64_t* device_step;  // RandomKey::device_step: the stream's step bits, read on the device
   uint8_t* operand;  // may be null
   int64_t ldop, op_cols;
+  bool op_s8;                     // operand: INT8 (the codes as int8) instead of FP8 e4m3
   uint8_t* packed;                // may be null
   uint8_t* aux;                   // may be null
   unsigned long long* nonfinite;  // may be null
@@ -102,8 +103,6 @@ __device__ __forceinline__ void lsq_store8(const LsqParams& p, uint64_t stream, 
   } else {
     lsq_quantize8<kAux, false>(p, stream, b0, v, inv, bad_step, bad, value, &packed_word, &bits);
   }
-  const uint32_t op_lo = e4m3x2(value[0], value[1]) | (e4m3x2(value[2], value[3]) << 16);
-  const uint32_t op_hi = e4m3x2(value[4], value[5]) | (e4m3x2(value[6], value[7]) << 16);
   if (kVec) {
     if (p.packed != nullptr) {
       *reinterpret_cast<uint32_t*>(p.packed + row * (p.cols / 2) + col0 / 2) = packed_word;
@@ -116,7 +115,10 @@ __device__ __forceinline__ void lsq_store8(const LsqParams& p, uint64_t stream, 
   // Operand rows are 16-byte aligned with a stride of a multiple of 16: 8 bytes at col0 are
   // aligned.
   if (p.operand != nullptr) {
-    *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(op_lo, op_hi);
+    *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) =
+        p.op_s8 ? s8x8_of_nibbles(packed_word)
+                : make_uint2(e4m3x2(value[0], value[1]) | (e4m3x2(value[2], value[3]) << 16),
+                             e4m3x2(value[4], value[5]) | (e4m3x2(value[6], value[7]) << 16));
   }
   if (kAux) p.aux[(row * p.cols + col0) / 8] = static_cast<uint8_t>(bits);
 }
@@ -177,8 +179,11 @@ __global__ void __launch_bounds__(kThreads) lsq_small_codes_kernel(const LsqPara
     if (p.operand != nullptr) {
       for (int k = 0; k < 2; ++k) {
         const int64_t c = 2 * j + k;
-        if (c < p.op_cols)
-          p.operand[row * p.ldop + c] = static_cast<uint8_t>(e4m3_of_code(codes[k]));
+        if (c < p.op_cols) {
+          p.operand[row * p.ldop + c] = p.op_s8
+                                            ? static_cast<uint8_t>(static_cast<int8_t>(codes[k]))
+                                            : static_cast<uint8_t>(e4m3_of_code(codes[k]));
+        }
       }
     }
   }
@@ -368,9 +373,11 @@ void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const Tensor
   p.stream = rng.stream;
   p.device_step = rng.device_step;
   if (operand.data != nullptr) {
-    check_gemm_operand(operand, "operand", DType::kFloat8E4M3);
+    check_dtype(operand, "operand", {DType::kFloat8E4M3, DType::kInt8});
+    check_gemm_operand(operand, "operand", operand.dtype);
     check_shape(operand, "operand", rows, fp8_padded_cols(cols));
     p.operand = operand.ptr<uint8_t>();
+    p.op_s8 = operand.dtype == DType::kInt8;
     p.ldop = row_stride(operand);
     p.op_cols = operand.shape[1];
   }

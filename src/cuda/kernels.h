@@ -19,6 +19,11 @@ namespace cuda_detail {
 void launch_scale_bias(const float* acc, int64_t ld_acc, const float* scale_a, const float* scale_b,
                        const void* bias, bool bias_bf16, void* out, bool out_bf16, int64_t ld_out,
                        int64_t m, int64_t n, cudaStream_t stream);
+// The same for an int32 accumulator (an INT8 product), taken as float(acc) rounded to nearest,
+// gemm.h's Epilogue.
+void launch_scale_bias(const int32_t* acc, int64_t ld_acc, const float* scale_a,
+                       const float* scale_b, const void* bias, bool bias_bf16, void* out,
+                       bool out_bf16, int64_t ld_out, int64_t m, int64_t n, cudaStream_t stream);
 
 // *out = (*scale_a) * (*scale_b) in fp32 (a null scale counts as 1): the one scale handed to
 // cuBLASLt, so that the product's scale is rounded once, as gemm.h's alpha.
@@ -40,9 +45,10 @@ void launch_fill_nan_if(const unsigned long long* counter, void* out, bool out_b
 //        q = 16 hi + lo; hq_lss's weight gradient: the importance weights folded into its
 //        operands), in `chunks` K-chunk partial products chunk_stride elements apart, summed
 //        exactly by the consumers;
-//   slots (hq_lss's compacted input gradient, !s32, one chunk): the fp32 FP8 product of the kept
-//        rows; output row r's hi and lo partials are its rows slots[r] and slots[rows + r], -1 for
-//        a dropped row, weighted by the rows' LSS exponents (exps).
+//   slots (hq_lss's compacted input gradient, one chunk): the fp32 FP8 product of the kept rows
+//        (s32: the INT8 engine's int32 product, its values below 2^24); output row r's hi and lo
+//        partials are its rows slots[r] and slots[rows + r], -1 for a dropped row, weighted by the
+//        rows' LSS exponents (exps).
 struct SplitPartials {
   const void* prod;
   int64_t ld;

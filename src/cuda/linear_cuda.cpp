@@ -59,6 +59,8 @@ void linear_forward_cuda(const LinearConfig& cfg, const LinearForwardArgs& a,
   check_dtype(a.saved_aux, "saved_aux", {DType::kUInt8});
   check_vector(a.saved_aux, "saved_aux", compact_aux_bytes(n, d));
 
+  const bool s8 = resolve_gemm_engine(cfg.gemm, current_device()) == GemmEngine::kInt8;
+  const DType op_dtype = s8 ? DType::kInt8 : DType::kFloat8E4M3;
   const cudaStream_t s = as_stream(stream);
   const int64_t dp = fp8_padded_cols(d);
   // One 256-byte-aligned temporary: the counter, then the two operands (16-byte aligned rows).
@@ -69,15 +71,15 @@ void linear_forward_cuda(const LinearConfig& cfg, const LinearForwardArgs& a,
   auto* counter = reinterpret_cast<unsigned long long*>(base);
   INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof *counter, s));
   const TensorView cnt = make_scalar(counter, DType::kInt64);
-  const TensorView opx = make_matrix(base + x_off, DType::kFloat8E4M3, n, dp);
-  const TensorView opw = make_matrix(base + w_off, DType::kFloat8E4M3, c, dp);
+  const TensorView opx = make_matrix(base + x_off, op_dtype, n, dp);
+  const TensorView opw = make_matrix(base + w_off, op_dtype, c, dp);
   const RandomKey aux_key{cfg.seed, make_stream(cfg.step, cfg.layer, RandomPurpose::kLsqAux),
                           cfg.device_step};
   hadamard_lsq_quantize_cuda(a.x, g, a.step_x, aux_key, opx, a.saved_codes, a.saved_aux, cnt,
                              stream);
   hadamard_lsq_quantize_cuda(a.w, g, a.step_w, RandomKey{}, opw, TensorView{}, TensorView{}, cnt,
                              stream);
-  gemm_fp8_cuda(opx, opw, a.step_x, a.step_w, a.bias, a.y, alloc, stream);
+  (s8 ? gemm_s8_cuda : gemm_fp8_cuda)(opx, opw, a.step_x, a.step_w, a.bias, a.y, alloc, stream);
   launch_fill_nan_if(counter, a.y.data, a.y.dtype == DType::kBFloat16, row_stride(a.y), n, c, s);
 }
 
@@ -166,6 +168,10 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     check_vector(a.rows_kept, "rows_kept", 2);
     kept = a.rows_kept.ptr<long long>();
   }
+  // The INT8 engine changes hq_lss's compacted input-gradient product only (hq_bs and the weight
+  // gradient run on INT8 either way).
+  const bool s8 = lss && resolve_gemm_engine(cfg.gemm, current_device()) == GemmEngine::kInt8;
+  const DType lss_op = s8 ? DType::kInt8 : DType::kFloat8E4M3;
   const cudaStream_t s = as_stream(stream);
   if (kept != nullptr) INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(kept, 0, 2 * sizeof *kept, s));
   if (a.grad_bias.data != nullptr) {
@@ -196,7 +202,7 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   const RandomKey gkey{cfg.seed, make_stream(cfg.step, cfg.layer, RandomPurpose::kGradRound),
                        cfg.device_step};
   const int64_t cp = fp8_padded_cols(c), np = fp8_padded_cols(n);
-  Temp r_op(alloc, stream, lss ? DType::kFloat8E4M3 : DType::kInt8, lss ? 2 * n : n, cp);
+  Temp r_op(alloc, stream, lss ? lss_op : DType::kInt8, lss ? 2 * n : n, cp);
   Temp hilo(alloc, stream, DType::kInt4Packed, lss ? 2 * n : 0, c);
   const int64_t row_bytes = packed_row_bytes(c);
   const TensorView hi = make_matrix(hilo.buf.get(), DType::kInt4Packed, n, c);
@@ -282,23 +288,32 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
 
   if (dom_dx) {
     // dX~ = s_g s_w (16 Qhi + Qlo) Qw (K = C). hq_bs: one INT8 product of the N rows of q. hq_lss:
-    // the kept FP8 rows gathered into `capacity` rows (empty slots zero), one product over them;
-    // the epilogue finds each token's hi and lo rows through the slots and weights them by their
-    // exponents (no reduction over rows here, so FP8 stays exact).
+    // the kept FP8 (INT8 engine: INT8) rows gathered into `capacity` rows (empty slots zero), one
+    // product over them; the epilogue finds each token's hi and lo rows through the slots and
+    // weights them by their exponents (no reduction over rows here, so FP8 stays exact; the INT8
+    // engine keeps kMaxKFp8Int4 as its bound, so its int32 sums are exact in fp32 as FP8's).
     SplitPartials pp{};
     const int8_t* ex = nullptr;
-    Temp qwt(alloc, stream, lss ? DType::kFloat8E4M3 : DType::kInt8, d, cp);
-    Temp p(alloc, stream, lss ? DType::kFloat32 : DType::kInt32, lss ? capacity : k_chunks(cp) * n,
-           d);
+    Temp qwt(alloc, stream, lss ? lss_op : DType::kInt8, d, cp);
+    Temp p(alloc, stream, lss && !s8 ? DType::kFloat32 : DType::kInt32,
+           lss ? capacity : k_chunks(cp) * n, d);
     if (lss) {
-      codes_to_fp8_cuda(qw.view, true, qwt.view, stream);
-      Temp kept_op(alloc, stream, DType::kFloat8E4M3, capacity, cp);
+      if (s8) {
+        codes_to_s8_cuda(qw.view, TensorView{}, true, qwt.view, TensorView{}, stream);
+      } else {
+        codes_to_fp8_cuda(qw.view, true, qwt.view, stream);
+      }
+      Temp kept_op(alloc, stream, lss_op, capacity, cp);
       gather_operand_rows_cuda(r_op.view,
                                make_vector(sel_x.slot_rows.buf.get(), DType::kInt32, capacity),
                                kept_op.view, TensorView{}, stream);
-      gemm_fp8_cuda(kept_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view, alloc,
-                    stream);
-      pp = SplitPartials{p.buf.get(), d, false, 1, 0, sel_x.slots.buf.as<int32_t>()};
+      if (s8) {
+        gemm_s8_s32_cuda(kept_op.view, qwt.view, p.view, alloc, stream, kMaxKFp8Int4);
+      } else {
+        gemm_fp8_cuda(kept_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view,
+                      alloc, stream);
+      }
+      pp = SplitPartials{p.buf.get(), d, s8, 1, 0, sel_x.slots.buf.as<int32_t>()};
       ex = sel_x.exps.buf.as<int8_t>();
     } else {
       codes_to_s8_cuda(qw.view, TensorView{}, true, qwt.view, TensorView{}, stream);

@@ -64,15 +64,21 @@ struct Operand {
   TensorView view;
 };
 
-Operand to_operand(const std::vector<uint8_t>& packed, int64_t rows, int64_t cols, bool transpose) {
+// The FP8 operand of packed codes (s8: the INT8 operand of the INT8 engine).
+Operand to_operand(const std::vector<uint8_t>& packed, int64_t rows, int64_t cols, bool transpose,
+                   bool s8 = false) {
   DevBuf dp = gputest::upload(packed);
   const int64_t out_rows = transpose ? cols : rows, k = transpose ? rows : cols;
   const int64_t kp = fp8_padded_cols(k);
   Operand op{DevBuf(static_cast<size_t>(std::max<int64_t>(1, out_rows * kp))), {}};
   op.buf.poison();
-  op.view = make_matrix(op.buf.get(), DType::kFloat8E4M3, out_rows, kp);
-  codes_to_fp8_cuda(make_matrix(dp.get(), DType::kInt4Packed, rows, cols), transpose, op.view,
-                    nullptr);
+  op.view = make_matrix(op.buf.get(), s8 ? DType::kInt8 : DType::kFloat8E4M3, out_rows, kp);
+  const TensorView codes = make_matrix(dp.get(), DType::kInt4Packed, rows, cols);
+  if (s8) {
+    codes_to_s8_cuda(codes, TensorView{}, transpose, op.view, TensorView{}, nullptr);
+  } else {
+    codes_to_fp8_cuda(codes, transpose, op.view, nullptr);
+  }
   cudaDeviceSynchronize();
   return op;
 }
@@ -371,8 +377,9 @@ const char* bias_name(BiasKind b) {
   }
 }
 
-void test_scaled(int64_t m, int64_t n, int64_t k, bool out_bf16, BiasKind bias_kind,
-                 bool one_scale) {
+// gemm_fp8_cuda (s8: gemm_s8_cuda, the INT8 engine's) against the CPU's gemm_scaled.
+void test_scaled(int64_t m, int64_t n, int64_t k, bool out_bf16, BiasKind bias_kind, bool one_scale,
+                 bool s8) {
   const auto ca = make_codes(m, k, Fill::kRandom, 300 + m + k),
              cb = make_codes(n, k, Fill::kRandom, 400 + n + k);
   const auto pa = pack(ca, m, k), pb = pack(cb, n, k);
@@ -396,7 +403,7 @@ void test_scaled(int64_t m, int64_t n, int64_t k, bool out_bf16, BiasKind bias_k
               make_matrix(const_cast<uint8_t*>(pb.data()), DType::kInt4Packed, n, k), ep,
               make_matrix(want.data(), odt, m, n));
 
-  Operand a = to_operand(pa, m, k, false), b = to_operand(pb, n, k, false);
+  Operand a = to_operand(pa, m, k, false, s8), b = to_operand(pb, n, k, false, s8);
   const float prod = sa * sb;
   std::vector<float> scales =
       one_scale ? std::vector<float>{prod, 1.0f} : std::vector<float>{sa, sb};
@@ -418,8 +425,8 @@ void test_scaled(int64_t m, int64_t n, int64_t k, bool out_bf16, BiasKind bias_k
   const TensorView sa_v = make_scalar(ds.as<float>(), DType::kFloat32);
   const TensorView sb_v =
       one_scale ? TensorView{} : make_scalar(ds.as<float>() + 1, DType::kFloat32);
-  gemm_fp8_cuda(a.view, b.view, sa_v, sb_v, bias_view, make_matrix(dout.get(), odt, m, n), alloc,
-                nullptr);
+  (s8 ? gemm_s8_cuda : gemm_fp8_cuda)(a.view, b.view, sa_v, sb_v, bias_view,
+                                      make_matrix(dout.get(), odt, m, n), alloc, nullptr);
   CUDA_OK(cudaDeviceSynchronize());
   const auto got = gputest::download<uint8_t>(dout, want.size());
   int64_t exact = 0, max_ulp = 0;
@@ -440,11 +447,11 @@ void test_scaled(int64_t m, int64_t n, int64_t k, bool out_bf16, BiasKind bias_k
       max_ulp = std::max<int64_t>(max_ulp, gputest::ulp_distance(g, w));
     }
   }
-  std::printf("    scaled M=%lld N=%lld K=%lld %s %s %s: %lld/%lld bit-exact, max %lld ulp\n",
-              static_cast<long long>(m), static_cast<long long>(n), static_cast<long long>(k),
-              out_bf16 ? "bf16" : "fp32", bias_name(bias_kind), one_scale ? "1scale" : "2scales",
-              static_cast<long long>(exact), static_cast<long long>(m * n),
-              static_cast<long long>(max_ulp));
+  std::printf("    scaled%s M=%lld N=%lld K=%lld %s %s %s: %lld/%lld bit-exact, max %lld ulp\n",
+              s8 ? " s8" : "", static_cast<long long>(m), static_cast<long long>(n),
+              static_cast<long long>(k), out_bf16 ? "bf16" : "fp32", bias_name(bias_kind),
+              one_scale ? "1scale" : "2scales", static_cast<long long>(exact),
+              static_cast<long long>(m * n), static_cast<long long>(max_ulp));
   GPU_CHECK_MSG(exact == m * n, "scaled product differs from gemm_scaled: "
                                     << m * n - exact << " elements, max " << max_ulp << " ulp");
 }
@@ -552,8 +559,16 @@ const bool registered = [] {
           add_case("gemm_scaled/" + std::to_string(s.m) + "x" + std::to_string(s.n) + "x" +
                        std::to_string(s.k) + "/" + (bf16 ? "bf16/" : "fp32/") + bias_name(bk) +
                        (one ? "/1scale" : "/2scales"),
-                   false, [=] { test_scaled(s.m, s.n, s.k, bf16, bk, one); });
+                   false, [=] { test_scaled(s.m, s.n, s.k, bf16, bk, one, false); });
         }
+      }
+      // The INT8 engine's product (int32, then the scale-and-bias pass): odd N (the padded b and
+      // the one-element pass), N a multiple of 16 (cuBLASLt writes the temporary directly, the
+      // four-column pass).
+      for (S s : {S{5, 17, 33}, S{256, 128, 1024}, S{64, 48, 200}}) {
+        add_case("gemm_scaled_s8/" + std::to_string(s.m) + "x" + std::to_string(s.n) + "x" +
+                     std::to_string(s.k) + "/" + (bf16 ? "bf16/" : "fp32/") + bias_name(bk),
+                 false, [=] { test_scaled(s.m, s.n, s.k, bf16, bk, false, true); });
       }
     }
   }

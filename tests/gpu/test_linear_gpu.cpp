@@ -49,6 +49,7 @@ struct Problem {
   bool nonfinite;
   bool sparse_grad = false;  // backward: row scales over four decades, every 4th row zero (LSS)
   double lss_budget = kLssDefaultBudget;
+  GemmEngine gemm = GemmEngine::kAuto;
 };
 
 std::string problem_name(const Problem& p) {
@@ -58,7 +59,8 @@ std::string problem_name(const Problem& p) {
          (p.bias ? "/bias" : "/nobias") + (p.nonfinite ? "/nonfinite" : "") +
          (p.sparse_grad ? "/sparse_grad" : "") +
          (p.lss_budget != kLssDefaultBudget ? "/budget" + std::to_string(p.lss_budget).substr(0, 3)
-                                            : "");
+                                            : "") +
+         (p.gemm != GemmEngine::kAuto ? std::string("/gemm_") + gemm_engine_name(p.gemm) : "");
 }
 
 struct Outputs {
@@ -84,6 +86,7 @@ void run_forward(const Problem& p, bool graph) {
   cfg.seed = 77;
   cfg.step = 5;
   cfg.layer = 3;
+  cfg.gemm = p.gemm;
   const int64_t cb = p.n * packed_row_bytes(p.d), ab = compact_aux_bytes(p.n, p.d);
 
   Outputs want{std::vector<uint8_t>(static_cast<size_t>(p.n * p.c) * oesz),
@@ -179,6 +182,7 @@ void run_backward(const Problem& p, bool graph) {
   cfg.step = 2;
   cfg.layer = 1;
   cfg.lss_budget = p.lss_budget;
+  cfg.gemm = p.gemm;
   const int64_t cb = p.n * packed_row_bytes(p.d), ab = compact_aux_bytes(p.n, p.d);
   std::vector<uint8_t> codes(static_cast<size_t>(cb)), aux(static_cast<size_t>(ab));
   std::vector<float> y(static_cast<size_t>(p.n * p.c));
@@ -300,6 +304,37 @@ void test_lss_limits() {
   expect(4, 16, row_max + 1, "saved_codes");
 }
 
+// resolve_gemm_engine on this device, and cuda_compute_capability's device check.
+void test_gemm_engine() {
+  int dev = 0, count = 0;
+  CUDA_OK(cudaGetDevice(&dev));
+  CUDA_OK(cudaGetDeviceCount(&count));
+  const int cc = cuda_compute_capability(dev);
+  std::printf("    device %d: compute capability %d.%d\n", dev, cc / 10, cc % 10);
+  GPU_CHECK(cc >= kMinCapabilityKernels);
+  const bool fp8 = cc >= kMinCapabilityFp8;
+  GPU_CHECK(resolve_gemm_engine(GemmEngine::kAuto, dev) ==
+            (fp8 ? GemmEngine::kFp8 : GemmEngine::kInt8));
+  GPU_CHECK(resolve_gemm_engine(GemmEngine::kInt8, dev) == GemmEngine::kInt8);
+  bool threw = false;
+  try {
+    GPU_CHECK(resolve_gemm_engine(GemmEngine::kFp8, dev) == GemmEngine::kFp8);
+  } catch (const Error& e) {
+    threw = std::string(e.what()).find("gemm:") == 0;
+  }
+  GPU_CHECK_MSG(threw == !fp8,
+                "gemm=fp8 must be an Error naming gemm exactly where FP8 is missing");
+  for (int bad : {-1, count}) {
+    threw = false;
+    try {
+      cuda_compute_capability(bad);
+    } catch (const Error& e) {
+      threw = std::string(e.what()).find("device:") == 0;
+    }
+    GPU_CHECK_MSG(threw, "device " << bad << " must be an Error naming device");
+  }
+}
+
 const bool registered = [] {
   using gputest::add_case;
   const Problem problems[] = {
@@ -313,6 +348,11 @@ const bool registered = [] {
       {16, 128, 32, 32, false, false, true, Recipe::kHqLss, true},
   };
   for (const Problem& p : problems) {
+    add_case("linear_forward/" + problem_name(p), false, [=] { run_forward(p, false); });
+  }
+  // The INT8 engine (the products of devices without FP8) on the same problems: the same bits.
+  for (Problem p : problems) {
+    p.gemm = GemmEngine::kInt8;
     add_case("linear_forward/" + problem_name(p), false, [=] { run_forward(p, false); });
   }
   add_case("linear_forward_graph/" + problem_name(problems[2]), false,
@@ -360,6 +400,13 @@ const bool registered = [] {
   for (const Problem& p : lss) {
     add_case("linear_backward/" + problem_name(p), p.n > 4096, [=] { run_backward(p, false); });
   }
+  // hq_lss's compacted input-gradient product on the INT8 engine (its only product that changes).
+  for (Problem p : lss) {
+    if (p.n > 4096) continue;
+    p.gemm = GemmEngine::kInt8;
+    add_case("linear_backward/" + problem_name(p), false, [=] { run_backward(p, false); });
+  }
+  add_case("gemm_engine/resolve", false, test_gemm_engine);
   add_case("linear_backward_errors/lss_limits", false, test_lss_limits);
   add_case("linear_backward_graph/" + problem_name(lss[3]), false,
            [=] { run_backward(lss[3], true); });
