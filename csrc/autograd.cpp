@@ -44,7 +44,7 @@ bool step_kernels(const Tensor& a, const Tensor& b) {
   const auto ok = [](const Tensor& p) {
     return p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16;
   };
-  return cuda_bridge::kAvailable && a.is_cuda() && a.device() == b.device() && ok(a) && ok(b);
+  return cuda_bridge::runs_kernels(a) && a.device() == b.device() && ok(a) && ok(b);
 }
 
 std::tuple<Tensor, Tensor> lsq_steps_impl(const Tensor& input_step, const Tensor& weight_step) {

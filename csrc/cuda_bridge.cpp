@@ -97,6 +97,10 @@ std::tuple<at::Tensor, at::Tensor> lsq_step_grads(const at::Tensor& input_param,
   return {gx, gw};
 }
 
+bool runs_kernels(const at::Tensor& t) {
+  return t.is_cuda() && cuda_compute_capability(t.get_device()) >= kMinCapabilityKernels;
+}
+
 void linear_forward(const LinearConfig& config, const LinearForwardArgs& args, int device) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   detail::call_core(

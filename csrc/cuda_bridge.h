@@ -16,8 +16,12 @@ namespace int4train::pt::cuda_bridge {
 
 #ifdef INT4TRAIN_TORCH_CUDA
 constexpr bool kAvailable = true;
+// True for a CUDA tensor on a device the kernels run on (compute capability 8.0 or newer,
+// cuda.h's kMinCapabilityKernels); the ATen forms of generic.cpp serve older devices.
+bool runs_kernels(const at::Tensor& t);
 #else
 constexpr bool kAvailable = false;  // nothing below is defined: callers guard with the macro
+inline bool runs_kernels(const at::Tensor&) { return false; }
 #endif
 
 // Philox words random_u32(seed, (uint32(step) << 32) | stream_lo, i), i < n, as int64 in

@@ -66,7 +66,7 @@ Tensor philox_words(uint64_t seed, int64_t stream_lo, const Tensor& stream_hi, i
   if (n == 0) return at::empty({0}, opt);
 #ifdef INT4TRAIN_TORCH_CUDA
   // One kernel instead of ~260 ATen launches (the same words: tests compare with the core).
-  if (stream_hi.is_cuda()) {
+  if (cuda_bridge::runs_kernels(stream_hi)) {
     return cuda_bridge::philox_words(seed, static_cast<uint32_t>(stream_lo & kMask32), stream_hi, n);
   }
 #endif
@@ -178,7 +178,8 @@ void check_block(int64_t block, int64_t d) {
 Tensor hadamard_fp32(const Tensor& x, int64_t g) {
   const int64_t rows = x.size(0), d = x.size(1);
 #ifdef INT4TRAIN_TORCH_CUDA
-  if (x.is_cuda() && g > 1 && x.numel() > 0) return cuda_bridge::hadamard_fp32(x, g);
+  if (cuda_bridge::runs_kernels(x) && g > 1 && x.numel() > 0)
+    return cuda_bridge::hadamard_fp32(x, g);
 #endif
   Tensor v = x.to(at::kFloat).contiguous();
   if (g == 1 || v.numel() == 0) return v.clone();
@@ -370,7 +371,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward(
   check_float(weight, "w");
   if (bias.has_value() && bias->defined()) check_float(*bias, "bias");
 #ifdef INT4TRAIN_TORCH_CUDA
-  const bool device_kernels = x.is_cuda() && recipe_uses_lsq(cfg.recipe);
+  const bool device_kernels = cuda_bridge::runs_kernels(x) && recipe_uses_lsq(cfg.recipe);
 #else
   const bool device_kernels = false;
 #endif
@@ -499,7 +500,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(
   check_float(grad_y, "grad_y");
   check_float(weight, "w");
 #ifdef INT4TRAIN_TORCH_CUDA
-  const bool device_kernels = grad_y.is_cuda() &&
+  const bool device_kernels = cuda_bridge::runs_kernels(grad_y) &&
                               (cfg.recipe == Recipe::kHqBs || cfg.recipe == Recipe::kHqLss) &&
                               n > 0 && d > 0 && c > 0;
 #else

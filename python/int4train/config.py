@@ -18,6 +18,7 @@ MAX_HADAMARD_BLOCK = 256  # int4train::kMaxHadamardBlock
 MIN_LSS_BUDGET = 0.125  # int4train::kLssMinBudget
 MAX_LSS_BUDGET = 2.0  # int4train::kLssMaxBudget
 STEP_INITS = ("mean_abs", "mse")
+GEMMS = ("auto", "fp8", "int8")  # int4train::GemmEngine (include/int4train/linear.h)
 # The small-shape rule's measured threshold, int4train::kDenseFallbackMacs (include/int4train/linear.h).
 DENSE_FALLBACK_MACS = float(_C.DENSE_FALLBACK_MACS)
 
@@ -50,6 +51,12 @@ class Recipe:
         runs as the plain F.linear in the input's dtype, where an H100 measured the quantized layer
         below 0.9x of bf16), or a number of multiply-adds, the threshold itself. A call that falls
         back is not quantized and gives its LSQ steps no gradient. The CPU never falls back.
+    gemm: LSQ recipes on CUDA: which 8-bit tensor cores carry the 4-bit products (include/int4train/
+        linear.h, GemmEngine): "auto" (the default: FP8 on GPUs with FP8 tensor cores, compute
+        capability 8.9 or newer such as the L40, RTX 40xx, H100 and H200; INT8 on the A100, A10 and
+        RTX 30xx), "fp8" (an error on a GPU without FP8) or "int8". The integers, and so the results,
+        are the same bit for bit with either; the CPU ignores it. GPUs older than compute
+        capability 8.0 run the device-generic ATen path (exact, slower).
     """
 
     name: str = "hq_lss"
@@ -58,6 +65,7 @@ class Recipe:
     lss_budget: float = 1.0
     step_init: str = "mse"
     dense_fallback: Union[str, float] = "never"
+    gemm: str = "auto"
 
     def __post_init__(self) -> None:
         if self.name not in RECIPES:
@@ -92,14 +100,23 @@ class Recipe:
                              f"multiply-adds >= 0, got {df!r}")
         else:
             object.__setattr__(self, "dense_fallback", float(df))
+        if self.gemm not in GEMMS:
+            raise ValueError(f"gemm must be one of {', '.join(GEMMS)}, got {self.gemm!r}")
+        if self.gemm != "auto" and self.name not in _LSQ_RECIPES:
+            raise ValueError(f"gemm applies to the LSQ recipes ({', '.join(_LSQ_RECIPES)}), "
+                             f"got recipe {self.name!r}")
 
     @property
     def spec(self) -> str:
         """The recipe as the ops take it (`str recipe`): the name, with the non-default options after a
-        colon, e.g. "hq_lss" or "hq_lss:lss_budget=1.5" (include/int4train/linear.h, parse_recipe_spec)."""
+        colon, e.g. "hq_lss", "hq_lss:lss_budget=1.5" or "hq_bs:gemm=int8" (include/int4train/linear.h,
+        parse_recipe_spec)."""
+        options = []
         if self.lss_budget != 1.0:
-            return f"{self.name}:lss_budget={self.lss_budget!r}"
-        return self.name
+            options.append(f"lss_budget={self.lss_budget!r}")
+        if self.gemm != "auto":
+            options.append(f"gemm={self.gemm}")
+        return self.name + (":" + ",".join(options) if options else "")
 
     @property
     def label(self) -> str:
@@ -149,12 +166,14 @@ class Recipe:
             for item in opts.split(",") if colon else []:
                 key, _, value = item.partition("=")
                 kind = {"lss_budget": float, "max_hadamard_block": int, "step_init": str,
-                        "dense_fallback": _fallback_value}.get(key)
+                        "dense_fallback": _fallback_value, "gemm": str}.get(key)
                 if kind is None:
                     raise ValueError(f"recipe: unknown option {key!r} in {recipe!r}; expected NAME, "
                                      "hq_lss:lss_budget=X, an hq recipe with max_hadamard_block=G, "
-                                     "an LSQ recipe with step_init=mse|mean_abs, or "
-                                     "dense_fallback=never|auto|MACS")
+                                     "an LSQ recipe with step_init=mse|mean_abs or gemm=auto|fp8|int8, "
+                                     "or dense_fallback=never|auto|MACS")
+                if key in options:
+                    raise ValueError(f"recipe: option {key!r} given twice in {recipe!r}")
                 try:
                     options[key] = kind(value)
                 except ValueError:

@@ -70,6 +70,40 @@ def test_cuda_linear_matches_cpu_core(recipe, dtype):
                 torch.testing.assert_close(b.cpu(), a, rtol=tol, atol=tol * max(1.0, a.abs().max().item()))
 
 
+@pytest.mark.parametrize("recipe", LSQ_RECIPES)
+def test_cuda_gemm_engines_match_cpu_core(recipe):
+    # Every engine the device has (INT8 always, FP8 from compute capability 8.9) gives the CPU
+    # core's bits: the forward's INT8 product and scale-and-bias pass, hq_lss's INT8 compacted
+    # input-gradient product. gemm=fp8 on a device without FP8 is an error naming gemm.
+    major, minor = torch.cuda.get_device_capability()
+    engines = ["int8", "fp8"] if (major, minor) >= (8, 9) else ["int8"]
+    for n, d, c in [(3, 16, 5), (7, 12, 5), (65, 256, 96)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            args = cpu_args(recipe, n, d, c, dtype)
+            cpu = ops.linear_forward(*args)
+            y, codes, aux, scale, saved = cpu
+            gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+            bargs = [gy, None, codes, aux, scale, args[1], args[3], args[4], recipe, args[6],
+                     args[7], saved, args[9], [True] * 5]
+            cpu_g = ops.linear_backward(*bargs) if recipe in ("hq_bs", "hq_lss") else None
+            auto_g = ops.linear_backward(*to_cuda(bargs)) if cpu_g is not None else None
+            for gemm in engines:
+                spec = f"{recipe}:gemm={gemm}"
+                gpu = ops.linear_forward(*to_cuda(args[:5] + [spec] + args[6:]))
+                for name, a, b in zip(("y", "codes", "aux"), cpu, gpu):
+                    assert torch.equal(a, b.cpu()), (name, spec, n, d, c, dtype)
+                if cpu_g is not None:
+                    gpu_g = ops.linear_backward(*to_cuda(bargs[:8] + [spec] + bargs[9:]))
+                    for i in (0, 1, 2, 5):  # grad_x, grad_w, grad_bias, rows kept: the CPU's bits
+                        assert torch.equal(cpu_g[i], gpu_g[i].cpu()), (i, spec, n, d, c, dtype)
+                    for i in range(6):  # and the default engine's, the step gradients included
+                        assert torch.equal(auto_g[i], gpu_g[i]), (i, spec, n, d, c, dtype)
+    if "fp8" not in engines:
+        with pytest.raises(ValueError, match="gemm: fp8 needs FP8 tensor cores"):
+            ops.linear_forward(*to_cuda(cpu_args(recipe, 3, 16, 5, torch.float32)[:5]
+                                        + [f"{recipe}:gemm=fp8"] + args[6:]))
+
+
 @pytest.mark.parametrize("recipe", ["hq_bs", "hq_lss"])
 def test_cuda_backward_bias_alone_matches_cpu_core(recipe):
     # Only the bias gradient asked for (a frozen weight, as in BitFit): the device kernels run the

@@ -182,7 +182,9 @@ def test_lss_budget_generic_matches_core_and_two_is_bit_split(budget):
 def test_lss_budget_spec_errors():
     args = layer_args("hq_lss", 8, 16, 4, torch.float32)
     for bad, words in [("hq_lss:lss_budget=3", "lss_budget"), ("hq_bs:lss_budget=1.5", "hq_lss only"),
-                       ("hq_lss:budget=1", "unknown option"), ("hq_lss:lss_budget=x", "expects a number")]:
+                       ("hq_lss:budget=1", "unknown option"), ("hq_lss:lss_budget=x", "expects a number"),
+                       ("hq_lss:gemm=fp16", "gemm expects auto, fp8 or int8"),
+                       ("hq_lss:gemm=int8,gemm=int8", "given twice")]:
         args[5] = bad
         with pytest.raises(ValueError, match=words):
             ops.linear_forward(*args)

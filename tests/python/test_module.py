@@ -445,6 +445,41 @@ def test_lss_budget_recipe():
     assert not torch.equal(grads["bs"][0], grads["half"][0])
 
 
+def test_gemm_recipe():
+    # The products' engine on CUDA: validation, the spec (the ops parse it), the label and Recipe.of;
+    # on the CPU any engine gives the same bits (tests/python/test_cuda.py checks the GPU's).
+    assert Recipe("hq_bs").gemm == "auto" and Recipe("hq_bs").spec == "hq_bs"
+    r = Recipe("hq_bs", gemm="int8")
+    assert r.spec == "hq_bs:gemm=int8" and r.label == "hq_bs:gemm=int8"
+    assert Recipe.of(r.spec) == r
+    both = Recipe("hq_lss", lss_budget=1.5, gemm="fp8", step_init="mean_abs")
+    assert both.spec == "hq_lss:lss_budget=1.5,gemm=fp8"
+    assert both.label == "hq_lss:lss_budget=1.5,gemm=fp8,step_init=mean_abs"
+    assert Recipe.of(both.label) == both
+    for bad in ("fp16", "INT8", "", None):
+        with pytest.raises(ValueError, match="gemm must be one of auto, fp8, int8"):
+            Recipe("hq_bs", gemm=bad)
+    for name in ("fp", "int8"):
+        with pytest.raises(ValueError, match="gemm applies to the LSQ recipes"):
+            Recipe(name, gemm="int8")
+    with pytest.raises(ValueError, match="given twice"):
+        Recipe.of("hq_bs:gemm=int8,gemm=fp8")
+    torch.manual_seed(0)
+    x = torch.randn(6, 32, requires_grad=True)
+    outs = []
+    for gemm in ("auto", "fp8", "int8"):
+        layer = Int4Linear(32, 16, recipe=Recipe("hq_lss", seed=3, gemm=gemm))
+        torch.manual_seed(1)
+        layer.reset_parameters()
+        xx = x.detach().clone().requires_grad_()
+        y = layer(xx)
+        y.backward(torch.ones_like(y))
+        outs.append((y.detach(), xx.grad, layer.weight.grad, layer.input_step.grad))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+
+
 def test_dense_fallback_recipe():
     # The small-shape rule: validation, the label (not the spec: the ops never see it), and the CPU,
     # which never falls back (tests/python/test_cuda.py checks the CUDA branch).
