@@ -40,8 +40,10 @@ void Int4LinearImpl::reset() {
     bias = register_parameter("bias", {}, /*requires_grad=*/false);
   }
   if (recipe_uses_lsq(recipe)) {
-    input_step = register_parameter("input_step", torch::ones({}));
-    weight_step = register_parameter("weight_step", torch::ones({}));
+    // Shape (1,), as the Python module's (FSDP takes no 0-dim parameter); 0-dim steps of older
+    // checkpoints load too (torch::load takes the saved shape; the ops take any one-element step).
+    input_step = register_parameter("input_step", torch::ones({1}));
+    weight_step = register_parameter("weight_step", torch::ones({1}));
   }
   hadamard_block = register_buffer("hadamard_block", torch::ones({}, torch::kLong));
   initialized = register_buffer("initialized", torch::zeros({}, torch::kBool));

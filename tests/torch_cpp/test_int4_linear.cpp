@@ -42,6 +42,10 @@ TEST_P(Int4LinearTest, DropInShapes) {
   EXPECT_EQ(layer->bias.sizes(), torch::IntArrayRef({16}));
   const auto params = layer->named_parameters();
   EXPECT_EQ(params.contains("input_step"), is_lsq(GetParam()));
+  if (is_lsq(GetParam())) {  // the Python module's shape (FSDP takes no 0-dim parameter)
+    EXPECT_EQ(layer->input_step.sizes(), torch::IntArrayRef({1}));
+    EXPECT_EQ(layer->weight_step.sizes(), torch::IntArrayRef({1}));
+  }
   const auto buffers = layer->named_buffers();
   EXPECT_TRUE(buffers.contains("hadamard_block") && buffers.contains("initialized") &&
               buffers.contains("step"));
@@ -108,6 +112,21 @@ TEST_P(Int4LinearTest, SerializationRoundTripReproducesForward) {
   fresh->eval();
   const auto x2 = torch::randn({5, 32}) * 7;  // new statistics: a re-initialisation would show
   EXPECT_TRUE(torch::equal(layer->forward(x2), fresh->forward(x2)));
+  if (!is_lsq(recipe)) return;
+  // A checkpoint from before the steps became (1,) vectors (0-dim steps) loads and computes the
+  // same.
+  {
+    torch::NoGradGuard no_grad;
+    layer->input_step.set_data(layer->input_step.reshape({}).clone());
+    layer->weight_step.set_data(layer->weight_step.reshape({}).clone());
+  }
+  std::stringstream old_stream;
+  torch::save(layer, old_stream);
+  Int4Linear from_old(Int4LinearOptions(32, 16).recipe(recipe).layer(2).seed(5));
+  torch::load(from_old, old_stream);
+  from_old->eval();
+  EXPECT_TRUE(torch::equal(layer->forward(x2), from_old->forward(x2)));
+  EXPECT_EQ(from_old->input_step.numel(), 1);
 }
 
 TEST_P(Int4LinearTest, LearnsATeacher) {
@@ -169,7 +188,8 @@ TEST(Int4Linear, FromLinearTakesEveryOption) {
   layer->eval();
   layer->forward(x);
   EXPECT_EQ(layer->block_size(), 1);  // max_hadamard_block 1: no transform
-  EXPECT_TRUE(torch::equal(layer->input_step, int4train::pt::lsq_init_step(x)));  // mean_abs
+  EXPECT_TRUE(
+      torch::equal(layer->input_step, int4train::pt::lsq_init_step(x).reshape({1})));  // mean_abs
   EXPECT_THROW(int4train::pt::int4_linear_from(lin, Int4LinearOptions(63, 16)), c10::ValueError);
   EXPECT_THROW(int4train::pt::int4_linear_from(lin, Int4LinearOptions(64, 16).bias(false)),
                c10::ValueError);
@@ -191,18 +211,18 @@ TEST(Int4Linear, FirstBatchInitialisesStepsAndBlock) {
   const auto xt = int4train::pt::hadamard_transform(x, block);
   const auto wt = int4train::pt::hadamard_transform(layer->weight, block);
   const auto sx = int4train::pt::lsq_mse_step(xt);
-  EXPECT_TRUE(torch::equal(layer->input_step, sx));
-  EXPECT_TRUE(torch::equal(layer->weight_step, int4train::pt::lsq_mse_step(wt)));
+  EXPECT_TRUE(torch::equal(layer->input_step, sx.reshape({1})));
+  EXPECT_TRUE(torch::equal(layer->weight_step, int4train::pt::lsq_mse_step(wt).reshape({1})));
   EXPECT_FALSE(torch::equal(sx, int4train::pt::lsq_init_step(xt)));
   layer->forward(x * 100);  // never re-initialised
-  EXPECT_TRUE(torch::equal(layer->input_step, sx));
+  EXPECT_TRUE(torch::equal(layer->input_step, sx.reshape({1})));
   // step_init "mean_abs": LSQ's 2 mean|x~| / sqrt(7).
   Int4Linear mean_abs(Int4LinearOptions(64, 48).recipe("hq_lss").step_init("mean_abs"));
   mean_abs->weight.copy_(layer->weight);
   mean_abs->eval();
   mean_abs->forward(x);
-  EXPECT_TRUE(torch::equal(mean_abs->input_step, int4train::pt::lsq_init_step(xt)));
-  EXPECT_TRUE(torch::equal(mean_abs->weight_step, int4train::pt::lsq_init_step(wt)));
+  EXPECT_TRUE(torch::equal(mean_abs->input_step, int4train::pt::lsq_init_step(xt).reshape({1})));
+  EXPECT_TRUE(torch::equal(mean_abs->weight_step, int4train::pt::lsq_init_step(wt).reshape({1})));
   EXPECT_THROW(Int4Linear(Int4LinearOptions(4, 4).step_init("max")), c10::ValueError);
   EXPECT_THROW(Int4Linear(Int4LinearOptions(4, 4).recipe("fp").step_init("mean_abs")), c10::ValueError);
 }

@@ -38,12 +38,14 @@ struct Int4LinearOptions {
 
 // State (the names are the state_dict keys):
 //   weight (out, in), bias (out): parameters, as torch::nn::Linear;
-//   input_step, weight_step: fp32 0-dim parameters, the LSQ step sizes (LSQ recipes only);
+//   input_step, weight_step: fp32 parameters of shape (1,), the LSQ step sizes (LSQ recipes only;
+//   checkpoints with 0-dim steps load);
 //   hadamard_block (int64 0-dim), initialized (bool 0-dim), step (int64 0-dim): buffers.
 // The first forward on a non-empty batch initialises the steps (lsq_mse_step, or lsq_init_step with
-// step_init "mean_abs", of the transformed x and w) and picks the Hadamard block (hq recipes; lsq_luq uses 1), unless `initialized` is already
-// set (a loaded checkpoint is never re-initialised). Each forward in training mode increments `step`.
-// forward takes x (..., in_features) in float32 or bfloat16 (any float dtype under autocast).
+// step_init "mean_abs", of the transformed x and w) and picks the Hadamard block (hq recipes;
+// lsq_luq uses 1), unless `initialized` is already set (a loaded checkpoint is never
+// re-initialised). Each forward in training mode increments `step`. forward takes x (...,
+// in_features) in float32 or bfloat16 (any float dtype under autocast).
 class Int4LinearImpl : public torch::nn::Cloneable<Int4LinearImpl> {
  public:
   Int4LinearImpl(int64_t in_features, int64_t out_features)
