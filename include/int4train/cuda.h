@@ -142,8 +142,9 @@ void gemm_s8_s32_cuda(const TensorView& a, const TensorView& b, TensorView c,
 // gemm_fp8_cuda's contract on INT8 operands holding INT4 codes (the engine of devices without FP8,
 // GemmEngine::kInt8): the exact int32 product (Kp <= kMaxKInt4 of gemm.h, an Error naming `a`
 // beyond), then out = (scale_a * scale_b) * float(acc) + bias in gemm.h's Epilogue order, in a
-// second pass (cuBLASLt's INT8 kernels write int32 or int8 only). Equal to the CPU's gemm_scaled on
-// the same codes bit for bit.
+// second pass (cuBLASLt's INT8 kernels write int32 or int8 only); blocks of rows at a time where
+// the int32 product would exceed 256 MiB of scratch. Equal to the CPU's gemm_scaled on the same
+// codes bit for bit.
 void gemm_s8_cuda(const TensorView& a, const TensorView& b, const TensorView& scale_a,
                   const TensorView& scale_b, const TensorView& bias, TensorView out,
                   const CudaAllocator& alloc, void* stream);

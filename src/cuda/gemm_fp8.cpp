@@ -10,6 +10,7 @@
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -27,6 +28,9 @@ using cuda_detail::as_stream;
 using cuda_detail::current_device;
 using cuda_detail::DeviceBuffer;
 using cuda_detail::row_stride;
+
+// The most scratch gemm_s8_cuda takes for its int32 product (whole rows at a time, at least one).
+constexpr int64_t kMaxS8Temp = int64_t{256} << 20;
 
 // cuBLASLt's preferred workspace on Hopper (TransformerEngine uses the same).
 constexpr size_t kLtMaxWorkspace = size_t{32} << 20;
@@ -426,13 +430,26 @@ void gemm_s8_cuda(const TensorView& a, const TensorView& b, const TensorView& sc
   const bool bias_bf16 = check_scaled_args(s, scale_a, scale_b, bias, out);
   if (s.m == 0 || s.n == 0) return;
   // The exact int32 product in a temporary (INT4 codes: |sum| <= 64 K < 2^31), then the scale and
-  // bias pass in the CPU's order.
-  DeviceBuffer acc(alloc, s.kp > 0 ? static_cast<size_t>(s.m * s.n) * sizeof(int32_t) : 0, stream);
-  if (s.kp > 0) s8_product(a, b, s, acc.as<int32_t>(), s.n, alloc, stream);
-  cuda_detail::launch_scale_bias(
-      s.kp > 0 ? acc.as<const int32_t>() : nullptr, s.n, static_cast<const float*>(scale_a.data),
-      static_cast<const float*>(scale_b.data), bias.data, bias_bf16, out.data,
-      out.dtype == DType::kBFloat16, row_stride(out), s.m, s.n, as_stream(stream));
+  // bias pass in the CPU's order; in blocks of rows whose int32 rows fit kMaxS8Temp, so that a
+  // wide output (a vocabulary projection) does not need four bytes per element of scratch.
+  const int64_t row_bytes = s.n * static_cast<int64_t>(sizeof(int32_t));
+  const int64_t block = std::max<int64_t>(1, std::min<int64_t>(s.m, kMaxS8Temp / row_bytes));
+  DeviceBuffer acc(alloc, s.kp > 0 ? static_cast<size_t>(block * row_bytes) : 0, stream);
+  const int64_t elem = out.dtype == DType::kBFloat16 ? 2 : 4;
+  for (int64_t r0 = 0; r0 < s.m; r0 += block) {
+    const int64_t rows = std::min(block, s.m - r0);
+    if (s.kp > 0) {
+      TensorView ar = a;
+      ar.data = static_cast<char*>(a.data) + r0 * row_stride(a);
+      ar.shape[0] = rows;
+      s8_product(ar, b, GemmShape{rows, s.n, s.kp}, acc.as<int32_t>(), s.n, alloc, stream);
+    }
+    cuda_detail::launch_scale_bias(
+        s.kp > 0 ? acc.as<const int32_t>() : nullptr, s.n, static_cast<const float*>(scale_a.data),
+        static_cast<const float*>(scale_b.data), bias.data, bias_bf16,
+        static_cast<char*>(out.data) + r0 * row_stride(out) * elem, out.dtype == DType::kBFloat16,
+        row_stride(out), rows, s.n, as_stream(stream));
+  }
 }
 
 }  // namespace int4train

@@ -430,21 +430,35 @@ void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const Tensor
   }
 }
 
+namespace cuda_detail {
+namespace {
+// Pair i of a launch_lsq_steps call, checked: param (fp32 or bf16 device scalar) -> out, its step
+// (fp32; grad == nullptr) or, from grad (an fp32 step gradient), its gradient in param's dtype.
+void add_step_pair(StepPairs* sp, int i, const TensorView& param, const char* param_name,
+                   const TensorView* grad, const char* grad_name, const TensorView& out,
+                   const char* out_name) {
+  check_dtype(param, param_name, {DType::kFloat32, DType::kBFloat16});
+  check_device_scalar(param, param_name, param.dtype);
+  if (grad != nullptr) check_device_scalar(*grad, grad_name, DType::kFloat32);
+  check_device_scalar(out, out_name, grad != nullptr ? param.dtype : DType::kFloat32);
+  sp->param[i] = param.data;
+  sp->bf16[i] = param.dtype == DType::kBFloat16;
+  sp->grad[i] = grad != nullptr ? grad->ptr<const float>() : nullptr;
+  sp->out[i] = out.data;
+}
+}  // namespace
+}  // namespace cuda_detail
+
 void lsq_steps_cuda(const TensorView& input_param, const TensorView& weight_param,
                     TensorView input_step, TensorView weight_step, void* stream) {
   using namespace cuda_detail;
   StepPairs sp{};
-  const TensorView* params[2] = {&input_param, &weight_param};
-  TensorView* steps[2] = {&input_step, &weight_step};
-  const char* names[2][2] = {{"input_param", "input_step"}, {"weight_param", "weight_step"}};
-  for (int i = 0; i < 2; ++i) {
-    if (params[i]->data == nullptr) continue;
-    check_dtype(*params[i], names[i][0], {DType::kFloat32, DType::kBFloat16});
-    check_device_scalar(*params[i], names[i][0], params[i]->dtype);
-    check_device_scalar(*steps[i], names[i][1], DType::kFloat32);
-    sp.param[i] = params[i]->data;
-    sp.bf16[i] = params[i]->dtype == DType::kBFloat16;
-    sp.out[i] = steps[i]->data;
+  if (input_param.data != nullptr) {
+    add_step_pair(&sp, 0, input_param, "input_param", nullptr, nullptr, input_step, "input_step");
+  }
+  if (weight_param.data != nullptr) {
+    add_step_pair(&sp, 1, weight_param, "weight_param", nullptr, nullptr, weight_step,
+                  "weight_step");
   }
   if (sp.out[0] != nullptr || sp.out[1] != nullptr) launch_lsq_steps(sp, stream);
 }
@@ -454,21 +468,13 @@ void lsq_step_grads_cuda(const TensorView& input_param, const TensorView& weight
                          TensorView grad_input_param, TensorView grad_weight_param, void* stream) {
   using namespace cuda_detail;
   StepPairs sp{};
-  const TensorView* params[2] = {&input_param, &weight_param};
-  const TensorView* grads[2] = {&grad_input_step, &grad_weight_step};
-  TensorView* outs[2] = {&grad_input_param, &grad_weight_param};
-  const char* names[2][3] = {{"input_param", "grad_input_step", "grad_input_param"},
-                             {"weight_param", "grad_weight_step", "grad_weight_param"}};
-  for (int i = 0; i < 2; ++i) {
-    if (grads[i]->data == nullptr) continue;
-    check_dtype(*params[i], names[i][0], {DType::kFloat32, DType::kBFloat16});
-    check_device_scalar(*params[i], names[i][0], params[i]->dtype);
-    check_device_scalar(*grads[i], names[i][1], DType::kFloat32);
-    check_device_scalar(*outs[i], names[i][2], params[i]->dtype);
-    sp.param[i] = params[i]->data;
-    sp.bf16[i] = params[i]->dtype == DType::kBFloat16;
-    sp.grad[i] = grads[i]->ptr<const float>();
-    sp.out[i] = outs[i]->data;
+  if (grad_input_step.data != nullptr) {
+    add_step_pair(&sp, 0, input_param, "input_param", &grad_input_step, "grad_input_step",
+                  grad_input_param, "grad_input_param");
+  }
+  if (grad_weight_step.data != nullptr) {
+    add_step_pair(&sp, 1, weight_param, "weight_param", &grad_weight_step, "grad_weight_step",
+                  grad_weight_param, "grad_weight_param");
   }
   if (sp.out[0] != nullptr || sp.out[1] != nullptr) launch_lsq_steps(sp, stream);
 }

@@ -572,6 +572,10 @@ const bool registered = [] {
       }
     }
   }
+  // An int32 product wider than gemm_s8_cuda's 256 MiB of scratch: two blocks of rows (2,048 and
+  // 52), each with its own product and pass.
+  add_case("gemm_scaled_s8/2100x32768x64/bf16/bias_bf16/row_blocks", true,
+           [] { test_scaled(2100, 32768, 64, true, BiasKind::kBf16, false, true); });
   struct E8 {
     int64_t m, n, k;
     Fill8 f;
