@@ -169,6 +169,10 @@ def test_recipe_variants_get_rows_of_their_own(text_file, tmp_path, capsys):
         "hq_bs", ["--max-hadamard-block", "1", "--step-init", "mean_abs"],
         "hq_bs@max_hadamard_block1@step_initmean_abs")
     assert table._recipe_flags("hq_bs:step_init=mse") == ("hq_bs", [], "hq_bs")
+    # The products' engine (a spec option: the ops see it) becomes --gemm and a folder of its own.
+    assert table._recipe_flags("hq_lss:lss_budget=1.5,gemm=int8,step_init=mean_abs") == (
+        "hq_lss", ["--lss-budget", "1.5", "--step-init", "mean_abs", "--gemm", "int8"],
+        "hq_lss@lss_budget1.5@step_initmean_abs@gemmint8")
     # Rows: runs from before step_init existed used mean_abs; a step_lr_scale other than the task
     # preset's gets a row of its own.
     base = dict(run, recipe="hq_bs", recipe_spec="hq_bs", config={"step_lr_scale": 0.01})

@@ -243,6 +243,25 @@ def test_lm_step_init(text_file, tmp_path, capsys):
     assert rc == 2 and "--step-init applies to the LSQ recipes" in err
 
 
+def test_lm_gemm(text_file, tmp_path, capsys):
+    # --gemm picks the CUDA products' engine of the LSQ recipes (recorded in the run and its label);
+    # both engines multiply the same integers, and the CPU ignores it: the same loss curve bit for
+    # bit. Without LSQ recipes it is a usage error.
+    base = f"--task lm --data {text_file} --steps 3 {LM_TINY}"
+    rc, _, err = run_cli(f"{base} --recipe hq_bs,fp --gemm int8 --out {tmp_path / 'a'}", capsys)
+    assert rc == 0, err
+    bs, fp = load_metrics(tmp_path / "a")
+    assert bs["recipe_spec"] == "hq_bs:gemm=int8" and bs["config"]["gemm"] == "int8"
+    assert fp["recipe_spec"] == "fp" and fp["config"]["gemm"] is None
+    rc, _, err = run_cli(f"{base} --recipe hq_bs --out {tmp_path / 'b'}", capsys)
+    assert rc == 0, err
+    (default,) = load_metrics(tmp_path / "b")
+    assert default["recipe_spec"] == "hq_bs" and default["config"]["gemm"] == "auto"
+    assert default["loss_curve"] == bs["loss_curve"]
+    rc, _, err = run_cli(f"{base} --recipe fp --gemm fp8 --out {tmp_path / 'c'}", capsys)
+    assert rc == 2 and "--gemm applies to the LSQ recipes" in err
+
+
 def test_lm_byte_level(tmp_path, capsys):
     path = tmp_path / "blob.bin"
     path.write_bytes(bytes(range(256)) * 40)  # not UTF-8

@@ -263,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
         "sqrt(7)) or mse (the step minimising the 4-bit error); default: the recipe's (Recipe.step_init)",
     )
     t.add_argument(
+        "--gemm",
+        choices=("auto", "fp8", "int8"),
+        default=None,
+        help="LSQ recipes on CUDA: the tensor cores that carry the 4-bit products: auto (FP8 from "
+        "compute capability 8.9, INT8 below), fp8 or int8; the results are the same bit for bit "
+        "(Recipe.gemm)",
+    )
+    t.add_argument(
         "--limit-train", type=_positive_int, help="keep the first N training samples (lm: tokens)"
     )
     t.add_argument(
@@ -416,10 +424,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise UsageError(
             f"--max-hadamard-block applies to the hq recipes, which --recipe {args.recipe!r} does not name"
         )
-    if args.step_init is not None and not any(Recipe(r).uses_lsq for r in recipes):
-        raise UsageError(
-            f"--step-init applies to the LSQ recipes, which --recipe {args.recipe!r} does not name"
-        )
+    for flag, value in (("--step-init", args.step_init), ("--gemm", args.gemm)):
+        if value is not None and not any(Recipe(r).uses_lsq for r in recipes):
+            raise UsageError(
+                f"{flag} applies to the LSQ recipes, which --recipe {args.recipe!r} does not name"
+            )
     cfg = build_config(args)
     ranks, device = pick_ranks(args.device)
     if cfg["batch_size"] % ranks.world:
@@ -495,8 +504,11 @@ def _run_recipes(args, recipes, hadamard, cfg, device, ranks) -> list[dict[str, 
         options = {"lss_budget": args.lss_budget if recipe == "hq_lss" else 1.0}
         if args.max_hadamard_block is not None and hadamard[recipe]:
             options["max_hadamard_block"] = args.max_hadamard_block
-        if args.step_init is not None and Recipe(recipe).uses_lsq:
-            options["step_init"] = args.step_init
+        if Recipe(recipe).uses_lsq:
+            if args.step_init is not None:
+                options["step_init"] = args.step_init
+            if args.gemm is not None:
+                options["gemm"] = args.gemm
         spec = int4train.Recipe(recipe, **options)
         r = T.train_one(
             task,
@@ -521,6 +533,7 @@ def _run_recipes(args, recipes, hadamard, cfg, device, ranks) -> list[dict[str, 
                     "lss_budget": spec.lss_budget if spec.name == "hq_lss" else None,
                     "max_hadamard_block": spec.max_hadamard_block if spec.uses_hadamard else None,
                     "step_init": spec.step_init if spec.uses_lsq else None,
+                    "gemm": spec.gemm if spec.uses_lsq else None,
                     "data_flags": {k: getattr(args, k) for k in DATA_FLAGS},
                     "split_seed": args.split_seed,
                 },

@@ -143,6 +143,9 @@ def _recipe_flags(spec: str) -> tuple[str, list[str], str]:
     if r.uses_lsq and r.step_init != "mse":
         flags += ["--step-init", r.step_init]
         folder += f"@step_init{r.step_init}"
+    if r.gemm != "auto":
+        flags += ["--gemm", r.gemm]
+        folder += f"@gemm{r.gemm}"
     return r.name, flags, folder
 
 
