@@ -17,6 +17,14 @@ from torch.nn import functional as F
 from .config import Recipe, RecipeLike
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread: a module's forward there
+    is activation checkpointing's recomputation. (torch.compile traces forwards only: False there.)"""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
 _SEED_MASK = (1 << 63) - 1
 _RANK_SEED_MULTIPLIER = 0x9E3779B97F4A7C15  # odd: rank -> rank * multiplier is one-to-one
 
@@ -81,7 +89,12 @@ class Int4Linear(nn.Module):
         hq, hq_bs, hq_lss), trained by the optimizer with the rest of the model.
       hadamard_block (int64), initialized (bool), step (int64): persistent buffers. `step` counts
         training forwards that ran the recipe (not those the small-shape rule, Recipe.dense_fallback,
-        sent to F.linear); it keys the random streams with the recipe's seed and the layer id.
+        sent to F.linear); it keys the random streams with the recipe's seed and the layer id. A
+        forward that runs inside a backward pass is activation checkpointing's recomputation
+        (torch.utils.checkpoint, reentrant or not; Hugging Face's gradient checkpointing): it takes
+        the key of the forward it repeats (step - 1) and does not count, so a checkpointed run
+        gives the plain run's results bit for bit (a layer called more than once inside one
+        checkpointed region is the exception: its recomputations all take the last call's key).
     The first forward on a non-empty batch initialises the steps (lsq_mse_step, or lsq_init_step with
     the recipe's step_init="mean_abs", of the Hadamard-transformed x and W) and chooses the Hadamard block (select_hadamard_block; hq recipes, lsq_luq
     uses 1) unless the layer is already initialised, e.g. by load_state_dict: a loaded checkpoint is
@@ -301,8 +314,9 @@ class Int4Linear(nn.Module):
             # The small-shape rule (Recipe.dense_fallback): nothing quantized, no random numbers
             # drawn, so `step` (which keys them) does not advance.
             return F.linear(x, self.weight, self.bias)
-        y = self._quantized(x)
-        if self.training:
+        recompute = self.training and _in_backward()
+        y = self._quantized(x, self.step - 1 if recompute else self.step)
+        if self.training and not recompute:
             with torch.no_grad():
                 self.step.add_(1)
         return y
@@ -316,7 +330,7 @@ class Int4Linear(nn.Module):
         tokens = x.numel() // self.in_features if self.in_features > 0 else 0
         return float(tokens) * float(self.in_features) * float(self.out_features) < threshold
 
-    def _quantized(self, x: torch.Tensor) -> torch.Tensor:
+    def _quantized(self, x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         return torch.ops.int4train.linear(
             x,
             self.weight,
@@ -326,7 +340,7 @@ class Int4Linear(nn.Module):
             self.recipe.spec,
             self._block,
             rank_seed(self.recipe.seed, self._rank),
-            self.step,
+            step,
             self.layer_id,
         )
 

@@ -171,3 +171,41 @@ def test_unconvert_loads_into_original_class(name):
         torch.testing.assert_close(output_of(name, original(**inputs)), output_of(name, model(**inputs)))
     if name == "gpt2":
         assert original.lm_head.weight is original.transformer.wte.weight
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_gradient_checkpointing_matches_plain(reentrant):
+    # Hugging Face's gradient checkpointing recomputes each block's forward inside the backward;
+    # Int4Linear gives the recomputation the key of the forward it repeats and does not count it, so
+    # two training steps with checkpointing give the plain run's gradients and step counters bit for
+    # bit.
+    results = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = int4train.convert_(gpt2(), "hq_lss", seed=4)
+        model.train()
+        if ckpt:
+            # activation_checkpointing_enable in newer transformers, gradient_checkpointing_enable
+            # before (the same switch).
+            kwargs = {"use_reentrant": reentrant}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        calls = []
+        for m in model.modules():
+            if isinstance(m, Int4Linear):
+                m.register_forward_pre_hook(lambda *_: calls.append(1))
+        for _ in range(2):
+            model.zero_grad()
+            out = model(**inputs_for("gpt2"))
+            out.logits.float().pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        steps = [int(m.step) for m in model.modules() if isinstance(m, Int4Linear)]
+        results.append((grads, steps, len(calls)))
+    (plain, plain_steps, plain_calls), (ckpt, ckpt_steps, ckpt_calls) = results
+    assert ckpt_calls > plain_calls  # the blocks' forwards did run again
+    assert ckpt_steps == plain_steps == [2] * len(plain_steps)
+    assert plain.keys() == ckpt.keys()
+    for name in plain:
+        assert torch.equal(plain[name], ckpt[name]), name

@@ -512,3 +512,33 @@ def test_dense_fallback_recipe():
         assert ("dense_fallback" in repr(layer)) == (rec.dense_fallback != "never")
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("recipe", LSQ_RECIPES)
+def test_activation_checkpointing_matches_plain(recipe):
+    # torch.utils.checkpoint (reentrant or not) recomputes the forward inside the backward: the
+    # recomputation takes the original forward's random key and does not advance `step`, so the
+    # gradients (the step sizes' included) and the counters equal a plain run's, bit for bit.
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(24, 32, generator=torch.Generator().manual_seed(3))
+    results = {}
+    for mode in ("plain", "reentrant", "non_reentrant"):
+        torch.manual_seed(0)
+        model = nn.Sequential(Int4Linear(32, 48, recipe=Recipe(recipe, seed=5), layer_id=0), nn.GELU(),
+                              Int4Linear(48, 16, recipe=Recipe(recipe, seed=5), layer_id=1))
+        calls = []
+        model[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        for _ in range(3):
+            model.zero_grad()
+            xx = x.clone().requires_grad_()
+            y = model(xx) if mode == "plain" else checkpoint(model, xx, use_reentrant=mode == "reentrant")
+            y.pow(2).mean().backward()
+        results[mode] = ([p.grad.clone() for p in model.parameters()], xx.grad.clone(),
+                         [int(m.step) for m in model if isinstance(m, Int4Linear)])
+        assert len(calls) == (3 if mode == "plain" else 6), mode  # recomputed in each backward
+    for mode in ("reentrant", "non_reentrant"):
+        assert results[mode][2] == results["plain"][2] == [3, 3], mode
+        assert torch.equal(results[mode][1], results["plain"][1]), mode
+        for a, b in zip(results[mode][0], results["plain"][0]):
+            assert torch.equal(a, b), mode
