@@ -384,3 +384,29 @@ def test_cuda_training_cli_torchrun_two_gpus(tmp_path):
         (run,) = json.load(f)["runs"]
     assert run["processes"] == 2 and run["device"] == "cuda:0"
     assert all(math.isfinite(v) for v in run["loss_curve"])
+
+
+def test_cuda_activation_checkpointing_matches_plain():
+    # test_module.py's check on the device kernels (the recomputation's key, step - 1, computed on
+    # the device): checkpointed steps give the plain steps' gradients and counters bit for bit.
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(64, 256, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    results = {}
+    for mode in ("plain", "reentrant", "non_reentrant"):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            int4train.Int4Linear(256, 128, recipe=int4train.Recipe("hq_lss", seed=5), layer_id=0),
+            nn.GELU(),
+            int4train.Int4Linear(128, 64, recipe=int4train.Recipe("hq_lss", seed=5), layer_id=1),
+        ).cuda()
+        for _ in range(3):
+            model.zero_grad()
+            xx = x.clone().requires_grad_()
+            y = model(xx) if mode == "plain" else checkpoint(model, xx, use_reentrant=mode == "reentrant")
+            y.pow(2).mean().backward()
+        results[mode] = [p.grad.clone() for p in model.parameters()] + [xx.grad.clone()]
+        assert [int(m.step) for m in model if isinstance(m, int4train.Int4Linear)] == [3, 3], mode
+    for mode in ("reentrant", "non_reentrant"):
+        for a, b in zip(results[mode], results["plain"]):
+            assert torch.equal(a, b), mode
