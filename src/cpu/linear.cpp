@@ -96,12 +96,6 @@ void parse_recipe_spec(const std::string& spec, LinearConfig* cfg) {
         }
         check_lss_budget(budget);
       } else {
-        if (!recipe_uses_lsq(recipe)) {
-          throw_error(
-              ErrorKind::kValue,
-              "recipe: gemm applies to the LSQ recipes (lsq_luq, hq, hq_bs, hq_lss), got '" + spec +
-                  "'");
-        }
         bool known = false;
         for (GemmEngine e : {GemmEngine::kAuto, GemmEngine::kFp8, GemmEngine::kInt8}) {
           if (value == gemm_engine_name(e)) {
@@ -112,6 +106,13 @@ void parse_recipe_spec(const std::string& spec, LinearConfig* cfg) {
         if (!known) {
           throw_error(ErrorKind::kValue, "recipe: gemm expects auto, fp8 or int8, got '" + value +
                                              "' in '" + spec + "'");
+        }
+        // auto (the default) is accepted everywhere, as Python's Recipe does.
+        if (gemm != GemmEngine::kAuto && !recipe_uses_lsq(recipe)) {
+          throw_error(
+              ErrorKind::kValue,
+              "recipe: gemm applies to the LSQ recipes (lsq_luq, hq, hq_bs, hq_lss), got '" + spec +
+                  "'");
         }
       }
       if (comma == std::string::npos) break;

@@ -356,6 +356,8 @@ TEST(LinearLss, RecipeSpecParsesAndRejects) {
   EXPECT_EQ(cfg.gemm, GemmEngine::kFp8);
   parse_recipe_spec("lsq_luq:gemm=auto", &cfg);
   EXPECT_EQ(cfg.gemm, GemmEngine::kAuto);
+  parse_recipe_spec("fp:gemm=auto", &cfg);  // the default, accepted for every recipe (as Python's)
+  EXPECT_EQ(cfg.recipe, Recipe::kFp);
   parse_recipe_spec("hq", &cfg);  // every option back to its default
   EXPECT_EQ(cfg.gemm, GemmEngine::kAuto);
   EXPECT_EQ(cfg.lss_budget, kLssDefaultBudget);

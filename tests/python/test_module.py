@@ -464,6 +464,7 @@ def test_gemm_recipe():
             Recipe(name, gemm="int8")
     with pytest.raises(ValueError, match="given twice"):
         Recipe.of("hq_bs:gemm=int8,gemm=fp8")
+    assert Recipe.of("fp:gemm=auto") == Recipe("fp")  # the default is accepted everywhere
     torch.manual_seed(0)
     x = torch.randn(6, 32, requires_grad=True)
     outs = []
