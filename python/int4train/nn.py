@@ -17,6 +17,8 @@ from torch.nn import functional as F
 from .config import Recipe, RecipeLike
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+_SEED_MASK = (1 << 63) - 1
+_RANK_SEED_MULTIPLIER = 0x9E3779B97F4A7C15  # odd: rank -> rank * multiplier is one-to-one
 
 
 def _in_backward() -> bool:
@@ -25,8 +27,6 @@ def _in_backward() -> bool:
     if torch.compiler.is_compiling():
         return False
     return torch._C._current_graph_task_id() != -1
-_SEED_MASK = (1 << 63) - 1
-_RANK_SEED_MULTIPLIER = 0x9E3779B97F4A7C15  # odd: rank -> rank * multiplier is one-to-one
 
 
 def rank_seed(seed: int, rank: int) -> int:
