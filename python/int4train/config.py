@@ -54,9 +54,10 @@ class Recipe:
     gemm: LSQ recipes on CUDA: which 8-bit tensor cores carry the 4-bit products (include/int4train/
         linear.h, GemmEngine): "auto" (the default: FP8 on GPUs with FP8 tensor cores, compute
         capability 8.9 or newer such as the L40, RTX 40xx, H100 and H200; INT8 on the A100, A10 and
-        RTX 30xx), "fp8" (an error on a GPU without FP8) or "int8". The integers, and so the results,
-        are the same bit for bit with either; the CPU ignores it. GPUs older than compute
-        capability 8.0 run the device-generic ATen path (exact, slower).
+        RTX 30xx), "fp8" (an error on a GPU of compute capability 8.0-8.8, which has the kernels
+        but no FP8) or "int8". The integers, and so the results, are the same bit for bit with
+        either; the CPU ignores it, and so do GPUs older than compute capability 8.0, which run the
+        device-generic ATen path (exact, slower) whatever gemm says.
     """
 
     name: str = "hq_lss"
