@@ -168,10 +168,10 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     check_vector(a.rows_kept, "rows_kept", 2);
     kept = a.rows_kept.ptr<long long>();
   }
-  // The INT8 engine changes hq_lss's compacted input-gradient product only (hq_bs and the weight
-  // gradient run on INT8 either way).
-  const bool s8 = lss && resolve_gemm_engine(cfg.gemm, current_device()) == GemmEngine::kInt8;
-  const DType lss_op = s8 ? DType::kInt8 : DType::kFloat8E4M3;
+  // The one product on FP8 is hq_lss's compacted input gradient under the FP8 engine; hq_bs's
+  // products, the weight gradient and the INT8 engine's everything run on INT8 operands.
+  const bool fp8_dx = lss && resolve_gemm_engine(cfg.gemm, current_device()) == GemmEngine::kFp8;
+  const DType dx_op = fp8_dx ? DType::kFloat8E4M3 : DType::kInt8;
   const cudaStream_t s = as_stream(stream);
   if (kept != nullptr) INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(kept, 0, 2 * sizeof *kept, s));
   if (a.grad_bias.data != nullptr) {
@@ -202,7 +202,7 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   const RandomKey gkey{cfg.seed, make_stream(cfg.step, cfg.layer, RandomPurpose::kGradRound),
                        cfg.device_step};
   const int64_t cp = fp8_padded_cols(c), np = fp8_padded_cols(n);
-  Temp r_op(alloc, stream, lss ? lss_op : DType::kInt8, lss ? 2 * n : n, cp);
+  Temp r_op(alloc, stream, dx_op, lss ? 2 * n : n, cp);
   Temp hilo(alloc, stream, DType::kInt4Packed, lss ? 2 * n : 0, c);
   const int64_t row_bytes = packed_row_bytes(c);
   const TensorView hi = make_matrix(hilo.buf.get(), DType::kInt4Packed, n, c);
@@ -294,29 +294,28 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     // engine keeps kMaxKFp8Int4 as its bound, so its int32 sums are exact in fp32 as FP8's).
     SplitPartials pp{};
     const int8_t* ex = nullptr;
-    Temp qwt(alloc, stream, lss ? lss_op : DType::kInt8, d, cp);
-    Temp p(alloc, stream, lss && !s8 ? DType::kFloat32 : DType::kInt32,
+    Temp qwt(alloc, stream, dx_op, d, cp);
+    Temp p(alloc, stream, fp8_dx ? DType::kFloat32 : DType::kInt32,
            lss ? capacity : k_chunks(cp) * n, d);
+    if (fp8_dx) {
+      codes_to_fp8_cuda(qw.view, true, qwt.view, stream);
+    } else {
+      codes_to_s8_cuda(qw.view, TensorView{}, true, qwt.view, TensorView{}, stream);
+    }
     if (lss) {
-      if (s8) {
-        codes_to_s8_cuda(qw.view, TensorView{}, true, qwt.view, TensorView{}, stream);
-      } else {
-        codes_to_fp8_cuda(qw.view, true, qwt.view, stream);
-      }
-      Temp kept_op(alloc, stream, lss_op, capacity, cp);
+      Temp kept_op(alloc, stream, dx_op, capacity, cp);
       gather_operand_rows_cuda(r_op.view,
                                make_vector(sel_x.slot_rows.buf.get(), DType::kInt32, capacity),
                                kept_op.view, TensorView{}, stream);
-      if (s8) {
-        gemm_s8_s32_cuda(kept_op.view, qwt.view, p.view, alloc, stream, kMaxKFp8Int4);
-      } else {
+      if (fp8_dx) {
         gemm_fp8_cuda(kept_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view,
                       alloc, stream);
+      } else {
+        gemm_s8_s32_cuda(kept_op.view, qwt.view, p.view, alloc, stream, kMaxKFp8Int4);
       }
-      pp = SplitPartials{p.buf.get(), d, s8, 1, 0, sel_x.slots.buf.as<int32_t>()};
+      pp = SplitPartials{p.buf.get(), d, !fp8_dx, 1, 0, sel_x.slots.buf.as<int32_t>()};
       ex = sel_x.exps.buf.as<int8_t>();
     } else {
-      codes_to_s8_cuda(qw.view, TensorView{}, true, qwt.view, TensorView{}, stream);
       s8_product(r_op, n, qwt, d, cp, p);
       pp = SplitPartials{p.buf.get(), d, true, static_cast<int>(k_chunks(cp)), n * d};
     }
