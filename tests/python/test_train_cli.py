@@ -219,47 +219,42 @@ def test_lm_max_hadamard_block(text_file, tmp_path, capsys):
     assert on["loss_curve"] != off["loss_curve"]
 
 
-def test_lm_step_init(text_file, tmp_path, capsys):
-    # --step-init mean_abs sets the LSQ recipes' first steps by LSQ's rule instead of the default error
-    # search (recorded in the run and its label); the fp recipe ignores it; without LSQ recipes it is
-    # a usage error.
+@pytest.mark.parametrize(
+    "flag, value, recipe, default, same_curve",
+    [
+        # LSQ's rule for the first steps instead of the default error search: another run.
+        ("step-init", "mean_abs", "hq_lss", "mse", False),
+        # The CUDA products' engine: the same integers, and the CPU ignores it: the same loss curve
+        # bit for bit.
+        ("gemm", "int8", "hq_bs", "auto", True),
+    ],
+    ids=["step_init", "gemm"],
+)
+def test_lm_lsq_option(text_file, tmp_path, capsys, flag, value, recipe, default, same_curve):
+    # An LSQ recipes' option is recorded in the run's config and, when not the default, in its label;
+    # the fp recipe ignores it (None); without LSQ recipes it is a usage error.
+    key = flag.replace("-", "_")
     base = f"--task lm --data {text_file} --steps 3 {LM_TINY}"
-    rc, _, err = run_cli(f"{base} --recipe hq_lss,fp --step-init mean_abs --out {tmp_path / 'a'}", capsys)
+    rc, _, err = run_cli(f"{base} --recipe {recipe},fp --{flag} {value} --out {tmp_path / 'a'}", capsys)
     assert rc == 0, err
-    lss, fp = load_metrics(tmp_path / "a")
-    assert lss["recipe_spec"] == "hq_lss:step_init=mean_abs" and lss["config"]["step_init"] == "mean_abs"
-    assert fp["recipe_spec"] == "fp" and fp["config"]["step_init"] is None
-    assert lss["config"]["step_lr_scale"] == 0.01  # the lm preset's
-    rc, _, err = run_cli(f"{base} --recipe hq_lss --out {tmp_path / 'b'}", capsys)
+    lsq, fp = load_metrics(tmp_path / "a")
+    assert lsq["recipe_spec"] == f"{recipe}:{key}={value}" and lsq["config"][key] == value
+    assert fp["recipe_spec"] == "fp" and fp["config"][key] is None
+    rc, _, err = run_cli(f"{base} --recipe {recipe} --out {tmp_path / 'b'}", capsys)
     assert rc == 0, err
-    (default,) = load_metrics(tmp_path / "b")
-    assert default["config"]["step_init"] == "mse" and default["recipe_spec"] == "hq_lss"
-    assert default["config"]["step_lr_scale"] == 0.01
-    assert default["loss_curve"] != lss["loss_curve"]  # the same run but for the initial steps
+    (plain,) = load_metrics(tmp_path / "b")
+    assert plain["config"][key] == default and plain["recipe_spec"] == recipe
+    assert lsq["config"]["step_lr_scale"] == plain["config"]["step_lr_scale"] == 0.01  # lm preset's
+    assert (plain["loss_curve"] == lsq["loss_curve"]) == same_curve
+    rc, _, err = run_cli(f"{base} --recipe fp --{flag} {default} --out {tmp_path / 'c'}", capsys)
+    assert rc == 2 and f"--{flag} applies to the LSQ recipes" in err
+
+
+def test_lm_step_lr_scale(text_file, tmp_path, capsys):
+    base = f"--task lm --data {text_file} --steps 3 {LM_TINY}"
     rc, _, err = run_cli(f"{base} --recipe hq_lss --step-lr-scale 0.5 --out {tmp_path / 'd'}", capsys)
     assert rc == 0, err
     assert load_metrics(tmp_path / "d")[0]["config"]["step_lr_scale"] == 0.5
-    rc, _, err = run_cli(f"{base} --recipe fp --step-init mse --out {tmp_path / 'c'}", capsys)
-    assert rc == 2 and "--step-init applies to the LSQ recipes" in err
-
-
-def test_lm_gemm(text_file, tmp_path, capsys):
-    # --gemm picks the CUDA products' engine of the LSQ recipes (recorded in the run and its label);
-    # both engines multiply the same integers, and the CPU ignores it: the same loss curve bit for
-    # bit. Without LSQ recipes it is a usage error.
-    base = f"--task lm --data {text_file} --steps 3 {LM_TINY}"
-    rc, _, err = run_cli(f"{base} --recipe hq_bs,fp --gemm int8 --out {tmp_path / 'a'}", capsys)
-    assert rc == 0, err
-    bs, fp = load_metrics(tmp_path / "a")
-    assert bs["recipe_spec"] == "hq_bs:gemm=int8" and bs["config"]["gemm"] == "int8"
-    assert fp["recipe_spec"] == "fp" and fp["config"]["gemm"] is None
-    rc, _, err = run_cli(f"{base} --recipe hq_bs --out {tmp_path / 'b'}", capsys)
-    assert rc == 0, err
-    (default,) = load_metrics(tmp_path / "b")
-    assert default["recipe_spec"] == "hq_bs" and default["config"]["gemm"] == "auto"
-    assert default["loss_curve"] == bs["loss_curve"]
-    rc, _, err = run_cli(f"{base} --recipe fp --gemm fp8 --out {tmp_path / 'c'}", capsys)
-    assert rc == 2 and "--gemm applies to the LSQ recipes" in err
 
 
 def test_lm_byte_level(tmp_path, capsys):
