@@ -72,14 +72,6 @@ __device__ __forceinline__ double recombine(double h, double l, const int8_t* ex
   return a;
 }
 
-// v[i] = p[i], exactly, for an int32 product. p 32-byte aligned.
-__device__ __forceinline__ void load8_exact(const int32_t* __restrict__ p, double v[8]) {
-  const int4 a = reinterpret_cast<const int4*>(p)[0], b = reinterpret_cast<const int4*>(p)[1];
-  const int w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-  for (int i = 0; i < 8; ++i) v[i] = static_cast<double>(w[i]);
-}
-
 // out = float(double(*s1) * double(*s2) * sum), SplitPartials' two forms (P: int32 for s32, fp32
 // for slots): the s32 product's `chunks` K-chunks (stride chunk_stride) summed exactly in fp64, or
 // recombine of row r's hi and lo rows slots[r], slots[rows + r] (-1: a dropped row, 0). The CPU's
@@ -259,6 +251,11 @@ struct EpilogueParams {
 // into its operands); h: the first chunk's values.
 __device__ __forceinline__ void combine8(const EpilogueParams& p, double scale, int64_t row,
                                          int64_t col0, const double h[8], float v[8]) {
+  if (p.chunks == 1) {  // the usual case: no per-element loop, so the 8 chains interleave
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = __double2float_rn(__dmul_rn(scale, h[i]));
+    return;
+  }
   const int32_t* prod = static_cast<const int32_t*>(p.prod);
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
@@ -315,6 +312,12 @@ struct SlotSrc {
 struct S32Src {
   struct Buf {
     int4 a, b;
+    // The 8 values in fp64 (exact).
+    __device__ __forceinline__ void exact(double v[8]) const {
+      const int w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = static_cast<double>(w[i]);
+    }
   };
   const int32_t* __restrict__ prod;
   int64_t ld;
@@ -324,6 +327,50 @@ struct S32Src {
     b.b = q[1];
   }
   __device__ __forceinline__ void zero(Buf& b) const { b.a = b.b = make_int4(0, 0, 0, 0); }
+};
+
+// A dX epilogue source plus the chunk's saved codes (8 nibbles) and aux bits (a byte), loaded with
+// the partials so that they are in flight with them instead of being waited for by the decode
+// (hq_lss's compacted epilogue: 20% faster on an H200; hq_bs's: unchanged).
+template <typename Src>
+struct WithCodes {
+  struct Buf {
+    typename Src::Buf p;
+    uint32_t codes, bits;
+  };
+  Src src;
+  const uint8_t* __restrict__ packed;
+  const uint8_t* __restrict__ aux;
+  int64_t cols;
+  __device__ __forceinline__ void load(Buf& b, int64_t row, int32_t col) const {
+    src.load(b.p, row, col);
+    b.codes = *reinterpret_cast<const uint32_t*>(packed + row * (cols / 2) + col / 2);
+    b.bits = aux[(row * cols + col) / 8];
+  }
+  __device__ __forceinline__ void zero(Buf& b) const {
+    src.zero(b.p);
+    b.codes = b.bits = 0;
+  }
+};
+
+// The dW epilogue's source: the weight's 8 values (Src) and the int32 partials of the same elements
+// (the product has the weight's shape; its first K-chunk), loaded together.
+template <typename Src>
+struct WithS32 {
+  struct Buf {
+    typename Src::Buf x;
+    S32Src::Buf s;
+  };
+  Src src;
+  S32Src s32;
+  __device__ __forceinline__ void load(Buf& b, int64_t row, int32_t col) const {
+    src.load(b.x, row, col);
+    s32.load(b.s, row, col);
+  }
+  __device__ __forceinline__ void zero(Buf& b) const {
+    src.zero(b.x);
+    s32.zero(b.s);
+  }
 };
 
 // recombine's sum over the kept rows of a SlotSrc chunk (exponents of the row from p.exps).
@@ -364,11 +411,8 @@ __global__ void __launch_bounds__(kThreads, kSlots ? 2 : 3)
   const double scale = __dmul_rn(static_cast<double>(*p.s1), static_cast<double>(*p.s2));
   double acc = 0.0;
   // The LSQ backward and back-rotation of one chunk's recombined values v.
-  auto finish = [&](int64_t row, int64_t col0, float v[8]) {
+  auto finish = [&](int64_t row, int64_t col0, float v[8], uint32_t codes, uint32_t bits) {
     if (col0 < p.cols) {
-      const uint32_t codes =
-          *reinterpret_cast<const uint32_t*>(p.packed + row * (p.cols / 2) + col0 / 2);
-      const uint32_t bits = p.aux[(row * p.cols + col0) / 8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int code = static_cast<int>(((codes >> (4 * i)) & 0xFu) ^ 0x8u) - 8;
@@ -381,26 +425,27 @@ __global__ void __launch_bounds__(kThreads, kSlots ? 2 : 3)
     if (col0 < p.cols) store_out8(p, row, col0, v);
   };
   if constexpr (kSlots) {
-    const SlotSrc src{static_cast<const float*>(p.prod), p.slots, p.ld, p.rows, p.slots_s32};
+    const WithCodes<SlotSrc> src{
+        SlotSrc{static_cast<const float*>(p.prod), p.slots, p.ld, p.rows, p.slots_s32}, p.packed,
+        p.aux, p.cols};
     for_each_warp_chunk_from<kChunkDepth>(
-        src, p.rows, p.cols, [&](int64_t row, int64_t col0, const SlotSrc::Buf& b) {
+        src, p.rows, p.cols, [&](int64_t row, int64_t col0, const WithCodes<SlotSrc>::Buf& b) {
           float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-          if (col0 < p.cols) combine8_slots(p, scale, row, b, v);
-          finish(row, col0, v);
+          if (col0 < p.cols) combine8_slots(p, scale, row, b.p, v);
+          finish(row, col0, v, b.codes, b.bits);
         });
   } else {
-    const S32Src src{static_cast<const int32_t*>(p.prod), p.ld};
+    const WithCodes<S32Src> src{S32Src{static_cast<const int32_t*>(p.prod), p.ld}, p.packed, p.aux,
+                                p.cols};
     for_each_warp_chunk_from<kChunkDepth>(
-        src, p.rows, p.cols, [&](int64_t row, int64_t col0, const S32Src::Buf& b) {
+        src, p.rows, p.cols, [&](int64_t row, int64_t col0, const WithCodes<S32Src>::Buf& b) {
           float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
           if (col0 < p.cols) {
-            const double hd[8] = {static_cast<double>(b.a.x), static_cast<double>(b.a.y),
-                                  static_cast<double>(b.a.z), static_cast<double>(b.a.w),
-                                  static_cast<double>(b.b.x), static_cast<double>(b.b.y),
-                                  static_cast<double>(b.b.z), static_cast<double>(b.b.w)};
-            combine8(p, scale, row, col0, hd, v);
+            double h[8];
+            b.p.exact(h);
+            combine8(p, scale, row, col0, h, v);
           }
-          finish(row, col0, v);
+          finish(row, col0, v, b.codes, b.bits);
         });
   }
   block_sum_to<kThreads>(acc, p.partial);
@@ -408,21 +453,28 @@ __global__ void __launch_bounds__(kThreads, kSlots ? 2 : 3)
 
 // dW: the weight's LSQ backward from W~ = the Hadamard transform of W, computed here from W
 // (lsq_backward_cuda's rules: v = W~ / s; mask -8 <= v <= 7; r = rint(v) - v inside, -8 / 7 out).
+// The weight's values and the product's int32 partials both loaded ahead (WithS32), 2 blocks per
+// SM so that they stay in registers: 5% faster on an H200 than 3 blocks that load the partials
+// where they are used.
 template <typename In, int G>
-__global__ void __launch_bounds__(kThreads, 3) dw_epilogue_kernel(const EpilogueParams p) {
+__global__ void __launch_bounds__(kThreads, 2) dw_epilogue_kernel(const EpilogueParams p) {
   const int lane = threadIdx.x & 31;
   const double scale = __dmul_rn(static_cast<double>(*p.s1), static_cast<double>(*p.s2));
   const float inv = __frcp_rn(*p.step);
   const float qlo = static_cast<float>(-kLsqQn), qhi = static_cast<float>(kLsqQp);
   double acc = 0.0;
-  for_each_warp_chunk<In, true, kChunkDepth>(
-      static_cast<const In*>(p.w), p.ldw, p.rows, p.cols,
-      [&](int64_t row, int64_t col0, float wt[8]) {
+  using Src = WithS32<MatrixSrc<In, true>>;
+  const Src src{MatrixSrc<In, true>{static_cast<const In*>(p.w), p.ldw},
+                S32Src{static_cast<const int32_t*>(p.prod), p.ld}};
+  for_each_warp_chunk_from<kChunkDepth>(
+      src, p.rows, p.cols, [&](int64_t row, int64_t col0, const typename Src::Buf& b) {
+        float wt[8];
+        b.x.to_float(wt);
         hadamard_warp8<G>(wt, lane, p.hscale);
         float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         if (col0 < p.cols) {
           double h[8];
-          load8_exact(static_cast<const int32_t*>(p.prod) + row * p.ld + col0, h);
+          b.s.exact(h);
           combine8(p, scale, row, col0, h, v);
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
