@@ -258,6 +258,39 @@ def test_cuda_training_step_graph_capture(recipe):
             assert torch.equal(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("recipe", ["hq_bs", "hq_lss"])
+def test_cuda_compile_reduce_overhead_matches_eager(recipe):
+    # torch.compile(mode="reduce-overhead"): inductor records the converted model's forward and
+    # backward in CUDA graphs (none skipped: the ops read nothing on the host) and replays them; the
+    # parameters after several optimizer steps, and the step counters, are eager's bit for bit (the
+    # replays read the advancing counter on the device, so each step draws that step's bits).
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(96, 128), nn.GELU(), nn.Linear(128, 64))
+    eager = eager.to("cuda", torch.bfloat16)
+    int4train.convert_(eager, recipe=recipe)
+    eager(torch.randn(16, 96, device="cuda", dtype=torch.bfloat16))  # initialise
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, mode="reduce-overhead")
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (eager, model)]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(40, 96, device="cuda", dtype=torch.bfloat16, generator=g)
+        for m, opt in zip((eager, compiled), opts):
+            opt.zero_grad(set_to_none=True)
+            m(x).float().square().mean().backward()
+            opt.step()
+    torch.cuda.synchronize()
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    for (name, a), b in zip(eager.named_parameters(), model.parameters()):
+        assert torch.equal(a, b), name
+    assert int(model[0].step) == int(eager[0].step) == 6
+
+
 def test_cuda_dense_fallback_rule():
     # Recipe.dense_fallback on CUDA: a call below the threshold is F.linear itself (forward and
     # gradients bit for bit, no step gradient); above it, the quantized layer as without the rule.
