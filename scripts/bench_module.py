@@ -2,15 +2,16 @@
 nn.Linear on a CUDA device, bf16 weights and inputs, on the layer shapes of issue 4, with the small-
 shape rule (Recipe.dense_fallback="auto") beside the recipes without it. Steps run back to back as in
 training (no synchronisation between them), `--iters` steps between two CUDA events; the layers of a
-shape take turns, nn.Linear first, for `--rounds` rounds (so a drift of the machine's speed hits them
-alike), and each time is the median per step over the rounds. Where the GPU work is short (BERT-base's
-shape) this measures the host's cost of launching a step (Python, autograd, the op's dispatch), as
-training does; such host-bound times move by 10-30% between runs. With --graphs every layer's step
-(nn.Linear's too) is captured once in a CUDA graph and replayed, which takes the host out: what
-torch.cuda.graphs / torch.compile(mode="reduce-overhead") give a host-bound model. The ratio is
-nn.Linear's time over the layer's, so above 1 is faster than bf16. With --autocast the weights and
-inputs are fp32 and each forward runs under bf16 autocast (nn.Linear's too; the casts are part of
-the step). Prints a Markdown table.
+shape take turns for `--rounds` rounds, each round in a new (seeded) random order (so a drift of
+the machine's speed, and the layer that ran before, hit them alike), and each time is the median per
+step over the rounds. Where the GPU work is short (BERT-base's shape) this measures the host's cost of
+launching a step (Python, autograd, the op's dispatch), as training does; such host-bound times
+move by 10-30% between runs. With --graphs every layer's step (nn.Linear's too) is captured once in
+a CUDA graph and replayed, which takes the host out: what torch.cuda.graphs /
+torch.compile(mode="reduce-overhead") give a host-bound model. The ratio is nn.Linear's time over
+the layer's, so above 1 is faster than bf16. With --autocast the weights and inputs are fp32 and
+each forward runs under bf16 autocast (nn.Linear's too; the casts are part of the step). Prints a
+Markdown table.
 
     python scripts/bench_module.py [--iters 20] [--recipes hq_bs,hq_lss,hq_bs:dense_fallback=auto]
                                    [--graphs] [--autocast]
@@ -19,6 +20,7 @@ the step). Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 
 import torch
@@ -81,8 +83,15 @@ def step_times_ms(layers: list, x: torch.Tensor, gy: torch.Tensor, iters: int, r
             run()
     torch.cuda.synchronize()
     times = [[] for _ in layers]
+    order = list(range(len(steps)))
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for i, run in enumerate(steps):
+        # Each round in a new order (seeded): a layer's time depends on the layer before it (on an
+        # H200 the steps right after nn.Linear's bf16 steps ran 7% slower, the same GPU work in
+        # another place ran faster), so no layer may keep one neighbour.
+        shuffle(order)
+        for i in order:
+            run = steps[i]
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             for _ in range(iters):
@@ -96,7 +105,7 @@ def step_times_ms(layers: list, x: torch.Tensor, gy: torch.Tensor, iters: int, r
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--recipes", default="hq_bs,hq_lss,hq_bs:dense_fallback=auto")
     ap.add_argument("--graphs", action="store_true",
                     help="replay each layer's step from a CUDA graph (no host cost)")
