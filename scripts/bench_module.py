@@ -87,7 +87,7 @@ def step_times_ms(layers: list, x: torch.Tensor, gy: torch.Tensor, iters: int, r
     shuffle = random.Random(0).shuffle
     for _ in range(rounds):
         # Each round in a new order (seeded): a layer's time depends on the layer before it (on an
-        # H200 the steps right after nn.Linear's bf16 steps ran 7% slower, the same GPU work in
+        # H200 the steps right after nn.Linear's bf16 steps ran 7-8% slower, the same GPU work in
         # another place ran faster), so no layer may keep one neighbour.
         shuffle(order)
         for i in order:
