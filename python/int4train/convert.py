@@ -6,6 +6,7 @@ with like. Layer ids (part of every random stream) are assigned in module order.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -51,6 +52,17 @@ class _ConvAsLinear:
         self.bias = conv.bias
 
 
+def _inside_attention(model: nn.Module) -> set:
+    """Names of the linear layers that nn.MultiheadAttention owns (its out_proj): its forward runs
+    F.multi_head_attention_forward, which reads out_proj.weight and out_proj.bias itself and never
+    calls out_proj, so an Int4Linear there would not run (its step sizes would get no gradient)."""
+    return {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, nn.MultiheadAttention)
+    }
+
+
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -72,6 +84,10 @@ def convert_(
     A Conv1D's weight is transposed into a new (out, in) Parameter. Layer ids are assigned 0, 1, ...
     in module order over the converted layers
     (after any Int4Linear already in the model). `seed` overrides the recipe's seed.
+    nn.MultiheadAttention (as in nn.TransformerEncoderLayer) is left as it is, with a warning: it
+    computes its projections inside F.multi_head_attention_forward from raw weights (its out_proj
+    module is never called), so they stay in full precision; attention modules that call their
+    linear layers (Hugging Face models, the training CLI's) are converted.
     `process_group`: the data-parallel group of the model's replicas (DDP, FSDP; e.g.
     torch.distributed.group.WORLD), given to every new layer (Int4Linear.process_group). Returns `model`
     (converted in place; a bare nn.Linear passed as `model` cannot be replaced in place, so
@@ -86,12 +102,26 @@ def convert_(
     seen = set()
     # Layers converted by an earlier call keep their ids; new ones continue after them.
     base = len({id(m) for m in model.modules() if isinstance(m, Int4Linear)})
+    attention = _inside_attention(model)
+    left = []
     for name, module in model.named_modules(remove_duplicate=False):
         if not name or not _is_convertible(module):
             continue
         if filter_fn is not None and not filter_fn(module, name):
             continue
+        if name in attention:
+            left.append(name)
+            continue
         targets.append((name, module))
+    if left:
+        warnings.warn(
+            f"int4train.convert_: {len(left)} linear layer(s) of nn.MultiheadAttention stay in full "
+            f"precision ({', '.join(left[:4])}{', ...' if len(left) > 4 else ''}): its forward "
+            "reads their weights directly (F.multi_head_attention_forward), so an Int4Linear there "
+            "would never run; its input projection is a raw parameter as well. Attention modules "
+            "that call their linear layers (e.g. Hugging Face models) are converted.",
+            stacklevel=2,
+        )
     # One Int4Linear per distinct module (a module registered under two names stays shared).
     replacement = {}
     for name, module in targets:

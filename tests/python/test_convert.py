@@ -4,6 +4,7 @@ tied parameters, strict reloading after unconvert_, and a tiny model that learns
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -112,6 +113,37 @@ def test_convert_a_bare_linear():
     assert isinstance(layer, Int4Linear) and layer.weight is lin.weight
     back = int4train.unconvert_(layer)
     assert type(back) is nn.Linear and back.weight is lin.weight
+
+
+def test_multihead_attention_is_left_with_a_warning():
+    # nn.MultiheadAttention never calls its out_proj (F.multi_head_attention_forward reads the
+    # weight), so converting it would leave an Int4Linear that never runs: it stays nn.Linear, with
+    # a warning naming it, and every layer that was converted runs quantized (step counters advance,
+    # step sizes get gradients: nothing left unused for DDP).
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True), num_layers=2,
+        enable_nested_tensor=False,
+    )
+    with pytest.warns(UserWarning, match=r"2 linear layer\(s\) of nn.MultiheadAttention") as rec:
+        int4train.convert_(model, recipe="hq_bs")
+    message = str(rec[0].message)
+    assert "layers.0.self_attn.out_proj" in message and "layers.1.self_attn.out_proj" in message
+    converted = [n for n, m in model.named_modules() if isinstance(m, Int4Linear)]
+    assert converted == [f"layers.{i}.linear{j}" for i in range(2) for j in (1, 2)]
+    assert [model.get_submodule(n).layer_id for n in converted] == [0, 1, 2, 3]
+    attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert len(attention) == 2 and not any(isinstance(a.out_proj, Int4Linear) for a in attention)
+    model(torch.randn(3, 5, 32)).square().sum().backward()
+    for n in converted:
+        layer = model.get_submodule(n)
+        assert int(layer.step) == 1 and layer.input_step.grad is not None, n
+    # The attention module alone: the same, under its own name; no warning without one.
+    with pytest.warns(UserWarning, match=r"\(out_proj\)"):
+        int4train.convert_(nn.MultiheadAttention(16, 2), recipe="hq_bs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        int4train.convert_(Net(), recipe="hq_bs")
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
