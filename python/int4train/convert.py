@@ -63,6 +63,43 @@ def _inside_attention(model: nn.Module) -> set:
     }
 
 
+_FAST_PATH_GUARD = "_int4train_fast_path_guard"  # the hook handle on a guarded encoder layer
+_NESTED_BEFORE = "_int4train_use_nested_tensor"  # an encoder's use_nested_tensor before convert_
+
+
+def _no_fast_path(module: nn.Module, args) -> None:
+    """A forward pre-hook that does nothing: nn.TransformerEncoderLayer skips its fused fast path
+    when a hook is attached to it or to a submodule."""
+    return None
+
+
+def _guard_fast_paths(model: nn.Module) -> None:
+    """In eval mode without gradients, nn.TransformerEncoderLayer runs one fused kernel on the raw
+    weights of its linear layers instead of calling them, and nn.TransformerEncoder turns a padded
+    batch into a nested tensor for it: either would run a converted block in full precision. Blocks
+    with an Int4Linear keep to the module path (a do-nothing hook; the encoder's use_nested_tensor
+    off); unconvert_ undoes both."""
+    for module in model.modules():
+        if not any(isinstance(m, Int4Linear) for m in module.modules()):
+            continue
+        if isinstance(module, nn.TransformerEncoderLayer) and not hasattr(module, _FAST_PATH_GUARD):
+            setattr(module, _FAST_PATH_GUARD, module.register_forward_pre_hook(_no_fast_path))
+        if isinstance(module, nn.TransformerEncoder) and not hasattr(module, _NESTED_BEFORE):
+            setattr(module, _NESTED_BEFORE, getattr(module, "use_nested_tensor", False))
+            module.use_nested_tensor = False
+
+
+def _unguard_fast_paths(model: nn.Module) -> None:
+    for module in model.modules():
+        if any(isinstance(m, Int4Linear) for m in module.modules()):
+            continue
+        handle = module.__dict__.pop(_FAST_PATH_GUARD, None)
+        if handle is not None:
+            handle.remove()
+        if _NESTED_BEFORE in module.__dict__:
+            module.use_nested_tensor = module.__dict__.pop(_NESTED_BEFORE)
+
+
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -88,6 +125,9 @@ def convert_(
     computes its projections inside F.multi_head_attention_forward from raw weights (its out_proj
     module is never called), so they stay in full precision; attention modules that call their
     linear layers (Hugging Face models, the training CLI's) are converted.
+    nn.TransformerEncoderLayer and nn.TransformerEncoder blocks holding converted layers are kept
+    off PyTorch's fused inference fast path (which would skip their linear layers in eval mode
+    without gradients).
     `process_group`: the data-parallel group of the model's replicas (DDP, FSDP; e.g.
     torch.distributed.group.WORLD), given to every new layer (Int4Linear.process_group). Returns `model`
     (converted in place; a bare nn.Linear passed as `model` cannot be replaced in place, so
@@ -114,12 +154,13 @@ def convert_(
             continue
         targets.append((name, module))
     if left:
+        names = ", ".join(left[:4]) + (", ..." if len(left) > 4 else "")
         warnings.warn(
-            f"int4train.convert_: {len(left)} linear layer(s) of nn.MultiheadAttention stay in full "
-            f"precision ({', '.join(left[:4])}{', ...' if len(left) > 4 else ''}): its forward "
-            "reads their weights directly (F.multi_head_attention_forward), so an Int4Linear there "
-            "would never run; its input projection is a raw parameter as well. Attention modules "
-            "that call their linear layers (e.g. Hugging Face models) are converted.",
+            f"int4train.convert_: {len(left)} linear layer(s) of nn.MultiheadAttention stay in "
+            f"full precision ({names}): its forward reads their weights directly "
+            "(F.multi_head_attention_forward), so an Int4Linear there would never run; its input "
+            "projection is a raw parameter as well. Attention modules that call their linear "
+            "layers (e.g. Hugging Face models) are converted.",
             stacklevel=2,
         )
     # One Int4Linear per distinct module (a module registered under two names stays shared).
@@ -129,6 +170,7 @@ def convert_(
             replacement[id(module)] = _convert_one(module, r, base + len(seen), process_group)
             seen.add(id(module))
         _set_child(model, name, replacement[id(module)])
+    _guard_fast_paths(model)
     return model
 
 
@@ -157,6 +199,7 @@ def unconvert_(model: nn.Module) -> nn.Module:
             if id(module) not in replacement:
                 replacement[id(module)] = _unconvert_one(module)
             _set_child(model, name, replacement[id(module)])
+    _unguard_fast_paths(model)
     return model
 
 

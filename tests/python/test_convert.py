@@ -146,6 +146,42 @@ def test_multihead_attention_is_left_with_a_warning():
         int4train.convert_(Net(), recipe="hq_bs")
 
 
+def test_encoder_fast_path_keeps_converted_layers(monkeypatch):
+    # In eval mode without gradients nn.TransformerEncoderLayer runs a fused kernel on the raw
+    # weights (and nn.TransformerEncoder a nested-tensor version of it for padded batches), which
+    # skipped the converted linear layers: evaluation ran the full-precision model. Converted blocks
+    # stay on the module path, so every Int4Linear runs, padded or not; unconvert_ undoes the guard.
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True),
+        num_layers=2,
+    )
+    assert model.use_nested_tensor  # PyTorch's default: the nested fast path is on
+    with pytest.warns(UserWarning, match="MultiheadAttention"):
+        int4train.convert_(model, recipe="hq_bs")
+    with pytest.warns(UserWarning, match="MultiheadAttention"):
+        int4train.convert_(model, recipe="hq_bs")  # a second call adds no second guard
+    assert [len(layer._forward_pre_hooks) for layer in model.layers] == [1, 1]
+    x = torch.randn(3, 6, 32)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    model(x)  # initialise
+    model.eval()
+    calls = []
+    quantized = Int4Linear._quantized
+    monkeypatch.setattr(
+        Int4Linear, "_quantized", lambda self, *a: calls.append(1) or quantized(self, *a)
+    )
+    with torch.no_grad():
+        for mask in (None, pad):
+            calls.clear()
+            assert model(x, src_key_padding_mask=mask).shape == x.shape
+            assert len(calls) == 4, mask  # 2 blocks x (linear1, linear2)
+    int4train.unconvert_(model)
+    assert model.use_nested_tensor
+    assert [len(layer._forward_pre_hooks) for layer in model.layers] == [0, 0]
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_tiny_model_learns(recipe):
     # A teacher-student regression: every recipe must cut the loss well below where it started.
