@@ -152,6 +152,11 @@ def convert_(
         if name in attention:
             left.append(name)
             continue
+        if isinstance(module.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"int4train.convert_: {name} ({type(module).__name__}) has not been initialised: "
+                "run one forward pass first, so that its shape is known, then convert"
+            )
         targets.append((name, module))
     if left:
         names = ", ".join(left[:4]) + (", ..." if len(left) > 4 else "")

@@ -107,6 +107,17 @@ def test_unconvert_loads_strict_into_original(recipe):
     torch.testing.assert_close(original(x), model(x))
 
 
+def test_lazy_linear_needs_a_forward_first():
+    model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"0 \(LazyLinear\) has not been initialised"):
+        int4train.convert_(model, recipe="hq_bs")
+    assert type(model[2]) is nn.Linear  # nothing converted
+    model(torch.randn(2, 5))
+    int4train.convert_(model, recipe="hq_bs")
+    assert isinstance(model[0], Int4Linear) and model[0].in_features == 5
+    assert model(torch.randn(2, 5)).shape == (2, 4)
+
+
 def test_convert_a_bare_linear():
     lin = nn.Linear(4, 3)
     layer = int4train.convert_(lin, recipe="fp")
