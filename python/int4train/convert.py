@@ -100,6 +100,22 @@ def _unguard_fast_paths(model: nn.Module) -> None:
             module.use_nested_tensor = module.__dict__.pop(_NESTED_BEFORE)
 
 
+def _check_convertible(module: nn.Module, name: str) -> None:
+    """ValueError (naming the layer) for a layer whose weight an Int4Linear cannot take over."""
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        raise ValueError(
+            f"int4train.convert_: {name} ({type(module).__name__}) has not been initialised: run "
+            "one forward pass first, so that its shape is known, then convert"
+        )
+    if not isinstance(module.weight, nn.Parameter):
+        raise ValueError(
+            f"int4train.convert_: the weight of {name} is computed, not a Parameter "
+            "(torch.nn.utils.parametrize, weight_norm, spectral_norm), and an Int4Linear would "
+            "freeze its present value; remove the parametrization first or leave the layer out "
+            "with filter_fn"
+        )
+
+
 def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -137,6 +153,7 @@ def convert_(
     if _is_convertible(model):
         if filter_fn is not None and not filter_fn(model, ""):
             return model
+        _check_convertible(model, "the model")
         return _convert_one(model, r, 0, process_group)
     targets = []
     seen = set()
@@ -152,11 +169,7 @@ def convert_(
         if name in attention:
             left.append(name)
             continue
-        if isinstance(module.weight, nn.parameter.UninitializedParameter):
-            raise ValueError(
-                f"int4train.convert_: {name} ({type(module).__name__}) has not been initialised: "
-                "run one forward pass first, so that its shape is known, then convert"
-            )
+        _check_convertible(module, name)
         targets.append((name, module))
     if left:
         names = ", ".join(left[:4]) + (", ..." if len(left) > 4 else "")
@@ -179,6 +192,27 @@ def convert_(
     return model
 
 
+def _carry_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
+    """`old`'s forward and backward hooks registered on `new` (as torch.ao.quantization's
+    swap_module carries them), so that a swap keeps what a user attached to the layer."""
+    for hid, hook in old._forward_pre_hooks.items():
+        new.register_forward_pre_hook(hook, with_kwargs=hid in old._forward_pre_hooks_with_kwargs)
+    for hid, hook in old._forward_hooks.items():
+        new.register_forward_hook(
+            hook,
+            with_kwargs=hid in old._forward_hooks_with_kwargs,
+            always_call=hid in old._forward_hooks_always_called,
+        )
+    for hook in old._backward_pre_hooks.values():
+        new.register_full_backward_pre_hook(hook)
+    for hook in old._backward_hooks.values():
+        if old._is_full_backward_hook:
+            new.register_full_backward_hook(hook)
+        else:
+            new.register_backward_hook(hook)
+    return new
+
+
 def _convert_one(module: nn.Module, recipe: Recipe, layer_id: int, process_group) -> Int4Linear:
     if _is_hf_conv1d(module):
         layer = _from_conv1d(module, recipe, layer_id, process_group)
@@ -187,7 +221,7 @@ def _convert_one(module: nn.Module, recipe: Recipe, layer_id: int, process_group
             module, recipe=recipe, layer_id=layer_id, process_group=process_group
         )
     layer.train(module.training)
-    return layer
+    return _carry_hooks(module, layer)
 
 
 def unconvert_(model: nn.Module) -> nn.Module:
@@ -211,10 +245,10 @@ def unconvert_(model: nn.Module) -> nn.Module:
 def _unconvert_one(layer: Int4Linear) -> nn.Module:
     conv_type = getattr(layer, "_source_conv1d", None)
     if conv_type is None:
-        return layer.to_linear()
+        return _carry_hooks(layer, layer.to_linear())
     conv = conv_type(layer.out_features, layer.in_features)
     w = layer.weight
     conv.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
     conv.bias = layer.bias
     conv.train(layer.training)
-    return conv.to(device=w.device)
+    return _carry_hooks(layer, conv.to(device=w.device))

@@ -118,6 +118,40 @@ def test_lazy_linear_needs_a_forward_first():
     assert model(torch.randn(2, 5)).shape == (2, 4)
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.* is deprecated:FutureWarning")
+def test_computed_weights_are_refused():
+    # A parametrized weight (weight_norm, spectral_norm, torch.nn.utils.parametrize) is recomputed
+    # from other parameters at each use: an Int4Linear would have frozen its present value, silently.
+    from torch.nn.utils import parametrizations
+
+    for wrap in (parametrizations.weight_norm, torch.nn.utils.weight_norm):
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), wrap(nn.Linear(8, 4)))
+        with pytest.raises(ValueError, match="the weight of 2 is computed, not a Parameter"):
+            int4train.convert_(model, recipe="hq_bs")
+        assert type(model[0]) is nn.Linear  # nothing converted
+    with pytest.raises(ValueError, match="the weight of the model is computed"):
+        int4train.convert_(parametrizations.weight_norm(nn.Linear(8, 4)), recipe="hq_bs")
+
+
+def test_hooks_move_with_the_layer():
+    # Forward (pre-)hooks, with and without kwargs, and backward hooks attached to a linear layer
+    # are registered on its Int4Linear, and back on the nn.Linear by unconvert_.
+    seen = []
+    model = Net()
+    model.inp.register_forward_pre_hook(lambda m, args: seen.append(("pre", type(m).__name__)))
+    model.inp.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append(("post", type(m).__name__)), with_kwargs=True
+    )
+    model.head.register_full_backward_hook(lambda m, gi, go: seen.append(("bwd", type(m).__name__)))
+    int4train.convert_(model, recipe="hq_bs")
+    model(torch.randn(4, 16)).sum().backward()
+    assert seen == [("pre", "Int4Linear"), ("post", "Int4Linear"), ("bwd", "Int4Linear")]
+    int4train.unconvert_(model)
+    seen.clear()
+    model(torch.randn(4, 16)).sum().backward()
+    assert seen == [("pre", "Linear"), ("post", "Linear"), ("bwd", "Linear")]
+
+
 def test_convert_a_bare_linear():
     lin = nn.Linear(4, 3)
     layer = int4train.convert_(lin, recipe="fp")
