@@ -100,6 +100,10 @@ def _unguard_fast_paths(model: nn.Module) -> None:
             module.use_nested_tensor = module.__dict__.pop(_NESTED_BEFORE)
 
 
+def _first_names(names: list) -> str:
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+
 def _check_convertible(module: nn.Module, name: str) -> None:
     """ValueError (naming the layer) for a layer whose weight an Int4Linear cannot take over."""
     if isinstance(module.weight, nn.parameter.UninitializedParameter):
@@ -171,11 +175,22 @@ def convert_(
             continue
         _check_convertible(module, name)
         targets.append((name, module))
+    own_forward = [
+        f"{n} ({type(m).__name__})"
+        for n, m in targets
+        if isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward
+    ]
+    if own_forward:
+        warnings.warn(
+            f"int4train.convert_: {_first_names(own_forward)}: subclass(es) of nn.Linear with a "
+            "forward of their own, which Int4Linear (the quantized x W^T + b) replaces, dropping "
+            "whatever else it did; leave such layers out with filter_fn if that matters",
+            stacklevel=2,
+        )
     if left:
-        names = ", ".join(left[:4]) + (", ..." if len(left) > 4 else "")
         warnings.warn(
             f"int4train.convert_: {len(left)} linear layer(s) of nn.MultiheadAttention stay in "
-            f"full precision ({names}): its forward reads their weights directly "
+            f"full precision ({_first_names(left)}): its forward reads their weights directly "
             "(F.multi_head_attention_forward), so an Int4Linear there would never run; its input "
             "projection is a raw parameter as well. Attention modules that call their linear "
             "layers (e.g. Hugging Face models) are converted.",

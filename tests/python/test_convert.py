@@ -152,6 +152,17 @@ def test_hooks_move_with_the_layer():
     assert seen == [("pre", "Linear"), ("post", "Linear"), ("bwd", "Linear")]
 
 
+def test_linear_subclass_with_its_own_forward_warns():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    model = nn.Sequential(nn.Linear(8, 8), Scaled(8, 4))
+    with pytest.warns(UserWarning, match=r"1 \(Scaled\): subclass\(es\) of nn.Linear"):
+        int4train.convert_(model, recipe="hq_bs")
+    assert isinstance(model[1], Int4Linear)
+
+
 def test_convert_a_bare_linear():
     lin = nn.Linear(4, 3)
     layer = int4train.convert_(lin, recipe="fp")
