@@ -15,10 +15,20 @@ import torch  # noqa: F401  (the extension links against the libraries torch loa
 from . import _C  # noqa: F401  (registers torch.ops.int4train.*)
 from . import _fake  # noqa: F401  (fake kernels for torch.compile)
 from . import ops
+from .attention import Int4MultiheadAttention
 from .config import RECIPES, Recipe
 from .convert import convert_, unconvert_
 from .nn import Int4Linear
 
 __version__ = "0.1.0"
 
-__all__ = ["Int4Linear", "RECIPES", "Recipe", "convert_", "ops", "unconvert_", "__version__"]
+__all__ = [
+    "Int4Linear",
+    "Int4MultiheadAttention",
+    "RECIPES",
+    "Recipe",
+    "convert_",
+    "ops",
+    "unconvert_",
+    "__version__",
+]

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .attention import Int4MultiheadAttention
 from .config import Recipe, RecipeLike
 from .nn import Int4Linear
 
@@ -52,12 +53,13 @@ class _ConvAsLinear:
         self.bias = conv.bias
 
 
-def _inside_attention(model: nn.Module) -> set:
-    """Names of the linear layers that nn.MultiheadAttention owns (its out_proj): its forward runs
-    F.multi_head_attention_forward, which reads out_proj.weight and out_proj.bias itself and never
-    calls out_proj, so an Int4Linear there would not run (its step sizes would get no gradient)."""
+def _inside_attention(model: nn.Module) -> dict:
+    """The out_proj layers of nn.MultiheadAttention modules, by name, each with its module: its
+    forward runs F.multi_head_attention_forward, which reads out_proj.weight and out_proj.bias
+    itself and never calls out_proj, so an Int4Linear there alone would not run (and its step sizes
+    would get no gradient); Int4MultiheadAttention converts the two together."""
     return {
-        f"{name}.out_proj" if name else "out_proj"
+        f"{name}.out_proj" if name else "out_proj": module
         for name, module in model.named_modules(remove_duplicate=False)
         if isinstance(module, nn.MultiheadAttention)
     }
@@ -154,24 +156,36 @@ def convert_(
     convert_ returns its Int4Linear instead).
     """
     r = Recipe.of(recipe, seed)
-    if _is_convertible(model):
+    if _is_convertible(model) or isinstance(model, nn.MultiheadAttention):
         if filter_fn is not None and not filter_fn(model, ""):
             return model
-        _check_convertible(model, "the model")
+        if isinstance(model, nn.MultiheadAttention):
+            if not Int4MultiheadAttention.supports(model):
+                _warn_attention_left(["the model"])
+                return model
+        else:
+            _check_convertible(model, "the model")
         return _convert_one(model, r, 0, process_group)
     targets = []
-    seen = set()
     # Layers converted by an earlier call keep their ids; new ones continue after them.
-    base = len({id(m) for m in model.modules() if isinstance(m, Int4Linear)})
+    next_id = len({id(m) for m in model.modules() if isinstance(m, Int4Linear)})
     attention = _inside_attention(model)
     left = []
     for name, module in model.named_modules(remove_duplicate=False):
-        if not name or not _is_convertible(module):
+        if not name:
             continue
-        if filter_fn is not None and not filter_fn(module, name):
+        if isinstance(module, nn.MultiheadAttention):
+            if filter_fn is None or filter_fn(module, name):
+                (targets if Int4MultiheadAttention.supports(module) else left).append(
+                    (name, module)
+                )
+            continue
+        if not _is_convertible(module) or (filter_fn is not None and not filter_fn(module, name)):
             continue
         if name in attention:
-            left.append(name)
+            # Converted with its attention module, or else never called: see the warning.
+            if not any(t is attention[name] for _, t in targets + left):
+                left.append((name, module))
             continue
         _check_convertible(module, name)
         targets.append((name, module))
@@ -188,23 +202,27 @@ def convert_(
             stacklevel=2,
         )
     if left:
-        warnings.warn(
-            f"int4train.convert_: {len(left)} linear layer(s) of nn.MultiheadAttention stay in "
-            f"full precision ({_first_names(left)}): its forward reads their weights directly "
-            "(F.multi_head_attention_forward), so an Int4Linear there would never run; its input "
-            "projection is a raw parameter as well. Attention modules that call their linear "
-            "layers (e.g. Hugging Face models) are converted.",
-            stacklevel=2,
-        )
-    # One Int4Linear per distinct module (a module registered under two names stays shared).
+        _warn_attention_left([n for n, _ in left])
+    # One replacement per distinct module (a module registered under two names stays shared).
     replacement = {}
     for name, module in targets:
         if id(module) not in replacement:
-            replacement[id(module)] = _convert_one(module, r, base + len(seen), process_group)
-            seen.add(id(module))
+            replacement[id(module)] = _convert_one(module, r, next_id, process_group)
+            next_id += 4 if isinstance(module, nn.MultiheadAttention) else 1
         _set_child(model, name, replacement[id(module)])
     _guard_fast_paths(model)
     return model
+
+
+def _warn_attention_left(names: list) -> None:
+    warnings.warn(
+        f"int4train.convert_: nn.MultiheadAttention left in full precision ({_first_names(names)}):"
+        " Int4MultiheadAttention takes key and value of the query's size, without bias_k / bias_v"
+        " or add_zero_attn, and an out_proj converted without its attention module would never"
+        " run (F.multi_head_attention_forward reads its weight); a filter_fn must select both or"
+        " neither",
+        stacklevel=3,
+    )
 
 
 def _carry_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
@@ -228,7 +246,11 @@ def _carry_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
     return new
 
 
-def _convert_one(module: nn.Module, recipe: Recipe, layer_id: int, process_group) -> Int4Linear:
+def _convert_one(module: nn.Module, recipe: Recipe, layer_id: int, process_group) -> nn.Module:
+    if isinstance(module, nn.MultiheadAttention):
+        return _carry_hooks(
+            module, Int4MultiheadAttention.from_mha(module, recipe, layer_id, process_group)
+        )
     if _is_hf_conv1d(module):
         layer = _from_conv1d(module, recipe, layer_id, process_group)
     else:
@@ -242,22 +264,32 @@ def _convert_one(module: nn.Module, recipe: Recipe, layer_id: int, process_group
 def unconvert_(model: nn.Module) -> nn.Module:
     """Replaces, in place, every Int4Linear of `model` by the plain module it came from: nn.Linear
     holding the trained weight and bias Parameters (or a transformers Conv1D with the weight
-    transposed back), so that state_dict() loads with strict=True into the never-converted model.
+    transposed back; an Int4MultiheadAttention becomes an nn.MultiheadAttention with its
+    projections packed back), so that state_dict() loads with strict=True into the never-converted
+    model.
     Step sizes and the other quantization state are dropped. Returns `model` (or, for a bare
     Int4Linear, its replacement)."""
-    if isinstance(model, Int4Linear):
+    if isinstance(model, (Int4Linear, Int4MultiheadAttention)):
         return _unconvert_one(model)
     replacement = {}
+    inside = ()  # name prefixes of the attention modules given back (their layers go with them)
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        if name and isinstance(module, Int4Linear):
-            if id(module) not in replacement:
-                replacement[id(module)] = _unconvert_one(module)
-            _set_child(model, name, replacement[id(module)])
+        if not name or name.startswith(inside):
+            continue
+        if isinstance(module, Int4MultiheadAttention):
+            inside += (name + ".",)
+        elif not isinstance(module, Int4Linear):
+            continue
+        if id(module) not in replacement:
+            replacement[id(module)] = _unconvert_one(module)
+        _set_child(model, name, replacement[id(module)])
     _unguard_fast_paths(model)
     return model
 
 
-def _unconvert_one(layer: Int4Linear) -> nn.Module:
+def _unconvert_one(layer: nn.Module) -> nn.Module:
+    if isinstance(layer, Int4MultiheadAttention):
+        return _carry_hooks(layer, layer.to_mha())
     conv_type = getattr(layer, "_source_conv1d", None)
     if conv_type is None:
         return _carry_hooks(layer, layer.to_linear())

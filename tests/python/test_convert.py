@@ -121,7 +121,8 @@ def test_lazy_linear_needs_a_forward_first():
 @pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm.* is deprecated:FutureWarning")
 def test_computed_weights_are_refused():
     # A parametrized weight (weight_norm, spectral_norm, torch.nn.utils.parametrize) is recomputed
-    # from other parameters at each use: an Int4Linear would have frozen its present value, silently.
+    # from other parameters at each use: an Int4Linear would have frozen its present value,
+    # silently.
     from torch.nn.utils import parametrizations
 
     for wrap in (parametrizations.weight_norm, torch.nn.utils.weight_norm):
@@ -171,35 +172,111 @@ def test_convert_a_bare_linear():
     assert type(back) is nn.Linear and back.weight is lin.weight
 
 
-def test_multihead_attention_is_left_with_a_warning():
+def test_transformer_encoder_converts_attention_whole():
     # nn.MultiheadAttention never calls its out_proj (F.multi_head_attention_forward reads the
-    # weight), so converting it would leave an Int4Linear that never runs: it stays nn.Linear, with
-    # a warning naming it, and every layer that was converted runs quantized (step counters advance,
-    # step sizes get gradients: nothing left unused for DDP).
+    # weights), so a swap of out_proj alone would never run: convert_ replaces the attention module
+    # by an Int4MultiheadAttention (q, k, v and out projections as Int4Linear), ids in module order;
+    # every converted layer runs (counters advance, step sizes get gradients: nothing unused for
+    # DDP), and unconvert_ gives back a model whose state loads strictly into the plain one.
     torch.manual_seed(0)
-    model = nn.TransformerEncoder(
-        nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True), num_layers=2,
-        enable_nested_tensor=False,
-    )
-    with pytest.warns(UserWarning, match=r"2 linear layer\(s\) of nn.MultiheadAttention") as rec:
+
+    def encoder():
+        layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+
+    model = encoder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         int4train.convert_(model, recipe="hq_bs")
-    message = str(rec[0].message)
-    assert "layers.0.self_attn.out_proj" in message and "layers.1.self_attn.out_proj" in message
     converted = [n for n, m in model.named_modules() if isinstance(m, Int4Linear)]
-    assert converted == [f"layers.{i}.linear{j}" for i in range(2) for j in (1, 2)]
-    assert [model.get_submodule(n).layer_id for n in converted] == [0, 1, 2, 3]
-    attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
-    assert len(attention) == 2 and not any(isinstance(a.out_proj, Int4Linear) for a in attention)
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+             "linear1", "linear2")
+    assert converted == [f"layers.{i}.{n}" for i in range(2) for n in names]
+    assert [model.get_submodule(n).layer_id for n in converted] == list(range(12))
+    assert all(isinstance(layer.self_attn, int4train.Int4MultiheadAttention)
+               for layer in model.layers)
     model(torch.randn(3, 5, 32)).square().sum().backward()
     for n in converted:
         layer = model.get_submodule(n)
         assert int(layer.step) == 1 and layer.input_step.grad is not None, n
-    # The attention module alone: the same, under its own name; no warning without one.
-    with pytest.warns(UserWarning, match=r"\(out_proj\)"):
-        int4train.convert_(nn.MultiheadAttention(16, 2), recipe="hq_bs")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        int4train.convert_(Net(), recipe="hq_bs")
+    int4train.unconvert_(model)
+    assert all(type(layer.self_attn) is nn.MultiheadAttention for layer in model.layers)
+    assert not any(isinstance(m, (Int4Linear, int4train.Int4MultiheadAttention))
+                   for m in model.modules())
+    encoder().load_state_dict(model.state_dict(), strict=True)
+
+
+def test_unsupported_attention_is_left_with_a_warning():
+    # kdim != embed_dim (or bias_k / add_zero_attn): left as it is, out_proj included (converting it
+    # alone would leave an Int4Linear that never runs), with a warning naming the module.
+    model = nn.ModuleDict(
+        {"attn": nn.MultiheadAttention(16, 2, kdim=8, vdim=8), "fc": nn.Linear(16, 4)}
+    )
+    with pytest.warns(UserWarning, match=r"left in full precision \(attn\)"):
+        int4train.convert_(model, recipe="hq_bs")
+    assert type(model["attn"]) is nn.MultiheadAttention
+    assert type(model["attn"].out_proj) is not Int4Linear and isinstance(model["fc"], Int4Linear)
+    # out_proj selected without its attention module: left too, named.
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(16, 2)})
+    with pytest.warns(UserWarning, match=r"\(attn.out_proj\)"):
+        int4train.convert_(model, recipe="hq_bs", filter_fn=lambda m, n: n == "attn.out_proj")
+    assert type(model["attn"].out_proj) is not Int4Linear
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+@pytest.mark.parametrize("masks", [False, True], ids=["nomask", "masks"])
+def test_int4_attention_computes_what_multihead_attention_does(batch_first, need_weights, cross,
+                                                                masks):
+    # With the fp recipe the projections are exact, so Int4MultiheadAttention must give
+    # nn.MultiheadAttention's outputs and attention weights: layouts, masks (padding, causal bool,
+    # float), self- and cross-attention, averaged or per-head weights, an unbatched input.
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+    ours = int4train.convert_(copy.deepcopy(mha), recipe="fp")
+    assert isinstance(ours, int4train.Int4MultiheadAttention)
+    n, tgt, src = 3, 5, (7 if cross else 5)
+
+    def seq(length):
+        return torch.randn(n, length, 32) if batch_first else torch.randn(length, n, 32)
+
+    q = seq(tgt)
+    kv = seq(src) if cross else q
+    kw = {}
+    if masks:
+        pad = torch.zeros(n, src, dtype=torch.float if cross else torch.bool)
+        pad[1, -2:] = float("-inf") if cross else True
+        causal = torch.triu(torch.ones(tgt, src, dtype=torch.bool), 1)
+        kw = dict(key_padding_mask=pad, attn_mask=torch.randn(tgt, src) if cross else causal)
+    for average in (True, False) if need_weights else (True,):
+        want, want_w = mha(q, kv, kv, need_weights=need_weights, average_attn_weights=average, **kw)
+        got, got_w = ours(q, kv, kv, need_weights=need_weights, average_attn_weights=average, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if need_weights:
+            torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-5)
+        else:
+            assert got_w is None and want_w is None
+    if batch_first and not cross:  # one sequence, no batch dimension
+        x = torch.randn(tgt, 32)
+        torch.testing.assert_close(ours(x, x, x)[0], mha(x, x, x)[0], rtol=1e-5, atol=1e-5)
+    back = int4train.unconvert_(ours)
+    assert type(back) is nn.MultiheadAttention
+    for (name, a), b in zip(mha.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_int4_attention_built_directly():
+    # Int4MultiheadAttention(embed_dim, num_heads, ...) initialises as nn.MultiheadAttention does
+    # (same draws from the generator), with its four layers' ids from layer_id on.
+    torch.manual_seed(3)
+    ours = int4train.Int4MultiheadAttention(32, 4, batch_first=True, recipe="fp", layer_id=5)
+    torch.manual_seed(3)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True)
+    layers = (ours.q_proj, ours.k_proj, ours.v_proj, ours.out_proj)
+    assert [m.layer_id for m in layers] == [5, 6, 7, 8]
+    x = torch.randn(2, 6, 32)
+    torch.testing.assert_close(ours(x, x, x)[0], mha(x, x, x)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_encoder_fast_path_keeps_converted_layers(monkeypatch):
@@ -213,10 +290,8 @@ def test_encoder_fast_path_keeps_converted_layers(monkeypatch):
         num_layers=2,
     )
     assert model.use_nested_tensor  # PyTorch's default: the nested fast path is on
-    with pytest.warns(UserWarning, match="MultiheadAttention"):
-        int4train.convert_(model, recipe="hq_bs")
-    with pytest.warns(UserWarning, match="MultiheadAttention"):
-        int4train.convert_(model, recipe="hq_bs")  # a second call adds no second guard
+    int4train.convert_(model, recipe="hq_bs")
+    int4train.convert_(model, recipe="hq_bs")  # a second call adds no second guard
     assert [len(layer._forward_pre_hooks) for layer in model.layers] == [1, 1]
     x = torch.randn(3, 6, 32)
     pad = torch.zeros(3, 6, dtype=torch.bool)
@@ -232,7 +307,7 @@ def test_encoder_fast_path_keeps_converted_layers(monkeypatch):
         for mask in (None, pad):
             calls.clear()
             assert model(x, src_key_padding_mask=mask).shape == x.shape
-            assert len(calls) == 4, mask  # 2 blocks x (linear1, linear2)
+            assert len(calls) == 12, mask  # 2 blocks x (q, k, v, out, linear1, linear2)
     int4train.unconvert_(model)
     assert model.use_nested_tensor
     assert [len(layer._forward_pre_hooks) for layer in model.layers] == [0, 0]
