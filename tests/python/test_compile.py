@@ -122,3 +122,22 @@ def test_compile_hf_bert():
     ge = model.encoder.layer[0].attention.self.query.weight.grad
     gc = compiled_model.encoder.layer[0].attention.self.query.weight.grad
     torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_converted_transformer_encoder_layer():
+    # nn.TransformerEncoderLayer with its attention as Int4MultiheadAttention and the fast-path
+    # guard's hook: one graph (fullgraph), forward and backward equal to eager bit for bit.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+    int4train.convert_(eager, recipe="hq_bs")
+    eager(torch.randn(2, 5, 32))  # initialise
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(3, 5, 32)
+    ye, yc = eager(x), compiled(x)
+    assert torch.equal(ye, yc)
+    ye.square().sum().backward()
+    yc.square().sum().backward()
+    for (n, a), b in zip(eager.named_parameters(), model.parameters()):
+        assert torch.equal(a.grad, b.grad), n
