@@ -16,15 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Recipe
-from .nn import Int4Linear
-
-
-class _Weights:
-    """A weight and bias as Int4Linear.from_linear takes them."""
-
-    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter]) -> None:
-        self.weight = weight
-        self.bias = bias
+from .nn import Int4Linear, _Weights
 
 
 def _part(t: Optional[torch.Tensor], i: int, rows: int) -> Optional[nn.Parameter]:

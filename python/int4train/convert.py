@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import Int4MultiheadAttention
 from .config import Recipe, RecipeLike
-from .nn import Int4Linear
+from .nn import Int4Linear, _Weights
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -37,20 +37,16 @@ def _is_convertible(module: nn.Module) -> bool:
 
 
 def _from_conv1d(conv: nn.Module, recipe: Recipe, layer_id: int, process_group) -> Int4Linear:
+    # The (out, in) weight of a Conv1D as a fresh Parameter (the values, transposed).
+    w = conv.weight
+    source = _Weights(
+        nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad), conv.bias
+    )
     layer = Int4Linear.from_linear(
-        _ConvAsLinear(conv), recipe=recipe, layer_id=layer_id, process_group=process_group
+        source, recipe=recipe, layer_id=layer_id, process_group=process_group
     )
     layer._source_conv1d = type(conv)  # unconvert_ gives a Conv1D back
     return layer
-
-
-class _ConvAsLinear:
-    """The (out, in) weight of a Conv1D as a fresh Parameter (the values, transposed)."""
-
-    def __init__(self, conv: nn.Module) -> None:
-        w = conv.weight
-        self.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=w.requires_grad)
-        self.bias = conv.bias
 
 
 def _inside_attention(model: nn.Module) -> dict:

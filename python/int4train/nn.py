@@ -80,6 +80,15 @@ def _warn_if_unsynchronized(group: _GroupRef) -> None:
         )
 
 
+class _Weights:
+    """A weight and bias as Int4Linear.from_linear takes them, for sources that are no nn.Linear
+    (a transformers Conv1D's transposed weight, nn.MultiheadAttention's packed projection)."""
+
+    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter]) -> None:
+        self.weight = weight
+        self.bias = bias
+
+
 class Int4Linear(nn.Module):
     """y = x W^T + b with quantized products; inputs (..., in_features).
 
