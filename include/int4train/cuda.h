@@ -197,7 +197,8 @@ void absmax_bits_cuda(const TensorView& g, TensorView amax_bits, void* stream);
 //            or the same stacked rows as an INT8 operand (2N rows, the INT8 engine's form);
 //            or an INT8 operand N x fp8_padded_cols(C) holding q = 16 hi + lo in [-119, 119], the
 //            whole 8-bit gradient in one row per token (Hopper's INT8 tensor cores take it at the
-//            rate of an FP8 row, so the split rows would only double the product);
+//            rate of an FP8 row, so the split rows would only double the product); this form
+//            writes nothing else: hi, lo and row_sumsq must be empty views with it;
 //   hi, lo   kInt4Packed N x C codes (equal to quantize_bitsplit's);
 //   row_sumsq int32 vector of 2N: sum of squared codes of each operand row (exact; LSS scores);
 //   scale    fp32 device scalar s = max|g| / 119 (0 for an all-zero g);

@@ -138,29 +138,34 @@ __device__ __forceinline__ uint32_t low_bytes4(uint32_t a, uint32_t b, uint32_t 
   return __byte_perm(__byte_perm(a, b, 0x0040u), __byte_perm(c, d, 0x0040u), 0x5410u);
 }
 
-// One lane's 8 values (columns col0 .. col0+7 of `row`): codes, operand rows, packed hi/lo. kQ8:
-// the operand is p.q8's INT8 row of q (8 bytes) instead of the FP8 hi and lo rows; kQ8Only: that
-// row is all the pass writes (p.hi and p.row_sumsq null), so nothing is split.
-template <bool kVec, bool kQ8, bool kQ8Only>
-__device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, uint64_t stream,
-                                                int64_t row, int64_t col0, const float v[8],
-                                                float inv, int32_t* sq_hi, int32_t* sq_lo) {
-  static_assert(kQ8 || !kQ8Only, "kQ8Only is a kQ8 variant");
+// hq_bs's pass: one lane's 8 values (columns col0 .. col0+7 of `row`) as the INT8 row of q = 16 hi
+// + lo, the bytes taken from split_q_magic's bit patterns; nothing is split.
+__device__ __forceinline__ void bitsplit_store8_q8(const BitsplitParams& p, uint64_t stream,
+                                                   int64_t row, int64_t col0, const float v[8],
+                                                   float inv) {
   const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;
   const Philox4x32 r0 = random_block(p.seed, stream, b0);
   const Philox4x32 r1 = random_block(p.seed, stream, b0 + 1);
-  uint32_t ph = 0, pl = 0, q0 = 0, q1 = 0;
-  float hf[8], lf[8];
-  if constexpr (kQ8Only) {
-    uint32_t m[8];
+  uint32_t m[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      m[i] = split_q_magic(v[i], inv, uniform_from_u32(i < 4 ? r0.v[i] : r1.v[i - 4]));
-    }
-    *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) =
-        make_uint2(low_bytes4(m[0], m[1], m[2], m[3]), low_bytes4(m[4], m[5], m[6], m[7]));
-    return;
+  for (int i = 0; i < 8; ++i) {
+    m[i] = split_q_magic(v[i], inv, uniform_from_u32(i < 4 ? r0.v[i] : r1.v[i - 4]));
   }
+  *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) =
+      make_uint2(low_bytes4(m[0], m[1], m[2], m[3]), low_bytes4(m[4], m[5], m[6], m[7]));
+}
+
+// One lane's 8 values split: packed hi/lo codes, the FP8 (or INT8, p.s8) hi and lo operand rows,
+// the rows' sums of squared codes.
+template <bool kVec>
+__device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, uint64_t stream,
+                                                int64_t row, int64_t col0, const float v[8],
+                                                float inv, int32_t* sq_hi, int32_t* sq_lo) {
+  const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;
+  const Philox4x32 r0 = random_block(p.seed, stream, b0);
+  const Philox4x32 r1 = random_block(p.seed, stream, b0 + 1);
+  uint32_t ph = 0, pl = 0;
+  float hf[8], lf[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const float u = uniform_from_u32(i < 4 ? r0.v[i] : r1.v[i - 4]);
@@ -169,13 +174,8 @@ __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, uint64_
     *sq_lo += sv.lo * sv.lo;
     ph |= static_cast<uint32_t>(sv.hi & 0xF) << (4 * i);
     pl |= static_cast<uint32_t>(sv.lo & 0xF) << (4 * i);
-    if (kQ8) {
-      const uint32_t byte = static_cast<uint32_t>(sv.q()) & 0xFFu;
-      (i < 4 ? q0 : q1) |= byte << (8 * (i & 3));
-    } else {
-      hf[i] = sv.hi_f;
-      lf[i] = sv.lo_f;
-    }
+    hf[i] = sv.hi_f;
+    lf[i] = sv.lo_f;
   }
   const int64_t pb = row * (p.cols / 2) + col0 / 2;
   if (p.hi != nullptr) {
@@ -190,26 +190,22 @@ __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, uint64_
     }
   }
   if (p.operand == nullptr) return;
-  if (kQ8) {
-    *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(q0, q1);
-  } else {
-    *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) =
-        p.s8 ? s8x8_of_nibbles(ph)
-             : make_uint2(e4m3x2(hf[0], hf[1]) | (e4m3x2(hf[2], hf[3]) << 16),
-                          e4m3x2(hf[4], hf[5]) | (e4m3x2(hf[6], hf[7]) << 16));
-    *reinterpret_cast<uint2*>(p.operand + (p.rows + row) * p.ldop + col0) =
-        p.s8 ? s8x8_of_nibbles(pl)
-             : make_uint2(e4m3x2(lf[0], lf[1]) | (e4m3x2(lf[2], lf[3]) << 16),
-                          e4m3x2(lf[4], lf[5]) | (e4m3x2(lf[6], lf[7]) << 16));
-  }
+  *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) =
+      p.s8 ? s8x8_of_nibbles(ph)
+           : make_uint2(e4m3x2(hf[0], hf[1]) | (e4m3x2(hf[2], hf[3]) << 16),
+                        e4m3x2(hf[4], hf[5]) | (e4m3x2(hf[6], hf[7]) << 16));
+  *reinterpret_cast<uint2*>(p.operand + (p.rows + row) * p.ldop + col0) =
+      p.s8 ? s8x8_of_nibbles(pl)
+           : make_uint2(e4m3x2(lf[0], lf[1]) | (e4m3x2(lf[2], lf[3]) << 16),
+                        e4m3x2(lf[4], lf[5]) | (e4m3x2(lf[6], lf[7]) << 16));
 }
 
 // Rows a multiple of 8 long: a warp per 256 columns, 8 per lane, a persistent grid with
-// kChunkDepth chunks' loads in flight per warp (device_common.cuh). kQ8, kQ8Only: bitsplit_store8;
-// kQ8Only fits 64 registers, so 4 blocks per SM (2.5% faster than 3 at 8192 x 16384 on an H200).
-template <typename In, bool kVec, bool kQ8, bool kQ8Only>
-__global__ void __launch_bounds__(kThreads, kQ8Only ? 4 : 3)
-    bitsplit_kernel(const BitsplitParams p) {
+// kChunkDepth chunks' loads in flight per warp (device_common.cuh). kQ8: hq_bs's pass
+// (bitsplit_store8_q8), which fits 64 registers, so 4 blocks per SM (2.5% faster than 3 at
+// 8192 x 16384 on an H200); else bitsplit_store8.
+template <typename In, bool kVec, bool kQ8>
+__global__ void __launch_bounds__(kThreads, kQ8 ? 4 : 3) bitsplit_kernel(const BitsplitParams p) {
   const int lane = threadIdx.x & 31;
   float inv;
   bitsplit_scales(p, &inv);
@@ -219,7 +215,11 @@ __global__ void __launch_bounds__(kThreads, kQ8Only ? 4 : 3)
       [&](int64_t row, int64_t col0, float v[8]) {
         int32_t sq_hi = 0, sq_lo = 0;
         if (col0 < p.cols) {
-          bitsplit_store8<kVec, kQ8, kQ8Only>(p, stream, row, col0, v, inv, &sq_hi, &sq_lo);
+          if constexpr (kQ8) {
+            bitsplit_store8_q8(p, stream, row, col0, v, inv);
+          } else {
+            bitsplit_store8<kVec>(p, stream, row, col0, v, inv, &sq_hi, &sq_lo);
+          }
         } else if (p.operand != nullptr && col0 < p.op_cols) {
           *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(0u, 0u);
           if (!kQ8) {
@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(kThreads, kQ8Only ? 4 : 3)
                 make_uint2(0u, 0u);
           }
         }
-        if (!kQ8Only && p.row_sumsq != nullptr) {
+        if (!kQ8 && p.row_sumsq != nullptr) {
           sq_hi = warp_sum_s32(sq_hi);
           sq_lo = warp_sum_s32(sq_lo);
           if (lane == 0 && sq_hi != 0) atomicAdd(p.row_sumsq + row, sq_hi);
@@ -579,6 +579,11 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
     p.ldop = row_stride(operand);
     p.op_cols = operand.shape[1];
   }
+  if (p.q8 && (hi.data != nullptr || row_sumsq.data != nullptr)) {
+    throw_error(ErrorKind::kValue,
+                "operand: an INT8 operand of N rows (q = 16 hi + lo) takes no hi, lo or row_sumsq; "
+                "the split codes and their row sums go with the 2N-row operands or no operand");
+  }
   if ((hi.data == nullptr) != (lo.data == nullptr)) {
     throw_error(ErrorKind::kValue, "hi: hi and lo must be given together");
   }
@@ -619,15 +624,10 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
     };
     auto launch_in = [&](auto in) {
       using In = decltype(in);
-      if (p.q8 && p.hi == nullptr && p.row_sumsq == nullptr) {
-        vec ? launch(bitsplit_kernel<In, true, true, true>)
-            : launch(bitsplit_kernel<In, false, true, true>);
-      } else if (p.q8) {
-        vec ? launch(bitsplit_kernel<In, true, true, false>)
-            : launch(bitsplit_kernel<In, false, true, false>);
+      if (p.q8) {
+        vec ? launch(bitsplit_kernel<In, true, true>) : launch(bitsplit_kernel<In, false, true>);
       } else {
-        vec ? launch(bitsplit_kernel<In, true, false, false>)
-            : launch(bitsplit_kernel<In, false, false, false>);
+        vec ? launch(bitsplit_kernel<In, true, false>) : launch(bitsplit_kernel<In, false, false>);
       }
     };
     bf16 ? launch_in(BFloat16{}) : launch_in(float{});

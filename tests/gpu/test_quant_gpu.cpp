@@ -473,6 +473,31 @@ const bool registered = [] {
            [] { test_bitsplit(16, 64, false, Data::kNonFinite, false); });
   add_case("bitsplit/5x9/fp32/nonfinite", false,
            [] { test_bitsplit(5, 9, false, Data::kNonFinite, false); });
+  // The INT8 operand of N rows (hq_bs's pass) writes nothing else: asking it for the split codes
+  // or their row sums is an Error naming the operand, raised before any launch.
+  add_case("bitsplit/q8_with_split_outputs", false, [] {
+    const int64_t rows = 4, cols = 64;
+    DevBuf dg(rows * cols * 4), dq(rows * fp8_padded_cols(cols)), dhi(rows * cols / 2),
+        dlo(rows * cols / 2), dsq(2 * rows * 4), dscale(4);
+    const TensorView hi = make_matrix(dhi.get(), DType::kInt4Packed, rows, cols);
+    const TensorView lo = make_matrix(dlo.get(), DType::kInt4Packed, rows, cols);
+    const TensorView sq = make_vector(dsq.get(), DType::kInt32, 2 * rows);
+    for (int with_sq = 0; with_sq < 2; ++with_sq) {
+      std::string what;
+      try {
+        quantize_bitsplit_cuda(make_matrix(dg.get(), DType::kFloat32, rows, cols), RandomKey{},
+                               make_matrix(dq.get(), DType::kInt8, rows, fp8_padded_cols(cols)),
+                               with_sq ? TensorView{} : hi, with_sq ? TensorView{} : lo,
+                               with_sq ? sq : TensorView{},
+                               make_scalar(dscale.get(), DType::kFloat32), TensorView{},
+                               default_cuda_allocator(), nullptr);
+      } catch (const Error& e) {
+        what = e.what();
+      }
+      GPU_CHECK_MSG(what.rfind("operand: ", 0) == 0,
+                    "expected an Error naming operand, got '" << what << "'");
+    }
+  });
 
   struct L {
     int64_t rows, cols;
