@@ -129,11 +129,8 @@ void scale_bias(const Acc* acc, int64_t ld_acc, const float* scale_a, const floa
                 const void* bias, bool bias_bf16, void* out, bool out_bf16, int64_t ld_out,
                 int64_t m, int64_t n, cudaStream_t stream) {
   if (m == 0 || n == 0) return;
-  const auto a4 = [](const void* ptr, uintptr_t bytes) {
-    return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-  };
   const bool vec4 = n % 4 == 0 && (m == 1 || (ld_acc % 4 == 0 && ld_out % 4 == 0)) &&
-                    (acc == nullptr || a4(acc, 16)) && a4(out, out_bf16 ? 8 : 16);
+                    (acc == nullptr || aligned(acc, 16)) && aligned(out, out_bf16 ? 8 : 16);
   if (vec4) {
     scale_bias_kernel<Acc, true><<<grid_for(m * n / 4), kThreads, 0, stream>>>(
         acc, ld_acc, scale_a, scale_b, bias, bias_bf16, out, out_bf16, ld_out, m, n);

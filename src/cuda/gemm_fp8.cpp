@@ -24,6 +24,7 @@
 namespace int4train {
 namespace {
 
+using cuda_detail::aligned;
 using cuda_detail::as_stream;
 using cuda_detail::current_device;
 using cuda_detail::DeviceBuffer;
@@ -325,10 +326,8 @@ void gemm_fp8_cuda(const TensorView& a, const TensorView& b, const TensorView& s
   // Fused: cuBLASLt applies the scale and (a bf16) bias and writes out directly; measured equal to
   // the CPU's epilogue bit for bit (docs/cuda.md). It needs an aligned output and N a multiple of
   // 16; an fp32 bias is added by the separate pass so that it is not rounded to bf16.
-  const bool aligned_out =
-      reinterpret_cast<uintptr_t>(out.data) % 16 == 0 && (s.m == 1 || (ldo * elem) % 16 == 0);
-  const bool fusable_bias =
-      bias.data == nullptr || (bias_bf16 && reinterpret_cast<uintptr_t>(bias.data) % 16 == 0);
+  const bool aligned_out = aligned(out.data, 16) && (s.m == 1 || (ldo * elem) % 16 == 0);
+  const bool fusable_bias = bias.data == nullptr || (bias_bf16 && aligned(bias.data, 16));
   if (s.kp > 0 && s.n % kRowAlign == 0 && aligned_out && fusable_bias) {
     LtProblem p{CUDA_R_8F_E4M3,
                 s.n,
@@ -392,8 +391,7 @@ void s8_product(const TensorView& a, const TensorView& b, const GemmShape& s, in
   }
   // Straight into c where cuBLASLt takes it (N a multiple of 16, aligned rows); else the product
   // of the zero-padded b into a temporary, whose first N columns are copied out.
-  const bool direct =
-      s.n % kRowAlign == 0 && reinterpret_cast<uintptr_t>(c) % 16 == 0 && ldc % 4 == 0;
+  const bool direct = s.n % kRowAlign == 0 && aligned(c, 16) && ldc % 4 == 0;
   DeviceBuffer bpad(alloc, direct ? 0 : pad_b_bytes(s), stream);
   const PaddedB pb = direct ? PaddedB{b.data, row_stride(b), s.n} : pad_b(b, s, bpad, stream);
   DeviceBuffer acc(alloc, direct ? 0 : static_cast<size_t>(s.m * pb.rows) * sizeof(int32_t),
