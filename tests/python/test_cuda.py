@@ -348,6 +348,89 @@ def test_cuda_hf_bert_bf16_autocast():
     assert torch.isfinite(q.weight.grad).all() and torch.isfinite(q.input_step.grad)
 
 
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_cuda_int4_attention_matches_multihead_attention(need_weights, batch_first):
+    # On the GPU, with the fp recipe (exact projections), Int4MultiheadAttention gives
+    # nn.MultiheadAttention's outputs and weights under a padding and a causal mask, in training
+    # mode (SDPA when no weights are asked for) and gradients too. Tolerance: PyTorch projects q, k, v
+    # with one in_proj product, we with three, so cuBLAS rounds them differently (fp32, no TF32).
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(64, 4, batch_first=batch_first).cuda()
+    ours = int4train.convert_(copy.deepcopy(mha), recipe="fp")
+    assert isinstance(ours, int4train.Int4MultiheadAttention)
+    n, length = 3, 9
+    shape = (n, length, 64) if batch_first else (length, n, 64)
+    x = torch.randn(*shape, device="cuda")
+    pad = torch.zeros(n, length, dtype=torch.bool, device="cuda")
+    pad[1, -3:] = True
+    causal = torch.triu(torch.ones(length, length, dtype=torch.bool, device="cuda"), 1)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    want, want_w = mha(xa, xa, xa, key_padding_mask=pad, attn_mask=causal,
+                       need_weights=need_weights)
+    got, got_w = ours(xb, xb, xb, key_padding_mask=pad, attn_mask=causal,
+                      need_weights=need_weights)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(got_w, want_w, rtol=1e-4, atol=1e-5)
+    else:
+        assert got_w is None and want_w is None
+    want.square().sum().backward()
+    got.square().sum().backward()
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.out_proj.weight.grad, mha.out_proj.weight.grad,
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("recipe", ["hq_bs", "hq_lss"])
+def test_cuda_transformer_encoder_converted_whole(recipe, monkeypatch):
+    # A converted nn.TransformerEncoder on the GPU: its forward close to the same converted model's
+    # on the CPU (the quantized projections are exact; the attention around them is rounded
+    # differently, which can move a code), every Int4Linear trains under bf16 autocast, and an
+    # evaluation without gradients (PyTorch's fused fast path where nothing is converted) runs
+    # every converted layer, padded batch or not.
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.0, batch_first=True),
+        num_layers=2,
+    )
+    int4train.convert_(model, recipe=recipe)
+    x = torch.randn(4, 16, 64)
+    with torch.no_grad():
+        model(x)  # initialise on the CPU (steps, Hadamard blocks)
+    gpu = copy.deepcopy(model).cuda()
+    with torch.no_grad():
+        assert snr_db(model(x), gpu(x.cuda()).cpu()) > 25
+    layers = [m for m in gpu.modules() if isinstance(m, int4train.Int4Linear)]
+    assert len(layers) == 12
+    opt = torch.optim.Adam(gpu.parameters(), lr=3e-3)
+    target = torch.randn(4, 16, 64, device="cuda")
+    losses = []
+    for _ in range(8):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = (gpu(x.cuda()).float() - target).square().mean()
+        loss.backward()
+        for m in layers:
+            assert torch.isfinite(m.weight.grad).all() and torch.isfinite(m.input_step.grad)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]  # on the CPU (bf16 autocast): 0.63x (hq_bs), 0.69x (hq_lss)
+    assert all(int(m.step) == 10 for m in layers)  # 2 forwards without gradients, 8 steps
+    gpu.eval()
+    pad = torch.zeros(4, 16, dtype=torch.bool, device="cuda")
+    pad[1, 10:] = True
+    calls = []
+    quantized = int4train.Int4Linear._quantized
+    monkeypatch.setattr(int4train.Int4Linear, "_quantized",
+                        lambda self, *a: calls.append(1) or quantized(self, *a))
+    with torch.no_grad():
+        for mask in (None, pad):
+            calls.clear()
+            y = gpu(x.cuda(), src_key_padding_mask=mask)
+            assert y.shape == x.shape and len(calls) == 12
+
+
 def test_cuda_compile_matches_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)
