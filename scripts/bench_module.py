@@ -2,9 +2,10 @@
 nn.Linear on a CUDA device, bf16 weights and inputs, on the layer shapes of issue 4, with the small-
 shape rule (Recipe.dense_fallback="auto") beside the recipes without it. Steps run back to back as in
 training (no synchronisation between them), `--iters` steps between two CUDA events; the layers of a
-shape take turns for `--rounds` rounds, each round in a new (seeded) random order (so a drift of
-the machine's speed, and the layer that ran before, hit them alike), and each time is the median per
-step over the rounds. Where the GPU work is short (BERT-base's shape) this measures the host's cost of
+shape take turns for `--rounds` rounds, the rounds' orders the rows of a Williams design (each
+layer runs right after every other layer equally often: the layer that ran before changes a step's
+time), so that a drift of the machine's speed and the neighbours hit all layers alike; each time is
+the median per step over the rounds. Where the GPU work is short (BERT-base's shape) this measures the host's cost of
 launching a step (Python, autograd, the op's dispatch), as training does; such host-bound times
 move by 10-30% between runs. With --graphs every layer's step (nn.Linear's too) is captured once in
 a CUDA graph and replayed, which takes the host out: what torch.cuda.graphs /
@@ -20,7 +21,6 @@ Markdown table.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 
 import torch
@@ -56,6 +56,22 @@ def train_step(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, amp: bool = 
     forward_backward(layer, x, gy, amp)
 
 
+def williams_orders(n: int) -> list:
+    """The rows of a Williams design for n layers: orders in which every layer comes right after
+    every other layer equally often (once per row pair for odd n, once per n rows for even n), and
+    equally often in each place. Row 0 is 0, 1, n-1, 2, n-2, ...; row i adds i mod n; odd n adds the
+    reversed rows."""
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    rows = [[(v + i) % n for v in first] for i in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 else rows
+
+
 def step_times_ms(layers: list, x: torch.Tensor, gy: torch.Tensor, iters: int, rounds: int,
                   graphs: bool, amp: bool = False) -> list:
     """Median time per training step of each layer, the layers taking turns round by round."""
@@ -83,14 +99,12 @@ def step_times_ms(layers: list, x: torch.Tensor, gy: torch.Tensor, iters: int, r
             run()
     torch.cuda.synchronize()
     times = [[] for _ in layers]
-    order = list(range(len(steps)))
-    shuffle = random.Random(0).shuffle
-    for _ in range(rounds):
-        # Each round in a new order (seeded): a layer's time depends on the layer before it (on an
-        # H200 the steps right after nn.Linear's bf16 steps ran 7-8% slower, the same GPU work in
-        # another place ran faster), so no layer may keep one neighbour.
-        shuffle(order)
-        for i in order:
+    # A layer's time depends on the layer before it (on an H200 the steps right after nn.Linear's
+    # bf16 steps ran 7-8% slower; the same GPU work in another place ran faster), so the rounds
+    # follow a Williams design: every layer after every other equally often over whole designs.
+    orders = williams_orders(len(steps))
+    for r in range(rounds):
+        for i in orders[r % len(orders)]:
             run = steps[i]
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
@@ -105,7 +119,9 @@ def step_times_ms(layers: list, x: torch.Tensor, gy: torch.Tensor, iters: int, r
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=12,
+                    help="rounds per shape; a multiple of the design's rows (the layers' count, "
+                         "twice that when odd) balances the neighbours exactly")
     ap.add_argument("--recipes", default="hq_bs,hq_lss,hq_bs:dense_fallback=auto")
     ap.add_argument("--graphs", action="store_true",
                     help="replay each layer's step from a CUDA graph (no host cost)")
