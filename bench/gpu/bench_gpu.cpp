@@ -252,6 +252,17 @@ void bench_quant(int64_t rows, int64_t cols) {
     });
     report("hadamard_lsq W " + shape + " bf16 g256 -> fp8 only", ms, numel * 3.0 / ms / 1e6,
            "GB/s");
+    // The backward's W pass: the codes as the transposed INT8 operand, through the tiles.
+    Buf opt(static_cast<size_t>(cols * fp8_padded_cols(rows)));
+    const CudaAllocator alloc = default_cuda_allocator();
+    const double ms_t = time_ms([&](int i) {
+      hadamard_lsq_codes_t_cuda(make_matrix(xb[i % kSets]->p, DType::kBFloat16, rows, cols), 256,
+                                make_scalar(step.p, DType::kFloat32),
+                                make_matrix(opt.p, DType::kInt8, cols, fp8_padded_cols(rows)),
+                                alloc, nullptr);
+    });
+    report("hadamard_lsq W " + shape + " bf16 g256 -> int8 transposed", ms_t,
+           numel * 3.0 / ms_t / 1e6, "GB/s");
   }
   {
     Buf out(numel * 4);
@@ -276,15 +287,25 @@ void bench_quant(int64_t rows, int64_t cols) {
     report("bitsplit G " + shape + " bf16 -> fp8 hi/lo + int4 + sumsq", ms,
            numel * (2.0 * 2 + 2.0 + 1.0) / ms / 1e6, "GB/s", "(2 reads of G)");
     // hq_bs's pass: the INT8 operand q = 16 hi + lo, and the bias gradient from the reduction pass.
-    Buf q8(rows * kp), sums(cols * 2);
+    Buf q8(rows * kp), q8t(cols * fp8_padded_cols(rows)), sums(cols * 2);
     const double ms_q = time_ms([&](int i) {
-      quantize_bitsplit_cuda(make_matrix(xb[i % kSets]->p, DType::kBFloat16, rows, cols), key,
-                             make_matrix(q8.p, DType::kInt8, rows, kp), TensorView{}, TensorView{},
-                             TensorView{}, make_scalar(sc.p, DType::kFloat32),
-                             make_vector(sums.p, DType::kBFloat16, cols), alloc, nullptr);
+      quantize_bitsplit_q8_cuda(make_matrix(xb[i % kSets]->p, DType::kBFloat16, rows, cols), key,
+                                make_matrix(q8.p, DType::kInt8, rows, kp), TensorView{},
+                                make_scalar(sc.p, DType::kFloat32),
+                                make_vector(sums.p, DType::kBFloat16, cols), alloc, nullptr);
     });
     report("bitsplit G " + shape + " bf16 -> int8 q + column sums", ms_q,
            numel * (2.0 * 2 + 1.0) / ms_q / 1e6, "GB/s", "(2 reads of G)");
+    // hq_bs's pass as the layer runs it: q and q^T (the weight gradient's operand) together.
+    const double ms_qt = time_ms([&](int i) {
+      quantize_bitsplit_q8_cuda(make_matrix(xb[i % kSets]->p, DType::kBFloat16, rows, cols), key,
+                                make_matrix(q8.p, DType::kInt8, rows, kp),
+                                make_matrix(q8t.p, DType::kInt8, cols, fp8_padded_cols(rows)),
+                                make_scalar(sc.p, DType::kFloat32),
+                                make_vector(sums.p, DType::kBFloat16, cols), alloc, nullptr);
+    });
+    report("bitsplit G " + shape + " bf16 -> int8 q, q^T + column sums", ms_qt,
+           numel * (2.0 * 2 + 2.0) / ms_qt / 1e6, "GB/s", "(2 reads of G)");
     Buf amax(4);
     const double ms2 = time_ms([&](int i) {
       absmax_bits_cuda(make_matrix(xb[i % kSets]->p, DType::kBFloat16, rows, cols),

@@ -165,6 +165,14 @@ void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const Tensor
                                 const RandomKey& rng, TensorView operand, TensorView packed,
                                 TensorView aux, TensorView nonfinite, void* stream);
 
+// The same pass's codes (no aux bits, nothing counted) as a transposed GEMM operand: operand_t (FP8
+// or INT8, D x fp8_padded_cols(rows)) = codes^T, padding zero. The input gradient's weight operand
+// (its reduction runs over the weight's rows), written through shared-memory tiles in one pass over
+// x instead of packed codes and a transpose (which it falls back to where D is not a multiple of 8;
+// alloc: that fallback's temporary).
+void hadamard_lsq_codes_t_cuda(const TensorView& x, int32_t block, const TensorView& step,
+                               TensorView operand_t, const CudaAllocator& alloc, void* stream);
+
 // The two steps of a layer from their learned parameters in one launch (the PyTorch layer's every
 // call): input_step = lsq_step_of_param(input_param), weight_step likewise (quantize.h). Params:
 // fp32 or bf16 device scalars; steps: fp32 device scalars. A pair whose param has data == nullptr
@@ -194,11 +202,8 @@ void absmax_bits_cuda(const TensorView& g, TensorView amax_bits, void* stream);
 // scale:
 //   operand  FP8 operand 2N x fp8_padded_cols(C): rows 0..N-1 hold hi, rows N..2N-1 hold lo (the
 //            stacked R of ALGORITHM.md without its factor 16, which the consumers apply exactly);
-//            or the same stacked rows as an INT8 operand (2N rows, the INT8 engine's form);
-//            or an INT8 operand N x fp8_padded_cols(C) holding q = 16 hi + lo in [-119, 119], the
-//            whole 8-bit gradient in one row per token (Hopper's INT8 tensor cores take it at the
-//            rate of an FP8 row, so the split rows would only double the product); this form
-//            writes nothing else: hi, lo and row_sumsq must be empty views with it;
+//            or the same stacked rows as an INT8 operand (2N rows, the INT8 engine's form; one
+//            INT8 row of q = 16 hi + lo per token is quantize_bitsplit_q8_cuda's);
 //   hi, lo   kInt4Packed N x C codes (equal to quantize_bitsplit's);
 //   row_sumsq int32 vector of 2N: sum of squared codes of each operand row (exact; LSS scores);
 //   scale    fp32 device scalar s = max|g| / 119 (0 for an all-zero g);
@@ -208,6 +213,18 @@ void absmax_bits_cuda(const TensorView& g, TensorView amax_bits, void* stream);
 void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
                             TensorView hi, TensorView lo, TensorView row_sumsq, TensorView scale,
                             TensorView column_sums, const CudaAllocator& alloc, void* stream);
+
+// hq_bs's bit split: the same q, scale and random bits as quantize_bitsplit_cuda, but q = 16 hi +
+// lo in [-119, 119] is kept whole, the 8-bit gradient in one INT8 row per token (Hopper's INT8
+// tensor cores take it at the rate of an FP8 row, so the split rows would only double the
+// products). Outputs, at least one of the two operands:
+//   operand    INT8 operand N x fp8_padded_cols(C): the rows of q (the input gradient's operand);
+//   operand_t  INT8 operand C x fp8_padded_cols(N): q^T (the weight gradient's, whose reduction
+//              runs over tokens), written by the same pass through shared-memory tiles;
+//   scale, column_sums as quantize_bitsplit_cuda.
+void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
+                               TensorView operand_t, TensorView scale, TensorView column_sums,
+                               const CudaAllocator& alloc, void* stream);
 
 // ------------------------------------------------------------------------------ LSQ backward
 // lsq_backward_compact on the device: grad_x = grad_xhat * mask (fp32 or bf16, may be grad_xhat

@@ -90,6 +90,8 @@ struct BitsplitParams {
   const int64_t* device_step;  // RandomKey::device_step
   uint8_t* operand;  // FP8 2 rows x padded cols, hi rows then lo rows; or (q8) INT8 rows of q
   int64_t ldop, op_cols;
+  uint8_t* operand_t;  // (q8) INT8 cols x padded rows: q^T; may be null
+  int64_t ldt, opt_cols;
   bool q8;      // operand: INT8 rows x padded cols of q = 16 hi + lo (one row per row of g)
   bool s8;      // operand: the hi and lo rows as INT8 (the INT8 engine) instead of FP8
   uint8_t* hi;  // packed, may be null
@@ -103,7 +105,9 @@ __device__ __forceinline__ void bitsplit_scales(const BitsplitParams& p, float* 
   const float levels = static_cast<float>(kBitSplitLevels);
   const bool zero = amax == 0.0f;
   *inv = zero ? 0.0f : __fdiv_rn(levels, amax);
-  if (blockIdx.x == 0 && threadIdx.x == 0) *p.scale = zero ? 0.0f : __fdiv_rn(amax, levels);
+  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
+    *p.scale = zero ? 0.0f : __fdiv_rn(amax, levels);
+  }
 }
 
 // q = stochastic_round_clamp(g * inv, u, -L, L) of numeric.h without conversion instructions: the
@@ -138,11 +142,10 @@ __device__ __forceinline__ uint32_t low_bytes4(uint32_t a, uint32_t b, uint32_t 
   return __byte_perm(__byte_perm(a, b, 0x0040u), __byte_perm(c, d, 0x0040u), 0x5410u);
 }
 
-// hq_bs's pass: one lane's 8 values (columns col0 .. col0+7 of `row`) as the INT8 row of q = 16 hi
-// + lo, the bytes taken from split_q_magic's bit patterns; nothing is split.
-__device__ __forceinline__ void bitsplit_store8_q8(const BitsplitParams& p, uint64_t stream,
-                                                   int64_t row, int64_t col0, const float v[8],
-                                                   float inv) {
+// hq_bs's pass: one lane's 8 values (columns col0 .. col0+7 of `row`) as 8 bytes of the INT8 row
+// of q = 16 hi + lo, taken from split_q_magic's bit patterns; nothing is split.
+__device__ __forceinline__ uint2 q8_bytes(const BitsplitParams& p, uint64_t stream, int64_t row,
+                                          int64_t col0, const float v[8], float inv) {
   const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;
   const Philox4x32 r0 = random_block(p.seed, stream, b0);
   const Philox4x32 r1 = random_block(p.seed, stream, b0 + 1);
@@ -151,8 +154,7 @@ __device__ __forceinline__ void bitsplit_store8_q8(const BitsplitParams& p, uint
   for (int i = 0; i < 8; ++i) {
     m[i] = split_q_magic(v[i], inv, uniform_from_u32(i < 4 ? r0.v[i] : r1.v[i - 4]));
   }
-  *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) =
-      make_uint2(low_bytes4(m[0], m[1], m[2], m[3]), low_bytes4(m[4], m[5], m[6], m[7]));
+  return make_uint2(low_bytes4(m[0], m[1], m[2], m[3]), low_bytes4(m[4], m[5], m[6], m[7]));
 }
 
 // One lane's 8 values split: packed hi/lo codes, the FP8 (or INT8, p.s8) hi and lo operand rows,
@@ -201,8 +203,8 @@ __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, uint64_
 }
 
 // Rows a multiple of 8 long: a warp per 256 columns, 8 per lane, a persistent grid with
-// kChunkDepth chunks' loads in flight per warp (device_common.cuh). kQ8: hq_bs's pass
-// (bitsplit_store8_q8), which fits 64 registers, so 4 blocks per SM (2.5% faster than 3 at
+// kChunkDepth chunks' loads in flight per warp (device_common.cuh). kQ8: hq_bs's pass (q8_bytes,
+// the rows of q alone), which fits 64 registers, so 4 blocks per SM (2.5% faster than 3 at
 // 8192 x 16384 on an H200); else bitsplit_store8.
 template <typename In, bool kVec, bool kQ8>
 __global__ void __launch_bounds__(kThreads, kQ8 ? 4 : 3) bitsplit_kernel(const BitsplitParams p) {
@@ -216,7 +218,8 @@ __global__ void __launch_bounds__(kThreads, kQ8 ? 4 : 3) bitsplit_kernel(const B
         int32_t sq_hi = 0, sq_lo = 0;
         if (col0 < p.cols) {
           if constexpr (kQ8) {
-            bitsplit_store8_q8(p, stream, row, col0, v, inv);
+            *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) =
+                q8_bytes(p, stream, row, col0, v, inv);
           } else {
             bitsplit_store8<kVec>(p, stream, row, col0, v, inv, &sq_hi, &sq_lo);
           }
@@ -234,6 +237,26 @@ __global__ void __launch_bounds__(kThreads, kQ8 ? 4 : 3) bitsplit_kernel(const B
           if (lane == 0 && sq_lo != 0) atomicAdd(p.row_sumsq + p.rows + row, sq_lo);
         }
       });
+}
+
+// hq_bs's pass with q^T (p.operand_t, the weight gradient's operand, whose reduction runs over
+// tokens): tile_to_transposed's tiles, each lane's bytes of q also stored row-major (p.operand, may
+// be null) as they are computed. Rows a multiple of 8 long.
+template <typename In, bool kVec>
+__global__ void __launch_bounds__(kThreads, 4) bitsplit_q8_t_kernel(const BitsplitParams p) {
+  static_assert(kThreads == kWarpCols, "tile_to_transposed: a thread per tile column");
+  float inv;
+  bitsplit_scales(p, &inv);
+  const uint64_t stream = stream_with_step(p.stream, p.device_step);
+  tile_to_transposed<In, kVec>(static_cast<const In*>(p.g), p.ldg, p.rows, p.cols, p.operand_t,
+                               p.ldt, p.opt_cols, [&](int64_t row, int64_t col0, const float v[8]) {
+                                 uint2 b = make_uint2(0u, 0u);
+                                 if (col0 < p.cols) b = q8_bytes(p, stream, row, col0, v, inv);
+                                 if (p.operand != nullptr && col0 < p.op_cols) {
+                                   *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = b;
+                                 }
+                                 return b;
+                               });
 }
 
 // Any row length: a thread per pair of columns.
@@ -549,40 +572,100 @@ void absmax_bits_cuda(const TensorView& g, TensorView amax_bits, void* stream) {
   launch_absmax(g, amax_bits.ptr<uint32_t>(), as_stream(stream));
 }
 
-void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
-                            TensorView hi, TensorView lo, TensorView row_sumsq, TensorView scale,
-                            TensorView column_sums, const CudaAllocator& alloc, void* stream) {
-  using namespace cuda_detail;
+namespace cuda_detail {
+namespace {
+// The bit split's common part: g and scale checked, the params' input, random and scale fields.
+BitsplitParams bitsplit_params(const TensorView& g, const RandomKey& rng, const TensorView& scale) {
   check_dtype(g, "g", {DType::kFloat32, DType::kBFloat16});
   check_device_matrix(g, "g");
   check_row_length(g, "g");
-  const int64_t rows = g.shape[0], cols = g.shape[1];
   check_device_scalar(scale, "scale", DType::kFloat32);
   BitsplitParams p{};
   p.g = g.data;
   p.ldg = row_stride(g);
-  p.rows = rows;
-  p.cols = cols;
+  p.rows = g.shape[0];
+  p.cols = g.shape[1];
   p.seed = rng.seed;
   p.stream = rng.stream;
   p.device_step = rng.device_step;
   p.scale = scale.ptr<float>();
+  return p;
+}
+
+// The reduction pass (after every check): max |g| into `amax` (p.amax_bits), with g's column sums
+// when column_sums is given.
+void bitsplit_reduce(BitsplitParams& p, const TensorView& g, TensorView column_sums,
+                     DeviceBuffer& amax, const CudaAllocator& alloc, cudaStream_t s) {
+  if (column_sums.data != nullptr) {
+    launch_absmax_column_sums(g, amax.as<uint32_t>(), column_sums, alloc, s);
+  } else {
+    launch_absmax(g, amax.as<uint32_t>(), s);
+  }
+  p.amax_bits = amax.as<const uint32_t>();
+}
+
+void check_column_sums(const TensorView& column_sums, int64_t cols) {
+  if (column_sums.data == nullptr) return;
+  check_dtype(column_sums, "column_sums", {DType::kFloat32, DType::kBFloat16});
+  check_vector(column_sums, "column_sums", cols);
+}
+
+// The quantize pass of rows a multiple of 8 long: warps over 256-column chunks (device_common.cuh).
+template <bool kQ8>
+void launch_bitsplit_chunks(const BitsplitParams& p, bool vec, bool bf16, cudaStream_t s) {
+  const int64_t warps = p.rows * ((p.cols + kWarpCols - 1) / kWarpCols);
+  const int64_t needed = (warps + kThreads / 32 - 1) / (kThreads / 32);
+  auto launch = [&](auto kernel) {
+    kernel<<<persistent_blocks(kernel, kThreads, needed), kThreads, 0, s>>>(p);
+  };
+  if (bf16) {
+    vec ? launch(bitsplit_kernel<BFloat16, true, kQ8>)
+        : launch(bitsplit_kernel<BFloat16, false, kQ8>);
+  } else {
+    vec ? launch(bitsplit_kernel<float, true, kQ8>) : launch(bitsplit_kernel<float, false, kQ8>);
+  }
+}
+
+void launch_bitsplit_small(const BitsplitParams& p, bool bf16, cudaStream_t s) {
+  const int64_t pairs = (p.op_cols > p.cols ? p.op_cols : p.cols + 1) / 2;
+  const int grid = grid_blocks(p.rows * pairs, kThreads);
+  if (bf16) {
+    bitsplit_small_kernel<BFloat16><<<grid, kThreads, 0, s>>>(p);
+  } else {
+    bitsplit_small_kernel<float><<<grid, kThreads, 0, s>>>(p);
+  }
+}
+
+bool bitsplit_vec(const BitsplitParams& p, bool bf16) {
+  return aligned(p.g, bf16 ? 16 : 32) && (p.rows == 1 || p.ldg % 8 == 0) &&
+         (p.hi == nullptr || (aligned(p.hi, 4) && aligned(p.lo, 4)));
+}
+}  // namespace
+}  // namespace cuda_detail
+
+void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
+                            TensorView hi, TensorView lo, TensorView row_sumsq, TensorView scale,
+                            TensorView column_sums, const CudaAllocator& alloc, void* stream) {
+  using namespace cuda_detail;
+  BitsplitParams p = bitsplit_params(g, rng, scale);
+  const int64_t rows = p.rows, cols = p.cols;
   if (operand.data != nullptr) {
     check_dtype(operand, "operand", {DType::kFloat8E4M3, DType::kInt8});
-    // INT8: 2N rows are the stacked hi and lo rows, any other count must be N rows of q.
-    const bool s8 = operand.dtype == DType::kInt8;
-    p.s8 = s8 && rows > 0 && operand.shape[0] == 2 * rows;
-    p.q8 = s8 && !p.s8;
     check_gemm_operand(operand, "operand", operand.dtype);
-    check_shape(operand, "operand", p.q8 ? rows : 2 * rows, fp8_padded_cols(cols));
+    if (operand.shape[0] != 2 * rows) {
+      throw_error(
+          ErrorKind::kValue,
+          "operand: expected the 2N = " + std::to_string(2 * rows) +
+              " stacked hi and lo rows, got " + std::to_string(operand.shape[0]) +
+              (operand.dtype == DType::kInt8
+                   ? " (one INT8 row of q = 16 hi + lo per token: quantize_bitsplit_q8_cuda)"
+                   : ""));
+    }
+    check_shape(operand, "operand", 2 * rows, fp8_padded_cols(cols));
+    p.s8 = operand.dtype == DType::kInt8;
     p.operand = operand.ptr<uint8_t>();
     p.ldop = row_stride(operand);
     p.op_cols = operand.shape[1];
-  }
-  if (p.q8 && (hi.data != nullptr || row_sumsq.data != nullptr)) {
-    throw_error(ErrorKind::kValue,
-                "operand: an INT8 operand of N rows (q = 16 hi + lo) takes no hi, lo or row_sumsq; "
-                "the split codes and their row sums go with the 2N-row operands or no operand");
   }
   if ((hi.data == nullptr) != (lo.data == nullptr)) {
     throw_error(ErrorKind::kValue, "hi: hi and lo must be given together");
@@ -597,50 +680,93 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
     p.hi = hi.ptr<uint8_t>();
     p.lo = lo.ptr<uint8_t>();
   }
-  const cudaStream_t s = as_stream(stream);
   if (row_sumsq.data != nullptr) {
     check_dtype(row_sumsq, "row_sumsq", {DType::kInt32});
     check_vector(row_sumsq, "row_sumsq", 2 * rows);
     p.row_sumsq = row_sumsq.ptr<int32_t>();
+  }
+  check_column_sums(column_sums, cols);
+  const cudaStream_t s = as_stream(stream);
+  if (p.row_sumsq != nullptr) {
     INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(p.row_sumsq, 0, sizeof(int32_t) * 2 * rows, s));
   }
   DeviceBuffer amax(alloc, sizeof(uint32_t), stream);
-  if (column_sums.data != nullptr) {
-    check_dtype(column_sums, "column_sums", {DType::kFloat32, DType::kBFloat16});
-    check_vector(column_sums, "column_sums", cols);
-    launch_absmax_column_sums(g, amax.as<uint32_t>(), column_sums, alloc, s);
-  } else {
-    launch_absmax(g, amax.as<uint32_t>(), s);
-  }
-  p.amax_bits = amax.as<const uint32_t>();
+  bitsplit_reduce(p, g, column_sums, amax, alloc, s);
   const bool bf16 = g.dtype == DType::kBFloat16;
   if (cols % kLaneElems == 0 && cols > 0) {
-    const bool vec = aligned(g.data, bf16 ? 16 : 32) && (rows == 1 || p.ldg % 8 == 0) &&
-                     (p.hi == nullptr || (aligned(p.hi, 4) && aligned(p.lo, 4)));
-    const int64_t warps = rows * ((cols + kWarpCols - 1) / kWarpCols);
-    const int64_t needed = (warps + kThreads / 32 - 1) / (kThreads / 32);
-    auto launch = [&](auto kernel) {
-      kernel<<<persistent_blocks(kernel, kThreads, needed), kThreads, 0, s>>>(p);
-    };
-    auto launch_in = [&](auto in) {
-      using In = decltype(in);
-      if (p.q8) {
-        vec ? launch(bitsplit_kernel<In, true, true>) : launch(bitsplit_kernel<In, false, true>);
-      } else {
-        vec ? launch(bitsplit_kernel<In, true, false>) : launch(bitsplit_kernel<In, false, false>);
-      }
-    };
-    bf16 ? launch_in(BFloat16{}) : launch_in(float{});
+    launch_bitsplit_chunks<false>(p, bitsplit_vec(p, bf16), bf16, s);
   } else {
-    const int64_t pairs = (fp8_padded_cols(cols) > cols ? fp8_padded_cols(cols) : cols + 1) / 2;
-    const int grid = grid_blocks(rows * pairs, kThreads);
-    if (bf16) {
-      bitsplit_small_kernel<BFloat16><<<grid, kThreads, 0, s>>>(p);
-    } else {
-      bitsplit_small_kernel<float><<<grid, kThreads, 0, s>>>(p);
-    }
+    launch_bitsplit_small(p, bf16, s);
   }
   INT4TRAIN_CUDA_LAUNCH_CHECK();
+}
+
+void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
+                               TensorView operand_t, TensorView scale, TensorView column_sums,
+                               const CudaAllocator& alloc, void* stream) {
+  using namespace cuda_detail;
+  BitsplitParams p = bitsplit_params(g, rng, scale);
+  const int64_t rows = p.rows, cols = p.cols;
+  p.q8 = true;
+  if (operand.data != nullptr) {
+    check_gemm_operand(operand, "operand", DType::kInt8);
+    check_shape(operand, "operand", rows, fp8_padded_cols(cols));
+    p.operand = operand.ptr<uint8_t>();
+    p.ldop = row_stride(operand);
+    p.op_cols = operand.shape[1];
+  }
+  if (operand_t.data != nullptr) {
+    check_gemm_operand(operand_t, "operand_t", DType::kInt8);
+    check_shape(operand_t, "operand_t", cols, fp8_padded_cols(rows));
+    p.operand_t = operand_t.ptr<uint8_t>();
+    p.ldt = row_stride(operand_t);
+    p.opt_cols = operand_t.shape[1];
+  }
+  if (p.operand == nullptr && p.operand_t == nullptr) {
+    throw_error(ErrorKind::kValue,
+                "operand: expected operand, operand_t or both (the scale and column sums alone: "
+                "quantize_bitsplit_cuda without an operand)");
+  }
+  check_column_sums(column_sums, cols);
+  const cudaStream_t s = as_stream(stream);
+  DeviceBuffer amax(alloc, sizeof(uint32_t), stream);
+  bitsplit_reduce(p, g, column_sums, amax, alloc, s);
+  const bool bf16 = g.dtype == DType::kBFloat16;
+  const bool chunks = cols % kLaneElems == 0 && cols > 0;
+  if (p.operand_t != nullptr && chunks && rows > 0 && transposed_row_tiles(rows) <= 65535) {
+    const dim3 grid(static_cast<unsigned>((cols + kWarpCols - 1) / kWarpCols),
+                    static_cast<unsigned>(transposed_row_tiles(rows)));
+    if (bf16) {
+      bitsplit_vec(p, bf16) ? bitsplit_q8_t_kernel<BFloat16, true><<<grid, kThreads, 0, s>>>(p)
+                            : bitsplit_q8_t_kernel<BFloat16, false><<<grid, kThreads, 0, s>>>(p);
+    } else {
+      bitsplit_vec(p, bf16) ? bitsplit_q8_t_kernel<float, true><<<grid, kThreads, 0, s>>>(p)
+                            : bitsplit_q8_t_kernel<float, false><<<grid, kThreads, 0, s>>>(p);
+    }
+    INT4TRAIN_CUDA_LAUNCH_CHECK();
+    return;
+  }
+  // The rows of q (into a temporary where only q^T is asked for; the kernels write the scale even
+  // for no rows), then q^T from them.
+  DeviceBuffer tmp(
+      alloc, static_cast<size_t>(p.operand == nullptr ? rows * fp8_padded_cols(cols) : 0), stream);
+  TensorView q = operand;
+  if (p.operand == nullptr) {
+    q = make_matrix(tmp.get(), DType::kInt8, rows, fp8_padded_cols(cols));
+    p.operand = tmp.as<uint8_t>();
+    p.ldop = p.op_cols = q.shape[1];
+  }
+  if (chunks) {
+    launch_bitsplit_chunks<true>(p, bitsplit_vec(p, bf16), bf16, s);
+  } else {
+    launch_bitsplit_small(p, bf16, s);
+  }
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+  if (p.operand_t != nullptr) {
+    TensorView real = q;  // the real columns
+    real.shape[1] = cols;
+    codes_to_s8_cuda(real, TensorView{}, true, operand_t, TensorView{}, stream);
+  }
 }
 
 void lsq_backward_compact_cuda(const TensorView& packed_codes, const TensorView& aux,

@@ -203,6 +203,67 @@ __device__ __forceinline__ void for_each_warp_chunk(const In* __restrict__ x, in
                                    });
 }
 
+// A GEMM operand written transposed by the pass that computes it (the backward products whose
+// reduction runs over the rows of what the pass reads): a block per tile of kTileRows rows x 256
+// columns (blockIdx.y: the row tile, blockIdx.x: the column tile; blockDim.x == 256, one thread per
+// tile column), each warp kTileRows / 8 consecutive rows with all their loads issued before the
+// first is computed. body(row, col0, v) runs on every lane of the warp for each of its rows < rows
+// (warp-uniform, so it may use shuffles; v zero past the row end) and returns the lane's 8 operand
+// bytes (zero past the row end; it may store them row-major too). Through a shared tile, column c
+// of the tile's rows becomes 32 bytes of row c of out_t (row stride ldt, t_cols = fp8_padded_cols
+// (rows) columns: rows .. t_cols - 1 are zero, inside the last row tile); 16-byte aligned rows.
+constexpr int kTileRows = 32;
+template <typename In, bool kVec, typename Body>
+__device__ __forceinline__ void tile_to_transposed(const In* __restrict__ x, int64_t ldx,
+                                                   int64_t rows, int64_t cols,
+                                                   uint8_t* __restrict__ out_t, int64_t ldt,
+                                                   int64_t t_cols, Body&& body) {
+  constexpr int kRowsPerWarp = kTileRows / (kWarpCols / 32);
+  __shared__ __align__(16) uint8_t tile[kTileRows][kWarpCols];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTileRows;
+  const int32_t col0 = static_cast<int32_t>(blockIdx.x) * kWarpCols + kLaneElems * lane;
+  Lane8<In, kVec> buf[kRowsPerWarp];
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int64_t row = r0 + warp * kRowsPerWarp + i;
+    if (row < rows && col0 < cols) {
+      buf[i].load(x + row * ldx + col0);
+    } else {
+      buf[i].zero();
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int64_t row = r0 + warp * kRowsPerWarp + i;
+    uint2 bytes = make_uint2(0u, 0u);
+    if (row < rows) {
+      float v[8];
+      buf[i].to_float(v);
+      bytes = body(row, static_cast<int64_t>(col0), v);
+    }
+    *reinterpret_cast<uint2*>(&tile[warp * kRowsPerWarp + i][kLaneElems * lane]) = bytes;
+  }
+  __syncthreads();
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpCols + threadIdx.x;
+  if (c >= cols) return;
+  uint32_t w[kTileRows / 4];
+#pragma unroll
+  for (int j = 0; j < kTileRows / 4; ++j) {
+    w[j] = static_cast<uint32_t>(tile[4 * j][threadIdx.x]) |
+           (static_cast<uint32_t>(tile[4 * j + 1][threadIdx.x]) << 8) |
+           (static_cast<uint32_t>(tile[4 * j + 2][threadIdx.x]) << 16) |
+           (static_cast<uint32_t>(tile[4 * j + 3][threadIdx.x]) << 24);
+  }
+  static_assert(kTileRows == 32, "two 16-byte stores per thread");
+  uint4* dst = reinterpret_cast<uint4*>(out_t + c * ldt + r0);
+  dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
+  if (r0 + 32 <= t_cols) dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+}
+
+// The row tiles of tile_to_transposed's grid for `rows` rows (its gridDim.y, at most 65535).
+constexpr int64_t transposed_row_tiles(int64_t rows) { return (rows + kTileRows - 1) / kTileRows; }
+
 // The block Hadamard transform of hadamard.h on the 8 values of each lane of a warp that covers 256
 // consecutive columns (lane l holds columns 8l .. 8l+7 of the warp's chunk). Butterflies for
 // h = 1, 2, 4 are in-lane, h = 8 .. G/2 pair lane l with lane l ^ (h / 8); each computes exactly

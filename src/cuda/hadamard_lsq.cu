@@ -85,24 +85,41 @@ __device__ __forceinline__ void lsq_quantize8(const LsqParams& p, uint64_t strea
   }
 }
 
+// The codes of one lane's 8 transformed values (lsq_quantize8; b0: the first of its Philox blocks).
+// z is NaN iff some v[i] is Inf or NaN (Inf * 0 and NaN * 0 are NaN): the rare lanes that have one
+// take the checked path.
+template <bool kAux>
+__device__ __forceinline__ void lsq_codes8(const LsqParams& p, uint64_t stream, uint64_t b0,
+                                           const float v[8], float inv, bool inv_ok, bool bad_step,
+                                           uint32_t* bad, float value[8], uint32_t* packed_word,
+                                           uint32_t* bits) {
+  float z = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) z = __fmaf_rn(v[i], 0.0f, z);
+  if (inv_ok && z == z) {
+    lsq_quantize8<kAux, true>(p, stream, b0, v, inv, bad_step, bad, value, packed_word, bits);
+  } else {
+    lsq_quantize8<kAux, false>(p, stream, b0, v, inv, bad_step, bad, value, packed_word, bits);
+  }
+}
+
+// The 8 operand bytes of lsq_codes8's codes: INT8 (s8) or FP8 e4m3.
+__device__ __forceinline__ uint2 operand_bytes8(bool s8, uint32_t packed_word,
+                                                const float value[8]) {
+  return s8 ? s8x8_of_nibbles(packed_word)
+            : make_uint2(e4m3x2(value[0], value[1]) | (e4m3x2(value[2], value[3]) << 16),
+                         e4m3x2(value[4], value[5]) | (e4m3x2(value[6], value[7]) << 16));
+}
+
 // Quantizes and stores one lane's 8 transformed values (columns col0 .. col0+7 of `row`).
 template <bool kVec, bool kAux>
 __device__ __forceinline__ void lsq_store8(const LsqParams& p, uint64_t stream, int64_t row,
                                            int64_t col0, const float v[8], float inv, bool inv_ok,
                                            bool bad_step, uint32_t* bad) {
   const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;  // col0, cols: x8
-  // z is NaN iff some v[i] is Inf or NaN (Inf * 0 and NaN * 0 are NaN): the rare lanes that have
-  // one take the checked path.
-  float z = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) z = __fmaf_rn(v[i], 0.0f, z);
   uint32_t packed_word = 0, bits = 0;
   float value[8];
-  if (inv_ok && z == z) {
-    lsq_quantize8<kAux, true>(p, stream, b0, v, inv, bad_step, bad, value, &packed_word, &bits);
-  } else {
-    lsq_quantize8<kAux, false>(p, stream, b0, v, inv, bad_step, bad, value, &packed_word, &bits);
-  }
+  lsq_codes8<kAux>(p, stream, b0, v, inv, inv_ok, bad_step, bad, value, &packed_word, &bits);
   if (kVec) {
     if (p.packed != nullptr) {
       *reinterpret_cast<uint32_t*>(p.packed + row * (p.cols / 2) + col0 / 2) = packed_word;
@@ -116,9 +133,7 @@ __device__ __forceinline__ void lsq_store8(const LsqParams& p, uint64_t stream, 
   // aligned.
   if (p.operand != nullptr) {
     *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) =
-        p.op_s8 ? s8x8_of_nibbles(packed_word)
-                : make_uint2(e4m3x2(value[0], value[1]) | (e4m3x2(value[2], value[3]) << 16),
-                             e4m3x2(value[4], value[5]) | (e4m3x2(value[6], value[7]) << 16));
+        operand_bytes8(p.op_s8, packed_word, value);
   }
   if (kAux) p.aux[(row * p.cols + col0) / 8] = static_cast<uint8_t>(bits);
 }
@@ -145,6 +160,29 @@ __global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_kernel(const LsqPara
         }
       });
   count_nonfinite(bad, p.nonfinite);
+}
+
+// The codes as a transposed operand (hadamard_lsq_codes_t_cuda; p.operand is that operand, cols x
+// padded rows): tile_to_transposed's tiles, each lane's 8 values transformed and quantized as
+// hadamard_lsq_kernel does (no aux bits, nothing counted). Rows a multiple of 8 long.
+template <typename In, int G, bool kVec>
+__global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_t_kernel(const LsqParams p) {
+  static_assert(kThreads == kWarpCols, "tile_to_transposed: a thread per tile column");
+  const int lane = threadIdx.x & 31;
+  const float s = *p.step;
+  const float inv = __frcp_rn(s);
+  const bool bad_step = step_is_bad(s);
+  const bool inv_ok = !bad_step && isfinite(inv);
+  tile_to_transposed<In, kVec>(static_cast<const In*>(p.x), p.ldx, p.rows, p.cols, p.operand,
+                               p.ldop, p.op_cols, [&](int64_t, int64_t col0, float v[8]) {
+                                 hadamard_warp8<G>(v, lane, p.hscale);
+                                 if (col0 >= p.cols) return make_uint2(0u, 0u);
+                                 uint32_t bad = 0, packed_word = 0, bits = 0;
+                                 float value[8];
+                                 lsq_codes8<false>(p, 0, 0, v, inv, inv_ok, bad_step, &bad, value,
+                                                   &packed_word, &bits);
+                                 return operand_bytes8(p.op_s8, packed_word, value);
+                               });
 }
 
 // Rows whose length is not a multiple of 8 (so block <= 4): one thread per pair of columns (one
@@ -303,6 +341,24 @@ void check_block(int32_t block, int64_t cols) {
   }
 }
 
+// The pass's common part: x, block and step checked; the params' input, transform and step fields.
+LsqParams lsq_params(const TensorView& x, int32_t block, const TensorView& step) {
+  check_dtype(x, "x", {DType::kFloat32, DType::kBFloat16});
+  check_device_matrix(x, "x");
+  check_block(block, x.shape[1]);
+  check_row_length(x, "x");
+  check_device_scalar(step, "step", DType::kFloat32);
+  LsqParams p{};
+  p.x = x.data;
+  p.ldx = row_stride(x);
+  p.rows = x.shape[0];
+  p.cols = x.shape[1];
+  p.step = step.ptr<const float>();
+  p.hscale = hadamard_scale(block);
+  p.block = block;
+  return p;
+}
+
 template <typename In, int G, bool kVec>
 void launch_lsq_g(const LsqParams& p, cudaStream_t stream) {
   const int64_t warps = p.rows * ((p.cols + kWarpCols - 1) / kWarpCols);
@@ -355,20 +411,8 @@ void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const Tensor
                                 const RandomKey& rng, TensorView operand, TensorView packed,
                                 TensorView aux, TensorView nonfinite, void* stream) {
   using namespace cuda_detail;
-  check_dtype(x, "x", {DType::kFloat32, DType::kBFloat16});
-  check_device_matrix(x, "x");
-  const int64_t rows = x.shape[0], cols = x.shape[1];
-  check_block(block, cols);
-  check_row_length(x, "x");
-  check_device_scalar(step, "step", DType::kFloat32);
-  LsqParams p{};
-  p.x = x.data;
-  p.ldx = row_stride(x);
-  p.rows = rows;
-  p.cols = cols;
-  p.step = step.ptr<const float>();
-  p.hscale = hadamard_scale(block);
-  p.block = block;
+  LsqParams p = lsq_params(x, block, step);
+  const int64_t rows = p.rows, cols = p.cols;
   p.seed = rng.seed;
   p.stream = rng.stream;
   p.device_step = rng.device_step;
@@ -428,6 +472,48 @@ void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const Tensor
     }
     INT4TRAIN_CUDA_LAUNCH_CHECK();
   }
+}
+
+void hadamard_lsq_codes_t_cuda(const TensorView& x, int32_t block, const TensorView& step,
+                               TensorView operand_t, const CudaAllocator& alloc, void* stream) {
+  using namespace cuda_detail;
+  LsqParams p = lsq_params(x, block, step);
+  const int64_t rows = p.rows, cols = p.cols;
+  check_dtype(operand_t, "operand_t", {DType::kFloat8E4M3, DType::kInt8});
+  check_gemm_operand(operand_t, "operand_t", operand_t.dtype);
+  check_shape(operand_t, "operand_t", cols, fp8_padded_cols(rows));
+  const bool s8 = operand_t.dtype == DType::kInt8;
+  if (rows == 0 || cols == 0) return;  // no operand columns, or no operand rows
+  if (cols % kLaneElems != 0 || transposed_row_tiles(rows) > 65535) {
+    // The packed codes, then their transpose.
+    DeviceBuffer buf(alloc, static_cast<size_t>(rows * packed_row_bytes(cols)), stream);
+    const TensorView packed = make_matrix(buf.get(), DType::kInt4Packed, rows, cols);
+    hadamard_lsq_quantize_cuda(x, block, step, RandomKey{}, TensorView{}, packed, TensorView{},
+                               TensorView{}, stream);
+    s8 ? codes_to_s8_cuda(packed, TensorView{}, true, operand_t, TensorView{}, stream)
+       : codes_to_fp8_cuda(packed, true, operand_t, stream);
+    return;
+  }
+  p.operand = operand_t.ptr<uint8_t>();
+  p.op_s8 = s8;
+  p.ldop = row_stride(operand_t);
+  p.op_cols = operand_t.shape[1];
+  const bool bf16 = x.dtype == DType::kBFloat16;
+  const bool vec = aligned(x.data, bf16 ? 16 : 32) && (rows == 1 || p.ldx % kLaneElems == 0);
+  const dim3 grid(static_cast<unsigned>((cols + kWarpCols - 1) / kWarpCols),
+                  static_cast<unsigned>(transposed_row_tiles(rows)));
+  const cudaStream_t s = as_stream(stream);
+  dispatch_block(block, [&](auto g) {
+    constexpr int G = decltype(g)::value;
+    if (bf16) {
+      vec ? hadamard_lsq_t_kernel<BFloat16, G, true><<<grid, kThreads, 0, s>>>(p)
+          : hadamard_lsq_t_kernel<BFloat16, G, false><<<grid, kThreads, 0, s>>>(p);
+    } else {
+      vec ? hadamard_lsq_t_kernel<float, G, true><<<grid, kThreads, 0, s>>>(p)
+          : hadamard_lsq_t_kernel<float, G, false><<<grid, kThreads, 0, s>>>(p);
+    }
+  });
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 
 namespace cuda_detail {

@@ -189,20 +189,16 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     return;
   }
 
-  // The weight is unchanged since the forward: its codes again (same bits as the forward's), and
-  // for its LSQ backward the fp32 W~.
-  Temp qw(alloc, stream, DType::kInt4Packed, c, d);
-  hadamard_lsq_quantize_cuda(a.w, g, a.step_w, RandomKey{}, TensorView{}, qw.view, TensorView{},
-                             TensorView{}, stream);
   // Bit split of grad_y. hq_bs: q = 16 hi + lo as one INT8 operand row per token (INT8 rows cost
   // what FP8 rows cost on Hopper, so both products have N rows, like hq_lss's compacted ones, and
-  // sample nothing). hq_lss: the stacked FP8 operand [hi; lo] and the packed codes for the
-  // transposes (one buffer of 2N code rows, hi first: the compacted gather indexes it by bit-split
-  // row).
+  // sample nothing), and q^T for the weight gradient from the same pass. hq_lss: the stacked FP8
+  // operand [hi; lo] and the packed codes for the transposes (one buffer of 2N code rows, hi
+  // first: the compacted gather indexes it by bit-split row).
   const RandomKey gkey{cfg.seed, make_stream(cfg.step, cfg.layer, RandomPurpose::kGradRound),
                        cfg.device_step};
   const int64_t cp = fp8_padded_cols(c), np = fp8_padded_cols(n);
-  Temp r_op(alloc, stream, dx_op, lss ? 2 * n : n, cp);
+  Temp r_op(alloc, stream, dx_op, lss ? 2 * n : (dom_dx ? n : 0), cp);
+  Temp q_t(alloc, stream, DType::kInt8, !lss && dom_dw ? c : 0, np);
   Temp hilo(alloc, stream, DType::kInt4Packed, lss ? 2 * n : 0, c);
   const int64_t row_bytes = packed_row_bytes(c);
   const TensorView hi = make_matrix(hilo.buf.get(), DType::kInt4Packed, n, c);
@@ -217,8 +213,13 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   Temp rsq(alloc, stream, DType::kInt32, 1, lss ? 2 * n : 0);
   const TensorView rsq_v = lss ? make_vector(rsq.buf.get(), DType::kInt32, 2 * n) : TensorView{};
   const bool lss_dx = lss && dom_dx, lss_dw = lss && dom_dw;
-  quantize_bitsplit_cuda(a.grad_y, gkey, r_op.view, lss_dw ? hi : TensorView{},
-                         lss_dw ? lo : TensorView{}, rsq_v, sg_v, a.grad_bias, alloc, stream);
+  if (lss) {
+    quantize_bitsplit_cuda(a.grad_y, gkey, r_op.view, lss_dw ? hi : TensorView{},
+                           lss_dw ? lo : TensorView{}, rsq_v, sg_v, a.grad_bias, alloc, stream);
+  } else {
+    quantize_bitsplit_q8_cuda(a.grad_y, gkey, dom_dx ? r_op.view : TensorView{},
+                              dom_dw ? q_t.view : TensorView{}, sg_v, a.grad_bias, alloc, stream);
+  }
   const double budget = cfg.lss_budget * static_cast<double>(n);
   const int64_t capacity = lss ? lss_capacity(budget, 2 * n) : 0;
   struct Selection {
@@ -294,14 +295,12 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     // engine keeps kMaxKFp8Int4 as its bound, so its int32 sums are exact in fp32 as FP8's).
     SplitPartials pp{};
     const int8_t* ex = nullptr;
+    // The weight is unchanged since the forward: its codes again (the forward's bits), written
+    // transposed as this product's operand by the pass that computes them.
     Temp qwt(alloc, stream, dx_op, d, cp);
+    hadamard_lsq_codes_t_cuda(a.w, g, a.step_w, qwt.view, alloc, stream);
     Temp p(alloc, stream, fp8_dx ? DType::kFloat32 : DType::kInt32,
            lss ? capacity : k_chunks(cp) * n, d);
-    if (fp8_dx) {
-      codes_to_fp8_cuda(qw.view, true, qwt.view, stream);
-    } else {
-      codes_to_s8_cuda(qw.view, TensorView{}, true, qwt.view, TensorView{}, stream);
-    }
     if (lss) {
       Temp kept_op(alloc, stream, dx_op, capacity, cp);
       gather_operand_rows_cuda(r_op.view,
@@ -340,7 +339,8 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     // (both int8: |code 2^k| <= 128, |16 x| <= 128), so K = capacity and the product is the whole
     // sum; such terms (|ab| <= 2^14) are not summed exactly by the FP8 tensor cores (cuda.h).
     const int64_t kdim = lss ? fp8_padded_cols(capacity) : np;
-    Temp gt(alloc, stream, DType::kInt8, c, kdim), qxt(alloc, stream, DType::kInt8, d, kdim);
+    Temp gt(alloc, stream, DType::kInt8, lss ? c : 0, kdim),
+        qxt(alloc, stream, DType::kInt8, d, kdim);
     if (lss) {
       const TensorView map = make_vector(sel_w.slot_rows.buf.get(), DType::kInt32, capacity);
       gather_codes_to_s8_cuda(hilo.view, map,
@@ -355,13 +355,10 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
       gather_codes_to_s8_cuda(a.saved_codes, map, make_vector(xexp.buf.get(), DType::kInt8, 2 * n),
                               qxt.view, TensorView{}, stream);
     } else {
-      TensorView q = make_matrix(r_op.buf.get(), DType::kInt8, n, c);  // the real columns
-      q.strides[0] = cp;
-      codes_to_s8_cuda(q, TensorView{}, true, gt.view, TensorView{}, stream);
       codes_to_s8_cuda(a.saved_codes, TensorView{}, true, qxt.view, TensorView{}, stream);
     }
     Temp phi(alloc, stream, DType::kInt32, k_chunks(kdim) * c, d);
-    s8_product(gt, c, qxt, d, kdim, phi);
+    s8_product(lss ? gt : q_t, c, qxt, d, kdim, phi);
     const SplitPartials pp{phi.buf.get(), d, true, static_cast<int>(k_chunks(kdim)), c * d};
     const bool w_bf16 = a.w.dtype == DType::kBFloat16;
     if (d % 8 == 0 && aligned(a.w.data, w_bf16 ? 16 : 32) && (c == 1 || row_stride(a.w) % 8 == 0)) {

@@ -180,6 +180,31 @@ void test_hadamard_lsq(int64_t rows, int64_t cols, int32_t block, bool bf16, Dat
     }
   }
   GPU_CHECK_MSG(bad_op == 0, bad_op << " operand bytes differ");
+  // The same codes as a transposed operand (hadamard_lsq_codes_t_cuda, the input gradient's weight
+  // operand), FP8 and INT8: cols x padded rows, padding zero.
+  const int64_t np = fp8_padded_cols(rows);
+  for (bool s8 : {false, true}) {
+    DevBuf dt(static_cast<size_t>(std::max<int64_t>(1, cols * np)));
+    dt.poison();
+    hadamard_lsq_codes_t_cuda(
+        dx.view, block, make_scalar(dstep.get(), DType::kFloat32),
+        make_matrix(dt.get(), s8 ? DType::kInt8 : DType::kFloat8E4M3, cols, np),
+        default_cuda_allocator(), nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
+    const auto t = gputest::download<uint8_t>(dt, static_cast<size_t>(cols * np));
+    int64_t bad_t = 0;
+    for (int64_t c = 0; c < cols; ++c) {
+      for (int64_t r = 0; r < np; ++r) {
+        const float want = r < rows ? want_codes[static_cast<size_t>(r * cols + c)] : 0.0f;
+        const uint8_t byte = t[static_cast<size_t>(c * np + r)];
+        const float got =
+            s8 ? static_cast<float>(static_cast<int8_t>(byte)) : gputest::decode_e4m3(byte);
+        bad_t += !(got == want);
+      }
+    }
+    GPU_CHECK_MSG(bad_t == 0,
+                  bad_t << (s8 ? " INT8" : " FP8") << " transposed operand bytes differ");
+  }
 }
 
 // ---- plain transform
@@ -267,55 +292,80 @@ void test_bitsplit(int64_t rows, int64_t cols, bool bf16, Data data, bool zeros)
   }
   GPU_CHECK_MSG(bad_op == 0, bad_op << " operand bytes differ");
   GPU_CHECK_MSG(bad_sq == 0, bad_sq << " row sums of squares differ");
-  // The INT8 operand alone (hq_bs): one row of q = 16 hi + lo per row of g, padding zero, the same
-  // scale; with the column sums of g from the same reduction pass (linear.h's bias-gradient order:
-  // fp64 sums of row blocks of kBiasGradBlockRows, added in block order, rounded once).
-  DevBuf dq(static_cast<size_t>(std::max<int64_t>(1, rows * kp)));
-  DevBuf dsums(static_cast<size_t>(std::max<int64_t>(1, cols)) * 4);
-  dq.poison();
-  dscale.poison();
-  dsums.poison();
+  // hq_bs's form (quantize_bitsplit_q8_cuda): one INT8 row of q = 16 hi + lo per row of g and/or
+  // q^T (cols x padded rows), padding zero, the same scale; with the column sums of g from the same
+  // reduction pass (linear.h's bias-gradient order: fp64 sums of row blocks of kBiasGradBlockRows,
+  // added in block order, rounded once). Modes: both operands with the sums, q^T alone (the tiles
+  // or, for rows not a multiple of 8 long, the rows then their transpose), q alone.
+  const int64_t np = fp8_padded_cols(rows);
   const DType sums_dtype = bf16 ? DType::kBFloat16 : DType::kFloat32;
-  quantize_bitsplit_cuda(dg.view, key, make_matrix(dq.get(), DType::kInt8, rows, kp), TensorView{},
-                         TensorView{}, TensorView{}, make_scalar(dscale.get(), DType::kFloat32),
-                         make_vector(dsums.get(), sums_dtype, cols), alloc, nullptr);
-  CUDA_OK(cudaDeviceSynchronize());
-  const float q_scale = gputest::download<float>(dscale, 1)[0];
-  GPU_CHECK_MSG(gputest::bits_of(q_scale) == gputest::bits_of(got_scale),
-                "INT8 mode scale " << q_scale << " want " << got_scale);
-  const auto sums =
-      gputest::download<uint8_t>(dsums, static_cast<size_t>(cols) * dtype_size(sums_dtype));
-  int64_t bad_sums = 0;
-  for (int64_t c = 0; c < cols; ++c) {
-    double total = 0.0;
-    for (int64_t i0 = 0; i0 < rows; i0 += kBiasGradBlockRows) {
-      double block = 0.0;
-      for (int64_t i = i0; i < std::min(rows, i0 + kBiasGradBlockRows); ++i) {
-        block += static_cast<double>(g[static_cast<size_t>(i * cols + c)]);
-      }
-      total += block;
-    }
-    const float want = static_cast<float>(total);
-    uint32_t want_bits = gputest::bits_of(want), got_bits = 0;
-    if (bf16) {
-      want_bits = float_to_bf16(want).bits;
-      std::memcpy(&got_bits, &sums[static_cast<size_t>(2 * c)], 2);
-    } else {
-      std::memcpy(&got_bits, &sums[static_cast<size_t>(4 * c)], 4);
-    }
-    bad_sums += got_bits != want_bits;
-  }
-  GPU_CHECK_MSG(bad_sums == 0, bad_sums << " column sums differ");
-  const auto q = gputest::download<int8_t>(dq, static_cast<size_t>(rows * kp));
-  int64_t bad_q = 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < kp; ++c) {
+  for (int mode = 0; mode < 3; ++mode) {
+    const bool want_q = mode != 1, want_qt = mode != 2, want_sums = mode == 0;
+    DevBuf dq(static_cast<size_t>(std::max<int64_t>(1, rows * kp)));
+    DevBuf dqt(static_cast<size_t>(std::max<int64_t>(1, cols * np)));
+    DevBuf dsums(static_cast<size_t>(std::max<int64_t>(1, cols)) * 4);
+    dq.poison();
+    dqt.poison();
+    dscale.poison();
+    dsums.poison();
+    quantize_bitsplit_q8_cuda(
+        dg.view, key, want_q ? make_matrix(dq.get(), DType::kInt8, rows, kp) : TensorView{},
+        want_qt ? make_matrix(dqt.get(), DType::kInt8, cols, np) : TensorView{},
+        make_scalar(dscale.get(), DType::kFloat32),
+        want_sums ? make_vector(dsums.get(), sums_dtype, cols) : TensorView{}, alloc, nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
+    const float q_scale = gputest::download<float>(dscale, 1)[0];
+    GPU_CHECK_MSG(gputest::bits_of(q_scale) == gputest::bits_of(got_scale),
+                  "INT8 mode " << mode << " scale " << q_scale << " want " << got_scale);
+    const auto want_at = [&](int64_t r, int64_t c) {  // q of row r, column c (0 in the padding)
       const size_t i = static_cast<size_t>(r * cols + c);
-      const int want = c < cols ? 16 * ch[i] + cl[i] : 0;
-      bad_q += q[static_cast<size_t>(r * kp + c)] != want;
+      return r < rows && c < cols ? 16 * ch[i] + cl[i] : 0;
+    };
+    if (want_sums) {
+      const auto sums =
+          gputest::download<uint8_t>(dsums, static_cast<size_t>(cols) * dtype_size(sums_dtype));
+      int64_t bad_sums = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        double total = 0.0;
+        for (int64_t i0 = 0; i0 < rows; i0 += kBiasGradBlockRows) {
+          double block = 0.0;
+          for (int64_t i = i0; i < std::min(rows, i0 + kBiasGradBlockRows); ++i) {
+            block += static_cast<double>(g[static_cast<size_t>(i * cols + c)]);
+          }
+          total += block;
+        }
+        const float want = static_cast<float>(total);
+        uint32_t want_bits = gputest::bits_of(want), got_bits = 0;
+        if (bf16) {
+          want_bits = float_to_bf16(want).bits;
+          std::memcpy(&got_bits, &sums[static_cast<size_t>(2 * c)], 2);
+        } else {
+          std::memcpy(&got_bits, &sums[static_cast<size_t>(4 * c)], 4);
+        }
+        bad_sums += got_bits != want_bits;
+      }
+      GPU_CHECK_MSG(bad_sums == 0, bad_sums << " column sums differ");
+    }
+    if (want_q) {
+      const auto q = gputest::download<int8_t>(dq, static_cast<size_t>(rows * kp));
+      int64_t bad_q = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t c = 0; c < kp; ++c)
+          bad_q += q[static_cast<size_t>(r * kp + c)] != want_at(r, c);
+      }
+      GPU_CHECK_MSG(bad_q == 0, "mode " << mode << ": " << bad_q
+                                        << " INT8 operand bytes (q = 16 hi + lo) differ");
+    }
+    if (want_qt) {
+      const auto qt = gputest::download<int8_t>(dqt, static_cast<size_t>(cols * np));
+      int64_t bad_qt = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        for (int64_t r = 0; r < np; ++r)
+          bad_qt += qt[static_cast<size_t>(c * np + r)] != want_at(r, c);
+      }
+      GPU_CHECK_MSG(bad_qt == 0, "mode " << mode << ": " << bad_qt << " bytes of q^T differ");
     }
   }
-  GPU_CHECK_MSG(bad_q == 0, bad_q << " INT8 operand bytes (q = 16 hi + lo) differ");
 }
 
 // ---- compact LSQ backward
@@ -369,8 +419,8 @@ const bool registered = [] {
   const S shapes[] = {{1, 8, 1, false},      {3, 8, 8, false},      {17, 256, 256, false},
                       {5, 37, 1, false},     {7, 6, 2, false},      {9, 12, 4, false},
                       {33, 1000, 8, false},  {4, 2048, 128, false}, {128, 768, 64, false},
-                      {2, 520, 8, false},    {1, 4, 4, false},      {64, 4096, 256, true},
-                      {1024, 4096, 32, true}};
+                      {2, 520, 8, false},    {1, 4, 4, false},      {40, 264, 8, false},
+                      {64, 4096, 256, true}, {1024, 4096, 32, true}};
   for (const S& s : shapes) {
     for (bool bf16 : {false, true}) {
       for (Data d : {Data::kNormal, Data::kOutliers, Data::kNonFinite}) {
@@ -458,7 +508,7 @@ const bool registered = [] {
   };
   for (B b : {B{1, 1, false}, B{3, 7, false}, B{5, 37, false}, B{64, 256, false},
               B{33, 1000, false}, B{128, 768, false}, B{2, 12, false}, B{129, 33, false},
-              B{300, 70, false}, B{512, 4096, true}}) {
+              B{300, 70, false}, B{1, 8, false}, B{40, 264, false}, B{512, 4096, true}}) {
     for (bool bf16 : {false, true}) {
       for (Data d : {Data::kNormal, Data::kOutliers}) {
         add_case("bitsplit/" + std::to_string(b.rows) + "x" + std::to_string(b.cols) +
@@ -473,30 +523,34 @@ const bool registered = [] {
            [] { test_bitsplit(16, 64, false, Data::kNonFinite, false); });
   add_case("bitsplit/5x9/fp32/nonfinite", false,
            [] { test_bitsplit(5, 9, false, Data::kNonFinite, false); });
-  // The INT8 operand of N rows (hq_bs's pass) writes nothing else: asking it for the split codes
-  // or their row sums is an Error naming the operand, raised before any launch.
-  add_case("bitsplit/q8_with_split_outputs", false, [] {
+  // The one-row-per-token INT8 operand is quantize_bitsplit_q8_cuda's: quantize_bitsplit_cuda takes
+  // 2N stacked rows, and the q8 form needs an operand; each an Error naming operand, raised before
+  // any launch.
+  add_case("bitsplit/operand_errors", false, [] {
     const int64_t rows = 4, cols = 64;
-    DevBuf dg(rows * cols * 4), dq(rows * fp8_padded_cols(cols)), dhi(rows * cols / 2),
-        dlo(rows * cols / 2), dsq(2 * rows * 4), dscale(4);
-    const TensorView hi = make_matrix(dhi.get(), DType::kInt4Packed, rows, cols);
-    const TensorView lo = make_matrix(dlo.get(), DType::kInt4Packed, rows, cols);
-    const TensorView sq = make_vector(dsq.get(), DType::kInt32, 2 * rows);
-    for (int with_sq = 0; with_sq < 2; ++with_sq) {
-      std::string what;
+    DevBuf dg(rows * cols * 4), dq(rows * fp8_padded_cols(cols)), dscale(4);
+    const TensorView g = make_matrix(dg.get(), DType::kFloat32, rows, cols);
+    const TensorView scale = make_scalar(dscale.get(), DType::kFloat32);
+    const auto error_of = [](const std::function<void()>& f) {
       try {
-        quantize_bitsplit_cuda(make_matrix(dg.get(), DType::kFloat32, rows, cols), RandomKey{},
-                               make_matrix(dq.get(), DType::kInt8, rows, fp8_padded_cols(cols)),
-                               with_sq ? TensorView{} : hi, with_sq ? TensorView{} : lo,
-                               with_sq ? sq : TensorView{},
-                               make_scalar(dscale.get(), DType::kFloat32), TensorView{},
-                               default_cuda_allocator(), nullptr);
+        f();
       } catch (const Error& e) {
-        what = e.what();
+        return std::string(e.what());
       }
-      GPU_CHECK_MSG(what.rfind("operand: ", 0) == 0,
-                    "expected an Error naming operand, got '" << what << "'");
-    }
+      return std::string();
+    };
+    const std::string split = error_of([&] {
+      quantize_bitsplit_cuda(g, RandomKey{},
+                             make_matrix(dq.get(), DType::kInt8, rows, fp8_padded_cols(cols)),
+                             TensorView{}, TensorView{}, TensorView{}, scale, TensorView{},
+                             default_cuda_allocator(), nullptr);
+    });
+    GPU_CHECK_MSG(split.rfind("operand: expected the 2N", 0) == 0, "got '" << split << "'");
+    const std::string none = error_of([&] {
+      quantize_bitsplit_q8_cuda(g, RandomKey{}, TensorView{}, TensorView{}, scale, TensorView{},
+                                default_cuda_allocator(), nullptr);
+    });
+    GPU_CHECK_MSG(none.rfind("operand: ", 0) == 0, "got '" << none << "'");
   });
 
   struct L {
