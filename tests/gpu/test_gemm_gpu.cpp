@@ -518,7 +518,8 @@ const bool registered = [] {
     int64_t m, n, k;
   };
   for (bool t : {false, true}) {
-    for (S s : {S{1, 1, 1}, S{5, 3, 17}, S{37, 1, 100}, S{64, 48, 256}, S{129, 77, 33}}) {
+    for (S s : {S{1, 1, 1}, S{5, 3, 17}, S{37, 1, 100}, S{64, 48, 256}, S{129, 77, 33},
+                S{45, 1, 264}, S{300, 1, 520}}) {
       add_case("fp8_operand/" + std::string(t ? "transposed/" : "plain/") + std::to_string(s.m) +
                    "x" + std::to_string(s.k),
                false, [=] { test_to_fp8(s.m, s.k, t); });

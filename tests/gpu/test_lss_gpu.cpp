@@ -374,6 +374,8 @@ const bool registered = [] {
   add_case("gather_operand/1000x96/m1000/out_of_range", false,
            [] { test_gather(1000, 96, 1000, true); });
   add_case("gather_operand/8x32/m0", false, [] { test_gather(8, 32, 0, false); });
+  add_case("gather_operand/300x264/m333/out_of_range", false,
+           [] { test_gather(300, 264, 333, true); });
   for (bool t : {false, true}) {
     const std::string tn = t ? "transposed/" : "plain/";
     add_case("s8_operand/" + tn + "64x128/weighted", false,
@@ -384,6 +386,8 @@ const bool registered = [] {
              [=] { test_weighted(1000, 96, t, true, true); });
     add_case("s8_operand/" + tn + "33x50/plain", false,
              [=] { test_weighted(33, 50, t, false, false); });
+    add_case("s8_operand/" + tn + "70x264/weighted/out_of_range", false,
+             [=] { test_weighted(70, 264, t, true, true); });
   }
   return true;
 }();
