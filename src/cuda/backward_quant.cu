@@ -736,12 +736,13 @@ void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, Tensor
   if (p.operand_t != nullptr && chunks && rows > 0 && transposed_row_tiles(rows) <= 65535) {
     const dim3 grid(static_cast<unsigned>((cols + kWarpCols - 1) / kWarpCols),
                     static_cast<unsigned>(transposed_row_tiles(rows)));
+    const bool vec = bitsplit_vec(p, bf16);
     if (bf16) {
-      bitsplit_vec(p, bf16) ? bitsplit_q8_t_kernel<BFloat16, true><<<grid, kThreads, 0, s>>>(p)
-                            : bitsplit_q8_t_kernel<BFloat16, false><<<grid, kThreads, 0, s>>>(p);
+      vec ? bitsplit_q8_t_kernel<BFloat16, true><<<grid, kThreads, 0, s>>>(p)
+          : bitsplit_q8_t_kernel<BFloat16, false><<<grid, kThreads, 0, s>>>(p);
     } else {
-      bitsplit_vec(p, bf16) ? bitsplit_q8_t_kernel<float, true><<<grid, kThreads, 0, s>>>(p)
-                            : bitsplit_q8_t_kernel<float, false><<<grid, kThreads, 0, s>>>(p);
+      vec ? bitsplit_q8_t_kernel<float, true><<<grid, kThreads, 0, s>>>(p)
+          : bitsplit_q8_t_kernel<float, false><<<grid, kThreads, 0, s>>>(p);
     }
     INT4TRAIN_CUDA_LAUNCH_CHECK();
     return;
