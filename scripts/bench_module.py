@@ -2,10 +2,11 @@
 nn.Linear on a CUDA device, bf16 weights and inputs, on the layer shapes of issue 4, with the small-
 shape rule (Recipe.dense_fallback="auto") beside the recipes without it. Steps run back to back as in
 training (no synchronisation between them), `--iters` steps between two CUDA events; the layers of a
-shape take turns for `--rounds` rounds, the rounds' orders the rows of a Williams design (each
-layer runs right after every other layer equally often: the layer that ran before changes a step's
-time), so that a drift of the machine's speed and the neighbours hit all layers alike; each time is
-the median per step over the rounds. Where the GPU work is short (BERT-base's shape) this measures the host's cost of
+shape take turns for `--rounds` rounds, the rounds' orders the rows of a Williams design (within
+the rounds each layer runs right after every other layer equally often: the layer that ran before
+changes a step's time; the last layer of a round before the next round's first is not balanced),
+so that a drift of the machine's speed and the neighbours hit all layers alike; each time is the
+median per step over the rounds. Where the GPU work is short (BERT-base's shape) this measures the host's cost of
 launching a step (Python, autograd, the op's dispatch), as training does; such host-bound times
 move by 10-30% between runs. With --graphs every layer's step (nn.Linear's too) is captured once in
 a CUDA graph and replayed, which takes the host out: what torch.cuda.graphs /

@@ -168,8 +168,8 @@ void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const Tensor
 // The same pass's codes (no aux bits, nothing counted) as a transposed GEMM operand: operand_t (FP8
 // or INT8, D x fp8_padded_cols(rows)) = codes^T, padding zero. The input gradient's weight operand
 // (its reduction runs over the weight's rows), written through shared-memory tiles in one pass over
-// x instead of packed codes and a transpose (which it falls back to where D is not a multiple of 8;
-// alloc: that fallback's temporary).
+// x instead of packed codes and a transpose (which it falls back to where D is not a multiple of 8
+// or x has more than 2,097,120 rows; alloc: that fallback's temporary).
 void hadamard_lsq_codes_t_cuda(const TensorView& x, int32_t block, const TensorView& step,
                                TensorView operand_t, const CudaAllocator& alloc, void* stream);
 
@@ -217,10 +217,11 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
 // hq_bs's bit split: the same q, scale and random bits as quantize_bitsplit_cuda, but q = 16 hi +
 // lo in [-119, 119] is kept whole, the 8-bit gradient in one INT8 row per token (Hopper's INT8
 // tensor cores take it at the rate of an FP8 row, so the split rows would only double the
-// products). Outputs, at least one of the two operands:
+// products). Outputs, at least one of the two operands where g is not empty:
 //   operand    INT8 operand N x fp8_padded_cols(C): the rows of q (the input gradient's operand);
 //   operand_t  INT8 operand C x fp8_padded_cols(N): q^T (the weight gradient's, whose reduction
-//              runs over tokens), written by the same pass through shared-memory tiles;
+//              runs over tokens), written by the same pass through shared-memory tiles (by a
+//              transpose of q's rows where C is not a multiple of 8 or N > 2,097,120);
 //   scale, column_sums as quantize_bitsplit_cuda.
 void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
                                TensorView operand_t, TensorView scale, TensorView column_sums,

@@ -722,7 +722,7 @@ void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, Tensor
     p.ldt = row_stride(operand_t);
     p.opt_cols = operand_t.shape[1];
   }
-  if (p.operand == nullptr && p.operand_t == nullptr) {
+  if (p.operand == nullptr && p.operand_t == nullptr && rows * cols > 0) {
     throw_error(ErrorKind::kValue,
                 "operand: expected operand, operand_t or both (the scale and column sums alone: "
                 "quantize_bitsplit_cuda without an operand)");
@@ -733,9 +733,8 @@ void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, Tensor
   bitsplit_reduce(p, g, column_sums, amax, alloc, s);
   const bool bf16 = g.dtype == DType::kBFloat16;
   const bool chunks = cols % kLaneElems == 0 && cols > 0;
-  if (p.operand_t != nullptr && chunks && rows > 0 && transposed_row_tiles(rows) <= 65535) {
-    const dim3 grid(static_cast<unsigned>((cols + kWarpCols - 1) / kWarpCols),
-                    static_cast<unsigned>(transposed_row_tiles(rows)));
+  if (p.operand_t != nullptr && chunks && tiles_fit(rows)) {
+    const dim3 grid = tile_grid(rows, cols);
     const bool vec = bitsplit_vec(p, bf16);
     if (bf16) {
       vec ? bitsplit_q8_t_kernel<BFloat16, true><<<grid, kThreads, 0, s>>>(p)

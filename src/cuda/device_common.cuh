@@ -261,8 +261,14 @@ __device__ __forceinline__ void tile_to_transposed(const In* __restrict__ x, int
   if (r0 + 32 <= t_cols) dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
 }
 
-// The row tiles of tile_to_transposed's grid for `rows` rows (its gridDim.y, at most 65535).
+// tile_to_transposed's grid for a rows x cols input: column tiles x row tiles. It exists for
+// 0 < rows <= 65535 row tiles (gridDim.y's limit: 2,097,120 rows); callers fall back beyond.
 constexpr int64_t transposed_row_tiles(int64_t rows) { return (rows + kTileRows - 1) / kTileRows; }
+constexpr bool tiles_fit(int64_t rows) { return rows > 0 && transposed_row_tiles(rows) <= 65535; }
+inline dim3 tile_grid(int64_t rows, int64_t cols) {
+  return dim3(static_cast<unsigned>((cols + kWarpCols - 1) / kWarpCols),
+              static_cast<unsigned>(transposed_row_tiles(rows)));
+}
 
 // The block Hadamard transform of hadamard.h on the 8 values of each lane of a warp that covers 256
 // consecutive columns (lane l holds columns 8l .. 8l+7 of the warp's chunk). Butterflies for

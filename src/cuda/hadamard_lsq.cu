@@ -484,7 +484,7 @@ void hadamard_lsq_codes_t_cuda(const TensorView& x, int32_t block, const TensorV
   check_shape(operand_t, "operand_t", cols, fp8_padded_cols(rows));
   const bool s8 = operand_t.dtype == DType::kInt8;
   if (rows == 0 || cols == 0) return;  // no operand columns, or no operand rows
-  if (cols % kLaneElems != 0 || transposed_row_tiles(rows) > 65535) {
+  if (cols % kLaneElems != 0 || !tiles_fit(rows)) {
     // The packed codes, then their transpose.
     DeviceBuffer buf(alloc, static_cast<size_t>(rows * packed_row_bytes(cols)), stream);
     const TensorView packed = make_matrix(buf.get(), DType::kInt4Packed, rows, cols);
@@ -500,8 +500,7 @@ void hadamard_lsq_codes_t_cuda(const TensorView& x, int32_t block, const TensorV
   p.op_cols = operand_t.shape[1];
   const bool bf16 = x.dtype == DType::kBFloat16;
   const bool vec = aligned(x.data, bf16 ? 16 : 32) && (rows == 1 || p.ldx % kLaneElems == 0);
-  const dim3 grid(static_cast<unsigned>((cols + kWarpCols - 1) / kWarpCols),
-                  static_cast<unsigned>(transposed_row_tiles(rows)));
+  const dim3 grid = tile_grid(rows, cols);
   const cudaStream_t s = as_stream(stream);
   dispatch_block(block, [&](auto g) {
     constexpr int G = decltype(g)::value;

@@ -10,6 +10,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gpu_test_util.h"
@@ -231,7 +232,8 @@ void test_transform(int64_t rows, int64_t cols, int32_t block, bool in_bf16, boo
 }
 
 // ---- bit split
-void test_bitsplit(int64_t rows, int64_t cols, bool bf16, Data data, bool zeros) {
+void test_bitsplit(int64_t rows, int64_t cols, bool bf16, Data data, bool zeros,
+                   int64_t ld_extra = 0) {
   auto g0 = make_data(rows, cols, data, 99 + rows + cols);
   for (auto& v : g0) v *= 1e-3f;
   if (zeros) std::fill(g0.begin(), g0.end(), 0.0f);
@@ -244,7 +246,7 @@ void test_bitsplit(int64_t rows, int64_t cols, bool bf16, Data data, bool zeros)
                         make_matrix(want_hi.data(), DType::kInt4Packed, rows, cols),
                         make_matrix(want_lo.data(), DType::kInt4Packed, rows, cols),
                         make_scalar(&want_scale, DType::kFloat32));
-  DevMatrix dg = to_device(g0, rows, cols, bf16, cols);
+  DevMatrix dg = to_device(g0, rows, cols, bf16, cols + ld_extra);
   const int64_t kp = fp8_padded_cols(cols);
   DevBuf dop(static_cast<size_t>(std::max<int64_t>(1, 2 * rows * kp)));
   DevBuf dhi(std::max<size_t>(1, pb)), dlo(std::max<size_t>(1, pb));
@@ -420,7 +422,7 @@ const bool registered = [] {
                       {5, 37, 1, false},     {7, 6, 2, false},      {9, 12, 4, false},
                       {33, 1000, 8, false},  {4, 2048, 128, false}, {128, 768, 64, false},
                       {2, 520, 8, false},    {1, 4, 4, false},      {40, 264, 8, false},
-                      {64, 4096, 256, true}, {1024, 4096, 32, true}};
+                      {64, 4096, 256, true}, {2097153, 8, 8, true}, {1024, 4096, 32, true}};
   for (const S& s : shapes) {
     for (bool bf16 : {false, true}) {
       for (Data d : {Data::kNormal, Data::kOutliers, Data::kNonFinite}) {
@@ -506,9 +508,10 @@ const bool registered = [] {
     int64_t rows, cols;
     bool big;
   };
-  for (B b : {B{1, 1, false}, B{3, 7, false}, B{5, 37, false}, B{64, 256, false},
-              B{33, 1000, false}, B{128, 768, false}, B{2, 12, false}, B{129, 33, false},
-              B{300, 70, false}, B{1, 8, false}, B{40, 264, false}, B{512, 4096, true}}) {
+  for (B b :
+       {B{1, 1, false}, B{3, 7, false}, B{5, 37, false}, B{64, 256, false}, B{33, 1000, false},
+        B{128, 768, false}, B{2, 12, false}, B{129, 33, false}, B{300, 70, false}, B{1, 8, false},
+        B{40, 264, false}, B{50, 256, false}, B{512, 4096, true}}) {
     for (bool bf16 : {false, true}) {
       for (Data d : {Data::kNormal, Data::kOutliers}) {
         add_case("bitsplit/" + std::to_string(b.rows) + "x" + std::to_string(b.cols) +
@@ -523,6 +526,30 @@ const bool registered = [] {
            [] { test_bitsplit(16, 64, false, Data::kNonFinite, false); });
   add_case("bitsplit/5x9/fp32/nonfinite", false,
            [] { test_bitsplit(5, 9, false, Data::kNonFinite, false); });
+  // Rows with a gap (the kernels' element-wise loads), and more rows than the transposed write's
+  // grid takes (2^21 + 1 > 65535 tiles of 32: q^T from a transpose of q's rows).
+  add_case("bitsplit/33x1000/fp32/strided", false,
+           [] { test_bitsplit(33, 1000, false, Data::kNormal, false, 3); });
+  add_case("bitsplit/40x264/bf16/strided", false,
+           [] { test_bitsplit(40, 264, true, Data::kOutliers, false, 5); });
+  add_case("bitsplit/2097153x8/fp32/normal", true,
+           [] { test_bitsplit(2097153, 8, false, Data::kNormal, false); });
+  // Empty g: nothing to write, so no operand is needed; the scale is 0.
+  add_case("bitsplit/q8_empty", false, [] {
+    DevBuf dscale(4), dg(4);
+    for (const auto& shape : {std::pair<int64_t, int64_t>{0, 64}, {3, 0}}) {
+      const int64_t rows = shape.first, cols = shape.second;
+      dscale.poison();
+      quantize_bitsplit_q8_cuda(make_matrix(dg.get(), DType::kFloat32, rows, cols), RandomKey{},
+                                make_matrix(nullptr, DType::kInt8, rows, fp8_padded_cols(cols)),
+                                make_matrix(nullptr, DType::kInt8, cols, fp8_padded_cols(rows)),
+                                make_scalar(dscale.get(), DType::kFloat32), TensorView{},
+                                default_cuda_allocator(), nullptr);
+      CUDA_OK(cudaDeviceSynchronize());
+      GPU_CHECK_MSG(gputest::download<float>(dscale, 1)[0] == 0.0f,
+                    rows << "x" << cols << ": scale of an empty g must be 0");
+    }
+  });
   // The one-row-per-token INT8 operand is quantize_bitsplit_q8_cuda's: quantize_bitsplit_cuda takes
   // 2N stacked rows, and the q8 form needs an operand; each an Error naming operand, raised before
   // any launch.
