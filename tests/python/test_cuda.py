@@ -353,8 +353,8 @@ def test_cuda_hf_bert_bf16_autocast():
 def test_cuda_int4_attention_matches_multihead_attention(need_weights, batch_first):
     # On the GPU, with the fp recipe (exact projections), Int4MultiheadAttention gives
     # nn.MultiheadAttention's outputs and weights under a padding and a causal mask, in training
-    # mode (SDPA when no weights are asked for) and gradients too. Tolerance: PyTorch projects q, k, v
-    # with one in_proj product, we with three, so cuBLAS rounds them differently (fp32, no TF32).
+    # mode (SDPA when no weights are asked for) and gradients too. Tolerance: PyTorch projects q,
+    # k, v with one in_proj product, we with three, so cuBLAS rounds them differently (fp32).
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(64, 4, batch_first=batch_first).cuda()
     ours = int4train.convert_(copy.deepcopy(mha), recipe="fp")
