@@ -71,14 +71,24 @@ def _no_fast_path(module: nn.Module, args) -> None:
     return None
 
 
+def _encoder_blocks(model: nn.Module):
+    """The modules with a fused inference fast path: nn.TransformerEncoderLayer and -Encoder."""
+    return (m for m in model.modules()
+            if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder)))
+
+
+def _holds_int4(module: nn.Module) -> bool:
+    return any(isinstance(m, Int4Linear) for m in module.modules())
+
+
 def _guard_fast_paths(model: nn.Module) -> None:
     """In eval mode without gradients, nn.TransformerEncoderLayer runs one fused kernel on the raw
     weights of its linear layers instead of calling them, and nn.TransformerEncoder turns a padded
     batch into a nested tensor for it: either would run a converted block in full precision. Blocks
     with an Int4Linear keep to the module path (a do-nothing hook; the encoder's use_nested_tensor
     off); unconvert_ undoes both."""
-    for module in model.modules():
-        if not any(isinstance(m, Int4Linear) for m in module.modules()):
+    for module in _encoder_blocks(model):
+        if not _holds_int4(module):
             continue
         if isinstance(module, nn.TransformerEncoderLayer) and not hasattr(module, _FAST_PATH_GUARD):
             setattr(module, _FAST_PATH_GUARD, module.register_forward_pre_hook(_no_fast_path))
@@ -88,8 +98,8 @@ def _guard_fast_paths(model: nn.Module) -> None:
 
 
 def _unguard_fast_paths(model: nn.Module) -> None:
-    for module in model.modules():
-        if any(isinstance(m, Int4Linear) for m in module.modules()):
+    for module in _encoder_blocks(model):
+        if _holds_int4(module):
             continue
         handle = module.__dict__.pop(_FAST_PATH_GUARD, None)
         if handle is not None:
@@ -139,10 +149,12 @@ def convert_(
     A Conv1D's weight is transposed into a new (out, in) Parameter. Layer ids are assigned 0, 1, ...
     in module order over the converted layers
     (after any Int4Linear already in the model). `seed` overrides the recipe's seed.
-    nn.MultiheadAttention (as in nn.TransformerEncoderLayer) is left as it is, with a warning: it
-    computes its projections inside F.multi_head_attention_forward from raw weights (its out_proj
-    module is never called), so they stay in full precision; attention modules that call their
-    linear layers (Hugging Face models, the training CLI's) are converted.
+    nn.MultiheadAttention (as in nn.TransformerEncoderLayer) computes its projections inside
+    F.multi_head_attention_forward from raw weights (its out_proj module is never called), so it is
+    replaced whole by an Int4MultiheadAttention (four Int4Linear layers, ids in that order); one it
+    does not support (kdim or vdim other than embed_dim, bias_k / bias_v, add_zero_attn) is left in
+    full precision with a warning naming it. Attention modules that call their linear layers
+    (Hugging Face models, the training CLI's) have those converted as any other.
     nn.TransformerEncoderLayer and nn.TransformerEncoder blocks holding converted layers are kept
     off PyTorch's fused inference fast path (which would skip their linear layers in eval mode
     without gradients).
