@@ -142,6 +142,12 @@ __device__ __forceinline__ uint32_t low_bytes4(uint32_t a, uint32_t b, uint32_t 
   return __byte_perm(__byte_perm(a, b, 0x0040u), __byte_perm(c, d, 0x0040u), 0x5410u);
 }
 
+// One lane's 8 bytes of operand row `row` (q's, or the stacked hi / lo rows) at column col0.
+__device__ __forceinline__ void store_operand8(const BitsplitParams& p, int64_t row, int64_t col0,
+                                               uint2 bytes) {
+  *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = bytes;
+}
+
 // hq_bs's pass: one lane's 8 values (columns col0 .. col0+7 of `row`) as 8 bytes of the INT8 row
 // of q = 16 hi + lo, taken from split_q_magic's bit patterns; nothing is split.
 __device__ __forceinline__ uint2 q8_bytes(const BitsplitParams& p, uint64_t stream, int64_t row,
@@ -192,14 +198,14 @@ __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, uint64_
     }
   }
   if (p.operand == nullptr) return;
-  *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) =
-      p.s8 ? s8x8_of_nibbles(ph)
-           : make_uint2(e4m3x2(hf[0], hf[1]) | (e4m3x2(hf[2], hf[3]) << 16),
-                        e4m3x2(hf[4], hf[5]) | (e4m3x2(hf[6], hf[7]) << 16));
-  *reinterpret_cast<uint2*>(p.operand + (p.rows + row) * p.ldop + col0) =
-      p.s8 ? s8x8_of_nibbles(pl)
-           : make_uint2(e4m3x2(lf[0], lf[1]) | (e4m3x2(lf[2], lf[3]) << 16),
-                        e4m3x2(lf[4], lf[5]) | (e4m3x2(lf[6], lf[7]) << 16));
+  store_operand8(p, row, col0,
+                 p.s8 ? s8x8_of_nibbles(ph)
+                      : make_uint2(e4m3x2(hf[0], hf[1]) | (e4m3x2(hf[2], hf[3]) << 16),
+                                   e4m3x2(hf[4], hf[5]) | (e4m3x2(hf[6], hf[7]) << 16)));
+  store_operand8(p, p.rows + row, col0,
+                 p.s8 ? s8x8_of_nibbles(pl)
+                      : make_uint2(e4m3x2(lf[0], lf[1]) | (e4m3x2(lf[2], lf[3]) << 16),
+                                   e4m3x2(lf[4], lf[5]) | (e4m3x2(lf[6], lf[7]) << 16)));
 }
 
 // Rows a multiple of 8 long: a warp per 256 columns, 8 per lane, a persistent grid with
@@ -218,17 +224,13 @@ __global__ void __launch_bounds__(kThreads, kQ8 ? 4 : 3) bitsplit_kernel(const B
         int32_t sq_hi = 0, sq_lo = 0;
         if (col0 < p.cols) {
           if constexpr (kQ8) {
-            *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) =
-                q8_bytes(p, stream, row, col0, v, inv);
+            store_operand8(p, row, col0, q8_bytes(p, stream, row, col0, v, inv));
           } else {
             bitsplit_store8<kVec>(p, stream, row, col0, v, inv, &sq_hi, &sq_lo);
           }
         } else if (p.operand != nullptr && col0 < p.op_cols) {
-          *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(0u, 0u);
-          if (!kQ8) {
-            *reinterpret_cast<uint2*>(p.operand + (p.rows + row) * p.ldop + col0) =
-                make_uint2(0u, 0u);
-          }
+          store_operand8(p, row, col0, make_uint2(0u, 0u));
+          if (!kQ8) store_operand8(p, p.rows + row, col0, make_uint2(0u, 0u));
         }
         if (!kQ8 && p.row_sumsq != nullptr) {
           sq_hi = warp_sum_s32(sq_hi);
@@ -253,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, 4) bitsplit_q8_t_kernel(const Bitspl
                                  uint2 b = make_uint2(0u, 0u);
                                  if (col0 < p.cols) b = q8_bytes(p, stream, row, col0, v, inv);
                                  if (p.operand != nullptr && col0 < p.op_cols) {
-                                   *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = b;
+                                   store_operand8(p, row, col0, b);
                                  }
                                  return b;
                                });

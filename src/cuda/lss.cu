@@ -267,10 +267,8 @@ __device__ __forceinline__ void lss_sample_block(
     start[k] = base + u * before;
     base += u * total;
   }
-  __shared__ unsigned long long kept_count;
-  if (t == 0) kept_count = 0;
-  __syncthreads();
-  unsigned long long mine = 0;
+  long long mine = 0;
+  int32_t* const staged_slots = reinterpret_cast<int32_t*>(staged);  // kStaged only
   const long long mask = (1ll << K) - 1;
   uint64_t cached[31];
   Philox4x32 words[31];
@@ -295,14 +293,32 @@ __device__ __forceinline__ void lss_sample_block(
       const long long v = K == 0 ? 0 : static_cast<long long>(words[k].v[m & 3] >> (32 - K));
       keep = v >= o && v < o + u;
     }
-    ex[i] = keep ? static_cast<int8_t>(k) : kZero;
-    if (slots != nullptr) slots[i] = keep ? static_cast<int32_t>(m) : -1;
+    const int8_t out_k = keep ? static_cast<int8_t>(k) : kZero;
+    const int32_t out_slot = keep ? static_cast<int32_t>(m) : -1;
+    if (kStaged) {  // this thread's own rows: the scores' words hold the slots now
+      st[i] = out_k;
+      staged_slots[i] = out_slot;
+    } else {
+      ex[i] = out_k;
+      if (slots != nullptr) slots[i] = out_slot;
+    }
     if (keep) slot_rows[m] = static_cast<int32_t>(i);
     mine += keep ? 1 : 0;
   }
-  if (mine != 0) atomicAdd(&kept_count, mine);
-  __syncthreads();
-  if (t == 0 && kept != nullptr) *kept = static_cast<long long>(kept_count);
+  if (kStaged) {
+    // Written out in index order across the threads (coalesced) instead of each thread's run of
+    // rows, whose byte stores touched a sector per thread.
+    __syncthreads();
+    for (int64_t i = t; i < n; i += kLanes) {
+      ex[i] = st[i];
+      if (slots != nullptr) slots[i] = staged_slots[i];
+    }
+  }
+  // The count by one block sum: an atomicAdd of every thread on one shared 64-bit counter is a
+  // compare-and-swap loop, which the 1,024 threads retried about 11,000 times (warp iterations,
+  // ncu on an H200). With the coalesced writes above: 110 -> 72 us at 8,192 tokens.
+  const long long total = block_sum_ll(mine, shl);
+  if (t == 0 && kept != nullptr) *kept = total;
 }
 
 // Block b samples problem b (the layer's two samplings run side by side, one SM each).

@@ -298,21 +298,26 @@ void test_bitsplit(int64_t rows, int64_t cols, bool bf16, Data data, bool zeros,
   // q^T (cols x padded rows), padding zero, the same scale; with the column sums of g from the same
   // reduction pass (linear.h's bias-gradient order: fp64 sums of row blocks of kBiasGradBlockRows,
   // added in block order, rounded once). Modes: both operands with the sums, q^T alone (the tiles
-  // or, for rows not a multiple of 8 long, the rows then their transpose), q alone.
+  // or, for rows not a multiple of 8 long, the rows then their transpose), q alone, both operands
+  // with row strides wider than their padded widths (the bytes between stay untouched).
   const int64_t np = fp8_padded_cols(rows);
   const DType sums_dtype = bf16 ? DType::kBFloat16 : DType::kFloat32;
-  for (int mode = 0; mode < 3; ++mode) {
+  for (int mode = 0; mode < 4; ++mode) {
     const bool want_q = mode != 1, want_qt = mode != 2, want_sums = mode == 0;
-    DevBuf dq(static_cast<size_t>(std::max<int64_t>(1, rows * kp)));
-    DevBuf dqt(static_cast<size_t>(std::max<int64_t>(1, cols * np)));
+    const int64_t ldq = mode == 3 ? kp + 16 : kp, ldt = mode == 3 ? np + 32 : np;
+    DevBuf dq(static_cast<size_t>(std::max<int64_t>(1, rows * ldq)));
+    DevBuf dqt(static_cast<size_t>(std::max<int64_t>(1, cols * ldt)));
     DevBuf dsums(static_cast<size_t>(std::max<int64_t>(1, cols)) * 4);
     dq.poison();
     dqt.poison();
     dscale.poison();
     dsums.poison();
+    TensorView q_view = make_matrix(dq.get(), DType::kInt8, rows, kp);
+    TensorView qt_view = make_matrix(dqt.get(), DType::kInt8, cols, np);
+    q_view.strides[0] = ldq;
+    qt_view.strides[0] = ldt;
     quantize_bitsplit_q8_cuda(
-        dg.view, key, want_q ? make_matrix(dq.get(), DType::kInt8, rows, kp) : TensorView{},
-        want_qt ? make_matrix(dqt.get(), DType::kInt8, cols, np) : TensorView{},
+        dg.view, key, want_q ? q_view : TensorView{}, want_qt ? qt_view : TensorView{},
         make_scalar(dscale.get(), DType::kFloat32),
         want_sums ? make_vector(dsums.get(), sums_dtype, cols) : TensorView{}, alloc, nullptr);
     CUDA_OK(cudaDeviceSynchronize());
@@ -348,24 +353,33 @@ void test_bitsplit(int64_t rows, int64_t cols, bool bf16, Data data, bool zeros,
       }
       GPU_CHECK_MSG(bad_sums == 0, bad_sums << " column sums differ");
     }
+    const int8_t untouched = static_cast<int8_t>(0xA5);  // DevBuf::poison's byte
     if (want_q) {
-      const auto q = gputest::download<int8_t>(dq, static_cast<size_t>(rows * kp));
-      int64_t bad_q = 0;
+      const auto q = gputest::download<int8_t>(dq, static_cast<size_t>(rows * ldq));
+      int64_t bad_q = 0, bad_gap = 0;
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t c = 0; c < kp; ++c)
-          bad_q += q[static_cast<size_t>(r * kp + c)] != want_at(r, c);
+          bad_q += q[static_cast<size_t>(r * ldq + c)] != want_at(r, c);
+        for (int64_t c = kp; c < ldq; ++c)
+          bad_gap += q[static_cast<size_t>(r * ldq + c)] != untouched;
       }
       GPU_CHECK_MSG(bad_q == 0, "mode " << mode << ": " << bad_q
                                         << " INT8 operand bytes (q = 16 hi + lo) differ");
+      GPU_CHECK_MSG(bad_gap == 0,
+                    "mode " << mode << ": " << bad_gap << " bytes past q's padded width written");
     }
     if (want_qt) {
-      const auto qt = gputest::download<int8_t>(dqt, static_cast<size_t>(cols * np));
-      int64_t bad_qt = 0;
+      const auto qt = gputest::download<int8_t>(dqt, static_cast<size_t>(cols * ldt));
+      int64_t bad_qt = 0, bad_gap = 0;
       for (int64_t c = 0; c < cols; ++c) {
         for (int64_t r = 0; r < np; ++r)
-          bad_qt += qt[static_cast<size_t>(c * np + r)] != want_at(r, c);
+          bad_qt += qt[static_cast<size_t>(c * ldt + r)] != want_at(r, c);
+        for (int64_t r = np; r < ldt; ++r)
+          bad_gap += qt[static_cast<size_t>(c * ldt + r)] != untouched;
       }
       GPU_CHECK_MSG(bad_qt == 0, "mode " << mode << ": " << bad_qt << " bytes of q^T differ");
+      GPU_CHECK_MSG(bad_gap == 0,
+                    "mode " << mode << ": " << bad_gap << " bytes past q^T's padded width written");
     }
   }
 }
