@@ -77,32 +77,57 @@ __device__ long long block_sum_ll(long long v, long long* sh) {
   return sh[32];
 }
 
-// Exclusive prefix sum of one value per thread over the block in thread order, and the total.
-template <typename T>
-__device__ T block_exclusive_scan(T v, T* sh, T* total) {
+// Exclusive prefix sums of F values per thread over the block in thread order (field by field),
+// and the totals, with the barriers of one scan. sh: 33 * F entries.
+template <typename T, int F>
+__device__ void block_exclusive_scan_n(const T (&v)[F], T (&before)[F], T (&total)[F], T* sh) {
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
-  T inc = v;
+  T inc[F];
+#pragma unroll
+  for (int f = 0; f < F; ++f) inc[f] = v[f];
 #pragma unroll
   for (int s = 1; s < 32; s *= 2) {
-    const T o = __shfl_up_sync(0xffffffffu, inc, s);
-    if (lane >= s) inc += o;
+#pragma unroll
+    for (int f = 0; f < F; ++f) {
+      const T o = __shfl_up_sync(0xffffffffu, inc[f], s);
+      if (lane >= s) inc[f] += o;
+    }
   }
   __syncthreads();  // the previous call's readers are done with sh
-  if (lane == 31) sh[warp] = inc;
-  __syncthreads();
-  if (warp == 0) {
-    T w = sh[lane], winc = w;
+  if (lane == 31) {
 #pragma unroll
-    for (int s = 1; s < 32; s *= 2) {
-      const T o = __shfl_up_sync(0xffffffffu, winc, s);
-      if (lane >= s) winc += o;
-    }
-    sh[lane] = winc - w;  // exclusive prefix of warp `lane`
-    if (lane == 31) sh[32] = winc;
+    for (int f = 0; f < F; ++f) sh[33 * f + warp] = inc[f];
   }
   __syncthreads();
-  *total = sh[32];
-  return sh[warp] + inc - v;
+  if (warp == 0) {
+#pragma unroll
+    for (int f = 0; f < F; ++f) {
+      T w = sh[33 * f + lane], winc = w;
+#pragma unroll
+      for (int s = 1; s < 32; s *= 2) {
+        const T o = __shfl_up_sync(0xffffffffu, winc, s);
+        if (lane >= s) winc += o;
+      }
+      sh[33 * f + lane] = winc - w;  // exclusive prefix of warp `lane`
+      if (lane == 31) sh[33 * f + 32] = winc;
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int f = 0; f < F; ++f) {
+    total[f] = sh[33 * f + 32];
+    before[f] = sh[33 * f + warp] + inc[f] - v[f];
+  }
+}
+
+// The same for one value per thread: its exclusive prefix, and the total. sh: 33 entries.
+template <typename T>
+__device__ T block_exclusive_scan(T v, T* sh, T* total) {
+  const T in[1] = {v};
+  T before[1], tot[1];
+  block_exclusive_scan_n<T, 1>(in, before, tot, sh);
+  *total = tot[0];
+  return before[0];
 }
 
 // One block of kLanes threads; element i belongs to thread i % kLanes through the water-filling and
@@ -259,13 +284,29 @@ __device__ __forceinline__ void lss_sample_block(
   }
   long long start[31];
   long long base = 0;
+  if (K <= kLssMaxExponent) {  // the layers' K: every exponent's scan at once
+    constexpr int F = kLssMaxExponent + 1;
+    __shared__ int shf[33 * F];
+    int c[F], before[F], total[F];
+#pragma unroll
+    for (int k = 0; k < F; ++k) c[k] = k <= K ? count[k] : 0;
+    block_exclusive_scan_n<int, F>(c, before, total, shf);
+#pragma unroll
+    for (int k = 0; k < F; ++k) {
+      if (k > K) break;
+      const long long u = lss_units(k, K);
+      start[k] = base + u * before[k];
+      base += u * total[k];
+    }
+  } else {
 #pragma unroll 1
-  for (int k = 0; k <= K; ++k) {
-    int total = 0;
-    const int before = block_exclusive_scan(count[k], shn, &total);
-    const long long u = lss_units(k, K);
-    start[k] = base + u * before;
-    base += u * total;
+    for (int k = 0; k <= K; ++k) {
+      int total = 0;
+      const int before = block_exclusive_scan(count[k], shn, &total);
+      const long long u = lss_units(k, K);
+      start[k] = base + u * before;
+      base += u * total;
+    }
   }
   long long mine = 0;
   int32_t* const staged_slots = reinterpret_cast<int32_t*>(staged);  // kStaged only
@@ -308,8 +349,18 @@ __device__ __forceinline__ void lss_sample_block(
   if (kStaged) {
     // Written out in index order across the threads (coalesced) instead of each thread's run of
     // rows, whose byte stores touched a sector per thread.
+    // Four rows a thread at a time where the outputs allow it (the staged arrays are aligned).
     __syncthreads();
-    for (int64_t i = t; i < n; i += kLanes) {
+    const bool vec = reinterpret_cast<uintptr_t>(ex) % 4 == 0 &&
+                     (slots == nullptr || reinterpret_cast<uintptr_t>(slots) % 16 == 0);
+    const int64_t n4 = vec ? n / 4 : 0;
+    for (int64_t j = t; j < n4; j += kLanes) {
+      reinterpret_cast<uint32_t*>(ex)[j] = reinterpret_cast<const uint32_t*>(st)[j];
+      if (slots != nullptr) {
+        reinterpret_cast<int4*>(slots)[j] = reinterpret_cast<const int4*>(staged_slots)[j];
+      }
+    }
+    for (int64_t i = 4 * n4 + t; i < n; i += kLanes) {
       ex[i] = st[i];
       if (slots != nullptr) slots[i] = staged_slots[i];
     }
@@ -378,7 +429,18 @@ __global__ void __launch_bounds__(256)
 }
 
 // Sum of squared codes of each row of packed INT4 codes (rows x cols): one warp per row, exact
-// int32 (cols * 64 < 2^31).
+// int32 (cols * 64 < 2^31). kVec (rows of a multiple of 16 bytes, 16-byte aligned): 16 bytes a
+// lane at a time, each word's 8 codes c = u - 8 (u = nibble ^ 8, in [0, 15]) summed as
+// sum u^2 - 16 sum u + 64 * 8 with dp4a (exact integers), one load per 16 bytes instead of per
+// byte.
+__device__ __forceinline__ int32_t word_sumsq(uint32_t w) {
+  const uint32_t lo = (w & 0x0F0F0F0Fu) ^ 0x08080808u, hi = ((w >> 4) & 0x0F0F0F0Fu) ^ 0x08080808u;
+  const int32_t sq = __dp4a(lo, lo, __dp4a(hi, hi, 0u));
+  const int32_t sum = __dp4a(lo, 0x01010101u, __dp4a(hi, 0x01010101u, 0u));
+  return sq - 16 * sum + 64 * 8;
+}
+
+template <bool kVec>
 __global__ void __launch_bounds__(256)
     packed_row_sumsq_kernel(const uint8_t* __restrict__ codes, int64_t rows, int64_t cols,
                             int32_t* __restrict__ out) {
@@ -388,9 +450,17 @@ __global__ void __launch_bounds__(256)
        r += static_cast<int64_t>(gridDim.x) * blockDim.x / 32) {
     const uint8_t* row = codes + r * bytes;
     int32_t acc = 0;
-    for (int64_t b = lane; b < bytes; b += 32) {
-      const int lo = unpack_int4_lo(row[b]), hi = unpack_int4_hi(row[b]);
-      acc += lo * lo + hi * hi;  // odd cols: the padding nibble is 0
+    if (kVec) {
+      const uint4* row4 = reinterpret_cast<const uint4*>(row);
+      for (int64_t b = lane; b < bytes / 16; b += 32) {
+        const uint4 q = row4[b];
+        acc += word_sumsq(q.x) + word_sumsq(q.y) + word_sumsq(q.z) + word_sumsq(q.w);
+      }
+    } else {
+      for (int64_t b = lane; b < bytes; b += 32) {
+        const int lo = unpack_int4_lo(row[b]), hi = unpack_int4_hi(row[b]);
+        acc += lo * lo + hi * hi;  // odd cols: the padding nibble is 0
+      }
     }
 #pragma unroll
     for (int s = 16; s >= 1; s /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, s);
@@ -429,8 +499,12 @@ void launch_lss_scores(const int32_t* r_sumsq, const int32_t* x_sumsq, int64_t n
 void launch_packed_row_sumsq(const uint8_t* codes, int64_t rows, int64_t cols, int32_t* out,
                              cudaStream_t stream) {
   if (rows == 0) return;
-  packed_row_sumsq_kernel<<<grid_blocks(rows * 32, 256, 4096), 256, 0, stream>>>(codes, rows, cols,
-                                                                                 out);
+  const int grid = grid_blocks(rows * 32, 256, 4096);
+  if ((cols + 1) / 2 % 16 == 0 && reinterpret_cast<uintptr_t>(codes) % 16 == 0) {
+    packed_row_sumsq_kernel<true><<<grid, 256, 0, stream>>>(codes, rows, cols, out);
+  } else {
+    packed_row_sumsq_kernel<false><<<grid, 256, 0, stream>>>(codes, rows, cols, out);
+  }
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 
