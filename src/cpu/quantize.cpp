@@ -381,19 +381,36 @@ float lsq_mse_step(const TensorView& x, int qp) {
     }
     return e;
   };
+  // Each candidate's error is its own index-order sum, so the candidates run on the pool's threads
+  // and are then considered in grid order, which keeps "the first smallest wins" and every bit of
+  // the sequential search. (One candidate at a time on one core, a search took about 0.3 s at a
+  // 1M-element sample, one per layer and step size: the first training step of the full lm preset
+  // on an H200 stalled for 13 s.)
   float best_f = 0.0f, best_s = m0;
   double best_e = std::numeric_limits<double>::infinity();
-  const auto consider = [&](float f) {
-    const float s = m0 * f;
-    if (!(s >= FLT_MIN) || !std::isfinite(s)) return;
-    const double e = error(s);
-    if (e < best_e) best_e = e, best_f = f, best_s = s;
+  const auto valid = [](float step) { return step >= FLT_MIN && std::isfinite(step); };
+  const auto consider_all = [&](const std::vector<float>& fs) {
+    std::vector<double> errs(fs.size(), 0.0);
+    detail::parallel_for(static_cast<int64_t>(fs.size()), 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const float step = m0 * fs[static_cast<size_t>(i)];
+        if (valid(step)) errs[static_cast<size_t>(i)] = error(step);
+      }
+    });
+    for (size_t i = 0; i < fs.size(); ++i) {
+      const float step = m0 * fs[i];
+      if (valid(step) && errs[i] < best_e) best_e = errs[i], best_f = fs[i], best_s = step;
+    }
   };
-  for (int i = 0; i <= 90; ++i) consider(static_cast<float>(0.20 + 0.02 * i));
+  std::vector<float> coarse;
+  for (int i = 0; i <= 90; ++i) coarse.push_back(static_cast<float>(0.20 + 0.02 * i));
+  consider_all(coarse);
   const double centre = best_f;
+  std::vector<float> fine;
   for (int j = -9; j <= 9; ++j) {
-    if (j != 0) consider(static_cast<float>(centre + 0.002 * j));
+    if (j != 0) fine.push_back(static_cast<float>(centre + 0.002 * j));
   }
+  consider_all(fine);
   return best_s;
 }
 

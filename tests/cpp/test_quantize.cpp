@@ -4,6 +4,7 @@
 // stochastic gradient quantizers (error shrinking like 1/sqrt(draws)).
 #include <gtest/gtest.h>
 
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -13,12 +14,11 @@
 #include <utility>
 #include <vector>
 
+#include "expect_error.h"
 #include "int4train/int4.h"
 #include "int4train/numeric.h"
 #include "int4train/philox.h"
 #include "int4train/quantize.h"
-
-#include "expect_error.h"
 
 namespace int4train {
 namespace {
@@ -375,6 +375,23 @@ TEST(LsqMseStep, NoGridStepHasASmallerError) {
     }
     EXPECT_TRUE(on_grid) << s;
     EXPECT_LT(e, lsq_error(x, m0));
+    // The header's sequential search (coarse grid, then the fine one around its best; the first
+    // smallest error wins): the same step bit for bit, although the library evaluates the
+    // candidates on the pool's threads.
+    float seq_s = m0, seq_f = 0.0f;
+    double seq_e = std::numeric_limits<double>::infinity();
+    const auto consider = [&](float f) {
+      const float st = m0 * f;
+      if (!(st >= FLT_MIN) || !std::isfinite(st)) return;
+      const double ei = lsq_error(x, st);
+      if (ei < seq_e) seq_e = ei, seq_f = f, seq_s = st;
+    };
+    for (int i = 0; i <= 90; ++i) consider(static_cast<float>(0.20 + 0.02 * i));
+    const double centre = seq_f;
+    for (int j = -9; j <= 9; ++j) {
+      if (j != 0) consider(static_cast<float>(centre + 0.002 * j));
+    }
+    EXPECT_EQ(float_bits(s), float_bits(seq_s)) << s << " vs " << seq_s;
   }
 }
 
