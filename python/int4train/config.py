@@ -44,12 +44,13 @@ class Recipe:
     step_init: how the first batch sets the LSQ steps (LSQ recipes): "mse" (the default), the step
         minimising the 4-bit reconstruction error of x~ on a fixed grid (ops.lsq_mse_step;
         include/int4train/quantize.h), or "mean_abs", LSQ's 2 mean|x~| / sqrt(7), about 1.5x larger
-        on Hadamard-rotated data (docs/accuracy.md, "LSQ step initialisation").
-    dense_fallback: the small-shape rule (include/int4train/linear.h; docs/cuda.md, "Small shapes"):
-        "never" (the default: every call runs the recipe), "auto" (on a CUDA device, a call whose
-        tokens x in_features x out_features is below DENSE_FALLBACK_MACS, about 2.7e11 multiply-adds,
-        runs as the plain F.linear in the input's dtype, where an H100 measured the quantized layer
-        below 0.9x of bf16), or a number of multiply-adds, the threshold itself. A call that falls
+        on Hadamard-rotated data (docs/accuracy.md, "LSQ steps").
+    dense_fallback: the small-shape rule (include/int4train/linear.h; docs/cuda.md, "The
+        small-shape rule"): "never" (the default: every call runs the recipe), "auto" (on a CUDA
+        device, a call whose tokens x in_features x out_features is below DENSE_FALLBACK_MACS,
+        about 2.7e11 multiply-adds, runs as the plain F.linear in the input's dtype, where an H100
+        measured the quantized layer below 0.9x of bf16), or a number of multiply-adds, the
+        threshold itself. A call that falls
         back is not quantized and gives its LSQ steps no gradient. The CPU never falls back.
     gemm: LSQ recipes on CUDA: which 8-bit tensor cores carry the 4-bit products (include/int4train/
         linear.h, GemmEngine): "auto" (the default: FP8 on GPUs with FP8 tensor cores, compute
