@@ -624,6 +624,21 @@ TEST(HadamardSelect, Errors) {
       ErrorKind::kType);
   expect_error_naming(
       [&] { select_hadamard_block(x.view(), make_matrix(nullptr, DType::kFloat32, 4, 64)); }, "w");
+  // Finite values whose butterflies overflow fp32 (3e38 + 3e38) in rows 5 and 6: block 1 is fine,
+  // block 2 is an Error naming x and the first such row.
+  Mat xo = x;
+  for (const int64_t r : {6, 5}) {
+    xo.set(r, 10, 3e38f);
+    xo.set(r, 11, 3e38f);
+  }
+  try {
+    select_hadamard_block(xo.view(), w.view());
+    ADD_FAILURE() << "expected an Error for the overflowing transform";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_EQ(msg.rfind("x:", 0), 0u) << msg;
+    EXPECT_NE(msg.find("(block 2) overflows fp32 in row 5"), std::string::npos) << msg;
+  }
 }
 
 }  // namespace
