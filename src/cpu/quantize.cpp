@@ -384,8 +384,8 @@ float lsq_mse_step(const TensorView& x, int qp) {
   // Each candidate's error is its own index-order sum, so the candidates run on the pool's threads
   // and are then considered in grid order, which keeps "the first smallest wins" and every bit of
   // the sequential search. (One candidate at a time on one core, a search took about 0.3 s at a
-  // 1M-element sample, one per layer and step size: the first training step of the full lm preset
-  // on an H200 stalled for 13 s.)
+  // 1M-element sample, one per layer and step size: the full lm preset's first training step, with
+  // 48 of them, took 13 s on an H200 machine.)
   float best_f = 0.0f, best_s = m0;
   double best_e = std::numeric_limits<double>::infinity();
   const auto valid = [](float step) { return step >= FLT_MIN && std::isfinite(step); };
