@@ -291,7 +291,9 @@ void linear_forward_cuda(const LinearConfig& config, const LinearForwardArgs& ar
 // two sampled products are compacted: the kept rows are gathered into ceil(lss_budget * N) rows
 // (lss.h's capacity, known on the host), so each costs a product of that many rows instead of 2N.
 // grad_x, grad_w, grad_bias and rows_kept equal the CPU's bit for bit, the step gradients within
-// one fp32 rounding (fp64 sums in another order). No host synchronisation.
+// one fp32 rounding (fp64 sums in another order). No host synchronisation. grad_scale=row
+// (linear.h) is an Error of kind kNotImplemented here; the PyTorch ops run it on their
+// device-generic ATen path (exact, slower).
 void linear_backward_cuda(const LinearConfig& config, const LinearBackwardArgs& args,
                           const CudaAllocator& alloc, void* stream);
 

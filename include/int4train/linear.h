@@ -89,6 +89,17 @@ inline bool below_dense_threshold(int64_t tokens, int64_t in_features, int64_t o
 enum class GemmEngine : int32_t { kAuto = 0, kFp8 = 1, kInt8 = 2 };
 const char* gemm_engine_name(GemmEngine engine);  // "auto", "fp8", "int8"
 
+// The bit-split gradient's scale (hq_bs, hq_lss; recipe option grad_scale=tensor|row):
+//   kTensor  the paper's one scale per tensor, s = max|G| / 119 (the default);
+//   kRow     refined per token row by a power of two (quantize_bitsplit_rows, quantize.h): row i
+//            at s 2^-k_i, k_i <= kGradRowMaxExponent = 4, so a token whose gradient is far below
+//            the tensor's largest keeps up to 4 more bits. The products stay exact: 2^-k_i scales
+//            an output row of the input gradient, and for the weight gradient (where it falls on
+//            the reduction dimension) the kept rows are grouped by their whole exponent e + 4 - k_i
+//            (the CPU: one product per group, int64 sums), then scaled by 2^-4.
+//            LSS's scores are the rows' norms with 2^-k_i. docs/accuracy.md has what it buys.
+enum class GradScaleMode : int32_t { kTensor = 0, kRow = 1 };
+
 struct LinearConfig {
   Recipe recipe = Recipe::kHqLss;
   int32_t hadamard_block = 1;  // HQ recipes: a power of two dividing D; others: must be 1
@@ -97,6 +108,7 @@ struct LinearConfig {
   uint32_t layer = 0;  // layer id, part of every random stream
   double lss_budget = kLssDefaultBudget;  // hq_lss: kept rows per token (above)
   GemmEngine gemm = GemmEngine::kAuto;    // CUDA only: the products' tensor-core format (above)
+  GradScaleMode grad_scale = GradScaleMode::kTensor;  // hq_bs, hq_lss: the bit split's scale
   // CUDA only (linear_forward_cuda / linear_backward_cuda), optional: the training step as an int64
   // device scalar, read by the kernels in place of `step` (its low 32 bits, as philox.h's streams
   // take them), so that the caller never reads it on the host (RandomKey::device_step).
@@ -108,7 +120,8 @@ void check_lss_budget(double lss_budget);
 
 // A recipe spec: a recipe name, optionally followed by options after a colon, comma-separated
 // key=value pairs: hq_lss's lss_budget ("hq_lss:lss_budget=1.5") and the LSQ recipes' gemm = auto,
-// fp8 or int8 ("hq_bs:gemm=int8", "hq_lss:lss_budget=1.5,gemm=int8"). This is how a recipe crosses
+// fp8 or int8 ("hq_bs:gemm=int8", "hq_lss:lss_budget=1.5,gemm=int8"), and hq_bs's and hq_lss's
+// grad_scale = tensor or row ("hq_lss:grad_scale=row"). This is how a recipe crosses
 // string interfaces (the PyTorch ops take it as `str recipe`); lss_budget is parsed with strtod, so
 // a value printed with round-trip precision (Python's repr) is exact. Sets cfg->recipe,
 // cfg->lss_budget and cfg->gemm (kLssDefaultBudget and kAuto when absent). An unknown name or key,

@@ -113,6 +113,15 @@ float absmax(const TensorView& g);
 constexpr int kBitSplitLevels = 119;
 void quantize_bitsplit(const TensorView& g, const RandomKey& rng, TensorView hi, TensorView lo,
                        TensorView scale);
+// Bit splitting with a power-of-two refinement per row (hq_bs / hq_lss with grad_scale=row,
+// linear.h): s = max|G| / 119 as above, but row i is quantized at s * 2^-k_i, where k_i is the
+// largest k <= max_exponent with max|G_i| * 2^k <= max|G| (every k_i is 0 when max|G| is 0 or not
+// finite): q = clamp(floor(G_ij * ((119 / max|G|) * 2^k_i) + u), -119, 119), split as above, so
+// G_i ~ s 2^-k_i (16 hi + lo) with E = G. A row whose largest entry is 2^-k of the tensor's keeps
+// k more bits. max_exponent in [0, kGradRowMaxExponent]; row_exp: int8 vector of N, out (k_i).
+constexpr int kGradRowMaxExponent = 4;
+void quantize_bitsplit_rows(const TensorView& g, int max_exponent, const RandomKey& rng,
+                            TensorView hi, TensorView lo, TensorView scale, TensorView row_exp);
 void quantize_bitsplit_ref(const TensorView& g, const RandomKey& rng, TensorView hi, TensorView lo,
                            TensorView scale);
 

@@ -60,7 +60,8 @@ void parse_recipe_spec(const std::string& spec, LinearConfig* cfg) {
   const Recipe recipe = parse_recipe(spec.substr(0, colon));
   double budget = kLssDefaultBudget;
   GemmEngine gemm = GemmEngine::kAuto;
-  bool seen_budget = false, seen_gemm = false;
+  GradScaleMode grad_scale = GradScaleMode::kTensor;
+  bool seen_budget = false, seen_gemm = false, seen_scale = false;
   if (colon != std::string::npos) {
     const std::string options = spec.substr(colon + 1);
     size_t pos = 0;
@@ -71,12 +72,15 @@ void parse_recipe_spec(const std::string& spec, LinearConfig* cfg) {
       const size_t eq = item.find('=');
       const std::string key = item.substr(0, eq);
       const std::string value = eq == std::string::npos ? std::string() : item.substr(eq + 1);
-      bool* seen = key == "lss_budget" ? &seen_budget : key == "gemm" ? &seen_gemm : nullptr;
+      bool* seen = key == "lss_budget"   ? &seen_budget
+                   : key == "gemm"       ? &seen_gemm
+                   : key == "grad_scale" ? &seen_scale
+                                         : nullptr;
       if (seen == nullptr) {
         throw_error(ErrorKind::kValue,
                     "recipe: unknown option '" + key + "' in '" + spec +
-                        "'; expected NAME, hq_lss:lss_budget=X or an LSQ recipe with "
-                        "gemm=auto|fp8|int8");
+                        "'; expected NAME, hq_lss:lss_budget=X, an LSQ recipe with "
+                        "gemm=auto|fp8|int8 or hq_bs / hq_lss with grad_scale=tensor|row");
       }
       if (*seen) {
         throw_error(ErrorKind::kValue,
@@ -95,6 +99,16 @@ void parse_recipe_spec(const std::string& spec, LinearConfig* cfg) {
                       "recipe: lss_budget expects a number, got '" + value + "' in '" + spec + "'");
         }
         check_lss_budget(budget);
+      } else if (key == "grad_scale") {
+        if (recipe != Recipe::kHqBs && recipe != Recipe::kHqLss) {
+          throw_error(ErrorKind::kValue,
+                      "recipe: grad_scale applies to hq_bs and hq_lss, got '" + spec + "'");
+        }
+        if (value != "tensor" && value != "row") {
+          throw_error(ErrorKind::kValue, "recipe: grad_scale expects tensor or row, got '" + value +
+                                             "' in '" + spec + "'");
+        }
+        grad_scale = value == "row" ? GradScaleMode::kRow : GradScaleMode::kTensor;
       } else {
         bool known = false;
         for (GemmEngine e : {GemmEngine::kAuto, GemmEngine::kFp8, GemmEngine::kInt8}) {
@@ -122,6 +136,7 @@ void parse_recipe_spec(const std::string& spec, LinearConfig* cfg) {
   cfg->recipe = recipe;
   cfg->lss_budget = budget;
   cfg->gemm = gemm;
+  cfg->grad_scale = grad_scale;
 }
 
 bool recipe_uses_lsq(Recipe recipe) {
@@ -501,12 +516,29 @@ void products_bitsplit(const LinearConfig& cfg, bool sample, const TensorView& g
   const int64_t n = gy.rows(), c = gy.cols(), d = qw.cols;
   Buffer<int8_t> hi(n, c), lo(n, c);
   float sg = 0.0f;
-  quantize_bitsplit(gy, key(cfg, RandomPurpose::kGradRound), hi.view(DType::kInt8),
-                    lo.view(DType::kInt8), make_scalar(&sg, DType::kFloat32));
+  // grad_scale=row: token i's rows carry 2^-k_i (k_i <= kGradRowMaxExponent); every exponent below
+  // is offset by row_shift = kGradRowMaxExponent so that it stays >= 0, and the sums are scaled by
+  // 2^-row_shift at the end (exact: a power of two).
+  const bool by_row = cfg.grad_scale == GradScaleMode::kRow;
+  const int row_shift = by_row ? kGradRowMaxExponent : 0;
+  std::vector<int8_t> row_exp(static_cast<size_t>(n), 0);
+  if (by_row) {
+    quantize_bitsplit_rows(gy, kGradRowMaxExponent, key(cfg, RandomPurpose::kGradRound),
+                           hi.view(DType::kInt8), lo.view(DType::kInt8),
+                           make_scalar(&sg, DType::kFloat32),
+                           make_vector(row_exp.data(), DType::kInt8, n));
+  } else {
+    quantize_bitsplit(gy, key(cfg, RandomPurpose::kGradRound), hi.view(DType::kInt8),
+                      lo.view(DType::kInt8), make_scalar(&sg, DType::kFloat32));
+  }
   auto row_ptr = [&](int64_t i) -> const int8_t* {
     return i < n ? hi.data.data() + i * c : lo.data.data() + (i - n) * c;
   };
-  auto base_exp = [&](int64_t i) { return i < n ? 4 : 0; };  // the x16 of the hi rows
+  // The x16 of the hi rows and the token's row exponent.
+  auto base_exp = [&](int64_t i) {
+    return (i < n ? 4 : 0) + row_shift - row_exp[static_cast<size_t>(i % n)];
+  };
+  auto row_factor = [&](int64_t i) { return std::ldexp(1.0f, -row_exp[static_cast<size_t>(i)]); };
 
   // Row scores ||R_i|| up to the common factor s_g.
   std::vector<float> hi_norm(static_cast<size_t>(n)), lo_norm(static_cast<size_t>(n));
@@ -550,8 +582,8 @@ void products_bitsplit(const LinearConfig& cfg, bool sample, const TensorView& g
   if (out.want_dx) {
     std::vector<float> scores(static_cast<size_t>(2 * n));
     for (int64_t i = 0; i < n; ++i) {
-      scores[static_cast<size_t>(i)] = 16.0f * hi_norm[static_cast<size_t>(i)];
-      scores[static_cast<size_t>(n + i)] = lo_norm[static_cast<size_t>(i)];
+      scores[static_cast<size_t>(i)] = 16.0f * hi_norm[static_cast<size_t>(i)] * row_factor(i);
+      scores[static_cast<size_t>(n + i)] = lo_norm[static_cast<size_t>(i)] * row_factor(i);
     }
     select(scores, RandomPurpose::kSampleInput, rows, exps);
     if (stats) stats->input_rows_kept = sample ? static_cast<int64_t>(rows.size()) : 0;
@@ -573,7 +605,10 @@ void products_bitsplit(const LinearConfig& cfg, bool sample, const TensorView& g
       }
     }
     const double scale = static_cast<double>(sg) * static_cast<double>(sw);
-    for (size_t i = 0; i < acc.size(); ++i) out.dx.data[i] = static_cast<float>(scale * acc[i]);
+    for (size_t i = 0; i < acc.size(); ++i) {
+      out.dx.data[i] =
+          static_cast<float>(scale * std::ldexp(static_cast<double>(acc[i]), -row_shift));
+    }
   }
   if (out.want_dw) {
     std::vector<float> xnorm(static_cast<size_t>(n));
@@ -582,8 +617,10 @@ void products_bitsplit(const LinearConfig& cfg, bool sample, const TensorView& g
     }
     std::vector<float> scores(static_cast<size_t>(2 * n));
     for (int64_t i = 0; i < n; ++i) {
-      scores[static_cast<size_t>(i)] = 16.0f * hi_norm[static_cast<size_t>(i)] * xnorm[i];
-      scores[static_cast<size_t>(n + i)] = lo_norm[static_cast<size_t>(i)] * xnorm[i];
+      scores[static_cast<size_t>(i)] =
+          16.0f * hi_norm[static_cast<size_t>(i)] * xnorm[i] * row_factor(i);
+      scores[static_cast<size_t>(n + i)] =
+          lo_norm[static_cast<size_t>(i)] * xnorm[i] * row_factor(i);
     }
     select(scores, RandomPurpose::kSampleWeight, rows, exps);
     if (stats) stats->weight_rows_kept = sample ? static_cast<int64_t>(rows.size()) : 0;
@@ -609,7 +646,10 @@ void products_bitsplit(const LinearConfig& cfg, bool sample, const TensorView& g
       for (size_t i = 0; i < acc.size(); ++i) acc[i] += static_cast<int64_t>(p.data[i]) << e;
     }
     const double scale = static_cast<double>(sg) * static_cast<double>(sx);
-    for (size_t i = 0; i < acc.size(); ++i) out.dw.data[i] = static_cast<float>(scale * acc[i]);
+    for (size_t i = 0; i < acc.size(); ++i) {
+      out.dw.data[i] =
+          static_cast<float>(scale * std::ldexp(static_cast<double>(acc[i]), -row_shift));
+    }
   }
 }
 

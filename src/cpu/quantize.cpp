@@ -570,22 +570,56 @@ float absmax(const TensorView& g) {
 // ----------------------------------------------------------------------------------------
 // gradients
 
-void quantize_bitsplit(const TensorView& g, const RandomKey& rng, TensorView hi, TensorView lo,
-                       TensorView scale) {
+namespace {
+
+// quantize_bitsplit (max_exponent 0) and quantize_bitsplit_rows.
+void bitsplit_impl(const TensorView& g, int max_exponent, const RandomKey& rng, TensorView hi,
+                   TensorView lo, TensorView scale, const TensorView* row_exp) {
   check_gradient_quantizer(g, scale);
   const int64_t rows = g.shape[0], cols = g.shape[1];
   detail::check_codes_out(hi, "hi", rows, cols, true);
   detail::check_codes_out(lo, "lo", rows, cols, true);
+  if (row_exp != nullptr) {
+    if (max_exponent < 0 || max_exponent > kGradRowMaxExponent) {
+      throw_error(ErrorKind::kValue, "max_exponent: expected an integer in [0, " +
+                                         std::to_string(kGradRowMaxExponent) + "], got " +
+                                         std::to_string(max_exponent));
+    }
+    check_dtype(*row_exp, "row_exp", {DType::kInt8});
+    check_vector(*row_exp, "row_exp", rows);
+  }
   const auto& k = detail::quant_kernels();
   const float amax = absmax_impl(g, k);
+  // Each row's exponent k_i (0 unless max|G| is finite and non-zero) and its 119 / max|G| * 2^k_i.
+  std::vector<float> row_inv;
+  std::vector<int8_t> exps(static_cast<size_t>(row_exp != nullptr ? rows : 0), 0);
+  const float levels = static_cast<float>(kBitSplitLevels);
+  const float inv = amax == 0.0f ? 0.0f : levels / amax;
+  if (max_exponent > 0 && amax > 0.0f && std::isfinite(amax)) {
+    row_inv.resize(static_cast<size_t>(rows));
+    detail::parallel_for(rows, 64, [&](int64_t rb, int64_t re) {
+      for (int64_t i = rb; i < re; ++i) {
+        const uint32_t bits =
+            g.dtype == DType::kFloat32
+                ? k.absmax_bits_f32(g.ptr<const float>() + i * g.strides[0], cols)
+                : k.absmax_bits_bf16(g.ptr<const uint16_t>() + i * g.strides[0], cols);
+        const float rmax = float_from_bits(bits);
+        int e = 0;
+        while (e < max_exponent && std::ldexp(rmax, e + 1) <= amax) ++e;
+        if (!exps.empty()) exps[static_cast<size_t>(i)] = static_cast<int8_t>(e);
+        row_inv[static_cast<size_t>(i)] = std::ldexp(inv, e);
+      }
+    });
+  }
+  if (row_exp != nullptr) {
+    for (int64_t i = 0; i < rows; ++i) row_exp->ptr<int8_t>()[i] = exps[static_cast<size_t>(i)];
+  }
   if (amax == 0.0f) {
     zero_codes(hi);
     zero_codes(lo);
     write_scale(scale, 0.0f);
     return;
   }
-  const float levels = static_cast<float>(kBitSplitLevels);
-  const float inv = levels / amax;
   run_tiles(rows, cols, kGrainRandom, [&](int64_t, int64_t eb, int64_t ee) {
     float xbuf[kQuantTile + 2], ubuf[kUniformScratch];
     int8_t hbuf[kQuantTile + 2], lbuf[kQuantTile + 2];
@@ -595,11 +629,30 @@ void quantize_bitsplit(const TensorView& g, const RandomKey& rng, TensorView hi,
     int8_t* lout = direct_i8(lo, eb, ee);
     int8_t* hdst = hout != nullptr ? hout : hbuf;
     int8_t* ldst = lout != nullptr ? lout : lbuf;
-    k.bitsplit_codes(xv, u, ee - eb, inv, hdst, ldst);
+    if (row_inv.empty()) {
+      k.bitsplit_codes(xv, u, ee - eb, inv, hdst, ldst);
+    } else {
+      for_segments(cols, eb, ee, [&](int64_t i, int64_t, int64_t len, int64_t off) {
+        k.bitsplit_codes(xv + off, u + off, len, row_inv[static_cast<size_t>(i)], hdst + off,
+                         ldst + off);
+      });
+    }
     if (hout == nullptr) store_codes_tile(hi, eb, ee, hdst, k);
     if (lout == nullptr) store_codes_tile(lo, eb, ee, ldst, k);
   });
   write_scale(scale, amax / levels);
+}
+
+}  // namespace
+
+void quantize_bitsplit(const TensorView& g, const RandomKey& rng, TensorView hi, TensorView lo,
+                       TensorView scale) {
+  bitsplit_impl(g, 0, rng, hi, lo, scale, nullptr);
+}
+
+void quantize_bitsplit_rows(const TensorView& g, int max_exponent, const RandomKey& rng,
+                            TensorView hi, TensorView lo, TensorView scale, TensorView row_exp) {
+  bitsplit_impl(g, max_exponent, rng, hi, lo, scale, &row_exp);
 }
 
 void quantize_stochastic(const TensorView& g, int qmax, const RandomKey& rng, TensorView codes,

@@ -109,6 +109,11 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
                 std::string("recipe: linear_backward_cuda implements hq_bs and hq_lss so far, got ") +
                     recipe_name(cfg.recipe));
   }
+  if (cfg.grad_scale != GradScaleMode::kTensor) {
+    throw_error(ErrorKind::kNotImplemented,
+                "recipe: linear_backward_cuda implements grad_scale=tensor so far, got "
+                "grad_scale=row (the PyTorch ops run it on the device-generic path)");
+  }
   check_dtype(a.grad_y, "grad_y", {DType::kFloat32, DType::kBFloat16});
   check_device_matrix(a.grad_y, "grad_y");
   check_dtype(a.w, "w", {DType::kFloat32, DType::kBFloat16});

@@ -335,6 +335,97 @@ TEST(LinearLss, BudgetTwoIsBitSplitAndBudgetSetsKeptRows) {
   }
 }
 
+// grad_scale=row (linear.h): the same expectation as grad_scale=tensor (both unbiased given the
+// forward's codes), for hq_bs and hq_lss; with hq_bs a much smaller error on the tokens whose
+// gradient is small (make_problem's rows of 0.05 against 1: k = 4, 4 more bits); lss_budget 2 is
+// hq_bs bit for bit with row scales too.
+TEST(LinearGradScale, RowScalesAreUnbiasedAndResolveSmallRows) {
+  Problem p = make_problem(42, 64, 48, 6);
+  LinearConfig cfg = hq_config(Recipe::kHqBs, 5);
+  const LayerRun base = initialised_forward(cfg, p);
+  LinearConfig row = cfg;
+  row.grad_scale = GradScaleMode::kRow;
+  LayerRun bs = base, lss2 = base;
+  backward(row, p, bs);
+  LinearConfig all = row;
+  all.recipe = Recipe::kHqLss;
+  all.lss_budget = 2.0;
+  backward(all, p, lss2);
+  EXPECT_EQ(lss2.dx, bs.dx);
+  EXPECT_EQ(lss2.dw, bs.dw);
+  // Per-element mean and variance of dx and dw over `draws` seeds.
+  struct Moments {
+    std::vector<double> mean, var;
+  };
+  auto moments = [&](const LinearConfig& c, int draws, uint64_t seed0) {
+    const size_t m = static_cast<size_t>(p.n * p.d + p.c * p.d);
+    std::vector<double> s1(m, 0.0), s2(m, 0.0);
+    LinearConfig c2 = c;
+    for (int t = 0; t < draws; ++t) {
+      c2.seed = seed0 + t;
+      LayerRun run = base;
+      backward(c2, p, run);
+      for (size_t i = 0; i < m; ++i) {
+        const double v = i < run.dx.size() ? run.dx[i] : run.dw[i - run.dx.size()];
+        s1[i] += v;
+        s2[i] += v * v;
+      }
+    }
+    Moments out{std::vector<double>(m), std::vector<double>(m)};
+    for (size_t i = 0; i < m; ++i) {
+      out.mean[i] = s1[i] / draws;
+      out.var[i] = std::max(0.0, (s2[i] - s1[i] * out.mean[i]) / (draws - 1));
+    }
+    return out;
+  };
+  // RMS of the small-row tokens' (i % 7 != 0) input-gradient error of one draw against a mean,
+  // relative to the mean's norm there.
+  auto small_rows_error = [&](const std::vector<float>& dx, const std::vector<double>& ref) {
+    double e = 0, n = 0;
+    for (int64_t i = 0; i < p.n; ++i) {
+      if (i % 7 == 0) continue;
+      for (int64_t j = 0; j < p.d; ++j) {
+        const size_t at = static_cast<size_t>(i * p.d + j);
+        e += (dx[at] - ref[at]) * (dx[at] - ref[at]);
+        n += ref[at] * ref[at];
+      }
+    }
+    return std::sqrt(e / n);
+  };
+  const int draws = 600;
+  for (Recipe r : {Recipe::kHqBs, Recipe::kHqLss}) {
+    LinearConfig t = cfg, rr = row;
+    t.recipe = rr.recipe = r;
+    const Moments mt = moments(t, draws, 1000), mr = moments(rr, draws, 90000);
+    // Unbiased: the two means differ by their noise only, z = (m_r - m_t) / sqrt(v_r/D + v_t/D)
+    // has an RMS of about 1 over the elements (a bias of either would raise it).
+    double z2 = 0;
+    int64_t counted = 0;
+    for (size_t i = 0; i < mt.mean.size(); ++i) {
+      const double v = (mr.var[i] + mt.var[i]) / draws;
+      if (v == 0.0) {
+        EXPECT_EQ(mr.mean[i], mt.mean[i]) << i;
+        continue;
+      }
+      z2 += (mr.mean[i] - mt.mean[i]) * (mr.mean[i] - mt.mean[i]) / v;
+      ++counted;
+    }
+    const double zrms = std::sqrt(z2 / static_cast<double>(counted));
+    RecordProperty(std::string(recipe_name(r)) + "_z_rms", std::to_string(zrms));
+    EXPECT_GT(counted, static_cast<int64_t>(mt.mean.size() / 2)) << recipe_name(r);
+    EXPECT_NEAR(zrms, 1.0, 0.15) << recipe_name(r);
+    // One draw against the long mean: hq_bs's small tokens several times more precise.
+    LayerRun one_t = base, one_r = base;
+    t.seed = rr.seed = 7;
+    backward(t, p, one_t);
+    backward(rr, p, one_r);
+    const double et = small_rows_error(one_t.dx, mt.mean), er = small_rows_error(one_r.dx, mt.mean);
+    RecordProperty(std::string(recipe_name(r)) + "_small_rows_err_tensor", std::to_string(et));
+    RecordProperty(std::string(recipe_name(r)) + "_small_rows_err_row", std::to_string(er));
+    if (r == Recipe::kHqBs) EXPECT_LT(er, 0.25 * et);
+  }
+}
+
 TEST(LinearLss, RecipeSpecParsesAndRejects) {
   LinearConfig cfg;
   parse_recipe_spec("hq_bs", &cfg);
@@ -361,7 +452,24 @@ TEST(LinearLss, RecipeSpecParsesAndRejects) {
   parse_recipe_spec("hq", &cfg);  // every option back to its default
   EXPECT_EQ(cfg.gemm, GemmEngine::kAuto);
   EXPECT_EQ(cfg.lss_budget, kLssDefaultBudget);
+  EXPECT_EQ(cfg.grad_scale, GradScaleMode::kTensor);
+  parse_recipe_spec("hq_lss:lss_budget=1.5,grad_scale=row", &cfg);
+  EXPECT_EQ(cfg.grad_scale, GradScaleMode::kRow);
+  EXPECT_EQ(cfg.lss_budget, 1.5);
+  parse_recipe_spec("hq_bs:grad_scale=tensor", &cfg);
+  EXPECT_EQ(cfg.grad_scale, GradScaleMode::kTensor);
+  parse_recipe_spec("hq_bs:grad_scale=row,gemm=int8", &cfg);
+  EXPECT_EQ(cfg.grad_scale, GradScaleMode::kRow);
+  EXPECT_EQ(cfg.gemm, GemmEngine::kInt8);
+  parse_recipe_spec("hq_bs", &cfg);
+  EXPECT_EQ(cfg.grad_scale, GradScaleMode::kTensor);
   for (const char* bad : {"hq_bs:lss_budget=1.5",
+                          "hq:grad_scale=row",
+                          "lsq_luq:grad_scale=row",
+                          "fp:grad_scale=tensor",
+                          "hq_bs:grad_scale=",
+                          "hq_bs:grad_scale=token",
+                          "hq_bs:grad_scale=row,grad_scale=row",
                           "hq_lss:lss_budget=",
                           "hq_lss:lss_budget",
                           "hq_lss:lss_budget=abc",
@@ -391,7 +499,8 @@ TEST(LinearLss, RecipeSpecParsesAndRejects) {
       const std::string what = e.what();
       EXPECT_TRUE(what.find("recipe") != std::string::npos ||
                   what.find("lss_budget") != std::string::npos ||
-                  what.find("gemm") != std::string::npos)
+                  what.find("gemm") != std::string::npos ||
+                  what.find("grad_scale") != std::string::npos)
           << bad << ": " << what;
     }
   }

@@ -827,6 +827,153 @@ TEST(BitSplit, ExactWhenIntegralAndZeroForZeros) {
   for (float f : v.f32) EXPECT_EQ(f, 0.0f);
 }
 
+// quantize_bitsplit_rows: each row's exponent follows the rule of quantize.h (boundaries included),
+// its codes are the stochastic rounding of G * (119 / max|G|) * 2^k_i with the same uniforms as
+// quantize_bitsplit, every output layout and input dtype gives the same codes, and max_exponent 0
+// or a non-finite max|G| is quantize_bitsplit itself.
+TEST(BitSplitRows, ExponentsAndCodesFollowTheRule) {
+  const int64_t rows = 7, cols = 37;
+  // Row maxima relative to max|G| (row 0): 1, 1/2 (k = 1 exactly), above 1/2 (k = 0),
+  // 0.3 (k = 1), 1/16 (k = 4), 1e-3 (capped at 4), 0 (4).
+  const float rel[rows] = {1.0f, 0.5f, 0.52f, 0.3f, 0.0625f, 1e-3f, 0.0f};
+  const int want_k[rows] = {0, 1, 0, 1, 4, 4, 4};
+  for (DType dt : {DType::kFloat32, DType::kBFloat16}) {
+    HostMatrix g = random_matrix(rows, cols, 11, 1.0f, dt, 3);
+    for (int64_t i = 0; i < rows; ++i) {
+      float m = 0.0f;
+      for (int64_t j = 0; j < cols; ++j) m = std::max(m, std::fabs(g.get(i, j)));
+      for (int64_t j = 0; j < cols; ++j) g.set(i, j, g.get(i, j) / m * 8.0f * rel[i]);
+      g.set(i, 5, rel[i] * 8.0f);  // the row's maximum, exactly (a power-of-two multiple of rel)
+    }
+    const float amax = 8.0f;
+    ASSERT_EQ(absmax(g.view()), amax);
+    Codes hi(rows, cols, DType::kInt8), lo(rows, cols, DType::kInt8);
+    Codes hip(rows, cols, DType::kInt4Packed), lop(rows, cols, DType::kInt4Packed);
+    std::vector<int8_t> k(rows, -1), kp(rows, -1);
+    float s = 0, sp = 0;
+    quantize_bitsplit_rows(g.view(), kGradRowMaxExponent, key(3), hi.view(), lo.view(),
+                           scalar_view(&s), make_vector(k.data(), DType::kInt8, rows));
+    quantize_bitsplit_rows(g.view(), kGradRowMaxExponent, key(3), hip.view(), lop.view(),
+                           scalar_view(&sp), make_vector(kp.data(), DType::kInt8, rows));
+    EXPECT_EQ(s, amax / kBitSplitLevels);
+    EXPECT_EQ(sp, s);
+    const float inv = static_cast<float>(kBitSplitLevels) / amax;
+    for (int64_t i = 0; i < rows; ++i) {
+      EXPECT_EQ(k[i], want_k[i]) << "row " << i;
+      EXPECT_EQ(kp[i], k[i]);
+      const float row_inv = std::ldexp(inv, k[i]);
+      for (int64_t j = 0; j < cols; ++j) {
+        const float u = random_uniform(3, key(3).stream, static_cast<uint64_t>(i * cols + j));
+        const float v = std::floor(g.get(i, j) * row_inv + u);
+        const int q = static_cast<int>(std::min(std::max(v, -119.0f), 119.0f));
+        const int h = static_cast<int>(std::floor((q + 8) / 16.0));
+        ASSERT_EQ(hi.at(i, j), h) << i << "," << j;
+        ASSERT_EQ(lo.at(i, j), q - 16 * h) << i << "," << j;
+        ASSERT_EQ(hip.at(i, j), h);
+        ASSERT_EQ(lop.at(i, j), q - 16 * h);
+      }
+    }
+    // max_exponent 0: quantize_bitsplit, every k 0.
+    Codes h0(rows, cols, DType::kInt8), l0(rows, cols, DType::kInt8);
+    Codes hb(rows, cols, DType::kInt8), lb(rows, cols, DType::kInt8);
+    float s0 = 0, sb = 0;
+    quantize_bitsplit_rows(g.view(), 0, key(3), h0.view(), l0.view(), scalar_view(&s0),
+                           make_vector(k.data(), DType::kInt8, rows));
+    quantize_bitsplit(g.view(), key(3), hb.view(), lb.view(), scalar_view(&sb));
+    EXPECT_EQ(h0.i8, hb.i8);
+    EXPECT_EQ(l0.i8, lb.i8);
+    EXPECT_EQ(s0, sb);
+    for (int64_t i = 0; i < rows; ++i) EXPECT_EQ(k[i], 0);
+    // A NaN makes max|G| NaN: every k 0, the codes those of quantize_bitsplit.
+    g.set(3, 2, std::numeric_limits<float>::quiet_NaN());
+    quantize_bitsplit_rows(g.view(), kGradRowMaxExponent, key(3), h0.view(), l0.view(),
+                           scalar_view(&s0), make_vector(k.data(), DType::kInt8, rows));
+    quantize_bitsplit(g.view(), key(3), hb.view(), lb.view(), scalar_view(&sb));
+    EXPECT_EQ(h0.i8, hb.i8);
+    EXPECT_EQ(l0.i8, lb.i8);
+    EXPECT_TRUE(std::isnan(s0));
+    for (int64_t i = 0; i < rows; ++i) EXPECT_EQ(k[i], 0);
+  }
+  // All zeros: zero codes, scale 0, every k 0.
+  HostMatrix z(3, 5);
+  Codes hz(3, 5, DType::kInt8), lz(3, 5, DType::kInt8);
+  std::vector<int8_t> kz(3, 7);
+  float sz = -1;
+  quantize_bitsplit_rows(z.view(), kGradRowMaxExponent, key(1), hz.view(), lz.view(),
+                         scalar_view(&sz), make_vector(kz.data(), DType::kInt8, 3));
+  EXPECT_EQ(sz, 0.0f);
+  for (int8_t v : kz) EXPECT_EQ(v, 0);
+  for (int8_t v : hz.i8) EXPECT_EQ(v, 0);
+  for (int8_t v : lz.i8) EXPECT_EQ(v, 0);
+  // Argument errors.
+  std::vector<int8_t> short_k(2);
+  expect_error(
+      [&] {
+        quantize_bitsplit_rows(z.view(), 5, key(1), hz.view(), lz.view(), scalar_view(&sz),
+                               make_vector(kz.data(), DType::kInt8, 3));
+      },
+      "max_exponent");
+  expect_error(
+      [&] {
+        quantize_bitsplit_rows(z.view(), -1, key(1), hz.view(), lz.view(), scalar_view(&sz),
+                               make_vector(kz.data(), DType::kInt8, 3));
+      },
+      "max_exponent");
+  expect_error(
+      [&] {
+        quantize_bitsplit_rows(z.view(), 4, key(1), hz.view(), lz.view(), scalar_view(&sz),
+                               make_vector(short_k.data(), DType::kInt8, 2));
+      },
+      "row_exp");
+}
+
+// Unbiased: the mean of many draws of s 2^-k_i (16 hi + lo) approaches G, on a gradient whose rows
+// span a factor of 32 (every exponent 0..4 occurs).
+TEST(BitSplitRows, Unbiased) {
+  HostMatrix g = random_matrix(32, 64, 21, 1e-3f);
+  for (int64_t i = 0; i < g.rows; ++i)
+    for (int64_t j = 0; j < g.cols; ++j) g.set(i, j, std::ldexp(g.get(i, j), -(i % 6)));
+  // max|G| = 119 / 1024, so that s = 2^-10 and 119 / max|G| are exact and the expectation of a
+  // draw is G itself, not G times (119 / max|G|) * (max|G| / 119) rounded.
+  const float m = absmax(g.view()), top = 119.0f / 1024.0f;
+  for (int64_t i = 0; i < g.rows; ++i)
+    for (int64_t j = 0; j < g.cols; ++j) {
+      const float v = g.get(i, j);
+      g.set(i, j, std::fabs(v) == m ? std::copysign(top, v) : std::min(v / m * top, top));
+    }
+  ASSERT_EQ(absmax(g.view()), top);
+  float s = 0;
+  std::vector<int8_t> k(static_cast<size_t>(g.rows));
+  DrawFn draw = [&](const HostMatrix& m, uint64_t seed, std::vector<double>& out) {
+    Codes hi(m.rows, m.cols, DType::kInt8), lo(m.rows, m.cols, DType::kInt8);
+    HostMatrix& mm = const_cast<HostMatrix&>(m);
+    quantize_bitsplit_rows(mm.view(), kGradRowMaxExponent, key(seed), hi.view(), lo.view(),
+                           scalar_view(&s), make_vector(k.data(), DType::kInt8, m.rows));
+    for (int64_t e = 0; e < m.rows * m.cols; ++e) {
+      const int64_t i = e / m.cols, j = e % m.cols;
+      out[e] = std::ldexp(static_cast<double>(s), -k[i]) * (16 * hi.at(i, j) + lo.at(i, j));
+    }
+  };
+  std::vector<double> tmp(static_cast<size_t>(g.rows * g.cols));
+  draw(g, 0, tmp);
+  std::vector<int> seen(kGradRowMaxExponent + 1, 0);
+  for (int8_t v : k) seen[v] = 1;
+  for (int e = 0; e <= kGradRowMaxExponent; ++e) EXPECT_EQ(seen[e], 1) << "exponent " << e;
+  // Per-element sd of one draw: that of stochastic rounding at the row's own step.
+  const float inv = static_cast<float>(kBitSplitLevels) / absmax(g.view());
+  std::vector<double> sd;
+  for (int64_t i = 0; i < g.rows; ++i) {
+    const float row_inv = std::ldexp(inv, k[i]);
+    const double step = std::ldexp(static_cast<double>(s), -k[i]);
+    for (int64_t j = 0; j < g.cols; ++j) {
+      const double v = static_cast<double>(g.get(i, j) * row_inv);
+      const double f = v - std::floor(v);
+      sd.push_back(step * std::sqrt(f * (1 - f)));
+    }
+  }
+  expect_unbiased(g, draw, sd, 150);
+}
+
 class StochasticQmax : public ::testing::TestWithParam<int> {};
 
 TEST_P(StochasticQmax, Unbiased) {
