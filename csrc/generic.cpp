@@ -231,20 +231,36 @@ Codes stochastic_codes(const Tensor& g32, int qmax, const Tensor& u) {
 
 struct BitSplit {
   Tensor hi, lo, scale;
+  Tensor row;  // GradScaleMode::kRow: each row's factor 2^-k_i (fp64, N); undefined for kTensor
 };
 
 // quantize_bitsplit: q = clamp(floor(g * (119 / max|g|) + u)), hi = floor((q + 8) / 16).
-BitSplit bitsplit_codes(const Tensor& g32, const Tensor& u) {
+BitSplit bitsplit_codes(const Tensor& g32, const Tensor& u, bool rows = false) {
   const Tensor amax = absmax_of(g32);
   const Tensor zero = amax == 0;
   const Tensor levels = at::full({}, static_cast<float>(kBitSplitLevels), g32.options());
   const Tensor inv = levels / at::where(zero, at::ones_like(amax), amax);
-  Tensor q = stochastic_round_clamp(g32 * inv, u, -kBitSplitLevels, kBitSplitLevels).to(at::kInt);
+  Tensor v, row;
+  if (rows) {
+    // quantize_bitsplit_rows: k_i = the largest k <= 4 with max|G_i| 2^k <= max|G| (0 unless max|G|
+    // is finite and non-zero); row i at inv 2^k_i.
+    const Tensor rmax = g32.abs().amax(1);
+    Tensor k = at::zeros({g32.size(0)}, g32.options());
+    for (int j = 1; j <= kGradRowMaxExponent; ++j) {
+      k = k + (rmax * static_cast<float>(std::ldexp(1.0, j)) <= amax).to(at::kFloat);
+    }
+    k = at::where(at::isfinite(amax) & (amax > 0), k, at::zeros_like(k));
+    v = g32 * (inv * at::exp2(k)).unsqueeze(1);
+    row = at::exp2(-k.to(at::kDouble));
+  } else {
+    v = g32 * inv;
+  }
+  Tensor q = stochastic_round_clamp(v, u, -kBitSplitLevels, kBitSplitLevels).to(at::kInt);
   q = at::where(zero, at::zeros_like(q), q);
   const Tensor hi = at::floor_divide(q + 8, 16);
   const Tensor lo = q - 16 * hi;
-  return {hi.to(at::kChar), lo.to(at::kChar),
-          at::where(zero, at::zeros_like(amax), amax / levels)};
+  return {hi.to(at::kChar), lo.to(at::kChar), at::where(zero, at::zeros_like(amax), amax / levels),
+          row};
 }
 
 // quantize_luq codes and dequantize_luq values (fp32).
@@ -502,7 +518,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(
 #ifdef INT4TRAIN_TORCH_CUDA
   const bool device_kernels = cuda_bridge::runs_kernels(grad_y) &&
                               (cfg.recipe == Recipe::kHqBs || cfg.recipe == Recipe::kHqLss) &&
-                              n > 0 && d > 0 && c > 0;
+                              cfg.grad_scale == GradScaleMode::kTensor && n > 0 && d > 0 && c > 0;
 #else
   const bool device_kernels = false;
 #endif
@@ -621,21 +637,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(
     if (need_dw) dw = at::mm(gl.t(), sx * qx.to(at::kFloat));
   } else {
     const bool sample = cfg.recipe == Recipe::kHqLss;
-    const BitSplit bs = bitsplit_codes(g32, uniforms_of(grad_words(n * c)).reshape({n, c}));
+    const bool rows = cfg.grad_scale == GradScaleMode::kRow;
+    const BitSplit bs = bitsplit_codes(g32, uniforms_of(grad_words(n * c)).reshape({n, c}), rows);
     const Tensor hi = bs.hi.to(at::kDouble), lo = bs.lo.to(at::kDouble);
     Tensor hi_norm, lo_norm;
     if (sample) {
       hi_norm = code_row_norms(bs.hi);
       lo_norm = code_row_norms(bs.lo);
+      if (rows) {
+        hi_norm = hi_norm * bs.row.to(at::kFloat);
+        lo_norm = lo_norm * bs.row.to(at::kFloat);
+      }
     }
     // Per-row weights of the hi and lo rows (16 and 1 without sampling), then one exact product.
     const auto weights = [&](const Tensor& scores, RandomPurpose purpose, int64_t stat) {
+      Tensor w_hi, w_lo;
       if (!sample) {
-        return std::make_pair(at::full({n}, 16.0, hi.options()), at::ones({n}, hi.options()));
+        w_hi = at::full({n}, 16.0, hi.options());
+        w_lo = at::ones({n}, hi.options());
+      } else {
+        auto [wts, kept] = lss_weights(scores, n, cfg, purpose, stream_hi);
+        out.stats[stat].copy_(kept);
+        w_hi = wts.narrow(0, 0, n);
+        w_lo = wts.narrow(0, n, n);
       }
-      auto [wts, kept] = lss_weights(scores, n, cfg, purpose, stream_hi);
-      out.stats[stat].copy_(kept);
-      return std::make_pair(wts.narrow(0, 0, n), wts.narrow(0, n, n));
+      if (rows) {
+        w_hi = w_hi * bs.row;
+        w_lo = w_lo * bs.row;
+      }
+      return std::make_pair(w_hi, w_lo);
     };
     if (need_dx) {
       Tensor scores;

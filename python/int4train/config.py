@@ -59,6 +59,13 @@ class Recipe:
         but no FP8) or "int8". The integers, and so the results, are the same bit for bit with
         either; the CPU ignores it, and so do GPUs older than compute capability 8.0, which run the
         device-generic ATen path (exact, slower) whatever gemm says.
+    grad_scale: hq_bs and hq_lss: the bit-split gradient's scale: "tensor" (the default, the
+        paper's one scale per tensor, max|G| / 119) or "row" (refined per token by a power of two
+        up to 2^-4, so a token whose gradient is far below the tensor's largest keeps up to 4 more
+        bits; include/int4train/linear.h). The products stay exact and unbiased. On the fine-tune
+        and the language model it brings hq_lss and hq_bs closer to fp (docs/accuracy.md,
+        "Per-row gradient scales"). On CUDA it runs on the device-generic ATen path for now (exact,
+        about 2-3x slower per step than the kernels).
     """
 
     name: str = "hq_lss"
@@ -68,6 +75,7 @@ class Recipe:
     step_init: str = "mse"
     dense_fallback: Union[str, float] = "never"
     gemm: str = "auto"
+    grad_scale: str = "tensor"
 
     def __post_init__(self) -> None:
         if self.name not in RECIPES:
@@ -102,6 +110,10 @@ class Recipe:
                              f"multiply-adds >= 0, got {df!r}")
         else:
             object.__setattr__(self, "dense_fallback", float(df))
+        if self.grad_scale not in ("tensor", "row"):
+            raise ValueError(f"grad_scale must be \"tensor\" or \"row\", got {self.grad_scale!r}")
+        if self.grad_scale != "tensor" and self.name not in ("hq_bs", "hq_lss"):
+            raise ValueError(f"grad_scale applies to hq_bs and hq_lss, got recipe {self.name!r}")
         if self.gemm not in GEMMS:
             raise ValueError(f"gemm must be one of {', '.join(GEMMS)}, got {self.gemm!r}")
         if self.gemm != "auto" and self.name not in _LSQ_RECIPES:
@@ -118,6 +130,8 @@ class Recipe:
             options.append(f"lss_budget={self.lss_budget!r}")
         if self.gemm != "auto":
             options.append(f"gemm={self.gemm}")
+        if self.grad_scale != "tensor":
+            options.append(f"grad_scale={self.grad_scale}")
         return self.name + (":" + ",".join(options) if options else "")
 
     @property
@@ -168,7 +182,8 @@ class Recipe:
             for item in opts.split(",") if colon else []:
                 key, _, value = item.partition("=")
                 kind = {"lss_budget": float, "max_hadamard_block": int, "step_init": str,
-                        "dense_fallback": _fallback_value, "gemm": str}.get(key)
+                        "dense_fallback": _fallback_value, "gemm": str,
+                        "grad_scale": str}.get(key)
                 if kind is None:
                     raise ValueError(f"recipe: unknown option {key!r} in {recipe!r}; expected NAME, "
                                      "hq_lss:lss_budget=X, an hq recipe with max_hadamard_block=G, "

@@ -141,6 +141,28 @@ def test_cuda_lss_budget_matches_cpu_core(budget):
         assert torch.equal(cpu[0], bs[0]) and torch.equal(cpu[1], bs[1])
 
 
+@pytest.mark.parametrize("spec", ["hq_bs:grad_scale=row", "hq_lss:grad_scale=row",
+                                  "hq_lss:lss_budget=1.5,grad_scale=row"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_grad_scale_row_matches_cpu_core(spec, dtype):
+    # grad_scale=row runs on the device-generic path on CUDA (the kernels take tensor scales only):
+    # the same rows, exponents and gradients as the CPU core, on token rows spanning every exponent.
+    name = spec.split(":")[0]
+    args = cpu_args(name, 65, 256, 96, dtype)
+    args[5] = spec
+    y, codes, aux, scale, saved = ops.linear_forward(*args)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    gy = (gy * (2.0 ** -torch.arange(65).remainder(7)).unsqueeze(1)).to(dtype)
+    bargs = [gy, None, codes, aux, scale, args[1], args[3], args[4], spec, args[6], args[7], saved,
+             args[9], [True] * 5]
+    cpu = ops.linear_backward(*bargs)
+    gpu = ops.linear_backward(*to_cuda(bargs))
+    for i in (0, 1, 5):
+        assert torch.equal(cpu[i], gpu[i].cpu()), i
+    for i in (2, 3, 4):  # the bias and step gradients: fp64 sums in another order
+        torch.testing.assert_close(gpu[i].cpu(), cpu[i], rtol=1e-5, atol=1e-6)
+
+
 def test_cuda_lsq_step_kernels_match_cpu():
     # The one-launch steps and their gradients (fp32 and bf16 parameters, mixed) equal the CPU's
     # ATen form, itself equal to PyTorch's clamp_min(abs(p)) autograd (test_ops.py), bit for bit

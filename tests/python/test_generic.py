@@ -71,6 +71,39 @@ def test_generic_linear_matches_core(recipe, dtype):
             assert 0 < int(gen_g[5][0]) < 2 * n + 1
 
 
+@pytest.mark.parametrize("recipe", ["hq_bs", "hq_lss", "hq_lss:lss_budget=1.5"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_generic_row_grad_scale_matches_core(recipe, dtype):
+    # grad_scale=row (the PyTorch ops run it on the generic path on CUDA): the same bits as the core,
+    # on gradients whose token rows span every row exponent 0..4 (and all-zero rows), with
+    # non-finite gradients too.
+    spec = recipe + ("," if ":" in recipe else ":") + "grad_scale=row"
+    name = recipe.split(":")[0]
+    for n, d, c in SHAPES + [(40, 32, 24)]:
+        args = layer_args(name, n, d, c, dtype)
+        y, codes, aux, scale, saved = ops.linear_forward(*args)
+        g = torch.Generator().manual_seed(n + c)
+        gy = torch.randn(y.shape, generator=g) * (2.0 ** -torch.arange(n).remainder(7)).unsqueeze(1)
+        if n > 3:
+            gy[3] = 0
+        for bad in (None, float("inf"), float("nan")):
+            gb = gy.clone()
+            if bad is not None:
+                gb[0, 0] = bad
+            bargs = (gb.to(dtype), None, codes, aux, scale, args[1], args[3], args[4], spec,
+                     args[6], args[7], saved, args[9], [True] * 5)
+            core_g = ops.linear_backward(*bargs)
+            gen_g = ops._generic_linear_backward(*bargs)
+            for k, (a, b) in enumerate(zip(core_g, gen_g)):
+                assert a.dtype == b.dtype and a.shape == b.shape
+                if k in (0, 1, 5):  # grad_x, grad_w, stats: exact
+                    assert torch.equal(a.isnan(), b.isnan()), (k, spec, n, bad)
+                    assert torch.equal(a.nan_to_num(), b.nan_to_num()), (k, spec, n, bad)
+            if bad is None:
+                tensor_g = ops.linear_backward(*bargs[:8], recipe, *bargs[9:])
+                assert not torch.equal(core_g[0], tensor_g[0]) or n == 1
+
+
 def test_generic_masks_and_empty():
     args = layer_args("hq_lss", 9, 16, 4, torch.float32)
     y, codes, aux, scale, saved = ops.linear_forward(*args)

@@ -481,6 +481,38 @@ def test_gemm_recipe():
             assert torch.equal(a, b)
 
 
+def test_grad_scale_recipe():
+    # The bit split's scale: validation, the spec (the ops parse it), the label and Recipe.of; on the
+    # CPU both scales train, and the row scale changes the gradients (core tests: the rule, exactness
+    # and unbiasedness; tests/python/test_generic.py: the generic path's bits).
+    assert Recipe("hq_lss").grad_scale == "tensor" and Recipe("hq_lss").spec == "hq_lss"
+    r = Recipe("hq_lss", lss_budget=1.5, grad_scale="row")
+    assert r.spec == "hq_lss:lss_budget=1.5,grad_scale=row" and Recipe.of(r.spec) == r
+    assert Recipe.of("hq_bs:grad_scale=row").grad_scale == "row"
+    for bad in ("rows", "", None, "TENSOR"):
+        with pytest.raises(ValueError, match="grad_scale must be"):
+            Recipe("hq_bs", grad_scale=bad)
+    for name in ("fp", "int8", "lsq_luq", "hq"):
+        with pytest.raises(ValueError, match="grad_scale applies to hq_bs and hq_lss"):
+            Recipe(name, grad_scale="row")
+    with pytest.raises(ValueError, match="given twice"):
+        Recipe.of("hq_bs:grad_scale=row,grad_scale=row")
+    torch.manual_seed(0)
+    x = torch.randn(24, 32)
+    x[::5] *= 0.01  # tokens with small gradients
+    grads = {}
+    for scale in ("tensor", "row"):
+        layer = Int4Linear(32, 16, recipe=Recipe("hq_bs", seed=3, grad_scale=scale))
+        torch.manual_seed(1)
+        layer.reset_parameters()
+        xx = x.clone().requires_grad_()
+        y = layer(xx)
+        (y * torch.linspace(0.01, 1, 24).unsqueeze(1)).sum().backward()
+        grads[scale] = (xx.grad, layer.weight.grad)
+        assert all(torch.isfinite(g).all() for g in grads[scale])
+    assert not torch.equal(grads["tensor"][0], grads["row"][0])
+
+
 def test_dense_fallback_recipe():
     # The small-shape rule: validation, the label (not the spec: the ops never see it), and the CPU,
     # which never falls back (tests/python/test_cuda.py checks the CUDA branch).

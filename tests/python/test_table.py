@@ -173,6 +173,8 @@ def test_recipe_variants_get_rows_of_their_own(text_file, tmp_path, capsys):
     assert table._recipe_flags("hq_lss:lss_budget=1.5,gemm=int8,step_init=mean_abs") == (
         "hq_lss", ["--lss-budget", "1.5", "--step-init", "mean_abs", "--gemm", "int8"],
         "hq_lss@lss_budget1.5@step_initmean_abs@gemmint8")
+    assert table._recipe_flags("hq_lss:grad_scale=row") == (
+        "hq_lss", ["--grad-scale", "row"], "hq_lss@grad_scalerow")
     # Rows: runs from before step_init existed used mean_abs; a step_lr_scale other than the task
     # preset's gets a row of its own.
     base = dict(run, recipe="hq_bs", recipe_spec="hq_bs", config={"step_lr_scale": 0.01})

@@ -250,6 +250,24 @@ def test_lm_lsq_option(text_file, tmp_path, capsys, flag, value, recipe, default
     assert rc == 2 and f"--{flag} applies to the LSQ recipes" in err
 
 
+def test_lm_grad_scale(text_file, tmp_path, capsys):
+    # --grad-scale row: recorded for hq_bs / hq_lss (None for the others), in the label, another run;
+    # a usage error without them.
+    base = f"--task lm --data {text_file} --steps 3 {LM_TINY}"
+    rc, _, err = run_cli(f"{base} --recipe hq_lss,fp --grad-scale row --out {tmp_path / 'a'}", capsys)
+    assert rc == 0, err
+    lss, fp = load_metrics(tmp_path / "a")
+    assert lss["recipe_spec"] == "hq_lss:grad_scale=row" and lss["config"]["grad_scale"] == "row"
+    assert fp["recipe_spec"] == "fp" and fp["config"]["grad_scale"] is None
+    rc, _, err = run_cli(f"{base} --recipe hq_lss --out {tmp_path / 'b'}", capsys)
+    assert rc == 0, err
+    (plain,) = load_metrics(tmp_path / "b")
+    assert plain["config"]["grad_scale"] == "tensor" and plain["recipe_spec"] == "hq_lss"
+    assert plain["loss_curve"] != lss["loss_curve"]
+    rc, _, err = run_cli(f"{base} --recipe hq,fp --grad-scale row --out {tmp_path / 'c'}", capsys)
+    assert rc == 2 and "--grad-scale applies to hq_bs and hq_lss" in err
+
+
 def test_lm_step_lr_scale(text_file, tmp_path, capsys):
     base = f"--task lm --data {text_file} --steps 3 {LM_TINY}"
     rc, _, err = run_cli(f"{base} --recipe hq_lss --step-lr-scale 0.5 --out {tmp_path / 'd'}", capsys)

@@ -271,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(Recipe.gemm)",
     )
     t.add_argument(
+        "--grad-scale",
+        choices=("tensor", "row"),
+        default="tensor",
+        help="hq_bs and hq_lss: the bit-split gradient's scale: tensor (the paper's, one per tensor) "
+        "or row (refined per token row by a power of two; Recipe.grad_scale)",
+    )
+    t.add_argument(
         "--limit-train", type=_positive_int, help="keep the first N training samples (lm: tokens)"
     )
     t.add_argument(
@@ -424,6 +431,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise UsageError(
             f"--max-hadamard-block applies to the hq recipes, which --recipe {args.recipe!r} does not name"
         )
+    if args.grad_scale != "tensor" and not {"hq_bs", "hq_lss"} & set(recipes):
+        raise UsageError(
+            f"--grad-scale applies to hq_bs and hq_lss, which --recipe {args.recipe!r} does not name"
+        )
     for flag, value in (("--step-init", args.step_init), ("--gemm", args.gemm)):
         if value is not None and not any(Recipe(r).uses_lsq for r in recipes):
             raise UsageError(
@@ -509,6 +520,8 @@ def _run_recipes(args, recipes, hadamard, cfg, device, ranks) -> list[dict[str, 
                 options["step_init"] = args.step_init
             if args.gemm is not None:
                 options["gemm"] = args.gemm
+        if recipe in ("hq_bs", "hq_lss"):
+            options["grad_scale"] = args.grad_scale
         spec = int4train.Recipe(recipe, **options)
         r = T.train_one(
             task,
@@ -534,6 +547,7 @@ def _run_recipes(args, recipes, hadamard, cfg, device, ranks) -> list[dict[str, 
                     "max_hadamard_block": spec.max_hadamard_block if spec.uses_hadamard else None,
                     "step_init": spec.step_init if spec.uses_lsq else None,
                     "gemm": spec.gemm if spec.uses_lsq else None,
+                    "grad_scale": spec.grad_scale if spec.name in ("hq_bs", "hq_lss") else None,
                     "data_flags": {k: getattr(args, k) for k in DATA_FLAGS},
                     "split_seed": args.split_seed,
                 },

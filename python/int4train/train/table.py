@@ -146,6 +146,9 @@ def _recipe_flags(spec: str) -> tuple[str, list[str], str]:
     if r.gemm != "auto":
         flags += ["--gemm", r.gemm]
         folder += f"@gemm{r.gemm}"
+    if r.grad_scale != "tensor":
+        flags += ["--grad-scale", r.grad_scale]
+        folder += f"@grad_scale{r.grad_scale}"
     return r.name, flags, folder
 
 
