@@ -124,9 +124,9 @@ void check_lss_budget(double lss_budget);
 // grad_scale = tensor or row ("hq_lss:grad_scale=row"). This is how a recipe crosses
 // string interfaces (the PyTorch ops take it as `str recipe`); lss_budget is parsed with strtod, so
 // a value printed with round-trip precision (Python's repr) is exact. Sets cfg->recipe,
-// cfg->lss_budget and cfg->gemm (kLssDefaultBudget and kAuto when absent). An unknown name or key,
-// a malformed value, a repeated key or an option the recipe does not take is an Error naming
-// `recipe`.
+// cfg->lss_budget, cfg->gemm and cfg->grad_scale (kLssDefaultBudget, kAuto and kTensor when
+// absent). An unknown name or key, a malformed value, a repeated key or an option the recipe does
+// not take is an Error naming `recipe`.
 void parse_recipe_spec(const std::string& spec, LinearConfig* cfg);
 
 // What the forward saves for the backward, by recipe (the caller allocates; see linear_saved_shapes):

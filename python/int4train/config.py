@@ -188,6 +188,7 @@ class Recipe:
                     raise ValueError(f"recipe: unknown option {key!r} in {recipe!r}; expected NAME, "
                                      "hq_lss:lss_budget=X, an hq recipe with max_hadamard_block=G, "
                                      "an LSQ recipe with step_init=mse|mean_abs or gemm=auto|fp8|int8, "
+                                     "hq_bs / hq_lss with grad_scale=tensor|row, "
                                      "or dense_fallback=never|auto|MACS")
                 if key in options:
                     raise ValueError(f"recipe: option {key!r} given twice in {recipe!r}")

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cctype>
 #include <cmath>
 #include <sstream>
 #include <string>
@@ -73,12 +74,13 @@ TEST_P(Int4LinearTest, ForwardAndBackwardTrackFp) {
   // As in tests/python/test_module.py: ~12 dB is the 4-bit forward's expected SNR on Gaussian data
   // (two operands, each with LSQ-initial-step noise s^2 / 12); the gradients add their quantizer.
   const double fwd_min = recipe == "fp" ? 100 : recipe == "int8" ? 30 : 9;
-  const double bwd_min = recipe == "fp"      ? 100
-                         : recipe == "int8"  ? 28
-                         : recipe == "hq_bs" ? 12
-                         : recipe == "hq"    ? 7
-                         : recipe == "hq_lss" ? 3
-                                              : 6;
+  const std::string name = recipe.substr(0, recipe.find(':'));  // a spec's recipe name
+  const double bwd_min = name == "fp"       ? 100
+                         : name == "int8"   ? 28
+                         : name == "hq_bs"  ? 12
+                         : name == "hq"     ? 7
+                         : name == "hq_lss" ? 3
+                                            : 6;
   EXPECT_GT(snr_db(yr, y), fwd_min);
   EXPECT_GT(snr_db(xr.grad(), x.grad()), bwd_min);
   EXPECT_GT(snr_db(w.grad(), layer->weight.grad()), bwd_min);
@@ -161,6 +163,17 @@ TEST_P(Int4LinearTest, EmptyBatchGivesZeroGradients) {
 INSTANTIATE_TEST_SUITE_P(Recipes, Int4LinearTest, ::testing::ValuesIn(kRecipes),
                          [](const ::testing::TestParamInfo<std::string>& info) {
                            return info.param;
+                         });
+// Recipe specs with options reach the module through the same string (parse_recipe_spec).
+INSTANTIATE_TEST_SUITE_P(Specs, Int4LinearTest,
+                         ::testing::Values("hq_bs:grad_scale=row", "hq_lss:grad_scale=row",
+                                           "hq_lss:lss_budget=1.5"),
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           std::string name = info.param;
+                           for (char& ch : name) {
+                             if (!std::isalnum(static_cast<unsigned char>(ch))) ch = '_';
+                           }
+                           return name;
                          });
 
 TEST(Int4Linear, FpRecipeEqualsLinear) {

@@ -20,7 +20,8 @@ struct Int4LinearOptions {
   TORCH_ARG(int64_t, out_features);
   TORCH_ARG(bool, bias) = true;
   // "fp", "int8", "lsq_luq", "hq", "hq_bs" or "hq_lss" (int4train/linear.h).
-  // A recipe name or spec (int4train/linear.h, parse_recipe_spec), e.g. "hq_lss:lss_budget=1.5".
+  // A recipe name or spec (int4train/linear.h, parse_recipe_spec), e.g. "hq_lss:lss_budget=1.5" or
+  // "hq_lss:grad_scale=row".
   TORCH_ARG(std::string, recipe) = "hq_lss";
   // Random streams: keyed by (seed, training step, layer id).
   TORCH_ARG(int64_t, seed) = 0;
