@@ -222,10 +222,14 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
 //   operand_t  INT8 operand C x fp8_padded_cols(N): q^T (the weight gradient's, whose reduction
 //              runs over tokens), written by the same pass through shared-memory tiles (by a
 //              transpose of q's rows where C is not a multiple of 8 or N > 2,097,120);
-//   scale, column_sums as quantize_bitsplit_cuda.
+//   scale, column_sums as quantize_bitsplit_cuda;
+//   row_exp    int8 device vector of N: grad_scale=row (quantize_bitsplit_rows of quantize.h, the
+//              same codes and exponents): each row quantized at s 2^-k_row, k_row written here.
+//              Empty (the default): one scale per tensor.
 void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
                                TensorView operand_t, TensorView scale, TensorView column_sums,
-                               const CudaAllocator& alloc, void* stream);
+                               const CudaAllocator& alloc, void* stream,
+                               TensorView row_exp = TensorView{});
 
 // ------------------------------------------------------------------------------ LSQ backward
 // lsq_backward_compact on the device: grad_x = grad_xhat * mask (fp32 or bf16, may be grad_xhat
@@ -292,8 +296,12 @@ void linear_forward_cuda(const LinearConfig& config, const LinearForwardArgs& ar
 // (lss.h's capacity, known on the host), so each costs a product of that many rows instead of 2N.
 // grad_x, grad_w, grad_bias and rows_kept equal the CPU's bit for bit, the step gradients within
 // one fp32 rounding (fp64 sums in another order). No host synchronisation. grad_scale=row
-// (linear.h) is an Error of kind kNotImplemented here; the PyTorch ops run it on their
-// device-generic ATen path (exact, slower).
+// (linear.h): hq_bs's bit split with a row exponent per token (quantize_bitsplit_q8_cuda), the
+// input gradient's token rows scaled by 2^-k in its epilogue, 2^(4 - k) folded into the tokens' x
+// codes of the weight gradient's INT8 product and its sum scaled by 2^-4, the CPU's integers;
+// hq_lss with grad_scale=row is an Error of kind kNotImplemented here (its weight gradient's
+// weights would need 12 bits of shift on two INT8 operands that hold 8); the PyTorch ops run it
+// on their device-generic ATen path (exact, slower).
 void linear_backward_cuda(const LinearConfig& config, const LinearBackwardArgs& args,
                           const CudaAllocator& alloc, void* stream);
 

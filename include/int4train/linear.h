@@ -96,7 +96,8 @@ const char* gemm_engine_name(GemmEngine engine);  // "auto", "fp8", "int8"
 //            the tensor's largest keeps up to 4 more bits. The products stay exact: 2^-k_i scales
 //            an output row of the input gradient, and for the weight gradient (where it falls on
 //            the reduction dimension) the kept rows are grouped by their whole exponent e + 4 - k_i
-//            (the CPU: one product per group, int64 sums), then scaled by 2^-4.
+//            (the CPU: one product per group, int64 sums), then scaled by 2^-4 (the GPU, hq_bs:
+//            2^(4 - k_i) folded into the tokens' x codes of one INT8 product; cuda.h).
 //            LSS's scores are the rows' norms with 2^-k_i. docs/accuracy.md has what it buys.
 enum class GradScaleMode : int32_t { kTensor = 0, kRow = 1 };
 

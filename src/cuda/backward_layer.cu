@@ -80,7 +80,8 @@ template <typename P>
 __global__ void __launch_bounds__(kThreads)
     combine_bitsplit_kernel(const P* __restrict__ prod, int64_t ld, int chunks,
                             int64_t chunk_stride, const int32_t* __restrict__ slots,
-                            const int8_t* __restrict__ exps, const float* __restrict__ s1,
+                            const int8_t* __restrict__ exps, const int8_t* __restrict__ row_exps,
+                            int scale_exp, const float* __restrict__ s1,
                             const float* __restrict__ s2, float* __restrict__ out, int64_t ldo,
                             int64_t rows, int64_t cols) {
   const double scale = __dmul_rn(static_cast<double>(*s1), static_cast<double>(*s2));
@@ -93,6 +94,9 @@ __global__ void __launch_bounds__(kThreads)
       a = static_cast<double>(prod[r * ld + c]);
       for (int k = 1; k < chunks; ++k) {
         a = __dadd_rn(a, static_cast<double>(prod[k * chunk_stride + r * ld + c]));
+      }
+      if (row_exps != nullptr || scale_exp != 0) {  // grad_scale=row: exact powers of two
+        a = __dmul_rn(a, pow2(scale_exp - (row_exps != nullptr ? row_exps[r] : 0)));
       }
     } else {
       const int64_t hr = slots[r], lr = slots[rows + r];
@@ -232,6 +236,8 @@ struct EpilogueParams {
   const int32_t* slots;  // dX of hq_lss: the rows' slots in the compacted product (SplitPartials)
   bool slots_s32;        // ... an int32 product (the INT8 engine) instead of fp32
   const int8_t* exps;    // dX of hq_lss: the rows' LSS exponents (recombine)
+  const int8_t* row_exps;  // grad_scale=row: SplitPartials::row_exps and scale_exp
+  int scale_exp;
   const float* s1;
   const float* s2;
   const uint8_t* packed;  // dX: the saved codes (rows x cols, packed) ...
@@ -251,6 +257,20 @@ struct EpilogueParams {
 // into its operands); h: the first chunk's values.
 __device__ __forceinline__ void combine8(const EpilogueParams& p, double scale, int64_t row,
                                          int64_t col0, const double h[8], float v[8]) {
+  if (p.row_exps != nullptr || p.scale_exp != 0) {
+    // grad_scale=row: the exact sum times 2^(scale_exp - row_exps[row]), then the scaling.
+    const double w = pow2(p.scale_exp - (p.row_exps != nullptr ? p.row_exps[row] : 0));
+    const int32_t* prod = static_cast<const int32_t*>(p.prod);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      double hd = h[i];
+      for (int k = 1; k < p.chunks; ++k) {
+        hd = __dadd_rn(hd, static_cast<double>(prod[k * p.chunk_stride + row * p.ld + col0 + i]));
+      }
+      v[i] = __double2float_rn(__dmul_rn(scale, __dmul_rn(hd, w)));
+    }
+    return;
+  }
   if (p.chunks == 1) {  // the usual case: no per-element loop, so the 8 chains interleave
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = __double2float_rn(__dmul_rn(scale, h[i]));
@@ -506,7 +526,8 @@ void launch_epilogue(Kernel kernel, EpilogueParams p, float* grad_step, double g
 void check_split_partials(const SplitPartials& pp, const int8_t* exps, const char* who,
                           bool slots_ok = true) {
   const bool s32_form = pp.s32 && pp.slots == nullptr && exps == nullptr;
-  const bool slots_form = slots_ok && pp.slots != nullptr && pp.chunks == 1 && exps != nullptr;
+  const bool slots_form = slots_ok && pp.slots != nullptr && pp.chunks == 1 && exps != nullptr &&
+                          pp.row_exps == nullptr && pp.scale_exp == 0;
   if (!s32_form && !slots_form) {
     throw_error(ErrorKind::kRuntime,
                 std::string(who) + ": expected an int32 product holding 16 hi + lo" +
@@ -524,7 +545,8 @@ void launch_combine_bitsplit(const SplitPartials& pp, const int8_t* exps, const 
   const int grid = grid_blocks(rows * cols, kThreads, int64_t{1} << 16);
   auto launch = [&](auto* prod) {
     combine_bitsplit_kernel<<<grid, kThreads, 0, stream>>>(
-        prod, pp.ld, pp.chunks, pp.chunk_stride, pp.slots, exps, s1, s2, out, ldo, rows, cols);
+        prod, pp.ld, pp.chunks, pp.chunk_stride, pp.slots, exps, pp.row_exps, pp.scale_exp, s1, s2,
+        out, ldo, rows, cols);
   };
   pp.s32 ? launch(static_cast<const int32_t*>(pp.prod))
          : launch(static_cast<const float*>(pp.prod));
@@ -580,6 +602,8 @@ EpilogueParams epilogue_params(const SplitPartials& pp, const float* s1, const f
   p.ld = pp.ld;
   p.chunks = pp.chunks;
   p.chunk_stride = pp.chunk_stride;
+  p.row_exps = pp.row_exps;
+  p.scale_exp = pp.scale_exp;
   p.s1 = s1;
   p.s2 = s2;
   p.rows = rows;

@@ -4,6 +4,7 @@
 // (optionally transposed, for the products whose reduction dimension is the token dimension).
 #include <cuda_fp8.h>
 
+#include <cfloat>
 #include <cmath>
 #include <string>
 
@@ -98,7 +99,57 @@ struct BitsplitParams {
   uint8_t* lo;
   int32_t* row_sumsq;  // 2 rows, zeroed before; may be null
   float* scale;
+  const float* row_inv;  // grad_scale=row: each row's 119 / max|g| * 2^k_row; null: one inverse
 };
+
+// The inverse scale of `row`: the tensor's, or its row's (grad_scale=row).
+__device__ __forceinline__ float row_inverse(const BitsplitParams& p, int64_t row, float inv) {
+  return p.row_inv != nullptr ? p.row_inv[row] : inv;
+}
+
+// grad_scale=row (quantize_bitsplit_rows of quantize.h): each row's exponent k, the largest k <=
+// kGradRowMaxExponent with max|g_row| 2^k <= max|g| (every k 0 unless max|g| is finite and not
+// zero), and its inverse scale (119 / max|g|) 2^k; a warp per row.
+template <typename In>
+__global__ void __launch_bounds__(kThreads)
+    bitsplit_row_scales_kernel(const In* __restrict__ g, int64_t ldg, int64_t rows, int64_t cols,
+                               const uint32_t* __restrict__ amax_bits, int8_t* __restrict__ row_exp,
+                               float* __restrict__ row_inv) {
+  const int lane = threadIdx.x & 31;
+  const float amax = __uint_as_float(*amax_bits);
+  const float inv = amax == 0.0f ? 0.0f : __fdiv_rn(static_cast<float>(kBitSplitLevels), amax);
+  const bool scaled = amax > 0.0f && amax <= FLT_MAX;  // finite and not zero (NaN: neither)
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
+       row < rows; row += warps) {
+    uint32_t m = 0;
+    if (scaled) {
+      for (int64_t c = lane; c < cols; c += 32) {
+        m = max(m, __float_as_uint(fabsf(load_elem(g + row * ldg + c))));
+      }
+      for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    }
+    int k = 0;
+    if (scaled) {
+      const float rmax = __uint_as_float(m);
+      while (k < kGradRowMaxExponent && ldexpf(rmax, k + 1) <= amax) ++k;
+    }
+    if (lane == 0) {
+      row_exp[row] = static_cast<int8_t>(k);
+      row_inv[row] = ldexpf(inv, k);
+    }
+  }
+}
+
+// out[i] = max_exp - k[i]: the weight gradient's fold of the row scales into the token side.
+__global__ void __launch_bounds__(kThreads)
+    fold_exponents_kernel(const int8_t* __restrict__ k, int64_t n, int max_exp,
+                          int8_t* __restrict__ out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = static_cast<int8_t>(max_exp - k[i]);
+  }
+}
 
 __device__ __forceinline__ void bitsplit_scales(const BitsplitParams& p, float* inv) {
   const float amax = __uint_as_float(*p.amax_bits);
@@ -224,9 +275,11 @@ __global__ void __launch_bounds__(kThreads, kQ8 ? 4 : 3) bitsplit_kernel(const B
         int32_t sq_hi = 0, sq_lo = 0;
         if (col0 < p.cols) {
           if constexpr (kQ8) {
-            store_operand8(p, row, col0, q8_bytes(p, stream, row, col0, v, inv));
+            store_operand8(p, row, col0,
+                           q8_bytes(p, stream, row, col0, v, row_inverse(p, row, inv)));
           } else {
-            bitsplit_store8<kVec>(p, stream, row, col0, v, inv, &sq_hi, &sq_lo);
+            bitsplit_store8<kVec>(p, stream, row, col0, v, row_inverse(p, row, inv), &sq_hi,
+                                  &sq_lo);
           }
         } else if (p.operand != nullptr && col0 < p.op_cols) {
           store_operand8(p, row, col0, make_uint2(0u, 0u));
@@ -253,7 +306,9 @@ __global__ void __launch_bounds__(kThreads, 4) bitsplit_q8_t_kernel(const Bitspl
   tile_to_transposed<In, kVec>(static_cast<const In*>(p.g), p.ldg, p.rows, p.cols, p.operand_t,
                                p.ldt, p.opt_cols, [&](int64_t row, int64_t col0, const float v[8]) {
                                  uint2 b = make_uint2(0u, 0u);
-                                 if (col0 < p.cols) b = q8_bytes(p, stream, row, col0, v, inv);
+                                 if (col0 < p.cols) {
+                                   b = q8_bytes(p, stream, row, col0, v, row_inverse(p, row, inv));
+                                 }
                                  if (p.operand != nullptr && col0 < p.op_cols) {
                                    store_operand8(p, row, col0, b);
                                  }
@@ -279,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) bitsplit_small_kernel(const Bitsplit
       const int64_t c = 2 * j + k;
       if (c >= p.cols) continue;
       const float u = random_uniform(p.seed, stream, static_cast<uint64_t>(row * p.cols + c));
-      sc[k] = split_value(load_elem(gr + c), inv, u);
+      sc[k] = split_value(load_elem(gr + c), row_inverse(p, row, inv), u);
       sq_hi += sc[k].hi * sc[k].hi;
       sq_lo += sc[k].lo * sc[k].lo;
     }
@@ -564,6 +619,16 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 }  // namespace cuda_detail
 
+namespace cuda_detail {
+void launch_fold_exponents(const int8_t* k, int64_t n, int max_exp, int8_t* out,
+                           cudaStream_t stream) {
+  if (n <= 0) return;
+  fold_exponents_kernel<<<grid_blocks(n, kThreads, int64_t{1} << 12), kThreads, 0, stream>>>(
+      k, n, max_exp, out);
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+}
+}  // namespace cuda_detail
+
 void absmax_bits_cuda(const TensorView& g, TensorView amax_bits, void* stream) {
   using namespace cuda_detail;
   check_dtype(g, "g", {DType::kFloat32, DType::kBFloat16});
@@ -705,11 +770,15 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
 
 void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
                                TensorView operand_t, TensorView scale, TensorView column_sums,
-                               const CudaAllocator& alloc, void* stream) {
+                               const CudaAllocator& alloc, void* stream, TensorView row_exp) {
   using namespace cuda_detail;
   BitsplitParams p = bitsplit_params(g, rng, scale);
   const int64_t rows = p.rows, cols = p.cols;
   p.q8 = true;
+  if (row_exp.data != nullptr) {
+    check_dtype(row_exp, "row_exp", {DType::kInt8});
+    check_vector(row_exp, "row_exp", rows);
+  }
   if (operand.data != nullptr) {
     check_gemm_operand(operand, "operand", DType::kInt8);
     check_shape(operand, "operand", rows, fp8_padded_cols(cols));
@@ -734,6 +803,21 @@ void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, Tensor
   DeviceBuffer amax(alloc, sizeof(uint32_t), stream);
   bitsplit_reduce(p, g, column_sums, amax, alloc, s);
   const bool bf16 = g.dtype == DType::kBFloat16;
+  DeviceBuffer row_inv(alloc, row_exp.data != nullptr ? static_cast<size_t>(rows) * 4 : 0, stream);
+  if (row_exp.data != nullptr && rows > 0) {
+    const int grid = grid_blocks(rows, kThreads / 32, int64_t{1} << 16);
+    if (bf16) {
+      bitsplit_row_scales_kernel<BFloat16>
+          <<<grid, kThreads, 0, s>>>(g.ptr<const BFloat16>(), p.ldg, rows, cols, p.amax_bits,
+                                     row_exp.ptr<int8_t>(), row_inv.as<float>());
+    } else {
+      bitsplit_row_scales_kernel<float>
+          <<<grid, kThreads, 0, s>>>(g.ptr<const float>(), p.ldg, rows, cols, p.amax_bits,
+                                     row_exp.ptr<int8_t>(), row_inv.as<float>());
+    }
+    INT4TRAIN_CUDA_LAUNCH_CHECK();
+    p.row_inv = row_inv.as<float>();
+  }
   const bool chunks = cols % kLaneElems == 0 && cols > 0;
   if (p.operand_t != nullptr && chunks && tiles_fit(rows)) {
     const dim3 grid = tile_grid(rows, cols);

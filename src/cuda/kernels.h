@@ -56,7 +56,16 @@ struct SplitPartials {
   int chunks;
   int64_t chunk_stride;
   const int32_t* slots = nullptr;
+  // grad_scale=row (s32 form only): output row r's sum times 2^(scale_exp - row_exps[r]) (exact,
+  // before the scaling by s1 s2, as the CPU's ldexp of its int64 sum); row_exps may be null (0).
+  const int8_t* row_exps = nullptr;
+  int scale_exp = 0;
 };
+
+// out[i] = max_exp - k[i] (int8 device vectors of n): grad_scale=row's token-side exponents of the
+// weight gradient (codes_to_s8_cuda's row_exponents), from quantize_bitsplit_q8_cuda's row_exp.
+void launch_fold_exponents(const int8_t* k, int64_t n, int max_exp, int8_t* out,
+                           cudaStream_t stream);
 
 // out (fp32 rows x cols, row stride ldo) = float(double(*s1) * double(*s2) * (16 hi + lo)), the sum
 // exact: the bit-split recombination of src/cpu/linear.cpp, rounded as there. For the slots form,

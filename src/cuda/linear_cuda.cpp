@@ -109,10 +109,11 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
                 std::string("recipe: linear_backward_cuda implements hq_bs and hq_lss so far, got ") +
                     recipe_name(cfg.recipe));
   }
-  if (cfg.grad_scale != GradScaleMode::kTensor) {
+  const bool by_row = cfg.grad_scale == GradScaleMode::kRow;
+  if (by_row && lss) {
     throw_error(ErrorKind::kNotImplemented,
-                "recipe: linear_backward_cuda implements grad_scale=tensor so far, got "
-                "grad_scale=row (the PyTorch ops run it on the device-generic path)");
+                "recipe: linear_backward_cuda implements grad_scale=row for hq_bs so far, got "
+                "hq_lss (the PyTorch ops run it on the device-generic path)");
   }
   check_dtype(a.grad_y, "grad_y", {DType::kFloat32, DType::kBFloat16});
   check_device_matrix(a.grad_y, "grad_y");
@@ -211,6 +212,12 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
       make_matrix(hilo.buf.as<uint8_t>() + n * row_bytes, DType::kInt4Packed, n, c);
   Temp sg(alloc, stream, DType::kFloat32, 1, 1);
   const TensorView sg_v = make_scalar(sg.buf.get(), DType::kFloat32);
+  // grad_scale=row (hq_bs): each token's exponent k (its rows of q at s_g 2^-k). The input
+  // gradient's token rows are scaled by 2^-k in the epilogue; the weight gradient's reduction runs
+  // over tokens, so 2^(4 - k) goes into the tokens' x codes (|8 * 16| <= 128, int8) and the sum is
+  // scaled by 2^-4: the CPU's integers (src/cpu/linear.cpp).
+  Temp row_exp(alloc, stream, DType::kInt8, by_row ? 1 : 0, by_row ? n : 0);
+  if (by_row) row_exp.view = make_vector(row_exp.buf.get(), DType::kInt8, n);
   // hq_lss: the rows' exact sums of squared codes (the scores), then per gradient the scores and
   // the selection (lss.h, the same rows as the CPU's): exponents (hi rows first; -1 dropped) and
   // the kept rows' slots in the compacted products of `capacity` rows. Both selections in one
@@ -223,7 +230,8 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
                            lss_dw ? lo : TensorView{}, rsq_v, sg_v, a.grad_bias, alloc, stream);
   } else {
     quantize_bitsplit_q8_cuda(a.grad_y, gkey, dom_dx ? r_op.view : TensorView{},
-                              dom_dw ? q_t.view : TensorView{}, sg_v, a.grad_bias, alloc, stream);
+                              dom_dw ? q_t.view : TensorView{}, sg_v, a.grad_bias, alloc, stream,
+                              by_row ? row_exp.view : TensorView{});
   }
   const double budget = cfg.lss_budget * static_cast<double>(n);
   const int64_t capacity = lss ? lss_capacity(budget, 2 * n) : 0;
@@ -322,6 +330,7 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     } else {
       s8_product(r_op, n, qwt, d, cp, p);
       pp = SplitPartials{p.buf.get(), d, true, static_cast<int>(k_chunks(cp)), n * d};
+      if (by_row) pp.row_exps = row_exp.buf.as<int8_t>();
     }
     if (d % 8 == 0 && aligned(a.saved_codes.data, 4)) {
       // Recombination, LSQ backward and back-rotation in one pass.
@@ -359,12 +368,19 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
       }
       gather_codes_to_s8_cuda(a.saved_codes, map, make_vector(xexp.buf.get(), DType::kInt8, 2 * n),
                               qxt.view, TensorView{}, stream);
+    } else if (by_row) {
+      Temp fold(alloc, stream, DType::kInt8, 1, n);
+      launch_fold_exponents(row_exp.buf.as<int8_t>(), n, kGradRowMaxExponent, fold.buf.as<int8_t>(),
+                            s);
+      codes_to_s8_cuda(a.saved_codes, make_vector(fold.buf.get(), DType::kInt8, n), true, qxt.view,
+                       TensorView{}, stream);
     } else {
       codes_to_s8_cuda(a.saved_codes, TensorView{}, true, qxt.view, TensorView{}, stream);
     }
     Temp phi(alloc, stream, DType::kInt32, k_chunks(kdim) * c, d);
     s8_product(lss ? gt : q_t, c, qxt, d, kdim, phi);
-    const SplitPartials pp{phi.buf.get(), d, true, static_cast<int>(k_chunks(kdim)), c * d};
+    SplitPartials pp{phi.buf.get(), d, true, static_cast<int>(k_chunks(kdim)), c * d};
+    if (by_row) pp.scale_exp = -kGradRowMaxExponent;
     const bool w_bf16 = a.w.dtype == DType::kBFloat16;
     if (d % 8 == 0 && aligned(a.w.data, w_bf16 ? 16 : 32) && (c == 1 || row_stride(a.w) % 8 == 0)) {
       // Recombination, W~ = W B, LSQ backward and back-rotation in one pass.

@@ -50,6 +50,7 @@ struct Problem {
   bool sparse_grad = false;  // backward: row scales over four decades, every 4th row zero (LSS)
   double lss_budget = kLssDefaultBudget;
   GemmEngine gemm = GemmEngine::kAuto;
+  GradScaleMode grad_scale = GradScaleMode::kTensor;
 };
 
 std::string problem_name(const Problem& p) {
@@ -60,7 +61,8 @@ std::string problem_name(const Problem& p) {
          (p.sparse_grad ? "/sparse_grad" : "") +
          (p.lss_budget != kLssDefaultBudget ? "/budget" + std::to_string(p.lss_budget).substr(0, 3)
                                             : "") +
-         (p.gemm != GemmEngine::kAuto ? std::string("/gemm_") + gemm_engine_name(p.gemm) : "");
+         (p.gemm != GemmEngine::kAuto ? std::string("/gemm_") + gemm_engine_name(p.gemm) : "") +
+         (p.grad_scale == GradScaleMode::kRow ? "/grad_scale_row" : "");
 }
 
 struct Outputs {
@@ -183,6 +185,7 @@ void run_backward(const Problem& p, bool graph) {
   cfg.layer = 1;
   cfg.lss_budget = p.lss_budget;
   cfg.gemm = p.gemm;
+  cfg.grad_scale = p.grad_scale;
   const int64_t cb = p.n * packed_row_bytes(p.d), ab = compact_aux_bytes(p.n, p.d);
   std::vector<uint8_t> codes(static_cast<size_t>(cb)), aux(static_cast<size_t>(ab));
   std::vector<float> y(static_cast<size_t>(p.n * p.c));
@@ -304,6 +307,26 @@ void test_lss_limits() {
   expect(4, 16, row_max + 1, "saved_codes");
 }
 
+// hq_lss with grad_scale=row is not on the device: an Error of kind kNotImplemented naming recipe,
+// before anything runs.
+void test_lss_grad_scale_row() {
+  DevBuf buf(4096);
+  LinearConfig cfg;
+  cfg.recipe = Recipe::kHqLss;
+  cfg.hadamard_block = 16;
+  cfg.grad_scale = GradScaleMode::kRow;
+  LinearBackwardArgs a;
+  a.grad_y = make_matrix(buf.get(), DType::kFloat32, 4, 8);
+  a.w = make_matrix(buf.get(), DType::kFloat32, 8, 16);
+  bool threw = false;
+  try {
+    linear_backward_cuda(cfg, a, default_cuda_allocator(), nullptr);
+  } catch (const Error& e) {
+    threw = e.kind() == ErrorKind::kNotImplemented && std::string(e.what()).find("recipe:") == 0;
+  }
+  GPU_CHECK_MSG(threw, "hq_lss with grad_scale=row must be a kNotImplemented Error naming recipe");
+}
+
 // resolve_gemm_engine on this device, and cuda_compute_capability's device check.
 void test_gemm_engine() {
   int dev = 0, count = 0;
@@ -406,6 +429,26 @@ const bool registered = [] {
     p.gemm = GemmEngine::kInt8;
     add_case("linear_backward/" + problem_name(p), false, [=] { run_backward(p, false); });
   }
+  // grad_scale=row (hq_bs): the row exponents, the epilogues' 2^-k and the weight gradient's fold
+  // into the x codes against the CPU core, on every hq_bs shape with row scales over four decades
+  // and zero rows (every exponent 0..4), the K-chunked products, and under a CUDA graph.
+  std::vector<Problem> rows(std::begin(backward), std::end(backward));
+  rows.push_back(Problem{kMaxKInt8 + 48, 64, 32, 16, true, false, true, Recipe::kHqBs, false});
+  rows.push_back(Problem{16, 64, kMaxKInt8 + 48, 16, true, true, true, Recipe::kHqBs, false});
+  for (Problem& p : rows) {
+    p.grad_scale = GradScaleMode::kRow;
+    p.sparse_grad = true;
+  }
+  for (const Problem& p : rows) {
+    add_case("linear_backward/" + problem_name(p), p.n > 4096 || p.c > 4096,
+             [=] { run_backward(p, false); });
+  }
+  rows[0].sparse_grad = false;  // a gradient without small rows: every exponent 0 or near it
+  add_case("linear_backward/" + problem_name(rows[0]), false,
+           [=] { run_backward(rows[0], false); });
+  add_case("linear_backward_graph/" + problem_name(rows[3]), false,
+           [=] { run_backward(rows[3], true); });
+  add_case("linear_backward_errors/lss_grad_scale_row", false, test_lss_grad_scale_row);
   add_case("gemm_engine/resolve", false, test_gemm_engine);
   add_case("linear_backward_errors/lss_limits", false, test_lss_limits);
   add_case("linear_backward_graph/" + problem_name(lss[3]), false,

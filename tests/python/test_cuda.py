@@ -145,8 +145,8 @@ def test_cuda_lss_budget_matches_cpu_core(budget):
                                   "hq_lss:lss_budget=1.5,grad_scale=row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cuda_grad_scale_row_matches_cpu_core(spec, dtype):
-    # grad_scale=row runs on the device-generic path on CUDA (the kernels take tensor scales only):
-    # the same rows, exponents and gradients as the CPU core, on token rows spanning every exponent.
+    # grad_scale=row on CUDA (hq_bs on the kernels, hq_lss on the device-generic path): the same
+    # rows, exponents and gradients as the CPU core, on token rows spanning every exponent.
     name = spec.split(":")[0]
     args = cpu_args(name, 65, 256, 96, dtype)
     args[5] = spec
