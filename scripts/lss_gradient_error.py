@@ -9,7 +9,8 @@ next batch, and for each layer reports
   - p hi, p lo: the mean water-filled keep probability (input-gradient scores, budget N) of the non-zero
     hi rows and of the non-zero lo rows (bit split with round-to-nearest for this statistic);
   - the relative error ||est - exact|| / ||exact|| of the input gradient dX = G W and the weight
-    gradient dW = G^T X, mean over --draws seeds, for hq_bs and for hq_lss at each --budgets value.
+    gradient dW = G^T X, mean over --draws seeds, for hq_bs and for hq_lss at each --budgets value,
+    once per --grad-scales value (the bit split's scale: tensor, row).
 
 With --estimators it instead reports, per layer, the sampling error alone of the input gradient at
 budget N (sqrt(sum (1/p_i - 1) ||R_i W||^2) / ||G W||, independent draws, the bit split's rows R as
@@ -19,6 +20,7 @@ lss_round_pow2 does), and an oracle water-filled on ||R_i W|| itself (the varian
 which cost the product to know): how much the rounding costs and how much better scores could give.
 
     python scripts/lss_gradient_error.py --steps 300 --budgets 1,1.5
+    python scripts/lss_gradient_error.py --steps 300 --budgets 1 --grad-scales tensor,row
     python scripts/lss_gradient_error.py --steps 300 --estimators
 """
 
@@ -43,6 +45,8 @@ def main() -> None:
     p.add_argument("--budgets", default="1,1.5", help="comma list of hq_lss lss_budget values")
     p.add_argument("--draws", type=int, default=8, help="seeds per estimate")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--grad-scales", default="tensor",
+                   help="comma list of the bit split's grad_scale (tensor, row): each recipe once per value")
     p.add_argument("--estimators", action="store_true",
                    help="the input gradient's sampling error under three choices of p (see above)")
     args = p.parse_args()
@@ -96,9 +100,13 @@ def main() -> None:
         for name in linears:
             estimator_errors(name, captured[name]["g"], modules[name].weight.detach())
         return
-    recipes = [("hq_bs", int4train.Recipe("hq_bs"))] + [
-        (f"lss {b:g}", int4train.Recipe("hq_lss", lss_budget=b)) for b in budgets
-    ]
+    recipes = []
+    for gs in args.grad_scales.split(","):
+        tag = "" if gs == "tensor" else f" {gs}"
+        recipes += [(f"hq_bs{tag}", int4train.Recipe("hq_bs", grad_scale=gs))] + [
+            (f"lss {b:g}{tag}", int4train.Recipe("hq_lss", lss_budget=b, grad_scale=gs))
+            for b in budgets
+        ]
     head = f"{'layer':16s} {'hi!=0':>6s} {'nz/N':>5s} {'p hi':>5s} {'p lo':>5s}"
     for label, _ in recipes:
         head += f" | {label + ' dX':>11s} {label + ' dW':>11s}"
