@@ -592,7 +592,8 @@ void bitsplit_impl(const TensorView& g, int max_exponent, const RandomKey& rng, 
   const float amax = absmax_impl(g, k);
   // Each row's exponent k_i (0 unless max|G| is finite and non-zero) and its 119 / max|G| * 2^k_i.
   std::vector<float> row_inv;
-  std::vector<int8_t> exps(static_cast<size_t>(row_exp != nullptr ? rows : 0), 0);
+  int8_t* exps = row_exp != nullptr ? row_exp->ptr<int8_t>() : nullptr;  // contiguous (checked)
+  if (exps != nullptr) std::fill(exps, exps + rows, int8_t{0});
   const float levels = static_cast<float>(kBitSplitLevels);
   const float inv = amax == 0.0f ? 0.0f : levels / amax;
   if (max_exponent > 0 && amax > 0.0f && std::isfinite(amax)) {
@@ -606,13 +607,10 @@ void bitsplit_impl(const TensorView& g, int max_exponent, const RandomKey& rng, 
         const float rmax = float_from_bits(bits);
         int e = 0;
         while (e < max_exponent && std::ldexp(rmax, e + 1) <= amax) ++e;
-        if (!exps.empty()) exps[static_cast<size_t>(i)] = static_cast<int8_t>(e);
+        if (exps != nullptr) exps[i] = static_cast<int8_t>(e);
         row_inv[static_cast<size_t>(i)] = std::ldexp(inv, e);
       }
     });
-  }
-  if (row_exp != nullptr) {
-    for (int64_t i = 0; i < rows; ++i) row_exp->ptr<int8_t>()[i] = exps[static_cast<size_t>(i)];
   }
   if (amax == 0.0f) {
     zero_codes(hi);

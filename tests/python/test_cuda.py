@@ -121,18 +121,25 @@ def test_cuda_backward_bias_alone_matches_cpu_core(recipe):
         assert all(g.numel() == 0 for g in (gpu_g[0], gpu_g[1], gpu_g[3], gpu_g[4]))
 
 
-@pytest.mark.parametrize("budget", [1.5, 2.0])
-def test_cuda_lss_budget_matches_cpu_core(budget):
-    # The recipe spec reaches the CUDA path: the same sampled rows and gradients as the CPU core.
-    spec = f"hq_lss:lss_budget={budget!r}"
-    args = cpu_args("hq_lss", 65, 256, 96, torch.float32)
+def backward_cpu_and_cuda(spec, dtype=torch.float32, row_scales=False):
+    """linear_backward of recipe `spec` on the CPU core and on CUDA, from one CPU forward of 65
+    tokens (256 -> 96); row_scales: the gradient's token rows scaled by 2^0 .. 2^-6 (every
+    grad_scale=row exponent). Returns the backward's arguments and both results."""
+    args = cpu_args(spec.split(":")[0], 65, 256, 96, dtype)
     args[5] = spec
     y, codes, aux, scale, saved = ops.linear_forward(*args)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-    bargs = [gy, None, codes, aux, scale, args[1], args[3], args[4], spec, args[6], args[7], saved,
-             args[9], [True] * 5]
-    cpu = ops.linear_backward(*bargs)
-    gpu = ops.linear_backward(*to_cuda(bargs))
+    if row_scales:
+        gy = gy * (2.0 ** -torch.arange(65).remainder(7)).unsqueeze(1)
+    bargs = [gy.to(dtype), None, codes, aux, scale, args[1], args[3], args[4], spec, args[6],
+             args[7], saved, args[9], [True] * 5]
+    return bargs, ops.linear_backward(*bargs), ops.linear_backward(*to_cuda(bargs))
+
+
+@pytest.mark.parametrize("budget", [1.5, 2.0])
+def test_cuda_lss_budget_matches_cpu_core(budget):
+    # The recipe spec reaches the CUDA path: the same sampled rows and gradients as the CPU core.
+    bargs, cpu, gpu = backward_cpu_and_cuda(f"hq_lss:lss_budget={budget!r}")
     for i in (0, 1, 5):
         assert torch.equal(cpu[i], gpu[i].cpu()), i
     if budget == 2.0:
@@ -147,16 +154,7 @@ def test_cuda_lss_budget_matches_cpu_core(budget):
 def test_cuda_grad_scale_row_matches_cpu_core(spec, dtype):
     # grad_scale=row on CUDA (hq_bs on the kernels, hq_lss on the device-generic path): the same
     # rows, exponents and gradients as the CPU core, on token rows spanning every exponent.
-    name = spec.split(":")[0]
-    args = cpu_args(name, 65, 256, 96, dtype)
-    args[5] = spec
-    y, codes, aux, scale, saved = ops.linear_forward(*args)
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-    gy = (gy * (2.0 ** -torch.arange(65).remainder(7)).unsqueeze(1)).to(dtype)
-    bargs = [gy, None, codes, aux, scale, args[1], args[3], args[4], spec, args[6], args[7], saved,
-             args[9], [True] * 5]
-    cpu = ops.linear_backward(*bargs)
-    gpu = ops.linear_backward(*to_cuda(bargs))
+    _, cpu, gpu = backward_cpu_and_cuda(spec, dtype, row_scales=True)
     for i in (0, 1, 5):
         assert torch.equal(cpu[i], gpu[i].cpu()), i
     for i in (2, 3, 4):  # the bias and step gradients: fp64 sums in another order
