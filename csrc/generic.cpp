@@ -516,11 +516,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(
   check_float(grad_y, "grad_y");
   check_float(weight, "w");
 #ifdef INT4TRAIN_TORCH_CUDA
-  const bool device_kernels =
-      cuda_bridge::runs_kernels(grad_y) &&
-      (cfg.recipe == Recipe::kHqBs ||
-       (cfg.recipe == Recipe::kHqLss && cfg.grad_scale == GradScaleMode::kTensor)) &&
-      n > 0 && d > 0 && c > 0;
+  const bool device_kernels = cuda_bridge::runs_kernels(grad_y) &&
+                              (cfg.recipe == Recipe::kHqBs || cfg.recipe == Recipe::kHqLss) &&
+                              n > 0 && d > 0 && c > 0;
 #else
   const bool device_kernels = false;
 #endif

@@ -209,10 +209,14 @@ void absmax_bits_cuda(const TensorView& g, TensorView amax_bits, void* stream);
 //   scale    fp32 device scalar s = max|g| / 119 (0 for an all-zero g);
 //   column_sums fp32 or bf16 vector of C: the column sums of g in linear.h's bias-gradient order
 //            (kBiasGradBlockRows), bit for bit the CPU's grad_bias, from the same reduction pass
-//            as the scale (one read of g for both).
+//            as the scale (one read of g for both);
+//   row_exp  int8 device vector of N: grad_scale=row (quantize_bitsplit_rows of quantize.h, the
+//            same codes and exponents): each row quantized at s 2^-k_row, k_row written here.
+//            Empty (the default): one scale per tensor.
 void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
                             TensorView hi, TensorView lo, TensorView row_sumsq, TensorView scale,
-                            TensorView column_sums, const CudaAllocator& alloc, void* stream);
+                            TensorView column_sums, const CudaAllocator& alloc, void* stream,
+                            TensorView row_exp = TensorView{});
 
 // hq_bs's bit split: the same q, scale and random bits as quantize_bitsplit_cuda, but q = 16 hi +
 // lo in [-119, 119] is kept whole, the 8-bit gradient in one INT8 row per token (Hopper's INT8
@@ -296,12 +300,12 @@ void linear_forward_cuda(const LinearConfig& config, const LinearForwardArgs& ar
 // (lss.h's capacity, known on the host), so each costs a product of that many rows instead of 2N.
 // grad_x, grad_w, grad_bias and rows_kept equal the CPU's bit for bit, the step gradients within
 // one fp32 rounding (fp64 sums in another order). No host synchronisation. grad_scale=row
-// (linear.h): hq_bs's bit split with a row exponent per token (quantize_bitsplit_q8_cuda), the
-// input gradient's token rows scaled by 2^-k in its epilogue, 2^(4 - k) folded into the tokens' x
-// codes of the weight gradient's INT8 product and its sum scaled by 2^-4, the CPU's integers;
-// hq_lss with grad_scale=row is an Error of kind kNotImplemented here (its weight gradient's
-// weights would need 12 bits of shift on two INT8 operands that hold 8); the PyTorch ops run it
-// on their device-generic ATen path (exact, slower).
+// (linear.h): the bit split with a row exponent k per token (quantize_bitsplit_q8_cuda,
+// quantize_bitsplit_cuda), the input gradient's token rows scaled by 2^-k in its epilogue, 2^(4 -
+// k) folded into the tokens' x codes of the weight gradient's INT8 operand and its sum scaled by
+// 2^-4: the CPU's integers. hq_lss's kept rows then weigh 2^(4 hi + 4 - k + k_lss), 12 bits of
+// shift where two INT8 operands hold 8, so its weight gradient takes two products over the same
+// compacted slots, the hi rows' and the lo rows' (the other's slots zero), added as 16 hi + lo.
 void linear_backward_cuda(const LinearConfig& config, const LinearBackwardArgs& args,
                           const CudaAllocator& alloc, void* stream);
 

@@ -5,6 +5,7 @@
 // CPU's order).
 #include <cmath>
 #include <string>
+#include <type_traits>
 
 #include "cuda_common.h"
 #include "device_common.cuh"
@@ -60,48 +61,68 @@ __device__ __forceinline__ double pow2(int e) {
 }
 
 // The exact recombination of one element's hi and lo partials of hq_lss's compacted input
-// gradient, with the LSS exponents of its rows (exps: 2N, hi rows first; -1 = dropped): the kept
-// rows' 2^(4 + k_hi) hi + 2^k_lo lo. Equal to the CPU's int64 sum converted to fp64 (both exact; a
-// zero is +0.0 as the CPU's, since the sum starts from +0.0).
+// gradient, with the LSS exponents of its rows (exps: 2N, hi rows first; -1 = dropped) and its
+// token's row exponent k (grad_scale=row, else 0): the kept rows' 2^(4 + k_hi - k) hi + 2^(k_lo -
+// k) lo. Equal to the CPU's int64 sum times 2^-4 converted to fp64 (both exact; a zero is +0.0 as
+// the CPU's, since the sum starts from +0.0).
 __device__ __forceinline__ double recombine(double h, double l, const int8_t* exps, int64_t rows,
-                                            int64_t row) {
+                                            int64_t row, int k) {
   const int eh = exps[row], el = exps[rows + row];
   double a = 0.0;
-  if (eh >= 0) a = __fma_rn(pow2(4 + eh), h, a);
-  if (el >= 0) a = __fma_rn(pow2(el), l, a);
+  if (eh >= 0) a = __fma_rn(pow2(4 + eh - k), h, a);
+  if (el >= 0) a = __fma_rn(pow2(el - k), l, a);
   return a;
 }
 
+// A row's weight of the s32 form: 2^(scale_exp - row_exps[row]) (1.0 without row scales).
+__device__ __forceinline__ double row_weight(const int8_t* row_exps, int scale_exp, int64_t row) {
+  return pow2(scale_exp - (row_exps != nullptr ? row_exps[row] : 0));
+}
+
+// The exact fp64 sum of an s32 element's K-chunks (stride chunk_stride) from the first chunk's
+// value `first` (offset: the element's index in a chunk), 16 of it plus the lo product's chunks
+// where lo is given, times w (a power of two): SplitPartials' s32 form.
+__device__ __forceinline__ double sum_chunks(double first, const int32_t* __restrict__ prod,
+                                             const int32_t* __restrict__ lo, int chunks,
+                                             int64_t chunk_stride, int64_t offset, double w) {
+  double a = first;
+  for (int k = 1; k < chunks; ++k) {
+    a = __dadd_rn(a, static_cast<double>(prod[k * chunk_stride + offset]));
+  }
+  if (lo != nullptr) {
+    a = __dmul_rn(16.0, a);
+    for (int k = 0; k < chunks; ++k) {
+      a = __dadd_rn(a, static_cast<double>(lo[k * chunk_stride + offset]));
+    }
+  }
+  return __dmul_rn(a, w);
+}
+
 // out = float(double(*s1) * double(*s2) * sum), SplitPartials' two forms (P: int32 for s32, fp32
-// for slots): the s32 product's `chunks` K-chunks (stride chunk_stride) summed exactly in fp64, or
-// recombine of row r's hi and lo rows slots[r], slots[rows + r] (-1: a dropped row, 0). The CPU's
-// int64 sum and its rounding.
+// for slots): sum_chunks of the s32 product, or recombine of row r's hi and lo rows slots[r],
+// slots[rows + r] (-1: a dropped row, 0). The CPU's int64 sum and its rounding.
 template <typename P>
 __global__ void __launch_bounds__(kThreads)
     combine_bitsplit_kernel(const P* __restrict__ prod, int64_t ld, int chunks,
-                            int64_t chunk_stride, const int32_t* __restrict__ slots,
-                            const int8_t* __restrict__ exps, const int8_t* __restrict__ row_exps,
-                            int scale_exp, const float* __restrict__ s1,
-                            const float* __restrict__ s2, float* __restrict__ out, int64_t ldo,
-                            int64_t rows, int64_t cols) {
+                            int64_t chunk_stride, const int32_t* __restrict__ lo,
+                            const int32_t* __restrict__ slots, const int8_t* __restrict__ exps,
+                            const int8_t* __restrict__ row_exps, int scale_exp,
+                            const float* __restrict__ s1, const float* __restrict__ s2,
+                            float* __restrict__ out, int64_t ldo, int64_t rows, int64_t cols) {
   const double scale = __dmul_rn(static_cast<double>(*s1), static_cast<double>(*s2));
   const int64_t total = rows * cols;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = e / cols, c = e - r * cols;
-    double a;
-    if (slots == nullptr) {
-      a = static_cast<double>(prod[r * ld + c]);
-      for (int k = 1; k < chunks; ++k) {
-        a = __dadd_rn(a, static_cast<double>(prod[k * chunk_stride + r * ld + c]));
-      }
-      if (row_exps != nullptr || scale_exp != 0) {  // grad_scale=row: exact powers of two
-        a = __dmul_rn(a, pow2(scale_exp - (row_exps != nullptr ? row_exps[r] : 0)));
-      }
-    } else {
+    double a = 0.0;
+    if (slots != nullptr) {
       const int64_t hr = slots[r], lr = slots[rows + r];
       a = recombine(hr >= 0 ? static_cast<double>(prod[hr * ld + c]) : 0.0,
-                    lr >= 0 ? static_cast<double>(prod[lr * ld + c]) : 0.0, exps, rows, r);
+                    lr >= 0 ? static_cast<double>(prod[lr * ld + c]) : 0.0, exps, rows, r,
+                    row_exps != nullptr ? row_exps[r] : 0);
+    } else if constexpr (std::is_same_v<P, int32_t>) {  // the s32 form (fp32 comes with slots)
+      a = sum_chunks(static_cast<double>(prod[r * ld + c]), prod, lo, chunks, chunk_stride,
+                     r * ld + c, row_weight(row_exps, scale_exp, r));
     }
     out[r * ldo + c] = __double2float_rn(__dmul_rn(scale, a));
   }
@@ -236,8 +257,9 @@ struct EpilogueParams {
   const int32_t* slots;  // dX of hq_lss: the rows' slots in the compacted product (SplitPartials)
   bool slots_s32;        // ... an int32 product (the INT8 engine) instead of fp32
   const int8_t* exps;    // dX of hq_lss: the rows' LSS exponents (recombine)
-  const int8_t* row_exps;  // grad_scale=row: SplitPartials::row_exps and scale_exp
+  const int8_t* row_exps;  // grad_scale=row: SplitPartials::row_exps, scale_exp and lo
   int scale_exp;
+  const int32_t* lo;
   const float* s1;
   const float* s2;
   const uint8_t* packed;  // dX: the saved codes (rows x cols, packed) ...
@@ -252,38 +274,24 @@ struct EpilogueParams {
   double* partial;  // one per block
 };
 
-// out = float(scale * sum of the K-chunks) for one lane's 8 elements of an int32 product that holds
-// the recombined sum 16 hi + lo (hq_bs; hq_lss's weight gradient, the importance weights folded
-// into its operands); h: the first chunk's values.
+// out = float(scale * sum_chunks) for one lane's 8 elements of an int32 product that holds the
+// recombined sum 16 hi + lo (hq_bs; hq_lss's weight gradient, the importance weights folded into
+// its operands, or its hi and lo products with row scales); h: the first chunk's values.
 __device__ __forceinline__ void combine8(const EpilogueParams& p, double scale, int64_t row,
                                          int64_t col0, const double h[8], float v[8]) {
-  if (p.row_exps != nullptr || p.scale_exp != 0) {
-    // grad_scale=row: the exact sum times 2^(scale_exp - row_exps[row]), then the scaling.
-    const double w = pow2(p.scale_exp - (p.row_exps != nullptr ? p.row_exps[row] : 0));
-    const int32_t* prod = static_cast<const int32_t*>(p.prod);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      double hd = h[i];
-      for (int k = 1; k < p.chunks; ++k) {
-        hd = __dadd_rn(hd, static_cast<double>(prod[k * p.chunk_stride + row * p.ld + col0 + i]));
-      }
-      v[i] = __double2float_rn(__dmul_rn(scale, __dmul_rn(hd, w)));
-    }
-    return;
-  }
-  if (p.chunks == 1) {  // the usual case: no per-element loop, so the 8 chains interleave
+  if (p.chunks == 1 && p.lo == nullptr && p.row_exps == nullptr && p.scale_exp == 0) {
+    // The usual case: no per-element loop, so the 8 chains interleave.
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = __double2float_rn(__dmul_rn(scale, h[i]));
     return;
   }
+  const double w = row_weight(p.row_exps, p.scale_exp, row);
   const int32_t* prod = static_cast<const int32_t*>(p.prod);
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    double hd = h[i];
-    for (int k = 1; k < p.chunks; ++k) {
-      hd = __dadd_rn(hd, static_cast<double>(prod[k * p.chunk_stride + row * p.ld + col0 + i]));
-    }
-    v[i] = __double2float_rn(__dmul_rn(scale, hd));
+    const double a =
+        sum_chunks(h[i], prod, p.lo, p.chunks, p.chunk_stride, row * p.ld + col0 + i, w);
+    v[i] = __double2float_rn(__dmul_rn(scale, a));
   }
 }
 
@@ -386,11 +394,13 @@ struct PairSrc {
   }
 };
 
-// recombine's sum over the kept rows of a SlotSrc chunk (exponents of the row from p.exps).
+// recombine's sum over the kept rows of a SlotSrc chunk (exponents of the row from p.exps and
+// p.row_exps).
 __device__ __forceinline__ void combine8_slots(const EpilogueParams& p, double scale, int64_t row,
                                                const SlotSrc::Buf& b, float v[8]) {
   const int eh = p.exps[row], el = p.exps[p.rows + row];
-  const double wh = b.has_h ? pow2(4 + eh) : 0.0, wl = b.has_l ? pow2(el) : 0.0;
+  const int k = p.row_exps != nullptr ? p.row_exps[row] : 0;  // grad_scale=row
+  const double wh = b.has_h ? pow2(4 + eh - k) : 0.0, wl = b.has_l ? pow2(el - k) : 0.0;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     double a = 0.0;
@@ -522,12 +532,13 @@ void launch_epilogue(Kernel kernel, EpilogueParams p, float* grad_step, double g
 }
 
 // SplitPartials in one of its two forms: s32 without slots or exps, or the slots form (fp32 or
-// int32, one chunk) with exps (dX only: `slots_ok`); anything else is a bug in the caller.
+// int32, one chunk, no lo product or scale_exp) with exps (dX only: `slots_ok`); anything else is
+// a bug in the caller.
 void check_split_partials(const SplitPartials& pp, const int8_t* exps, const char* who,
                           bool slots_ok = true) {
   const bool s32_form = pp.s32 && pp.slots == nullptr && exps == nullptr;
   const bool slots_form = slots_ok && pp.slots != nullptr && pp.chunks == 1 && exps != nullptr &&
-                          pp.row_exps == nullptr && pp.scale_exp == 0;
+                          pp.lo == nullptr && pp.scale_exp == 0;
   if (!s32_form && !slots_form) {
     throw_error(ErrorKind::kRuntime,
                 std::string(who) + ": expected an int32 product holding 16 hi + lo" +
@@ -545,8 +556,8 @@ void launch_combine_bitsplit(const SplitPartials& pp, const int8_t* exps, const 
   const int grid = grid_blocks(rows * cols, kThreads, int64_t{1} << 16);
   auto launch = [&](auto* prod) {
     combine_bitsplit_kernel<<<grid, kThreads, 0, stream>>>(
-        prod, pp.ld, pp.chunks, pp.chunk_stride, pp.slots, exps, pp.row_exps, pp.scale_exp, s1, s2,
-        out, ldo, rows, cols);
+        prod, pp.ld, pp.chunks, pp.chunk_stride, pp.lo, pp.slots, exps, pp.row_exps, pp.scale_exp,
+        s1, s2, out, ldo, rows, cols);
   };
   pp.s32 ? launch(static_cast<const int32_t*>(pp.prod))
          : launch(static_cast<const float*>(pp.prod));
@@ -604,6 +615,7 @@ EpilogueParams epilogue_params(const SplitPartials& pp, const float* s1, const f
   p.chunk_stride = pp.chunk_stride;
   p.row_exps = pp.row_exps;
   p.scale_exp = pp.scale_exp;
+  p.lo = pp.lo;
   p.s1 = s1;
   p.s2 = s2;
   p.rows = rows;

@@ -703,6 +703,31 @@ void launch_bitsplit_small(const BitsplitParams& p, bool bf16, cudaStream_t s) {
   }
 }
 
+// grad_scale=row: each row's exponent into row_exp and its inverse scale into row_inv (a device
+// buffer of rows floats), after the reduction pass; p.row_inv then points at it.
+void launch_row_scales(BitsplitParams& p, const TensorView& g, const TensorView& row_exp,
+                       DeviceBuffer& row_inv, cudaStream_t s) {
+  if (p.rows == 0) return;
+  const int grid = grid_blocks(p.rows, kThreads / 32, int64_t{1} << 16);
+  if (g.dtype == DType::kBFloat16) {
+    bitsplit_row_scales_kernel<BFloat16>
+        <<<grid, kThreads, 0, s>>>(g.ptr<const BFloat16>(), p.ldg, p.rows, p.cols, p.amax_bits,
+                                   row_exp.ptr<int8_t>(), row_inv.as<float>());
+  } else {
+    bitsplit_row_scales_kernel<float>
+        <<<grid, kThreads, 0, s>>>(g.ptr<const float>(), p.ldg, p.rows, p.cols, p.amax_bits,
+                                   row_exp.ptr<int8_t>(), row_inv.as<float>());
+  }
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+  p.row_inv = row_inv.as<float>();
+}
+
+void check_row_exp(const TensorView& row_exp, int64_t rows) {
+  if (row_exp.data == nullptr) return;
+  check_dtype(row_exp, "row_exp", {DType::kInt8});
+  check_vector(row_exp, "row_exp", rows);
+}
+
 bool bitsplit_vec(const BitsplitParams& p, bool bf16) {
   return aligned(p.g, bf16 ? 16 : 32) && (p.rows == 1 || p.ldg % 8 == 0) &&
          (p.hi == nullptr || (aligned(p.hi, 4) && aligned(p.lo, 4)));
@@ -712,7 +737,8 @@ bool bitsplit_vec(const BitsplitParams& p, bool bf16) {
 
 void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
                             TensorView hi, TensorView lo, TensorView row_sumsq, TensorView scale,
-                            TensorView column_sums, const CudaAllocator& alloc, void* stream) {
+                            TensorView column_sums, const CudaAllocator& alloc, void* stream,
+                            TensorView row_exp) {
   using namespace cuda_detail;
   BitsplitParams p = bitsplit_params(g, rng, scale);
   const int64_t rows = p.rows, cols = p.cols;
@@ -753,6 +779,7 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
     p.row_sumsq = row_sumsq.ptr<int32_t>();
   }
   check_column_sums(column_sums, cols);
+  check_row_exp(row_exp, rows);
   const cudaStream_t s = as_stream(stream);
   if (p.row_sumsq != nullptr) {
     INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(p.row_sumsq, 0, sizeof(int32_t) * 2 * rows, s));
@@ -760,6 +787,8 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
   DeviceBuffer amax(alloc, sizeof(uint32_t), stream);
   bitsplit_reduce(p, g, column_sums, amax, alloc, s);
   const bool bf16 = g.dtype == DType::kBFloat16;
+  DeviceBuffer row_inv(alloc, row_exp.data != nullptr ? static_cast<size_t>(rows) * 4 : 0, stream);
+  if (row_exp.data != nullptr) launch_row_scales(p, g, row_exp, row_inv, s);
   if (cols % kLaneElems == 0 && cols > 0) {
     launch_bitsplit_chunks<false>(p, bitsplit_vec(p, bf16), bf16, s);
   } else {
@@ -775,10 +804,7 @@ void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, Tensor
   BitsplitParams p = bitsplit_params(g, rng, scale);
   const int64_t rows = p.rows, cols = p.cols;
   p.q8 = true;
-  if (row_exp.data != nullptr) {
-    check_dtype(row_exp, "row_exp", {DType::kInt8});
-    check_vector(row_exp, "row_exp", rows);
-  }
+  check_row_exp(row_exp, rows);
   if (operand.data != nullptr) {
     check_gemm_operand(operand, "operand", DType::kInt8);
     check_shape(operand, "operand", rows, fp8_padded_cols(cols));
@@ -804,20 +830,7 @@ void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, Tensor
   bitsplit_reduce(p, g, column_sums, amax, alloc, s);
   const bool bf16 = g.dtype == DType::kBFloat16;
   DeviceBuffer row_inv(alloc, row_exp.data != nullptr ? static_cast<size_t>(rows) * 4 : 0, stream);
-  if (row_exp.data != nullptr && rows > 0) {
-    const int grid = grid_blocks(rows, kThreads / 32, int64_t{1} << 16);
-    if (bf16) {
-      bitsplit_row_scales_kernel<BFloat16>
-          <<<grid, kThreads, 0, s>>>(g.ptr<const BFloat16>(), p.ldg, rows, cols, p.amax_bits,
-                                     row_exp.ptr<int8_t>(), row_inv.as<float>());
-    } else {
-      bitsplit_row_scales_kernel<float>
-          <<<grid, kThreads, 0, s>>>(g.ptr<const float>(), p.ldg, rows, cols, p.amax_bits,
-                                     row_exp.ptr<int8_t>(), row_inv.as<float>());
-    }
-    INT4TRAIN_CUDA_LAUNCH_CHECK();
-    p.row_inv = row_inv.as<float>();
-  }
+  if (row_exp.data != nullptr) launch_row_scales(p, g, row_exp, row_inv, s);
   const bool chunks = cols % kLaneElems == 0 && cols > 0;
   if (p.operand_t != nullptr && chunks && tiles_fit(rows)) {
     const dim3 grid = tile_grid(rows, cols);

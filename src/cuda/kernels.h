@@ -49,6 +49,11 @@ void launch_fill_nan_if(const unsigned long long* counter, void* out, bool out_b
 //        (s32: the INT8 engine's int32 product, its values below 2^24); output row r's hi and lo
 //        partials are its rows slots[r] and slots[rows + r], -1 for a dropped row, weighted by the
 //        rows' LSS exponents (exps).
+// grad_scale=row: output row r's sum times 2^(scale_exp - row_exps[r]), exact, before the scaling
+// by s1 s2 (the CPU's ldexp of its int64 sum); row_exps may be null (0), scale_exp is 0 in the
+// slots form. lo (s32 form only; hq_lss's weight gradient with row scales): a second int32 product
+// of the same layout and chunks, the lo rows' sum where prod then holds the hi rows', so that the
+// sum is 16 prod + lo.
 struct SplitPartials {
   const void* prod;
   int64_t ld;
@@ -56,10 +61,9 @@ struct SplitPartials {
   int chunks;
   int64_t chunk_stride;
   const int32_t* slots = nullptr;
-  // grad_scale=row (s32 form only): output row r's sum times 2^(scale_exp - row_exps[r]) (exact,
-  // before the scaling by s1 s2, as the CPU's ldexp of its int64 sum); row_exps may be null (0).
   const int8_t* row_exps = nullptr;
   int scale_exp = 0;
+  const int32_t* lo = nullptr;
 };
 
 // out[i] = max_exp - k[i] (int8 device vectors of n): grad_scale=row's token-side exponents of the
@@ -119,10 +123,11 @@ constexpr int kMaxLssBatch = 2;
 void launch_lss_sample(const LssSampleArgs* args, int count, cudaStream_t stream);
 
 // LSS scores of the 2N bit-split rows (lss.cu): scores[i] = ||R_i|| / s_g from the exact sums of
-// squared codes r_sumsq (2N; x16 for i < n), times ||x_(i mod n)|| from x_sumsq (n) when given; the
-// CPU's fp32 operations and order (src/cpu/linear.cpp).
-void launch_lss_scores(const int32_t* r_sumsq, const int32_t* x_sumsq, int64_t n, float* scores,
-                       cudaStream_t stream);
+// squared codes r_sumsq (2N; x16 for i < n), times ||x_(i mod n)|| from x_sumsq (n) when given,
+// times 2^-row_exps[i mod n] when given (grad_scale=row); the CPU's fp32 operations and order
+// (src/cpu/linear.cpp).
+void launch_lss_scores(const int32_t* r_sumsq, const int32_t* x_sumsq, const int8_t* row_exps,
+                       int64_t n, float* scores, cudaStream_t stream);
 
 // out[r] = sum of squared codes of row r of packed INT4 codes (rows x cols), exact int32.
 void launch_packed_row_sumsq(const uint8_t* codes, int64_t rows, int64_t cols, int32_t* out,

@@ -110,11 +110,6 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
                     recipe_name(cfg.recipe));
   }
   const bool by_row = cfg.grad_scale == GradScaleMode::kRow;
-  if (by_row && lss) {
-    throw_error(ErrorKind::kNotImplemented,
-                "recipe: linear_backward_cuda implements grad_scale=row for hq_bs so far, got "
-                "hq_lss (the PyTorch ops run it on the device-generic path)");
-  }
   check_dtype(a.grad_y, "grad_y", {DType::kFloat32, DType::kBFloat16});
   check_device_matrix(a.grad_y, "grad_y");
   check_dtype(a.w, "w", {DType::kFloat32, DType::kBFloat16});
@@ -212,10 +207,10 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
       make_matrix(hilo.buf.as<uint8_t>() + n * row_bytes, DType::kInt4Packed, n, c);
   Temp sg(alloc, stream, DType::kFloat32, 1, 1);
   const TensorView sg_v = make_scalar(sg.buf.get(), DType::kFloat32);
-  // grad_scale=row (hq_bs): each token's exponent k (its rows of q at s_g 2^-k). The input
-  // gradient's token rows are scaled by 2^-k in the epilogue; the weight gradient's reduction runs
-  // over tokens, so 2^(4 - k) goes into the tokens' x codes (|8 * 16| <= 128, int8) and the sum is
-  // scaled by 2^-4: the CPU's integers (src/cpu/linear.cpp).
+  // grad_scale=row: each token's exponent k (its rows of q, or of hi and lo, at s_g 2^-k). The
+  // input gradient's token rows are scaled by 2^-k in the epilogue; the weight gradient's reduction
+  // runs over tokens, so 2^(4 - k) goes into the tokens' x codes (|8 * 16| <= 128, int8) and the
+  // sum is scaled by 2^-4: the CPU's integers (src/cpu/linear.cpp). hq_lss's scores carry 2^-k.
   Temp row_exp(alloc, stream, DType::kInt8, by_row ? 1 : 0, by_row ? n : 0);
   if (by_row) row_exp.view = make_vector(row_exp.buf.get(), DType::kInt8, n);
   // hq_lss: the rows' exact sums of squared codes (the scores), then per gradient the scores and
@@ -227,7 +222,8 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   const bool lss_dx = lss && dom_dx, lss_dw = lss && dom_dw;
   if (lss) {
     quantize_bitsplit_cuda(a.grad_y, gkey, r_op.view, lss_dw ? hi : TensorView{},
-                           lss_dw ? lo : TensorView{}, rsq_v, sg_v, a.grad_bias, alloc, stream);
+                           lss_dw ? lo : TensorView{}, rsq_v, sg_v, a.grad_bias, alloc, stream,
+                           by_row ? row_exp.view : TensorView{});
   } else {
     quantize_bitsplit_q8_cuda(a.grad_y, gkey, dom_dx ? r_op.view : TensorView{},
                               dom_dw ? q_t.view : TensorView{}, sg_v, a.grad_bias, alloc, stream,
@@ -260,17 +256,19 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   };
   Selection sel_x(alloc, stream, lss_dx ? 2 * n : 0, lss_dx ? 2 * n : 0, lss_dx ? capacity : 0);
   Selection sel_w(alloc, stream, lss_dw ? 2 * n : 0, 0, lss_dw ? capacity : 0);
+  const int8_t* row_exps = by_row ? row_exp.buf.as<int8_t>() : nullptr;
   if (lss) {
     LssSampleArgs batch[kMaxLssBatch];
     int count = 0;
     if (lss_dx) {
-      launch_lss_scores(rsq.buf.as<int32_t>(), nullptr, n, sel_x.scores.buf.as<float>(), s);
+      launch_lss_scores(rsq.buf.as<int32_t>(), nullptr, row_exps, n, sel_x.scores.buf.as<float>(),
+                        s);
       batch[count++] = sel_x.args(cfg, RandomPurpose::kSampleInput, budget, kept);
     }
     if (lss_dw) {
       Temp xsq(alloc, stream, DType::kInt32, 1, n);
       launch_packed_row_sumsq(a.saved_codes.ptr<const uint8_t>(), n, d, xsq.buf.as<int32_t>(), s);
-      launch_lss_scores(rsq.buf.as<int32_t>(), xsq.buf.as<int32_t>(), n,
+      launch_lss_scores(rsq.buf.as<int32_t>(), xsq.buf.as<int32_t>(), row_exps, n,
                         sel_w.scores.buf.as<float>(), s);
       batch[count++] = sel_w.args(cfg, RandomPurpose::kSampleWeight, budget,
                                   kept != nullptr ? kept + 1 : nullptr);
@@ -330,8 +328,8 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     } else {
       s8_product(r_op, n, qwt, d, cp, p);
       pp = SplitPartials{p.buf.get(), d, true, static_cast<int>(k_chunks(cp)), n * d};
-      if (by_row) pp.row_exps = row_exp.buf.as<int8_t>();
     }
+    pp.row_exps = row_exps;
     if (d % 8 == 0 && aligned(a.saved_codes.data, 4)) {
       // Recombination, LSQ backward and back-rotation in one pass.
       launch_dx_epilogue(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(), a.saved_codes,
@@ -352,19 +350,43 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     // holds kept bit-split row i's codes times 2^k_i and its token's x codes times 16 for a hi row
     // (both int8: |code 2^k| <= 128, |16 x| <= 128), so K = capacity and the product is the whole
     // sum; such terms (|ab| <= 2^14) are not summed exactly by the FP8 tensor cores (cuda.h).
+    // hq_lss with row scales: the token side holds 2^(4 - k) x for both rows, which leaves no room
+    // for the hi rows' 16, so the hi and lo rows take a product each over the same slots (gt with
+    // the lo rows' exponents -1, zero columns; gt_lo with the hi rows'), added as 16 hi + lo.
     const int64_t kdim = lss ? fp8_padded_cols(capacity) : np;
+    const bool lss_rows = lss && by_row;
     Temp gt(alloc, stream, DType::kInt8, lss ? c : 0, kdim),
+        gt_lo(alloc, stream, DType::kInt8, lss_rows ? c : 0, kdim),
         qxt(alloc, stream, DType::kInt8, d, kdim);
     if (lss) {
       const TensorView map = make_vector(sel_w.slot_rows.buf.get(), DType::kInt32, capacity);
-      gather_codes_to_s8_cuda(hilo.view, map,
-                              make_vector(sel_w.exps.buf.get(), DType::kInt8, 2 * n), gt.view,
-                              TensorView{}, stream);
-      // The x16 of the hi rows on the token side: exponent 4 for map values < N, 0 above.
+      const TensorView exps = make_vector(sel_w.exps.buf.get(), DType::kInt8, 2 * n);
+      // The token side's exponents of the 2N bit-split rows: 4 for the hi rows (their x16), 0 for
+      // the lo rows; with row scales 4 - k for both.
       Temp xexp(alloc, stream, DType::kInt8, 1, 2 * n);
-      if (n > 0) {
-        INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(xexp.buf.get(), 4, n, s));
-        INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(xexp.buf.as<int8_t>() + n, 0, n, s));
+      if (lss_rows) {
+        Temp half(alloc, stream, DType::kInt8, 1, 2 * n);  // the exponents of one half, -1 else
+        if (n > 0) {
+          INT4TRAIN_CUDA_CHECK(
+              cudaMemcpyAsync(half.buf.get(), exps.data, n, cudaMemcpyDeviceToDevice, s));
+          INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(half.buf.as<int8_t>() + n, 0xFF, n, s));
+        }
+        const TensorView half_v = make_vector(half.buf.get(), DType::kInt8, 2 * n);
+        gather_codes_to_s8_cuda(hilo.view, map, half_v, gt.view, TensorView{}, stream);
+        if (n > 0) {
+          INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(half.buf.get(), 0xFF, n, s));
+          INT4TRAIN_CUDA_CHECK(cudaMemcpyAsync(half.buf.as<int8_t>() + n, exps.ptr<int8_t>() + n, n,
+                                               cudaMemcpyDeviceToDevice, s));
+        }
+        gather_codes_to_s8_cuda(hilo.view, map, half_v, gt_lo.view, TensorView{}, stream);
+        launch_fold_exponents(row_exps, n, kGradRowMaxExponent, xexp.buf.as<int8_t>(), s);
+        launch_fold_exponents(row_exps, n, kGradRowMaxExponent, xexp.buf.as<int8_t>() + n, s);
+      } else {
+        gather_codes_to_s8_cuda(hilo.view, map, exps, gt.view, TensorView{}, stream);
+        if (n > 0) {
+          INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(xexp.buf.get(), 4, n, s));
+          INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(xexp.buf.as<int8_t>() + n, 0, n, s));
+        }
       }
       gather_codes_to_s8_cuda(a.saved_codes, map, make_vector(xexp.buf.get(), DType::kInt8, 2 * n),
                               qxt.view, TensorView{}, stream);
@@ -377,10 +399,13 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     } else {
       codes_to_s8_cuda(a.saved_codes, TensorView{}, true, qxt.view, TensorView{}, stream);
     }
-    Temp phi(alloc, stream, DType::kInt32, k_chunks(kdim) * c, d);
+    Temp phi(alloc, stream, DType::kInt32, k_chunks(kdim) * c, d),
+        phi_lo(alloc, stream, DType::kInt32, lss_rows ? k_chunks(kdim) * c : 0, d);
     s8_product(lss ? gt : q_t, c, qxt, d, kdim, phi);
+    if (lss_rows) s8_product(gt_lo, c, qxt, d, kdim, phi_lo);
     SplitPartials pp{phi.buf.get(), d, true, static_cast<int>(k_chunks(kdim)), c * d};
     if (by_row) pp.scale_exp = -kGradRowMaxExponent;
+    if (lss_rows) pp.lo = phi_lo.buf.as<int32_t>();
     const bool w_bf16 = a.w.dtype == DType::kBFloat16;
     if (d % 8 == 0 && aligned(a.w.data, w_bf16 ? 16 : 32) && (c == 1 || row_stride(a.w) % 8 == 0)) {
       // Recombination, W~ = W B, LSQ backward and back-rotation in one pass.

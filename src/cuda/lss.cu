@@ -415,15 +415,17 @@ size_t staged_limit(cudaStream_t stream) {
 // (16 * norm_hi) * norm_x.
 __global__ void __launch_bounds__(256)
     lss_scores_kernel(const int32_t* __restrict__ r_sumsq, const int32_t* __restrict__ x_sumsq,
-                      int64_t n, float* __restrict__ scores) {
+                      const int8_t* __restrict__ row_exps, int64_t n, float* __restrict__ scores) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < 2 * n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t tok = i < n ? i : i - n;
     float s = __double2float_rn(__dsqrt_rn(static_cast<double>(r_sumsq[i])));
     if (i < n) s = __fmul_rn(16.0f, s);
     if (x_sumsq != nullptr) {
-      const int64_t tok = i < n ? i : i - n;
       s = __fmul_rn(s, __double2float_rn(__dsqrt_rn(static_cast<double>(x_sumsq[tok]))));
     }
+    // grad_scale=row: times the token's 2^-k (k in [0, 4]: 2^-k a normal fp32), last, as the CPU.
+    if (row_exps != nullptr) s = __fmul_rn(s, __int_as_float((127 - row_exps[tok]) << 23));
     scores[i] = s;
   }
 }
@@ -489,10 +491,11 @@ void launch_lss_sample(const LssSampleArgs* args, int count, cudaStream_t stream
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 
-void launch_lss_scores(const int32_t* r_sumsq, const int32_t* x_sumsq, int64_t n, float* scores,
-                       cudaStream_t stream) {
+void launch_lss_scores(const int32_t* r_sumsq, const int32_t* x_sumsq, const int8_t* row_exps,
+                       int64_t n, float* scores, cudaStream_t stream) {
   if (n == 0) return;
-  lss_scores_kernel<<<grid_blocks(2 * n, 256, 4096), 256, 0, stream>>>(r_sumsq, x_sumsq, n, scores);
+  lss_scores_kernel<<<grid_blocks(2 * n, 256, 4096), 256, 0, stream>>>(r_sumsq, x_sumsq, row_exps,
+                                                                       n, scores);
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 

@@ -307,26 +307,6 @@ void test_lss_limits() {
   expect(4, 16, row_max + 1, "saved_codes");
 }
 
-// hq_lss with grad_scale=row is not on the device: an Error of kind kNotImplemented naming recipe,
-// before anything runs.
-void test_lss_grad_scale_row() {
-  DevBuf buf(4096);
-  LinearConfig cfg;
-  cfg.recipe = Recipe::kHqLss;
-  cfg.hadamard_block = 16;
-  cfg.grad_scale = GradScaleMode::kRow;
-  LinearBackwardArgs a;
-  a.grad_y = make_matrix(buf.get(), DType::kFloat32, 4, 8);
-  a.w = make_matrix(buf.get(), DType::kFloat32, 8, 16);
-  bool threw = false;
-  try {
-    linear_backward_cuda(cfg, a, default_cuda_allocator(), nullptr);
-  } catch (const Error& e) {
-    threw = e.kind() == ErrorKind::kNotImplemented && std::string(e.what()).find("recipe:") == 0;
-  }
-  GPU_CHECK_MSG(threw, "hq_lss with grad_scale=row must be a kNotImplemented Error naming recipe");
-}
-
 // resolve_gemm_engine on this device, and cuda_compute_capability's device check.
 void test_gemm_engine() {
   int dev = 0, count = 0;
@@ -448,7 +428,29 @@ const bool registered = [] {
            [=] { run_backward(rows[0], false); });
   add_case("linear_backward_graph/" + problem_name(rows[3]), false,
            [=] { run_backward(rows[3], true); });
-  add_case("linear_backward_errors/lss_grad_scale_row", false, test_lss_grad_scale_row);
+  // grad_scale=row (hq_lss): the scores' 2^-k, the input gradient's slots with the row exponents
+  // and the weight gradient's two products (hi rows, lo rows) over the same slots, on every hq_lss
+  // problem (the budgets, the K-chunked weight gradient) with row scales over four decades, on the
+  // INT8 engine, without small rows, and under a CUDA graph.
+  std::vector<Problem> lss_rows;
+  for (Problem p : lss) {
+    if (p.sparse_grad) continue;  // lss[3]'s sparse copy: below, every problem is sparse
+    p.grad_scale = GradScaleMode::kRow;
+    p.sparse_grad = true;
+    lss_rows.push_back(p);
+  }
+  for (const Problem& p : lss_rows) {
+    add_case("linear_backward/" + problem_name(p), p.n > 4096, [=] { run_backward(p, false); });
+    if (p.n > 4096) continue;
+    Problem q = p;
+    q.gemm = GemmEngine::kInt8;
+    add_case("linear_backward/" + problem_name(q), false, [=] { run_backward(q, false); });
+  }
+  lss_rows[1].sparse_grad = false;
+  add_case("linear_backward/" + problem_name(lss_rows[1]), false,
+           [=] { run_backward(lss_rows[1], false); });
+  add_case("linear_backward_graph/" + problem_name(lss_rows[3]), false,
+           [=] { run_backward(lss_rows[3], true); });
   add_case("gemm_engine/resolve", false, test_gemm_engine);
   add_case("linear_backward_errors/lss_limits", false, test_lss_limits);
   add_case("linear_backward_graph/" + problem_name(lss[3]), false,

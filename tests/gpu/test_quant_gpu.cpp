@@ -232,20 +232,55 @@ void test_transform(int64_t rows, int64_t cols, int32_t block, bool in_bf16, boo
 }
 
 // ---- bit split
+// by_row: grad_scale=row (quantize_bitsplit_rows), rows scaled by 2^(-0.7 (r mod 8)) and every
+// 7th row zero, so that every exponent 0..kGradRowMaxExponent occurs; both device forms write
+// row_exp.
 void test_bitsplit(int64_t rows, int64_t cols, bool bf16, Data data, bool zeros,
-                   int64_t ld_extra = 0) {
+                   int64_t ld_extra = 0, bool by_row = false) {
   auto g0 = make_data(rows, cols, data, 99 + rows + cols);
   for (auto& v : g0) v *= 1e-3f;
   if (zeros) std::fill(g0.begin(), g0.end(), 0.0f);
+  if (by_row) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float f = r % 7 == 3 ? 0.0f : std::exp2(-0.7f * static_cast<float>(r % 8));
+      for (int64_t c = 0; c < cols; ++c) g0[static_cast<size_t>(r * cols + c)] *= f;
+    }
+  }
   const auto g = as_seen(g0, bf16);
   const RandomKey key{42, make_stream(9, 2, RandomPurpose::kGradRound)};
   const size_t pb = static_cast<size_t>(rows * packed_row_bytes(cols));
   std::vector<uint8_t> want_hi(std::max<size_t>(1, pb)), want_lo(std::max<size_t>(1, pb));
   float want_scale = -1.0f;
-  quantize_bitsplit_ref(make_matrix(const_cast<float*>(g.data()), DType::kFloat32, rows, cols), key,
-                        make_matrix(want_hi.data(), DType::kInt4Packed, rows, cols),
-                        make_matrix(want_lo.data(), DType::kInt4Packed, rows, cols),
-                        make_scalar(&want_scale, DType::kFloat32));
+  std::vector<int8_t> want_exp(static_cast<size_t>(std::max<int64_t>(1, rows)), 0);
+  const TensorView gv = make_matrix(const_cast<float*>(g.data()), DType::kFloat32, rows, cols);
+  if (by_row) {
+    quantize_bitsplit_rows(gv, kGradRowMaxExponent, key,
+                           make_matrix(want_hi.data(), DType::kInt4Packed, rows, cols),
+                           make_matrix(want_lo.data(), DType::kInt4Packed, rows, cols),
+                           make_scalar(&want_scale, DType::kFloat32),
+                           make_vector(want_exp.data(), DType::kInt8, rows));
+  } else {
+    quantize_bitsplit_ref(gv, key, make_matrix(want_hi.data(), DType::kInt4Packed, rows, cols),
+                          make_matrix(want_lo.data(), DType::kInt4Packed, rows, cols),
+                          make_scalar(&want_scale, DType::kFloat32));
+  }
+  DevBuf dexp(static_cast<size_t>(std::max<int64_t>(1, rows)));
+  const TensorView exp_view = by_row ? make_vector(dexp.get(), DType::kInt8, rows) : TensorView{};
+  // The row exponents against the CPU's (after each device form).
+  const auto check_exps = [&](const char* form) {
+    if (!by_row) return;
+    const auto got = gputest::download<int8_t>(dexp, static_cast<size_t>(rows));
+    int64_t bad = 0;
+    for (int64_t r = 0; r < rows; ++r)
+      bad += got[static_cast<size_t>(r)] != want_exp[static_cast<size_t>(r)];
+    GPU_CHECK_MSG(bad == 0, form << ": " << bad << " row exponents differ");
+  };
+  if (by_row && rows >= 42) {  // the data reach every exponent
+    for (int k = 0; k <= kGradRowMaxExponent; ++k) {
+      GPU_CHECK_MSG(std::count(want_exp.begin(), want_exp.end(), static_cast<int8_t>(k)) > 0,
+                    "no row with exponent " << k);
+    }
+  }
   DevMatrix dg = to_device(g0, rows, cols, bf16, cols + ld_extra);
   const int64_t kp = fp8_padded_cols(cols);
   DevBuf dop(static_cast<size_t>(std::max<int64_t>(1, 2 * rows * kp)));
@@ -255,13 +290,16 @@ void test_bitsplit(int64_t rows, int64_t cols, bool bf16, Data data, bool zeros,
   dhi.poison();
   dlo.poison();
   dsq.poison();
+  dexp.poison();
   const CudaAllocator alloc = default_cuda_allocator();
   quantize_bitsplit_cuda(dg.view, key, make_matrix(dop.get(), DType::kFloat8E4M3, 2 * rows, kp),
                          make_matrix(dhi.get(), DType::kInt4Packed, rows, cols),
                          make_matrix(dlo.get(), DType::kInt4Packed, rows, cols),
                          make_vector(dsq.get(), DType::kInt32, 2 * rows),
-                         make_scalar(dscale.get(), DType::kFloat32), TensorView{}, alloc, nullptr);
+                         make_scalar(dscale.get(), DType::kFloat32), TensorView{}, alloc, nullptr,
+                         exp_view);
   CUDA_OK(cudaDeviceSynchronize());
+  check_exps("stacked operand");
   const float got_scale = gputest::download<float>(dscale, 1)[0];
   GPU_CHECK_MSG(gputest::bits_of(got_scale) == gputest::bits_of(want_scale) ||
                     (std::isnan(got_scale) && std::isnan(want_scale)),
@@ -312,15 +350,18 @@ void test_bitsplit(int64_t rows, int64_t cols, bool bf16, Data data, bool zeros,
     dqt.poison();
     dscale.poison();
     dsums.poison();
+    dexp.poison();
     TensorView q_view = make_matrix(dq.get(), DType::kInt8, rows, kp);
     TensorView qt_view = make_matrix(dqt.get(), DType::kInt8, cols, np);
     q_view.strides[0] = ldq;
     qt_view.strides[0] = ldt;
-    quantize_bitsplit_q8_cuda(
-        dg.view, key, want_q ? q_view : TensorView{}, want_qt ? qt_view : TensorView{},
-        make_scalar(dscale.get(), DType::kFloat32),
-        want_sums ? make_vector(dsums.get(), sums_dtype, cols) : TensorView{}, alloc, nullptr);
+    quantize_bitsplit_q8_cuda(dg.view, key, want_q ? q_view : TensorView{},
+                              want_qt ? qt_view : TensorView{},
+                              make_scalar(dscale.get(), DType::kFloat32),
+                              want_sums ? make_vector(dsums.get(), sums_dtype, cols) : TensorView{},
+                              alloc, nullptr, exp_view);
     CUDA_OK(cudaDeviceSynchronize());
+    check_exps("INT8 operand");
     const float q_scale = gputest::download<float>(dscale, 1)[0];
     GPU_CHECK_MSG(gputest::bits_of(q_scale) == gputest::bits_of(got_scale),
                   "INT8 mode " << mode << " scale " << q_scale << " want " << got_scale);
@@ -534,6 +575,19 @@ const bool registered = [] {
       }
     }
   }
+  // grad_scale=row: the row exponents and the codes at each row's scale, both device forms; the
+  // vectorised and element-wise passes, a strided g, bf16.
+  for (B b : {B{5, 37, false}, B{64, 256, false}, B{129, 33, false}, B{300, 70, false}}) {
+    for (bool bf16 : {false, true}) {
+      add_case("bitsplit_rows/" + std::to_string(b.rows) + "x" + std::to_string(b.cols) +
+                   (bf16 ? "/bf16" : "/fp32"),
+               false, [=] { test_bitsplit(b.rows, b.cols, bf16, Data::kNormal, false, 0, true); });
+    }
+  }
+  add_case("bitsplit_rows/40x264/bf16/strided", false,
+           [] { test_bitsplit(40, 264, true, Data::kOutliers, false, 5, true); });
+  add_case("bitsplit_rows/16x64/fp32/zeros", false,
+           [] { test_bitsplit(16, 64, false, Data::kNormal, true, 0, true); });
   add_case("bitsplit/16x64/fp32/zeros", false,
            [] { test_bitsplit(16, 64, false, Data::kNormal, true); });
   add_case("bitsplit/16x64/fp32/nonfinite", false,

@@ -121,16 +121,19 @@ def test_cuda_backward_bias_alone_matches_cpu_core(recipe):
         assert all(g.numel() == 0 for g in (gpu_g[0], gpu_g[1], gpu_g[3], gpu_g[4]))
 
 
-def backward_cpu_and_cuda(spec, dtype=torch.float32, row_scales=False):
+def backward_cpu_and_cuda(spec, dtype=torch.float32, row_scales=False, bad=None):
     """linear_backward of recipe `spec` on the CPU core and on CUDA, from one CPU forward of 65
     tokens (256 -> 96); row_scales: the gradient's token rows scaled by 2^0 .. 2^-6 (every
-    grad_scale=row exponent). Returns the backward's arguments and both results."""
+    grad_scale=row exponent); bad: a value for one element of the gradient (inf, nan). Returns the
+    backward's arguments and both results."""
     args = cpu_args(spec.split(":")[0], 65, 256, 96, dtype)
     args[5] = spec
     y, codes, aux, scale, saved = ops.linear_forward(*args)
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
     if row_scales:
         gy = gy * (2.0 ** -torch.arange(65).remainder(7)).unsqueeze(1)
+    if bad is not None:
+        gy[0, 0] = bad
     bargs = [gy.to(dtype), None, codes, aux, scale, args[1], args[3], args[4], spec, args[6],
              args[7], saved, args[9], [True] * 5]
     return bargs, ops.linear_backward(*bargs), ops.linear_backward(*to_cuda(bargs))
@@ -152,13 +155,20 @@ def test_cuda_lss_budget_matches_cpu_core(budget):
                                   "hq_lss:lss_budget=1.5,grad_scale=row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cuda_grad_scale_row_matches_cpu_core(spec, dtype):
-    # grad_scale=row on CUDA (hq_bs on the kernels, hq_lss on the device-generic path): the same
-    # rows, exponents and gradients as the CPU core, on token rows spanning every exponent.
+    # grad_scale=row on CUDA (the kernels: hq_lss's weight gradient as two products, its hi and lo
+    # rows'): the same rows, exponents and gradients as the CPU core, on token rows spanning every
+    # exponent.
     _, cpu, gpu = backward_cpu_and_cuda(spec, dtype, row_scales=True)
     for i in (0, 1, 5):
         assert torch.equal(cpu[i], gpu[i].cpu()), i
     for i in (2, 3, 4):  # the bias and step gradients: fp64 sums in another order
         torch.testing.assert_close(gpu[i].cpu(), cpu[i], rtol=1e-5, atol=1e-6)
+    # A non-finite gradient (every row exponent 0): the CPU's NaNs and values, NaN for NaN.
+    for bad in (float("inf"), float("nan")):
+        _, cpu, gpu = backward_cpu_and_cuda(spec, dtype, row_scales=True, bad=bad)
+        for i in (0, 1, 5):
+            assert torch.equal(cpu[i].isnan(), gpu[i].cpu().isnan()), (i, bad)
+            assert torch.equal(cpu[i].nan_to_num(), gpu[i].cpu().nan_to_num()), (i, bad)
 
 
 def test_cuda_lsq_step_kernels_match_cpu():

@@ -74,7 +74,8 @@ def test_generic_linear_matches_core(recipe, dtype):
 @pytest.mark.parametrize("recipe", ["hq_bs", "hq_lss", "hq_lss:lss_budget=1.5"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_generic_row_grad_scale_matches_core(recipe, dtype):
-    # grad_scale=row (the PyTorch ops run it on the generic path on CUDA): the same bits as the core,
+    # grad_scale=row (on CUDA devices without the kernels, compute capability below 8.0, the PyTorch
+    # ops run it on the generic path): the same bits as the core,
     # on gradients whose token rows span every row exponent 0..4 (and all-zero rows), with
     # non-finite gradients too.
     spec = recipe + ("," if ":" in recipe else ":") + "grad_scale=row"
