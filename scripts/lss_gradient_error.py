@@ -18,10 +18,15 @@ hq_lss forms them) for three choices of p: the water-filled probabilities of sco
 are, the same rounded to powers of two (k <= 4, one threshold fitted to keep sum p <= N, as
 lss_round_pow2 does), and an oracle water-filled on ||R_i W|| itself (the variance-optimal scores,
 which cost the product to know): how much the rounding costs and how much better scores could give.
+Once per --grad-scales value: "row" forms the rows with per-row scales (quantize_bitsplit_rows'
+formula, k_i <= --row-cap, 4 as the library; in fp64 here, the stochastic rounding from torch's
+generator, not the core's Philox bits) and also reports the fraction of tokens at the cap and the
+bit split's own error ||(R_hi + R_lo - G) W|| / ||G W|| (no sampling).
 
     python scripts/lss_gradient_error.py --steps 300 --budgets 1,1.5
     python scripts/lss_gradient_error.py --steps 300 --budgets 1 --grad-scales tensor,row
     python scripts/lss_gradient_error.py --steps 300 --estimators
+    python scripts/lss_gradient_error.py --steps 300 --estimators --grad-scales tensor,row --row-cap 4
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ def main() -> None:
                    help="comma list of the bit split's grad_scale (tensor, row): each recipe once per value")
     p.add_argument("--estimators", action="store_true",
                    help="the input gradient's sampling error under three choices of p (see above)")
+    p.add_argument("--row-cap", type=int, default=4,
+                   help="--estimators with grad_scale row: the largest row exponent k_i")
     args = p.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     torch.manual_seed(0)
@@ -97,8 +104,12 @@ def main() -> None:
         h.remove()
 
     if args.estimators:
+        print(f"{'layer':16s} {'scale':7s} {'at cap':>6s} {'split':>6s} | {'water-filled':>12s} "
+              f"{'powers of 2':>11s} {'oracle':>6s}")
         for name in linears:
-            estimator_errors(name, captured[name]["g"], modules[name].weight.detach())
+            for gs in args.grad_scales.split(","):
+                estimator_errors(name, captured[name]["g"], modules[name].weight.detach(), gs,
+                                 args.row_cap)
         return
     recipes = []
     for gs in args.grad_scales.split(","):
@@ -140,12 +151,38 @@ def main() -> None:
         print(line)
 
 
-def estimator_errors(name: str, g: torch.Tensor, w: torch.Tensor) -> None:
+def row_split(g: torch.Tensor, cap: int) -> tuple[torch.Tensor, float]:
+    """The 2N rows R with per-row scales s 2^-k_i (quantize_bitsplit_rows' formula in fp64) and the
+    fraction of tokens whose k_i is the cap."""
+    g = g.double()
+    amax = g.abs().max()
+    rmax = g.abs().amax(1)
+    k = torch.zeros(g.shape[0], dtype=torch.float64)
+    if 0 < amax < float("inf"):
+        for _ in range(cap):  # the largest k <= cap with rmax 2^k <= amax
+            k = torch.where(rmax * 2.0 ** (k + 1) <= amax, k + 1, k)
+    f = (2.0 ** -k)[:, None]
+    s = amax / 119
+    gen = torch.Generator().manual_seed(0)
+    u = torch.rand(g.shape, generator=gen, dtype=torch.float64)
+    q = torch.floor(g / (s * f) + u).clamp(-119, 119)
+    hi = torch.floor((q + 8) / 16)
+    lo = q - 16 * hi
+    return torch.cat([16 * s * f * hi, s * f * lo]), (k == cap).double().mean().item()
+
+
+def estimator_errors(name: str, g: torch.Tensor, w: torch.Tensor, grad_scale: str = "tensor",
+                     row_cap: int = 4) -> None:
     n = g.shape[0]
-    hi, lo, s = int4train.ops.quantize_bitsplit(g, 0, 0)  # the recipe's bit split
-    rows = torch.cat([16 * s * hi.double(), s * lo.double()])  # the 2N rows R
+    at_cap = 0.0
+    if grad_scale == "row":
+        rows, at_cap = row_split(g, row_cap)
+    else:
+        hi, lo, s = int4train.ops.quantize_bitsplit(g, 0, 0)  # the recipe's bit split
+        rows = torch.cat([16 * s * hi.double(), s * lo.double()])  # the 2N rows R
     rw2 = (rows @ w.double()).pow(2).sum(1)
     exact = (g.double() @ w.double()).norm().item()
+    split = ((rows[:n] + rows[n:] - g.double()) @ w.double()).norm().item() / exact
     nz = rw2 > 0
 
     def error(p: torch.Tensor) -> float:
@@ -161,8 +198,9 @@ def estimator_errors(name: str, g: torch.Tensor, w: torch.Tensor) -> None:
         mid = (lo * hi_t) ** 0.5
         lo, hi_t = (mid, hi_t) if rounded(mid)[nz].sum() <= n else (lo, mid)
     oracle = torch.ops.int4train.lss_probabilities(rw2.sqrt().float(), float(n)).double()
-    print(f"{name:16s} water-filled {error(p):.3f}  powers of two {error(rounded(lo)):.3f}  "
-          f"oracle {error(oracle):.3f}")
+    label = grad_scale if grad_scale != "row" else f"row k<={row_cap}"
+    print(f"{name:16s} {label:7s} {at_cap:6.3f} {split:6.3f} | {error(p):12.3f} "
+          f"{error(rounded(lo)):11.3f} {error(oracle):6.3f}")
 
 
 if __name__ == "__main__":
