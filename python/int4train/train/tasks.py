@@ -476,7 +476,7 @@ def train_one(
         mininterval=0.5,
     )
     curve: list[float] = []
-    items, train_time = 0, 0.0
+    items, train_time, first_step = 0, 0.0, 0.0
     for step in range(steps):
         ts = time.perf_counter()
         batch = next(batches)
@@ -496,6 +496,8 @@ def train_one(
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # so that train_time is the device's time too
         train_time += time.perf_counter() - ts
+        if step == 0:  # the first-batch calibration (Hadamard blocks, LSQ steps) happens here
+            first_step = train_time
         items += task.items(batch) * ranks.world
         curve.append(value)
         bar.update(1)
@@ -521,6 +523,7 @@ def train_one(
         "throughput": items / train_time if train_time > 0 else float("nan"),
         "throughput_unit": task.throughput_unit,
         "train_time_s": train_time,
+        "first_step_s": first_step,
         "eval_time_s": eval_time,
         "wall_time_s": time.perf_counter() - t0,
         "parameters": sum(p.numel() for p in model.parameters()),
