@@ -63,8 +63,8 @@ __device__ __forceinline__ double pow2(int e) {
 // The exact recombination of one element's hi and lo partials of hq_lss's compacted input
 // gradient, with the LSS exponents of its rows (exps: 2N, hi rows first; -1 = dropped) and its
 // token's row exponent k (grad_scale=row, else 0): the kept rows' 2^(4 + k_hi - k) hi + 2^(k_lo -
-// k) lo. Equal to the CPU's int64 sum times 2^-4 converted to fp64 (both exact; a zero is +0.0 as
-// the CPU's, since the sum starts from +0.0).
+// k) lo. Equal to the CPU's int64 sum converted to fp64 and scaled by 2^-row_shift (4 with row
+// scales, else 0; both exact; a zero is +0.0 as the CPU's, since the sum starts from +0.0).
 __device__ __forceinline__ double recombine(double h, double l, const int8_t* exps, int64_t rows,
                                             int64_t row, int k) {
   const int eh = exps[row], el = exps[rows + row];

@@ -412,7 +412,7 @@ size_t staged_limit(cudaStream_t stream) {
 // Scores of the 2N bit-split rows from their exact sums of squared codes: ||R_i|| up to the common
 // s_g (x16 for the hi rows i < n) and, with x_sumsq, times ||x_(i mod n)|| of the saved codes; the
 // CPU's fp32 operations in its order (src/cpu/linear.cpp): norm = float(sqrt(double(sum))),
-// (16 * norm_hi) * norm_x.
+// (16 * norm_hi) * norm_x, then with row_exps (grad_scale=row) times 2^-k of the row's token.
 __global__ void __launch_bounds__(256)
     lss_scores_kernel(const int32_t* __restrict__ r_sumsq, const int32_t* __restrict__ x_sumsq,
                       const int8_t* __restrict__ row_exps, int64_t n, float* __restrict__ scores) {

@@ -121,11 +121,11 @@ def test_cuda_backward_bias_alone_matches_cpu_core(recipe):
         assert all(g.numel() == 0 for g in (gpu_g[0], gpu_g[1], gpu_g[3], gpu_g[4]))
 
 
-def backward_cpu_and_cuda(spec, dtype=torch.float32, row_scales=False, bad=None):
+def backward_cpu_and_cuda(spec, dtype=torch.float32, row_scales=False, bad=None, mask=None):
     """linear_backward of recipe `spec` on the CPU core and on CUDA, from one CPU forward of 65
     tokens (256 -> 96); row_scales: the gradient's token rows scaled by 2^0 .. 2^-6 (every
-    grad_scale=row exponent); bad: a value for one element of the gradient (inf, nan). Returns the
-    backward's arguments and both results."""
+    grad_scale=row exponent); bad: a value for one element of the gradient (inf, nan); mask: the
+    outputs asked for (default all five). Returns the backward's arguments and both results."""
     args = cpu_args(spec.split(":")[0], 65, 256, 96, dtype)
     args[5] = spec
     y, codes, aux, scale, saved = ops.linear_forward(*args)
@@ -135,7 +135,7 @@ def backward_cpu_and_cuda(spec, dtype=torch.float32, row_scales=False, bad=None)
     if bad is not None:
         gy[0, 0] = bad
     bargs = [gy.to(dtype), None, codes, aux, scale, args[1], args[3], args[4], spec, args[6],
-             args[7], saved, args[9], [True] * 5]
+             args[7], saved, args[9], [True] * 5 if mask is None else mask]
     return bargs, ops.linear_backward(*bargs), ops.linear_backward(*to_cuda(bargs))
 
 
@@ -163,12 +163,26 @@ def test_cuda_grad_scale_row_matches_cpu_core(spec, dtype):
         assert torch.equal(cpu[i], gpu[i].cpu()), i
     for i in (2, 3, 4):  # the bias and step gradients: fp64 sums in another order
         torch.testing.assert_close(gpu[i].cpu(), cpu[i], rtol=1e-5, atol=1e-6)
-    # A non-finite gradient (every row exponent 0): the CPU's NaNs and values, NaN for NaN.
+    # A non-finite gradient (s_g not finite, every row exponent 0, every code 0, no row kept):
+    # the CPU's NaN pattern (NaN where the LSQ mask passes the gradient, 0 elsewhere) and counts.
     for bad in (float("inf"), float("nan")):
         _, cpu, gpu = backward_cpu_and_cuda(spec, dtype, row_scales=True, bad=bad)
         for i in (0, 1, 5):
             assert torch.equal(cpu[i].isnan(), gpu[i].cpu().isnan()), (i, bad)
             assert torch.equal(cpu[i].nan_to_num(), gpu[i].cpu().nan_to_num()), (i, bad)
+    # One gradient at a time (a frozen weight; a first layer without an input gradient): the device
+    # runs only that product, its selection and row scales, and gives the CPU's bits.
+    for mask, outs in (([True, False, False, True, False], (0, 3)),
+                       ([False, True, True, False, True], (1, 2, 4))):
+        _, cpu, gpu = backward_cpu_and_cuda(spec, dtype, row_scales=True, mask=mask)
+        assert torch.equal(cpu[outs[0]], gpu[outs[0]].cpu()), (mask, spec)
+        for i in outs[1:]:
+            torch.testing.assert_close(gpu[i].cpu(), cpu[i], rtol=1e-5, atol=1e-6)
+        for i in range(5):
+            if i not in outs:
+                assert gpu[i].numel() == 0, (i, mask)
+        if "hq_lss" in spec:  # the kept count of the gradient asked for; 0 for the other
+            assert torch.equal(cpu[5], gpu[5].cpu()), (mask, cpu[5], gpu[5])
 
 
 def test_cuda_lsq_step_kernels_match_cpu():
