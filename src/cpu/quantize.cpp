@@ -234,6 +234,15 @@ void load_bits_tile(const uint8_t* aux, int64_t eb, int64_t ee, uint8_t* bits) {
   for (int64_t e = eb; e < ee; ++e) bits[e - eb] = (aux[e >> 3] >> (e & 7)) & 1u;
 }
 
+// max |x| from partial maxima of |x| bit patterns, which order like their values with every NaN
+// above +Inf (a NaN anywhere gives NaN).
+float absmax_of_bits(const std::vector<uint32_t>& part) {
+  uint32_t m = 0;
+  for (uint32_t p : part) m = std::max(m, p);
+  if (m > 0x7F800000u) return std::numeric_limits<float>::quiet_NaN();
+  return float_from_bits(m);
+}
+
 float absmax_impl(const TensorView& g, const QuantKernels& k) {
   const int64_t rows = g.shape[0], cols = g.shape[1];
   std::vector<uint32_t> part(static_cast<size_t>(detail::num_tiles(rows * cols)), 0u);
@@ -248,11 +257,7 @@ float absmax_impl(const TensorView& g, const QuantKernels& k) {
     });
     part[static_cast<size_t>(t)] = m;
   });
-  uint32_t m = 0;
-  for (uint32_t p : part) m = std::max(m, p);
-  // |x| bit patterns order like their values, with every NaN above +Inf.
-  if (m > 0x7F800000u) return std::numeric_limits<float>::quiet_NaN();
-  return float_from_bits(m);
+  return absmax_of_bits(part);
 }
 
 // The scale and 1/scale of a stochastic gradient quantizer; false for an all-zero tensor.
@@ -589,7 +594,21 @@ void bitsplit_impl(const TensorView& g, int max_exponent, const RandomKey& rng, 
     check_vector(*row_exp, "row_exp", rows);
   }
   const auto& k = detail::quant_kernels();
-  const float amax = absmax_impl(g, k);
+  // With row scales, one read of G gives the rows' maxima and max|G| from them (the same bits as
+  // absmax_impl's tiles); without, absmax_impl.
+  std::vector<uint32_t> row_bits;
+  if (max_exponent > 0) {
+    row_bits.resize(static_cast<size_t>(rows));
+    detail::parallel_for(rows, 64, [&](int64_t rb, int64_t re) {
+      for (int64_t i = rb; i < re; ++i) {
+        row_bits[static_cast<size_t>(i)] =
+            g.dtype == DType::kFloat32
+                ? k.absmax_bits_f32(g.ptr<const float>() + i * g.strides[0], cols)
+                : k.absmax_bits_bf16(g.ptr<const uint16_t>() + i * g.strides[0], cols);
+      }
+    });
+  }
+  const float amax = max_exponent > 0 ? absmax_of_bits(row_bits) : absmax_impl(g, k);
   // Each row's exponent k_i (0 unless max|G| is finite and non-zero) and its 119 / max|G| * 2^k_i.
   std::vector<float> row_inv;
   int8_t* exps = row_exp != nullptr ? row_exp->ptr<int8_t>() : nullptr;  // contiguous (checked)
@@ -598,13 +617,9 @@ void bitsplit_impl(const TensorView& g, int max_exponent, const RandomKey& rng, 
   const float inv = amax == 0.0f ? 0.0f : levels / amax;
   if (max_exponent > 0 && amax > 0.0f && std::isfinite(amax)) {
     row_inv.resize(static_cast<size_t>(rows));
-    detail::parallel_for(rows, 64, [&](int64_t rb, int64_t re) {
+    detail::parallel_for(rows, 256, [&](int64_t rb, int64_t re) {
       for (int64_t i = rb; i < re; ++i) {
-        const uint32_t bits =
-            g.dtype == DType::kFloat32
-                ? k.absmax_bits_f32(g.ptr<const float>() + i * g.strides[0], cols)
-                : k.absmax_bits_bf16(g.ptr<const uint16_t>() + i * g.strides[0], cols);
-        const float rmax = float_from_bits(bits);
+        const float rmax = float_from_bits(row_bits[static_cast<size_t>(i)]);
         int e = 0;
         while (e < max_exponent && std::ldexp(rmax, e + 1) <= amax) ++e;
         if (exps != nullptr) exps[i] = static_cast<int8_t>(e);
