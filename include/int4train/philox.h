@@ -35,9 +35,17 @@ struct Philox4x32 {
 };
 
 INT4TRAIN_HD uint32_t philox_mulhilo(uint32_t a, uint32_t b, uint32_t* hi) {
+#if defined(__CUDA_ARCH__)
+  // The same two words; written as __umulhi and a 32-bit product, nvcc (13.0, sm_90a) emits one
+  // IMAD.WIDE.U32 per product, where the 64-bit form also added a zero register to the high word
+  // (two wasted instructions a round, a third of Philox's instructions in the quantizers).
+  *hi = __umulhi(a, b);
+  return a * b;
+#else
   const uint64_t p = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
   *hi = static_cast<uint32_t>(p >> 32);
   return static_cast<uint32_t>(p);
+#endif
 }
 
 // Philox4x32 with 10 rounds, the constants of Random123 (and cuRAND).
