@@ -115,12 +115,18 @@ struct Lane8<BFloat16, true> {
 };
 
 // How many chunks a warp has in flight in for_each_warp_chunk: the loads of the next kDepth - 1
-// chunks are issued before the current one is computed (docs/cuda.md has what depth 1, 2 and 4
-// measured: the quantizers are bound by instructions, so the depth matters little).
+// chunks are issued before the current one is computed (docs/cuda.md, "Grid", has what depth 1, 2
+// and 4 measured: the quantizers are bound by instructions, so the depth matters little).
+// kChunkDepth: the backward's passes (bit split, epilogues); kForwardChunkDepth: the forward's
+// Hadamard + LSQ pass and the plain block Hadamard transform, 4-8% faster with one chunk in flight.
 #ifndef INT4TRAIN_CUDA_CHUNK_DEPTH
 #define INT4TRAIN_CUDA_CHUNK_DEPTH 2
 #endif
+#ifndef INT4TRAIN_CUDA_FORWARD_CHUNK_DEPTH
+#define INT4TRAIN_CUDA_FORWARD_CHUNK_DEPTH 1
+#endif
 constexpr int kChunkDepth = INT4TRAIN_CUDA_CHUNK_DEPTH;
+constexpr int kForwardChunkDepth = INT4TRAIN_CUDA_FORWARD_CHUNK_DEPTH;
 
 // Visits the chunks (a row's 256 consecutive columns, 8 per lane) of a rows x cols matrix, the
 // warps of the grid taking them in turn (warp w: chunks w, w + W, w + 2W, ... in row-major chunk

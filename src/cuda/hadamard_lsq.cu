@@ -139,7 +139,7 @@ __device__ __forceinline__ void lsq_store8(const LsqParams& p, uint64_t stream, 
 }
 
 // Rows whose length is a multiple of 8 (every block size): a warp per 256 columns of a row, a
-// persistent grid, kChunkDepth chunks' loads in flight per warp (device_common.cuh).
+// persistent grid, kForwardChunkDepth chunks' loads in flight per warp (device_common.cuh).
 template <typename In, int G, bool kVec, bool kAux>
 __global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_kernel(const LsqParams p) {
   const int lane = threadIdx.x & 31;
@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_kernel(const LsqPara
   const bool inv_ok = !bad_step && isfinite(inv);
   const uint64_t stream = kAux ? stream_with_step(p.stream, p.device_step) : 0;
   uint32_t bad = 0;
-  for_each_warp_chunk<In, kVec, kChunkDepth>(
+  for_each_warp_chunk<In, kVec, kForwardChunkDepth>(
       static_cast<const In*>(p.x), p.ldx, p.rows, p.cols,
       [&](int64_t row, int64_t col0, float v[8]) {
         hadamard_warp8<G>(v, lane, p.hscale);
@@ -266,7 +266,7 @@ struct TransformParams {
 template <typename In, typename Out, int G, bool kVec>
 __global__ void __launch_bounds__(kThreads) hadamard_kernel(const TransformParams p) {
   const int lane = threadIdx.x & 31;
-  for_each_warp_chunk<In, kVec, kChunkDepth>(
+  for_each_warp_chunk<In, kVec, kForwardChunkDepth>(
       static_cast<const In*>(p.in), p.ldi, p.rows, p.cols,
       [&](int64_t row, int64_t col0, float v[8]) {
         hadamard_warp8<G>(v, lane, p.hscale);
