@@ -294,3 +294,106 @@ int64_t lss_select(const TensorView& exponents, int max_exponent, const RandomKe
 }
 
 }  // namespace int4train
+
+namespace int4train {
+
+void lss_sketch_operand(const TensorView& qw, const RandomKey& rng, TensorView p) {
+  check_matrix(qw, "qw");
+  check_dtype(qw, "qw", {DType::kInt8});
+  const int64_t rows = qw.shape[0], d = qw.shape[1];
+  if (rows > kLssSketchMaxCols) {
+    throw_error(ErrorKind::kValue, "qw: the sketch takes at most " +
+                                       std::to_string(kLssSketchMaxCols) +
+                                       " rows (the layer's "
+                                       "out_features), got " +
+                                       std::to_string(rows));
+  }
+  check_matrix(p, "p");
+  check_dtype(p, "p", {DType::kInt8});
+  check_shape(p, "p", rows, kLssSketchCols);
+  // Row k of S as one word: bit j set means S[k][j] = -1.
+  std::vector<uint32_t> signs(static_cast<size_t>(d));
+  for (int64_t k = 0; k < d; ++k) {
+    signs[static_cast<size_t>(k)] = random_u32(rng.seed, rng.stream, static_cast<uint64_t>(k));
+  }
+  // P[c][j] = sum_k q S = (sum of q) - 2 (sum of q where bit j is set); |P| <= 8 d, exact in int64.
+  std::vector<int64_t> full(static_cast<size_t>(rows * kLssSketchCols));
+  const int8_t* q0 = qw.ptr<const int8_t>();
+  const int64_t ld = qw.strides[0];
+  detail::parallel_for(rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1)),
+                       [&](int64_t b, int64_t e) {
+                         for (int64_t c = b; c < e; ++c) {
+                           const int8_t* q = q0 + c * ld;
+                           int64_t total = 0, neg[kLssSketchCols] = {};
+                           for (int64_t k = 0; k < d; ++k) {
+                             const int64_t v = q[k];
+                             if (v == 0) continue;
+                             total += v;
+                             const uint32_t w = signs[static_cast<size_t>(k)];
+                             for (int j = 0; j < kLssSketchCols; ++j) {
+                               neg[j] += ((w >> j) & 1u) ? v : 0;
+                             }
+                           }
+                           for (int j = 0; j < kLssSketchCols; ++j) {
+                             full[static_cast<size_t>(c * kLssSketchCols + j)] = total - 2 * neg[j];
+                           }
+                         }
+                       });
+  int64_t m = 0;
+  for (const int64_t v : full) m = std::max(m, v < 0 ? -v : v);
+  int8_t* out = p.ptr<int8_t>();
+  for (int64_t c = 0; c < rows; ++c) {
+    for (int j = 0; j < kLssSketchCols; ++j) {
+      const int64_t v = full[static_cast<size_t>(c * kLssSketchCols + j)];
+      const int64_t a = v < 0 ? -v : v;
+      const int64_t r = m == 0 ? 0 : (2 * kLssSketchLevels * a + m) / (2 * m);
+      out[c * p.strides[0] + j] = static_cast<int8_t>(v < 0 ? -r : r);
+    }
+  }
+}
+
+void lss_sketch_scores(const TensorView& codes, const TensorView& p, TensorView scores) {
+  check_matrix(codes, "codes");
+  check_dtype(codes, "codes", {DType::kInt8});
+  const int64_t rows = codes.shape[0], cols = codes.shape[1];
+  if (cols > kLssSketchMaxCols) {
+    throw_error(ErrorKind::kValue, "codes: the sketch takes at most " +
+                                       std::to_string(kLssSketchMaxCols) + " columns, got " +
+                                       std::to_string(cols));
+  }
+  check_matrix(p, "p");
+  check_dtype(p, "p", {DType::kInt8});
+  check_shape(p, "p", cols, kLssSketchCols);
+  check_dtype(scores, "scores", {DType::kFloat32});
+  check_vector(scores, "scores", rows);
+  const int8_t* pp = p.ptr<const int8_t>();
+  const int64_t ldp = p.strides[0];
+  int64_t p2 = 0;
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int j = 0; j < kLssSketchCols; ++j) p2 += pp[c * ldp + j] * pp[c * ldp + j];
+  }
+  const double t = static_cast<double>(p2) / static_cast<double>(4 * cols);
+  const int8_t* c0 = codes.ptr<const int8_t>();
+  float* out = scores.ptr<float>();
+  detail::parallel_for(rows, std::max<int64_t>(1, 2048 / std::max<int64_t>(cols, 1)),
+                       [&](int64_t b, int64_t e) {
+                         for (int64_t i = b; i < e; ++i) {
+                           const int8_t* r = c0 + i * codes.strides[0];
+                           int64_t v[kLssSketchCols] = {};
+                           int64_t q = 0;
+                           for (int64_t c = 0; c < cols; ++c) {
+                             const int64_t x = r[c];
+                             if (x == 0) continue;
+                             q += x * x;
+                             const int8_t* pc = pp + c * ldp;
+                             for (int j = 0; j < kLssSketchCols; ++j) v[j] += x * pc[j];
+                           }
+                           int64_t s2 = 0;
+                           for (int j = 0; j < kLssSketchCols; ++j) s2 += v[j] * v[j];
+                           const double sum = static_cast<double>(s2) + static_cast<double>(q) * t;
+                           out[i] = static_cast<float>(std::sqrt(sum));
+                         }
+                       });
+}
+
+}  // namespace int4train

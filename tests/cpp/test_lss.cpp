@@ -9,6 +9,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "expect_error.h"
@@ -490,6 +491,206 @@ TEST(LssErrors, BadArguments) {
   std::vector<int32_t> mi(6);
   expect_error([&] { row_norms(make_matrix(mi.data(), DType::kInt32, 3, 2), fvec(norms)); }, "in",
                ErrorKind::kType);
+}
+
+// ------------------------------------------------------------------- sketched scores
+
+std::vector<int8_t> random_codes(int64_t n, uint32_t seed, int zero_percent = 0) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<int> code(-8, 7), pct(0, 99);
+  std::vector<int8_t> v(static_cast<size_t>(n));
+  for (auto& x : v) x = static_cast<int8_t>(pct(gen) < zero_percent ? 0 : code(gen));
+  return v;
+}
+
+// lss.h's definition of P', element by element, in plain integer arithmetic.
+std::vector<int8_t> sketch_reference(const std::vector<int8_t>& qw, int64_t c, int64_t d,
+                                     const RandomKey& rng) {
+  std::vector<int64_t> full(static_cast<size_t>(c * kLssSketchCols));
+  int64_t m = 0;
+  for (int64_t i = 0; i < c; ++i) {
+    for (int j = 0; j < kLssSketchCols; ++j) {
+      int64_t acc = 0;
+      for (int64_t k = 0; k < d; ++k) {
+        const bool neg = (random_u32(rng.seed, rng.stream, static_cast<uint64_t>(k)) >> j) & 1u;
+        acc += (neg ? -1 : 1) * qw[static_cast<size_t>(i * d + k)];
+      }
+      full[static_cast<size_t>(i * kLssSketchCols + j)] = acc;
+      m = std::max(m, std::abs(acc));
+    }
+  }
+  std::vector<int8_t> out(full.size());
+  for (size_t i = 0; i < full.size(); ++i) {
+    // round(16 |P| / m) half away from zero, from the exact rational.
+    const int64_t a = std::abs(full[i]);
+    int64_t r = m == 0 ? 0 : (16 * a) / m;
+    if (m != 0 && 2 * (16 * a - r * m) >= m) ++r;
+    out[i] = static_cast<int8_t>(full[i] < 0 ? -r : r);
+  }
+  return out;
+}
+
+TEST(LssSketch, OperandFollowsTheDefinition) {
+  const RandomKey rng{7, make_stream(3, 11, RandomPurpose::kSketch)};
+  for (const auto& [c, d, zeros] :
+       {std::tuple<int64_t, int64_t, int>{5, 37, 0}, std::tuple<int64_t, int64_t, int>{48, 64, 30},
+        std::tuple<int64_t, int64_t, int>{3, 1, 0}}) {
+    std::vector<int8_t> qw = random_codes(c * d, static_cast<uint32_t>(c * d), zeros);
+    std::vector<int8_t> p(static_cast<size_t>(c * kLssSketchCols));
+    lss_sketch_operand(make_matrix(qw.data(), DType::kInt8, c, d), rng,
+                       make_matrix(p.data(), DType::kInt8, c, kLssSketchCols));
+    EXPECT_EQ(p, sketch_reference(qw, c, d, rng)) << c << "x" << d;
+    int peak = 0;
+    for (int8_t v : p) peak = std::max(peak, std::abs(static_cast<int>(v)));
+    EXPECT_EQ(peak, kLssSketchLevels);  // the largest |P| maps to 16
+  }
+  // Zero codes: P' = 0 (no division by zero). Another step's stream: other signs.
+  std::vector<int8_t> zero(4 * 9, 0), p0(4 * kLssSketchCols, 5);
+  lss_sketch_operand(make_matrix(zero.data(), DType::kInt8, 4, 9), rng,
+                     make_matrix(p0.data(), DType::kInt8, 4, kLssSketchCols));
+  EXPECT_EQ(p0, std::vector<int8_t>(p0.size(), 0));
+  std::vector<int8_t> qw = random_codes(16 * 64, 3);
+  std::vector<int8_t> pa(16 * kLssSketchCols), pb(16 * kLssSketchCols);
+  lss_sketch_operand(make_matrix(qw.data(), DType::kInt8, 16, 64), rng,
+                     make_matrix(pa.data(), DType::kInt8, 16, kLssSketchCols));
+  lss_sketch_operand(make_matrix(qw.data(), DType::kInt8, 16, 64),
+                     RandomKey{7, make_stream(4, 11, RandomPurpose::kSketch)},
+                     make_matrix(pb.data(), DType::kInt8, 16, kLssSketchCols));
+  EXPECT_NE(pa, pb);
+}
+
+TEST(LssSketch, ScoresFollowTheDefinitionAndZeroRowsOnly) {
+  const int64_t rows = 23, c = 40;
+  std::vector<int8_t> codes = random_codes(rows * c, 5, 60);
+  for (int64_t j = 0; j < c; ++j) codes[static_cast<size_t>(4 * c + j)] = 0;  // row 4: zero
+  std::vector<int8_t> p = random_codes(c * kLssSketchCols, 6);
+  for (auto& v : p) v = static_cast<int8_t>(2 * v);  // [-16, 14]
+  std::vector<float> scores(rows);
+  lss_sketch_scores(make_matrix(codes.data(), DType::kInt8, rows, c),
+                    make_matrix(p.data(), DType::kInt8, c, kLssSketchCols), fvec(scores));
+  int64_t p2 = 0;
+  for (int8_t v : p) p2 += v * v;
+  const double t = static_cast<double>(p2) / static_cast<double>(4 * c);
+  for (int64_t i = 0; i < rows; ++i) {
+    int64_t s2 = 0, q = 0;
+    for (int j = 0; j < kLssSketchCols; ++j) {
+      int64_t v = 0;
+      for (int64_t k = 0; k < c; ++k) {
+        v += codes[static_cast<size_t>(i * c + k)] * p[static_cast<size_t>(k * kLssSketchCols + j)];
+      }
+      s2 += v * v;
+    }
+    for (int64_t k = 0; k < c; ++k)
+      q += codes[static_cast<size_t>(i * c + k)] * codes[static_cast<size_t>(i * c + k)];
+    const double qt = static_cast<double>(q) * t;
+    const float want = static_cast<float>(std::sqrt(static_cast<double>(s2) + qt));
+    EXPECT_EQ(scores[static_cast<size_t>(i)], want) << i;
+    EXPECT_EQ(scores[static_cast<size_t>(i)] > 0.0f, q > 0) << i;  // the floor
+  }
+}
+
+// What the sketch is for: rows of equal norm whose products with W differ. W's codes are rank one
+// (every row a multiple of one pattern u), and half of the gradient rows lie along u's direction in
+// the output space while the other half are orthogonal to it: ||R_i W|| is large for the first half
+// and zero-ish for the second, while ||R_i|| is the same for all. The input gradient's sampling
+// variance sum (1/p_i - 1) ||R_i W||^2 at budget n/2 must be far lower with the sketched scores
+// than with the norms.
+TEST(LssSketch, ScoresFollowTheRowsProductsWhereNormsCannot) {
+  const int64_t c = 64, d = 128, n = 64;
+  std::vector<int8_t> qw(static_cast<size_t>(c * d));
+  std::vector<int8_t> u = random_codes(d, 11);
+  for (int64_t i = 0; i < c; ++i) {
+    const int a = (i % 2 == 0) ? 1 : -1;  // W's rows: +u, -u, +u, ...
+    for (int64_t k = 0; k < d; ++k) {
+      qw[static_cast<size_t>(i * d + k)] = static_cast<int8_t>(a * std::clamp<int>(u[k], -7, 7));
+    }
+  }
+  // Gradient rows: aligned (+1 on even columns, -1 on odd: R W = 64 u) or orthogonal (all +1 on
+  // column pairs: R W = 0), both of norm 8.
+  std::vector<int8_t> rows(static_cast<size_t>(n * c));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t k = 0; k < c; ++k) {
+      rows[static_cast<size_t>(i * c + k)] =
+          static_cast<int8_t>(i < n / 2 ? ((k % 2) ? -1 : 1) : 1);
+    }
+  }
+  std::vector<int8_t> p(static_cast<size_t>(c * kLssSketchCols));
+  lss_sketch_operand(make_matrix(qw.data(), DType::kInt8, c, d),
+                     RandomKey{1, make_stream(0, 0, RandomPurpose::kSketch)},
+                     make_matrix(p.data(), DType::kInt8, c, kLssSketchCols));
+  std::vector<float> sk(n), nm(n);
+  lss_sketch_scores(make_matrix(rows.data(), DType::kInt8, n, c),
+                    make_matrix(p.data(), DType::kInt8, c, kLssSketchCols), fvec(sk));
+  row_norms(make_matrix(rows.data(), DType::kInt8, n, c), fvec(nm));
+  std::vector<double> prod2(static_cast<size_t>(n));  // ||R_i W||^2
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t k = 0; k < d; ++k) {
+      double v = 0;
+      for (int64_t j = 0; j < c; ++j) {
+        v += rows[static_cast<size_t>(i * c + j)] * qw[static_cast<size_t>(j * d + k)];
+      }
+      prod2[static_cast<size_t>(i)] += v * v;
+    }
+  }
+  auto variance = [&](std::vector<float>& scores) {
+    std::vector<float> probs(n);
+    lss_probabilities(fvec(scores), n / 2.0, fvec(probs));
+    double v = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (prod2[static_cast<size_t>(i)] == 0) continue;
+      EXPECT_GT(probs[static_cast<size_t>(i)], 0.0f) << i;  // unbiased: every live row can be kept
+      v += (1.0 / probs[static_cast<size_t>(i)] - 1.0) * prod2[static_cast<size_t>(i)];
+    }
+    return v;
+  };
+  const double v_norm = variance(nm), v_sketch = variance(sk);
+  RecordProperty("variance_norm", std::to_string(v_norm));
+  RecordProperty("variance_sketch", std::to_string(v_sketch));
+  EXPECT_GT(v_norm, 0.0);
+  EXPECT_LT(v_sketch, 0.1 * v_norm);  // the aligned rows are kept (p = 1), the others dropped
+}
+
+TEST(LssSketch, BadArgumentsNameTheArgument) {
+  std::vector<int8_t> qw(8 * 3), p(8 * kLssSketchCols), codes(5 * 8);
+  std::vector<float> scores(5);
+  std::vector<int8_t> p_short(8 * 16);
+  expect_error(
+      [&] {
+        lss_sketch_operand(make_matrix(qw.data(), DType::kInt8, 8, 3), key(1),
+                           make_matrix(p_short.data(), DType::kInt8, 8, 16));
+      },
+      "p");
+  std::vector<int32_t> q32(8 * 3);
+  expect_error(
+      [&] {
+        lss_sketch_operand(make_matrix(q32.data(), DType::kInt32, 8, 3), key(1),
+                           make_matrix(p.data(), DType::kInt8, 8, kLssSketchCols));
+      },
+      "qw", ErrorKind::kType);
+  // More than kLssSketchMaxCols output features: a view of that many rows of one column.
+  std::vector<int8_t> tall(static_cast<size_t>(kLssSketchMaxCols + 1));
+  std::vector<int8_t> ptall(static_cast<size_t>((kLssSketchMaxCols + 1) * kLssSketchCols));
+  expect_error(
+      [&] {
+        lss_sketch_operand(
+            make_matrix(tall.data(), DType::kInt8, kLssSketchMaxCols + 1, 1), key(1),
+            make_matrix(ptall.data(), DType::kInt8, kLssSketchMaxCols + 1, kLssSketchCols));
+      },
+      "qw");
+  expect_error(
+      [&] {
+        lss_sketch_scores(make_matrix(codes.data(), DType::kInt8, 5, 8),
+                          make_matrix(p.data(), DType::kInt8, 7, kLssSketchCols), fvec(scores));
+      },
+      "p");
+  std::vector<float> short_scores(4);
+  expect_error(
+      [&] {
+        lss_sketch_scores(make_matrix(codes.data(), DType::kInt8, 5, 8),
+                          make_matrix(p.data(), DType::kInt8, 8, kLssSketchCols),
+                          fvec(short_scores));
+      },
+      "scores");
 }
 
 }  // namespace
