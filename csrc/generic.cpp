@@ -332,31 +332,6 @@ Tensor code_row_norms(const Tensor& codes) {
   return codes.to(at::kLong).pow(2).sum(1).to(at::kDouble).sqrt().to(at::kFloat);
 }
 
-// lss.h's sketched scores (lss_sketch_operand, lss_sketch_scores) in fp64 ATen arithmetic: every
-// sum is an integer below 2^53, so exact in any order; then the same single roundings.
-Tensor sketch_operand(const Tensor& qw, uint64_t seed, int64_t layer, const Tensor& stream_hi) {
-  TORCH_CHECK_VALUE(qw.size(0) <= kLssSketchMaxCols, "qw: the sketch takes at most ",
-                    kLssSketchMaxCols, " rows (the layer's out_features), got ", qw.size(0));
-  const int64_t d = qw.size(1);
-  const Tensor words =
-      philox_words(seed, stream_low(layer, RandomPurpose::kSketch), stream_hi, d, qw.options());
-  const Tensor bits = shr(words.unsqueeze(1), at::arange(kLssSketchCols, words.options())) & 1;
-  const Tensor p = int_product(qw, (1 - 2 * bits).t());  // C x 32, exact
-  const Tensor a = p.abs();
-  const Tensor m = a.max();
-  const Tensor r = at::floor((a * (2.0 * kLssSketchLevels) + m) / (2.0 * m));  // m > 0 below
-  return at::where(m > 0, at::sign(p) * r, at::zeros_like(p));
-}
-
-Tensor sketch_scores(const Tensor& codes, const Tensor& p) {
-  const int64_t cols = codes.size(1);
-  const Tensor c = codes.to(at::kDouble);
-  const Tensor s2 = int_product(c, p.t()).pow(2).sum(1);
-  const Tensor q = c.pow(2).sum(1);
-  const Tensor t = p.pow(2).sum() / static_cast<double>(4 * cols);
-  return (s2 + q * t).sqrt().to(at::kFloat);
-}
-
 // ---------------------------------------------------------------- argument checks (linear.cpp)
 
 LinearConfig make_config(c10::string_view recipe_name, int64_t hadamard_block, int64_t seed,
@@ -541,12 +516,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(
   check_float(grad_y, "grad_y");
   check_float(weight, "w");
 #ifdef INT4TRAIN_TORCH_CUDA
-  // hq_lss with lss_scores=sketch has no kernels yet (linear_backward_cuda): the ATen path below.
-  const bool device_kernels =
-      cuda_bridge::runs_kernels(grad_y) &&
-      (cfg.recipe == Recipe::kHqBs ||
-       (cfg.recipe == Recipe::kHqLss && cfg.lss_scores == LssScores::kNorm)) &&
-      n > 0 && d > 0 && c > 0;
+  const bool device_kernels = cuda_bridge::runs_kernels(grad_y) &&
+                              (cfg.recipe == Recipe::kHqBs || cfg.recipe == Recipe::kHqLss) &&
+                              n > 0 && d > 0 && c > 0;
 #else
   const bool device_kernels = false;
 #endif
@@ -697,17 +669,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(
     };
     if (need_dx) {
       Tensor scores;
-      if (sample && cfg.lss_scores == LssScores::kSketch) {
-        const Tensor p = sketch_operand(qw, cfg.seed, layer, stream_hi);
-        Tensor hs = sketch_scores(bs.hi, p), ls = sketch_scores(bs.lo, p);
-        if (rows) {
-          hs = hs * bs.row.to(at::kFloat);
-          ls = ls * bs.row.to(at::kFloat);
-        }
-        scores = at::cat({hs * 16.0, ls});
-      } else if (sample) {
-        scores = at::cat({hi_norm * 16.0, lo_norm});
-      }
+      if (sample) scores = at::cat({hi_norm * 16.0, lo_norm});
       const auto [w_hi, w_lo] = weights(scores, RandomPurpose::kSampleInput, 0);
       const Tensor acc = int_product(hi * w_hi.unsqueeze(1) + lo * w_lo.unsqueeze(1), qw.t());
       const Tensor s = bs.scale.to(at::kDouble) * sw.to(at::kDouble);

@@ -101,14 +101,6 @@ const char* gemm_engine_name(GemmEngine engine);  // "auto", "fp8", "int8"
 //            LSS's scores are the rows' norms with 2^-k_i. docs/accuracy.md has what it buys.
 enum class GradScaleMode : int32_t { kTensor = 0, kRow = 1 };
 
-// hq_lss's input-gradient scores (recipe option lss_scores=norm|sketch):
-//   kNorm    the paper's c_i = ||R_i|| (the default);
-//   kSketch  c_i ~ ||R_i W^||, the norm of the row's own product, from a 32-column random sign
-//            sketch of the weight's codes (lss_sketch_operand / lss_sketch_scores, lss.h): the
-//            variance-optimal probabilities follow ||R_i W^||, and ||R_i|| ignores how a row lines
-//            up with W. The weight gradient's scores ||R_i|| ||x^_i|| are already its rows' norms.
-enum class LssScores : int32_t { kNorm = 0, kSketch = 1 };
-
 struct LinearConfig {
   Recipe recipe = Recipe::kHqLss;
   int32_t hadamard_block = 1;  // HQ recipes: a power of two dividing D; others: must be 1
@@ -118,7 +110,6 @@ struct LinearConfig {
   double lss_budget = kLssDefaultBudget;  // hq_lss: kept rows per token (above)
   GemmEngine gemm = GemmEngine::kAuto;    // CUDA only: the products' tensor-core format (above)
   GradScaleMode grad_scale = GradScaleMode::kTensor;  // hq_bs, hq_lss: the bit split's scale
-  LssScores lss_scores = LssScores::kNorm;            // hq_lss: the input gradient's LSS scores
   // CUDA only (linear_forward_cuda / linear_backward_cuda), optional: the training step as an int64
   // device scalar, read by the kernels in place of `step` (its low 32 bits, as philox.h's streams
   // take them), so that the caller never reads it on the host (RandomKey::device_step).
@@ -131,13 +122,12 @@ void check_lss_budget(double lss_budget);
 // A recipe spec: a recipe name, optionally followed by options after a colon, comma-separated
 // key=value pairs: hq_lss's lss_budget ("hq_lss:lss_budget=1.5") and the LSQ recipes' gemm = auto,
 // fp8 or int8 ("hq_bs:gemm=int8", "hq_lss:lss_budget=1.5,gemm=int8"), and hq_bs's and hq_lss's
-// grad_scale = tensor or row ("hq_lss:grad_scale=row"), and hq_lss's lss_scores = norm or sketch
-// ("hq_lss:lss_scores=sketch"). This is how a recipe crosses string interfaces (the PyTorch ops
-// take it as `str recipe`); lss_budget is parsed with strtod, so a value printed with round-trip
-// precision (Python's repr) is exact. Sets cfg->recipe, cfg->lss_budget, cfg->gemm,
-// cfg->grad_scale and cfg->lss_scores (kLssDefaultBudget, kAuto, kTensor and kNorm when absent). An
-// unknown name or key, a malformed value, a repeated key or an option the recipe does not take is
-// an Error naming `recipe`.
+// grad_scale = tensor or row ("hq_lss:grad_scale=row"). This is how a recipe crosses
+// string interfaces (the PyTorch ops take it as `str recipe`); lss_budget is parsed with strtod, so
+// a value printed with round-trip precision (Python's repr) is exact. Sets cfg->recipe,
+// cfg->lss_budget, cfg->gemm and cfg->grad_scale (kLssDefaultBudget, kAuto and kTensor when
+// absent). An unknown name or key, a malformed value, a repeated key or an option the recipe does
+// not take is an Error naming `recipe`.
 void parse_recipe_spec(const std::string& spec, LinearConfig* cfg);
 
 // What the forward saves for the backward, by recipe (the caller allocates; see linear_saved_shapes):

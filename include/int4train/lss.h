@@ -118,34 +118,4 @@ void lss_round_pow2(const TensorView& probs, int max_exponent, int64_t max_rows,
 int64_t lss_select(const TensorView& exponents, int max_exponent, const RandomKey& rng,
                    TensorView slot_rows);
 
-// ---- Sketched input-gradient scores (hq_lss with lss_scores=sketch, linear.h). The input
-// gradient's row i is R_i W^, so the variance-optimal probabilities follow ||R_i W^|| (the paper's
-// score ||R_i|| ignores how a row lines up with W^). A random sign sketch estimates it for every
-// row at the cost of two thin integer products; the probabilities stay valid whatever the sketch
-// draws (a floor proportional to ||R_i|| keeps each non-zero row's score positive), so the
-// estimator stays unbiased. All integer arithmetic below is exact and the fp64 steps are single
-// roundings in a fixed order, so the CPU and the GPU compute the same scores bit for bit.
-constexpr int kLssSketchCols = 32;    // r: the sketch's columns, one Philox word per row of S
-constexpr int kLssSketchLevels = 16;  // P' in [-16, 16]: integers exact in FP8 e4m3
-constexpr int64_t kLssSketchMaxCols = 65536;  // C at most 2^16: every sum below an integer < 2^53
-
-// P' (cols x kLssSketchCols int8) from the weight's codes qw (cols x d int8, the layer's C x D
-// codes in [-8, 7]) and the layer's key of purpose RandomPurpose::kSketch:
-//   S[k][j] = -1 if bit j of random_u32(rng.seed, rng.stream, k) is set, else +1   (k < d)
-//   P[c][j] = sum_k qw[c][k] S[k][j]                                                (exact)
-//   m = max |P|;  P'[c][j] = sign(P) floor((32 |P| + m) / (2 m)), i.e. 16 P / m rounded half away
-//   from zero (0 everywhere when m = 0).
-// qw: at most kLssSketchMaxCols rows (an Error naming `qw`); p: int8 qw.rows x kLssSketchCols.
-void lss_sketch_operand(const TensorView& qw, const RandomKey& rng, TensorView p);
-
-// The score of each row of codes (rows x C int8, a bit split's hi or lo rows) against P' (C x
-// kLssSketchCols int8, lss_sketch_operand's):
-//   v_j = sum_c codes[i][c] P'[c][j],  s2 = sum_j v_j^2,  q = sum_c codes[i][c]^2   (exact
-//   integers) t = double(sum P'^2) / double(4 C)                                              (one
-//   rounding) score_i = float(sqrt(double(s2) + double(q) * t))    (fp64: product, sum and root
-//   rounded once)
-// t q is a quarter of what the sketch gives such a row on average, a floor that keeps a row's score
-// positive iff the row is not zero. scores: fp32 vector of `rows`.
-void lss_sketch_scores(const TensorView& codes, const TensorView& p, TensorView scores);
-
 }  // namespace int4train

@@ -21,7 +21,6 @@ enum class RandomPurpose : uint32_t {
   kSampleInput = 2,   // LSS selection (its strata's draws) for the input-gradient product
   kSampleWeight = 3,  // LSS selection (its strata's draws) for the weight-gradient product
   kLsqAux = 4,        // the 1-bit stochastic rounding residual saved by the compact LSQ state
-  kSketch = 5,        // the random signs of LSS's sketched input-gradient scores (lss.h)
   kTest = 15,         // reserved for tests
 };
 

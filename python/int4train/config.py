@@ -66,12 +66,6 @@ class Recipe:
         and the language model it brings hq_lss and hq_bs closer to fp (docs/accuracy.md,
         "Per-row gradient scales"). On CUDA both run it on the kernels: hq_bs at 2-10% over its
         default step on an H200, hq_lss at 6-38% (its weight gradient takes two products).
-    lss_scores: hq_lss only: the input gradient's leverage scores: "norm" (the default, the
-        paper's ||R_i|| of each bit-split row) or "sketch" (an estimate of ||R_i W||, the norm of
-        the row's own product, from a 32-column random sign sketch of the weight's codes;
-        include/int4train/lss.h): the variance-optimal probabilities follow ||R_i W||, which the
-        sketch tracks closely (docs/accuracy.md, "Sketched scores"). Still unbiased and exact. On
-        CUDA it runs on the device-generic ATen path so far (no kernels yet), several times slower.
     """
 
     name: str = "hq_lss"
@@ -82,7 +76,6 @@ class Recipe:
     dense_fallback: Union[str, float] = "never"
     gemm: str = "auto"
     grad_scale: str = "tensor"
-    lss_scores: str = "norm"
 
     def __post_init__(self) -> None:
         if self.name not in RECIPES:
@@ -121,10 +114,6 @@ class Recipe:
             raise ValueError(f"grad_scale must be \"tensor\" or \"row\", got {self.grad_scale!r}")
         if self.grad_scale != "tensor" and self.name not in ("hq_bs", "hq_lss"):
             raise ValueError(f"grad_scale applies to hq_bs and hq_lss, got recipe {self.name!r}")
-        if self.lss_scores not in ("norm", "sketch"):
-            raise ValueError(f"lss_scores must be \"norm\" or \"sketch\", got {self.lss_scores!r}")
-        if self.lss_scores != "norm" and self.name != "hq_lss":
-            raise ValueError(f"lss_scores applies to hq_lss only, got recipe {self.name!r}")
         if self.gemm not in GEMMS:
             raise ValueError(f"gemm must be one of {', '.join(GEMMS)}, got {self.gemm!r}")
         if self.gemm != "auto" and self.name not in _LSQ_RECIPES:
@@ -143,8 +132,6 @@ class Recipe:
             options.append(f"gemm={self.gemm}")
         if self.grad_scale != "tensor":
             options.append(f"grad_scale={self.grad_scale}")
-        if self.lss_scores != "norm":
-            options.append(f"lss_scores={self.lss_scores}")
         return self.name + (":" + ",".join(options) if options else "")
 
     @property
@@ -196,13 +183,12 @@ class Recipe:
                 key, _, value = item.partition("=")
                 kind = {"lss_budget": float, "max_hadamard_block": int, "step_init": str,
                         "dense_fallback": _fallback_value, "gemm": str,
-                        "grad_scale": str, "lss_scores": str}.get(key)
+                        "grad_scale": str}.get(key)
                 if kind is None:
                     raise ValueError(f"recipe: unknown option {key!r} in {recipe!r}; expected NAME, "
                                      "hq_lss:lss_budget=X, an hq recipe with max_hadamard_block=G, "
                                      "an LSQ recipe with step_init=mse|mean_abs or gemm=auto|fp8|int8, "
                                      "hq_bs / hq_lss with grad_scale=tensor|row, "
-                                     "hq_lss:lss_scores=norm|sketch, "
                                      "or dense_fallback=never|auto|MACS")
                 if key in options:
                     raise ValueError(f"recipe: option {key!r} given twice in {recipe!r}")

@@ -61,8 +61,7 @@ void parse_recipe_spec(const std::string& spec, LinearConfig* cfg) {
   double budget = kLssDefaultBudget;
   GemmEngine gemm = GemmEngine::kAuto;
   GradScaleMode grad_scale = GradScaleMode::kTensor;
-  LssScores lss_scores = LssScores::kNorm;
-  bool seen_budget = false, seen_gemm = false, seen_scale = false, seen_scores = false;
+  bool seen_budget = false, seen_gemm = false, seen_scale = false;
   if (colon != std::string::npos) {
     const std::string options = spec.substr(colon + 1);
     size_t pos = 0;
@@ -76,14 +75,12 @@ void parse_recipe_spec(const std::string& spec, LinearConfig* cfg) {
       bool* seen = key == "lss_budget"   ? &seen_budget
                    : key == "gemm"       ? &seen_gemm
                    : key == "grad_scale" ? &seen_scale
-                   : key == "lss_scores" ? &seen_scores
                                          : nullptr;
       if (seen == nullptr) {
         throw_error(ErrorKind::kValue,
                     "recipe: unknown option '" + key + "' in '" + spec +
                         "'; expected NAME, hq_lss:lss_budget=X, an LSQ recipe with "
-                        "gemm=auto|fp8|int8, hq_bs / hq_lss with grad_scale=tensor|row or "
-                        "hq_lss:lss_scores=norm|sketch");
+                        "gemm=auto|fp8|int8 or hq_bs / hq_lss with grad_scale=tensor|row");
       }
       if (*seen) {
         throw_error(ErrorKind::kValue,
@@ -112,16 +109,6 @@ void parse_recipe_spec(const std::string& spec, LinearConfig* cfg) {
                                              "' in '" + spec + "'");
         }
         grad_scale = value == "row" ? GradScaleMode::kRow : GradScaleMode::kTensor;
-      } else if (key == "lss_scores") {
-        if (recipe != Recipe::kHqLss) {
-          throw_error(ErrorKind::kValue,
-                      "recipe: lss_scores applies to hq_lss only, got '" + spec + "'");
-        }
-        if (value != "norm" && value != "sketch") {
-          throw_error(ErrorKind::kValue, "recipe: lss_scores expects norm or sketch, got '" +
-                                             value + "' in '" + spec + "'");
-        }
-        lss_scores = value == "sketch" ? LssScores::kSketch : LssScores::kNorm;
       } else {
         bool known = false;
         for (GemmEngine e : {GemmEngine::kAuto, GemmEngine::kFp8, GemmEngine::kInt8}) {
@@ -150,7 +137,6 @@ void parse_recipe_spec(const std::string& spec, LinearConfig* cfg) {
   cfg->lss_budget = budget;
   cfg->gemm = gemm;
   cfg->grad_scale = grad_scale;
-  cfg->lss_scores = lss_scores;
 }
 
 bool recipe_uses_lsq(Recipe recipe) {
@@ -595,24 +581,9 @@ void products_bitsplit(const LinearConfig& cfg, bool sample, const TensorView& g
   std::vector<int> exps;
   if (out.want_dx) {
     std::vector<float> scores(static_cast<size_t>(2 * n));
-    // lss_scores=sketch: the rows' sketched ||R_i W^|| (lss.h) in place of their norms.
-    std::vector<float> hi_sk, lo_sk;
-    if (sample && n > 0 && cfg.lss_scores == LssScores::kSketch) {
-      Buffer<int8_t> sketch(c, kLssSketchCols);
-      lss_sketch_operand(make_matrix(const_cast<int8_t*>(qw.data.data()), DType::kInt8, c, d),
-                         key(cfg, RandomPurpose::kSketch), sketch.view(DType::kInt8));
-      hi_sk.resize(static_cast<size_t>(n));
-      lo_sk.resize(static_cast<size_t>(n));
-      lss_sketch_scores(hi.view(DType::kInt8), sketch.view(DType::kInt8),
-                        make_vector(hi_sk.data(), DType::kFloat32, n));
-      lss_sketch_scores(lo.view(DType::kInt8), sketch.view(DType::kInt8),
-                        make_vector(lo_sk.data(), DType::kFloat32, n));
-    }
-    const std::vector<float>& hi_s = hi_sk.empty() ? hi_norm : hi_sk;
-    const std::vector<float>& lo_s = lo_sk.empty() ? lo_norm : lo_sk;
     for (int64_t i = 0; i < n; ++i) {
-      scores[static_cast<size_t>(i)] = 16.0f * hi_s[static_cast<size_t>(i)] * row_factor(i);
-      scores[static_cast<size_t>(n + i)] = lo_s[static_cast<size_t>(i)] * row_factor(i);
+      scores[static_cast<size_t>(i)] = 16.0f * hi_norm[static_cast<size_t>(i)] * row_factor(i);
+      scores[static_cast<size_t>(n + i)] = lo_norm[static_cast<size_t>(i)] * row_factor(i);
     }
     select(scores, RandomPurpose::kSampleInput, rows, exps);
     if (stats) stats->input_rows_kept = sample ? static_cast<int64_t>(rows.size()) : 0;

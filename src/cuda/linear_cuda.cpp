@@ -109,11 +109,6 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
                 std::string("recipe: linear_backward_cuda implements hq_bs and hq_lss so far, got ") +
                     recipe_name(cfg.recipe));
   }
-  if (lss && cfg.lss_scores != LssScores::kNorm) {
-    throw_error(ErrorKind::kNotImplemented,
-                "recipe: linear_backward_cuda implements hq_lss's lss_scores=norm so far; "
-                "lss_scores=sketch runs on the CPU core and the PyTorch ops' device-generic path");
-  }
   const bool by_row = cfg.grad_scale == GradScaleMode::kRow;
   check_dtype(a.grad_y, "grad_y", {DType::kFloat32, DType::kBFloat16});
   check_device_matrix(a.grad_y, "grad_y");

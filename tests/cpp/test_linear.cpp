@@ -295,57 +295,6 @@ TEST(LinearLss, BackwardIsUnbiased) {
   }
 }
 
-// lss_scores=sketch (lss.h): other probabilities for the input gradient's rows, the same
-// expectation (hq_bs's long mean), with either gradient scale; the weight gradient is untouched
-// (its scores and draws are the norm scores' bit for bit), and the input gradient differs.
-TEST(LinearLss, SketchedScoresAreUnbiased) {
-  Problem p = make_problem(32, 64, 48, 3);
-  LinearConfig cfg = hq_config(Recipe::kHqLss, 99);
-  const LayerRun base = initialised_forward(cfg, p);
-  for (GradScaleMode scale : {GradScaleMode::kTensor, GradScaleMode::kRow}) {
-    auto mean_dx = [&](Recipe r, LssScores scores, int draws, uint64_t seed0) {
-      std::vector<double> m(static_cast<size_t>(p.n * p.d), 0.0);
-      LinearConfig c2 = cfg;
-      c2.recipe = r;
-      c2.grad_scale = scale;
-      c2.lss_scores = scores;
-      for (int t = 0; t < draws; ++t) {
-        c2.seed = seed0 + t;
-        LayerRun run = base;
-        backward(c2, p, run);
-        for (size_t i = 0; i < m.size(); ++i) m[i] += run.dx[i];
-      }
-      for (auto& v : m) v /= draws;
-      return m;
-    };
-    const auto target = mean_dx(Recipe::kHqBs, LssScores::kNorm, 1600, 1000000);
-    auto rms = [&](const std::vector<double>& a) {
-      double e = 0, s = 0;
-      for (size_t i = 0; i < a.size(); ++i) {
-        e += (a[i] - target[i]) * (a[i] - target[i]);
-        s += target[i] * target[i];
-      }
-      return std::sqrt(e / s);
-    };
-    const double e1 = rms(mean_dx(Recipe::kHqLss, LssScores::kSketch, 25, 1));
-    const double e4 = rms(mean_dx(Recipe::kHqLss, LssScores::kSketch, 400, 5000));
-    const std::string tag = scale == GradScaleMode::kRow ? "row" : "tensor";
-    RecordProperty("sketch_rel_err_25_" + tag, std::to_string(e1));
-    RecordProperty("sketch_rel_err_400_" + tag, std::to_string(e4));
-    EXPECT_LT(e4, e1 / 2.5) << tag;  // 16x the draws: ~4x less error if unbiased
-
-    LinearConfig norm = cfg, sketch = cfg;
-    norm.grad_scale = sketch.grad_scale = scale;
-    sketch.lss_scores = LssScores::kSketch;
-    LayerRun a = base, b = base;
-    backward(norm, p, a);
-    backward(sketch, p, b);
-    EXPECT_EQ(a.dw, b.dw) << tag;
-    EXPECT_EQ(a.stats.weight_rows_kept, b.stats.weight_rows_kept) << tag;
-    EXPECT_NE(a.dx, b.dx) << tag;
-  }
-}
-
 // lss_budget: 2 keeps every non-zero bit-split row with p = 1, so hq_lss is hq_bs bit for bit;
 // smaller budgets keep at most ceil(budget * N) rows in every draw (the capacity of lss.h) and, on
 // average, nearly that many or every non-zero row (the rounded probabilities fill the capacity up
@@ -514,21 +463,7 @@ TEST(LinearLss, RecipeSpecParsesAndRejects) {
   EXPECT_EQ(cfg.gemm, GemmEngine::kInt8);
   parse_recipe_spec("hq_bs", &cfg);
   EXPECT_EQ(cfg.grad_scale, GradScaleMode::kTensor);
-  EXPECT_EQ(cfg.lss_scores, LssScores::kNorm);
-  parse_recipe_spec("hq_lss:grad_scale=row,lss_scores=sketch", &cfg);
-  EXPECT_EQ(cfg.lss_scores, LssScores::kSketch);
-  EXPECT_EQ(cfg.grad_scale, GradScaleMode::kRow);
-  parse_recipe_spec("hq_lss:lss_scores=norm", &cfg);
-  EXPECT_EQ(cfg.lss_scores, LssScores::kNorm);
-  parse_recipe_spec("hq_lss:lss_scores=sketch", &cfg);
-  parse_recipe_spec("hq_lss", &cfg);
-  EXPECT_EQ(cfg.lss_scores, LssScores::kNorm);
   for (const char* bad : {"hq_bs:lss_budget=1.5",
-                          "hq_bs:lss_scores=sketch",
-                          "hq:lss_scores=norm",
-                          "hq_lss:lss_scores=",
-                          "hq_lss:lss_scores=exact",
-                          "hq_lss:lss_scores=sketch,lss_scores=sketch",
                           "hq:grad_scale=row",
                           "lsq_luq:grad_scale=row",
                           "fp:grad_scale=tensor",
@@ -565,8 +500,7 @@ TEST(LinearLss, RecipeSpecParsesAndRejects) {
       EXPECT_TRUE(what.find("recipe") != std::string::npos ||
                   what.find("lss_budget") != std::string::npos ||
                   what.find("gemm") != std::string::npos ||
-                  what.find("grad_scale") != std::string::npos ||
-                  what.find("lss_scores") != std::string::npos)
+                  what.find("grad_scale") != std::string::npos)
           << bad << ": " << what;
     }
   }

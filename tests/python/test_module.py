@@ -513,39 +513,6 @@ def test_grad_scale_recipe():
     assert not torch.equal(grads["tensor"][0], grads["row"][0])
 
 
-def test_lss_scores_recipe():
-    # hq_lss's input-gradient scores: validation, the spec and Recipe.of; on the CPU the sketch
-    # trains and changes the input gradient only (core tests: the definition, unbiasedness, what it
-    # buys on aligned rows; test_generic.py: the generic path's bits).
-    assert Recipe("hq_lss").lss_scores == "norm" and Recipe("hq_lss").spec == "hq_lss"
-    r = Recipe("hq_lss", grad_scale="row", lss_scores="sketch")
-    assert r.spec == "hq_lss:grad_scale=row,lss_scores=sketch" and Recipe.of(r.spec) == r
-    assert Recipe.of("hq_lss:lss_scores=sketch").lss_scores == "sketch"
-    for bad in ("sketched", "", None, "NORM"):
-        with pytest.raises(ValueError, match="lss_scores must be"):
-            Recipe("hq_lss", lss_scores=bad)
-    for name in ("fp", "int8", "lsq_luq", "hq", "hq_bs"):
-        with pytest.raises(ValueError, match="lss_scores applies to hq_lss only"):
-            Recipe(name, lss_scores="sketch")
-    with pytest.raises(ValueError, match="given twice"):
-        Recipe.of("hq_lss:lss_scores=sketch,lss_scores=norm")
-    torch.manual_seed(0)
-    x = torch.randn(24, 32)
-    grads = {}
-    for scores in ("norm", "sketch"):
-        layer = Int4Linear(32, 16, recipe=Recipe("hq_lss", seed=3, lss_scores=scores))
-        torch.manual_seed(1)
-        layer.reset_parameters()
-        xx = x.clone().requires_grad_()
-        y = layer(xx)
-        # Gradient rows of one magnitude: every bit-split row live, so LSS samples.
-        (y * torch.randn(24, 16, generator=torch.Generator().manual_seed(2))).sum().backward()
-        grads[scores] = (xx.grad, layer.weight.grad)
-        assert all(torch.isfinite(g).all() for g in grads[scores])
-    assert not torch.equal(grads["norm"][0], grads["sketch"][0])
-    assert torch.equal(grads["norm"][1], grads["sketch"][1])
-
-
 def test_dense_fallback_recipe():
     # The small-shape rule: validation, the label (not the spec: the ops never see it), and the CPU,
     # which never falls back (tests/python/test_cuda.py checks the CUDA branch).

@@ -175,9 +175,6 @@ def test_recipe_variants_get_rows_of_their_own(text_file, tmp_path, capsys):
         "hq_lss@lss_budget1.5@step_initmean_abs@gemmint8")
     assert table._recipe_flags("hq_lss:grad_scale=row") == (
         "hq_lss", ["--grad-scale", "row"], "hq_lss@grad_scalerow")
-    assert table._recipe_flags("hq_lss:grad_scale=row,lss_scores=sketch") == (
-        "hq_lss", ["--grad-scale", "row", "--lss-scores", "sketch"],
-        "hq_lss@grad_scalerow@lss_scoressketch")
     # Rows: runs from before step_init existed used mean_abs; a step_lr_scale other than the task
     # preset's gets a row of its own.
     base = dict(run, recipe="hq_bs", recipe_spec="hq_bs", config={"step_lr_scale": 0.01})

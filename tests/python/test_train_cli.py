@@ -268,21 +268,6 @@ def test_lm_grad_scale(text_file, tmp_path, capsys):
     assert rc == 2 and "--grad-scale applies to hq_bs and hq_lss" in err
 
 
-def test_lm_lss_scores(text_file, tmp_path, capsys):
-    # --lss-scores sketch: recorded for hq_lss (None for the others), in the label; a usage error
-    # without hq_lss.
-    base = f"--task lm --data {text_file} --steps 3 {LM_TINY}"
-    rc, _, err = run_cli(f"{base} --recipe hq_lss,hq_bs --lss-scores sketch --out {tmp_path / 'a'}",
-                         capsys)
-    assert rc == 0, err
-    lss, bs = load_metrics(tmp_path / "a")
-    assert lss["recipe_spec"] == "hq_lss:lss_scores=sketch"
-    assert lss["config"]["lss_scores"] == "sketch" and bs["config"]["lss_scores"] is None
-    assert all(math.isfinite(v) for v in lss["loss_curve"])
-    rc, _, err = run_cli(f"{base} --recipe hq_bs --lss-scores sketch --out {tmp_path / 'b'}", capsys)
-    assert rc == 2 and "--lss-scores applies to hq_lss" in err
-
-
 def test_lm_step_lr_scale(text_file, tmp_path, capsys):
     base = f"--task lm --data {text_file} --steps 3 {LM_TINY}"
     rc, _, err = run_cli(f"{base} --recipe hq_lss --step-lr-scale 0.5 --out {tmp_path / 'd'}", capsys)

@@ -278,13 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
         "or row (refined per token row by a power of two; Recipe.grad_scale)",
     )
     t.add_argument(
-        "--lss-scores",
-        choices=("norm", "sketch"),
-        default="norm",
-        help="hq_lss: the input gradient's leverage scores: norm (the paper's, each row's norm) or "
-        "sketch (a random sketch of each row's product with the weight; Recipe.lss_scores)",
-    )
-    t.add_argument(
         "--limit-train", type=_positive_int, help="keep the first N training samples (lm: tokens)"
     )
     t.add_argument(
@@ -442,8 +435,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise UsageError(
             f"--grad-scale applies to hq_bs and hq_lss, which --recipe {args.recipe!r} does not name"
         )
-    if args.lss_scores != "norm" and "hq_lss" not in recipes:
-        raise UsageError(f"--lss-scores applies to hq_lss, which --recipe {args.recipe!r} does not name")
     for flag, value in (("--step-init", args.step_init), ("--gemm", args.gemm)):
         if value is not None and not any(Recipe(r).uses_lsq for r in recipes):
             raise UsageError(
@@ -531,8 +522,6 @@ def _run_recipes(args, recipes, hadamard, cfg, device, ranks) -> list[dict[str, 
                 options["gemm"] = args.gemm
         if recipe in ("hq_bs", "hq_lss"):
             options["grad_scale"] = args.grad_scale
-        if recipe == "hq_lss":
-            options["lss_scores"] = args.lss_scores
         spec = int4train.Recipe(recipe, **options)
         r = T.train_one(
             task,
@@ -559,7 +548,6 @@ def _run_recipes(args, recipes, hadamard, cfg, device, ranks) -> list[dict[str, 
                     "step_init": spec.step_init if spec.uses_lsq else None,
                     "gemm": spec.gemm if spec.uses_lsq else None,
                     "grad_scale": spec.grad_scale if spec.name in ("hq_bs", "hq_lss") else None,
-                    "lss_scores": spec.lss_scores if spec.name == "hq_lss" else None,
                     "data_flags": {k: getattr(args, k) for k in DATA_FLAGS},
                     "split_seed": args.split_seed,
                 },

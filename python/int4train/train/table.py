@@ -149,9 +149,6 @@ def _recipe_flags(spec: str) -> tuple[str, list[str], str]:
     if r.grad_scale != "tensor":
         flags += ["--grad-scale", r.grad_scale]
         folder += f"@grad_scale{r.grad_scale}"
-    if r.lss_scores != "norm":
-        flags += ["--lss-scores", r.lss_scores]
-        folder += f"@lss_scores{r.lss_scores}"
     return r.name, flags, folder
 
 
