@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A/B of the kernel benchmark between two source trees on one GPU machine: builds
-# int4train_gpu_bench (tests/gpu, Release, sm_90a) in each tree, runs `--quick` ROUNDS times with the
+# int4train_gpu_bench (tests/gpu, Release, sm_90a) in each tree, runs `--quick` ROUNDS times, the
 # two builds taking turns, and prints each row's median time in A and B and their ratio B/A. Rows
 # that draw nothing random and move no differently in both builds (e.g. the W pass, the copy) are
 # the run's control.
@@ -24,7 +24,10 @@ case "$rounds" in
   '' | *[!0-9]* | 0) echo "ROUNDS must be a positive integer, got '$rounds'" >&2; exit 2 ;;
 esac
 for t in "$old" "$new"; do
-  [ -f "$t/tests/gpu/CMakeLists.txt" ] || { echo "$t: no tests/gpu/CMakeLists.txt (not a tree)" >&2; exit 2; }
+  if [ ! -f "$t/tests/gpu/CMakeLists.txt" ]; then
+    echo "$t: no tests/gpu/CMakeLists.txt (not an int4train source tree)" >&2
+    exit 2
+  fi
 done
 OUT=${OUT:-/tmp/int4train_ab}
 mkdir -p "$OUT"

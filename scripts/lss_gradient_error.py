@@ -17,7 +17,9 @@ budget N (sqrt(sum (1/p_i - 1) ||R_i W||^2) / ||G W||, independent draws, the bi
 hq_lss forms them) for three choices of p: the water-filled probabilities of scores ||R_i|| as they
 are, the same rounded to powers of two (k <= 4, one threshold fitted to keep sum p <= N, as
 lss_round_pow2 does), and an oracle water-filled on ||R_i W|| itself (the variance-optimal scores,
-which cost the product to know): how much the rounding costs and how much better scores could give.
+which cost the product to know): how much the rounding costs and how much better scores could give;
+and a fourth, water-filled on a 32-column random sign sketch of ||R_i W|| (docs/accuracy.md,
+"Sketched scores").
 Once per --grad-scales value: "row" forms the rows with per-row scales (quantize_bitsplit_rows'
 formula, k_i <= --row-cap, 4 as the library; in fp64 here, the stochastic rounding from torch's
 generator, not the core's Philox bits) and also reports the fraction of tokens at the cap and the
@@ -105,7 +107,7 @@ def main() -> None:
 
     if args.estimators:
         print(f"{'layer':16s} {'scale':7s} {'at cap':>6s} {'split':>6s} | {'water-filled':>12s} "
-              f"{'powers of 2':>11s} {'oracle':>6s}")
+              f"{'powers of 2':>11s} {'oracle':>6s} {'sketch':>6s}")
         for name in linears:
             for gs in args.grad_scales.split(","):
                 estimator_errors(name, captured[name]["g"], modules[name].weight.detach(), gs,
@@ -198,9 +200,17 @@ def estimator_errors(name: str, g: torch.Tensor, w: torch.Tensor, grad_scale: st
         mid = (lo * hi_t) ** 0.5
         lo, hi_t = (mid, hi_t) if rounded(mid)[nz].sum() <= n else (lo, mid)
     oracle = torch.ops.int4train.lss_probabilities(rw2.sqrt().float(), float(n)).double()
+    # A 32-column random sign sketch of W (P = W S rounded to 16 levels of its largest entry), the
+    # scores sqrt(||R_i P||^2 + ||R_i||^2 sum(P^2) / (4 C)): what commit 1451692 tried as
+    # hq_lss:lss_scores=sketch (docs/accuracy.md, "Sketched scores").
+    signs = torch.randint(0, 2, (w.shape[1], 32), generator=torch.Generator().manual_seed(7))
+    sk = w.double() @ (1.0 - 2.0 * signs.double())
+    sk = torch.round(sk * 16 / sk.abs().max())
+    s2 = (rows @ sk).pow(2).sum(1) + rows.pow(2).sum(1) * sk.pow(2).sum() / (4 * sk.shape[0])
+    sketch = torch.ops.int4train.lss_probabilities(s2.sqrt().float(), float(n)).double()
     label = grad_scale if grad_scale != "row" else f"row k<={row_cap}"
     print(f"{name:16s} {label:7s} {at_cap:6.3f} {split:6.3f} | {error(p):12.3f} "
-          f"{error(rounded(lo)):11.3f} {error(oracle):6.3f}")
+          f"{error(rounded(lo)):11.3f} {error(oracle):6.3f} {error(sketch):6.3f}")
 
 
 if __name__ == "__main__":
