@@ -306,6 +306,18 @@ void bench_quant(int64_t rows, int64_t cols) {
     });
     report("bitsplit G " + shape + " bf16 -> int8 q, q^T + column sums", ms_qt,
            numel * (2.0 * 2 + 2.0) / ms_qt / 1e6, "GB/s", "(2 reads of G)");
+    // grad_scale=row: the rows' maxima from the same reduction pass, then each row's exponent.
+    Buf rexp(rows);
+    const double ms_qr = time_ms([&](int i) {
+      quantize_bitsplit_q8_cuda(make_matrix(xb[i % kSets]->p, DType::kBFloat16, rows, cols), key,
+                                make_matrix(q8.p, DType::kInt8, rows, kp),
+                                make_matrix(q8t.p, DType::kInt8, cols, fp8_padded_cols(rows)),
+                                make_scalar(sc.p, DType::kFloat32),
+                                make_vector(sums.p, DType::kBFloat16, cols), alloc, nullptr,
+                                make_vector(rexp.p, DType::kInt8, rows));
+    });
+    report("bitsplit G " + shape + " bf16 -> int8 q, q^T + col sums, row scales", ms_qr,
+           numel * (2.0 * 2 + 2.0) / ms_qr / 1e6, "GB/s", "(2 reads of G)");
     Buf amax(4);
     const double ms2 = time_ms([&](int i) {
       absmax_bits_cuda(make_matrix(xb[i % kSets]->p, DType::kBFloat16, rows, cols),

@@ -211,8 +211,9 @@ void absmax_bits_cuda(const TensorView& g, TensorView amax_bits, void* stream);
 //            (kBiasGradBlockRows), bit for bit the CPU's grad_bias, from the same reduction pass
 //            as the scale (one read of g for both);
 //   row_exp  int8 device vector of N: grad_scale=row (quantize_bitsplit_rows of quantize.h, the
-//            same codes and exponents): each row quantized at s 2^-k_row, k_row written here.
-//            Empty (the default): one scale per tensor.
+//            same codes and exponents): each row quantized at s 2^-k_row, k_row written here;
+//            the rows' maxima come from the reduction pass (still one read of g before the
+//            quantize pass). Empty (the default): one scale per tensor.
 void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
                             TensorView hi, TensorView lo, TensorView row_sumsq, TensorView scale,
                             TensorView column_sums, const CudaAllocator& alloc, void* stream,

@@ -169,52 +169,76 @@ __device__ __forceinline__ void load_pair(const In* p, bool c1, float* v0, float
   }
 }
 
-template <typename In, bool kPair>
+template <typename In, bool kPair, bool kRowMax>
 __global__ void __launch_bounds__(kColSumThreads)
     absmax_column_sums_kernel(const In* __restrict__ g, int64_t ld, int64_t rows, int64_t cols,
                               uint32_t* __restrict__ amax, double* __restrict__ partial,
-                              void* __restrict__ out, bool out_bf16) {
+                              void* __restrict__ out, bool out_bf16,
+                              uint32_t* __restrict__ row_max) {
   const int lane = threadIdx.x & 31;
   const int64_t tiles = (cols + kPairCols - 1) / kPairCols;
   // No rows: one empty block, so that the sums are written (0.0).
   const int64_t blocks = rows > 0 ? (rows + kBiasGradBlockRows - 1) / kBiasGradBlockRows : 1;
   const int64_t item = (static_cast<int64_t>(blockIdx.x) * kColSumThreads + threadIdx.x) / 32;
   uint32_t m = 0;
-  if (item < tiles * blocks) {
+  if (item < tiles * blocks) {  // warp-uniform
     const int64_t b = item / tiles, j = (item - b * tiles) * kPairCols + 2 * lane;
     const int64_t i0 = b * kBiasGradBlockRows;
     const int64_t i1 = i0 + kBiasGradBlockRows < rows ? i0 + kBiasGradBlockRows : rows;
     const bool c0 = j < cols, c1 = j + 1 < cols;
-    if (c0) {
+    // kRowMax: every lane runs the row loop (a lane past the last column reads nothing and holds
+    // 0.0), so that each row's maximum over the warp's columns is one warp reduction; lane k keeps
+    // row k's of a batch and adds it to row_max with one atomicMax.
+    if (c0 || kRowMax) {
       double acc0 = 0.0, acc1 = 0.0;
-      const In* p = g + i0 * ld + j;
+      const In* p = g + i0 * ld + (c0 ? j : 0);
       int64_t i = i0;
       for (; i + kSumBatch <= i1; i += kSumBatch, p += kSumBatch * ld) {
         float v0[kSumBatch], v1[kSumBatch];
 #pragma unroll
-        for (int k = 0; k < kSumBatch; ++k) load_pair<In, kPair>(p + k * ld, c1, &v0[k], &v1[k]);
+        for (int k = 0; k < kSumBatch; ++k) {
+          if (!kRowMax || c0) {
+            load_pair<In, kPair>(p + k * ld, c1, &v0[k], &v1[k]);
+          } else {
+            v0[k] = v1[k] = 0.0f;
+          }
+        }
+        uint32_t mine = 0;
 #pragma unroll
         for (int k = 0; k < kSumBatch; ++k) {
           acc0 += static_cast<double>(v0[k]);
           acc1 += static_cast<double>(v1[k]);
-          m = max(m, max(abs_bits(v0[k]), abs_bits(v1[k])));  // a missing column reads 0.0
+          const uint32_t a = max(abs_bits(v0[k]), abs_bits(v1[k]));  // a missing column reads 0.0
+          m = max(m, a);
+          if (kRowMax) {
+            const uint32_t r = __reduce_max_sync(kFullMask, a);
+            if (lane == k) mine = r;
+          }
         }
+        if (kRowMax && mine > 0) atomicMax(row_max + i + lane, mine);
       }
       for (; i < i1; ++i, p += ld) {
-        float v0, v1;
-        load_pair<In, kPair>(p, c1, &v0, &v1);
+        float v0 = 0.0f, v1 = 0.0f;
+        if (!kRowMax || c0) load_pair<In, kPair>(p, c1, &v0, &v1);
         acc0 += static_cast<double>(v0);
         acc1 += static_cast<double>(v1);
-        m = max(m, max(abs_bits(v0), abs_bits(v1)));
+        const uint32_t a = max(abs_bits(v0), abs_bits(v1));
+        m = max(m, a);
+        if (kRowMax) {
+          const uint32_t r = __reduce_max_sync(kFullMask, a);
+          if (lane == 0 && r > 0) atomicMax(row_max + i, r);
+        }
       }
       // One block: the block sum is the total (0.0 + acc == acc, also for -0.0: the block sum of
       // a column of -0.0 starts from 0.0, so it is 0.0 too).
-      if (partial != nullptr) {
-        partial[b * cols + j] = acc0;
-        if (c1) partial[b * cols + j + 1] = acc1;
-      } else {
-        store_bias(out, out_bf16, j, acc0);
-        if (c1) store_bias(out, out_bf16, j + 1, acc1);
+      if (c0) {
+        if (partial != nullptr) {
+          partial[b * cols + j] = acc0;
+          if (c1) partial[b * cols + j + 1] = acc1;
+        } else {
+          store_bias(out, out_bf16, j, acc0);
+          if (c1) store_bias(out, out_bf16, j + 1, acc1);
+        }
       }
     }
   }
@@ -565,9 +589,12 @@ void launch_combine_bitsplit(const SplitPartials& pp, const int8_t* exps, const 
 }
 
 void launch_absmax_column_sums(const TensorView& g, uint32_t* amax, TensorView column_sums,
-                               const CudaAllocator& alloc, cudaStream_t stream) {
+                               const CudaAllocator& alloc, cudaStream_t stream, uint32_t* row_max) {
   INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(amax, 0, sizeof(uint32_t), stream));
   const int64_t rows = g.shape[0], cols = g.shape[1];
+  if (row_max != nullptr && rows > 0) {
+    INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(row_max, 0, sizeof(uint32_t) * rows, stream));
+  }
   if (cols == 0) return;
   const int64_t blocks = rows > 0 ? (rows + kBiasGradBlockRows - 1) / kBiasGradBlockRows : 1;
   DeviceBuffer partial(alloc, blocks > 1 ? sizeof(double) * blocks * cols : 0, stream);
@@ -578,19 +605,12 @@ void launch_absmax_column_sums(const TensorView& g, uint32_t* amax, TensorView c
   const int64_t warps = blocks * ((cols + kPairCols - 1) / kPairCols);
   const int64_t grid = (warps + kColSumThreads / 32 - 1) / (kColSumThreads / 32);
   if (grid > INT32_MAX) throw_error(ErrorKind::kValue, "g: too many rows x columns");
-  auto launch = [&](auto kernel, const auto* p) {
-    kernel<<<static_cast<unsigned>(grid), kColSumThreads, 0, stream>>>(p, ld, rows, cols, amax,
-                                                                       part, column_sums.data, ob);
-  };
-  if (bf16) {
-    const BFloat16* p = g.ptr<const BFloat16>();
-    pair ? launch(absmax_column_sums_kernel<BFloat16, true>, p)
-         : launch(absmax_column_sums_kernel<BFloat16, false>, p);
-  } else {
-    const float* p = g.ptr<const float>();
-    pair ? launch(absmax_column_sums_kernel<float, true>, p)
-         : launch(absmax_column_sums_kernel<float, false>, p);
-  }
+  dispatch_input_flags(bf16, pair, row_max != nullptr, [&](auto in, auto kpair, auto krow) {
+    using In = decltype(in);
+    absmax_column_sums_kernel<In, decltype(kpair)::value, decltype(krow)::value>
+        <<<static_cast<unsigned>(grid), kColSumThreads, 0, stream>>>(
+            g.ptr<const In>(), ld, rows, cols, amax, part, column_sums.data, ob, row_max);
+  });
   INT4TRAIN_CUDA_LAUNCH_CHECK();
   if (part != nullptr) {
     bias_total_kernel<<<grid_blocks(cols, kThreads, int64_t{1} << 20), kThreads, 0, stream>>>(

@@ -26,28 +26,50 @@ constexpr int kThreads = 256;
 
 // ------------------------------------------------------------------------------ absmax
 
-template <typename In, bool kVec8>
+// The largest of `v` (|g| bits) over the lanes of this loop iteration that hold row r, into
+// row_max[r] with one atomicMax per row and warp. uniform: every such lane holds the same row (the
+// vectorised loop over rows whose 8-element groups come in whole warps).
+__device__ __forceinline__ void row_max_update(uint32_t* row_max, int64_t r, uint32_t v,
+                                               bool uniform) {
+  const unsigned active = __activemask();
+  const unsigned same =
+      uniform ? active : __match_any_sync(active, static_cast<unsigned long long>(r));
+  const uint32_t m = __reduce_max_sync(same, v);
+  if ((threadIdx.x & 31) == static_cast<unsigned>(__ffs(same) - 1) && m > 0) {
+    atomicMax(row_max + r, m);
+  }
+}
+
+// max |g| as fp32 bits into *out (NaN > Inf > finite); with kRowMax also each row's into
+// row_max[row] (zeroed by the caller), for grad_scale=row's exponents, in the same read of g.
+template <typename In, bool kVec8, bool kRowMax>
 __global__ void __launch_bounds__(kThreads)
     absmax_kernel(const In* __restrict__ g, int64_t ld, int64_t rows, int64_t cols,
-                  uint32_t* __restrict__ out) {
+                  uint32_t* __restrict__ out, uint32_t* __restrict__ row_max) {
   uint32_t m = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   if (kVec8) {
     const int64_t groups = cols / 8, total = rows * groups;
+    const bool uniform = groups % 32 == 0;  // a warp's 32 groups (t = 32 w .. 32 w + 31): one row
     for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
          t += stride) {
       const int64_t r = t / groups, c = (t - r * groups) * 8;
       float v[8];
       load8<true>(g + r * ld + c, v);
+      uint32_t lm = 0;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) m = max(m, abs_bits(v[i]));
+      for (int i = 0; i < 8; ++i) lm = max(lm, abs_bits(v[i]));
+      m = max(m, lm);
+      if (kRowMax) row_max_update(row_max, r, lm, uniform);
     }
   } else {
     const int64_t total = rows * cols;
     for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
          t += stride) {
       const int64_t r = t / cols, c = t - r * cols;
-      m = max(m, abs_bits(load_elem(g + r * ld + c)));
+      const uint32_t a = abs_bits(load_elem(g + r * ld + c));
+      m = max(m, a);
+      if (kRowMax) row_max_update(row_max, r, a, false);
     }
   }
   m = __reduce_max_sync(kFullMask, m);
@@ -61,24 +83,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-void launch_absmax(const TensorView& g, uint32_t* out, cudaStream_t stream) {
+void launch_absmax(const TensorView& g, uint32_t* out, cudaStream_t stream,
+                   uint32_t* row_max = nullptr) {
   INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(uint32_t), stream));
   const int64_t rows = g.shape[0], cols = g.shape[1];
+  if (row_max != nullptr && rows > 0) {
+    INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(row_max, 0, sizeof(uint32_t) * rows, stream));
+  }
   if (rows * cols == 0) return;
   const int64_t ld = row_stride(g);
   const bool bf16 = g.dtype == DType::kBFloat16;
   const bool vec = cols % 8 == 0 && (rows == 1 || ld % 8 == 0) && aligned(g.data, bf16 ? 16 : 32);
   // A few blocks per SM are enough to saturate memory; the cap keeps the atomics few.
   const int grid = grid_blocks(rows * cols / (vec ? 8 : 1), kThreads, 2048);
-  if (bf16) {
-    const BFloat16* p = g.ptr<const BFloat16>();
-    vec ? absmax_kernel<BFloat16, true><<<grid, kThreads, 0, stream>>>(p, ld, rows, cols, out)
-        : absmax_kernel<BFloat16, false><<<grid, kThreads, 0, stream>>>(p, ld, rows, cols, out);
-  } else {
-    const float* p = g.ptr<const float>();
-    vec ? absmax_kernel<float, true><<<grid, kThreads, 0, stream>>>(p, ld, rows, cols, out)
-        : absmax_kernel<float, false><<<grid, kThreads, 0, stream>>>(p, ld, rows, cols, out);
-  }
+  dispatch_input_flags(bf16, vec, row_max != nullptr, [&](auto in, auto kvec, auto krow) {
+    using In = decltype(in);
+    absmax_kernel<In, decltype(kvec)::value, decltype(krow)::value>
+        <<<grid, kThreads, 0, stream>>>(g.ptr<const In>(), ld, rows, cols, out, row_max);
+  });
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 
@@ -109,35 +131,24 @@ __device__ __forceinline__ float row_inverse(const BitsplitParams& p, int64_t ro
 
 // grad_scale=row (quantize_bitsplit_rows of quantize.h): each row's exponent k, the largest k <=
 // kGradRowMaxExponent with max|g_row| 2^k <= max|g| (every k 0 unless max|g| is finite and not
-// zero), and its inverse scale (119 / max|g|) 2^k; a warp per row.
-template <typename In>
+// zero), and its inverse scale (119 / max|g|) 2^k; the rows' maxima (|g| bits) come from the
+// reduction pass (launch_absmax / launch_absmax_column_sums with row_max), a thread per row.
 __global__ void __launch_bounds__(kThreads)
-    bitsplit_row_scales_kernel(const In* __restrict__ g, int64_t ldg, int64_t rows, int64_t cols,
+    bitsplit_row_scales_kernel(const uint32_t* __restrict__ row_max, int64_t rows,
                                const uint32_t* __restrict__ amax_bits, int8_t* __restrict__ row_exp,
                                float* __restrict__ row_inv) {
-  const int lane = threadIdx.x & 31;
   const float amax = __uint_as_float(*amax_bits);
   const float inv = amax == 0.0f ? 0.0f : __fdiv_rn(static_cast<float>(kBitSplitLevels), amax);
   const bool scaled = amax > 0.0f && amax <= FLT_MAX;  // finite and not zero (NaN: neither)
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
-       row < rows; row += warps) {
-    uint32_t m = 0;
-    if (scaled) {
-      for (int64_t c = lane; c < cols; c += 32) {
-        m = max(m, __float_as_uint(fabsf(load_elem(g + row * ldg + c))));
-      }
-      for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
-    }
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < rows;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     int k = 0;
     if (scaled) {
-      const float rmax = __uint_as_float(m);
+      const float rmax = __uint_as_float(row_max[row]);
       while (k < kGradRowMaxExponent && ldexpf(rmax, k + 1) <= amax) ++k;
     }
-    if (lane == 0) {
-      row_exp[row] = static_cast<int8_t>(k);
-      row_inv[row] = ldexpf(inv, k);
-    }
+    row_exp[row] = static_cast<int8_t>(k);
+    row_inv[row] = ldexpf(inv, k);
   }
 }
 
@@ -660,13 +671,14 @@ BitsplitParams bitsplit_params(const TensorView& g, const RandomKey& rng, const 
 }
 
 // The reduction pass (after every check): max |g| into `amax` (p.amax_bits), with g's column sums
-// when column_sums is given.
+// when column_sums is given and each row's max |g| into row_max when given (grad_scale=row).
 void bitsplit_reduce(BitsplitParams& p, const TensorView& g, TensorView column_sums,
-                     DeviceBuffer& amax, const CudaAllocator& alloc, cudaStream_t s) {
+                     DeviceBuffer& amax, uint32_t* row_max, const CudaAllocator& alloc,
+                     cudaStream_t s) {
   if (column_sums.data != nullptr) {
-    launch_absmax_column_sums(g, amax.as<uint32_t>(), column_sums, alloc, s);
+    launch_absmax_column_sums(g, amax.as<uint32_t>(), column_sums, alloc, s, row_max);
   } else {
-    launch_absmax(g, amax.as<uint32_t>(), s);
+    launch_absmax(g, amax.as<uint32_t>(), s, row_max);
   }
   p.amax_bits = amax.as<const uint32_t>();
 }
@@ -704,20 +716,12 @@ void launch_bitsplit_small(const BitsplitParams& p, bool bf16, cudaStream_t s) {
 }
 
 // grad_scale=row: each row's exponent into row_exp and its inverse scale into row_inv (a device
-// buffer of rows floats), after the reduction pass; p.row_inv then points at it.
-void launch_row_scales(BitsplitParams& p, const TensorView& g, const TensorView& row_exp,
+// buffer of rows floats) from the rows' maxima of the reduction pass; p.row_inv then points at it.
+void launch_row_scales(BitsplitParams& p, const uint32_t* row_max, const TensorView& row_exp,
                        DeviceBuffer& row_inv, cudaStream_t s) {
   if (p.rows == 0) return;
-  const int grid = grid_blocks(p.rows, kThreads / 32, int64_t{1} << 16);
-  if (g.dtype == DType::kBFloat16) {
-    bitsplit_row_scales_kernel<BFloat16>
-        <<<grid, kThreads, 0, s>>>(g.ptr<const BFloat16>(), p.ldg, p.rows, p.cols, p.amax_bits,
-                                   row_exp.ptr<int8_t>(), row_inv.as<float>());
-  } else {
-    bitsplit_row_scales_kernel<float>
-        <<<grid, kThreads, 0, s>>>(g.ptr<const float>(), p.ldg, p.rows, p.cols, p.amax_bits,
-                                   row_exp.ptr<int8_t>(), row_inv.as<float>());
-  }
+  bitsplit_row_scales_kernel<<<grid_blocks(p.rows, kThreads, int64_t{1} << 16), kThreads, 0, s>>>(
+      row_max, p.rows, p.amax_bits, row_exp.ptr<int8_t>(), row_inv.as<float>());
   INT4TRAIN_CUDA_LAUNCH_CHECK();
   p.row_inv = row_inv.as<float>();
 }
@@ -785,10 +789,12 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
     INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(p.row_sumsq, 0, sizeof(int32_t) * 2 * rows, s));
   }
   DeviceBuffer amax(alloc, sizeof(uint32_t), stream);
-  bitsplit_reduce(p, g, column_sums, amax, alloc, s);
+  const size_t row_bytes = row_exp.data != nullptr ? static_cast<size_t>(rows) * 4 : 0;
+  DeviceBuffer row_max(alloc, row_bytes, stream), row_inv(alloc, row_bytes, stream);
+  uint32_t* row_max_bits = row_exp.data != nullptr ? row_max.as<uint32_t>() : nullptr;
+  bitsplit_reduce(p, g, column_sums, amax, row_max_bits, alloc, s);
   const bool bf16 = g.dtype == DType::kBFloat16;
-  DeviceBuffer row_inv(alloc, row_exp.data != nullptr ? static_cast<size_t>(rows) * 4 : 0, stream);
-  if (row_exp.data != nullptr) launch_row_scales(p, g, row_exp, row_inv, s);
+  if (row_exp.data != nullptr) launch_row_scales(p, row_max_bits, row_exp, row_inv, s);
   if (cols % kLaneElems == 0 && cols > 0) {
     launch_bitsplit_chunks<false>(p, bitsplit_vec(p, bf16), bf16, s);
   } else {
@@ -827,10 +833,12 @@ void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, Tensor
   check_column_sums(column_sums, cols);
   const cudaStream_t s = as_stream(stream);
   DeviceBuffer amax(alloc, sizeof(uint32_t), stream);
-  bitsplit_reduce(p, g, column_sums, amax, alloc, s);
+  const size_t row_bytes = row_exp.data != nullptr ? static_cast<size_t>(rows) * 4 : 0;
+  DeviceBuffer row_max(alloc, row_bytes, stream), row_inv(alloc, row_bytes, stream);
+  uint32_t* row_max_bits = row_exp.data != nullptr ? row_max.as<uint32_t>() : nullptr;
+  bitsplit_reduce(p, g, column_sums, amax, row_max_bits, alloc, s);
   const bool bf16 = g.dtype == DType::kBFloat16;
-  DeviceBuffer row_inv(alloc, row_exp.data != nullptr ? static_cast<size_t>(rows) * 4 : 0, stream);
-  if (row_exp.data != nullptr) launch_row_scales(p, g, row_exp, row_inv, s);
+  if (row_exp.data != nullptr) launch_row_scales(p, row_max_bits, row_exp, row_inv, s);
   const bool chunks = cols % kLaneElems == 0 && cols > 0;
   if (p.operand_t != nullptr && chunks && tiles_fit(rows)) {
     const dim3 grid = tile_grid(rows, cols);

@@ -11,6 +11,7 @@
 
 #include "int4train/common.h"
 #include "int4train/cuda.h"
+#include "int4train/numeric.h"
 #include "int4train/quantize.h"
 
 namespace int4train {
@@ -115,6 +116,18 @@ decltype(auto) dispatch_block(int32_t block, F&& f) {
       throw_error(ErrorKind::kValue,
                   "block: expected a power of two <= 256, got " + std::to_string(block));
   }
+}
+
+// f(In{}, std::bool_constant<a>{}, std::bool_constant<b>{}) with In = BFloat16 or float (bf16)
+// for two runtime flags: where a kernel's input type and two flags pick its instantiation. f gets a
+// value of In only as a tag (its type).
+template <typename F>
+void dispatch_input_flags(bool bf16, bool a, bool b, F&& f) {
+  auto flags = [&](auto in) {
+    auto second = [&](auto fa) { b ? f(in, fa, std::true_type{}) : f(in, fa, std::false_type{}); };
+    a ? second(std::true_type{}) : second(std::false_type{});
+  };
+  bf16 ? flags(BFloat16{}) : flags(float{});
 }
 
 // A temporary from an allocator, released (stream-ordered) when it goes out of scope.
