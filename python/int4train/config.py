@@ -64,8 +64,9 @@ class Recipe:
         up to 2^-4, so a token whose gradient is far below the tensor's largest keeps up to 4 more
         bits; include/int4train/linear.h). The products stay exact and unbiased. On the fine-tune
         and the language model it brings hq_lss and hq_bs closer to fp (docs/accuracy.md,
-        "Per-row gradient scales"). On CUDA both run it on the kernels: hq_bs at 2-10% over its
-        default step on an H200, hq_lss at 6-38% (its weight gradient takes two products).
+        "Per-row gradient scales"). On CUDA both run it on the kernels: hq_bs within 4% of its
+        default step on an H200, hq_lss at 11-23% over it (its weight gradient takes two products;
+        bench/results/gpu-h200-2026-11-29-stop23.md).
     """
 
     name: str = "hq_lss"
