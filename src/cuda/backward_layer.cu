@@ -141,6 +141,7 @@ constexpr int64_t kPairCols = 64;
 constexpr int kSumBatch = 32;
 constexpr int kTotalBatch = 8;
 static_assert(kBiasGradBlockRows % kSumBatch == 0, "whole blocks run in batches");
+static_assert(kSumBatch <= 32, "row_max: lane k keeps row k of a batch");
 
 __device__ __forceinline__ void store_bias(void* out, bool out_bf16, int64_t j, double acc) {
   const float v = static_cast<float>(acc);

@@ -23,6 +23,7 @@ namespace cuda_detail {
 namespace {
 
 constexpr int kThreads = 256;
+static_assert(kThreads % 32 == 0, "absmax_kernel's uniform rows: a warp's t values are 32-aligned");
 
 // ------------------------------------------------------------------------------ absmax
 

@@ -235,11 +235,16 @@ void test_transform(int64_t rows, int64_t cols, int32_t block, bool in_bf16, boo
 // by_row: grad_scale=row (quantize_bitsplit_rows), rows scaled by 2^(-0.7 (r mod 8)) and every
 // 7th row zero, so that every exponent 0..kGradRowMaxExponent occurs; both device forms write
 // row_exp.
+// last_col: every row's last entry times 8, so that each row's maximum (hence its exponent) sits in
+// the last column, past the reduction passes' tile and lane boundaries.
 void test_bitsplit(int64_t rows, int64_t cols, bool bf16, Data data, bool zeros,
-                   int64_t ld_extra = 0, bool by_row = false) {
+                   int64_t ld_extra = 0, bool by_row = false, bool last_col = false) {
   auto g0 = make_data(rows, cols, data, 99 + rows + cols);
   for (auto& v : g0) v *= 1e-3f;
   if (zeros) std::fill(g0.begin(), g0.end(), 0.0f);
+  if (last_col) {
+    for (int64_t r = 0; r < rows; ++r) g0[static_cast<size_t>(r * cols + cols - 1)] *= 8.0f;
+  }
   if (by_row) {
     for (int64_t r = 0; r < rows; ++r) {
       const float f = r % 7 == 3 ? 0.0f : std::exp2(-0.7f * static_cast<float>(r % 8));
@@ -586,6 +591,18 @@ const bool registered = [] {
   }
   add_case("bitsplit_rows/40x264/bf16/strided", false,
            [] { test_bitsplit(40, 264, true, Data::kOutliers, false, 5, true); });
+  // The rows' maxima from the reduction passes (docs/cuda.md): contiguous rows whose 8-element
+  // groups do not come in whole warps (the absmax pass groups its lanes by row) and whose last
+  // 64-column tile is partial (the column-sums pass), each row's maximum in its last column; and
+  // more groups than one pass of either grid covers (the absmax pass's uniform and grouped forms).
+  add_case("bitsplit_rows/40x264/bf16/last_col", false,
+           [] { test_bitsplit(40, 264, true, Data::kNormal, false, 0, true, true); });
+  add_case("bitsplit_rows/33x1000/fp32/last_col", false,
+           [] { test_bitsplit(33, 1000, false, Data::kNormal, false, 0, true, true); });
+  add_case("bitsplit_rows/1100x4000/bf16/last_col", true,
+           [] { test_bitsplit(1100, 4000, true, Data::kNormal, false, 0, true, true); });
+  add_case("bitsplit_rows/2100x2048/fp32/last_col", true,
+           [] { test_bitsplit(2100, 2048, false, Data::kNormal, false, 0, true, true); });
   add_case("bitsplit_rows/16x64/fp32/zeros", false,
            [] { test_bitsplit(16, 64, false, Data::kNormal, true, 0, true); });
   add_case("bitsplit/16x64/fp32/zeros", false,
