@@ -671,17 +671,41 @@ BitsplitParams bitsplit_params(const TensorView& g, const RandomKey& rng, const 
   return p;
 }
 
-// The reduction pass (after every check): max |g| into `amax` (p.amax_bits), with g's column sums
-// when column_sums is given and each row's max |g| into row_max when given (grad_scale=row).
+// grad_scale=row: each row's exponent into row_exp and its inverse scale into row_inv (a device
+// buffer of rows floats) from the rows' maxima of the reduction pass; p.row_inv then points at it.
+void launch_row_scales(BitsplitParams& p, const uint32_t* row_max, const TensorView& row_exp,
+                       DeviceBuffer& row_inv, cudaStream_t s) {
+  if (p.rows == 0) return;
+  bitsplit_row_scales_kernel<<<grid_blocks(p.rows, kThreads, int64_t{1} << 16), kThreads, 0, s>>>(
+      row_max, p.rows, p.amax_bits, row_exp.ptr<int8_t>(), row_inv.as<float>());
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+  p.row_inv = row_inv.as<float>();
+}
+
+// The reduction pass's temporaries: max |g| (bits) and, with grad_scale=row, the rows' maxima and
+// inverse scales (alive until the quantize pass that reads them is enqueued).
+struct ReduceBuffers {
+  DeviceBuffer amax, row_max, row_inv;
+  ReduceBuffers(const CudaAllocator& alloc, int64_t rows, bool by_row, void* stream)
+      : amax(alloc, sizeof(uint32_t), stream),
+        row_max(alloc, by_row ? static_cast<size_t>(rows) * 4 : 0, stream),
+        row_inv(alloc, by_row ? static_cast<size_t>(rows) * 4 : 0, stream) {}
+};
+
+// The reduction pass (after every check): max |g| into b.amax (p.amax_bits), with g's column sums
+// when column_sums is given; with row_exp (grad_scale=row) each row's max |g| from the same read,
+// then each row's exponent and inverse scale (p.row_inv).
 void bitsplit_reduce(BitsplitParams& p, const TensorView& g, TensorView column_sums,
-                     DeviceBuffer& amax, uint32_t* row_max, const CudaAllocator& alloc,
+                     const TensorView& row_exp, ReduceBuffers& b, const CudaAllocator& alloc,
                      cudaStream_t s) {
+  uint32_t* row_max = row_exp.data != nullptr ? b.row_max.as<uint32_t>() : nullptr;
   if (column_sums.data != nullptr) {
-    launch_absmax_column_sums(g, amax.as<uint32_t>(), column_sums, alloc, s, row_max);
+    launch_absmax_column_sums(g, b.amax.as<uint32_t>(), column_sums, alloc, s, row_max);
   } else {
-    launch_absmax(g, amax.as<uint32_t>(), s, row_max);
+    launch_absmax(g, b.amax.as<uint32_t>(), s, row_max);
   }
-  p.amax_bits = amax.as<const uint32_t>();
+  p.amax_bits = b.amax.as<const uint32_t>();
+  if (row_exp.data != nullptr) launch_row_scales(p, row_max, row_exp, b.row_inv, s);
 }
 
 void check_column_sums(const TensorView& column_sums, int64_t cols) {
@@ -714,17 +738,6 @@ void launch_bitsplit_small(const BitsplitParams& p, bool bf16, cudaStream_t s) {
   } else {
     bitsplit_small_kernel<float><<<grid, kThreads, 0, s>>>(p);
   }
-}
-
-// grad_scale=row: each row's exponent into row_exp and its inverse scale into row_inv (a device
-// buffer of rows floats) from the rows' maxima of the reduction pass; p.row_inv then points at it.
-void launch_row_scales(BitsplitParams& p, const uint32_t* row_max, const TensorView& row_exp,
-                       DeviceBuffer& row_inv, cudaStream_t s) {
-  if (p.rows == 0) return;
-  bitsplit_row_scales_kernel<<<grid_blocks(p.rows, kThreads, int64_t{1} << 16), kThreads, 0, s>>>(
-      row_max, p.rows, p.amax_bits, row_exp.ptr<int8_t>(), row_inv.as<float>());
-  INT4TRAIN_CUDA_LAUNCH_CHECK();
-  p.row_inv = row_inv.as<float>();
 }
 
 void check_row_exp(const TensorView& row_exp, int64_t rows) {
@@ -789,13 +802,9 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
   if (p.row_sumsq != nullptr) {
     INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(p.row_sumsq, 0, sizeof(int32_t) * 2 * rows, s));
   }
-  DeviceBuffer amax(alloc, sizeof(uint32_t), stream);
-  const size_t row_bytes = row_exp.data != nullptr ? static_cast<size_t>(rows) * 4 : 0;
-  DeviceBuffer row_max(alloc, row_bytes, stream), row_inv(alloc, row_bytes, stream);
-  uint32_t* row_max_bits = row_exp.data != nullptr ? row_max.as<uint32_t>() : nullptr;
-  bitsplit_reduce(p, g, column_sums, amax, row_max_bits, alloc, s);
+  ReduceBuffers reduce(alloc, rows, row_exp.data != nullptr, stream);
+  bitsplit_reduce(p, g, column_sums, row_exp, reduce, alloc, s);
   const bool bf16 = g.dtype == DType::kBFloat16;
-  if (row_exp.data != nullptr) launch_row_scales(p, row_max_bits, row_exp, row_inv, s);
   if (cols % kLaneElems == 0 && cols > 0) {
     launch_bitsplit_chunks<false>(p, bitsplit_vec(p, bf16), bf16, s);
   } else {
@@ -833,13 +842,9 @@ void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, Tensor
   }
   check_column_sums(column_sums, cols);
   const cudaStream_t s = as_stream(stream);
-  DeviceBuffer amax(alloc, sizeof(uint32_t), stream);
-  const size_t row_bytes = row_exp.data != nullptr ? static_cast<size_t>(rows) * 4 : 0;
-  DeviceBuffer row_max(alloc, row_bytes, stream), row_inv(alloc, row_bytes, stream);
-  uint32_t* row_max_bits = row_exp.data != nullptr ? row_max.as<uint32_t>() : nullptr;
-  bitsplit_reduce(p, g, column_sums, amax, row_max_bits, alloc, s);
+  ReduceBuffers reduce(alloc, rows, row_exp.data != nullptr, stream);
+  bitsplit_reduce(p, g, column_sums, row_exp, reduce, alloc, s);
   const bool bf16 = g.dtype == DType::kBFloat16;
-  if (row_exp.data != nullptr) launch_row_scales(p, row_max_bits, row_exp, row_inv, s);
   const bool chunks = cols % kLaneElems == 0 && cols > 0;
   if (p.operand_t != nullptr && chunks && tiles_fit(rows)) {
     const dim3 grid = tile_grid(rows, cols);
