@@ -131,7 +131,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_module.py: needs a CUDA device")
-    recipes = [int4train.Recipe.of(r) for r in args.recipes.split(",")]
+    recipes = [int4train.Recipe.of(r) for r in int4train.config.split_specs(args.recipes)]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"int4train {int4train.__version__}; per step (forward + backward), median of "
           f"{args.rounds} rounds of {args.iters} back-to-back steps, the layers taking turns"

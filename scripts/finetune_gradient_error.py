@@ -89,7 +89,7 @@ def main() -> None:
     for h in handles:
         h.remove()
 
-    recipes = [int4train.Recipe.of(r) for r in args.recipes.split(",")]
+    recipes = [int4train.Recipe.of(r) for r in int4train.config.split_specs(args.recipes)]
     print(f"{len(names)} layers, {captured[names[0]]['x'].shape[0]} tokens per layer "
           f"(padding included, its gradient is zero)")
     head = f"{'layer':42s} {'under8':>6s} {'max/rms':>7s}"

@@ -101,8 +101,10 @@ if [ "$left" -gt 30 ]; then
   python3 -m int4train.train.table run --out "$table_dir" --tasks "$tasks" --recipes "$recipes" --seeds "$seeds" \
     --jobs "$jobs" --deadline "$left" "${table_args[@]}" > "$OUT/table.log" 2>&1
   summary+=("accuracy table : $(tail -1 "$OUT/table.log") ($(elapsed) s)")
+  # runs.json: every run's metrics, configuration, command and loss curve in one file at $OUT's top
+  # level (the run folders below the table folder may be too deep to come back from a device call).
   python3 -m int4train.train.table summarize "$table_dir" --md "$OUT/table.md" --plots "$OUT/plots" \
-    > /dev/null 2>&1
+    --json "$OUT/runs.json" > /dev/null 2>&1
 else
   summary+=("accuracy table : no time left ($(elapsed) s)")
 fi

@@ -41,7 +41,8 @@ def main() -> None:
     x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     gy = torch.randn(n, c, device="cuda", dtype=torch.bfloat16)
     layers = [("nn.Linear", lin)] + [
-        (r, int4train.Int4Linear.from_linear(lin, recipe=r)) for r in args.recipes.split(",")]
+        (r, int4train.Int4Linear.from_linear(lin, recipe=r))
+        for r in int4train.config.split_specs(args.recipes)]
 
     def step(layer: nn.Module) -> None:
         train_step(layer, x, gy)

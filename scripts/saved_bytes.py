@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=SHAPES, help="comma list of TOKENSxINxOUT")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    recipes = args.recipes.split(",")
+    recipes = int4train.config.split_specs(args.recipes)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     print(f"bytes saved for backward per layer, {args.device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}\n")

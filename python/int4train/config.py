@@ -211,6 +211,25 @@ class Recipe:
         return r if seed is None else dataclasses.replace(r, seed=seed)
 
 
+def split_specs(value: str) -> list[str]:
+    """A comma-separated list of recipes or specs as a list of specs, where a spec's further options
+    continue it after a comma: "fp,hq_lss:grad_scale=row,lss_budget=1.25" is ["fp",
+    "hq_lss:grad_scale=row,lss_budget=1.25"] (an item with "=" but no ":" belongs to the spec before
+    it). Empty items are dropped; an option that follows no spec is a ValueError."""
+    items: list[str] = []
+    for v in (v.strip() for v in value.split(",")):
+        if not v:
+            continue
+        if "=" in v and ":" not in v:
+            if not items or ":" not in items[-1]:
+                raise ValueError(f"recipes: option {v!r} follows no recipe spec (NAME:OPTION=VALUE) "
+                                 f"in {value!r}")
+            items[-1] += "," + v
+        else:
+            items.append(v)
+    return items
+
+
 def _fallback_value(value: str) -> Union[str, float]:
     """A dense_fallback option's value as written in a label: "never", "auto" or a number."""
     return value if value in ("never", "auto") else float(value)

@@ -405,6 +405,16 @@ def test_lss_budget_recipe():
                        ("hq_lss:lss_budget=x", "expects a number"), ("hq_lss:lss_budget=9", "lss_budget"), ("hq_lss:", "unknown option")]:
         with pytest.raises(ValueError, match=words):
             Recipe.of(bad)
+    # A list of specs (the scripts' and the table's --recipes): a spec's further options continue it.
+    from int4train.config import split_specs
+
+    assert split_specs(" fp, hq_lss:grad_scale=row,lss_budget=1.25,hq_bs,,hq_bs:gemm=int8") == [
+        "fp", "hq_lss:grad_scale=row,lss_budget=1.25", "hq_bs", "hq_bs:gemm=int8"]
+    assert Recipe.of(split_specs("hq_lss:grad_scale=row,lss_budget=1.25")[0]) == Recipe(
+        "hq_lss", grad_scale="row", lss_budget=1.25)
+    for bad in ("lss_budget=1.5", "hq_lss,lss_budget=1.5"):
+        with pytest.raises(ValueError, match="follows no recipe spec"):
+            split_specs(bad)
     # The label adds what acts in Int4Linear (max_hadamard_block) to the spec the ops take.
     nb = Recipe("hq_lss", lss_budget=1.5, max_hadamard_block=1)
     assert nb.spec == "hq_lss:lss_budget=1.5" and nb.label == "hq_lss:lss_budget=1.5,max_hadamard_block=1"

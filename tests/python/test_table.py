@@ -175,6 +175,14 @@ def test_recipe_variants_get_rows_of_their_own(text_file, tmp_path, capsys):
         "hq_lss@lss_budget1.5@step_initmean_abs@gemmint8")
     assert table._recipe_flags("hq_lss:grad_scale=row") == (
         "hq_lss", ["--grad-scale", "row"], "hq_lss@grad_scalerow")
+    # A spec of several options in a --recipes list: the items after its first continue it.
+    assert table._recipe_list("fp,hq_lss:grad_scale=row,lss_budget=1.25,hq_bs") == [
+        "fp", "hq_lss:grad_scale=row,lss_budget=1.25", "hq_bs"]
+    assert table._recipe_flags("hq_lss:grad_scale=row,lss_budget=1.25") == (
+        "hq_lss", ["--lss-budget", "1.25", "--grad-scale", "row"],
+        "hq_lss@lss_budget1.25@grad_scalerow")
+    with pytest.raises(SystemExit, match="follows no recipe spec"):
+        table._recipe_list("hq_lss,lss_budget=1.5")
     # Rows: runs from before step_init existed used mean_abs; a step_lr_scale other than the task
     # preset's gets a row of its own.
     base = dict(run, recipe="hq_bs", recipe_spec="hq_bs", config={"step_lr_scale": 0.01})

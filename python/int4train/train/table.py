@@ -46,6 +46,19 @@ def _list(value: str, allowed: tuple[str, ...] | None, what: str) -> list[str]:
     return items
 
 
+def _recipe_list(value: str) -> list[str]:
+    """--recipes's items (config.split_specs: a spec's further options continue it after a comma)."""
+    from ..config import split_specs
+
+    try:
+        items = split_specs(value)
+    except ValueError as e:
+        raise SystemExit(f"error: --recipes: {e}") from None
+    if not items:
+        raise SystemExit(f"error: --recipes: expected a comma-separated list, got {value!r}")
+    return items
+
+
 def _task_args(values: list[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for v in values:
@@ -65,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--recipes",
         default=",".join(RECIPES),
-        help="comma list of recipes; hq_lss variants as specs, e.g. hq_lss:lss_budget=1.5",
+        help="comma list of recipes; variants as specs, e.g. hq_lss:lss_budget=1.5 or "
+        "hq_lss:grad_scale=row,lss_budget=1.25 (an item with = but no : continues the spec before it)",
     )
     r.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     r.add_argument("--preset", default="full", choices=["tiny", "full"])
@@ -154,7 +168,7 @@ def _recipe_flags(spec: str) -> tuple[str, list[str], str]:
 
 def run_all(args: argparse.Namespace) -> int:
     tasks = _list(args.tasks, TASKS, "--tasks")
-    recipes = _list(args.recipes, None, "--recipes")
+    recipes = _recipe_list(args.recipes)
     variants = {r: _recipe_flags(r) for r in recipes}
     try:
         seeds = [int(s) for s in _list(args.seeds, None, "--seeds")]
