@@ -371,16 +371,25 @@ __device__ __forceinline__ float int_as_exact_float(int n) {
 
 // round_clamp(q, -kLsqQn, kLsqQp) of numeric.h, as the exact float `value` (never -0) and the 4-bit
 // two's-complement nibble. Clamping before rounding is the same for integer bounds; NaN gives 0.
+// clipped: q lies outside [lo, hi] (also set for a NaN q, whose code is 0).
 struct LsqCode {
   float value;
   uint32_t nibble;
+  bool clipped;
 };
 // kMayBeNan = false: the caller knows q is not NaN (saves the select).
 template <bool kMayBeNan = true>
 __device__ __forceinline__ LsqCode lsq_code(float q, float lo, float hi) {
-  const float c = !kMayBeNan || q == q ? fminf(fmaxf(q, lo), hi) : 0.0f;
+  const float clamped = fminf(fmaxf(q, lo), hi);
+  const float c = !kMayBeNan || q == q ? clamped : 0.0f;
   const float t = __fadd_rn(c, kRoundMagic);  // round to nearest even, as rintf
-  return LsqCode{__fsub_rn(t, kRoundMagic), __float_as_uint(t) & 0xFu};
+  return LsqCode{__fsub_rn(t, kRoundMagic), __float_as_uint(t) & 0xFu, clamped != q};
+}
+
+// __fadd_rn(x, uniform_from_u32(w)) of philox.h in one instruction after the conversion: the
+// uniform (w >> 8) * 2^-24 is exact, so the fused multiply-add rounds the same exact sum once.
+__device__ __forceinline__ float add_uniform_u32(float x, uint32_t w) {
+  return __fmaf_rn(static_cast<float>(w >> 8), 0x1.0p-24f, x);
 }
 
 // The LSQ backward of one element from its compact state (quantize_kernels.cpp's

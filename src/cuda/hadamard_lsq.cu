@@ -39,17 +39,20 @@ struct LsqParams {
 
 __device__ __forceinline__ bool step_is_bad(float s) { return !(s > 0.0f && s <= FLT_MAX); }
 
-// The compact aux bit of quantize.h / quantize_kernels.h (lsq_aux_bit), q = x~ * (1 / s) and
-// value = round_clamp(q) as a float. Boundary codes (-8, 7) store the clip flag (q < -8, q > 7, i.e.
-// |q + 1/2| > 15/2: q + 1/2 is exact or rounds without crossing 15/2 there); interior codes (-7 .. 6,
-// i.e. |value + 1/2| <= 13/2) store stochastic_round_clamp(r + 1/2, u, 0, 1) with r = rint(q) - q =
-// value - q, i.e. floor((r + 1/2) + u) >= 1 with the same two roundings. NaN q: value 0, bit 0.
-__device__ __forceinline__ uint32_t lsq_aux_bit(float q, float value, float u) {
+// The compact aux bit of quantize.h / quantize_kernels.h (lsq_aux_bit), q = x~ * (1 / s), c its
+// code (lsq_code) and w the element's random word. Boundary codes (-8, 7) store the clip flag: q <
+// -8 or q > 7, c.clipped (the CPU's |q + 1/2| > 15/2, where the addition is exact). Interior codes
+// (-7 .. 6, i.e. |value + 1/2| <= 13/2) store stochastic_round_clamp(r + 1/2, u, 0, 1) with r =
+// rint(q) - q = value - q, i.e. floor((r + 1/2) + u) >= 1 with the CPU's two roundings. There value
+// - q is exact (Sterbenz), so (value - q) + 1/2 rounds as (value + 1/2) - q, whose first term is
+// exact and also makes the interior test; the uniform's addition is add_uniform_u32. NaN q: value
+// 0, bit 0.
+__device__ __forceinline__ uint32_t lsq_aux_bit(float q, const LsqCode& c, uint32_t w) {
   static_assert(kLsqQn == 8 && kLsqQp == 7, "the tests below assume the [-8, 7] code range");
-  const bool interior = fabsf(__fadd_rn(value, 0.5f)) <= 6.5f;
-  const bool clip = fabsf(__fadd_rn(q, 0.5f)) > 7.5f;
-  const bool up = __fadd_rn(__fadd_rn(__fsub_rn(value, q), 0.5f), u) >= 1.0f;
-  return (interior ? up : clip) ? 1u : 0u;
+  const float vp = __fadd_rn(c.value, 0.5f);
+  const bool interior = fabsf(vp) <= 6.5f;
+  const bool up = add_uniform_u32(__fsub_rn(vp, q), w) >= 1.0f;
+  return (interior ? up : c.clipped) ? 1u : 0u;
 }
 
 __device__ __forceinline__ void count_nonfinite(uint32_t bad, unsigned long long* counter) {
@@ -80,7 +83,7 @@ __device__ __forceinline__ void lsq_quantize8(const LsqParams& p, uint64_t strea
           lsq_code<!kClean>(q, static_cast<float>(-kLsqQn), static_cast<float>(kLsqQp));
       value[i] = c.value;
       *packed_word |= c.nibble << (4 * i);
-      if (kAux) *bits |= lsq_aux_bit(q, c.value, uniform_from_u32(r.v[j])) << i;
+      if (kAux) *bits |= lsq_aux_bit(q, c, r.v[j]) << i;
     }
   }
 }
@@ -245,9 +248,8 @@ __global__ void __launch_bounds__(kThreads) lsq_small_aux_kernel(const LsqParams
       const int64_t row = e / p.cols, c = e - row * p.cols;
       const In* xr = static_cast<const In*>(p.x) + row * p.ldx;
       const float q = __fmul_rn(hadamard_small_at(xr, c, p.block, p.hscale), inv);
-      const int code = round_clamp(q, -kLsqQn, kLsqQp);
-      const float u = random_uniform(p.seed, stream, static_cast<uint64_t>(e));
-      bits |= lsq_aux_bit(q, static_cast<float>(code), u) << k;
+      const LsqCode code = lsq_code(q, static_cast<float>(-kLsqQn), static_cast<float>(kLsqQp));
+      bits |= lsq_aux_bit(q, code, random_u32(p.seed, stream, static_cast<uint64_t>(e))) << k;
     }
     p.aux[b] = static_cast<uint8_t>(bits);
   }
