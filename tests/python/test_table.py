@@ -183,6 +183,12 @@ def test_recipe_variants_get_rows_of_their_own(text_file, tmp_path, capsys):
         "hq_lss@lss_budget1.25@grad_scalerow")
     with pytest.raises(SystemExit, match="follows no recipe spec"):
         table._recipe_list("hq_lss,lss_budget=1.5")
+    # The same recipe twice (its options in another order), and an option the CLI has not: errors.
+    with pytest.raises(SystemExit, match="are the same recipe"):
+        table.main(["run", "--out", str(out), "--recipes",
+                    "hq_lss:grad_scale=row,lss_budget=1.25,hq_lss:lss_budget=1.25,grad_scale=row"])
+    with pytest.raises(SystemExit, match="dense_fallback is not an option"):
+        table.main(["run", "--out", str(out), "--recipes", "hq_bs:dense_fallback=auto"])
     # Rows: runs from before step_init existed used mean_abs; a step_lr_scale other than the task
     # preset's gets a row of its own.
     base = dict(run, recipe="hq_bs", recipe_spec="hq_bs", config={"step_lr_scale": 0.01})

@@ -147,6 +147,9 @@ def _recipe_flags(spec: str) -> tuple[str, list[str], str]:
         r = Recipe.of(spec)
     except ValueError as e:
         raise SystemExit(f"error: --recipes: {spec!r}: {e}") from None
+    if r.dense_fallback != "never":
+        raise SystemExit(f"error: --recipes: {spec!r}: dense_fallback is not an option of the "
+                         "training CLI (a speed rule of Int4Linear on CUDA, not a recipe to compare)")
     flags, folder = [], r.name
     if r.lss_budget != 1.0:
         flags += ["--lss-budget", repr(r.lss_budget)]
@@ -170,6 +173,11 @@ def run_all(args: argparse.Namespace) -> int:
     tasks = _list(args.tasks, TASKS, "--tasks")
     recipes = _recipe_list(args.recipes)
     variants = {r: _recipe_flags(r) for r in recipes}
+    folders: dict[str, str] = {}
+    for r, (_, _, folder) in variants.items():
+        if folder in folders:
+            raise SystemExit(f"error: --recipes: {folders[folder]!r} and {r!r} are the same recipe")
+        folders[folder] = r
     try:
         seeds = [int(s) for s in _list(args.seeds, None, "--seeds")]
     except ValueError:
