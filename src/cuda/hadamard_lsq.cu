@@ -40,13 +40,13 @@ struct LsqParams {
 __device__ __forceinline__ bool step_is_bad(float s) { return !(s > 0.0f && s <= FLT_MAX); }
 
 // The compact aux bit of quantize.h / quantize_kernels.h (lsq_aux_bit), q = x~ * (1 / s), c its
-// code (lsq_code) and w the element's random word. Boundary codes (-8, 7) store the clip flag: q <
-// -8 or q > 7, c.clipped (the CPU's |q + 1/2| > 15/2, where the addition is exact). Interior codes
-// (-7 .. 6, i.e. |value + 1/2| <= 13/2) store stochastic_round_clamp(r + 1/2, u, 0, 1) with r =
-// rint(q) - q = value - q, i.e. floor((r + 1/2) + u) >= 1 with the CPU's two roundings. There value
-// - q is exact (Sterbenz), so (value - q) + 1/2 rounds as (value + 1/2) - q, whose first term is
-// exact and also makes the interior test; the uniform's addition is add_uniform_u32. NaN q: value
-// 0, bit 0.
+// code (lsq_code) and w the element's random word. Boundary codes (-8, 7) store the clip flag, the
+// CPU's q < -8 (code -8) or q > 7 (code 7): c.clipped, q outside [-8, 7]. Interior codes (-7 .. 6,
+// i.e. |value + 1/2| <= 13/2) store stochastic_round_clamp(r + 1/2, u, 0, 1) with r = rint(q) - q
+// = value - q, i.e. floor((r + 1/2) + u) >= 1 with the CPU's two roundings. There value - q is
+// exact (Sterbenz, or value 0), so (value - q) + 1/2 rounds as (value + 1/2) - q, whose first term
+// is exact and also makes the interior test; the uniform's addition is add_uniform_u32. NaN q:
+// value 0, bit 0.
 __device__ __forceinline__ uint32_t lsq_aux_bit(float q, const LsqCode& c, uint32_t w) {
   static_assert(kLsqQn == 8 && kLsqQp == 7, "the tests below assume the [-8, 7] code range");
   const float vp = __fadd_rn(c.value, 0.5f);
