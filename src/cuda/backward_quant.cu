@@ -84,12 +84,16 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// zeroed: *out (and row_max) are zero already (bitsplit_reduce zeroes them as one buffer); else
+// zeroed here.
 void launch_absmax(const TensorView& g, uint32_t* out, cudaStream_t stream,
-                   uint32_t* row_max = nullptr) {
-  INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(uint32_t), stream));
+                   uint32_t* row_max = nullptr, bool zeroed = false) {
   const int64_t rows = g.shape[0], cols = g.shape[1];
-  if (row_max != nullptr && rows > 0) {
-    INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(row_max, 0, sizeof(uint32_t) * rows, stream));
+  if (!zeroed) {
+    INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(uint32_t), stream));
+    if (row_max != nullptr && rows > 0) {
+      INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(row_max, 0, sizeof(uint32_t) * rows, stream));
+    }
   }
   if (rows * cols == 0) return;
   const int64_t ld = row_stride(g);
@@ -682,29 +686,34 @@ void launch_row_scales(BitsplitParams& p, const uint32_t* row_max, const TensorV
   p.row_inv = row_inv.as<float>();
 }
 
-// The reduction pass's temporaries: max |g| (bits) and, with grad_scale=row, the rows' maxima and
-// inverse scales (alive until the quantize pass that reads them is enqueued).
+// The reduction pass's temporaries (alive until the quantize pass that reads them is enqueued):
+// max |g| (bits) in maxima's first word and, with grad_scale=row, the rows' maxima in the words
+// after it (one buffer, zeroed by one memset), and the rows' inverse scales.
 struct ReduceBuffers {
-  DeviceBuffer amax, row_max, row_inv;
+  DeviceBuffer maxima, row_inv;
   ReduceBuffers(const CudaAllocator& alloc, int64_t rows, bool by_row, void* stream)
-      : amax(alloc, sizeof(uint32_t), stream),
-        row_max(alloc, by_row ? static_cast<size_t>(rows) * 4 : 0, stream),
+      : maxima(alloc, sizeof(uint32_t) * static_cast<size_t>(1 + (by_row ? rows : 0)), stream),
         row_inv(alloc, by_row ? static_cast<size_t>(rows) * 4 : 0, stream) {}
+  uint32_t* amax() { return maxima.as<uint32_t>(); }
+  uint32_t* row_max() { return maxima.as<uint32_t>() + 1; }
 };
 
-// The reduction pass (after every check): max |g| into b.amax (p.amax_bits), with g's column sums
+// The reduction pass (after every check): max |g| into b.amax() (p.amax_bits), with g's column sums
 // when column_sums is given; with row_exp (grad_scale=row) each row's max |g| from the same read,
 // then each row's exponent and inverse scale (p.row_inv).
 void bitsplit_reduce(BitsplitParams& p, const TensorView& g, TensorView column_sums,
                      const TensorView& row_exp, ReduceBuffers& b, const CudaAllocator& alloc,
                      cudaStream_t s) {
-  uint32_t* row_max = row_exp.data != nullptr ? b.row_max.as<uint32_t>() : nullptr;
+  const bool by_row = row_exp.data != nullptr;
+  uint32_t* row_max = by_row ? b.row_max() : nullptr;
+  INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(
+      b.amax(), 0, sizeof(uint32_t) * static_cast<size_t>(1 + (by_row ? p.rows : 0)), s));
   if (column_sums.data != nullptr) {
-    launch_absmax_column_sums(g, b.amax.as<uint32_t>(), column_sums, alloc, s, row_max);
+    launch_absmax_column_sums(g, b.amax(), column_sums, alloc, s, row_max, /*zeroed=*/true);
   } else {
-    launch_absmax(g, b.amax.as<uint32_t>(), s, row_max);
+    launch_absmax(g, b.amax(), s, row_max, /*zeroed=*/true);
   }
-  p.amax_bits = b.amax.as<const uint32_t>();
+  p.amax_bits = b.amax();
   if (row_exp.data != nullptr) launch_row_scales(p, row_max, row_exp, b.row_inv, s);
 }
 
