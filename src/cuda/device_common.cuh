@@ -65,19 +65,45 @@ __device__ __forceinline__ void store8(float* __restrict__ p, const float v[8]) 
   }
 }
 
+// float_to_bf16's bits of two floats, lo in the low half: the hardware's round to nearest even
+// (cvt.rn.bf16x2.f32, one instruction for the pair), which gives float_to_bf16's bits for every
+// float but NaN (its NaN is canonical; float_to_bf16 keeps the sign and payload). A GPU test
+// compares the two over all 2^32 floats through store8.
+__device__ __forceinline__ uint32_t bf16x2_bits(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t w;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+  return w;
+#else
+  return static_cast<uint32_t>(float_to_bf16(lo).bits) |
+         (static_cast<uint32_t>(float_to_bf16(hi).bits) << 16);
+#endif
+}
+
+// p[0..7] = float_to_bf16(v[0..7]); kVec: p is 16-byte aligned. Lanes whose 8 values are all
+// finite (z below is not NaN: Inf * 0 and NaN * 0 are NaN) take the hardware conversion, the rare
+// others float_to_bf16.
 template <bool kVec>
 __device__ __forceinline__ void store8(BFloat16* __restrict__ p, const float v[8]) {
-  if (kVec) {
-    uint32_t w[4];
+  float z = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) z = __fmaf_rn(v[i], 0.0f, z);
+  uint32_t w[4];
+  if (z == z) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = bf16x2_bits(v[2 * i], v[2 * i + 1]);
+  } else {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       w[i] = static_cast<uint32_t>(float_to_bf16(v[2 * i]).bits) |
              (static_cast<uint32_t>(float_to_bf16(v[2 * i + 1]).bits) << 16);
     }
+  }
+  if (kVec) {
     *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
   } else {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) p[i] = float_to_bf16(v[i]);
+    for (int i = 0; i < 8; ++i) p[i] = BFloat16{static_cast<uint16_t>(w[i / 2] >> (16 * (i % 2)))};
   }
 }
 
@@ -393,16 +419,24 @@ __device__ __forceinline__ float add_uniform_u32(float x, uint32_t w) {
 }
 
 // The LSQ backward of one element from its compact state (quantize_kernels.cpp's
-// lsq_backward_compact_tile rules): whether the gradient passes (the STE mask) and the estimate r of
-// d x^ / d s / s used for the step's gradient, from the code c and its aux bit b.
+// lsq_backward_compact_tile rules): whether the gradient passes (the STE mask) and the estimate r
+// of d x^ / d s / s used for the step's gradient, from the code c and its aux bit b. r (exact in
+// fp64, so r times an fp32 gradient is exact too) is built from its high word by selects: the early
+// returns of the plain form compiled to a branch per element (BSSY, BRA, BSYNC), a fifth of the dX
+// epilogue's instructions.
 struct MaskR {
   bool inside;
-  float r;
+  double r;
 };
 __device__ __forceinline__ MaskR lsq_compact_decode(int c, bool b) {
-  if (c == -kLsqQn) return MaskR{!b, b ? static_cast<float>(-kLsqQn) : -0.25f};
-  if (c == kLsqQp) return MaskR{!b, b ? static_cast<float>(kLsqQp) : 0.25f};
-  return MaskR{true, b ? 0.5f : -0.5f};
+  static_assert(kLsqQn == 8 && kLsqQp == 7, "the high words below are those of -8 and 7");
+  const bool lo = c == -kLsqQn, hi = c == kLsqQp;
+  // The high words of 1/2, -1/2 (interior codes), -8, -1/4 (code -8), 7, 1/4 (code 7); the low
+  // words are 0.
+  uint32_t rh = b ? 0x3FE00000u : 0xBFE00000u;
+  rh = lo ? (b ? 0xC0200000u : 0xBFD00000u) : rh;
+  rh = hi ? (b ? 0x401C0000u : 0x3FD00000u) : rh;
+  return MaskR{!(b && (lo || hi)), __hiloint2double(static_cast<int>(rh), 0)};
 }
 
 __device__ __forceinline__ uint32_t warp_sum_u32(uint32_t v) {
