@@ -705,7 +705,7 @@ void bitsplit_reduce(BitsplitParams& p, const TensorView& g, TensorView column_s
                      const TensorView& row_exp, ReduceBuffers& b, const CudaAllocator& alloc,
                      cudaStream_t s) {
   const bool by_row = row_exp.data != nullptr;
-  uint32_t* row_max = by_row ? b.row_max() : nullptr;
+  uint32_t* row_max = by_row && p.rows > 0 ? b.row_max() : nullptr;
   INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(
       b.amax(), 0, sizeof(uint32_t) * static_cast<size_t>(1 + (by_row ? p.rows : 0)), s));
   if (column_sums.data != nullptr) {

@@ -422,8 +422,8 @@ __device__ __forceinline__ float add_uniform_u32(float x, uint32_t w) {
 // lsq_backward_compact_tile rules): whether the gradient passes (the STE mask) and the estimate r
 // of d x^ / d s / s used for the step's gradient, from the code c and its aux bit b. r (exact in
 // fp64, so r times an fp32 gradient is exact too) is built from its high word by selects: the early
-// returns of the plain form compiled to a branch per element (BSSY, BRA, BSYNC), a fifth of the dX
-// epilogue's instructions.
+// returns of the plain form compiled to a branch per element (BSSY, BRA, BSYNC) and to about twice
+// the instructions (docs/cuda.md, "Where a step's time goes").
 struct MaskR {
   bool inside;
   double r;
