@@ -29,3 +29,51 @@ def test_bench_module_orders_balance_neighbours(n):
     assert len(after) == n * (n - 1) and len(set(after.values())) <= 1
     place = Counter((v, j) for row in rows for j, v in enumerate(row))
     assert len(place) == n * n and len(set(place.values())) == 1
+
+
+def _ncu_csv(kernels):
+    """ncu --csv --print-units base output: a row per kernel and metric, as ncu prints it."""
+    head = ('"ID","Process ID","Kernel Name","Grid Size","Metric Name","Metric Unit",'
+            '"Metric Value"')
+    rows = ["==PROF== Connected to process 1", head]
+    for i, (name, ns, instr) in enumerate(kernels):
+        rows.append(f'"{i}","1","{name}","(1, 1, 1)","gpu__time_duration.sum","ns","{ns:,}"')
+        rows.append(f'"{i}","1","{name}","(1, 1, 1)","smsp__inst_executed.sum","inst","{instr}"')
+    return "\n".join(rows)
+
+
+STEP = [("void int4train::cuda_detail::<unnamed>::pass_kernel<int4train::BFloat16, (int)256>"
+         "(int4train::cuda_detail::<unnamed>::Params)", 30_000, 1_000_000),
+        ("nvjet_sm90_qqtst_128x128_TNT", 60_000, 5_000),
+        ("void int4train::sum_partials_kernel<256>(const double *, int, double, float *)",
+         10_000, 2_000)]
+
+
+def test_kernel_breakdown_table_of_the_measured_step():
+    kb = load_script("kernel_breakdown")
+    warmup = [(n, 2 * ns, i) for n, ns, i in STEP]  # the first step's times must not count
+    step = kb.measured_step(kb.parse_ncu_csv(_ncu_csv(warmup + STEP)))
+    assert [kb.short_name(k.name) for k in step] == [
+        "pass_kernel<BFloat16, 256>", "nvjet_sm90_qqtst_128x128_TNT", "sum_partials_kernel<256>"]
+    assert [k.is_product for k in step] == [False, True, False]
+    table = kb.format_table({"8x16x32": step}, instructions=True)
+    assert "| `pass_kernel<BFloat16, 256>` | 30.0 (1.00 M) |" in table
+    assert "| all (µs) | 100 |" in table
+    assert "| the products | 60 (60%) |" in table
+    assert "| everything else | 40 (40%) |" in table
+
+
+def test_kernel_breakdown_rejects_what_is_not_two_steps(tmp_path):
+    kb = load_script("kernel_breakdown")
+    with pytest.raises(ValueError, match="two identical steps"):
+        kb.measured_step(kb.parse_ncu_csv(_ncu_csv(STEP)))
+    with pytest.raises(ValueError, match="different kernels"):
+        kb.measured_step(kb.parse_ncu_csv(_ncu_csv(STEP + STEP[::-1])))
+    with pytest.raises(ValueError, match="no CSV rows"):
+        kb.parse_ncu_csv("==PROF== nothing profiled")
+    with pytest.raises(ValueError, match="TOKENSxINxOUT"):
+        kb.parse_shape("8192x4096")
+    csv_file = tmp_path / "step.csv"
+    csv_file.write_text(_ncu_csv(STEP + STEP))
+    with pytest.raises(SystemExit, match="SHAPE=FILE"):
+        kb.main(["--from-csv", str(csv_file)])
