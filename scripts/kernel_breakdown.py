@@ -11,7 +11,8 @@ share and the rest's.
 --from-csv formats the CSV that `ncu --csv --print-units base` printed for a shape (the same run by
 hand, or kept from an earlier call) instead of running ncu. Kernels are timed serialised, with the
 clocks left as they are (`--clock-control none`), so the sum is a little above a step's time in a
-benchmark; the products are cuBLASLt's kernels (names with nvjet, gemm, xmma or cutlass).
+benchmark; the products are cuBLASLt's kernels (names with nvjet, gemm, xmma or cutlass, outside
+int4train's namespace).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ INSTR = "smsp__inst_executed.sum"
 PRODUCT_MARKS = ("nvjet", "gemm", "xmma", "cutlass")
 
 
+def is_product_name(name: str) -> bool:
+    """Whether a kernel is one of cuBLASLt's products (by its name)."""
+    low = name.lower()
+    return "int4train" not in low and any(m in low for m in PRODUCT_MARKS)
+
+
 class Kernel:
     """One launch: its name as ncu prints it and its metrics by name."""
 
@@ -37,8 +44,7 @@ class Kernel:
 
     @property
     def is_product(self) -> bool:
-        low = self.name.lower()
-        return any(m in low for m in PRODUCT_MARKS)
+        return is_product_name(self.name)
 
 
 def parse_ncu_csv(text: str) -> list[Kernel]:
@@ -70,7 +76,7 @@ def measured_step(kernels: list[Kernel]) -> list[Kernel]:
 
 def short_name(name: str) -> str:
     """A kernel's name without namespaces, return type and arguments (cuBLASLt's as they are)."""
-    if any(m in name.lower() for m in PRODUCT_MARKS) and "int4train" not in name:
+    if is_product_name(name):
         return name.split("(")[0][:60]
     name = re.sub(r"(\bint4train|\bcuda_detail|<unnamed>|\(anonymous namespace\))::", "", name)
     name = re.sub(r"^void ", "", name)
@@ -99,14 +105,13 @@ def format_table(steps: dict[str, list[Kernel]], instructions: bool) -> str:
         t = f"{k.metrics[TIME] / 1e3:.1f}"
         return f"{t} ({k.metrics[INSTR] / 1e6:.2f} M)" if instructions else t
 
-    unit = "µs (warp instructions)" if instructions else "µs"
     head = "| kernel, in launch order | " + " | ".join(shapes) + " |"
     rows = [head, "|---|" + "---|" * len(shapes)]
     for i, name in enumerate(names[0]):
         rows.append(f"| `{name}` | " + " | ".join(cell(steps[s][i]) for s in shapes) + " |")
     total = [sum(k.metrics[TIME] for k in steps[s]) / 1e3 for s in shapes]
     prod = [sum(k.metrics[TIME] for k in steps[s] if k.is_product) / 1e3 for s in shapes]
-    rows.append(f"| all ({unit.split()[0]}) | " + " | ".join(f"{t:.0f}" for t in total) + " |")
+    rows.append("| all (µs) | " + " | ".join(f"{t:.0f}" for t in total) + " |")
     rows.append("| the products | " + " | ".join(
         f"{p:.0f} ({100 * p / t:.0f}%)" for p, t in zip(prod, total)) + " |")
     rows.append("| everything else | " + " | ".join(
