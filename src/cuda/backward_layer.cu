@@ -590,15 +590,8 @@ void launch_combine_bitsplit(const SplitPartials& pp, const int8_t* exps, const 
 }
 
 void launch_absmax_column_sums(const TensorView& g, uint32_t* amax, TensorView column_sums,
-                               const CudaAllocator& alloc, cudaStream_t stream, uint32_t* row_max,
-                               bool zeroed) {
+                               const CudaAllocator& alloc, cudaStream_t stream, uint32_t* row_max) {
   const int64_t rows = g.shape[0], cols = g.shape[1];
-  if (!zeroed) {
-    INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(amax, 0, sizeof(uint32_t), stream));
-    if (row_max != nullptr && rows > 0) {
-      INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(row_max, 0, sizeof(uint32_t) * rows, stream));
-    }
-  }
   if (cols == 0) return;
   const int64_t blocks = rows > 0 ? (rows + kBiasGradBlockRows - 1) / kBiasGradBlockRows : 1;
   DeviceBuffer partial(alloc, blocks > 1 ? sizeof(double) * blocks * cols : 0, stream);

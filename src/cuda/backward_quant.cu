@@ -84,17 +84,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// zeroed: *out (and row_max) are zero already (bitsplit_reduce zeroes them as one buffer); else
-// zeroed here.
+// absmax_kernel over g; *out (and row_max) must be zero on entry: the kernel only raises them, and
+// the caller zeroes them (with whatever else it zeroes in the same memset).
 void launch_absmax(const TensorView& g, uint32_t* out, cudaStream_t stream,
-                   uint32_t* row_max = nullptr, bool zeroed = false) {
+                   uint32_t* row_max = nullptr) {
   const int64_t rows = g.shape[0], cols = g.shape[1];
-  if (!zeroed) {
-    INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(uint32_t), stream));
-    if (row_max != nullptr && rows > 0) {
-      INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(row_max, 0, sizeof(uint32_t) * rows, stream));
-    }
-  }
   if (rows * cols == 0) return;
   const int64_t ld = row_stride(g);
   const bool bf16 = g.dtype == DType::kBFloat16;
@@ -652,6 +646,7 @@ void absmax_bits_cuda(const TensorView& g, TensorView amax_bits, void* stream) {
   check_dtype(amax_bits, "amax_bits", {DType::kInt32});
   check_scalar(amax_bits, "amax_bits");
   check_not_null(amax_bits, "amax_bits");
+  INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(amax_bits.data, 0, sizeof(uint32_t), as_stream(stream)));
   launch_absmax(g, amax_bits.ptr<uint32_t>(), as_stream(stream));
 }
 
@@ -709,12 +704,12 @@ void bitsplit_reduce(BitsplitParams& p, const TensorView& g, TensorView column_s
   INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(
       b.amax(), 0, sizeof(uint32_t) * static_cast<size_t>(1 + (by_row ? p.rows : 0)), s));
   if (column_sums.data != nullptr) {
-    launch_absmax_column_sums(g, b.amax(), column_sums, alloc, s, row_max, /*zeroed=*/true);
+    launch_absmax_column_sums(g, b.amax(), column_sums, alloc, s, row_max);
   } else {
-    launch_absmax(g, b.amax(), s, row_max, /*zeroed=*/true);
+    launch_absmax(g, b.amax(), s, row_max);
   }
   p.amax_bits = b.amax();
-  if (row_exp.data != nullptr) launch_row_scales(p, row_max, row_exp, b.row_inv, s);
+  if (by_row) launch_row_scales(p, row_max, row_exp, b.row_inv, s);
 }
 
 void check_column_sums(const TensorView& column_sums, int64_t cols) {

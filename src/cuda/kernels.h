@@ -83,11 +83,11 @@ void launch_combine_bitsplit(const SplitPartials& partials, const int8_t* exps, 
 // launch_absmax) and column_sums (fp32 or bf16 vector of cols) = the column sums of g in fp64 in
 // linear.h's kBiasGradBlockRows order (the CPU's bias gradient, bit for bit); temporaries from
 // alloc. row_max (optional, rows entries): each row's max |g| bits, for grad_scale=row's
-// exponents, from the same read. *amax and row_max are zeroed here first unless zeroed says the
-// caller did.
+// exponents, from the same read. *amax and row_max must be zero on entry (the caller zeroes them):
+// the kernel only raises them.
 void launch_absmax_column_sums(const TensorView& g, uint32_t* amax, TensorView column_sums,
                                const CudaAllocator& alloc, cudaStream_t stream,
-                               uint32_t* row_max = nullptr, bool zeroed = false);
+                               uint32_t* row_max = nullptr);
 
 // The fused epilogues of the bit-split backward (hq_bs, hq_lss), bit-exact with
 // launch_combine_bitsplit followed by lsq_backward_compact_cuda (dX) or lsq_backward_cuda on the

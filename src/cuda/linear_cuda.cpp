@@ -185,6 +185,7 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     // The bias gradient alone: the bit split's reduction pass without the split.
     if (a.grad_bias.data != nullptr) {
       DeviceBuffer amax(alloc, sizeof(uint32_t), stream);
+      INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(amax.get(), 0, sizeof(uint32_t), s));
       launch_absmax_column_sums(a.grad_y, amax.as<uint32_t>(), a.grad_bias, alloc, s);
     }
     return;
