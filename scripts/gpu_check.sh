@@ -9,6 +9,10 @@ OUT=${OUT:-/tmp/int4train_gpu_check}
 BUILD=${BUILD:-build-gpu}
 ARCH=${INT4TRAIN_CUDA_ARCH:-90a}
 mkdir -p "$OUT"
+# CUTLASS's headers where scripts/cutlass_headers.sh put them (the GPU machine has no PyPI).
+if [ -z "${INT4TRAIN_CUTLASS_INCLUDE:-}" ] && [ -d out/cutlass/include ]; then
+  export INT4TRAIN_CUTLASS_INCLUDE=$PWD/out/cutlass/include
+fi
 run_bench=1
 run_memcheck=1
 for a in "$@"; do
@@ -68,6 +72,7 @@ t4=$(date +%s)
 echo
 echo "==================== int4train GPU check ===================="
 echo "device    : $device"
+echo "cutlass   : $(grep -oE 'CUTLASS kernels [A-Z]+.*' "$OUT/configure.log" | head -1)"
 echo "tests     : rc=$test_rc; $(grep -E '^[0-9]+ passed' "$OUT/tests.log" | tail -1) ($((t2 - t1)) s); \
 graph capture as the first sampling call: $(tail -1 "$OUT/tests_first_call.log")"
 echo "memcheck  : $mc_line ($((t3 - t2)) s)"

@@ -107,6 +107,36 @@ void launch_dw_epilogue(const SplitPartials& partials, const float* s1, const fl
                         TensorView grad_w, TensorView grad_step, const CudaAllocator& alloc,
                         cudaStream_t stream);
 
+// hq_bs's input gradient as one kernel (src/cuda/cutlass/dx_fused.cu, sm_90a, built where the
+// CUTLASS headers are found: INT4TRAIN_HAVE_CUTLASS_DX): the INT8 product q Qw^T with
+// launch_dx_epilogue's s32 form (one K-chunk, row exponents optional) applied to its accumulators
+// in registers; the same bits as the product followed by launch_dx_epilogue, the step gradient in
+// another fixed fp64 order. q: rows x k int8 (row stride ldq), wt: cols x k int8 (row stride ldw);
+// k <= kMaxKInt8 (one exact int32 chunk); packed and aux as launch_dx_epilogue's; out (rows x cols,
+// fp32 or bf16, row stride ldo) and grad_step (fp32 scalar) optional (null).
+struct FusedDxArgs {
+  const int8_t* q;
+  int64_t ldq;
+  const int8_t* wt;
+  int64_t ldw;
+  int64_t rows, cols, k;
+  const float* s1;
+  const float* s2;
+  const int8_t* row_exps;
+  const uint8_t* packed;
+  const uint8_t* aux;
+  int32_t block;
+  void* out;
+  bool out_bf16;
+  int64_t ldo;
+  float* grad_step;
+};
+// Whether launch_dx_fused takes these arguments on the current device: an sm_90 device; cols a
+// multiple of 256 (a tile's columns, whole Hadamard blocks); k, ldq and ldw multiples of 16; q, wt,
+// packed and aux 16-byte aligned; out's rows 4-byte (bf16) or 8-byte (fp32) aligned.
+bool dx_fused_supported(const FusedDxArgs& args);
+void launch_dx_fused(const FusedDxArgs& args, const CudaAllocator& alloc, cudaStream_t stream);
+
 // lss_sample_cuda's problem, unchecked (lss.cu; the caller guarantees its arguments' rules), and
 // one launch for up to kMaxLssBatch of them, one block each (the layer's two samplings at once).
 struct LssSampleArgs {
