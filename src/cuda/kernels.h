@@ -107,35 +107,15 @@ void launch_dw_epilogue(const SplitPartials& partials, const float* s1, const fl
                         TensorView grad_w, TensorView grad_step, const CudaAllocator& alloc,
                         cudaStream_t stream);
 
-// hq_bs's input gradient as one kernel (src/cuda/cutlass/dx_fused.cu, sm_90a, built where the
-// CUTLASS headers are found: INT4TRAIN_HAVE_CUTLASS_DX): the INT8 product q Qw^T with
-// launch_dx_epilogue's s32 form (one K-chunk, row exponents optional) applied to its accumulators
-// in registers; the same bits as the product followed by launch_dx_epilogue, the step gradient in
-// another fixed fp64 order. q: rows x k int8 (row stride ldq), wt: cols x k int8 (row stride ldw);
-// k <= kMaxKInt8 (one exact int32 chunk); packed and aux as launch_dx_epilogue's; out (rows x cols,
-// fp32 or bf16, row stride ldo) and grad_step (fp32 scalar) optional (null).
-struct FusedDxArgs {
-  const int8_t* q;
-  int64_t ldq;
-  const int8_t* wt;
-  int64_t ldw;
-  int64_t rows, cols, k;
-  const float* s1;
-  const float* s2;
-  const int8_t* row_exps;
-  const uint8_t* packed;
-  const uint8_t* aux;
-  int32_t block;
-  void* out;
-  bool out_bf16;
-  int64_t ldo;
-  float* grad_step;
-};
-// Whether launch_dx_fused takes these arguments on the current device: an sm_90 device; cols a
-// multiple of 256 (a tile's columns, whole Hadamard blocks); k, ldq and ldw multiples of 16; q, wt,
-// packed and aux 16-byte aligned; out's rows 4-byte (bf16) or 8-byte (fp32) aligned.
-bool dx_fused_supported(const FusedDxArgs& args);
-void launch_dx_fused(const FusedDxArgs& args, const CudaAllocator& alloc, cudaStream_t stream);
+// c (int32 m x n, row stride ldc) = a b^T of INT8 a (m x k, row stride lda) and b (n x k, row
+// stride ldb) by CUTLASS's sm_90a GEMM (src/cuda/cutlass/gemm_s8.cu; built where CUTLASS's headers
+// are found: INT4TRAIN_HAVE_CUTLASS_GEMM), which gemm_fp8.cpp's INT8 product takes before
+// cuBLASLt's; exact, as every int32 sum of int8 products. Returns false without doing anything
+// where it does not apply: a device other than sm_90; k, lda or ldb not a multiple of 16, n or
+// ldc not of 4; a, b or c not 16-byte aligned; a dimension zero or above INT32_MAX.
+bool cutlass_gemm_s8(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t* c,
+                     int64_t ldc, int64_t m, int64_t n, int64_t k, const CudaAllocator& alloc,
+                     cudaStream_t stream);
 
 // lss_sample_cuda's problem, unchecked (lss.cu; the caller guarantees its arguments' rules), and
 // one launch for up to kMaxLssBatch of them, one block each (the layer's two samplings at once).

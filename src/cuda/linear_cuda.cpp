@@ -4,7 +4,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include "cuda_common.h"
@@ -98,48 +97,6 @@ struct Temp {
             stream),
         view(make_matrix(buf.get(), dtype, rows, cols)) {}
 };
-
-// hq_bs's input gradient (q: the bit split's INT8 rows, wt: the weight's codes transposed, one
-// K-chunk) by launch_dx_fused where it applies: built with CUTLASS (INT4TRAIN_HAVE_CUTLASS_DX), an
-// sm_90 device, dx_fused_supported, and not turned off by INT4TRAIN_FUSED_DX=0 in the environment
-// (read once; the A/B of scripts/ab_bench.sh and docs/cuda.md). false: nothing was done.
-bool try_fused_dx(const LinearBackwardArgs& a, const TensorView& q, const TensorView& wt,
-                  const int8_t* row_exps, const float* s_g, int32_t block, bool want_dx,
-                  const CudaAllocator& alloc, cudaStream_t s) {
-#ifdef INT4TRAIN_HAVE_CUTLASS_DX
-  using namespace cuda_detail;
-  static const bool enabled = [] {
-    const char* v = std::getenv("INT4TRAIN_FUSED_DX");
-    return v == nullptr || std::string(v) != "0";
-  }();
-  if (!enabled) return false;
-  const TensorView gx = want_dx ? a.grad_x : TensorView{};
-  const FusedDxArgs fx{q.ptr<const int8_t>(),
-                       row_stride(q),
-                       wt.ptr<const int8_t>(),
-                       row_stride(wt),
-                       q.shape[0],
-                       wt.shape[0],
-                       q.shape[1],
-                       s_g,
-                       a.step_w.ptr<const float>(),
-                       row_exps,
-                       a.saved_codes.ptr<const uint8_t>(),
-                       a.saved_aux.ptr<const uint8_t>(),
-                       block,
-                       gx.data,
-                       gx.dtype == DType::kBFloat16,
-                       gx.data != nullptr ? row_stride(gx) : 0,
-                       a.grad_step_x.data != nullptr ? a.grad_step_x.ptr<float>() : nullptr};
-  if (!dx_fused_supported(fx)) return false;
-  launch_dx_fused(fx, alloc, s);
-  return true;
-#else
-  (void)a, (void)q, (void)wt, (void)row_exps, (void)s_g, (void)block, (void)want_dx, (void)alloc,
-      (void)s;
-  return false;
-#endif
-}
 
 }  // namespace
 
@@ -348,49 +305,44 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     // product over them; the epilogue finds each token's hi and lo rows through the slots and
     // weights them by their exponents (no reduction over rows here, so FP8 stays exact; the INT8
     // engine keeps kMaxKFp8Int4 as its bound, so its int32 sums are exact in fp32 as FP8's).
+    SplitPartials pp{};
+    const int8_t* ex = nullptr;
     // The weight is unchanged since the forward: its codes again (the forward's bits), written
     // transposed as this product's operand by the pass that computes them.
     Temp qwt(alloc, stream, dx_op, d, cp);
     hadamard_lsq_codes_t_cuda(a.w, g, a.step_w, qwt.view, alloc, stream);
-    if (!lss && k_chunks(cp) == 1 &&
-        try_fused_dx(a, r_op.view, qwt.view, row_exps, sg.buf.as<float>(), g, want_dx, alloc, s)) {
-      // Done: the product and its epilogue in one kernel, no int32 product in memory.
+    Temp p(alloc, stream, fp8_dx ? DType::kFloat32 : DType::kInt32,
+           lss ? capacity : k_chunks(cp) * n, d);
+    if (lss) {
+      Temp kept_op(alloc, stream, dx_op, capacity, cp);
+      gather_operand_rows_cuda(r_op.view,
+                               make_vector(sel_x.slot_rows.buf.get(), DType::kInt32, capacity),
+                               kept_op.view, TensorView{}, stream);
+      if (fp8_dx) {
+        gemm_fp8_cuda(kept_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view,
+                      alloc, stream);
+      } else {
+        gemm_s8_s32_cuda(kept_op.view, qwt.view, p.view, alloc, stream, kMaxKFp8Int4);
+      }
+      pp = SplitPartials{p.buf.get(), d, !fp8_dx, 1, 0, sel_x.slots.buf.as<int32_t>()};
+      ex = sel_x.exps.buf.as<int8_t>();
     } else {
-      SplitPartials pp{};
-      const int8_t* ex = nullptr;
-      Temp p(alloc, stream, fp8_dx ? DType::kFloat32 : DType::kInt32,
-             lss ? capacity : k_chunks(cp) * n, d);
-      if (lss) {
-        Temp kept_op(alloc, stream, dx_op, capacity, cp);
-        gather_operand_rows_cuda(r_op.view,
-                                 make_vector(sel_x.slot_rows.buf.get(), DType::kInt32, capacity),
-                                 kept_op.view, TensorView{}, stream);
-        if (fp8_dx) {
-          gemm_fp8_cuda(kept_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view,
-                        alloc, stream);
-        } else {
-          gemm_s8_s32_cuda(kept_op.view, qwt.view, p.view, alloc, stream, kMaxKFp8Int4);
-        }
-        pp = SplitPartials{p.buf.get(), d, !fp8_dx, 1, 0, sel_x.slots.buf.as<int32_t>()};
-        ex = sel_x.exps.buf.as<int8_t>();
-      } else {
-        s8_product(r_op, n, qwt, d, cp, p);
-        pp = SplitPartials{p.buf.get(), d, true, static_cast<int>(k_chunks(cp)), n * d};
-      }
-      pp.row_exps = row_exps;
-      if (d % 8 == 0 && aligned(a.saved_codes.data, 4)) {
-        // Recombination, LSQ backward and back-rotation in one pass.
-        launch_dx_epilogue(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(), a.saved_codes,
-                           a.saved_aux, g, want_dx ? a.grad_x : TensorView{}, a.grad_step_x, alloc,
-                           s);
-      } else {
-        Temp dx(alloc, stream, DType::kFloat32, n, d);
-        launch_combine_bitsplit(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(),
-                                dx.buf.as<float>(), d, n, d, s);
-        lsq_backward_compact_cuda(a.saved_codes, a.saved_aux, dx.view, dx.view, a.grad_step_x,
-                                  alloc, stream);
-        if (want_dx) hadamard_transform_cuda(dx.view, a.grad_x, g, stream);
-      }
+      s8_product(r_op, n, qwt, d, cp, p);
+      pp = SplitPartials{p.buf.get(), d, true, static_cast<int>(k_chunks(cp)), n * d};
+    }
+    pp.row_exps = row_exps;
+    if (d % 8 == 0 && aligned(a.saved_codes.data, 4)) {
+      // Recombination, LSQ backward and back-rotation in one pass.
+      launch_dx_epilogue(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(), a.saved_codes,
+                         a.saved_aux, g, want_dx ? a.grad_x : TensorView{}, a.grad_step_x, alloc,
+                         s);
+    } else {
+      Temp dx(alloc, stream, DType::kFloat32, n, d);
+      launch_combine_bitsplit(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(), dx.buf.as<float>(),
+                              d, n, d, s);
+      lsq_backward_compact_cuda(a.saved_codes, a.saved_aux, dx.view, dx.view, a.grad_step_x, alloc,
+                                stream);
+      if (want_dx) hadamard_transform_cuda(dx.view, a.grad_x, g, stream);
     }
   }
   if (dom_dw) {
