@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CUTLASS's headers for a build on a machine that cannot reach PyPI (the GPU machine): downloads the
 # nvidia-cutlass wheel that requirements.txt names and unpacks its include folder (cutlass/, cute/)
-# into DEST (default out/cutlass/include, which scripts/gpu_check.sh and gpu_all.sh use when
+# into DEST (default out/cutlass/include, which scripts/gpu_check.sh uses when
 # INT4TRAIN_CUTLASS_INCLUDE is unset; carry out/cutlass with the device call). Where the wheel is
 # installed in the build's Python, CMake finds the headers by itself.
 set -euo pipefail

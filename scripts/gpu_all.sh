@@ -16,10 +16,6 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-/tmp/int4train_gpu_all}
 mkdir -p "$OUT"
-# CUTLASS's headers where scripts/cutlass_headers.sh put them (the GPU machine has no PyPI).
-if [ -z "${INT4TRAIN_CUTLASS_INCLUDE:-}" ] && [ -d out/cutlass/include ]; then
-  export INT4TRAIN_CUTLASS_INCLUDE=$PWD/out/cutlass/include
-fi
 budget=570 tasks=lm,imagecls jobs=12 seeds=0,1,2 kernels=1 pytest=1 memcheck=0 bench=0 table_dir=
 extra_task_args=()
 recipes=fp,int8,lsq_luq,hq,hq_bs,hq_lss

@@ -72,7 +72,6 @@ t4=$(date +%s)
 echo
 echo "==================== int4train GPU check ===================="
 echo "device    : $device"
-echo "cutlass   : $(grep -oE 'CUTLASS kernels [A-Z]+.*' "$OUT/configure.log" | head -1)"
 echo "tests     : rc=$test_rc; $(grep -E '^[0-9]+ passed' "$OUT/tests.log" | tail -1) ($((t2 - t1)) s); \
 graph capture as the first sampling call: $(tail -1 "$OUT/tests_first_call.log")"
 echo "memcheck  : $mc_line ($((t3 - t2)) s)"

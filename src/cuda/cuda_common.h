@@ -6,8 +6,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <map>
-#include <mutex>
 #include <string>
 #include <type_traits>
 
@@ -61,23 +59,6 @@ int resident_blocks(const void* kernel, int threads);  // cached per (kernel, de
 
 // The calling thread's current CUDA device (cudaGetDevice).
 int current_device();
-
-// make(device)'s value for the current device, made on the device's first call and kept for the
-// process's lifetime (thread-safe; if make throws, nothing is kept). Each call site (its own make
-// type) has its own values: cuBLASLt handles, what a kernel needs to know of a device.
-template <typename Make>
-auto per_device(Make&& make) -> decltype(make(0)) {
-  using T = decltype(make(0));
-  static std::mutex mu;
-  static std::map<int, T> values;
-  const int dev = current_device();
-  std::lock_guard<std::mutex> lock(mu);
-  const auto it = values.find(dev);
-  if (it != values.end()) return it->second;
-  const T v = make(dev);
-  values.emplace(dev, v);
-  return v;
-}
 template <typename Kernel>
 int persistent_blocks(Kernel kernel, int threads, int64_t needed) {
   const int64_t full = resident_blocks(reinterpret_cast<const void*>(kernel), threads);

@@ -11,7 +11,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -46,11 +45,16 @@ void lt_check(cublasStatus_t status, const char* what) {
 
 // One cuBLASLt handle per device for the process's lifetime (handles are thread-safe).
 cublasLtHandle_t lt_handle() {
-  return cuda_detail::per_device([](int) {
-    cublasLtHandle_t h = nullptr;
-    lt_check(cublasLtCreate(&h), "cublasLtCreate");
-    return h;
-  });
+  static std::mutex mu;
+  static std::map<int, cublasLtHandle_t> handles;
+  const int dev = current_device();
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = handles.find(dev);
+  if (it != handles.end()) return it->second;
+  cublasLtHandle_t h = nullptr;
+  lt_check(cublasLtCreate(&h), "cublasLtCreate");
+  handles[dev] = h;
+  return h;
 }
 
 // Largest power of two (<= 256) dividing the address: the alignment the heuristic may assume.
@@ -376,23 +380,6 @@ void gemm_fp8_s32_cuda(const TensorView& a, const TensorView& b, TensorView c,
 }
 
 namespace {
-// Whether the INT8 product tries CUTLASS's kernel first (cutlass_gemm_s8, where it was built):
-// yes, unless INT4TRAIN_GEMM_S8=cublaslt in the environment (read once; for A/B measurements).
-bool use_cutlass_s8() {
-#ifdef INT4TRAIN_HAVE_CUTLASS_GEMM
-  static const bool on = [] {
-    const char* v = std::getenv("INT4TRAIN_GEMM_S8");
-    if (v == nullptr || std::strcmp(v, "cutlass") == 0) return true;
-    if (std::strcmp(v, "cublaslt") == 0) return false;
-    throw_error(ErrorKind::kValue,
-                std::string("INT4TRAIN_GEMM_S8: expected cutlass or cublaslt, got ") + v);
-  }();
-  return on;
-#else
-  return false;
-#endif
-}
-
 // c (int32, row stride ldc) = a b^T of INT8 operands whose shapes check_operands has checked.
 void s8_product(const TensorView& a, const TensorView& b, const GemmShape& s, int32_t* c,
                 int64_t ldc, const CudaAllocator& alloc, void* stream) {
@@ -400,11 +387,6 @@ void s8_product(const TensorView& a, const TensorView& b, const GemmShape& s, in
   if (s.kp == 0) {
     INT4TRAIN_CUDA_CHECK(cudaMemset2DAsync(c, static_cast<size_t>(ldc) * 4, 0,
                                            static_cast<size_t>(s.n) * 4, s.m, st));
-    return;
-  }
-  if (use_cutlass_s8() &&
-      cuda_detail::cutlass_gemm_s8(a.ptr<const int8_t>(), row_stride(a), b.ptr<const int8_t>(),
-                                   row_stride(b), c, ldc, s.m, s.n, s.kp, alloc, st)) {
     return;
   }
   // Straight into c where cuBLASLt takes it (N a multiple of 16, aligned rows); else the product

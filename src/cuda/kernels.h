@@ -107,16 +107,6 @@ void launch_dw_epilogue(const SplitPartials& partials, const float* s1, const fl
                         TensorView grad_w, TensorView grad_step, const CudaAllocator& alloc,
                         cudaStream_t stream);
 
-// c (int32 m x n, row stride ldc) = a b^T of INT8 a (m x k, row stride lda) and b (n x k, row
-// stride ldb) by CUTLASS's sm_90a GEMM (src/cuda/cutlass/gemm_s8.cu; built where CUTLASS's headers
-// are found: INT4TRAIN_HAVE_CUTLASS_GEMM), which gemm_fp8.cpp's INT8 product takes before
-// cuBLASLt's; exact, as every int32 sum of int8 products. Returns false without doing anything
-// where it does not apply: a device other than sm_90; k, lda or ldb not a multiple of 16, n or
-// ldc not of 4; a, b or c not 16-byte aligned; a dimension zero or above INT32_MAX.
-bool cutlass_gemm_s8(const int8_t* a, int64_t lda, const int8_t* b, int64_t ldb, int32_t* c,
-                     int64_t ldc, int64_t m, int64_t n, int64_t k, const CudaAllocator& alloc,
-                     cudaStream_t stream);
-
 // lss_sample_cuda's problem, unchecked (lss.cu; the caller guarantees its arguments' rules), and
 // one launch for up to kMaxLssBatch of them, one block each (the layer's two samplings at once).
 struct LssSampleArgs {

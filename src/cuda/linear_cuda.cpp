@@ -340,8 +340,8 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
       Temp dx(alloc, stream, DType::kFloat32, n, d);
       launch_combine_bitsplit(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(), dx.buf.as<float>(),
                               d, n, d, s);
-      lsq_backward_compact_cuda(a.saved_codes, a.saved_aux, dx.view, dx.view, a.grad_step_x, alloc,
-                                stream);
+      lsq_backward_compact_cuda(a.saved_codes, a.saved_aux, dx.view, dx.view, a.grad_step_x,
+                                alloc, stream);
       if (want_dx) hadamard_transform_cuda(dx.view, a.grad_x, g, stream);
     }
   }

@@ -15,7 +15,6 @@
 #include "int4train/gemm.h"
 #include "int4train/int4.h"
 #include "int4train/lss.h"
-#include "kernels.h"
 
 namespace {
 
@@ -241,68 +240,6 @@ void test_s8(int64_t m, int64_t n, int64_t k, Fill8 fill, bool strided_out) {
       m, n, [&](int64_t i, int64_t j) { return want[static_cast<size_t>(i * n + j)]; },
       [&](int64_t i, int64_t j) { return got[static_cast<size_t>(i * ldc + j)]; });
 }
-
-#ifdef INT4TRAIN_HAVE_CUTLASS_GEMM
-// ---- the INT8 product on CUTLASS's kernel (cutlass_gemm_s8, which gemm_s8_s32_cuda tries first on
-// sm_90: the gemm_s8 cases above run it wherever its rules hold), called directly so that these
-// cases know it ran: against gemm_s32_ref on rows and columns that do not fill a 128 x 128 tile or
-// a cluster's two tiles, a row stride past N, full-range values and K up to kMaxKInt8. On another
-// device it must decline.
-bool sm90_device() {
-  int dev = 0;
-  cudaGetDevice(&dev);
-  return cuda_compute_capability(dev) == 90;
-}
-
-void test_s8_cutlass(int64_t m, int64_t n, int64_t kp, Fill8 fill, int64_t ldc) {
-  const auto va = make_s8(m, kp, kp, fill, 5000 + m), vb = make_s8(n, kp, kp, fill, 6000 + n);
-  std::vector<int32_t> want(static_cast<size_t>(m * n));
-  gemm_s32_ref(make_matrix(const_cast<int8_t*>(va.data()), DType::kInt8, m, kp),
-               make_matrix(const_cast<int8_t*>(vb.data()), DType::kInt8, n, kp),
-               make_matrix(want.data(), DType::kInt32, m, n));
-  DevBuf da = gputest::upload(va), db = gputest::upload(vb);
-  DevBuf dc(static_cast<size_t>(m * ldc) * 4);
-  dc.poison();
-  const bool ran =
-      cuda_detail::cutlass_gemm_s8(da.as<int8_t>(), kp, db.as<int8_t>(), kp, dc.as<int32_t>(), ldc,
-                                   m, n, kp, default_cuda_allocator(), nullptr);
-  GPU_CHECK_MSG(ran == sm90_device(), "cutlass_gemm_s8 runs exactly on sm_90, ran=" << ran);
-  if (!ran) return;
-  CUDA_OK(cudaDeviceSynchronize());
-  const auto got = gputest::download<int32_t>(dc, static_cast<size_t>(m * ldc));
-  expect_equal(
-      m, n, [&](int64_t i, int64_t j) { return want[static_cast<size_t>(i * n + j)]; },
-      [&](int64_t i, int64_t j) { return got[static_cast<size_t>(i * ldc + j)]; });
-  int64_t touched = 0;  // the row stride's padding stays poisoned
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = n; j < ldc; ++j)
-      touched += got[static_cast<size_t>(i * ldc + j)] != -1515870811;
-  }
-  GPU_CHECK_MSG(touched == 0, touched << " padding elements written");
-}
-
-// Arguments it must decline (the product then takes cuBLASLt's path).
-void test_s8_cutlass_declines() {
-  DevBuf buf(4096), out(256);
-  const auto* p = buf.as<int8_t>();
-  auto* c = out.as<int32_t>();
-  const CudaAllocator alloc = default_cuda_allocator();
-  const auto run = [&](const int8_t* a, int64_t lda, int64_t ldb, int32_t* out, int64_t ldc,
-                       int64_t m, int64_t k, int64_t n = 4) {
-    return cuda_detail::cutlass_gemm_s8(a, lda, p, ldb, out, ldc, m, n, k, alloc, nullptr);
-  };
-  GPU_CHECK(run(p, 32, 32, c, 4, 2, 32) == sm90_device());
-  CUDA_OK(cudaDeviceSynchronize());
-  GPU_CHECK(!run(p, 32, 32, c, 4, 2, 24));      // K not a multiple of 16
-  GPU_CHECK(!run(p, 24, 32, c, 4, 2, 16));      // lda
-  GPU_CHECK(!run(p, 32, 40, c, 4, 2, 32));      // ldb
-  GPU_CHECK(!run(p, 32, 32, c, 6, 2, 32));      // ldc
-  GPU_CHECK(!run(p + 8, 32, 32, c, 4, 2, 32));  // a misaligned
-  GPU_CHECK(!run(p, 32, 32, c + 1, 4, 2, 32));  // c misaligned
-  GPU_CHECK(!run(p, 32, 32, c, 4, 0, 32));      // no rows
-  GPU_CHECK(!run(p, 32, 32, c, 8, 2, 32, 6));   // N not whole 16-byte vectors of the output
-}
-#endif
 
 // ---- exactness on data built to defeat a narrow accumulator. Tokens (the reduction dimension, the
 // code rows of the transposed operands, as in the weight gradient) whose products are large beside
@@ -660,24 +597,6 @@ const bool registered = [] {
                  (e.strided ? "/ldc_n_plus_3" : "/ldc_n"),
              e.big, [=] { test_s8(e.m, e.n, e.k, e.f, e.strided); });
   }
-#ifdef INT4TRAIN_HAVE_CUTLASS_GEMM
-  struct C8 {
-    int64_t m, n, kp;
-    Fill8 f;
-    int64_t ldc;
-    bool big;
-  };
-  for (C8 e : {C8{1, 4, 16, Fill8::kRandom, 4, false}, C8{130, 200, 48, Fill8::kRandom, 204, false},
-               C8{257, 132, 1008, Fill8::kAllMin, 136, false},
-               C8{384, 640, 4096, Fill8::kAlternating, 640, false},
-               C8{64, 48, kMaxKInt8 / 16 * 16, Fill8::kAllMin, 48, true},
-               C8{1000, 3072, 768, Fill8::kRandom, 3072, true}}) {
-    add_case("gemm_s8_cutlass/" + std::to_string(e.m) + "x" + std::to_string(e.n) + "x" +
-                 std::to_string(e.kp) + "/" + fill8_name(e.f) + "/ldc_" + std::to_string(e.ldc),
-             e.big, [=] { test_s8_cutlass(e.m, e.n, e.kp, e.f, e.ldc); });
-  }
-  add_case("gemm_s8_cutlass/declines", false, test_s8_cutlass_declines);
-#endif
   for (bool weighted : {false, true}) {
     for (Order o : {Order::kLargeFirst, Order::kSmallFirst, Order::kInterleaved, Order::kBlocks}) {
       for (int64_t mn : {int64_t{16}, int64_t{128}}) {
