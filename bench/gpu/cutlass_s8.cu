@@ -20,11 +20,12 @@
 //
 // Operands: a random in [-127, 127], b random in [-8, 7] (a fixed LCG), so |sum| < 2^31: exact.
 // Timing: 3 warm-ups each; then 7 rounds, each timing 20 back-to-back launches of every candidate
-// in turn (so that a drift of the clocks hits all alike); the median round's time per launch.
-// Every CUTLASS output is compared with cuBLASLt's bit for bit.
+// in turn, each round starting one candidate later (so that a drift of the clocks hits all alike);
+// the median round's time per launch. Every CUTLASS output is compared with cuBLASLt's bit for bit.
 //
-//   cmake target int4train_cutlass_s8 (bench/gpu; only where the CUTLASS headers are found: cache
-//   variable INT4TRAIN_CUTLASS_INCLUDE, or the nvidia-cutlass wheel's cutlass_library), or
+//   cmake target int4train_cutlass_s8 (bench/gpu; only where the CUTLASS headers are found:
+//   INT4TRAIN_CUTLASS_INCLUDE as a cache or environment variable, or the nvidia-cutlass wheel's
+//   cutlass_library), or
 //   nvcc -O3 -DNDEBUG -std=c++17 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
 //     -I<cutlass>/include -o cutlass_s8 bench/gpu/cutlass_s8.cu -lcublasLt
 //   ./cutlass_s8
@@ -32,9 +33,10 @@
 // Prints the device and one markdown table: per product cuBLASLt's time and TOPS (2 M N K / t),
 // each configuration's time and ratio (cuBLASLt time / its time: > 1 means CUTLASS is faster), and
 // "bits": "same" when every configuration that ran gave cuBLASLt's bits, else the number of
-// differing int32 elements per configuration. A configuration that CUTLASS refuses for a product
-// (can_implement, initialize or a launch failing) is listed above the table and shows "-".
-// Exit status 1 when any output differs, 2 when none differs but a configuration did not run.
+// differing int32 elements per configuration that was compared, "-" when none was. A
+// configuration that CUTLASS refuses for a product (can_implement, initialize or a launch failing)
+// is listed above the table and shows "-". Exit status 1 when any output differs, 2 when none
+// differs but a configuration did not run, 3 on an error of the program itself (CUDA, cuBLASLt).
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -60,7 +62,7 @@ namespace {
 void check(int status, const char* what) {
   if (status != 0) {
     std::printf("cutlass_s8: %s failed with status %d\n", what, status);
-    std::exit(1);
+    std::exit(3);
   }
 }
 
@@ -354,7 +356,7 @@ int main() {
   bool any_diff = false;
   for (const Product& p : products) {
     const size_t out_count = size_t{1} * p.m * p.n;
-    std::vector<bool> ok(cands.size(), false);
+    std::vector<bool> ok(cands.size(), false), compared(cands.size(), false);
     std::vector<long long> diffs(cands.size(), 0);
     auto fail = [&](size_t c, const std::string& what) {
       failures.push_back(std::string(cands[c]->name()) + " on " + p.name +
@@ -363,16 +365,17 @@ int main() {
       ok[c] = false;
     };
     // Set up, warm up, and compare each output with cuBLASLt's (outs[0]). Outputs start as a
-    // pattern, so that a kernel that writes nothing cannot pass.
+    // pattern, cuBLASLt's another than the others', so that a kernel that writes nothing cannot
+    // pass.
     for (size_t c = 0; c < cands.size(); ++c) {
-      check(cudaMemset(outs[c], 0x5a, out_count * sizeof(int32_t)), "memset out");
+      check(cudaMemset(outs[c], c == 0 ? 0xa5 : 0x5a, out_count * sizeof(int32_t)), "memset out");
       std::string err = cands[c]->setup(p, a, b, outs[c]);
       for (int r = 0; r < kWarmups && err.empty(); ++r) err = cands[c]->run();
       check(cudaDeviceSynchronize(), "warm-up");
       if (!err.empty()) {
         if (c == 0) {
           std::printf("cutlass_s8: cuBLASLt on %s: %s\n", p.name.c_str(), err.c_str());
-          return 1;
+          return 3;
         }
         fail(c, err);
         continue;
@@ -381,16 +384,20 @@ int main() {
       if (c > 0) {
         check(cudaMemset(diff, 0, sizeof *diff), "memset diff");
         count_diff<<<1024, 256>>>(outs[0], outs[c], out_count, diff);
+        check(cudaGetLastError(), "count_diff launch");
         unsigned long long n_diff = 0;
         check(cudaMemcpy(&n_diff, diff, sizeof n_diff, cudaMemcpyDeviceToHost), "copy diff");
         diffs[c] = static_cast<long long>(n_diff);
+        compared[c] = true;
         any_diff = any_diff || n_diff != 0;
       }
     }
-    // Timing: candidates in turns within each round; each one's median round.
+    // Timing: candidates in turns within each round, each round starting one candidate later;
+    // each one's median round.
     std::vector<std::vector<float>> times(cands.size());
     for (int round = 0; round < kRounds; ++round) {
-      for (size_t c = 0; c < cands.size(); ++c) {
+      for (size_t i = 0; i < cands.size(); ++i) {
+        const size_t c = (i + static_cast<size_t>(round)) % cands.size();
         if (!ok[c]) continue;
         std::string err;
         check(cudaEventRecord(e0), "record");
@@ -418,6 +425,7 @@ int main() {
     std::snprintf(cell, sizeof cell, "| %s | %d %d %d | %.1f | %.0f |", p.name.c_str(), p.m, p.n,
                   p.k, us[0], 2.0 * p.m * p.n * p.k / (us[0] * 1e6));
     std::string row = cell, bits;
+    bool any_compared = false;
     for (size_t c = 1; c < cands.size(); ++c) {
       if (ok[c]) {
         std::snprintf(cell, sizeof cell, " %.1f | %.3f |", us[c], us[0] / us[c]);
@@ -425,12 +433,13 @@ int main() {
         std::snprintf(cell, sizeof cell, " - | - |");
       }
       row += cell;
-      if (ok[c] && diffs[c] != 0) {
+      any_compared = any_compared || compared[c];
+      if (compared[c] && diffs[c] != 0) {
         bits += (bits.empty() ? "" : ", ") + std::string(cands[c]->name()) + ": " +
                 std::to_string(diffs[c]);
       }
     }
-    rows.push_back(row + " " + (bits.empty() ? "same" : bits) + " |");
+    rows.push_back(row + " " + (!any_compared ? "-" : bits.empty() ? "same" : bits) + " |");
   }
 
   for (const std::string& f : failures) std::printf("did not run: %s\n", f.c_str());
