@@ -21,6 +21,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxBlocks = 1024;  // fixed by the shape only: deterministic partial sums
+// The most blocks of dw_epilogue_kernel's tile grid (a step-gradient partial each: 128 MiB).
+constexpr int64_t kMaxTileBlocks = int64_t{1} << 24;
 
 // quantize_kernels.cpp's lsq_backward_tile rules: v = x * (1/s); mask -8 <= v <= 7; r = rint(v) - v
 // inside, -8 below, 7 above.
@@ -52,7 +54,7 @@ __global__ void __launch_bounds__(kThreads)
     acc += static_cast<double>(gk) * static_cast<double>(res);
   }
   if (partial == nullptr) return;
-  block_sum_to<kThreads>(acc, partial);
+  block_sum_to<kThreads>(acc, partial + blockIdx.x);
 }
 
 // 2^e as a double (e in [-1022, 1023]).
@@ -244,7 +246,7 @@ __global__ void __launch_bounds__(kColSumThreads)
     }
   }
   m = __reduce_max_sync(kFullMask, m);
-  if (lane == 0 && m > 0) atomicMax(amax, m);
+  if (amax != nullptr && lane == 0 && m > 0) atomicMax(amax, m);
 }
 
 // out[j] = the row blocks' partial sums of column j added in block order (fp64, from 0.0), a
@@ -296,7 +298,10 @@ struct EpilogueParams {
   void* out;  // fp32 or bf16 (out_bf16), row stride ldo; may be null (only the step gradient)
   bool out_bf16, out_vec;
   int64_t ldo, rows, cols;
-  double* partial;  // one per block
+  double* partial;   // one per block
+  uint8_t* codes_t;  // dW (kCodes): W's codes as a transposed operand ...
+  int64_t ldt, t_cols;
+  bool codes_s8;  // ... INT8 (else FP8 e4m3)
 };
 
 // out = float(scale * sum_chunks) for one lane's 8 elements of an int32 product that holds the
@@ -497,63 +502,120 @@ __global__ void __launch_bounds__(kThreads, kSlots ? 2 : 3)
           finish(row, col0, v, b.second.codes, b.second.bits);
         });
   }
-  block_sum_to<kThreads>(acc, p.partial);
+  block_sum_to<kThreads>(acc, p.partial + blockIdx.x);
+}
+
+// One chunk of the dW epilogue (row `row` of W and of the product, the lane's columns col0 ..
+// col0 + 7): W~ = the chunk's weights transformed, v = the recombined product, the weight's LSQ
+// backward (lsq_backward_cuda's rules: x = W~ / s; mask -8 <= x <= 7; r = rint(x) - x inside, -8 /
+// 7 out; acc += v r), the back-rotation of the masked v and its store. kCodes: it also returns W's
+// codes of the chunk as operand bytes (p.codes_s8), hadamard_lsq_codes_t_cuda's: lsq_code of the
+// same x, whose value is rint(x) inside [-8, 7] and so also gives r.
+template <int G, bool kCodes, typename Buf>
+__device__ __forceinline__ uint2 dw_chunk(const EpilogueParams& p, int lane, double scale,
+                                          float inv, int64_t row, int64_t col0, const Buf& b,
+                                          double& acc) {
+  const float qlo = static_cast<float>(-kLsqQn), qhi = static_cast<float>(kLsqQp);
+  float wt[8];
+  b.first.to_float(wt);
+  hadamard_warp8<G>(wt, lane, p.hscale);
+  float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  uint2 bytes = make_uint2(0u, 0u);
+  if (col0 < p.cols) {
+    double h[8];
+    b.second.exact(h);
+    combine8(p, scale, row, col0, h, v);
+    uint32_t code_bits[8];
+    float value[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float x = __fmul_rn(wt[i], inv);
+      float rounded;
+      if constexpr (kCodes) {
+        // NaN x: value 0, so r is NaN as with rintf; x outside [-8, 7]: r is replaced below.
+        const LsqCode c = lsq_code(x, qlo, qhi);
+        value[i] = c.value;
+        code_bits[i] = c.bits;
+        rounded = c.value;
+      } else {
+        rounded = rintf(x);
+      }
+      float res = __fsub_rn(rounded, x);
+      if (x < qlo) res = qlo;
+      if (x > qhi) res = qhi;
+      acc += static_cast<double>(v[i]) * static_cast<double>(res);
+      v[i] = (x >= qlo && x <= qhi) ? v[i] : 0.0f;
+    }
+    if constexpr (kCodes) {
+      bytes = p.codes_s8 ? s8x8_of_code_bits(code_bits) : e4m3x8(value);
+    }
+  }
+  hadamard_warp8<G>(v, lane, p.hscale);
+  if (col0 < p.cols) store_out8(p, row, col0, v);
+  return bytes;
 }
 
 // dW: the weight's LSQ backward from W~ = the Hadamard transform of W, computed here from W
-// (lsq_backward_cuda's rules: v = W~ / s; mask -8 <= v <= 7; r = rint(v) - v inside, -8 / 7 out).
-// The weight's values and the product's int32 partials both loaded ahead (PairSrc), 2 blocks per
-// SM so that they stay in registers: 5% faster on an H200 than 3 blocks that load the partials
-// where they are used.
-template <typename In, int G>
+// (dw_chunk). The weight's values and the product's int32 partials both loaded ahead (PairSrc), 2
+// blocks per SM so that they stay in registers: 5% faster on an H200 than 3 blocks that load the
+// partials where they are used. A persistent grid over chunks (for_each_warp_chunk_from); kCodes:
+// also W's codes as the input gradient's transposed operand (p.codes_t), so that the backward reads
+// W once for both (this epilogue runs before that product), on tile_to_transposed_from's grid of
+// tiles (32 rows x 256 columns a block). Measured on an H200 against the plain epilogue + the W
+// pass (hadamard_lsq_codes_t_cuda) it replaces: 52.6 + 29.1 -> 74.7 us at 4096 x 4096
+// (docs/cuda.md). Two other forms were slower: the tiles on a persistent grid with the next rows'
+// loads in flight across tiles (73.5 us, but 255 against 246 at 16384 x 4096; 11% more
+// instructions), and no shared tile, each lane storing its 4 rows' bytes as 4-byte words of the
+// transposed rows (114 us: L2 takes a request per word).
+template <typename In, int G, bool kCodes>
 __global__ void __launch_bounds__(kThreads, 2) dw_epilogue_kernel(const EpilogueParams p) {
+  static_assert(!kCodes || kThreads == kWarpCols, "tile_to_transposed_from: a thread per column");
   const int lane = threadIdx.x & 31;
   const double scale = __dmul_rn(static_cast<double>(*p.s1), static_cast<double>(*p.s2));
   const float inv = __frcp_rn(*p.step);
-  const float qlo = static_cast<float>(-kLsqQn), qhi = static_cast<float>(kLsqQp);
   double acc = 0.0;
   using Src = PairSrc<MatrixSrc<In, true>, S32Src>;
   const Src src{MatrixSrc<In, true>{static_cast<const In*>(p.w), p.ldw},
                 S32Src{static_cast<const int32_t*>(p.prod), p.ld}};
-  for_each_warp_chunk_from<kChunkDepth>(
-      src, p.rows, p.cols, [&](int64_t row, int64_t col0, const typename Src::Buf& b) {
-        float wt[8];
-        b.first.to_float(wt);
-        hadamard_warp8<G>(wt, lane, p.hscale);
-        float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-        if (col0 < p.cols) {
-          double h[8];
-          b.second.exact(h);
-          combine8(p, scale, row, col0, h, v);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const float x = __fmul_rn(wt[i], inv);
-            float res = __fsub_rn(rintf(x), x);
-            if (x < qlo) res = qlo;
-            if (x > qhi) res = qhi;
-            acc += static_cast<double>(v[i]) * static_cast<double>(res);
-            v[i] = (x >= qlo && x <= qhi) ? v[i] : 0.0f;
-          }
-        }
-        hadamard_warp8<G>(v, lane, p.hscale);
-        if (col0 < p.cols) store_out8(p, row, col0, v);
-      });
-  block_sum_to<kThreads>(acc, p.partial);
+  if constexpr (kCodes) {
+    tile_to_transposed_from(src, p.rows, p.cols, p.codes_t, p.ldt, p.t_cols,
+                            [&](int64_t row, int64_t col0, const typename Src::Buf& b) {
+                              return dw_chunk<G, true>(p, lane, scale, inv, row, col0, b, acc);
+                            });
+  } else {
+    for_each_warp_chunk_from<kChunkDepth>(
+        src, p.rows, p.cols, [&](int64_t row, int64_t col0, const typename Src::Buf& b) {
+          dw_chunk<G, false>(p, lane, scale, inv, row, col0, b, acc);
+        });
+  }
+  block_sum_to<kThreads>(acc,
+                         p.partial + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x));
 }
 
+// An epilogue on `grid` (one step-gradient partial per block), then the step gradient from them.
 template <typename Kernel>
-void launch_epilogue(Kernel kernel, EpilogueParams p, float* grad_step, double gamma,
-                     const CudaAllocator& alloc, cudaStream_t stream) {
-  const int64_t warps = p.rows * ((p.cols + kWarpCols - 1) / kWarpCols);
-  const int grid = persistent_blocks(kernel, kThreads, (warps + kThreads / 32 - 1) / (kThreads / 32));
-  DeviceBuffer partial(alloc, sizeof(double) * grid, stream);
+void launch_epilogue_on(Kernel kernel, dim3 grid, EpilogueParams p, float* grad_step, double gamma,
+                        const CudaAllocator& alloc, cudaStream_t stream) {
+  const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y;
+  DeviceBuffer partial(alloc, sizeof(double) * static_cast<size_t>(blocks), stream);
   p.partial = partial.as<double>();
   kernel<<<grid, kThreads, 0, stream>>>(p);
   INT4TRAIN_CUDA_LAUNCH_CHECK();
   if (grad_step != nullptr) {
-    sum_partials_kernel<<<1, kSumThreads, 0, stream>>>(p.partial, grid, gamma, grad_step);
+    sum_partials_kernel<<<1, kSumThreads, 0, stream>>>(p.partial, static_cast<int>(blocks), gamma,
+                                                       grad_step);
     INT4TRAIN_CUDA_LAUNCH_CHECK();
   }
+}
+
+// An epilogue on a persistent grid (for_each_warp_chunk_from's).
+template <typename Kernel>
+void launch_epilogue(Kernel kernel, EpilogueParams p, float* grad_step, double gamma,
+                     const CudaAllocator& alloc, cudaStream_t stream) {
+  const int64_t warps = p.rows * ((p.cols + kWarpCols - 1) / kWarpCols);
+  const int grid =
+      persistent_blocks(kernel, kThreads, (warps + kThreads / 32 - 1) / (kThreads / 32));
+  launch_epilogue_on(kernel, dim3(static_cast<unsigned>(grid)), p, grad_step, gamma, alloc, stream);
 }
 
 // SplitPartials in one of its two forms: s32 without slots or exps, or the slots form (fp32 or
@@ -679,24 +741,48 @@ void launch_dx_epilogue(const SplitPartials& pp, const int8_t* exps, const float
   });
 }
 
-void launch_dw_epilogue(const SplitPartials& pp, const float* s1, const float* s2,
+bool launch_dw_epilogue(const SplitPartials& pp, const float* s1, const float* s2,
                         const TensorView& w, const TensorView& step_w, int32_t block,
-                        TensorView grad_w, TensorView grad_step, const CudaAllocator& alloc,
-                        cudaStream_t stream) {
+                        TensorView grad_w, TensorView grad_step, TensorView codes_t,
+                        const CudaAllocator& alloc, cudaStream_t stream) {
   check_split_partials(pp, nullptr, "launch_dw_epilogue", false);
   EpilogueParams p = epilogue_params(pp, s1, s2, w.shape[0], w.shape[1], block, grad_w);
   p.w = w.data;
   p.ldw = row_stride(w);
   p.step = step_w.ptr<const float>();
+  const bool want_codes = codes_t.data != nullptr;
+  if (want_codes) {
+    check_dtype(codes_t, "codes_t", {DType::kInt8, DType::kFloat8E4M3});
+    check_gemm_operand(codes_t, "codes_t", codes_t.dtype);
+    check_shape(codes_t, "codes_t", p.cols, fp8_padded_cols(p.rows));
+  }
   float* gs = grad_step.data != nullptr ? grad_step.ptr<float>() : nullptr;
-  if (epilogue_empty(p, gs, stream)) return;
+  if (epilogue_empty(p, gs, stream)) return want_codes;  // no codes to write either
+  // The tiles' grid: at most 65535 row tiles (gridDim.y), and a partial per block.
+  const dim3 tiles = tile_grid(p.rows, p.cols);
+  const bool with_codes =
+      want_codes && tiles_fit(p.rows) && static_cast<int64_t>(tiles.x) * tiles.y <= kMaxTileBlocks;
+  if (with_codes) {
+    p.codes_t = codes_t.ptr<uint8_t>();
+    p.ldt = row_stride(codes_t);
+    p.t_cols = codes_t.shape[1];
+    p.codes_s8 = codes_t.dtype == DType::kInt8;
+  }
   const bool bf16 = w.dtype == DType::kBFloat16;
   const double gamma = lsq_step_gamma(p.rows * p.cols);
   dispatch_block(block, [&](auto g) {
     constexpr int G = decltype(g)::value;
-    bf16 ? launch_epilogue(dw_epilogue_kernel<BFloat16, G>, p, gs, gamma, alloc, stream)
-         : launch_epilogue(dw_epilogue_kernel<float, G>, p, gs, gamma, alloc, stream);
+    if (with_codes) {
+      bf16 ? launch_epilogue_on(dw_epilogue_kernel<BFloat16, G, true>, tiles, p, gs, gamma, alloc,
+                                stream)
+           : launch_epilogue_on(dw_epilogue_kernel<float, G, true>, tiles, p, gs, gamma, alloc,
+                                stream);
+    } else {
+      bf16 ? launch_epilogue(dw_epilogue_kernel<BFloat16, G, false>, p, gs, gamma, alloc, stream)
+           : launch_epilogue(dw_epilogue_kernel<float, G, false>, p, gs, gamma, alloc, stream);
+    }
   });
+  return with_codes;
 }
 
 }  // namespace cuda_detail

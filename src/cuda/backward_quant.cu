@@ -443,7 +443,7 @@ __global__ void __launch_bounds__(kThreads) lsq_backward_compact_kernel(const Ls
     }
   }
   if (p.partial == nullptr) return;
-  block_sum_to<kThreads>(acc, p.partial);
+  block_sum_to<kThreads>(acc, p.partial + blockIdx.x);
 }
 
 // ------------------------------------------------------------------------------ codes -> operands
@@ -701,8 +701,7 @@ void bitsplit_reduce(BitsplitParams& p, const TensorView& g, TensorView column_s
                      cudaStream_t s) {
   const bool by_row = row_exp.data != nullptr;
   uint32_t* row_max = by_row && p.rows > 0 ? b.row_max() : nullptr;
-  INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(
-      b.amax(), 0, sizeof(uint32_t) * static_cast<size_t>(1 + (by_row ? p.rows : 0)), s));
+  INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(b.maxima.get(), 0, b.maxima.bytes(), s));
   if (column_sums.data != nullptr) {
     launch_absmax_column_sums(g, b.amax(), column_sums, alloc, s, row_max);
   } else {

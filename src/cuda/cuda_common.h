@@ -138,6 +138,7 @@ class DeviceBuffer {
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   void* get() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
   template <typename T>
   T* as() const {
     return static_cast<T*>(ptr_);

@@ -65,6 +65,12 @@ __device__ __forceinline__ void store8(float* __restrict__ p, const float v[8]) 
   }
 }
 
+// float_to_bf16's bits of two floats, lo in the low half, in software: every float, NaN included.
+__device__ __forceinline__ uint32_t bf16x2_bits_exact(float lo, float hi) {
+  return static_cast<uint32_t>(float_to_bf16(lo).bits) |
+         (static_cast<uint32_t>(float_to_bf16(hi).bits) << 16);
+}
+
 // float_to_bf16's bits of two floats, lo in the low half: the hardware's round to nearest even
 // (cvt.rn.bf16x2.f32, one instruction for the pair), which gives float_to_bf16's bits for every
 // float but NaN (its NaN is canonical; float_to_bf16 keeps the sign and payload). A GPU test
@@ -75,8 +81,7 @@ __device__ __forceinline__ uint32_t bf16x2_bits(float lo, float hi) {
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
   return w;
 #else
-  return static_cast<uint32_t>(float_to_bf16(lo).bits) |
-         (static_cast<uint32_t>(float_to_bf16(hi).bits) << 16);
+  return bf16x2_bits_exact(lo, hi);
 #endif
 }
 
@@ -94,10 +99,7 @@ __device__ __forceinline__ void store8(BFloat16* __restrict__ p, const float v[8
     for (int i = 0; i < 4; ++i) w[i] = bf16x2_bits(v[2 * i], v[2 * i + 1]);
   } else {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      w[i] = static_cast<uint32_t>(float_to_bf16(v[2 * i]).bits) |
-             (static_cast<uint32_t>(float_to_bf16(v[2 * i + 1]).bits) << 16);
-    }
+    for (int i = 0; i < 4; ++i) w[i] = bf16x2_bits_exact(v[2 * i], v[2 * i + 1]);
   }
   if (kVec) {
     *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
@@ -239,58 +241,71 @@ __device__ __forceinline__ void for_each_warp_chunk(const In* __restrict__ x, in
 // reduction runs over the rows of what the pass reads): a block per tile of kTileRows rows x 256
 // columns (blockIdx.y: the row tile, blockIdx.x: the column tile; blockDim.x == 256, one thread per
 // tile column), each warp kTileRows / 8 consecutive rows with all their loads issued before the
-// first is computed. body(row, col0, v) runs on every lane of the warp for each of its rows < rows
-// (warp-uniform, so it may use shuffles; v zero past the row end) and returns the lane's 8 operand
-// bytes (zero past the row end; it may store them row-major too). Through a shared tile, column c
-// of the tile's rows becomes 32 bytes of row c of out_t (row stride ldt, t_cols = fp8_padded_cols
-// (rows) columns: rows .. t_cols - 1 are zero, inside the last row tile); 16-byte aligned rows.
+// first is computed. The loads come from `src` (for_each_warp_chunk_from's policy: Src::Buf,
+// src.load(buf, row, col0), src.zero(buf)). body(row, col0, buf) runs on every lane of the warp for
+// each of its rows < rows (warp-uniform, so it may use shuffles; buf zero past the row end) and
+// returns the lane's 8 operand bytes (zero past the row end; it may store other outputs too).
+// Through a shared tile, column c of the tile's rows becomes 32 bytes of row c of out_t (row stride
+// ldt, t_cols = fp8_padded_cols(rows) columns: rows .. t_cols - 1 are zero, inside the last row
+// tile); 16-byte aligned rows. Every thread of the block returns from it (a barrier inside).
 constexpr int kTileRows = 32;
-template <typename In, bool kVec, typename Body>
-__device__ __forceinline__ void tile_to_transposed(const In* __restrict__ x, int64_t ldx,
-                                                   int64_t rows, int64_t cols,
-                                                   uint8_t* __restrict__ out_t, int64_t ldt,
-                                                   int64_t t_cols, Body&& body) {
+template <typename Src, typename Body>
+__device__ __forceinline__ void tile_to_transposed_from(const Src& src, int64_t rows, int64_t cols,
+                                                        uint8_t* __restrict__ out_t, int64_t ldt,
+                                                        int64_t t_cols, Body&& body) {
   constexpr int kRowsPerWarp = kTileRows / (kWarpCols / 32);
   __shared__ __align__(16) uint8_t tile[kTileRows][kWarpCols];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTileRows;
   const int32_t col0 = static_cast<int32_t>(blockIdx.x) * kWarpCols + kLaneElems * lane;
-  Lane8<In, kVec> buf[kRowsPerWarp];
+  typename Src::Buf buf[kRowsPerWarp];
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const int64_t row = r0 + warp * kRowsPerWarp + i;
     if (row < rows && col0 < cols) {
-      buf[i].load(x + row * ldx + col0);
+      src.load(buf[i], row, col0);
     } else {
-      buf[i].zero();
+      src.zero(buf[i]);
     }
   }
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const int64_t row = r0 + warp * kRowsPerWarp + i;
     uint2 bytes = make_uint2(0u, 0u);
-    if (row < rows) {
-      float v[8];
-      buf[i].to_float(v);
-      bytes = body(row, static_cast<int64_t>(col0), v);
-    }
+    if (row < rows) bytes = body(row, static_cast<int64_t>(col0), buf[i]);
     *reinterpret_cast<uint2*>(&tile[warp * kRowsPerWarp + i][kLaneElems * lane]) = bytes;
   }
   __syncthreads();
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpCols + threadIdx.x;
-  if (c >= cols) return;
-  uint32_t w[kTileRows / 4];
+  if (c < cols) {
+    uint32_t w[kTileRows / 4];
 #pragma unroll
-  for (int j = 0; j < kTileRows / 4; ++j) {
-    w[j] = static_cast<uint32_t>(tile[4 * j][threadIdx.x]) |
-           (static_cast<uint32_t>(tile[4 * j + 1][threadIdx.x]) << 8) |
-           (static_cast<uint32_t>(tile[4 * j + 2][threadIdx.x]) << 16) |
-           (static_cast<uint32_t>(tile[4 * j + 3][threadIdx.x]) << 24);
+    for (int j = 0; j < kTileRows / 4; ++j) {
+      w[j] = static_cast<uint32_t>(tile[4 * j][threadIdx.x]) |
+             (static_cast<uint32_t>(tile[4 * j + 1][threadIdx.x]) << 8) |
+             (static_cast<uint32_t>(tile[4 * j + 2][threadIdx.x]) << 16) |
+             (static_cast<uint32_t>(tile[4 * j + 3][threadIdx.x]) << 24);
+    }
+    static_assert(kTileRows == 32, "two 16-byte stores per thread");
+    uint4* dst = reinterpret_cast<uint4*>(out_t + c * ldt + r0);
+    dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
+    if (r0 + 32 <= t_cols) dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
   }
-  static_assert(kTileRows == 32, "two 16-byte stores per thread");
-  uint4* dst = reinterpret_cast<uint4*>(out_t + c * ldt + r0);
-  dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
-  if (r0 + 32 <= t_cols) dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+}
+
+// tile_to_transposed_from over the rows of x (row stride ldx), body(row, col0, v) with the lane's 8
+// values as floats.
+template <typename In, bool kVec, typename Body>
+__device__ __forceinline__ void tile_to_transposed(const In* __restrict__ x, int64_t ldx,
+                                                   int64_t rows, int64_t cols,
+                                                   uint8_t* __restrict__ out_t, int64_t ldt,
+                                                   int64_t t_cols, Body&& body) {
+  tile_to_transposed_from(MatrixSrc<In, kVec>{x, ldx}, rows, cols, out_t, ldt, t_cols,
+                          [&](int64_t row, int64_t col0, const Lane8<In, kVec>& b) {
+                            float v[8];
+                            b.to_float(v);
+                            return body(row, col0, v);
+                          });
 }
 
 // tile_to_transposed's grid for a rows x cols input: column tiles x row tiles. It exists for
@@ -387,6 +402,19 @@ __device__ __forceinline__ uint2 s8x8_of_nibbles(uint32_t w) {
   return make_uint2(b[0], b[1]);
 }
 
+// The FP8 operand bytes of eight integer-valued floats in [-8, 7] (e4m3x2 four times).
+__device__ __forceinline__ uint2 e4m3x8(const float value[8]) {
+  return make_uint2(e4m3x2(value[0], value[1]) | (e4m3x2(value[2], value[3]) << 16),
+                    e4m3x2(value[4], value[5]) | (e4m3x2(value[6], value[7]) << 16));
+}
+
+// The 8 operand bytes of eight INT4 codes, given both as nibbles (code i in bits 4i .. 4i+3 of
+// packed_word) and as exact floats: INT8 (s8) or FP8 e4m3.
+__device__ __forceinline__ uint2 operand_bytes8(bool s8, uint32_t packed_word,
+                                                const float value[8]) {
+  return s8 ? s8x8_of_nibbles(packed_word) : e4m3x8(value);
+}
+
 // Integer-valued floats and their integers without a conversion instruction: for |n| < 2^22,
 // kRoundMagic + n is exact and its bit pattern is bits(kRoundMagic) + n; adding kRoundMagic to a
 // float in that range rounds it to an integer in the addition's rounding mode.
@@ -395,13 +423,15 @@ __device__ __forceinline__ float int_as_exact_float(int n) {
   return __fsub_rn(__int_as_float(__float_as_int(kRoundMagic) + n), kRoundMagic);
 }
 
-// round_clamp(q, -kLsqQn, kLsqQp) of numeric.h, as the exact float `value` (never -0) and the 4-bit
-// two's-complement nibble. Clamping before rounding is the same for integer bounds; NaN gives 0.
-// clipped: q lies outside [lo, hi] (also set for a NaN q, whose code is 0).
+// round_clamp(q, -kLsqQn, kLsqQp) of numeric.h, as the exact float `value` (never -0), the 4-bit
+// two's-complement nibble and `bits`, whose low byte is the code as an int8 (int_as_exact_float's
+// pattern). Clamping before rounding is the same for integer bounds; NaN gives 0. clipped: q lies
+// outside [lo, hi] (also set for a NaN q, whose code is 0).
 struct LsqCode {
   float value;
   uint32_t nibble;
   bool clipped;
+  uint32_t bits;
 };
 // kMayBeNan = false: the caller knows q is not NaN (saves the select).
 template <bool kMayBeNan = true>
@@ -409,7 +439,21 @@ __device__ __forceinline__ LsqCode lsq_code(float q, float lo, float hi) {
   const float clamped = fminf(fmaxf(q, lo), hi);
   const float c = !kMayBeNan || q == q ? clamped : 0.0f;
   const float t = __fadd_rn(c, kRoundMagic);  // round to nearest even, as rintf
-  return LsqCode{__fsub_rn(t, kRoundMagic), __float_as_uint(t) & 0xFu, clamped != q};
+  return LsqCode{__fsub_rn(t, kRoundMagic), __float_as_uint(t) & 0xFu, clamped != q,
+                 __float_as_uint(t)};
+}
+
+// The INT8 operand bytes of 8 codes from their LsqCode::bits (code 0 in the low byte of .x): the
+// low bytes, gathered by byte permutes (3 for 4 codes).
+__device__ __forceinline__ uint2 s8x8_of_code_bits(const uint32_t bits[8]) {
+  uint32_t w[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t lo = __byte_perm(bits[4 * h], bits[4 * h + 1], 0x0040);      // b0 of each
+    const uint32_t hi = __byte_perm(bits[4 * h + 2], bits[4 * h + 3], 0x0040);  // likewise
+    w[h] = __byte_perm(lo, hi, 0x5410);
+  }
+  return make_uint2(w[0], w[1]);
 }
 
 // __fadd_rn(x, uniform_from_u32(w)) of philox.h in one instruction after the conversion: the
@@ -453,11 +497,11 @@ __device__ __forceinline__ double warp_sum_f64(double v) {
   return v;
 }
 
-// partial[blockIdx.x] = the sum of acc over the block's threads (kThreads of them, a multiple of
-// 32), in fp64 in a fixed order: warps by shuffles, then the warps' sums in warp order. Every thread
-// of the block must call it.
+// *out = the sum of acc over the block's threads (kThreads of them, a multiple of 32), in fp64 in a
+// fixed order: warps by shuffles, then the warps' sums in warp order. Every thread of the block
+// must call it.
 template <int kThreads>
-__device__ __forceinline__ void block_sum_to(double acc, double* partial) {
+__device__ __forceinline__ void block_sum_to(double acc, double* out) {
   acc = warp_sum_f64(acc);
   __shared__ double warp_acc[kThreads / 32];
   if ((threadIdx.x & 31) == 0) warp_acc[threadIdx.x / 32] = acc;
@@ -465,7 +509,7 @@ __device__ __forceinline__ void block_sum_to(double acc, double* partial) {
   if (threadIdx.x == 0) {
     double s = 0.0;
     for (int w = 0; w < kThreads / 32; ++w) s += warp_acc[w];
-    partial[blockIdx.x] = s;
+    *out = s;
   }
 }
 

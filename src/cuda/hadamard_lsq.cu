@@ -106,14 +106,6 @@ __device__ __forceinline__ void lsq_codes8(const LsqParams& p, uint64_t stream, 
   }
 }
 
-// The 8 operand bytes of lsq_codes8's codes: INT8 (s8) or FP8 e4m3.
-__device__ __forceinline__ uint2 operand_bytes8(bool s8, uint32_t packed_word,
-                                                const float value[8]) {
-  return s8 ? s8x8_of_nibbles(packed_word)
-            : make_uint2(e4m3x2(value[0], value[1]) | (e4m3x2(value[2], value[3]) << 16),
-                         e4m3x2(value[4], value[5]) | (e4m3x2(value[6], value[7]) << 16));
-}
-
 // Quantizes and stores one lane's 8 transformed values (columns col0 .. col0+7 of `row`).
 template <bool kVec, bool kAux>
 __device__ __forceinline__ void lsq_store8(const LsqParams& p, uint64_t stream, int64_t row,

@@ -83,8 +83,8 @@ void launch_combine_bitsplit(const SplitPartials& partials, const int8_t* exps, 
 // launch_absmax) and column_sums (fp32 or bf16 vector of cols) = the column sums of g in fp64 in
 // linear.h's kBiasGradBlockRows order (the CPU's bias gradient, bit for bit); temporaries from
 // alloc. row_max (optional, rows entries): each row's max |g| bits, for grad_scale=row's
-// exponents, from the same read. *amax and row_max must be zero on entry (the caller zeroes them):
-// the kernel only raises them.
+// exponents, from the same read. amax may be null (the bias gradient alone). *amax and row_max
+// must be zero on entry (the caller zeroes them): the kernel only raises them.
 void launch_absmax_column_sums(const TensorView& g, uint32_t* amax, TensorView column_sums,
                                const CudaAllocator& alloc, cudaStream_t stream,
                                uint32_t* row_max = nullptr);
@@ -97,15 +97,19 @@ void launch_absmax_column_sums(const TensorView& g, uint32_t* amax, TensorView c
 // cols % 8 == 0; block divides cols. dX: packed (4-byte aligned)
 // and aux are the forward's saved codes and compact aux bits; exps as launch_combine_bitsplit's.
 // dW: w is fp32 or bf16, 16-byte (bf16) or 32-byte (fp32) aligned with a row stride % 8 == 0.
-// grad_x / grad_w and grad_step are optional (data == nullptr).
+// grad_x / grad_w and grad_step are optional (data == nullptr). dW's codes_t (optional): W's codes
+// as the input gradient's transposed operand, hadamard_lsq_codes_t_cuda's operand_t (INT8 or FP8,
+// cols x fp8_padded_cols(rows)), written by the same pass (W read once for both) where its tile
+// grid fits (W's rows at most 65,535 tiles of 32); it returns whether it wrote them (false: the
+// caller runs hadamard_lsq_codes_t_cuda).
 void launch_dx_epilogue(const SplitPartials& partials, const int8_t* exps, const float* s1,
                         const float* s2, const TensorView& packed, const TensorView& aux,
                         int32_t block, TensorView grad_x, TensorView grad_step,
                         const CudaAllocator& alloc, cudaStream_t stream);
-void launch_dw_epilogue(const SplitPartials& partials, const float* s1, const float* s2,
+bool launch_dw_epilogue(const SplitPartials& partials, const float* s1, const float* s2,
                         const TensorView& w, const TensorView& step_w, int32_t block,
-                        TensorView grad_w, TensorView grad_step, const CudaAllocator& alloc,
-                        cudaStream_t stream);
+                        TensorView grad_w, TensorView grad_step, TensorView codes_t,
+                        const CudaAllocator& alloc, cudaStream_t stream);
 
 // lss_sample_cuda's problem, unchecked (lss.cu; the caller guarantees its arguments' rules), and
 // one launch for up to kMaxLssBatch of them, one block each (the layer's two samplings at once).

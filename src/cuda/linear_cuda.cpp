@@ -184,9 +184,7 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   if (!dom_dx && !dom_dw) {
     // The bias gradient alone: the bit split's reduction pass without the split.
     if (a.grad_bias.data != nullptr) {
-      DeviceBuffer amax(alloc, sizeof(uint32_t), stream);
-      INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(amax.get(), 0, sizeof(uint32_t), s));
-      launch_absmax_column_sums(a.grad_y, amax.as<uint32_t>(), a.grad_bias, alloc, s);
+      launch_absmax_column_sums(a.grad_y, nullptr, a.grad_bias, alloc, s);
     }
     return;
   }
@@ -299,52 +297,12 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     }
   };
 
-  if (dom_dx) {
-    // dX~ = s_g s_w (16 Qhi + Qlo) Qw (K = C). hq_bs: one INT8 product of the N rows of q. hq_lss:
-    // the kept FP8 (INT8 engine: INT8) rows gathered into `capacity` rows (empty slots zero), one
-    // product over them; the epilogue finds each token's hi and lo rows through the slots and
-    // weights them by their exponents (no reduction over rows here, so FP8 stays exact; the INT8
-    // engine keeps kMaxKFp8Int4 as its bound, so its int32 sums are exact in fp32 as FP8's).
-    SplitPartials pp{};
-    const int8_t* ex = nullptr;
-    // The weight is unchanged since the forward: its codes again (the forward's bits), written
-    // transposed as this product's operand by the pass that computes them.
-    Temp qwt(alloc, stream, dx_op, d, cp);
-    hadamard_lsq_codes_t_cuda(a.w, g, a.step_w, qwt.view, alloc, stream);
-    Temp p(alloc, stream, fp8_dx ? DType::kFloat32 : DType::kInt32,
-           lss ? capacity : k_chunks(cp) * n, d);
-    if (lss) {
-      Temp kept_op(alloc, stream, dx_op, capacity, cp);
-      gather_operand_rows_cuda(r_op.view,
-                               make_vector(sel_x.slot_rows.buf.get(), DType::kInt32, capacity),
-                               kept_op.view, TensorView{}, stream);
-      if (fp8_dx) {
-        gemm_fp8_cuda(kept_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view,
-                      alloc, stream);
-      } else {
-        gemm_s8_s32_cuda(kept_op.view, qwt.view, p.view, alloc, stream, kMaxKFp8Int4);
-      }
-      pp = SplitPartials{p.buf.get(), d, !fp8_dx, 1, 0, sel_x.slots.buf.as<int32_t>()};
-      ex = sel_x.exps.buf.as<int8_t>();
-    } else {
-      s8_product(r_op, n, qwt, d, cp, p);
-      pp = SplitPartials{p.buf.get(), d, true, static_cast<int>(k_chunks(cp)), n * d};
-    }
-    pp.row_exps = row_exps;
-    if (d % 8 == 0 && aligned(a.saved_codes.data, 4)) {
-      // Recombination, LSQ backward and back-rotation in one pass.
-      launch_dx_epilogue(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(), a.saved_codes,
-                         a.saved_aux, g, want_dx ? a.grad_x : TensorView{}, a.grad_step_x, alloc,
-                         s);
-    } else {
-      Temp dx(alloc, stream, DType::kFloat32, n, d);
-      launch_combine_bitsplit(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(), dx.buf.as<float>(),
-                              d, n, d, s);
-      lsq_backward_compact_cuda(a.saved_codes, a.saved_aux, dx.view, dx.view, a.grad_step_x,
-                                alloc, stream);
-      if (want_dx) hadamard_transform_cuda(dx.view, a.grad_x, g, stream);
-    }
-  }
+  // The input gradient's product takes W's codes transposed (W is unchanged since the forward: its
+  // codes again, the forward's bits, as an operand). The weight gradient's epilogue, which
+  // computes them for the weight's LSQ backward, writes them, so it runs first; where it does not
+  // (no weight gradient wanted, or a layout it does not take), the W pass does.
+  Temp qwt(alloc, stream, dx_op, dom_dx ? d : 0, cp);
+  bool qwt_ready = false;
   if (dom_dw) {
     // dW~ = s_g s_x (16 Qhi^T + Qlo^T) Qx, one INT8 product whose reduction runs over tokens.
     // hq_bs: q^T against the x codes (K = N). hq_lss: over the `capacity` compacted slots: slot j
@@ -410,8 +368,10 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     const bool w_bf16 = a.w.dtype == DType::kBFloat16;
     if (d % 8 == 0 && aligned(a.w.data, w_bf16 ? 16 : 32) && (c == 1 || row_stride(a.w) % 8 == 0)) {
       // Recombination, W~ = W B, LSQ backward and back-rotation in one pass.
-      launch_dw_epilogue(pp, sg.buf.as<float>(), a.step_x.ptr<float>(), a.w, a.step_w, g,
-                         want_dw ? a.grad_w : TensorView{}, a.grad_step_w, alloc, s);
+      // With the input gradient's operand of W's codes, which the pass computes anyway.
+      qwt_ready = launch_dw_epilogue(pp, sg.buf.as<float>(), a.step_x.ptr<float>(), a.w, a.step_w,
+                                     g, want_dw ? a.grad_w : TensorView{}, a.grad_step_w,
+                                     dom_dx ? qwt.view : TensorView{}, alloc, s);
     } else {
       Temp dw(alloc, stream, DType::kFloat32, c, d);
       launch_combine_bitsplit(pp, nullptr, sg.buf.as<float>(), a.step_x.ptr<float>(),
@@ -420,6 +380,49 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
       hadamard_transform_cuda(a.w, wt.view, g, stream);
       lsq_backward_cuda(wt.view, a.step_w, dw.view, dw.view, a.grad_step_w, alloc, stream);
       if (want_dw) hadamard_transform_cuda(dw.view, a.grad_w, g, stream);
+    }
+  }
+  if (dom_dx) {
+    // dX~ = s_g s_w (16 Qhi + Qlo) Qw (K = C). hq_bs: one INT8 product of the N rows of q. hq_lss:
+    // the kept FP8 (INT8 engine: INT8) rows gathered into `capacity` rows (empty slots zero), one
+    // product over them; the epilogue finds each token's hi and lo rows through the slots and
+    // weights them by their exponents (no reduction over rows here, so FP8 stays exact; the INT8
+    // engine keeps kMaxKFp8Int4 as its bound, so its int32 sums are exact in fp32 as FP8's).
+    SplitPartials pp{};
+    const int8_t* ex = nullptr;
+    if (!qwt_ready) hadamard_lsq_codes_t_cuda(a.w, g, a.step_w, qwt.view, alloc, stream);
+    Temp p(alloc, stream, fp8_dx ? DType::kFloat32 : DType::kInt32,
+           lss ? capacity : k_chunks(cp) * n, d);
+    if (lss) {
+      Temp kept_op(alloc, stream, dx_op, capacity, cp);
+      gather_operand_rows_cuda(r_op.view,
+                               make_vector(sel_x.slot_rows.buf.get(), DType::kInt32, capacity),
+                               kept_op.view, TensorView{}, stream);
+      if (fp8_dx) {
+        gemm_fp8_cuda(kept_op.view, qwt.view, TensorView{}, TensorView{}, TensorView{}, p.view,
+                      alloc, stream);
+      } else {
+        gemm_s8_s32_cuda(kept_op.view, qwt.view, p.view, alloc, stream, kMaxKFp8Int4);
+      }
+      pp = SplitPartials{p.buf.get(), d, !fp8_dx, 1, 0, sel_x.slots.buf.as<int32_t>()};
+      ex = sel_x.exps.buf.as<int8_t>();
+    } else {
+      s8_product(r_op, n, qwt, d, cp, p);
+      pp = SplitPartials{p.buf.get(), d, true, static_cast<int>(k_chunks(cp)), n * d};
+    }
+    pp.row_exps = row_exps;
+    if (d % 8 == 0 && aligned(a.saved_codes.data, 4)) {
+      // Recombination, LSQ backward and back-rotation in one pass.
+      launch_dx_epilogue(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(), a.saved_codes,
+                         a.saved_aux, g, want_dx ? a.grad_x : TensorView{}, a.grad_step_x, alloc,
+                         s);
+    } else {
+      Temp dx(alloc, stream, DType::kFloat32, n, d);
+      launch_combine_bitsplit(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(), dx.buf.as<float>(),
+                              d, n, d, s);
+      lsq_backward_compact_cuda(a.saved_codes, a.saved_aux, dx.view, dx.view, a.grad_step_x, alloc,
+                                stream);
+      if (want_dx) hadamard_transform_cuda(dx.view, a.grad_x, g, stream);
     }
   }
 }

@@ -51,6 +51,9 @@ struct Problem {
   double lss_budget = kLssDefaultBudget;
   GemmEngine gemm = GemmEngine::kAuto;
   GradScaleMode grad_scale = GradScaleMode::kTensor;
+  // backward: the gradients asked of the device (the CPU computes both): the input's (grad_x,
+  // grad_step_x), the weight's (grad_w, grad_step_w) or both.
+  enum class Wants { kBoth, kInput, kWeight } wants = Wants::kBoth;
 };
 
 std::string problem_name(const Problem& p) {
@@ -62,7 +65,10 @@ std::string problem_name(const Problem& p) {
          (p.lss_budget != kLssDefaultBudget ? "/budget" + std::to_string(p.lss_budget).substr(0, 3)
                                             : "") +
          (p.gemm != GemmEngine::kAuto ? std::string("/gemm_") + gemm_engine_name(p.gemm) : "") +
-         (p.grad_scale == GradScaleMode::kRow ? "/grad_scale_row" : "");
+         (p.grad_scale == GradScaleMode::kRow ? "/grad_scale_row" : "") +
+         (p.wants == Problem::Wants::kInput    ? "/input_grads_only"
+          : p.wants == Problem::Wants::kWeight ? "/weight_grads_only"
+                                               : "");
 }
 
 struct Outputs {
@@ -234,11 +240,17 @@ void run_backward(const Problem& p, bool graph) {
   da.w = make_matrix(dw.get(), idt, p.c, p.d);
   da.step_x = make_scalar(dsteps.as<float>(), DType::kFloat32);
   da.step_w = make_scalar(dsteps.as<float>() + 1, DType::kFloat32);
-  da.grad_x = make_matrix(dgx.get(), odt, p.n, p.d);
-  da.grad_w = make_matrix(dgw.get(), odt, p.c, p.d);
+  const bool want_x = p.wants != Problem::Wants::kWeight,
+             want_w = p.wants != Problem::Wants::kInput;
+  if (want_x) {
+    da.grad_x = make_matrix(dgx.get(), odt, p.n, p.d);
+    da.grad_step_x = make_scalar(dgs.as<float>(), DType::kFloat32);
+  }
+  if (want_w) {
+    da.grad_w = make_matrix(dgw.get(), odt, p.c, p.d);
+    da.grad_step_w = make_scalar(dgs.as<float>() + 1, DType::kFloat32);
+  }
   if (p.bias) da.grad_bias = make_vector(dgb.get(), odt, p.c);
-  da.grad_step_x = make_scalar(dgs.as<float>(), DType::kFloat32);
-  da.grad_step_w = make_scalar(dgs.as<float>() + 1, DType::kFloat32);
   da.rows_kept = make_vector(dkept.get(), DType::kInt64, 2);
   const CudaAllocator alloc = default_cuda_allocator();
   gputest::run_maybe_captured(
@@ -250,18 +262,23 @@ void run_backward(const Problem& p, bool graph) {
       });
   const auto gx = gputest::download<uint8_t>(dgx, want_gx.size());
   const auto gw = gputest::download<uint8_t>(dgw, want_gw.size());
-  GPU_CHECK_MSG(count_byte_diff(gx, want_gx) == 0, count_byte_diff(gx, want_gx)
-                                                       << " grad_x bytes differ");
-  GPU_CHECK_MSG(count_byte_diff(gw, want_gw) == 0, count_byte_diff(gw, want_gw)
-                                                       << " grad_w bytes differ");
+  if (want_x) {
+    GPU_CHECK_MSG(count_byte_diff(gx, want_gx) == 0, count_byte_diff(gx, want_gx)
+                                                         << " grad_x bytes differ");
+  }
+  if (want_w) {
+    GPU_CHECK_MSG(count_byte_diff(gw, want_gw) == 0, count_byte_diff(gw, want_gw)
+                                                         << " grad_w bytes differ");
+  }
   if (p.bias) {
     const auto gbias = gputest::download<uint8_t>(dgb, want_gb.size());
     GPU_CHECK_MSG(count_byte_diff(gbias, want_gb) == 0, "grad_bias differs");
   }
+  // rows_kept: a gradient not asked for samples nothing (0).
   const auto kept = gputest::download<int64_t>(dkept, 2);
-  GPU_CHECK_MSG(kept[0] == want_kept[0] && kept[1] == want_kept[1],
-                "rows_kept " << kept[0] << ", " << kept[1] << " want " << want_kept[0] << ", "
-                             << want_kept[1]);
+  const int64_t kept_x = want_x ? want_kept[0] : 0, kept_w = want_w ? want_kept[1] : 0;
+  GPU_CHECK_MSG(kept[0] == kept_x && kept[1] == kept_w,
+                "rows_kept " << kept[0] << ", " << kept[1] << " want " << kept_x << ", " << kept_w);
   if (p.recipe == Recipe::kHqLss) {  // sampling happened: the counts are not 0 or all 2N rows
     GPU_CHECK_MSG(want_kept[0] > 0 && want_kept[0] < 2 * p.n && want_kept[1] > 0 &&
                       want_kept[1] < 2 * p.n,
@@ -269,9 +286,9 @@ void run_backward(const Problem& p, bool graph) {
   }
   const auto gs = gputest::download<float>(dgs, 2);
   // fp64 sums of the same terms in another order: at most one fp32 rounding apart.
-  GPU_CHECK_MSG(gputest::ulp_distance(gs[0], want_gsx) <= 1,
+  GPU_CHECK_MSG(!want_x || gputest::ulp_distance(gs[0], want_gsx) <= 1,
                 "grad_step_x " << gs[0] << " want " << want_gsx);
-  GPU_CHECK_MSG(gputest::ulp_distance(gs[1], want_gsw) <= 1,
+  GPU_CHECK_MSG(!want_w || gputest::ulp_distance(gs[1], want_gsw) <= 1,
                 "grad_step_w " << gs[1] << " want " << want_gsw);
 }
 
@@ -385,6 +402,26 @@ const bool registered = [] {
   }
   add_case("linear_backward_graph/" + problem_name(backward[3]), false,
            [=] { run_backward(backward[3], true); });
+  // One side's gradients only (a frozen weight; a first layer): the weight gradient's epilogue
+  // writes the input gradient's operand of W's codes when both are asked, the W pass otherwise.
+  // Both recipes; output features 40 (a partial 32-row tile of W, and 48 - 40 zero columns of the
+  // transposed operand) and 512; and a weight with more rows than the epilogue's tile grid takes
+  // (65,535 tiles of 32: the W pass and the tile-less epilogue; the input gradient's product in
+  // K-chunks).
+  for (const Recipe r : {Recipe::kHqBs, Recipe::kHqLss}) {
+    for (const Problem::Wants wants : {Problem::Wants::kInput, Problem::Wants::kWeight}) {
+      for (Problem p : {backward[1], backward[5]}) {
+        p.recipe = r;
+        p.wants = wants;
+        add_case("linear_backward/" + problem_name(p), false, [=] { run_backward(p, false); });
+      }
+    }
+  }
+  {
+    Problem tall{16, 8, 65535 * 32 + 40, 8, false, false, true, Recipe::kHqBs, false};
+    add_case("linear_backward/" + problem_name(tall), true, [=] { run_backward(tall, false); });
+  }
+
   // hq_lss: the same shapes, the selection on the device; a row-sparse gradient (zero rows, tiny
   // rows whose p is raised to the cap 1/16); another budget; and more tokens than one INT8 product
   // may sum (kMaxKInt8), so the weight gradient runs in two K-chunks.

@@ -10,6 +10,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -237,6 +238,30 @@ void test_transform(int64_t rows, int64_t cols, int32_t block, bool in_bf16, boo
 // row_exp.
 // last_col: every row's last entry times 8, so that each row's maximum (hence its exponent) sits in
 // the last column, past the reduction passes' tile and lane boundaries.
+// absmax_bits_cuda against the CPU's absmax: the same bits (any NaN for a NaN), into a poisoned
+// word (the function zeroes it before the kernel raises it); an empty g gives 0.
+void test_absmax_bits(int64_t rows, int64_t cols, bool bf16, Data data, int64_t ld_extra = 0) {
+  const auto g = as_seen(make_data(rows, cols, data, 7 + rows + cols), bf16);
+  const float want =
+      rows * cols == 0
+          ? 0.0f
+          : absmax(make_matrix(const_cast<float*>(g.data()), DType::kFloat32, rows, cols));
+  uint32_t want_bits = 0;
+  std::memcpy(&want_bits, &want, 4);
+  DevMatrix dg = to_device(g, rows, cols, bf16, cols + ld_extra);
+  DevBuf dout(4);
+  dout.poison();
+  absmax_bits_cuda(dg.view, make_scalar(dout.get(), DType::kInt32), nullptr);
+  GPU_CHECK(cudaDeviceSynchronize() == cudaSuccess);
+  const uint32_t got = gputest::download<uint32_t>(dout, 1)[0];
+  if (std::isnan(want)) {
+    GPU_CHECK_MSG(got > 0x7F800000u && got <= 0x7FFFFFFFu, "want a NaN, got bits " << got);
+  } else {
+    GPU_CHECK_MSG(got == want_bits, "absmax bits " << got << " want " << want_bits);
+  }
+  if (rows * cols == 0) GPU_CHECK_MSG(got == 0u, "empty g: bits " << got);
+}
+
 void test_bitsplit(int64_t rows, int64_t cols, bool bf16, Data data, bool zeros,
                    int64_t ld_extra = 0, bool by_row = false, bool last_col = false) {
   auto g0 = make_data(rows, cols, data, 99 + rows + cols);
@@ -620,6 +645,21 @@ const bool registered = [] {
   add_case("bitsplit/2097153x8/fp32/normal", true,
            [] { test_bitsplit(2097153, 8, false, Data::kNormal, false); });
   // Empty g: nothing to write, so no operand is needed; the scale is 0.
+  // absmax_bits_cuda: empty, one element, a row longer than a warp's pass, strided bf16 rows,
+  // outliers, Inf and NaN.
+  for (const auto& a : {std::make_tuple(0, 64, false, Data::kNormal, 0),
+                        std::make_tuple(16, 0, true, Data::kNormal, 0),
+                        std::make_tuple(1, 1, false, Data::kNormal, 0),
+                        std::make_tuple(33, 1000, false, Data::kOutliers, 0),
+                        std::make_tuple(40, 264, true, Data::kNormal, 8),
+                        std::make_tuple(1100, 4000, true, Data::kOutliers, 0),
+                        std::make_tuple(5, 9, false, Data::kNonFinite, 0),
+                        std::make_tuple(64, 256, true, Data::kNonFinite, 0)}) {
+    const auto [rows, cols, bf16, data, extra] = a;
+    add_case("absmax_bits/" + std::to_string(rows) + "x" + std::to_string(cols) +
+                 (bf16 ? "/bf16/" : "/fp32/") + data_name(data) + (extra > 0 ? "/strided" : ""),
+             false, [=] { test_absmax_bits(rows, cols, bf16, data, extra); });
+  }
   add_case("bitsplit/q8_empty", false, [] {
     DevBuf dscale(4), dg(4);
     for (const auto& shape : {std::pair<int64_t, int64_t>{0, 64}, {3, 0}}) {
