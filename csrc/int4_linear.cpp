@@ -65,7 +65,7 @@ void Int4LinearImpl::pretty_print(std::ostream& stream) const {
   stream << "int4train::pt::Int4Linear(in_features=" << options.in_features()
          << ", out_features=" << options.out_features() << ", bias=" << std::boolalpha
          << options.bias() << ", recipe=" << options.recipe() << ", layer=" << options.layer();
-  if (options.dense_below_macs() > 0) stream << ", dense_below_macs=" << options.dense_below_macs();
+  stream << ", dense_below_macs=" << options.dense_below_macs();
   stream << ")";
 }
 

@@ -32,11 +32,14 @@ struct Config {
   int64_t d_model = 64, heads = 4, hidden = 256, context = 32, batch = 32;
 };
 
-// Causal self-attention and a GELU MLP, pre-norm, every projection an Int4Linear.
+// Causal self-attention and a GELU MLP, pre-norm, every projection an Int4Linear. The layers are
+// far below the small-shape rule's size (int4train/linear.h), which on a GPU would run them as
+// plain products; this example is about 4-bit training, so it turns the rule off.
 struct BlockImpl : torch::nn::Module {
   BlockImpl(const Config& c, int64_t* next_layer) : heads(c.heads) {
     auto lin = [&](int64_t in, int64_t out) {
-      return Int4Linear(Int4LinearOptions(in, out).recipe(c.recipe).layer((*next_layer)++));
+      return Int4Linear(
+          Int4LinearOptions(in, out).recipe(c.recipe).layer((*next_layer)++).dense_below_macs(0.0));
     };
     ln1 = register_module("ln1", torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.d_model})));
     qkv = register_module("qkv", lin(c.d_model, 3 * c.d_model));

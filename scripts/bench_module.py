@@ -1,6 +1,7 @@
 """What a PyTorch user sees: one training step (forward + backward) of int4train.Int4Linear against
-nn.Linear on a CUDA device, bf16 weights and inputs, on the layer shapes of issue 4, with the small-
-shape rule (Recipe.dense_fallback="auto") beside the recipes without it. Steps run back to back as
+nn.Linear on a CUDA device, bf16 weights and inputs, on the layer shapes of issue 4: the recipes
+with every call quantized (dense_fallback=never) beside the default (the small-shape rule,
+dense_fallback=auto, which runs a call below 2^37 multiply-adds as F.linear). Steps run back to back as
 in training (no synchronisation between them), `--iters` steps between two CUDA events; the layers
 of a shape take turns for `--rounds` rounds, the rounds' orders the rows of a Williams design
 (within the rounds each layer runs right after every other layer equally often: the layer that ran
@@ -15,7 +16,8 @@ nn.Linear's time over the layer's, so above 1 is faster than bf16. With --autoca
 inputs are fp32 and each forward runs under bf16 autocast (nn.Linear's too; the casts are part of
 the step). Prints a Markdown table.
 
-    python scripts/bench_module.py [--iters 20] [--recipes hq_bs,hq_lss,hq_bs:dense_fallback=auto]
+    python scripts/bench_module.py [--iters 20]
+        [--recipes hq_bs:dense_fallback=never,hq_lss:dense_fallback=never,hq_bs]
                                    [--graphs] [--autocast]
 """
 
@@ -123,7 +125,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=12,
                     help="rounds per shape; a multiple of the design's rows (the layers' count, "
                          "twice that when odd) balances the neighbours exactly")
-    ap.add_argument("--recipes", default="hq_bs,hq_lss,hq_bs:dense_fallback=auto")
+    ap.add_argument("--recipes",
+                    default="hq_bs:dense_fallback=never,hq_lss:dense_fallback=never,hq_bs")
     ap.add_argument("--graphs", action="store_true",
                     help="replay each layer's step from a CUDA graph (no host cost)")
     ap.add_argument("--autocast", action="store_true",

@@ -5,7 +5,8 @@ allocations, synchronisations) and the operators with the most host time (torch.
 time per step). Where the wall time is well above the kernel time, the step is host-bound and the
 operator list says what to cut.
 
-    python scripts/profile_step.py [--shape 4096,768,3072] [--recipes hq_bs,hq_lss] [--top 12]
+    python scripts/profile_step.py [--shape 4096,768,3072]
+        [--recipes hq_bs:dense_fallback=never,hq_lss:dense_fallback=never,hq_bs] [--top 12]
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ RUNTIME_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cuda
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="4096,768,3072", help="tokens,in,out")
-    ap.add_argument("--recipes", default="hq_bs,hq_lss,hq_bs:dense_fallback=auto")
+    ap.add_argument("--recipes",
+                    default="hq_bs:dense_fallback=never,hq_lss:dense_fallback=never,hq_bs")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args()

@@ -6,7 +6,12 @@ and an fp32 model under bf16 autocast (both layers also keep the bf16 copy of th
 autocast made). The ratio is the layer's bytes over nn.Linear's in the same setting. Prints a
 Markdown table; runs on CUDA when there is a GPU, else on the CPU (the same tensors are saved).
 
-    python scripts/saved_bytes.py [--recipes hq_bs,hq_lss] [--shapes 8192x4096x4096,...] [--device D]
+    python scripts/saved_bytes.py [--recipes hq_bs:dense_fallback=never,hq_lss:dense_fallback=never]
+        [--shapes 8192x4096x4096,...] [--device D]
+
+The recipes default to every call quantized: under the small-shape rule (the default,
+dense_fallback=auto) a CUDA call below 2^37 multiply-adds is F.linear and keeps what nn.Linear
+keeps.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ def measure(n: int, d: int, c: int, recipes: list, device: str, autocast: bool) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--recipes", default="hq_bs,hq_lss")
+    ap.add_argument("--recipes", default="hq_bs:dense_fallback=never,hq_lss:dense_fallback=never")
     ap.add_argument("--shapes", default=SHAPES, help="comma list of TOKENSxINxOUT")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()

@@ -46,12 +46,14 @@ class Recipe:
         include/int4train/quantize.h), or "mean_abs", LSQ's 2 mean|x~| / sqrt(7), about 1.5x larger
         on Hadamard-rotated data (docs/accuracy.md, "LSQ steps").
     dense_fallback: the small-shape rule (include/int4train/linear.h; docs/cuda.md, "The
-        small-shape rule"): "never" (the default: every call runs the recipe), "auto" (on a CUDA
-        device, a call whose tokens x in_features x out_features is below DENSE_FALLBACK_MACS,
-        about 2.7e11 multiply-adds, runs as the plain F.linear in the input's dtype, where an H100
-        measured the quantized layer below 0.9x of bf16), or a number of multiply-adds, the
-        threshold itself. A call that falls
-        back is not quantized and gives its LSQ steps no gradient. The CPU never falls back.
+        small-shape rule"): "auto" (the default: on a CUDA device, a call whose tokens x
+        in_features x out_features is below DENSE_FALLBACK_MACS, 2^37, about 1.4e11 multiply-adds,
+        runs as the plain F.linear in the input's dtype, where an H200 measured the quantized
+        layer below 0.9x of bf16: BERT-base's layers at any usual batch, a 1024-wide model's),
+        "never" (every call runs the recipe: what a study of the method's accuracy wants, and what
+        the training CLI always uses), or a number of multiply-adds, the threshold itself. A call
+        that falls back is not quantized, saves no memory, gives its LSQ steps no gradient and
+        does not advance the layer's `step`. The CPU never falls back.
     gemm: LSQ recipes on CUDA: which 8-bit tensor cores carry the 4-bit products (include/int4train/
         linear.h, GemmEngine): "auto" (the default: FP8 on GPUs with FP8 tensor cores, compute
         capability 8.9 or newer such as the L40, RTX 40xx, H100 and H200; INT8 on the A100, A10 and
@@ -75,7 +77,7 @@ class Recipe:
     max_hadamard_block: int = MAX_HADAMARD_BLOCK
     lss_budget: float = 1.0
     step_init: str = "mse"
-    dense_fallback: Union[str, float] = "never"
+    dense_fallback: Union[str, float] = "auto"
     gemm: str = "auto"
     grad_scale: str = "tensor"
 
@@ -139,14 +141,25 @@ class Recipe:
     @property
     def label(self) -> str:
         """`spec` plus the options that change training but not the op's arithmetic (they act in
-        Int4Linear), e.g. "hq_bs:max_hadamard_block=1" or "hq_lss:step_init=mean_abs": what results record
-        as `recipe_spec`, so that such runs stay apart from the default's. Recipe.of reads it back."""
+        Int4Linear), e.g. "hq_bs:max_hadamard_block=1", "hq_lss:step_init=mean_abs" or
+        "hq_bs:dense_fallback=never": what results record as `recipe_spec`, so that such runs stay
+        apart from the default's. Recipe.of reads it back."""
+        return self._label(with_rule=True)
+
+    @property
+    def method_label(self) -> str:
+        """`label` without the small-shape rule: what the recipe's quantized calls compute, and so
+        the whole training when no call falls back (dense_fallback="never"). The training CLI, which
+        runs every recipe that way, records it as `recipe_spec`."""
+        return self._label(with_rule=False)
+
+    def _label(self, with_rule: bool) -> str:
         extra = []
         if self.max_hadamard_block != MAX_HADAMARD_BLOCK and self.name in _HADAMARD_RECIPES:
             extra.append(f"max_hadamard_block={self.max_hadamard_block}")
         if self.step_init != "mse" and self.uses_lsq:
             extra.append(f"step_init={self.step_init}")
-        if self.dense_fallback != "never":
+        if with_rule and self.dense_fallback != "auto":
             df = self.dense_fallback
             extra.append(f"dense_fallback={df if isinstance(df, str) else repr(df)}")
         if not extra:

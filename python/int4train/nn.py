@@ -357,7 +357,6 @@ class Int4Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, recipe={self.recipe.spec}, layer_id={self.layer_id}"
-            + (f", dense_fallback={self.recipe.dense_fallback}"
-               if self.recipe.dense_fallback != "never" else "")
+            + f", dense_fallback={self.recipe.dense_fallback}"
             + (f", hadamard_block={self._block}" if self.recipe.uses_hadamard else "")
         )

@@ -27,7 +27,9 @@ from torch import nn
 
 import int4train
 
-RECIPE = "hq_lss"
+# Every call quantized: the worker's layers are far below the small-shape rule's size, which on
+# a GPU would run them as plain products (Recipe.dense_fallback).
+RECIPE = int4train.Recipe("hq_lss", dense_fallback="never")
 
 
 def model_on(device: str) -> nn.Module:

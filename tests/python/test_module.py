@@ -524,17 +524,22 @@ def test_grad_scale_recipe():
 
 
 def test_dense_fallback_recipe():
-    # The small-shape rule: validation, the label (not the spec: the ops never see it), and the CPU,
-    # which never falls back (tests/python/test_cuda.py checks the CUDA branch).
+    # The small-shape rule, on by default: validation, the label (not the spec: the ops never see
+    # it), the method label without it, and the CPU, which never falls back
+    # (tests/python/test_cuda.py checks the CUDA branch).
     from int4train.config import DENSE_FALLBACK_MACS
-    assert 0 < DENSE_FALLBACK_MACS < float("inf")
-    assert Recipe("hq_bs").dense_below_macs == 0.0
-    auto = Recipe("hq_bs", dense_fallback="auto")
-    assert auto.dense_below_macs == DENSE_FALLBACK_MACS
-    assert auto.spec == "hq_bs" and auto.label == "hq_bs:dense_fallback=auto"
-    assert Recipe.of(auto.label) == auto
-    num = Recipe("hq_lss", lss_budget=1.5, dense_fallback=5e9)
-    assert num.label == "hq_lss:lss_budget=1.5,dense_fallback=5000000000.0"
+    assert DENSE_FALLBACK_MACS == 2.0**37
+    auto = Recipe("hq_bs")
+    assert auto.dense_fallback == "auto" and auto.dense_below_macs == DENSE_FALLBACK_MACS
+    assert auto == Recipe("hq_bs", dense_fallback="auto") == Recipe.of("hq_bs")
+    assert auto.spec == auto.label == auto.method_label == "hq_bs"
+    never = Recipe("hq_bs", dense_fallback="never")
+    assert never.dense_below_macs == 0.0
+    assert never.spec == never.method_label == "hq_bs"
+    assert never.label == "hq_bs:dense_fallback=never" and Recipe.of(never.label) == never
+    num = Recipe("hq_lss", lss_budget=1.5, step_init="mean_abs", dense_fallback=5e9)
+    assert num.label == "hq_lss:lss_budget=1.5,step_init=mean_abs,dense_fallback=5000000000.0"
+    assert num.method_label == "hq_lss:lss_budget=1.5,step_init=mean_abs"
     assert Recipe.of(num.label) == num and num.dense_below_macs == 5e9
     assert Recipe("fp", dense_fallback=0).dense_below_macs == 0.0
     for bad in ("always", -1, float("nan"), float("inf"), True, None):
@@ -545,14 +550,16 @@ def test_dense_fallback_recipe():
     torch.manual_seed(0)
     x = torch.randn(6, 32)
     outs = []
-    for rec in (Recipe("hq_bs", seed=2), Recipe("hq_bs", seed=2, dense_fallback=1e30)):
+    for rec in (Recipe("hq_bs", seed=2, dense_fallback="never"),
+                Recipe("hq_bs", seed=2, dense_fallback=1e30)):
         torch.manual_seed(1)
         layer = Int4Linear(32, 16, recipe=rec)
         xx = x.clone().requires_grad_(True)
         y = layer(xx)
         y.sum().backward()
         outs.append((y, xx.grad, layer.input_step.grad))
-        assert ("dense_fallback" in repr(layer)) == (rec.dense_fallback != "never")
+        assert f"dense_fallback={rec.dense_fallback}" in repr(layer)
+        assert layer.step.item() == 1
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 

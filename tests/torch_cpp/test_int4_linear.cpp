@@ -241,18 +241,23 @@ TEST(Int4Linear, FirstBatchInitialisesStepsAndBlock) {
 }
 
 TEST(Int4Linear, DenseFallbackOnlyOnCuda) {
-  // The small-shape rule (int4train/linear.h): a CPU layer never falls back, whatever the
-  // threshold; a negative threshold is a ValueError.
+  // The small-shape rule (int4train/linear.h), on by default: a CPU layer never falls back,
+  // whatever the threshold; a negative threshold is a ValueError.
   EXPECT_TRUE(int4train::below_dense_threshold(4, 8, 16, 513.0));
   EXPECT_FALSE(int4train::below_dense_threshold(4, 8, 16, 512.0));
   EXPECT_GT(int4train::kDenseFallbackMacs, 0.0);
+  EXPECT_EQ(Int4LinearOptions(4, 4).dense_below_macs(), int4train::kDenseFallbackMacs);
   torch::nn::Linear lin(32, 16);
-  Int4Linear plain =
-      int4train::pt::int4_linear_from(lin, Int4LinearOptions(32, 16).recipe("hq_bs"));
+  Int4Linear plain = int4train::pt::int4_linear_from(
+      lin, Int4LinearOptions(32, 16).recipe("hq_bs").dense_below_macs(0.0));
   Int4Linear rule = int4train::pt::int4_linear_from(
       lin, Int4LinearOptions(32, 16).recipe("hq_bs").dense_below_macs(1e30));
   const auto x = torch::randn({6, 32});
   EXPECT_TRUE(torch::equal(plain->forward(x), rule->forward(x)));
+  EXPECT_EQ(rule->step.item<int64_t>(), plain->step.item<int64_t>());
+  std::ostringstream printed;
+  plain->pretty_print(printed);
+  EXPECT_NE(printed.str().find("dense_below_macs=0"), std::string::npos) << printed.str();
   EXPECT_THROW(Int4Linear(Int4LinearOptions(4, 4).dense_below_macs(-1.0)), c10::ValueError);
 }
 

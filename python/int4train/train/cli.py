@@ -522,7 +522,7 @@ def _run_recipes(args, recipes, hadamard, cfg, device, ranks) -> list[dict[str, 
                 options["gemm"] = args.gemm
         if recipe in ("hq_bs", "hq_lss"):
             options["grad_scale"] = args.grad_scale
-        spec = int4train.Recipe(recipe, **options)
+        spec = int4train.Recipe(recipe, **options)  # train_one quantizes every call
         r = T.train_one(
             task,
             spec,
@@ -560,7 +560,7 @@ def _run_recipes(args, recipes, hadamard, cfg, device, ranks) -> list[dict[str, 
         )
         runs.append(r)
         print(
-            f"{spec.label}: "
+            f"{spec.method_label}: "
             + ", ".join(
                 f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in r["metrics"].items()

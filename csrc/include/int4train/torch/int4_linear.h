@@ -11,6 +11,8 @@
 #include <ostream>
 #include <string>
 
+#include "int4train/linear.h"
+
 namespace int4train::pt {
 
 struct Int4LinearOptions {
@@ -33,8 +35,9 @@ struct Int4LinearOptions {
   TORCH_ARG(std::string, step_init) = "mse";
   // The small-shape rule (int4train/linear.h): a forward on a CUDA device whose tokens x in x out
   // is below this many multiply-adds runs as the plain product in x's dtype (at::linear) instead.
-  // 0 (the default): never; int4train::kDenseFallbackMacs: the measured H100 rule.
-  TORCH_ARG(double, dense_below_macs) = 0.0;
+  // int4train::kDenseFallbackMacs (the default): the measured rule; 0: never (every call quantized,
+  // as an accuracy study wants).
+  TORCH_ARG(double, dense_below_macs) = kDenseFallbackMacs;
 };
 
 // State (the names are the state_dict keys):
