@@ -561,14 +561,18 @@ __device__ __forceinline__ uint2 dw_chunk(const EpilogueParams& p, int lane, dou
 // partials where they are used. A persistent grid over chunks (for_each_warp_chunk_from); kCodes:
 // also W's codes as the input gradient's transposed operand (p.codes_t), so that the backward reads
 // W once for both (this epilogue runs before that product), on tile_to_transposed_from's grid of
-// tiles (32 rows x 256 columns a block). Measured on an H200 against the plain epilogue + the W
-// pass (hadamard_lsq_codes_t_cuda) it replaces: 52.6 + 29.1 -> 74.7 us at 4096 x 4096
-// (docs/cuda.md). Two other forms were slower: the tiles on a persistent grid with the next rows'
-// loads in flight across tiles (73.5 us, but 255 against 246 at 16384 x 4096; 11% more
-// instructions), and no shared tile, each lane storing its 4 rows' bytes as 4-byte words of the
-// transposed rows (114 us: L2 takes a request per word).
+// tiles of kDwTileRows = 16 rows x 256 columns, 2 rows a warp, at 80 registers and 3 blocks an SM.
+// Measured on an H200 (ncu, docs/cuda.md): against the plain epilogue + the W pass
+// (hadamard_lsq_codes_t_cuda) it replaces, 52.6 + 29.1 -> 74.7 us at 4096 x 4096 with 32-row tiles
+// (119 registers, 2 blocks an SM), then 64.4 us with 16-row tiles (245 -> 233 us at 16384 x 4096).
+// Two other forms were slower: the tiles on a persistent grid with the next rows' loads in flight
+// across tiles (73.5 us, but 255 against 246 at 16384 x 4096; 11% more instructions), and no
+// shared tile, each lane storing its 4 rows' bytes as 4-byte words of the transposed rows (114 us:
+// L2 takes a request per word).
+constexpr int kDwTileRows = 16;
 template <typename In, int G, bool kCodes>
-__global__ void __launch_bounds__(kThreads, 2) dw_epilogue_kernel(const EpilogueParams p) {
+__global__ void __launch_bounds__(kThreads, kCodes ? 3 : 2)
+    dw_epilogue_kernel(const EpilogueParams p) {
   static_assert(!kCodes || kThreads == kWarpCols, "tile_to_transposed_from: a thread per column");
   const int lane = threadIdx.x & 31;
   const double scale = __dmul_rn(static_cast<double>(*p.s1), static_cast<double>(*p.s2));
@@ -578,10 +582,11 @@ __global__ void __launch_bounds__(kThreads, 2) dw_epilogue_kernel(const Epilogue
   const Src src{MatrixSrc<In, true>{static_cast<const In*>(p.w), p.ldw},
                 S32Src{static_cast<const int32_t*>(p.prod), p.ld}};
   if constexpr (kCodes) {
-    tile_to_transposed_from(src, p.rows, p.cols, p.codes_t, p.ldt, p.t_cols,
-                            [&](int64_t row, int64_t col0, const typename Src::Buf& b) {
-                              return dw_chunk<G, true>(p, lane, scale, inv, row, col0, b, acc);
-                            });
+    tile_to_transposed_from<kDwTileRows>(
+        src, p.rows, p.cols, p.codes_t, p.ldt, p.t_cols,
+        [&](int64_t row, int64_t col0, const typename Src::Buf& b) {
+          return dw_chunk<G, true>(p, lane, scale, inv, row, col0, b, acc);
+        });
   } else {
     for_each_warp_chunk_from<kChunkDepth>(
         src, p.rows, p.cols, [&](int64_t row, int64_t col0, const typename Src::Buf& b) {
@@ -752,16 +757,14 @@ bool launch_dw_epilogue(const SplitPartials& pp, const float* s1, const float* s
   p.step = step_w.ptr<const float>();
   const bool want_codes = codes_t.data != nullptr;
   if (want_codes) {
-    check_dtype(codes_t, "codes_t", {DType::kInt8, DType::kFloat8E4M3});
-    check_gemm_operand(codes_t, "codes_t", codes_t.dtype);
-    check_shape(codes_t, "codes_t", p.cols, fp8_padded_cols(p.rows));
+    check_codes_operand(codes_t, "codes_t", p.cols, p.rows, {DType::kInt8, DType::kFloat8E4M3});
   }
   float* gs = grad_step.data != nullptr ? grad_step.ptr<float>() : nullptr;
   if (epilogue_empty(p, gs, stream)) return want_codes;  // no codes to write either
   // The tiles' grid: at most 65535 row tiles (gridDim.y), and a partial per block.
-  const dim3 tiles = tile_grid(p.rows, p.cols);
-  const bool with_codes =
-      want_codes && tiles_fit(p.rows) && static_cast<int64_t>(tiles.x) * tiles.y <= kMaxTileBlocks;
+  const dim3 tiles = tile_grid<kDwTileRows>(p.rows, p.cols);
+  const bool with_codes = want_codes && tiles_fit<kDwTileRows>(p.rows) &&
+                          static_cast<int64_t>(tiles.x) * tiles.y <= kMaxTileBlocks;
   if (with_codes) {
     p.codes_t = codes_t.ptr<uint8_t>();
     p.ldt = row_stride(codes_t);

@@ -825,15 +825,13 @@ void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, Tensor
   p.q8 = true;
   check_row_exp(row_exp, rows);
   if (operand.data != nullptr) {
-    check_gemm_operand(operand, "operand", DType::kInt8);
-    check_shape(operand, "operand", rows, fp8_padded_cols(cols));
+    check_codes_operand(operand, "operand", rows, cols, {DType::kInt8});
     p.operand = operand.ptr<uint8_t>();
     p.ldop = row_stride(operand);
     p.op_cols = operand.shape[1];
   }
   if (operand_t.data != nullptr) {
-    check_gemm_operand(operand_t, "operand_t", DType::kInt8);
-    check_shape(operand_t, "operand_t", cols, fp8_padded_cols(rows));
+    check_codes_operand(operand_t, "operand_t", cols, rows, {DType::kInt8});
     p.operand_t = operand_t.ptr<uint8_t>();
     p.ldt = row_stride(operand_t);
     p.opt_cols = operand_t.shape[1];

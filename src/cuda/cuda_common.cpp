@@ -64,6 +64,13 @@ void check_gemm_operand(const TensorView& t, const char* arg, DType dtype) {
   }
 }
 
+void check_codes_operand(const TensorView& t, const char* arg, int64_t rows, int64_t cols,
+                         std::initializer_list<DType> dtypes) {
+  check_dtype(t, arg, dtypes);
+  check_gemm_operand(t, arg, t.dtype);
+  check_shape(t, arg, rows, fp8_padded_cols(cols));
+}
+
 void check_device_scalar(const TensorView& t, const char* arg, DType dtype) {
   check_dtype(t, arg, {dtype});
   check_scalar(t, arg);

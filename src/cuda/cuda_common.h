@@ -38,6 +38,10 @@ void check_device_matrix(const TensorView& t, const char* arg);
 // A GEMM operand (cuda.h): `dtype` (kFloat8E4M3 or kInt8), cols a multiple of 16, row stride a
 // multiple of 16, base address 16-byte aligned.
 void check_gemm_operand(const TensorView& t, const char* arg, DType dtype);
+// The codes of a rows x cols matrix as a GEMM operand: one of `dtypes`, check_gemm_operand's
+// alignment, shape rows x fp8_padded_cols(cols) (a transposed operand: pass cols, rows).
+void check_codes_operand(const TensorView& t, const char* arg, int64_t rows, int64_t cols,
+                         std::initializer_list<DType> dtypes);
 // An fp32 / int64 / uint32 device scalar (one element).
 void check_device_scalar(const TensorView& t, const char* arg, DType dtype);
 

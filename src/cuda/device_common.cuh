@@ -238,25 +238,27 @@ __device__ __forceinline__ void for_each_warp_chunk(const In* __restrict__ x, in
 }
 
 // A GEMM operand written transposed by the pass that computes it (the backward products whose
-// reduction runs over the rows of what the pass reads): a block per tile of kTileRows rows x 256
+// reduction runs over the rows of what the pass reads): a block per tile of kRows rows x 256
 // columns (blockIdx.y: the row tile, blockIdx.x: the column tile; blockDim.x == 256, one thread per
-// tile column), each warp kTileRows / 8 consecutive rows with all their loads issued before the
-// first is computed. The loads come from `src` (for_each_warp_chunk_from's policy: Src::Buf,
-// src.load(buf, row, col0), src.zero(buf)). body(row, col0, buf) runs on every lane of the warp for
-// each of its rows < rows (warp-uniform, so it may use shuffles; buf zero past the row end) and
-// returns the lane's 8 operand bytes (zero past the row end; it may store other outputs too).
-// Through a shared tile, column c of the tile's rows becomes 32 bytes of row c of out_t (row stride
-// ldt, t_cols = fp8_padded_cols(rows) columns: rows .. t_cols - 1 are zero, inside the last row
-// tile); 16-byte aligned rows. Every thread of the block returns from it (a barrier inside).
+// tile column), each warp kRows / 8 consecutive rows with all their loads issued before the first
+// is computed (kRows 32, or 16: half the rows in flight, fewer registers). The loads come from
+// `src` (for_each_warp_chunk_from's policy: Src::Buf, src.load(buf, row, col0), src.zero(buf)).
+// body(row, col0, buf) runs on every lane of the warp for each of its rows < rows (warp-uniform,
+// so it may use shuffles; buf zero past the row end) and returns the lane's 8 operand bytes (zero
+// past the row end; it may store other outputs too). Through a shared tile, column c of the tile's
+// rows becomes kRows bytes of row c of out_t (row stride ldt, t_cols = fp8_padded_cols(rows)
+// columns: rows .. t_cols - 1 are zero, inside the last row tile); 16-byte aligned rows. Every
+// thread of the block returns from it (a barrier inside).
 constexpr int kTileRows = 32;
-template <typename Src, typename Body>
+template <int kRows = kTileRows, typename Src, typename Body>
 __device__ __forceinline__ void tile_to_transposed_from(const Src& src, int64_t rows, int64_t cols,
                                                         uint8_t* __restrict__ out_t, int64_t ldt,
                                                         int64_t t_cols, Body&& body) {
-  constexpr int kRowsPerWarp = kTileRows / (kWarpCols / 32);
-  __shared__ __align__(16) uint8_t tile[kTileRows][kWarpCols];
+  static_assert(kRows == 16 || kRows == 32, "one or two 16-byte stores per thread");
+  constexpr int kRowsPerWarp = kRows / (kWarpCols / 32);
+  __shared__ __align__(16) uint8_t tile[kRows][kWarpCols];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTileRows;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kRows;
   const int32_t col0 = static_cast<int32_t>(blockIdx.x) * kWarpCols + kLaneElems * lane;
   typename Src::Buf buf[kRowsPerWarp];
 #pragma unroll
@@ -278,18 +280,20 @@ __device__ __forceinline__ void tile_to_transposed_from(const Src& src, int64_t 
   __syncthreads();
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpCols + threadIdx.x;
   if (c < cols) {
-    uint32_t w[kTileRows / 4];
+    uint32_t w[kRows / 4];
 #pragma unroll
-    for (int j = 0; j < kTileRows / 4; ++j) {
+    for (int j = 0; j < kRows / 4; ++j) {
       w[j] = static_cast<uint32_t>(tile[4 * j][threadIdx.x]) |
              (static_cast<uint32_t>(tile[4 * j + 1][threadIdx.x]) << 8) |
              (static_cast<uint32_t>(tile[4 * j + 2][threadIdx.x]) << 16) |
              (static_cast<uint32_t>(tile[4 * j + 3][threadIdx.x]) << 24);
     }
-    static_assert(kTileRows == 32, "two 16-byte stores per thread");
     uint4* dst = reinterpret_cast<uint4*>(out_t + c * ldt + r0);
     dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
-    if (r0 + 32 <= t_cols) dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+    // t_cols is a multiple of 16: a 16-row tile always fits, a 32-row one may end after 16.
+    if constexpr (kRows == 32) {
+      if (r0 + 32 <= t_cols) dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
+    }
   }
 }
 
@@ -308,13 +312,21 @@ __device__ __forceinline__ void tile_to_transposed(const In* __restrict__ x, int
                           });
 }
 
-// tile_to_transposed's grid for a rows x cols input: column tiles x row tiles. It exists for
-// 0 < rows <= 65535 row tiles (gridDim.y's limit: 2,097,120 rows); callers fall back beyond.
-constexpr int64_t transposed_row_tiles(int64_t rows) { return (rows + kTileRows - 1) / kTileRows; }
-constexpr bool tiles_fit(int64_t rows) { return rows > 0 && transposed_row_tiles(rows) <= 65535; }
+// tile_to_transposed_from's grid for a rows x cols input, kRows rows a tile: column tiles x row
+// tiles. It exists for 0 < rows <= 65535 row tiles (gridDim.y's limit: 2,097,120 rows at 32 a
+// tile, 1,048,560 at 16); callers fall back beyond.
+template <int kRows = kTileRows>
+constexpr int64_t transposed_row_tiles(int64_t rows) {
+  return (rows + kRows - 1) / kRows;
+}
+template <int kRows = kTileRows>
+constexpr bool tiles_fit(int64_t rows) {
+  return rows > 0 && transposed_row_tiles<kRows>(rows) <= 65535;
+}
+template <int kRows = kTileRows>
 inline dim3 tile_grid(int64_t rows, int64_t cols) {
   return dim3(static_cast<unsigned>((cols + kWarpCols - 1) / kWarpCols),
-              static_cast<unsigned>(transposed_row_tiles(rows)));
+              static_cast<unsigned>(transposed_row_tiles<kRows>(rows)));
 }
 
 // The block Hadamard transform of hadamard.h on the 8 values of each lane of a warp that covers 256

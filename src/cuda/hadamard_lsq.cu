@@ -411,9 +411,7 @@ void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const Tensor
   p.stream = rng.stream;
   p.device_step = rng.device_step;
   if (operand.data != nullptr) {
-    check_dtype(operand, "operand", {DType::kFloat8E4M3, DType::kInt8});
-    check_gemm_operand(operand, "operand", operand.dtype);
-    check_shape(operand, "operand", rows, fp8_padded_cols(cols));
+    check_codes_operand(operand, "operand", rows, cols, {DType::kFloat8E4M3, DType::kInt8});
     p.operand = operand.ptr<uint8_t>();
     p.op_s8 = operand.dtype == DType::kInt8;
     p.ldop = row_stride(operand);
@@ -473,9 +471,7 @@ void hadamard_lsq_codes_t_cuda(const TensorView& x, int32_t block, const TensorV
   using namespace cuda_detail;
   LsqParams p = lsq_params(x, block, step);
   const int64_t rows = p.rows, cols = p.cols;
-  check_dtype(operand_t, "operand_t", {DType::kFloat8E4M3, DType::kInt8});
-  check_gemm_operand(operand_t, "operand_t", operand_t.dtype);
-  check_shape(operand_t, "operand_t", cols, fp8_padded_cols(rows));
+  check_codes_operand(operand_t, "operand_t", cols, rows, {DType::kFloat8E4M3, DType::kInt8});
   const bool s8 = operand_t.dtype == DType::kInt8;
   if (rows == 0 || cols == 0) return;  // no operand columns, or no operand rows
   if (cols % kLaneElems != 0 || !tiles_fit(rows)) {
