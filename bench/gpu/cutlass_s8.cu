@@ -49,6 +49,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bench_common.cuh"
 #include "cute/tensor.hpp"
 #include "cutlass/cutlass.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
@@ -60,10 +61,7 @@
 namespace {
 
 void check(int status, const char* what) {
-  if (status != 0) {
-    std::printf("cutlass_s8: %s failed with status %d\n", what, status);
-    std::exit(3);
-  }
+  int4train_bench::check_status(status, "cutlass_s8", what, 3);
 }
 
 struct Product {
@@ -265,14 +263,6 @@ void describe(const char* name, const char* config) {
               C::kSmemBytes, static_cast<int>(C::Kernel::MaxThreadsPerBlock));
 }
 
-__global__ void count_diff(const int32_t* x, const int32_t* y, size_t count,
-                           unsigned long long* diff) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < count;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    if (x[i] != y[i]) atomicAdd(diff, 1ull);
-  }
-}
-
 // count values uniform-ish in [lo, hi] from a 64-bit LCG (Knuth's MMIX constants).
 std::vector<int8_t> random_s8(size_t count, int lo, int hi, uint64_t seed) {
   std::vector<int8_t> v(count);
@@ -382,11 +372,8 @@ int main() {
       }
       ok[c] = true;
       if (c > 0) {
-        check(cudaMemset(diff, 0, sizeof *diff), "memset diff");
-        count_diff<<<1024, 256>>>(outs[0], outs[c], out_count, diff);
-        check(cudaGetLastError(), "count_diff launch");
-        unsigned long long n_diff = 0;
-        check(cudaMemcpy(&n_diff, diff, sizeof n_diff, cudaMemcpyDeviceToHost), "copy diff");
+        const unsigned long long n_diff = int4train_bench::count_different_words(
+            outs[0], outs[c], out_count, diff, "cutlass_s8", 3);
         diffs[c] = static_cast<long long>(n_diff);
         compared[c] = true;
         any_diff = any_diff || n_diff != 0;

@@ -26,13 +26,12 @@
 #include <random>
 #include <vector>
 
+#include "bench_common.cuh"
+
 namespace {
 
 void check(int status, const char* what) {
-  if (status != 0) {
-    std::printf("lt_algos: %s failed with status %d\n", what, status);
-    std::exit(1);
-  }
+  int4train_bench::check_status(status, "lt_algos", what, 1);
 }
 
 struct Product {
@@ -40,14 +39,6 @@ struct Product {
   bool s8;          // INT8 operands, int32 out; else FP8 e4m3, bf16 out with bias and scale
   int64_t m, n, k;  // int4train's: a is m x k, b is n x k, out m x n (gemm.h)
 };
-
-__global__ void count_diff(const uint32_t* x, const uint32_t* y, size_t words,
-                           unsigned long long* diff) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < words;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    if (x[i] != y[i]) atomicAdd(diff, 1ull);
-  }
-}
 
 std::vector<uint8_t> random_codes(size_t count, bool s8, std::mt19937& rng) {
   std::vector<uint8_t> v(count);
@@ -175,12 +166,8 @@ int main() {
       if (!ok) continue;
       check(cudaDeviceSynchronize(), "warm-up");
       if (!runs.empty()) {
-        check(cudaMemset(diff, 0, sizeof *diff), "memset diff");
-        count_diff<<<1024, 256>>>(static_cast<const uint32_t*>(first),
-                                  static_cast<const uint32_t*>(out), out_bytes / 4, diff);
-        unsigned long long n_diff = 0;
-        check(cudaMemcpy(&n_diff, diff, sizeof n_diff, cudaMemcpyDeviceToHost), "copy diff");
-        same += n_diff == 0;
+        same += int4train_bench::count_different_words(first, out, out_bytes / 4, diff, "lt_algos",
+                                                       1) == 0;
       } else {
         same += 1;
       }
