@@ -21,7 +21,7 @@ ops = torch.ops.int4train
 EXACT_FORWARD = ("int8", "lsq_luq", "hq", "hq_bs", "hq_lss")
 
 
-def quantized(recipe: str, **options) -> int4train.Recipe:
+def quantized_recipe(recipe: str, **options) -> int4train.Recipe:
     """`recipe` with every call quantized: these tests' layers are far below the small-shape
     rule's size (Recipe.dense_fallback, on by default), which on the GPU would run them as
     F.linear; test_cuda_dense_fallback_rule checks the rule itself."""
@@ -245,7 +245,7 @@ def test_cuda_components_match_cpu():
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_cuda_module_matches_cpu_module(recipe):
     torch.manual_seed(0)
-    cpu = int4train.Int4Linear(64, 32, recipe=quantized(recipe), layer_id=2)
+    cpu = int4train.Int4Linear(64, 32, recipe=quantized_recipe(recipe), layer_id=2)
     x = torch.randn(4, 10, 64)
     with torch.no_grad():
         cpu(x)  # initialise once (the fp64 mean of lsq_init_step is order-dependent)
@@ -274,7 +274,7 @@ def test_cuda_training_step_graph_capture(recipe):
     # capture fails on any host synchronisation, and each replay reads the advanced step on the device,
     # so its random streams are those of an eager step at that step (compared bit for bit).
     torch.manual_seed(0)
-    layer = int4train.Int4Linear(64, 32, recipe=quantized(recipe), layer_id=3).cuda()
+    layer = int4train.Int4Linear(64, 32, recipe=quantized_recipe(recipe), layer_id=3).cuda()
     x = torch.randn(48, 64, device="cuda", requires_grad=True)
     gy = torch.randn(48, 32, device="cuda")
     with torch.no_grad():
@@ -323,7 +323,7 @@ def test_cuda_compile_reduce_overhead_matches_eager(recipe):
     torch.manual_seed(0)
     eager = nn.Sequential(nn.Linear(96, 128), nn.ReLU(), nn.Linear(128, 64))
     eager = eager.to("cuda", torch.bfloat16)
-    int4train.convert_(eager, recipe=quantized(recipe))
+    int4train.convert_(eager, recipe=quantized_recipe(recipe))
     eager(torch.randn(16, 96, device="cuda", dtype=torch.bfloat16))  # initialise
     model = copy.deepcopy(eager)
     compiled = torch.compile(model, mode="reduce-overhead")
@@ -352,7 +352,7 @@ def test_cuda_dense_fallback_rule():
     # Recipe.dense_fallback on CUDA: a call below the threshold is F.linear itself (forward and
     # gradients bit for bit, no step gradient); above it, the quantized layer as without the rule.
     torch.manual_seed(0)
-    base = int4train.Int4Linear(64, 32, recipe=quantized("hq_bs"), layer_id=1).cuda()
+    base = int4train.Int4Linear(64, 32, recipe=quantized_recipe("hq_bs"), layer_id=1).cuda()
     x = torch.randn(5, 7, 64, device="cuda")
     with torch.no_grad():
         base(x)  # initialise
@@ -389,7 +389,7 @@ def test_cuda_hf_bert_bf16_autocast():
     torch.manual_seed(0)
     ref = transformers.BertModel(cfg).cuda()
     model = copy.deepcopy(ref)
-    int4train.convert_(model, recipe=quantized("hq_lss"))
+    int4train.convert_(model, recipe=quantized_recipe("hq_lss"))
     ids = torch.randint(0, 200, (4, 32), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y_ref = ref(input_ids=ids).last_hidden_state
@@ -411,7 +411,7 @@ def test_cuda_int4_attention_matches_multihead_attention(need_weights, batch_fir
     # k, v with one in_proj product, we with three, so cuBLAS rounds them differently (fp32).
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(64, 4, batch_first=batch_first).cuda()
-    ours = int4train.convert_(copy.deepcopy(mha), recipe=quantized("fp"))
+    ours = int4train.convert_(copy.deepcopy(mha), recipe=quantized_recipe("fp"))
     assert isinstance(ours, int4train.Int4MultiheadAttention)
     n, length = 3, 9
     shape = (n, length, 64) if batch_first else (length, n, 64)
@@ -448,7 +448,7 @@ def test_cuda_transformer_encoder_converted_whole(recipe, monkeypatch):
         nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.0, batch_first=True),
         num_layers=2,
     )
-    int4train.convert_(model, recipe=quantized(recipe))
+    int4train.convert_(model, recipe=quantized_recipe(recipe))
     x = torch.randn(4, 16, 64)
     with torch.no_grad():
         model(x)  # initialise on the CPU (steps, Hadamard blocks)
@@ -475,9 +475,9 @@ def test_cuda_transformer_encoder_converted_whole(recipe, monkeypatch):
     pad = torch.zeros(4, 16, dtype=torch.bool, device="cuda")
     pad[1, 10:] = True
     calls = []
-    quantized = int4train.Int4Linear._quantized
+    original = int4train.Int4Linear._quantized
     monkeypatch.setattr(int4train.Int4Linear, "_quantized",
-                        lambda self, *a: calls.append(1) or quantized(self, *a))
+                        lambda self, *a: calls.append(1) or original(self, *a))
     with torch.no_grad():
         for mask in (None, pad):
             calls.clear()
@@ -489,7 +489,7 @@ def test_cuda_compile_matches_eager():
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).cuda()
-    int4train.convert_(model, recipe=quantized("hq_lss"))
+    int4train.convert_(model, recipe=quantized_recipe("hq_lss"))
     model(torch.randn(8, 64, device="cuda"))
     compiled_model = copy.deepcopy(model)
     compiled = torch.compile(compiled_model)
@@ -572,9 +572,9 @@ def test_cuda_activation_checkpointing_matches_plain():
     for mode in ("plain", "reentrant", "non_reentrant"):
         torch.manual_seed(0)
         model = nn.Sequential(
-            int4train.Int4Linear(256, 128, recipe=quantized("hq_lss", seed=5), layer_id=0),
+            int4train.Int4Linear(256, 128, recipe=quantized_recipe("hq_lss", seed=5), layer_id=0),
             nn.GELU(),
-            int4train.Int4Linear(128, 64, recipe=quantized("hq_lss", seed=5), layer_id=1),
+            int4train.Int4Linear(128, 64, recipe=quantized_recipe("hq_lss", seed=5), layer_id=1),
         ).cuda()
         for _ in range(3):
             model.zero_grad()
