@@ -1,8 +1,8 @@
 """What a PyTorch user sees: one training step (forward + backward) of int4train.Int4Linear against
 nn.Linear on a CUDA device, bf16 weights and inputs, on the layer shapes of issue 4: the recipes
 with every call quantized (dense_fallback=never) beside the default (the small-shape rule,
-dense_fallback=auto, which runs a call below 2^37 multiply-adds as F.linear). Steps run back to back as
-in training (no synchronisation between them), `--iters` steps between two CUDA events; the layers
+dense_fallback=auto, which runs a call below 2^37 multiply-adds as F.linear). Steps run back to
+back as in training (no synchronisation between them), `--iters` steps between two CUDA events; the layers
 of a shape take turns for `--rounds` rounds, the rounds' orders the rows of a Williams design
 (within the rounds each layer runs right after every other layer equally often: the layer that ran
 before changes a step's time; the last layer of a round before the next round's first is not
@@ -18,7 +18,7 @@ the step). Prints a Markdown table.
 
     python scripts/bench_module.py [--iters 20]
         [--recipes hq_bs:dense_fallback=never,hq_lss:dense_fallback=never,hq_bs]
-                                   [--graphs] [--autocast]
+        [--graphs] [--autocast]
 """
 
 from __future__ import annotations

@@ -239,16 +239,18 @@ __device__ __forceinline__ void for_each_warp_chunk(const In* __restrict__ x, in
 
 // A GEMM operand written transposed by the pass that computes it (the backward products whose
 // reduction runs over the rows of what the pass reads): a block per tile of kRows rows x 256
-// columns (blockIdx.y: the row tile, blockIdx.x: the column tile; blockDim.x == 256, one thread per
-// tile column), each warp kRows / 8 consecutive rows with all their loads issued before the first
-// is computed (kRows 32, or 16: half the rows in flight, fewer registers). The loads come from
-// `src` (for_each_warp_chunk_from's policy: Src::Buf, src.load(buf, row, col0), src.zero(buf)).
-// body(row, col0, buf) runs on every lane of the warp for each of its rows < rows (warp-uniform,
-// so it may use shuffles; buf zero past the row end) and returns the lane's 8 operand bytes (zero
-// past the row end; it may store other outputs too). Through a shared tile, column c of the tile's
-// rows becomes kRows bytes of row c of out_t (row stride ldt, t_cols = fp8_padded_cols(rows)
-// columns: rows .. t_cols - 1 are zero, inside the last row tile); 16-byte aligned rows. Every
-// thread of the block returns from it (a barrier inside).
+// columns (blockIdx.y: the row tile, blockIdx.x: the column tile; blockDim.x == 256, one thread
+// per tile column), each warp kRows / 8 consecutive rows with all their loads issued before the
+// first is computed (kRows 32, or 16: half the rows in flight, fewer registers, and 16-byte runs
+// of the transposed rows, half a sector; measured in docs/cuda.md, stop 28: it paid in the
+// weight gradient's epilogue, not in the bit split, where q^T is a larger share of the bytes).
+// The loads come from `src` (for_each_warp_chunk_from's policy: Src::Buf, src.load(buf, row,
+// col0), src.zero(buf)). body(row, col0, buf) runs on every lane of the warp for each of its
+// rows < rows (warp-uniform, so it may use shuffles; buf zero past the row end) and returns the
+// lane's 8 operand bytes (zero past the row end; it may store other outputs too). Through a
+// shared tile, column c of the tile's rows becomes kRows bytes of row c of out_t (row stride
+// ldt, t_cols = fp8_padded_cols(rows) columns: rows .. t_cols - 1 are zero, inside the last row
+// tile); 16-byte aligned rows. Every thread of the block returns from it (a barrier inside).
 constexpr int kTileRows = 32;
 template <int kRows = kTileRows, typename Src, typename Body>
 __device__ __forceinline__ void tile_to_transposed_from(const Src& src, int64_t rows, int64_t cols,

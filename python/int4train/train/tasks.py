@@ -454,7 +454,6 @@ def train_one(
         net = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[device] if device.type == "cuda" else None,
-            find_unused_parameters=False,
         )
     c = task.cfg
     steps = resolve_steps(task)
