@@ -163,6 +163,29 @@ def test_lm_smoke_two_recipes(text_file, tmp_path, capsys):
     assert "fp " in table and "hq_lss " in table and "bits/char" in table
 
 
+def test_lm_quantizes_every_call(text_file, tmp_path, capsys, monkeypatch):
+    # The CLI measures the method: its layers get dense_fallback "never" (on a GPU the default
+    # small-shape rule would run these small layers as F.linear), and its records keep the
+    # recipe's name without the rule (Recipe.method_label).
+    import int4train
+
+    seen = []
+    convert = int4train.convert_
+
+    def recording_convert(model, recipe, **kwargs):
+        seen.append(recipe)
+        return convert(model, recipe=recipe, **kwargs)
+
+    monkeypatch.setattr(int4train, "convert_", recording_convert)
+    out = tmp_path / "out"
+    rc, _, err = run_cli(
+        f"--task lm --data {text_file} --recipe hq_bs --steps 2 --out {out} {LM_TINY}", capsys
+    )
+    assert rc == 0, err
+    assert [r.dense_fallback for r in seen] == ["never"]
+    assert [r["recipe_spec"] for r in load_metrics(out)] == ["hq_bs"]
+
+
 @pytest.mark.parametrize("recipe", ["fp", "hq_lss"])
 def test_lm_learns(text_file, tmp_path, capsys, recipe):
     # 80 steps on a ten-word grammar: the loss must fall far below where it starts (~log 20).
