@@ -18,7 +18,7 @@ the step). Prints a Markdown table.
 
     python scripts/bench_module.py [--iters 20]
         [--recipes hq_bs:dense_fallback=never,hq_lss:dense_fallback=never,hq_bs]
-        [--graphs] [--autocast]
+        [--shapes 8192x4096x4096,...] [--graphs] [--autocast]
 """
 
 from __future__ import annotations
@@ -31,8 +31,19 @@ from torch import nn
 
 import int4train
 
-SHAPES = [(8192, 4096, 4096), (8192, 4096, 16384), (8192, 16384, 4096), (16384, 1024, 4096),
-          (4096, 768, 3072)]
+SHAPES = "8192x4096x4096,8192x4096x16384,8192x16384x4096,16384x1024x4096,4096x768x3072"
+
+
+def parse_shapes(value: str) -> list:
+    """"TOKENSxINxOUT,..." as (tokens, in, out) triples of positive integers."""
+    shapes = []
+    for item in value.split(","):
+        parts = item.strip().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise SystemExit(f"bench_module.py: --shapes: expected TOKENSxINxOUT with positive "
+                             f"integers, got {item!r}")
+        shapes.append(tuple(int(p) for p in parts))
+    return shapes
 
 
 def clear_grads(layer: nn.Module, x: torch.Tensor) -> None:
@@ -127,11 +138,14 @@ def main() -> None:
                          "twice that when odd) balances the neighbours exactly")
     ap.add_argument("--recipes",
                     default="hq_bs:dense_fallback=never,hq_lss:dense_fallback=never,hq_bs")
+    ap.add_argument("--shapes", default=SHAPES,
+                    help="comma list of TOKENSxINxOUT (default: issue 4's five shapes)")
     ap.add_argument("--graphs", action="store_true",
                     help="replay each layer's step from a CUDA graph (no host cost)")
     ap.add_argument("--autocast", action="store_true",
                     help="fp32 weights and inputs, each forward under bf16 autocast (nn.Linear too)")
     args = ap.parse_args()
+    shapes = parse_shapes(args.shapes)
     if not torch.cuda.is_available():
         raise SystemExit("bench_module.py: needs a CUDA device")
     recipes = [int4train.Recipe.of(r) for r in int4train.config.split_specs(args.recipes)]
@@ -144,7 +158,7 @@ def main() -> None:
     head = f"| tokens x in -> out | {base_label} | " + " | ".join(r.label for r in recipes) + " |"
     print(head)
     print("|" + "---|" * (2 + len(recipes)))
-    for n, d, c in SHAPES:
+    for n, d, c in shapes:
         torch.manual_seed(0)
         dtype = torch.float32 if args.autocast else torch.bfloat16
         lin = nn.Linear(d, c, device="cuda", dtype=dtype)
