@@ -26,9 +26,10 @@ void Int4LinearImpl::reset() {
   TORCH_CHECK_VALUE(options.step_init() == "mean_abs" || options.step_init() == "mse",
                     "Int4Linear: step_init must be \"mean_abs\" or \"mse\", got \"",
                     options.step_init(), "\"");
-  TORCH_CHECK_VALUE(options.dense_below_macs() >= 0.0,
-                    "Int4Linear: dense_below_macs must be >= 0 (0: never fall back), got ",
-                    options.dense_below_macs());
+  TORCH_CHECK_VALUE(!options.dense_below_macs() || *options.dense_below_macs() >= 0.0,
+                    "Int4Linear: dense_below_macs must be >= 0 (0: never fall back; unset: the "
+                    "recipe's measured rule), got ",
+                    options.dense_below_macs().value_or(0.0));
   TORCH_CHECK_VALUE(recipe_uses_lsq(recipe) || options.step_init() == "mse",
                     "Int4Linear: step_init applies to the LSQ recipes, got \"", options.step_init(),
                     "\" for recipe ", options.recipe());
@@ -61,11 +62,16 @@ void Int4LinearImpl::reset_parameters() {
   }
 }
 
+double Int4LinearImpl::dense_below_macs() const {
+  return options.dense_below_macs().value_or(
+      dense_fallback_macs(detail::recipe_from(options.recipe())));
+}
+
 void Int4LinearImpl::pretty_print(std::ostream& stream) const {
   stream << "int4train::pt::Int4Linear(in_features=" << options.in_features()
          << ", out_features=" << options.out_features() << ", bias=" << std::boolalpha
          << options.bias() << ", recipe=" << options.recipe() << ", layer=" << options.layer();
-  stream << ", dense_below_macs=" << options.dense_below_macs();
+  stream << ", dense_below_macs=" << dense_below_macs();
   stream << ")";
 }
 
@@ -125,7 +131,7 @@ at::Tensor Int4LinearImpl::forward(const at::Tensor& x) {
   };
   const int64_t tokens = options.in_features() > 0 ? x.numel() / options.in_features() : 0;
   if (x.is_cuda() && below_dense_threshold(tokens, options.in_features(), options.out_features(),
-                                           options.dense_below_macs())) {
+                                           dense_below_macs())) {
     return at::linear(x, weight, opt(bias));  // the small-shape rule: `step` does not advance
   }
   at::Tensor y = linear(x, weight, opt(bias), opt(input_step), opt(weight_step), options.recipe(),

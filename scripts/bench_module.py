@@ -1,20 +1,21 @@
 """What a PyTorch user sees: one training step (forward + backward) of int4train.Int4Linear against
 nn.Linear on a CUDA device, bf16 weights and inputs, on the layer shapes of issue 4: the recipes
 with every call quantized (dense_fallback=never) beside the default (the small-shape rule,
-dense_fallback=auto, which runs a call below 2^37 multiply-adds as F.linear). Steps run back to
-back as in training (no synchronisation between them), `--iters` steps between two CUDA events; the layers
-of a shape take turns for `--rounds` rounds, the rounds' orders the rows of a Williams design
-(within the rounds each layer runs right after every other layer equally often: the layer that ran
-before changes a step's time; the last layer of a round before the next round's first is not
-balanced), so that a drift of the machine's speed and the neighbours hit all layers alike; each time
-is the median per step over the rounds. Where the GPU work is short (BERT-base's shape) this
-measures the host's cost of launching a step (Python, autograd, the op's dispatch), as training
-does; such host-bound times move by 10-30% between runs. With --graphs every layer's step
-(nn.Linear's too) is captured once in a CUDA graph and replayed, which takes the host out: what
-torch.cuda.graphs / torch.compile(mode="reduce-overhead") give a host-bound model. The ratio is
-nn.Linear's time over the layer's, so above 1 is faster than bf16. With --autocast the weights and
-inputs are fp32 and each forward runs under bf16 autocast (nn.Linear's too; the casts are part of
-the step). Prints a Markdown table.
+dense_fallback=auto, which runs a call below 2^37 multiply-adds, 2^38 for hq_lss, as F.linear).
+Steps run back to back as in training (no synchronisation between them), `--iters` steps between
+two CUDA events; the layers of a shape take turns for `--rounds` rounds, the rounds' orders the
+rows of a Williams design (within the rounds each layer runs right after every other layer
+equally often: the layer that ran before changes a step's time; the last layer of a round before
+the next round's first is not balanced), so that a drift of the machine's speed and the
+neighbours hit all layers alike; each time is the median per step over the rounds. Where the GPU
+work is short (BERT-base's shape) this measures the host's cost of launching a step (Python,
+autograd, the op's dispatch), as training does; such host-bound times move by 10-30% between
+runs. With --graphs every layer's step (nn.Linear's too) is captured once in a CUDA graph and
+replayed, which takes the host out: what torch.cuda.graphs /
+torch.compile(mode="reduce-overhead") give a host-bound model. The ratio is nn.Linear's time over
+the layer's, so above 1 is faster than bf16. With --autocast the weights and inputs are fp32 and
+each forward runs under bf16 autocast (nn.Linear's too; the casts are part of the step). Prints a
+Markdown table.
 
     python scripts/bench_module.py [--iters 20]
         [--recipes hq_bs:dense_fallback=never,hq_lss:dense_fallback=never,hq_bs]

@@ -10,8 +10,8 @@ Markdown table; runs on CUDA when there is a GPU, else on the CPU (the same tens
         [--shapes 8192x4096x4096,...] [--device D]
 
 The recipes default to every call quantized: under the small-shape rule (the default,
-dense_fallback=auto) a CUDA call below 2^37 multiply-adds is F.linear and keeps what nn.Linear
-keeps.
+dense_fallback=auto) a CUDA call below 2^37 multiply-adds (2^38 for hq_lss) is F.linear and keeps
+what nn.Linear keeps.
 """
 
 from __future__ import annotations

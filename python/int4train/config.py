@@ -19,8 +19,9 @@ MIN_LSS_BUDGET = 0.125  # int4train::kLssMinBudget
 MAX_LSS_BUDGET = 2.0  # int4train::kLssMaxBudget
 STEP_INITS = ("mean_abs", "mse")
 GEMMS = ("auto", "fp8", "int8")  # int4train::GemmEngine (include/int4train/linear.h)
-# The small-shape rule's measured threshold, int4train::kDenseFallbackMacs (include/int4train/linear.h).
-DENSE_FALLBACK_MACS = float(_C.DENSE_FALLBACK_MACS)
+# The small-shape rule's measured thresholds by recipe name, int4train::dense_fallback_macs
+# (include/int4train/linear.h): 2^38 multiply-adds for hq_lss, 2^37 for the others.
+DENSE_FALLBACK_MACS = {name: float(macs) for name, macs in _C.DENSE_FALLBACK_MACS.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +48,11 @@ class Recipe:
         on Hadamard-rotated data (docs/accuracy.md, "LSQ steps").
     dense_fallback: the small-shape rule (include/int4train/linear.h; docs/cuda.md, "The
         small-shape rule"): "auto" (the default: on a CUDA device, a call whose tokens x
-        in_features x out_features is below DENSE_FALLBACK_MACS, 2^37, about 1.4e11 multiply-adds,
-        runs as the plain F.linear in the input's dtype, where an H200 measured the quantized
-        layer below 0.9x of bf16: BERT-base's MLP up to 58,254 tokens a call, 16384 x 1024 ->
-        4096),
+        in_features x out_features is below DENSE_FALLBACK_MACS[name], 2^38 (about 2.7e11)
+        multiply-adds for hq_lss and 2^37 for the others, runs as the plain F.linear in the
+        input's dtype, where an H200 measured the quantized layer below 0.9x of bf16: e.g.
+        BERT-base's MLP up to 58,254 tokens a call with hq_bs, 16384 x 1024 -> 4096; with hq_lss
+        also 8192 x 4096 -> 4096),
         "never" (every call runs the recipe: what a study of the method's accuracy wants, and what
         the training CLI always uses), or a number of multiply-adds, the threshold itself. A call
         that falls back is not quantized, saves no memory, gives its LSQ steps no gradient and
@@ -174,7 +176,7 @@ class Recipe:
         if self.dense_fallback == "never":
             return 0.0
         if self.dense_fallback == "auto":
-            return DENSE_FALLBACK_MACS
+            return DENSE_FALLBACK_MACS[self.name]
         return float(self.dense_fallback)
 
     @property

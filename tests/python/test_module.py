@@ -527,10 +527,11 @@ def test_dense_fallback_recipe():
     # The small-shape rule, on by default: validation, the label (not the spec: the ops never see
     # it), the method label without it, and the CPU, which never falls back
     # (tests/python/test_cuda.py checks the CUDA branch).
-    from int4train.config import DENSE_FALLBACK_MACS
-    assert DENSE_FALLBACK_MACS == 2.0**37
+    from int4train.config import DENSE_FALLBACK_MACS, RECIPES
+    assert DENSE_FALLBACK_MACS == {r: 2.0**38 if r == "hq_lss" else 2.0**37 for r in RECIPES}
+    assert Recipe("hq_lss").dense_below_macs == 2.0**38 and Recipe("fp").dense_below_macs == 2.0**37
     auto = Recipe("hq_bs")
-    assert auto.dense_fallback == "auto" and auto.dense_below_macs == DENSE_FALLBACK_MACS
+    assert auto.dense_fallback == "auto" and auto.dense_below_macs == 2.0**37
     assert auto == Recipe("hq_bs", dense_fallback="auto") == Recipe.of("hq_bs")
     assert auto.spec == auto.label == auto.method_label == "hq_bs"
     never = Recipe("hq_bs", dense_fallback="never")

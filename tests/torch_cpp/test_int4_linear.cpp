@@ -245,8 +245,13 @@ TEST(Int4Linear, DenseFallbackOnlyOnCuda) {
   // whatever the threshold; a negative threshold is a ValueError.
   EXPECT_TRUE(int4train::below_dense_threshold(4, 8, 16, 513.0));
   EXPECT_FALSE(int4train::below_dense_threshold(4, 8, 16, 512.0));
-  EXPECT_GT(int4train::kDenseFallbackMacs, 0.0);
-  EXPECT_EQ(Int4LinearOptions(4, 4).dense_below_macs(), int4train::kDenseFallbackMacs);
+  EXPECT_EQ(int4train::dense_fallback_macs(int4train::Recipe::kHqBs), std::ldexp(1.0, 37));
+  EXPECT_EQ(int4train::dense_fallback_macs(int4train::Recipe::kHqLss), std::ldexp(1.0, 38));
+  EXPECT_FALSE(Int4LinearOptions(4, 4).dense_below_macs().has_value());
+  EXPECT_EQ(Int4Linear(Int4LinearOptions(4, 4).recipe("hq_bs"))->dense_below_macs(),
+            std::ldexp(1.0, 37));
+  EXPECT_EQ(Int4Linear(Int4LinearOptions(4, 4))->dense_below_macs(), std::ldexp(1.0, 38));
+  EXPECT_EQ(Int4Linear(Int4LinearOptions(4, 4).dense_below_macs(5.0))->dense_below_macs(), 5.0);
   torch::nn::Linear lin(32, 16);
   Int4Linear plain = int4train::pt::int4_linear_from(
       lin, Int4LinearOptions(32, 16).recipe("hq_bs").dense_below_macs(0.0));

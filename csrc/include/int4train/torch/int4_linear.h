@@ -8,6 +8,7 @@
 #include <torch/nn/pimpl.h>
 
 #include <cstdint>
+#include <optional>
 #include <ostream>
 #include <string>
 
@@ -35,9 +36,9 @@ struct Int4LinearOptions {
   TORCH_ARG(std::string, step_init) = "mse";
   // The small-shape rule (int4train/linear.h): a forward on a CUDA device whose tokens x in x out
   // is below this many multiply-adds runs as the plain product in x's dtype (at::linear) instead.
-  // int4train::kDenseFallbackMacs (the default): the measured rule; 0: never (every call quantized,
-  // as an accuracy study wants).
-  TORCH_ARG(double, dense_below_macs) = kDenseFallbackMacs;
+  // Unset (the default): the measured rule, int4train::dense_fallback_macs(recipe); 0: never
+  // (every call quantized, as an accuracy study wants); any other value >= 0: the threshold.
+  TORCH_ARG(std::optional<double>, dense_below_macs) = std::nullopt;
 };
 
 // State (the names are the state_dict keys):
@@ -64,6 +65,9 @@ class Int4LinearImpl : public torch::nn::Cloneable<Int4LinearImpl> {
 
   bool is_initialized() const;
   int64_t block_size() const;  // the Hadamard block in use (1 until initialised)
+  // The small-shape rule's threshold in use: options.dense_below_macs, or when it is unset
+  // int4train::dense_fallback_macs of the recipe (0: every call quantized).
+  double dense_below_macs() const;
 
   Int4LinearOptions options;
   at::Tensor weight, bias, input_step, weight_step;
