@@ -58,21 +58,23 @@ constexpr double kLssMaxBudget = 2.0;
 
 // The small-shape rule (docs/cuda.md, "The small-shape rule"): on Hopper a 4-bit product runs on
 // 8-bit tensor cores at about 1.5-1.8x bf16's rate on large shapes, and the quantizers, the bit
-// split and the fused epilogues add memory passes whose cost does not shrink with the product, so
-// below some size a layer's quantized forward + backward is slower than the same layer in bf16.
-// Measured on an H200 (bench/results/gpu-h200-2026-11-29-stop27.md and -stop28.md, one training
-// step of the PyTorch layer against nn.Linear bf16, multiply-adds per call): hq_bs 0.43x at 9.7e9
-// (4096 x 768 -> 3072, BERT-base's MLP), 0.67-0.79x at 2^36 (16384 x 1024 -> 4096), 0.99-1.07x at
-// 2^37, 1.19-1.25x at 2^38, 1.25-1.44x at 2^39; hq_lss, whose backward also selects rows, 0.40x,
-// 0.58x, 0.78-0.88x, 0.99-1.09x and 1.17-1.28x at the same sizes. So 0.9x falls below 2^37 for
-// hq_bs and below 2^38 for hq_lss: dense_fallback_macs(recipe) is 2^38 for hq_lss and 2^37 for
-// the others (measured for hq_bs; the recipes without the fast kernels take its threshold).
-// A module whose fallback threshold T > 0 computes a call on a CUDA device whose N x D x C (tokens
-// x in_features x out_features) is below T as the plain product in the input's dtype (bf16 under
-// bf16 autocast): no quantization, no step gradients, no memory saved for that call. The modules'
-// default is T = dense_fallback_macs(recipe) (Python: Recipe.dense_fallback "auto"; LibTorch:
-// Int4LinearOptions::dense_below_macs unset); "never" / 0 quantizes every call, a number is T.
-// The CPU path never falls back (it is the reference, and slower than any product it replaces).
+// split and the fused epilogues add memory passes whose cost does not shrink with the product,
+// so below some size a layer's quantized forward + backward is slower than the same layer in
+// bf16. Measured on an H200 (bench/results/gpu-h200-2026-11-29-stop27.md and -stop28.md, one
+// training step of the PyTorch layer against nn.Linear bf16, multiply-adds per call): hq_bs
+// 0.43-0.44x at 9.7e9 (4096 x 768 -> 3072, BERT-base's MLP), 0.67-0.79x at 2^36 (16384 x 1024 ->
+// 4096), 0.99-1.07x at 2^37, 1.19-1.25x at 2^38, 1.27-1.47x at 2^39; hq_lss, whose backward also
+// selects rows, 0.38-0.40x, 0.58x, 0.78-0.88x, 0.99-1.09x and 1.17-1.29x at the same sizes
+// (eager steps; from CUDA graphs the small shapes come closer). So 0.9x is crossed between 2^36
+// and 2^37 for hq_bs and between 2^37 and 2^38 for hq_lss: dense_fallback_macs(recipe) is 2^38
+// for hq_lss and 2^37 for the others (measured for hq_bs; the recipes without the fast kernels
+// take its threshold). A module whose fallback threshold T > 0 computes a call on a CUDA device
+// whose N x D x C (tokens x in_features x out_features) is below T as the plain product in the
+// input's dtype (bf16 under bf16 autocast): no quantization, no step gradients, no memory saved
+// for that call. The modules' default is T = dense_fallback_macs(recipe) (Python:
+// Recipe.dense_fallback "auto"; LibTorch: Int4LinearOptions::dense_below_macs unset); "never" /
+// 0 quantizes every call, a number is T. The CPU path never falls back (it is the reference, and
+// slower than any product it replaces).
 constexpr double kDenseFallbackMacs = 137438953472.0;       // 2^37, about 1.4e11
 constexpr double kDenseFallbackMacsHqLss = 274877906944.0;  // 2^38, about 2.7e11
 constexpr double dense_fallback_macs(Recipe recipe) {
