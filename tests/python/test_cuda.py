@@ -19,6 +19,7 @@ pytestmark = requires_cuda
 ops = torch.ops.int4train
 
 EXACT_FORWARD = ("int8", "lsq_luq", "hq", "hq_bs", "hq_lss")
+EXACT_BACKWARD = ("int8", "hq", "hq_bs", "hq_lss")
 
 
 def quantized_recipe(recipe: str, **options) -> int4train.Recipe:
@@ -26,7 +27,6 @@ def quantized_recipe(recipe: str, **options) -> int4train.Recipe:
     rule's size (Recipe.dense_fallback, on by default), which on the GPU would run them as
     F.linear; test_cuda_dense_fallback_rule checks the rule itself."""
     return int4train.Recipe(recipe, dense_fallback="never", **options)
-EXACT_BACKWARD = ("int8", "hq", "hq_bs", "hq_lss")
 
 
 def cpu_args(recipe, n, d, c, dtype):
