@@ -26,25 +26,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 
 import torch
 from torch import nn
 
 import int4train
+from kernel_breakdown import parse_shape  # TOKENSxINxOUT (scripts/ is on the path)
 
 SHAPES = "8192x4096x4096,8192x4096x16384,8192x16384x4096,16384x1024x4096,4096x768x3072"
 
 
 def parse_shapes(value: str) -> list:
-    """"TOKENSxINxOUT,..." as (tokens, in, out) triples of positive integers."""
-    shapes = []
-    for item in value.split(","):
-        parts = item.strip().split("x")
-        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise SystemExit(f"bench_module.py: --shapes: expected TOKENSxINxOUT with positive "
-                             f"integers, got {item!r}")
-        shapes.append(tuple(int(p) for p in parts))
-    return shapes
+    """"TOKENSxINxOUT,..." as (tokens, in, out) triples (kernel_breakdown.py's parse_shape); a bad
+    item ends the program naming it."""
+    try:
+        return [parse_shape(item.strip()) for item in value.split(",")]
+    except ValueError as e:
+        raise SystemExit(f"{sys.argv[0]}: {e}") from None
 
 
 def clear_grads(layer: nn.Module, x: torch.Tensor) -> None:

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 import int4train
-
-SHAPES = "8192x4096x4096,8192x4096x16384,8192x16384x4096,16384x1024x4096,4096x768x3072"
+from bench_module import SHAPES, parse_shapes  # issue 4's shapes; scripts/ is on the path
 
 
 def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
@@ -67,7 +66,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     recipes = int4train.config.split_specs(args.recipes)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    shapes = parse_shapes(args.shapes)
     print(f"bytes saved for backward per layer, {args.device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if args.device.startswith('cuda') else ''}\n")
     head = "| shape (tokens x in -> out) | setting | nn.Linear |" + "".join(
