@@ -556,19 +556,19 @@ __device__ __forceinline__ uint2 dw_chunk(const EpilogueParams& p, int lane, dou
 }
 
 // dW: the weight's LSQ backward from W~ = the Hadamard transform of W, computed here from W
-// (dw_chunk). The weight's values and the product's int32 partials both loaded ahead (PairSrc), 2
-// blocks per SM so that they stay in registers: 5% faster on an H200 than 3 blocks that load the
-// partials where they are used. A persistent grid over chunks (for_each_warp_chunk_from); kCodes:
-// also W's codes as the input gradient's transposed operand (p.codes_t), so that the backward reads
-// W once for both (this epilogue runs before that product), on tile_to_transposed_from's grid of
-// tiles of kDwTileRows = 16 rows x 256 columns, 2 rows a warp, at 80 registers and 3 blocks an SM.
-// Measured on an H200 (ncu, docs/cuda.md): against the plain epilogue + the W pass
-// (hadamard_lsq_codes_t_cuda) it replaces, 52.6 + 29.1 -> 74.7 us at 4096 x 4096 with 32-row tiles
-// (119 registers, 2 blocks an SM), then 64.4 us with 16-row tiles (245 -> 233 us at 16384 x 4096).
-// Two other forms were slower: the tiles on a persistent grid with the next rows' loads in flight
-// across tiles (73.5 us, but 255 against 246 at 16384 x 4096; 11% more instructions), and no
-// shared tile, each lane storing its 4 rows' bytes as 4-byte words of the transposed rows (114 us:
-// L2 takes a request per word).
+// (dw_chunk). The weight's values and the product's int32 partials both loaded ahead (PairSrc).
+// Without codes: a persistent grid over chunks (for_each_warp_chunk_from), 2 blocks per SM so
+// that the loads stay in registers (5% faster on an H200 than 3 blocks that load the partials
+// where they are used). kCodes: also W's codes as the input gradient's transposed operand
+// (p.codes_t), so that the backward reads W once for both (this epilogue runs before that product),
+// on tile_to_transposed_from's grid of tiles of kDwTileRows = 16 rows x 256 columns, 2 rows a warp,
+// at 80 registers and 3 blocks an SM. Measured on an H200 (ncu, docs/cuda.md): against the plain
+// epilogue + the W pass (hadamard_lsq_codes_t_cuda) it replaces, 52.6 + 29.1 -> 74.7 us at 4096 x
+// 4096 with 32-row tiles (119 registers, 2 blocks an SM), then 64.4 us with 16-row tiles (245 ->
+// 233 us at 16384 x 4096). Two other forms were slower: the tiles on a persistent grid with the
+// next rows' loads in flight across tiles (73.5 us, but 255 against 246 at 16384 x 4096; 11% more
+// instructions), and no shared tile, each lane storing its 4 rows' bytes as 4-byte words of the
+// transposed rows (114 us: L2 takes a request per word).
 constexpr int kDwTileRows = 16;
 template <typename In, int G, bool kCodes>
 __global__ void __launch_bounds__(kThreads, kCodes ? 3 : 2)

@@ -100,7 +100,7 @@ void launch_absmax_column_sums(const TensorView& g, uint32_t* amax, TensorView c
 // grad_x / grad_w and grad_step are optional (data == nullptr). dW's codes_t (optional): W's codes
 // as the input gradient's transposed operand, hadamard_lsq_codes_t_cuda's operand_t (INT8 or FP8,
 // cols x fp8_padded_cols(rows)), written by the same pass (W read once for both) where its tile
-// grid fits (W's rows at most 65,535 tiles of 32); it returns whether it wrote them (false: the
+// grid fits (W's rows at most 65,535 tiles of 16); it returns whether it wrote them (false: the
 // caller runs hadamard_lsq_codes_t_cuda).
 void launch_dx_epilogue(const SplitPartials& partials, const int8_t* exps, const float* s1,
                         const float* s2, const TensorView& packed, const TensorView& aux,

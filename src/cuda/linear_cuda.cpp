@@ -300,7 +300,7 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   // The input gradient's product takes W's codes transposed (W is unchanged since the forward: its
   // codes again, the forward's bits, as an operand). The weight gradient's epilogue, which
   // computes them for the weight's LSQ backward, writes them, so it runs first; where it does not
-  // (no weight gradient wanted, a layout it does not take, more than 65,535 tiles of 32 rows of
+  // (no weight gradient wanted, a layout it does not take, more than 65,535 tiles of 16 rows of
   // W), the W pass does.
   Temp qwt(alloc, stream, dx_op, dom_dx ? d : 0, cp);
   bool qwt_ready = false;

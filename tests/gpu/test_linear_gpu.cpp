@@ -404,9 +404,9 @@ const bool registered = [] {
            [=] { run_backward(backward[3], true); });
   // One side's gradients only (a frozen weight; a first layer): the weight gradient's epilogue
   // writes the input gradient's operand of W's codes when both are asked, the W pass otherwise.
-  // Both recipes; output features 40 (a partial 32-row tile of W, and 48 - 40 zero columns of the
+  // Both recipes; output features 40 (a partial 16-row tile of W, and 48 - 40 zero columns of the
   // transposed operand) and 512; and a weight with more rows than the epilogue's tile grid takes
-  // (65,535 tiles of 32: the W pass and the tile-less epilogue; the input gradient's product in
+  // (65,535 tiles of 16: the W pass and the tile-less epilogue; the input gradient's product in
   // K-chunks).
   for (const Recipe r : {Recipe::kHqBs, Recipe::kHqLss}) {
     for (const Problem::Wants wants : {Problem::Wants::kInput, Problem::Wants::kWeight}) {
