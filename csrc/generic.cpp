@@ -103,9 +103,13 @@ int64_t stream_low(int64_t layer, RandomPurpose purpose) {
   return static_cast<int64_t>(make_stream(0, static_cast<uint32_t>(layer), purpose));
 }
 
-// Uniforms (u >> 8) * 2^-24, exact in fp32.
-Tensor uniforms_of(const Tensor& words) {
-  return shr(words, 8).to(at::kFloat) * 0x1.0p-24;
+// random_uniform(seed, stream, index) for index = 0 .. n-1 (philox.h): the 16-bit halves of words
+// 0 .. ceil(n / 2) - 1, a word's low half first, times 2^-16 (exact in fp32).
+Tensor philox_uniforms(uint64_t seed, int64_t stream_lo, const Tensor& stream_hi, int64_t n,
+                       const at::TensorOptions& device) {
+  const Tensor words = philox_words(seed, stream_lo, stream_hi, (n + 1) / 2, device);
+  const Tensor halves = at::stack({words & 0xFFFF, shr(words, 16)}, 1).reshape({-1});
+  return halves.narrow(0, 0, n).to(at::kFloat) * 0x1.0p-16;
 }
 
 // ---------------------------------------------------------------- element rules (numeric.h)
@@ -452,8 +456,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward(
     const Tensor xt = hadamard_fp32(x32, g), wt = hadamard_fp32(w32, g);
     const auto [qx, vx] = lsq_codes(xt, sx);
     const auto [qw, vw] = lsq_codes(wt, sw);
-    const Tensor u = uniforms_of(philox_words(cfg.seed, stream_low(layer, RandomPurpose::kLsqAux),
-                                              stream_hi, n * d, x.options()))
+    const Tensor u = philox_uniforms(cfg.seed, stream_low(layer, RandomPurpose::kLsqAux), stream_hi,
+                                     n * d, x.options())
                          .reshape({n, d});
     out.codes.copy_(pack_codes(qx));
     out.aux.copy_(pack_bits(lsq_aux_bits(vx, qx, u)));
@@ -572,9 +576,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(
   }
   const bool want_dx = mask[0], want_dw = mask[1];
   const Tensor w32 = weight.to(at::kFloat);
-  const auto grad_words = [&](int64_t count) {
-    return philox_words(cfg.seed, stream_low(layer, RandomPurpose::kGradRound), stream_hi, count,
-                        grad_y.options());
+  const auto grad_uniforms = [&](int64_t count) {
+    return philox_uniforms(cfg.seed, stream_low(layer, RandomPurpose::kGradRound), stream_hi, count,
+                           grad_y.options());
   };
 
   if (cfg.recipe == Recipe::kFp) {
@@ -593,7 +597,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(
   }
 
   if (cfg.recipe == Recipe::kInt8) {
-    const Tensor u = uniforms_of(grad_words(n * c)).reshape({n, c});
+    const Tensor u = grad_uniforms(n * c).reshape({n, c});
     const Codes qg = stochastic_codes(g32, 127, u);
     const Codes qw = absmax_codes(w32, 127);
     if (want_dx) {
@@ -628,17 +632,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_backward(
   const bool need_dx = want_dx || mask[3], need_dw = want_dw || mask[4];
   Tensor dx, dw;  // fp32, Hadamard domain
   if (cfg.recipe == Recipe::kHq) {
-    const Codes qg = stochastic_codes(g32, 7, uniforms_of(grad_words(n * c)).reshape({n, c}));
+    const Codes qg = stochastic_codes(g32, 7, grad_uniforms(n * c).reshape({n, c}));
     if (need_dx) dx = epilogue(int_product(qg.codes, qw.t()), qg.scale * sw, std::nullopt, at::kFloat);
     if (need_dw) dw = epilogue(int_product(qg.codes.t(), qx.t()), qg.scale * sx, std::nullopt, at::kFloat);
   } else if (cfg.recipe == Recipe::kLsqLuq) {
-    const Tensor gl = luq_values(g32, uniforms_of(grad_words(n * c)).reshape({n, c}));
+    const Tensor gl = luq_values(g32, grad_uniforms(n * c).reshape({n, c}));
     if (need_dx) dx = at::mm(gl, sw * qw.to(at::kFloat));
     if (need_dw) dw = at::mm(gl.t(), sx * qx.to(at::kFloat));
   } else {
     const bool sample = cfg.recipe == Recipe::kHqLss;
     const bool rows = cfg.grad_scale == GradScaleMode::kRow;
-    const BitSplit bs = bitsplit_codes(g32, uniforms_of(grad_words(n * c)).reshape({n, c}), rows);
+    const BitSplit bs = bitsplit_codes(g32, grad_uniforms(n * c).reshape({n, c}), rows);
     const Tensor hi = bs.hi.to(at::kDouble), lo = bs.lo.to(at::kDouble);
     Tensor hi_norm, lo_norm;
     if (sample) {
@@ -761,9 +765,8 @@ std::tuple<Tensor, Tensor, Tensor> quantize_bitsplit(const Tensor& g, int64_t se
   check_float(g2, "g");
   const uint64_t st = static_cast<uint64_t>(stream);
   const Tensor hi_word = at::scalar_tensor(static_cast<int64_t>(st >> 32), g.options().dtype(at::kLong));
-  const Tensor u = uniforms_of(philox_words(static_cast<uint64_t>(seed),
-                                            static_cast<int64_t>(st & kMask32), hi_word,
-                                            g2.numel(), g.options()))
+  const Tensor u = philox_uniforms(static_cast<uint64_t>(seed), static_cast<int64_t>(st & kMask32),
+                                   hi_word, g2.numel(), g.options())
                        .reshape(g2.sizes());
   const BitSplit bs = bitsplit_codes(g2.to(at::kFloat), u);
   std::vector<int64_t> shape = g.sizes().vec();

@@ -4,9 +4,13 @@
 // Keying, written once here:
 //   key      = {seed low 32 bits, seed high 32 bits}
 //   counter  = {block low 32, block high 32, stream low 32, stream high 32}, block = index / 4
-//   element `index` takes word (index % 4) of Philox4x32-10(counter, key).
+//   element `index` takes word (index % 4) of Philox4x32-10(counter, key)  (random_u32);
+//   a 16-bit draw `index` takes half (index % 2), low half first, of word index / 2 (random_u16),
+//   so one Philox block serves 8 elements.
 // A stream names one use of randomness: make_stream(step, layer, purpose). The element index is the
-// row-major flat index of the tensor element (or row) that consumes the number.
+// row-major flat index of the tensor element (or row) that consumes the number. Per-element
+// stochastic rounding (the gradient quantizers, the compact LSQ aux bit) draws 16-bit uniforms;
+// LSS's per-row draws take the top bits of 32-bit words.
 #pragma once
 
 #include <cstdint>
@@ -80,11 +84,22 @@ INT4TRAIN_HD uint32_t random_u32(uint64_t seed, uint64_t stream, uint64_t index)
   return random_block(seed, stream, index >> 2).v[index & 3];
 }
 
-// Uniform in [0, 1) with 24 random bits: (u >> 8) * 2^-24, exact in fp32 on every machine.
-INT4TRAIN_HD float uniform_from_u32(uint32_t u) { return static_cast<float>(u >> 8) * 0x1.0p-24f; }
+// Half (index % 2) of word index / 2: bits 0-15 for even indices, 16-31 for odd ones.
+INT4TRAIN_HD uint32_t random_u16(uint64_t seed, uint64_t stream, uint64_t index) {
+  return (random_u32(seed, stream, index >> 1) >> (16u * static_cast<uint32_t>(index & 1u))) &
+         0xFFFFu;
+}
 
+// Uniform in [0, 1) with 16 random bits: h * 2^-16 for h < 2^16, exact in fp32 on every machine.
+// Stochastic rounding floor(v + u) with it rounds up with probability within 2^-16 of frac(v) (the
+// bias of a step's 1/65536). All 16 bits survive the fp32 addition while |v + u| < 2^8 (the sum's
+// ulp is 2^-16 or finer), where a 24-bit uniform's low bits were rounded away from |v| >= 1 on (the
+// bit split's |v| reaches 119). Half the Philox work of one 32-bit word per element.
+INT4TRAIN_HD float uniform_from_u16(uint32_t h) { return static_cast<float>(h) * 0x1.0p-16f; }
+
+// The uniform of element `index` of (seed, stream): uniform_from_u16(random_u16(...)).
 INT4TRAIN_HD float random_uniform(uint64_t seed, uint64_t stream, uint64_t index) {
-  return uniform_from_u32(random_u32(seed, stream, index));
+  return uniform_from_u16(random_u16(seed, stream, index));
 }
 
 // A Bernoulli draw with probability exactly 2^-k (k in [0, 32]): true iff the top k bits of the word

@@ -104,16 +104,25 @@ const uint32_t* words_avx512(uint64_t seed, uint64_t stream, uint64_t e0, int64_
   return scratch + offset;
 }
 
+// random_uniform's 16-bit draws (uniforms_scalar): the words of the blocks, then each 16-bit half
+// widened in memory order (a word's low half first), converted and scaled by 2^-16, exactly.
 const float* uniforms_avx512(uint64_t seed, uint64_t stream, uint64_t e0, int64_t n,
                              float* scratch) {
-  uint32_t* words = reinterpret_cast<uint32_t*>(scratch);
-  const uint32_t* w = words_avx512(seed, stream, e0, n, words);
-  const int64_t offset = w - words;
-  // (u >> 8) * 2^-24 in place, exactly as uniform_from_u32.
-  const __m512 scale = _mm512_set1_ps(0x1.0p-24f);
-  for (int64_t k = 0; k < offset + n; k += 16) {
-    const __m512i u = _mm512_loadu_si512(words + k);
-    const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(u, 8)), scale);
+  const uint64_t first = e0 >> 3;
+  const int64_t offset = static_cast<int64_t>(e0 & 7u);
+  const int64_t blocks = (offset + n + 7) / 8;
+  // At most (7 + kQuantTile + 1 + 7) / 8 blocks, rounded up to whole batches of 16, 4 words each.
+  constexpr int64_t kMaxWords = 4 * 16 * (((7 + kQuantTile + 1 + 7) / 8 + 15) / 16);
+  static_assert(kMaxWords <= kUniformScratch / 2 && 8 * (kMaxWords / 4) <= kUniformScratch,
+                "the word and uniform scratch of a tile");
+  alignas(64) uint32_t words[kMaxWords];
+  for (int64_t b = 0; b < blocks; b += 16) {
+    philox_batch(seed, stream, first + static_cast<uint64_t>(b), words + 4 * b);
+  }
+  const __m512 scale = _mm512_set1_ps(0x1.0p-16f);
+  for (int64_t k = 0; k < 8 * blocks; k += 16) {
+    const __m256i halves = _mm256_load_si256(reinterpret_cast<const __m256i*>(words + k / 2));
+    const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(halves)), scale);
     _mm512_storeu_ps(scratch + k, f);
   }
   return scratch + offset;

@@ -32,14 +32,18 @@ const uint32_t* words_scalar(uint64_t seed, uint64_t stream, uint64_t e0, int64_
   return scratch + offset;
 }
 
+// random_uniform's 16-bit draws: a Philox block per 8 elements, each word's low half first.
 const float* uniforms_scalar(uint64_t seed, uint64_t stream, uint64_t e0, int64_t n,
                              float* scratch) {
-  const uint64_t first = e0 >> 2;
-  const int64_t offset = static_cast<int64_t>(e0 & 3u);
-  const int64_t blocks = (offset + n + 3) / 4;
+  const uint64_t first = e0 >> 3;
+  const int64_t offset = static_cast<int64_t>(e0 & 7u);
+  const int64_t blocks = (offset + n + 7) / 8;
   for (int64_t b = 0; b < blocks; ++b) {
     const Philox4x32 r = random_block(seed, stream, first + static_cast<uint64_t>(b));
-    for (int w = 0; w < 4; ++w) scratch[4 * b + w] = uniform_from_u32(r.v[w]);
+    for (int w = 0; w < 4; ++w) {
+      scratch[8 * b + 2 * w] = uniform_from_u16(r.v[w] & 0xFFFFu);
+      scratch[8 * b + 2 * w + 1] = uniform_from_u16(r.v[w] >> 16);
+    }
   }
   return scratch + offset;
 }

@@ -171,14 +171,14 @@ __device__ __forceinline__ void bitsplit_scales(const BitsplitParams& p, float* 
   }
 }
 
-// q = stochastic_round_clamp(g * inv, u, -L, L) of numeric.h, u = uniform_from_u32(w) of philox.h,
+// q = stochastic_round_clamp(g * inv, u, -L, L) of numeric.h, u = uniform_from_u16(h) of philox.h,
 // without conversion instructions: the
 // floor of the rounded sum g * inv + u, clamped (clamping first is the same for integer bounds; NaN
 // gives 0), as the bit pattern of kRoundMagic + q, i.e. bits(kRoundMagic) + q (device_common.cuh).
 // bits(kRoundMagic) ends in a zero byte, so the pattern's low byte is q's (two's complement).
-__device__ __forceinline__ uint32_t split_q_magic(float g, float inv, uint32_t w) {
+__device__ __forceinline__ uint32_t split_q_magic(float g, float inv, uint32_t h) {
   constexpr float kL = static_cast<float>(kBitSplitLevels);
-  const float y = add_uniform_u32(__fmul_rn(g, inv), w);  // + uniform_from_u32(w), rounded once
+  const float y = add_uniform_u16(__fmul_rn(g, inv), h);  // + uniform_from_u16(h), rounded once
   const float c = y == y ? fminf(fmaxf(y, -kL), kL) : 0.0f;
   return __float_as_uint(__fadd_rd(c, kRoundMagic));
 }
@@ -192,8 +192,8 @@ struct SplitValue {
   float hi_f, lo_f;
   __device__ __forceinline__ int q() const { return 16 * hi + lo; }
 };
-__device__ __forceinline__ SplitValue split_value(float g, float inv, uint32_t w) {
-  const int q = static_cast<int>(split_q_magic(g, inv, w)) - __float_as_int(kRoundMagic);
+__device__ __forceinline__ SplitValue split_value(float g, float inv, uint32_t draw) {
+  const int q = static_cast<int>(split_q_magic(g, inv, draw)) - __float_as_int(kRoundMagic);
   const int h = ((q + 8 + 128) >> 4) - 8;
   const int l = q - 16 * h;
   return SplitValue{h, l, int_as_exact_float(h), int_as_exact_float(l)};
@@ -214,14 +214,11 @@ __device__ __forceinline__ void store_operand8(const BitsplitParams& p, int64_t 
 // of q = 16 hi + lo, taken from split_q_magic's bit patterns; nothing is split.
 __device__ __forceinline__ uint2 q8_bytes(const BitsplitParams& p, uint64_t stream, int64_t row,
                                           int64_t col0, const float v[8], float inv) {
-  const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;
-  const Philox4x32 r0 = random_block(p.seed, stream, b0);
-  const Philox4x32 r1 = random_block(p.seed, stream, b0 + 1);
+  const Philox4x32 r =
+      random_block(p.seed, stream, static_cast<uint64_t>(row * p.cols + col0) >> 3);
   uint32_t m[8];
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    m[i] = split_q_magic(v[i], inv, i < 4 ? r0.v[i] : r1.v[i - 4]);
-  }
+  for (int i = 0; i < 8; ++i) m[i] = split_q_magic(v[i], inv, block_u16(r, i));
   return make_uint2(low_bytes4(m[0], m[1], m[2], m[3]), low_bytes4(m[4], m[5], m[6], m[7]));
 }
 
@@ -231,14 +228,13 @@ template <bool kVec>
 __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, uint64_t stream,
                                                 int64_t row, int64_t col0, const float v[8],
                                                 float inv, int32_t* sq_hi, int32_t* sq_lo) {
-  const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;
-  const Philox4x32 r0 = random_block(p.seed, stream, b0);
-  const Philox4x32 r1 = random_block(p.seed, stream, b0 + 1);
+  const Philox4x32 r =
+      random_block(p.seed, stream, static_cast<uint64_t>(row * p.cols + col0) >> 3);
   uint32_t ph = 0, pl = 0;
   float hf[8], lf[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const SplitValue sv = split_value(v[i], inv, i < 4 ? r0.v[i] : r1.v[i - 4]);
+    const SplitValue sv = split_value(v[i], inv, block_u16(r, i));
     *sq_hi += sv.hi * sv.hi;
     *sq_lo += sv.lo * sv.lo;
     ph |= static_cast<uint32_t>(sv.hi & 0xF) << (4 * i);
@@ -343,8 +339,8 @@ __global__ void __launch_bounds__(kThreads) bitsplit_small_kernel(const Bitsplit
     for (int k = 0; k < 2; ++k) {
       const int64_t c = 2 * j + k;
       if (c >= p.cols) continue;
-      const uint32_t w = random_u32(p.seed, stream, static_cast<uint64_t>(row * p.cols + c));
-      sc[k] = split_value(load_elem(gr + c), row_inverse(p, row, inv), w);
+      const uint32_t h = random_u16(p.seed, stream, static_cast<uint64_t>(row * p.cols + c));
+      sc[k] = split_value(load_elem(gr + c), row_inverse(p, row, inv), h);
       sq_hi += sc[k].hi * sc[k].hi;
       sq_lo += sc[k].lo * sc[k].lo;
     }

@@ -470,10 +470,16 @@ __device__ __forceinline__ uint2 s8x8_of_code_bits(const uint32_t bits[8]) {
   return make_uint2(w[0], w[1]);
 }
 
-// __fadd_rn(x, uniform_from_u32(w)) of philox.h in one instruction after the conversion: the
-// uniform (w >> 8) * 2^-24 is exact, so the fused multiply-add rounds the same exact sum once.
-__device__ __forceinline__ float add_uniform_u32(float x, uint32_t w) {
-  return __fmaf_rn(static_cast<float>(w >> 8), 0x1.0p-24f, x);
+// Draw i (0 .. 7) of a Philox block's eight 16-bit draws (philox.h random_u16: word i / 2, its low
+// half for even i).
+__device__ __forceinline__ uint32_t block_u16(const Philox4x32& r, int i) {
+  return (i & 1) ? r.v[i >> 1] >> 16 : r.v[i >> 1] & 0xFFFFu;
+}
+
+// __fadd_rn(x, uniform_from_u16(h)) of philox.h in one instruction after the conversion: the
+// uniform h * 2^-16 is exact, so the fused multiply-add rounds the same exact sum once.
+__device__ __forceinline__ float add_uniform_u16(float x, uint32_t h) {
+  return __fmaf_rn(static_cast<float>(h), 0x1.0p-16f, x);
 }
 
 // The LSQ backward of one element from its compact state (quantize_kernels.cpp's

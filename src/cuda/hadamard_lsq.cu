@@ -40,18 +40,18 @@ struct LsqParams {
 __device__ __forceinline__ bool step_is_bad(float s) { return !(s > 0.0f && s <= FLT_MAX); }
 
 // The compact aux bit of quantize.h / quantize_kernels.h (lsq_aux_bit), q = x~ * (1 / s), c its
-// code (lsq_code) and w the element's random word. Boundary codes (-8, 7) store the clip flag, the
-// CPU's q < -8 (code -8) or q > 7 (code 7): c.clipped, q outside [-8, 7]. Interior codes (-7 .. 6,
-// i.e. |value + 1/2| <= 13/2) store stochastic_round_clamp(r + 1/2, u, 0, 1) with r = rint(q) - q
-// = value - q, i.e. floor((r + 1/2) + u) >= 1 with the CPU's two roundings. There value - q is
-// exact (Sterbenz, or value 0), so (value - q) + 1/2 rounds as (value + 1/2) - q, whose first term
-// is exact and also makes the interior test; the uniform's addition is add_uniform_u32. NaN q:
-// value 0, bit 0.
-__device__ __forceinline__ uint32_t lsq_aux_bit(float q, const LsqCode& c, uint32_t w) {
+// code (lsq_code) and h the element's 16-bit random draw. Boundary codes (-8, 7) store the clip
+// flag, the CPU's q < -8 (code -8) or q > 7 (code 7): c.clipped, q outside [-8, 7]. Interior codes
+// (-7 .. 6, i.e. |value + 1/2| <= 13/2) store stochastic_round_clamp(r + 1/2, u, 0, 1) with r =
+// rint(q) - q = value - q, i.e. floor((r + 1/2) + u) >= 1 with the CPU's two roundings. There value
+// - q is exact (Sterbenz, or value 0), so (value - q) + 1/2 rounds as (value + 1/2) - q, whose
+// first term is exact and also makes the interior test; the uniform's addition is add_uniform_u16.
+// NaN q: value 0, bit 0.
+__device__ __forceinline__ uint32_t lsq_aux_bit(float q, const LsqCode& c, uint32_t h) {
   static_assert(kLsqQn == 8 && kLsqQp == 7, "the tests below assume the [-8, 7] code range");
   const float vp = __fadd_rn(c.value, 0.5f);
   const bool interior = fabsf(vp) <= 6.5f;
-  const bool up = add_uniform_u32(__fsub_rn(vp, q), w) >= 1.0f;
+  const bool up = add_uniform_u16(__fsub_rn(vp, q), h) >= 1.0f;
   return (interior ? up : c.clipped) ? 1u : 0u;
 }
 
@@ -65,34 +65,29 @@ __device__ __forceinline__ void count_nonfinite(uint32_t bad, unsigned long long
 // Codes (exact floats), packed nibbles and aux bits of one lane's 8 transformed values; kClean:
 // every v[i] is finite and 1/s is finite, so no q is NaN and nothing is counted.
 template <bool kAux, bool kClean>
-__device__ __forceinline__ void lsq_quantize8(const LsqParams& p, uint64_t stream, uint64_t b0,
+__device__ __forceinline__ void lsq_quantize8(const LsqParams& p, uint64_t stream, uint64_t b,
                                               const float v[8], float inv, bool bad_step,
                                               uint32_t* bad, float value[8], uint32_t* packed_word,
                                               uint32_t* bits) {
-  // Two halves of 4 values, each with its own Philox block (fewer registers live at once).
+  // One Philox block: the 16-bit draws of the 8 values (flat indices 8 b .. 8 b + 7).
+  Philox4x32 r{};
+  if (kAux) r = random_block(p.seed, stream, b);
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    Philox4x32 r{};
-    if (kAux) r = random_block(p.seed, stream, b0 + half);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int i = 4 * half + j;
-      if (!kClean && (bad_step || !isfinite(v[i]))) ++*bad;
-      const float q = __fmul_rn(v[i], inv);
-      const LsqCode c =
-          lsq_code<!kClean>(q, static_cast<float>(-kLsqQn), static_cast<float>(kLsqQp));
-      value[i] = c.value;
-      *packed_word |= c.nibble << (4 * i);
-      if (kAux) *bits |= lsq_aux_bit(q, c, r.v[j]) << i;
-    }
+  for (int i = 0; i < 8; ++i) {
+    if (!kClean && (bad_step || !isfinite(v[i]))) ++*bad;
+    const float q = __fmul_rn(v[i], inv);
+    const LsqCode c = lsq_code<!kClean>(q, static_cast<float>(-kLsqQn), static_cast<float>(kLsqQp));
+    value[i] = c.value;
+    *packed_word |= c.nibble << (4 * i);
+    if (kAux) *bits |= lsq_aux_bit(q, c, block_u16(r, i)) << i;
   }
 }
 
-// The codes of one lane's 8 transformed values (lsq_quantize8; b0: the first of its Philox blocks).
+// The codes of one lane's 8 transformed values (lsq_quantize8; b: their Philox block).
 // z is NaN iff some v[i] is Inf or NaN (Inf * 0 and NaN * 0 are NaN): the rare lanes that have one
 // take the checked path.
 template <bool kAux>
-__device__ __forceinline__ void lsq_codes8(const LsqParams& p, uint64_t stream, uint64_t b0,
+__device__ __forceinline__ void lsq_codes8(const LsqParams& p, uint64_t stream, uint64_t b,
                                            const float v[8], float inv, bool inv_ok, bool bad_step,
                                            uint32_t* bad, float value[8], uint32_t* packed_word,
                                            uint32_t* bits) {
@@ -100,9 +95,9 @@ __device__ __forceinline__ void lsq_codes8(const LsqParams& p, uint64_t stream, 
 #pragma unroll
   for (int i = 0; i < 8; ++i) z = __fmaf_rn(v[i], 0.0f, z);
   if (inv_ok && z == z) {
-    lsq_quantize8<kAux, true>(p, stream, b0, v, inv, bad_step, bad, value, packed_word, bits);
+    lsq_quantize8<kAux, true>(p, stream, b, v, inv, bad_step, bad, value, packed_word, bits);
   } else {
-    lsq_quantize8<kAux, false>(p, stream, b0, v, inv, bad_step, bad, value, packed_word, bits);
+    lsq_quantize8<kAux, false>(p, stream, b, v, inv, bad_step, bad, value, packed_word, bits);
   }
 }
 
@@ -111,10 +106,10 @@ template <bool kVec, bool kAux>
 __device__ __forceinline__ void lsq_store8(const LsqParams& p, uint64_t stream, int64_t row,
                                            int64_t col0, const float v[8], float inv, bool inv_ok,
                                            bool bad_step, uint32_t* bad) {
-  const uint64_t b0 = static_cast<uint64_t>(row * p.cols + col0) >> 2;  // col0, cols: x8
+  const uint64_t b = static_cast<uint64_t>(row * p.cols + col0) >> 3;  // col0, cols: x8
   uint32_t packed_word = 0, bits = 0;
   float value[8];
-  lsq_codes8<kAux>(p, stream, b0, v, inv, inv_ok, bad_step, bad, value, &packed_word, &bits);
+  lsq_codes8<kAux>(p, stream, b, v, inv, inv_ok, bad_step, bad, value, &packed_word, &bits);
   if (kVec) {
     if (p.packed != nullptr) {
       *reinterpret_cast<uint32_t*>(p.packed + row * (p.cols / 2) + col0 / 2) = packed_word;
@@ -234,6 +229,8 @@ __global__ void __launch_bounds__(kThreads) lsq_small_aux_kernel(const LsqParams
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < nbytes;
        b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     uint32_t bits = 0;
+    const Philox4x32 r = random_block(p.seed, stream, static_cast<uint64_t>(b));  // elements 8 b ..
+#pragma unroll
     for (int k = 0; k < 8; ++k) {
       const int64_t e = 8 * b + k;
       if (e >= numel) break;
@@ -241,7 +238,7 @@ __global__ void __launch_bounds__(kThreads) lsq_small_aux_kernel(const LsqParams
       const In* xr = static_cast<const In*>(p.x) + row * p.ldx;
       const float q = __fmul_rn(hadamard_small_at(xr, c, p.block, p.hscale), inv);
       const LsqCode code = lsq_code(q, static_cast<float>(-kLsqQn), static_cast<float>(kLsqQp));
-      bits |= lsq_aux_bit(q, code, random_u32(p.seed, stream, static_cast<uint64_t>(e))) << k;
+      bits |= lsq_aux_bit(q, code, block_u16(r, k)) << k;
     }
     p.aux[b] = static_cast<uint8_t>(bits);
   }

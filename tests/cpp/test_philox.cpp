@@ -1,5 +1,6 @@
 // Tests of the counter-based generator (philox.h): Random123's published known-answer vectors for
-// Philox4x32-10, the keying written in the header, and statistical checks of the derived uniforms
+// Philox4x32-10, the keying written in the header (32-bit words and 16-bit draws), and statistical
+// checks of the derived uniforms
 // and power-of-two Bernoulli draws (means within a few standard errors, errors shrinking like
 // 1/sqrt(draws), no correlation between neighbouring indices, streams or seeds).
 #include <gtest/gtest.h>
@@ -65,6 +66,20 @@ INSTANTIATE_TEST_SUITE_P(Random123, PhiloxKnownAnswer, ::testing::ValuesIn(kKnow
                            return std::string(info.param.name);
                          });
 
+// 16-bit draws: block = index / 8, word (index / 2) % 4, its low half for even indices; Random123's
+// all-zero vector is block 0 of stream 0 under seed 0.
+TEST(Philox, KeyingOfRandomU16) {
+  const KnownAnswer& k = kKnownAnswers[0];
+  ASSERT_STREQ(k.name, "zeros");
+  for (int i = 0; i < 4; ++i) {
+    const uint64_t e = 2 * static_cast<uint64_t>(i);
+    EXPECT_EQ(random_u16(0, 0, e), k.expected[i] & 0xFFFFu) << "word " << i;
+    EXPECT_EQ(random_u16(0, 0, e + 1), k.expected[i] >> 16) << "word " << i;
+    EXPECT_EQ(random_uniform(0, 0, e + 1), static_cast<float>(k.expected[i] >> 16) * 0x1.0p-16f);
+  }
+  EXPECT_NE(random_u16(0, 0, 8), random_u16(0, 0, 0));  // index 8 opens block 1
+}
+
 TEST(Philox, StreamLayout) {
   EXPECT_EQ(make_stream(0, 0, RandomPurpose::kGradRound), 1u);
   EXPECT_EQ(make_stream(3, 5, RandomPurpose::kSampleWeight), (uint64_t{3} << 32) | (5u << 8) | 3u);
@@ -74,13 +89,12 @@ TEST(Philox, StreamLayout) {
             (uint64_t{1} << 32) | (1u << 8) | 15u);
 }
 
-TEST(Philox, UniformFromU32) {
-  EXPECT_EQ(uniform_from_u32(0u), 0.0f);
-  EXPECT_EQ(uniform_from_u32(0xFFu), 0.0f);  // the low 8 bits are dropped
-  EXPECT_EQ(uniform_from_u32(0x100u), 0x1.0p-24f);
-  EXPECT_EQ(uniform_from_u32(0x80000000u), 0.5f);
-  EXPECT_EQ(uniform_from_u32(0xFFFFFFFFu), 1.0f - 0x1.0p-24f);
-  EXPECT_LT(uniform_from_u32(0xFFFFFFFFu), 1.0f);
+TEST(Philox, UniformFromU16) {
+  EXPECT_EQ(uniform_from_u16(0u), 0.0f);
+  EXPECT_EQ(uniform_from_u16(1u), 0x1.0p-16f);
+  EXPECT_EQ(uniform_from_u16(0x8000u), 0.5f);
+  EXPECT_EQ(uniform_from_u16(0xFFFFu), 1.0f - 0x1.0p-16f);
+  EXPECT_LT(uniform_from_u16(0xFFFFu), 1.0f);
 }
 
 TEST(Philox, BernoulliPow2Edges) {
@@ -115,10 +129,10 @@ TEST(PhiloxStats, UniformMeanAndVarianceConvergeLikeInverseSqrt) {
     }
     const double mean = sum / static_cast<double>(n);
     const double var = sum_sq / static_cast<double>(n) - mean * mean;
-    // Uniform on [0, 1): mean 1/2 (exactly 1/2 - 2^-25 for the 24-bit grid), variance 1/12,
+    // Uniform on [0, 1): mean 1/2 (exactly 1/2 - 2^-17 for the 16-bit grid), variance 1/12,
     // sd of the sample mean sqrt(1/12 / n), of the sample variance sqrt((mu4 - 1/144) / n) with
     // the fourth central moment mu4 = 1/80, i.e. sqrt(1/180 / n).
-    EXPECT_NEAR(mean, 0.5 - 0x1.0p-25, kSigmas * std::sqrt(1.0 / 12.0 / n)) << n << " draws";
+    EXPECT_NEAR(mean, 0.5 - 0x1.0p-17, kSigmas * std::sqrt(1.0 / 12.0 / n)) << n << " draws";
     EXPECT_NEAR(var, 1.0 / 12.0, kSigmas * std::sqrt(1.0 / 180.0 / n) + 1e-6) << n << " draws";
   }
 }
@@ -200,7 +214,8 @@ TEST(PhiloxStats, NoCorrelationBetweenNeighboursStreamsAndSeeds) {
   const uint64_t s0 = make_stream(5, 2, RandomPurpose::kGradRound);
   const uint64_t s1 = make_stream(5, 2, RandomPurpose::kSampleInput);  // differs in purpose only
   const uint64_t s2 = make_stream(6, 2, RandomPurpose::kGradRound);    // next step
-  // Words of one block (index i, i + 1 share a Philox call for i % 4 != 3) and across blocks.
+  // Halves of one word (indices 2i, 2i + 1), words of one block (8i + 1, 8i + 2) and neighbouring
+  // blocks (8i + 7, 8i + 8).
   EXPECT_NEAR(correlation(n,
                           [&](uint64_t i, double* a, double* b) {
                             *a = random_uniform(kSeed, s0, 2 * i);
@@ -209,8 +224,14 @@ TEST(PhiloxStats, NoCorrelationBetweenNeighboursStreamsAndSeeds) {
               0.0, bound);
   EXPECT_NEAR(correlation(n,
                           [&](uint64_t i, double* a, double* b) {
-                            *a = random_uniform(kSeed, s0, 4 * i + 3);
-                            *b = random_uniform(kSeed, s0, 4 * i + 4);
+                            *a = random_uniform(kSeed, s0, 8 * i + 1);
+                            *b = random_uniform(kSeed, s0, 8 * i + 2);
+                          }),
+              0.0, bound);
+  EXPECT_NEAR(correlation(n,
+                          [&](uint64_t i, double* a, double* b) {
+                            *a = random_uniform(kSeed, s0, 8 * i + 7);
+                            *b = random_uniform(kSeed, s0, 8 * i + 8);
                           }),
               0.0, bound);
   for (const uint64_t other : {s1, s2}) {
@@ -234,12 +255,15 @@ TEST(PhiloxStats, NoCorrelationBetweenNeighboursStreamsAndSeeds) {
   EXPECT_LE(equal, 1);
 }
 
-// The same (seed, stream, index) always gives the same bits; the block/word mapping is index/4, %4.
+// The same (seed, stream, index) always gives the same bits; the block/word mapping is index/4, %4,
+// and a 16-bit draw is half index % 2 of word index / 2.
 TEST(Philox, DeterministicAndIndexedByBlockAndWord) {
   const uint64_t stream = make_stream(9, 4, RandomPurpose::kLsqAux);
   for (uint64_t i : {uint64_t{0}, uint64_t{5}, uint64_t{1} << 33, (uint64_t{1} << 40) + 7}) {
     EXPECT_EQ(random_u32(kSeed, stream, i), random_u32(kSeed, stream, i));
     EXPECT_EQ(random_u32(kSeed, stream, i), random_block(kSeed, stream, i / 4).v[i % 4]);
+    const uint32_t w = random_block(kSeed, stream, i / 8).v[(i / 2) % 4];
+    EXPECT_EQ(random_u16(kSeed, stream, i), i % 2 == 0 ? (w & 0xFFFFu) : (w >> 16));
   }
 }
 
