@@ -7,6 +7,10 @@ operator list says what to cut.
 
     python scripts/profile_step.py [--shape 4096,768,3072]
         [--recipes hq_bs:dense_fallback=never,hq_lss:dense_fallback=never,hq_bs] [--top 12]
+        [--kernels N]
+
+--kernels N also lists each layer's N kernels with the most GPU time per step (where a large
+shape's step spends its time beyond the kernels that scripts/kernel_breakdown.py times).
 """
 
 from __future__ import annotations
@@ -34,7 +38,11 @@ def main() -> None:
                     default="hq_bs:dense_fallback=never,hq_lss:dense_fallback=never,hq_bs")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--kernels", type=int, default=0, metavar="N",
+                    help="also list the N kernels with the most GPU time per step")
     args = ap.parse_args()
+    if args.kernels < 0:
+        ap.error(f"--kernels must be 0 or more, got {args.kernels}")
     if not torch.cuda.is_available():
         raise SystemExit("profile_step.py: needs a CUDA device")
     n, d, c = (int(v) for v in args.shape.split(","))
@@ -83,6 +91,14 @@ def main() -> None:
         print("|---|---|---|")
         for e in cpu[:args.top]:
             print(f"| {e.key} | {e.count * per:.1f} | {e.self_cpu_time_total * per:.1f} |")
+        if args.kernels > 0:
+            gpu = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                         key=lambda e: e.self_device_time_total, reverse=True)
+            print("\n| kernel | launches/step | GPU us/step |")
+            print("|---|---|---|")
+            for e in gpu[:args.kernels]:
+                print(f"| `{e.key[:100]}` | {e.count * per:.1f} | "
+                      f"{e.self_device_time_total * per:.1f} |")
     print("\n| layer | wall us/step | kernel us/step | launches/step |")
     print("|---|---|---|---|")
     for name, wall, gpu, launches in summary:

@@ -81,3 +81,12 @@ def test_kernel_breakdown_rejects_what_is_not_two_steps(tmp_path):
     csv_file.write_text(_ncu_csv(STEP + STEP))
     with pytest.raises(SystemExit, match="SHAPE=FILE"):
         kb.main(["--from-csv", str(csv_file)])
+
+
+def test_profile_step_rejects_a_negative_kernel_count(monkeypatch, capsys):
+    ps = load_script("profile_step")
+    monkeypatch.setattr(sys, "argv", ["profile_step.py", "--kernels", "-1"])
+    with pytest.raises(SystemExit) as e:
+        ps.main()
+    assert e.value.code == 2
+    assert "--kernels must be 0 or more, got -1" in capsys.readouterr().err
