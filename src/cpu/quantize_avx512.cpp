@@ -93,17 +93,6 @@ inline void philox_batch(uint64_t seed, uint64_t stream, uint64_t block0, uint32
   _mm512_storeu_si512(out + 48, _mm512_shuffle_i32x4(v2, v3, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-const uint32_t* words_avx512(uint64_t seed, uint64_t stream, uint64_t e0, int64_t n,
-                             uint32_t* scratch) {
-  const uint64_t first = e0 >> 2;
-  const int64_t offset = static_cast<int64_t>(e0 & 3u);
-  const int64_t blocks = (offset + n + 3) / 4;
-  for (int64_t b = 0; b < blocks; b += 16) {
-    philox_batch(seed, stream, first + static_cast<uint64_t>(b), scratch + 4 * b);
-  }
-  return scratch + offset;
-}
-
 // random_uniform's 16-bit draws (uniforms_scalar): the words of the blocks, then each 16-bit half
 // widened in memory order (a word's low half first), converted and scaled by 2^-16, exactly.
 const float* uniforms_avx512(uint64_t seed, uint64_t stream, uint64_t e0, int64_t n,
@@ -375,7 +364,6 @@ const QuantKernels& quant_kernels_avx512() {
   static const QuantKernels k = {
       "avx512",
       uniforms_avx512,
-      words_avx512,
       absmax_bits_f32_avx512,
       absmax_bits_bf16_avx512,
       bf16_to_f32_avx512,

@@ -20,18 +20,6 @@ namespace {
 
 bool is_finite_bits(float x) { return (float_bits(x) & 0x7F800000u) != 0x7F800000u; }
 
-const uint32_t* words_scalar(uint64_t seed, uint64_t stream, uint64_t e0, int64_t n,
-                             uint32_t* scratch) {
-  const uint64_t first = e0 >> 2;
-  const int64_t offset = static_cast<int64_t>(e0 & 3u);
-  const int64_t blocks = (offset + n + 3) / 4;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const Philox4x32 r = random_block(seed, stream, first + static_cast<uint64_t>(b));
-    for (int w = 0; w < 4; ++w) scratch[4 * b + w] = r.v[w];
-  }
-  return scratch + offset;
-}
-
 // random_uniform's 16-bit draws: a Philox block per 8 elements, each word's low half first.
 const float* uniforms_scalar(uint64_t seed, uint64_t stream, uint64_t e0, int64_t n,
                              float* scratch) {
@@ -180,7 +168,6 @@ const QuantKernels& quant_kernels_scalar() {
   static const QuantKernels k = {
       "scalar",
       uniforms_scalar,
-      words_scalar,
       absmax_bits_f32_scalar,
       absmax_bits_bf16_scalar,
       bf16_to_f32_scalar,

@@ -43,9 +43,6 @@ struct QuantKernels {
   // out[k] = random_uniform(seed, stream, e0 + k) for k < n (n <= kQuantTile + 1), computed in
   // `scratch` (kUniformScratch floats); returns the pointer to out[0] inside scratch.
   const float* (*uniforms)(uint64_t seed, uint64_t stream, uint64_t e0, int64_t n, float* scratch);
-  // out[k] = random_u32(seed, stream, e0 + k), same contract with uint32 scratch.
-  const uint32_t* (*words)(uint64_t seed, uint64_t stream, uint64_t e0, int64_t n,
-                           uint32_t* scratch);
   // Largest |x| as the bit pattern of an fp32 (so NaN > Inf > finite); bf16 is widened first.
   uint32_t (*absmax_bits_f32)(const float* x, int64_t n);
   uint32_t (*absmax_bits_bf16)(const uint16_t* x, int64_t n);
