@@ -1,8 +1,8 @@
 // Tests of the counter-based generator (philox.h): Random123's published known-answer vectors for
 // Philox4x32-10, the keying written in the header (32-bit words and 16-bit draws), and statistical
-// checks of the derived uniforms
-// and power-of-two Bernoulli draws (means within a few standard errors, errors shrinking like
-// 1/sqrt(draws), no correlation between neighbouring indices, streams or seeds).
+// checks of the derived uniforms and power-of-two Bernoulli draws (means within a few standard
+// errors, errors shrinking like 1/sqrt(draws), no correlation between neighbouring indices, streams
+// or seeds).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -77,7 +77,9 @@ TEST(Philox, KeyingOfRandomU16) {
     EXPECT_EQ(random_u16(0, 0, e + 1), k.expected[i] >> 16) << "word " << i;
     EXPECT_EQ(random_uniform(0, 0, e + 1), static_cast<float>(k.expected[i] >> 16) * 0x1.0p-16f);
   }
-  EXPECT_NE(random_u16(0, 0, 8), random_u16(0, 0, 0));  // index 8 opens block 1
+  // Index 8 opens block 1.
+  EXPECT_EQ(random_u16(0, 0, 8), random_block(0, 0, 1).v[0] & 0xFFFFu);
+  EXPECT_EQ(random_u16(0, 0, 15), random_block(0, 0, 1).v[3] >> 16);
 }
 
 TEST(Philox, StreamLayout) {
