@@ -255,14 +255,8 @@ __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, uint64_
     }
   }
   if (p.operand == nullptr) return;
-  store_operand8(p, row, col0,
-                 p.s8 ? s8x8_of_nibbles(ph)
-                      : make_uint2(e4m3x2(hf[0], hf[1]) | (e4m3x2(hf[2], hf[3]) << 16),
-                                   e4m3x2(hf[4], hf[5]) | (e4m3x2(hf[6], hf[7]) << 16)));
-  store_operand8(p, p.rows + row, col0,
-                 p.s8 ? s8x8_of_nibbles(pl)
-                      : make_uint2(e4m3x2(lf[0], lf[1]) | (e4m3x2(lf[2], lf[3]) << 16),
-                                   e4m3x2(lf[4], lf[5]) | (e4m3x2(lf[6], lf[7]) << 16)));
+  store_operand8(p, row, col0, operand_bytes8(p.s8, ph, hf));  // hi and lo: codes in [-8, 7]
+  store_operand8(p, p.rows + row, col0, operand_bytes8(p.s8, pl, lf));
 }
 
 // Rows a multiple of 8 long: a warp per 256 columns, 8 per lane, a persistent grid with
