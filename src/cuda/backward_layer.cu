@@ -396,8 +396,11 @@ struct CodesSrc {
   const uint8_t* __restrict__ aux;
   int64_t cols;
   __device__ __forceinline__ void load(Buf& b, int64_t row, int32_t col) const {
-    b.codes = *reinterpret_cast<const uint32_t*>(packed + row * (cols / 2) + col / 2);
-    b.bits = aux[(row * cols + col) / 8];
+    // Flat index e of the chunk's first element (col and cols are multiples of 8): packed bytes
+    // e / 2 .., aux byte e / 8, in unsigned arithmetic.
+    const uint64_t e = static_cast<uint64_t>(row * cols + col);
+    b.codes = *reinterpret_cast<const uint32_t*>(packed + (e >> 1));
+    b.bits = aux[e >> 3];
   }
   __device__ __forceinline__ void zero(Buf& b) const { b.codes = b.bits = 0; }
 };

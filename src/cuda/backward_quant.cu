@@ -108,7 +108,8 @@ struct BitsplitParams {
   const void* g;
   int64_t ldg, rows, cols;
   const uint32_t* amax_bits;
-  uint64_t seed, stream;
+  PhiloxKeys keys;  // philox_keys(RandomKey::seed), read from constant memory
+  uint64_t stream;
   const int64_t* device_step;  // RandomKey::device_step
   uint8_t* operand;  // FP8 2 rows x padded cols, hi rows then lo rows; or (q8) INT8 rows of q
   int64_t ldop, op_cols;
@@ -215,7 +216,7 @@ __device__ __forceinline__ void store_operand8(const BitsplitParams& p, int64_t 
 __device__ __forceinline__ uint2 q8_bytes(const BitsplitParams& p, uint64_t stream, int64_t row,
                                           int64_t col0, const float v[8], float inv) {
   const Philox4x32 r =
-      random_block(p.seed, stream, static_cast<uint64_t>(row * p.cols + col0) >> 3);
+      random_block(p.keys, stream, static_cast<uint64_t>(row * p.cols + col0) >> 3);
   uint32_t m[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) m[i] = split_q_magic(v[i], inv, block_u16(r, i));
@@ -229,7 +230,7 @@ __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, uint64_
                                                 int64_t row, int64_t col0, const float v[8],
                                                 float inv, int32_t* sq_hi, int32_t* sq_lo) {
   const Philox4x32 r =
-      random_block(p.seed, stream, static_cast<uint64_t>(row * p.cols + col0) >> 3);
+      random_block(p.keys, stream, static_cast<uint64_t>(row * p.cols + col0) >> 3);
   uint32_t ph = 0, pl = 0;
   float hf[8], lf[8];
 #pragma unroll
@@ -333,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) bitsplit_small_kernel(const Bitsplit
     for (int k = 0; k < 2; ++k) {
       const int64_t c = 2 * j + k;
       if (c >= p.cols) continue;
-      const uint32_t h = random_u16(p.seed, stream, static_cast<uint64_t>(row * p.cols + c));
+      const uint32_t h = random_u16(p.keys, stream, static_cast<uint64_t>(row * p.cols + c));
       sc[k] = split_value(load_elem(gr + c), row_inverse(p, row, inv), h);
       sq_hi += sc[k].hi * sc[k].hi;
       sq_lo += sc[k].lo * sc[k].lo;
@@ -653,7 +654,7 @@ BitsplitParams bitsplit_params(const TensorView& g, const RandomKey& rng, const 
   p.ldg = row_stride(g);
   p.rows = g.shape[0];
   p.cols = g.shape[1];
-  p.seed = rng.seed;
+  p.keys = philox_keys(rng.seed);
   p.stream = rng.stream;
   p.device_step = rng.device_step;
   p.scale = scale.ptr<float>();

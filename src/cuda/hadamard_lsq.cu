@@ -27,7 +27,8 @@ struct LsqParams {
   const float* step;
   float hscale;  // float(1 / sqrt(double(block))), as the CPU computes it
   int32_t block;
-  uint64_t seed, stream;
+  PhiloxKeys keys;  // philox_keys(RandomKey::seed), read from constant memory
+  uint64_t stream;
   const int64_t* device_step;  // RandomKey::device_step: the stream's step bits, read on the device
   uint8_t* operand;  // may be null
   int64_t ldop, op_cols;
@@ -71,7 +72,7 @@ __device__ __forceinline__ void lsq_quantize8(const LsqParams& p, uint64_t strea
                                               uint32_t* bits) {
   // One Philox block: the 16-bit draws of the 8 values (flat indices 8 b .. 8 b + 7).
   Philox4x32 r{};
-  if (kAux) r = random_block(p.seed, stream, b);
+  if (kAux) r = random_block(p.keys, stream, b);
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     if (!kClean && (bad_step || !isfinite(v[i]))) ++*bad;
@@ -106,16 +107,16 @@ template <bool kVec, bool kAux>
 __device__ __forceinline__ void lsq_store8(const LsqParams& p, uint64_t stream, int64_t row,
                                            int64_t col0, const float v[8], float inv, bool inv_ok,
                                            bool bad_step, uint32_t* bad) {
-  const uint64_t b = static_cast<uint64_t>(row * p.cols + col0) >> 3;  // col0, cols: x8
+  // The lane's 8 elements, flat index 8 b .. 8 b + 7 (col0 and cols are multiples of 8): their
+  // Philox block, aux byte b and packed bytes 4 b .. 4 b + 3, in unsigned arithmetic.
+  const uint64_t b = static_cast<uint64_t>(row * p.cols + col0) >> 3;
   uint32_t packed_word = 0, bits = 0;
   float value[8];
   lsq_codes8<kAux>(p, stream, b, v, inv, inv_ok, bad_step, bad, value, &packed_word, &bits);
   if (kVec) {
-    if (p.packed != nullptr) {
-      *reinterpret_cast<uint32_t*>(p.packed + row * (p.cols / 2) + col0 / 2) = packed_word;
-    }
+    if (p.packed != nullptr) *reinterpret_cast<uint32_t*>(p.packed + 4 * b) = packed_word;
   } else if (p.packed != nullptr) {
-    uint8_t* dst = p.packed + row * (p.cols / 2) + col0 / 2;
+    uint8_t* dst = p.packed + 4 * b;
 #pragma unroll
     for (int i = 0; i < 4; ++i) dst[i] = static_cast<uint8_t>(packed_word >> (8 * i));
   }
@@ -125,7 +126,7 @@ __device__ __forceinline__ void lsq_store8(const LsqParams& p, uint64_t stream, 
     *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) =
         operand_bytes8(p.op_s8, packed_word, value);
   }
-  if (kAux) p.aux[(row * p.cols + col0) / 8] = static_cast<uint8_t>(bits);
+  if (kAux) p.aux[b] = static_cast<uint8_t>(bits);
 }
 
 // Rows whose length is a multiple of 8 (every block size): a warp per 256 columns of a row, a
@@ -229,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) lsq_small_aux_kernel(const LsqParams
   for (int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; b < nbytes;
        b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     uint32_t bits = 0;
-    const Philox4x32 r = random_block(p.seed, stream, static_cast<uint64_t>(b));  // elements 8 b ..
+    const Philox4x32 r = random_block(p.keys, stream, static_cast<uint64_t>(b));  // elements 8 b ..
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
       const int64_t e = 8 * b + k;
@@ -404,7 +405,7 @@ void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const Tensor
   using namespace cuda_detail;
   LsqParams p = lsq_params(x, block, step);
   const int64_t rows = p.rows, cols = p.cols;
-  p.seed = rng.seed;
+  p.keys = philox_keys(rng.seed);
   p.stream = rng.stream;
   p.device_step = rng.device_step;
   if (operand.data != nullptr) {

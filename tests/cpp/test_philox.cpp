@@ -82,6 +82,45 @@ TEST(Philox, KeyingOfRandomU16) {
   EXPECT_EQ(random_u16(0, 0, 15), random_block(0, 0, 1).v[3] >> 16);
 }
 
+// The key schedule given (philox_keys, as the CUDA kernels take it): round r's key is the seed's
+// words plus r times Weyl's constants, wrapping at 32 bits, and every word and 16-bit draw equals
+// the schedule computed per block.
+TEST_P(PhiloxKnownAnswer, KeyScheduleGiven) {
+  const KnownAnswer& k = GetParam();
+  const uint64_t seed = static_cast<uint64_t>(k.key[1]) << 32 | k.key[0];
+  const PhiloxKeys keys = philox_keys(seed);
+  for (int r = 0; r < 10; ++r) {
+    EXPECT_EQ(keys.k0[r], static_cast<uint32_t>(k.key[0] + 0x9E3779B9ull * r)) << "round " << r;
+    EXPECT_EQ(keys.k1[r], static_cast<uint32_t>(k.key[1] + 0xBB67AE85ull * r)) << "round " << r;
+  }
+  const Philox4x32 r = philox4x32_10(k.ctr[0], k.ctr[1], k.ctr[2], k.ctr[3], keys);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(r.v[i], k.expected[i]) << "word " << i;
+}
+
+TEST(Philox, KeyScheduleGivenMatchesPerBlock) {
+  const uint64_t seeds[] = {0, 1, 0xFFFFFFFFull, 0x123456789ABCDEF0ull, ~uint64_t{0}};
+  const uint64_t streams[] = {0, make_stream(7, 3, RandomPurpose::kLsqAux), ~uint64_t{0}};
+  const uint64_t blocks[] = {0, 1, 4095, uint64_t{1} << 32, (uint64_t{1} << 61) - 1};
+  for (uint64_t seed : seeds) {
+    const PhiloxKeys keys = philox_keys(seed);
+    for (uint64_t stream : streams) {
+      for (uint64_t block : blocks) {
+        const Philox4x32 want = random_block(seed, stream, block),
+                         got = random_block(keys, stream, block);
+        for (int i = 0; i < 4; ++i) {
+          EXPECT_EQ(got.v[i], want.v[i])
+              << "seed " << seed << " stream " << stream << " block " << block << " word " << i;
+        }
+        for (uint64_t j = 0; j < 8; ++j) {
+          const uint64_t index = 8 * block + j;
+          EXPECT_EQ(random_u16(keys, stream, index), random_u16(seed, stream, index))
+              << "seed " << seed << " index " << index;
+        }
+      }
+    }
+  }
+}
+
 TEST(Philox, StreamLayout) {
   EXPECT_EQ(make_stream(0, 0, RandomPurpose::kGradRound), 1u);
   EXPECT_EQ(make_stream(3, 5, RandomPurpose::kSampleWeight), (uint64_t{3} << 32) | (5u << 8) | 3u);
