@@ -529,25 +529,49 @@ __device__ __forceinline__ uint2 dw_chunk(const EpilogueParams& p, int lane, dou
     b.second.exact(h);
     combine8(p, scale, row, col0, h, v);
     uint32_t code_bits[8];
-    float value[8];
+    float value[8], x[8];
+    float z = 0.0f;  // NaN iff some x is Inf or NaN (Inf * 0, NaN * 0)
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const float x = __fmul_rn(wt[i], inv);
-      float rounded;
-      if constexpr (kCodes) {
-        // NaN x: value 0, so r is NaN as with rintf; x outside [-8, 7]: r is replaced below.
-        const LsqCode c = lsq_code(x, qlo, qhi);
-        value[i] = c.value;
-        code_bits[i] = c.bits;
-        rounded = c.value;
-      } else {
-        rounded = rintf(x);
+      x[i] = __fmul_rn(wt[i], inv);
+      z = __fmaf_rn(x[i], 0.0f, z);
+    }
+    if (z == z) {
+      // Every x finite: x is inside [-8, 7] iff clamping leaves it unchanged, and a clipped x's
+      // residual (the bound) is its code's value, so one comparison and two selects an element.
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float clamped = fminf(fmaxf(x[i], qlo), qhi);
+        const bool inside = clamped == x[i];
+        const float t = __fadd_rn(clamped, kRoundMagic);  // rint(clamped), as lsq_code
+        const float rounded = __fsub_rn(t, kRoundMagic);
+        if constexpr (kCodes) {
+          value[i] = rounded;
+          code_bits[i] = __float_as_uint(t);
+        }
+        const float res = inside ? __fsub_rn(rounded, x[i]) : rounded;
+        acc += static_cast<double>(v[i]) * static_cast<double>(res);
+        v[i] = inside ? v[i] : 0.0f;
       }
-      float res = __fsub_rn(rounded, x);
-      if (x < qlo) res = qlo;
-      if (x > qhi) res = qhi;
-      acc += static_cast<double>(v[i]) * static_cast<double>(res);
-      v[i] = (x >= qlo && x <= qhi) ? v[i] : 0.0f;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        float rounded;
+        if constexpr (kCodes) {
+          // NaN x: value 0, so r is NaN as with rintf; x outside [-8, 7]: r is replaced below.
+          const LsqCode c = lsq_code(x[i], qlo, qhi);
+          value[i] = c.value;
+          code_bits[i] = c.bits;
+          rounded = c.value;
+        } else {
+          rounded = rintf(x[i]);
+        }
+        float res = __fsub_rn(rounded, x[i]);
+        if (x[i] < qlo) res = qlo;
+        if (x[i] > qhi) res = qhi;
+        acc += static_cast<double>(v[i]) * static_cast<double>(res);
+        v[i] = (x[i] >= qlo && x[i] <= qhi) ? v[i] : 0.0f;
+      }
     }
     if constexpr (kCodes) {
       bytes = p.codes_s8 ? s8x8_of_code_bits(code_bits) : e4m3x8(value);
