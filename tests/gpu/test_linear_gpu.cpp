@@ -54,6 +54,9 @@ struct Problem {
   // backward: the gradients asked of the device (the CPU computes both): the input's (grad_x,
   // grad_step_x), the weight's (grad_w, grad_step_w) or both.
   enum class Wants { kBoth, kInput, kWeight } wants = Wants::kBoth;
+  // backward: W's step as a multiple of LSQ's initial step (below 1: more weights clipped, both
+  // sides of the weight gradient's epilogue mask and residual rules).
+  float w_step_scale = 1.1f;
 };
 
 std::string problem_name(const Problem& p) {
@@ -66,6 +69,7 @@ std::string problem_name(const Problem& p) {
                                             : "") +
          (p.gemm != GemmEngine::kAuto ? std::string("/gemm_") + gemm_engine_name(p.gemm) : "") +
          (p.grad_scale == GradScaleMode::kRow ? "/grad_scale_row" : "") +
+         (p.w_step_scale != 1.1f ? "/w_step" + std::to_string(p.w_step_scale).substr(0, 4) : "") +
          (p.wants == Problem::Wants::kInput    ? "/input_grads_only"
           : p.wants == Problem::Wants::kWeight ? "/weight_grads_only"
                                                : "");
@@ -178,7 +182,7 @@ void run_backward(const Problem& p, bool graph) {
     }
   }
   float sx = 0.9f * lsq_init_step(make_matrix(x.data(), DType::kFloat32, p.n, p.d));
-  float sw = 1.1f * lsq_init_step(make_matrix(w.data(), DType::kFloat32, p.c, p.d));
+  float sw = p.w_step_scale * lsq_init_step(make_matrix(w.data(), DType::kFloat32, p.c, p.d));
   const DType idt = p.in_bf16 ? DType::kBFloat16 : DType::kFloat32;
   const DType odt = p.out_bf16 ? DType::kBFloat16 : DType::kFloat32;
   const size_t oesz = p.out_bf16 ? 2 : 4;
@@ -402,6 +406,17 @@ const bool registered = [] {
   }
   add_case("linear_backward_graph/" + problem_name(backward[3]), false,
            [=] { run_backward(backward[3], true); });
+  // A quarter of the weights clipped (W's step at a quarter of LSQ's initial one: |W~ / s| > 7 at
+  // about 1.2 standard deviations), so that the weight gradient's epilogue applies its mask and
+  // clipped residuals to many elements of every lane; both recipes, both input types, blocks 256,
+  // 64 and 128.
+  for (const Recipe r : {Recipe::kHqBs, Recipe::kHqLss}) {
+    for (Problem p : {backward[1], backward[3], backward[5]}) {
+      p.recipe = r;
+      p.w_step_scale = 0.25f;
+      add_case("linear_backward/" + problem_name(p), false, [=] { run_backward(p, false); });
+    }
+  }
   // One side's gradients only (a frozen weight; a first layer): the weight gradient's epilogue
   // writes the input gradient's operand of W's codes when both are asked, the W pass otherwise.
   // Both recipes; output features 40 (a partial 16-row tile of W, and 48 - 40 zero columns of the
