@@ -406,10 +406,10 @@ const bool registered = [] {
   }
   add_case("linear_backward_graph/" + problem_name(backward[3]), false,
            [=] { run_backward(backward[3], true); });
-  // A quarter of the weights clipped (W's step at a quarter of LSQ's initial one: |W~ / s| > 7 at
-  // about 1.2 standard deviations), so that the weight gradient's epilogue applies its mask and
-  // clipped residuals to many elements of every lane; both recipes, both input types, blocks 256,
-  // 64 and 128.
+  // Many weights clipped: W's step at a quarter of LSQ's initial one (2 mean|w| / sqrt(7), 0.60
+  // standard deviations of Gaussian weights), so |W~ / s| > 7 beyond 1.06 standard deviations,
+  // about 29% of the weights, and the weight gradient's epilogue applies its mask and clipped
+  // residuals to many elements of every lane; both recipes, both input types, blocks 256, 64, 128.
   for (const Recipe r : {Recipe::kHqBs, Recipe::kHqLss}) {
     for (Problem p : {backward[1], backward[3], backward[5]}) {
       p.recipe = r;
