@@ -18,6 +18,7 @@ def load_script(name: str):
         sys.path.insert(0, str(SCRIPTS))
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before it runs, as an import would (dataclasses look it up)
     spec.loader.exec_module(module)
     return module
 
@@ -90,3 +91,48 @@ def test_profile_step_rejects_a_negative_kernel_count(monkeypatch, capsys):
         ps.main()
     assert e.value.code == 2
     assert "--kernels must be 0 or more, got -1" in capsys.readouterr().err
+
+
+# A hand-written cuobjdump -sass excerpt: two kernels, a predicated instruction, a loop, the
+# self-branch that pads the code.
+_SASS = """
+	code for sm_90a
+		Function : _Z3fooPf
+	.headerflags	@"EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                /* 0x00000a00ff017b82 */
+                                                                         /* 0x000fe40000000800 */
+        /*0010*/                   IMAD.WIDE.U32 R2, R3, 0x20, R4 ;      /* 0x0000002003027825 */
+        /*0020*/               @!P1 LOP3.LUT R4, R4, UR14, R0, 0x96, !PT ;
+        /*0030*/                   FFMA R5, R5, 1.52587890625e-05, R6 ;
+        /*0040*/               @P0 BRA 0x10 ;
+        /*0050*/                   EXIT ;
+        /*0060*/                   BRA 0x60;
+		Function : _Z3barv
+        /*0000*/                   SHFL.BFLY PT, R50, R31, 0x1, 0x1f ;
+        /*0010*/                   EXIT ;
+"""
+
+
+def test_sass_mix_parses_kernels_histograms_and_loops():
+    sm = load_script("sass_mix")
+    foo, bar = sm.parse_sass(_SASS)
+    assert (foo.name, bar.name) == ("_Z3fooPf", "_Z3barv")
+    assert [i.address for i in foo.instrs] == [0x0, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60]
+    assert foo.instrs[2].predicate == "@!P1" and foo.instrs[2].opcode == "LOP3.LUT"
+    assert foo.histogram() == Counter(
+        {"LDC": 1, "IMAD": 1, "LOP3": 1, "FFMA": 1, "BRA": 2, "EXIT": 1})
+    # The branch back from 0x40 to 0x10 is a loop; the padding's branch to itself is not.
+    assert foo.loops() == [(0x10, 0x40)]
+    assert foo.histogram(0x10, 0x41) == Counter({"IMAD": 1, "LOP3": 1, "FFMA": 1, "BRA": 1})
+    assert bar.histogram() == Counter({"SHFL": 1, "EXIT": 1}) and bar.loops() == []
+    assert sm.branch_target("0x2a20") == 0x2a20 and sm.branch_target("UR14, 0x2a20") == 0x2a20
+    assert sm.branch_target("R4") is None
+
+
+def test_sass_mix_rejects_bad_arguments(tmp_path):
+    sm = load_script("sass_mix")
+    with pytest.raises(SystemExit, match="input: no such file"):
+        sm.main([str(tmp_path / "missing.cu")])
+    (tmp_path / "k.cubin").write_bytes(b"")
+    with pytest.raises(SystemExit, match="--top must be a positive integer, got 0"):
+        sm.main([str(tmp_path / "k.cubin"), "--top", "0"])
