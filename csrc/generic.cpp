@@ -76,21 +76,17 @@ Tensor philox_words(uint64_t seed, int64_t stream_lo, const Tensor& stream_hi, i
   Tensor c1 = shr(block, 32);
   Tensor c2 = at::full({}, stream_lo & kMask32, opt);
   Tensor c3 = stream_hi.to(opt).reshape({}) & kMask32;
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
-  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  const PhiloxKeys keys = philox_keys(seed);
   for (int round = 0; round < 10; ++round) {
     Tensor hi0, hi1;
-    const Tensor lo0 = mulhilo(kM0, c0, &hi0);
-    const Tensor lo1 = mulhilo(kM1, c2, &hi1);
-    const Tensor n0 = (hi1 ^ c1) ^ static_cast<int64_t>(k0);
-    const Tensor n2 = (hi0 ^ c3) ^ static_cast<int64_t>(k1);
+    const Tensor lo0 = mulhilo(kPhiloxM0, c0, &hi0);
+    const Tensor lo1 = mulhilo(kPhiloxM1, c2, &hi1);
+    const Tensor n0 = (hi1 ^ c1) ^ static_cast<int64_t>(keys.k0[round]);
+    const Tensor n2 = (hi0 ^ c3) ^ static_cast<int64_t>(keys.k1[round]);
     c0 = n0;
     c1 = lo1;
     c2 = n2;
     c3 = lo0;
-    k0 += kW0;
-    k1 += kW1;
   }
   const Tensor words = at::stack({c0.expand({blocks}), c1.expand({blocks}), c2.expand({blocks}),
                                   c3.expand({blocks})},

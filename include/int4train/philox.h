@@ -52,66 +52,69 @@ INT4TRAIN_HD uint32_t philox_mulhilo(uint32_t a, uint32_t b, uint32_t* hi) {
 #endif
 }
 
-// Philox4x32 with 10 rounds, the constants of Random123 (and cuRAND).
-INT4TRAIN_HD Philox4x32 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                      uint32_t k0, uint32_t k1) {
-  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
-  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
-  for (int round = 0; round < 10; ++round) {
-    uint32_t hi0, hi1;
-    const uint32_t lo0 = philox_mulhilo(kM0, c0, &hi0);
-    const uint32_t lo1 = philox_mulhilo(kM1, c2, &hi1);
-    const uint32_t n0 = hi1 ^ c1 ^ k0;
-    const uint32_t n2 = hi0 ^ c3 ^ k1;
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
-    k0 += kW0;
-    k1 += kW1;
-  }
-  return Philox4x32{{c0, c1, c2, c3}};
-}
+// Philox4x32-10's constants, those of Random123 (and cuRAND): the rounds' multipliers and the
+// key's per-round increments (Weyl's constants).
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
 
-// The key schedule of a seed, computed once: round r (0 .. 9) uses {k0 + r W0, k1 + r W1} (32-bit
-// wrap-around), k0, k1 the seed's low and high words. The CUDA kernels take it as a kernel
-// parameter: each round reads its key from constant memory instead of recomputing two additions
-// for every block (nvcc 13.0, sm_90a: 5 instructions a round, not 6).
+// A key schedule: round r (0 .. 9) uses the key words {k0 + r W0, k1 + r W1} (32-bit wrap-around),
+// k0, k1 the seed's low and high words. PhiloxSeedKeys computes them as the rounds go (one addition
+// a word and round); PhiloxKeys keeps them, computed once by philox_keys: the CUDA kernels take it
+// as a kernel parameter, so that each round reads its key from constant memory instead of
+// recomputing the additions for every block (nvcc 13.0, sm_90a: 5 instructions a round, not 6),
+// and the CPU's vector paths take it for their batches.
+struct PhiloxSeedKeys {
+  uint32_t k0, k1;
+  INT4TRAIN_HD uint32_t round0(int r) const { return k0 + static_cast<uint32_t>(r) * kPhiloxW0; }
+  INT4TRAIN_HD uint32_t round1(int r) const { return k1 + static_cast<uint32_t>(r) * kPhiloxW1; }
+};
 struct PhiloxKeys {
   uint32_t k0[10], k1[10];
+  INT4TRAIN_HD uint32_t round0(int r) const { return k0[r]; }
+  INT4TRAIN_HD uint32_t round1(int r) const { return k1[r]; }
 };
 INT4TRAIN_HD PhiloxKeys philox_keys(uint64_t seed) {
-  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  const PhiloxSeedKeys s{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
   PhiloxKeys keys{};
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int round = 0; round < 10; ++round) {
-    keys.k0[round] = k0;
-    keys.k1[round] = k1;
-    k0 += kW0;
-    k1 += kW1;
+    keys.k0[round] = s.round0(round);
+    keys.k1[round] = s.round1(round);
   }
   return keys;
 }
 
-// philox4x32_10 with the key schedule given: the same words for the keys of philox_keys(seed).
-INT4TRAIN_HD Philox4x32 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                      const PhiloxKeys& keys) {
-  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+// The ten rounds of Philox4x32-10 on counter (c0, c1, c2, c3) under a key schedule (one of the two
+// above).
+template <typename Keys>
+INT4TRAIN_HD Philox4x32 philox_rounds(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                      const Keys& keys) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int round = 0; round < 10; ++round) {
     uint32_t hi0, hi1;
-    const uint32_t lo0 = philox_mulhilo(kM0, c0, &hi0);
-    const uint32_t lo1 = philox_mulhilo(kM1, c2, &hi1);
-    const uint32_t n0 = hi1 ^ c1 ^ keys.k0[round];
-    const uint32_t n2 = hi0 ^ c3 ^ keys.k1[round];
+    const uint32_t lo0 = philox_mulhilo(kPhiloxM0, c0, &hi0);
+    const uint32_t lo1 = philox_mulhilo(kPhiloxM1, c2, &hi1);
+    const uint32_t n0 = hi1 ^ c1 ^ keys.round0(round);
+    const uint32_t n2 = hi0 ^ c3 ^ keys.round1(round);
     c0 = n0;
     c1 = lo1;
     c2 = n2;
     c3 = lo0;
   }
   return Philox4x32{{c0, c1, c2, c3}};
+}
+
+// Philox4x32 with 10 rounds under the key (k0, k1).
+INT4TRAIN_HD Philox4x32 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                      uint32_t k0, uint32_t k1) {
+  return philox_rounds(c0, c1, c2, c3, PhiloxSeedKeys{k0, k1});
+}
+
+// philox4x32_10 with the key schedule given: the same words for the keys of philox_keys(seed).
+INT4TRAIN_HD Philox4x32 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                      const PhiloxKeys& keys) {
+  return philox_rounds(c0, c1, c2, c3, keys);
 }
 
 // The four words of block `block` of (seed, stream); elements 4*block .. 4*block+3 use them in order.
@@ -131,16 +134,20 @@ INT4TRAIN_HD uint32_t random_u32(uint64_t seed, uint64_t stream, uint64_t index)
   return random_block(seed, stream, index >> 2).v[index & 3];
 }
 
-// Half (index % 2) of word index / 2: bits 0-15 for even indices, 16-31 for odd ones.
+// Draw i (0 .. 7) of a block's eight 16-bit draws: half (i % 2) of word i / 2, the low half (bits
+// 0-15) for even i.
+INT4TRAIN_HD uint32_t block_u16(const Philox4x32& r, int i) {
+  return (i & 1) ? r.v[i >> 1] >> 16 : r.v[i >> 1] & 0xFFFFu;
+}
+
+// The 16-bit draw `index`: draw index % 8 of block index / 8 (half (index % 2) of word index / 2).
 INT4TRAIN_HD uint32_t random_u16(uint64_t seed, uint64_t stream, uint64_t index) {
-  return (random_u32(seed, stream, index >> 1) >> (16u * static_cast<uint32_t>(index & 1u))) &
-         0xFFFFu;
+  return block_u16(random_block(seed, stream, index >> 3), static_cast<int>(index & 7u));
 }
 
 // random_u16 with the seed's key schedule given (philox_keys(seed)): the same draw.
 INT4TRAIN_HD uint32_t random_u16(const PhiloxKeys& keys, uint64_t stream, uint64_t index) {
-  const uint32_t word = random_block(keys, stream, index >> 3).v[(index >> 1) & 3u];
-  return (word >> (16u * static_cast<uint32_t>(index & 1u))) & 0xFFFFu;
+  return block_u16(random_block(keys, stream, index >> 3), static_cast<int>(index & 7u));
 }
 
 // Uniform in [0, 1) with 16 random bits: h * 2^-16 for h < 2^16, exact in fp32 on every machine.

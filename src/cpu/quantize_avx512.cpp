@@ -59,23 +59,21 @@ inline void philox_batch(uint64_t seed, uint64_t stream, uint64_t block0, uint32
   __m512i c1 = _mm512_mask_add_epi32(hi0, carry, hi0, _mm512_set1_epi32(1));
   __m512i c2 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(stream)));
   __m512i c3 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(stream >> 32)));
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
-  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const PhiloxKeys keys = philox_keys(seed);
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
   for (int round = 0; round < 10; ++round) {
     __m512i lo0, hi0r, lo1, hi1r;
     mulhilo16(c0, m0, &lo0, &hi0r);
     mulhilo16(c2, m1, &lo1, &hi1r);
-    const __m512i n0 =
-        _mm512_xor_si512(_mm512_xor_si512(hi1r, c1), _mm512_set1_epi32(static_cast<int>(k0)));
-    const __m512i n2 =
-        _mm512_xor_si512(_mm512_xor_si512(hi0r, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+    const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(hi1r, c1),
+                                        _mm512_set1_epi32(static_cast<int>(keys.k0[round])));
+    const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(hi0r, c3),
+                                        _mm512_set1_epi32(static_cast<int>(keys.k1[round])));
     c0 = n0;
     c1 = lo1;
     c2 = n2;
     c3 = lo0;
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
   }
   // Transpose 4 x 16 (word-major) to element order: first 4 x 4 within 128-bit lanes, then the
   // lanes.

@@ -28,10 +28,7 @@ const float* uniforms_scalar(uint64_t seed, uint64_t stream, uint64_t e0, int64_
   const int64_t blocks = (offset + n + 7) / 8;
   for (int64_t b = 0; b < blocks; ++b) {
     const Philox4x32 r = random_block(seed, stream, first + static_cast<uint64_t>(b));
-    for (int w = 0; w < 4; ++w) {
-      scratch[8 * b + 2 * w] = uniform_from_u16(r.v[w] & 0xFFFFu);
-      scratch[8 * b + 2 * w + 1] = uniform_from_u16(r.v[w] >> 16);
-    }
+    for (int i = 0; i < 8; ++i) scratch[8 * b + i] = uniform_from_u16(block_u16(r, i));
   }
   return scratch + offset;
 }

@@ -470,12 +470,6 @@ __device__ __forceinline__ uint2 s8x8_of_code_bits(const uint32_t bits[8]) {
   return make_uint2(w[0], w[1]);
 }
 
-// Draw i (0 .. 7) of a Philox block's eight 16-bit draws (philox.h random_u16: word i / 2, its low
-// half for even i).
-__device__ __forceinline__ uint32_t block_u16(const Philox4x32& r, int i) {
-  return (i & 1) ? r.v[i >> 1] >> 16 : r.v[i >> 1] & 0xFFFFu;
-}
-
 // __fadd_rn(x, uniform_from_u16(h)) of philox.h in one instruction after the conversion: the
 // uniform h * 2^-16 is exact, so the fused multiply-add rounds the same exact sum once.
 __device__ __forceinline__ float add_uniform_u16(float x, uint32_t h) {
