@@ -162,11 +162,16 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-__device__ __forceinline__ void bitsplit_scales(const BitsplitParams& p, float* inv) {
+// The pass's inverse scale 119 / max|g| (0 for an all-zero g), and whether every g * inverse scale
+// of the pass is finite, so that split_q_magic may skip its NaN test: max|g| finite (no Inf or NaN
+// in g) and the inverse scale finite even times a row's 2^k (grad_scale=row; a subnormal max|g|
+// makes 119 / max|g| overflow, and 0 * Inf is NaN).
+__device__ __forceinline__ void bitsplit_scales(const BitsplitParams& p, float* inv, bool* finite) {
   const float amax = __uint_as_float(*p.amax_bits);
   const float levels = static_cast<float>(kBitSplitLevels);
   const bool zero = amax == 0.0f;
   *inv = zero ? 0.0f : __fdiv_rn(levels, amax);
+  *finite = amax <= FLT_MAX && *inv <= FLT_MAX / static_cast<float>(1 << kGradRowMaxExponent);
   if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
     *p.scale = zero ? 0.0f : __fdiv_rn(amax, levels);
   }
@@ -177,10 +182,13 @@ __device__ __forceinline__ void bitsplit_scales(const BitsplitParams& p, float* 
 // floor of the rounded sum g * inv + u, clamped (clamping first is the same for integer bounds; NaN
 // gives 0), as the bit pattern of kRoundMagic + q, i.e. bits(kRoundMagic) + q (device_common.cuh).
 // bits(kRoundMagic) ends in a zero byte, so the pattern's low byte is q's (two's complement).
+// kFinite: y is known not to be NaN (bitsplit_scales' finite), so the test is left out (fminf and
+// fmaxf would map a NaN to a bound, not to 0).
+template <bool kFinite>
 __device__ __forceinline__ uint32_t split_q_magic(float g, float inv, uint32_t h) {
   constexpr float kL = static_cast<float>(kBitSplitLevels);
   const float y = add_uniform_u16(__fmul_rn(g, inv), h);  // + uniform_from_u16(h), rounded once
-  const float c = y == y ? fminf(fmaxf(y, -kL), kL) : 0.0f;
+  const float c = kFinite || y == y ? fminf(fmaxf(y, -kL), kL) : 0.0f;
   return __float_as_uint(__fadd_rd(c, kRoundMagic));
 }
 static_assert(kRoundMagic == 0x1.8p23f,
@@ -193,8 +201,10 @@ struct SplitValue {
   float hi_f, lo_f;
   __device__ __forceinline__ int q() const { return 16 * hi + lo; }
 };
+template <bool kFinite>
 __device__ __forceinline__ SplitValue split_value(float g, float inv, uint32_t draw) {
-  const int q = static_cast<int>(split_q_magic(g, inv, draw)) - __float_as_int(kRoundMagic);
+  const int q =
+      static_cast<int>(split_q_magic<kFinite>(g, inv, draw)) - __float_as_int(kRoundMagic);
   const int h = ((q + 8 + 128) >> 4) - 8;
   const int l = q - 16 * h;
   return SplitValue{h, l, int_as_exact_float(h), int_as_exact_float(l)};
@@ -213,19 +223,20 @@ __device__ __forceinline__ void store_operand8(const BitsplitParams& p, int64_t 
 
 // hq_bs's pass: one lane's 8 values (columns col0 .. col0+7 of `row`) as 8 bytes of the INT8 row
 // of q = 16 hi + lo, taken from split_q_magic's bit patterns; nothing is split.
+template <bool kFinite>
 __device__ __forceinline__ uint2 q8_bytes(const BitsplitParams& p, uint64_t stream, int64_t row,
                                           int64_t col0, const float v[8], float inv) {
   const Philox4x32 r =
       random_block(p.keys, stream, static_cast<uint64_t>(row * p.cols + col0) >> 3);
   uint32_t m[8];
 #pragma unroll
-  for (int i = 0; i < 8; ++i) m[i] = split_q_magic(v[i], inv, block_u16(r, i));
+  for (int i = 0; i < 8; ++i) m[i] = split_q_magic<kFinite>(v[i], inv, block_u16(r, i));
   return make_uint2(low_bytes4(m[0], m[1], m[2], m[3]), low_bytes4(m[4], m[5], m[6], m[7]));
 }
 
 // One lane's 8 values split: packed hi/lo codes, the FP8 (or INT8, p.s8) hi and lo operand rows,
 // the rows' sums of squared codes.
-template <bool kVec>
+template <bool kVec, bool kFinite>
 __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, uint64_t stream,
                                                 int64_t row, int64_t col0, const float v[8],
                                                 float inv, int32_t* sq_hi, int32_t* sq_lo) {
@@ -235,7 +246,7 @@ __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, uint64_
   float hf[8], lf[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const SplitValue sv = split_value(v[i], inv, block_u16(r, i));
+    const SplitValue sv = split_value<kFinite>(v[i], inv, block_u16(r, i));
     *sq_hi += sv.hi * sv.hi;
     *sq_lo += sv.lo * sv.lo;
     ph |= static_cast<uint32_t>(sv.hi & 0xF) << (4 * i);
@@ -268,19 +279,23 @@ template <typename In, bool kVec, bool kQ8>
 __global__ void __launch_bounds__(kThreads, kQ8 ? 4 : 3) bitsplit_kernel(const BitsplitParams p) {
   const int lane = threadIdx.x & 31;
   float inv;
-  bitsplit_scales(p, &inv);
+  bool finite;
+  bitsplit_scales(p, &inv, &finite);
   const uint64_t stream = stream_with_step(p.stream, p.device_step);
   for_each_warp_chunk<In, kVec, kChunkDepth>(
       static_cast<const In*>(p.g), p.ldg, p.rows, p.cols,
       [&](int64_t row, int64_t col0, float v[8]) {
         int32_t sq_hi = 0, sq_lo = 0;
         if (col0 < p.cols) {
+          const float ri = row_inverse(p, row, inv);
           if constexpr (kQ8) {
             store_operand8(p, row, col0,
-                           q8_bytes(p, stream, row, col0, v, row_inverse(p, row, inv)));
+                           finite ? q8_bytes<true>(p, stream, row, col0, v, ri)
+                                  : q8_bytes<false>(p, stream, row, col0, v, ri));
+          } else if (finite) {
+            bitsplit_store8<kVec, true>(p, stream, row, col0, v, ri, &sq_hi, &sq_lo);
           } else {
-            bitsplit_store8<kVec>(p, stream, row, col0, v, row_inverse(p, row, inv), &sq_hi,
-                                  &sq_lo);
+            bitsplit_store8<kVec, false>(p, stream, row, col0, v, ri, &sq_hi, &sq_lo);
           }
         } else if (p.operand != nullptr && col0 < p.op_cols) {
           store_operand8(p, row, col0, make_uint2(0u, 0u));
@@ -302,13 +317,16 @@ template <typename In, bool kVec>
 __global__ void __launch_bounds__(kThreads, 4) bitsplit_q8_t_kernel(const BitsplitParams p) {
   static_assert(kThreads == kWarpCols, "tile_to_transposed: a thread per tile column");
   float inv;
-  bitsplit_scales(p, &inv);
+  bool finite;
+  bitsplit_scales(p, &inv, &finite);
   const uint64_t stream = stream_with_step(p.stream, p.device_step);
   tile_to_transposed<In, kVec>(static_cast<const In*>(p.g), p.ldg, p.rows, p.cols, p.operand_t,
                                p.ldt, p.opt_cols, [&](int64_t row, int64_t col0, const float v[8]) {
                                  uint2 b = make_uint2(0u, 0u);
                                  if (col0 < p.cols) {
-                                   b = q8_bytes(p, stream, row, col0, v, row_inverse(p, row, inv));
+                                   const float ri = row_inverse(p, row, inv);
+                                   b = finite ? q8_bytes<true>(p, stream, row, col0, v, ri)
+                                              : q8_bytes<false>(p, stream, row, col0, v, ri);
                                  }
                                  if (p.operand != nullptr && col0 < p.op_cols) {
                                    store_operand8(p, row, col0, b);
@@ -321,7 +339,8 @@ __global__ void __launch_bounds__(kThreads, 4) bitsplit_q8_t_kernel(const Bitspl
 template <typename In>
 __global__ void __launch_bounds__(kThreads) bitsplit_small_kernel(const BitsplitParams p) {
   float inv;
-  bitsplit_scales(p, &inv);
+  bool finite;  // not used: the small path keeps the NaN test
+  bitsplit_scales(p, &inv, &finite);
   const uint64_t stream = stream_with_step(p.stream, p.device_step);
   const int64_t pairs = (p.op_cols > p.cols ? p.op_cols : p.cols + 1) / 2;
   const int64_t total = p.rows * pairs;
@@ -335,7 +354,7 @@ __global__ void __launch_bounds__(kThreads) bitsplit_small_kernel(const Bitsplit
       const int64_t c = 2 * j + k;
       if (c >= p.cols) continue;
       const uint32_t h = random_u16(p.keys, stream, static_cast<uint64_t>(row * p.cols + c));
-      sc[k] = split_value(load_elem(gr + c), row_inverse(p, row, inv), h);
+      sc[k] = split_value<false>(load_elem(gr + c), row_inverse(p, row, inv), h);
       sq_hi += sc[k].hi * sc[k].hi;
       sq_lo += sc[k].lo * sc[k].lo;
     }

@@ -237,26 +237,59 @@ __device__ __forceinline__ void for_each_warp_chunk(const In* __restrict__ x, in
                                    });
 }
 
+// The second half of tile_to_transposed_from, after the barrier that completes the shared tile of
+// kRows rows x 256 columns (rows r0.., columns c0..): column c0 + j of the tile (if < cols) becomes
+// kRows bytes of row c0 + j of out_t at column r0, in 16-byte stores. L2 takes a request per
+// 32-byte sector a store touches, so a warp's store should fill whole sectors: with 32-row tiles
+// two neighbouring threads write the two halves of a column's 32 bytes (a warp: 16 columns' whole
+// sectors, two passes over the 256 columns), not one thread both halves in two stores (a warp: 32
+// half sectors a store, twice the requests; the bit split's q^T pass took 1.5 times as long that
+// way, docs/cuda.md, stop 31). t_cols, a multiple of 16, ends the last row tile's second half.
+template <int kRows>
+__device__ __forceinline__ void store_tile_transposed(const uint8_t (*tile)[kWarpCols], int64_t c0,
+                                                      int64_t r0, int64_t cols,
+                                                      uint8_t* __restrict__ out_t, int64_t ldt,
+                                                      int64_t t_cols) {
+  static_assert(kRows == 16 || kRows == 32, "one 16-byte store per column and thread");
+  constexpr int kHalves = kRows / 16;  // threads per column
+#pragma unroll
+  for (int pass = 0; pass < kHalves; ++pass) {
+    const int j = pass * (kWarpCols / kHalves) + static_cast<int>(threadIdx.x) / kHalves;
+    const int h = static_cast<int>(threadIdx.x) % kHalves;  // rows 16 h .. 16 h + 15
+    const int64_t c = c0 + j;
+    if (c >= cols || r0 + 16 * h >= t_cols) continue;
+    uint32_t w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int r = 16 * h + 4 * k;
+      w[k] = static_cast<uint32_t>(tile[r][j]) | (static_cast<uint32_t>(tile[r + 1][j]) << 8) |
+             (static_cast<uint32_t>(tile[r + 2][j]) << 16) |
+             (static_cast<uint32_t>(tile[r + 3][j]) << 24);
+    }
+    *reinterpret_cast<uint4*>(out_t + c * ldt + r0 + 16 * h) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
 // A GEMM operand written transposed by the pass that computes it (the backward products whose
 // reduction runs over the rows of what the pass reads): a block per tile of kRows rows x 256
 // columns (blockIdx.y: the row tile, blockIdx.x: the column tile; blockDim.x == 256, one thread
 // per tile column), each warp kRows / 8 consecutive rows with all their loads issued before the
 // first is computed (kRows 32, or 16: half the rows in flight, fewer registers, and 16-byte runs
-// of the transposed rows, half a sector; measured in docs/cuda.md, stop 28: it paid in the
-// weight gradient's epilogue, not in the bit split, where q^T is a larger share of the bytes).
+// of the transposed rows, half a sector; measured in docs/cuda.md, stops 28 and 31: it paid in
+// the weight gradient's epilogue, not in the bit split, where q^T is a larger share of the bytes).
 // The loads come from `src` (for_each_warp_chunk_from's policy: Src::Buf, src.load(buf, row,
 // col0), src.zero(buf)). body(row, col0, buf) runs on every lane of the warp for each of its
 // rows < rows (warp-uniform, so it may use shuffles; buf zero past the row end) and returns the
 // lane's 8 operand bytes (zero past the row end; it may store other outputs too). Through a
 // shared tile, column c of the tile's rows becomes kRows bytes of row c of out_t (row stride
 // ldt, t_cols = fp8_padded_cols(rows) columns: rows .. t_cols - 1 are zero, inside the last row
-// tile); 16-byte aligned rows. Every thread of the block returns from it (a barrier inside).
+// tile; store_tile_transposed); 16-byte aligned rows. Every thread of the block returns from it
+// (a barrier inside).
 constexpr int kTileRows = 32;
 template <int kRows = kTileRows, typename Src, typename Body>
 __device__ __forceinline__ void tile_to_transposed_from(const Src& src, int64_t rows, int64_t cols,
                                                         uint8_t* __restrict__ out_t, int64_t ldt,
                                                         int64_t t_cols, Body&& body) {
-  static_assert(kRows == 16 || kRows == 32, "one or two 16-byte stores per thread");
   constexpr int kRowsPerWarp = kRows / (kWarpCols / 32);
   __shared__ __align__(16) uint8_t tile[kRows][kWarpCols];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -280,23 +313,8 @@ __device__ __forceinline__ void tile_to_transposed_from(const Src& src, int64_t 
     *reinterpret_cast<uint2*>(&tile[warp * kRowsPerWarp + i][kLaneElems * lane]) = bytes;
   }
   __syncthreads();
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpCols + threadIdx.x;
-  if (c < cols) {
-    uint32_t w[kRows / 4];
-#pragma unroll
-    for (int j = 0; j < kRows / 4; ++j) {
-      w[j] = static_cast<uint32_t>(tile[4 * j][threadIdx.x]) |
-             (static_cast<uint32_t>(tile[4 * j + 1][threadIdx.x]) << 8) |
-             (static_cast<uint32_t>(tile[4 * j + 2][threadIdx.x]) << 16) |
-             (static_cast<uint32_t>(tile[4 * j + 3][threadIdx.x]) << 24);
-    }
-    uint4* dst = reinterpret_cast<uint4*>(out_t + c * ldt + r0);
-    dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
-    // t_cols is a multiple of 16: a 16-row tile always fits, a 32-row one may end after 16.
-    if constexpr (kRows == 32) {
-      if (r0 + 32 <= t_cols) dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
-    }
-  }
+  store_tile_transposed<kRows>(tile, static_cast<int64_t>(blockIdx.x) * kWarpCols, r0, cols, out_t,
+                               ldt, t_cols);
 }
 
 // tile_to_transposed_from over the rows of x (row stride ldx), body(row, col0, v) with the lane's 8

@@ -644,6 +644,19 @@ const bool registered = [] {
            [] { test_bitsplit(40, 264, true, Data::kOutliers, false, 5); });
   add_case("bitsplit/2097153x8/fp32/normal", true,
            [] { test_bitsplit(2097153, 8, false, Data::kNormal, false); });
+  // bf16 rows with 16-byte loads take the pipelined q^T pass (a persistent grid): more tiles than
+  // blocks (each block several, the last row and column tiles partial), aligned rows with a gap,
+  // grad_scale=row over several tiles a block, and Inf / NaN.
+  add_case("bitsplit/4100x4104/bf16/outliers", true,
+           [] { test_bitsplit(4100, 4104, true, Data::kOutliers, false); });
+  add_case("bitsplit/1000x776/bf16/strided", false,
+           [] { test_bitsplit(1000, 776, true, Data::kNormal, false, 8); });
+  add_case("bitsplit_rows/2100x2056/bf16", true,
+           [] { test_bitsplit(2100, 2056, true, Data::kNormal, false, 0, true); });
+  add_case("bitsplit/64x256/bf16/nonfinite", false,
+           [] { test_bitsplit(64, 256, true, Data::kNonFinite, false); });
+  add_case("bitsplit/40x264/bf16/nonfinite", false,
+           [] { test_bitsplit(40, 264, true, Data::kNonFinite, false); });
   // Empty g: nothing to write, so no operand is needed; the scale is 0.
   // absmax_bits_cuda: empty, one element, a row longer than a warp's pass, strided bf16 rows,
   // outliers, Inf and NaN.
