@@ -1,11 +1,14 @@
 // int4train GPU tests: the runner. Runs every registered case (or those whose name contains the
 // first argument), prints one line per case and "N passed, M failed", and exits non-zero on any
-// failure; 77 (CTest's skip code) when no CUDA device is visible. --quick skips the large cases.
+// failure; 77 (CTest's skip code) when no CUDA device is visible. --quick skips the large cases;
+// --list prints the selected cases' names and their count without running them (no device needed;
+// exit 1 if two cases share a name).
 #include <cuda_runtime.h>
 
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <set>
 #include <string>
 
 #include "gpu_test_util.h"
@@ -38,13 +41,34 @@ int add_case(const std::string& name, bool big, std::function<void()> fn) {
 
 int main(int argc, char** argv) {
   std::string filter;
-  bool quick = false;
+  bool quick = false, list = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
+    } else if (std::strcmp(argv[i], "--list") == 0) {
+      list = true;
     } else {
       filter = argv[i];
     }
+  }
+  if (list) {  // the cases' names (those the filter and --quick select), no device needed
+    std::set<std::string> names;
+    for (const auto& c : gputest::registry()) {
+      if (!names.insert(c.name).second) {
+        std::printf("duplicate case name: %s\n", c.name.c_str());
+        return 1;
+      }
+    }
+    int n = 0;
+    for (const auto& c : gputest::registry()) {
+      if ((!filter.empty() && c.name.find(filter) == std::string::npos) || (quick && c.big)) {
+        continue;
+      }
+      std::printf("%s\n", c.name.c_str());
+      ++n;
+    }
+    std::printf("%d cases\n", n);
+    return 0;
   }
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
