@@ -10,7 +10,8 @@
 #             `git archive --prefix=ab-old/ COMMIT | tar -x -C out` and carried to the GPU machine
 #   NEW_TREE  the tree to compare (B); default: this repository
 #   ROUNDS    runs of each build, alternating; default 3
-# Logs go to $OUT (default /tmp/int4train_ab).
+# AB_FULL=1 runs the whole benchmark (all five layer shapes, about 5 s a run on an H200) instead
+# of --quick (the quantizers and the first shape). Logs go to $OUT (default /tmp/int4train_ab).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 1 ] || [ $# -gt 3 ]; then
@@ -30,6 +31,8 @@ for t in "$old" "$new"; do
   fi
 done
 OUT=${OUT:-/tmp/int4train_ab}
+quick=1
+[ "${AB_FULL:-0}" = 1 ] && quick=
 mkdir -p "$OUT"
 ARCH=${INT4TRAIN_CUDA_ARCH:-90a}
 gen=()
@@ -47,7 +50,7 @@ wait $pb || { echo "build B failed:"; tail -30 "$OUT/build-b.log"; exit 1; }
 
 for r in $(seq 1 "$rounds"); do
   for tag in a b; do
-    "$OUT/build-$tag/bench_gpu/int4train_gpu_bench" --quick > "$OUT/bench-$tag-$r.log" 2>&1
+    "$OUT/build-$tag/bench_gpu/int4train_gpu_bench" ${quick:+--quick} > "$OUT/bench-$tag-$r.log" 2>&1
   done
 done
 head -1 "$OUT/bench-b-1.log"
