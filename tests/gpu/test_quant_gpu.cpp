@@ -263,9 +263,14 @@ void test_absmax_bits(int64_t rows, int64_t cols, bool bf16, Data data, int64_t 
 }
 
 void test_bitsplit(int64_t rows, int64_t cols, bool bf16, Data data, bool zeros,
-                   int64_t ld_extra = 0, bool by_row = false, bool last_col = false) {
+                   int64_t ld_extra = 0, bool by_row = false, bool last_col = false,
+                   float scale = 1e-3f) {
   auto g0 = make_data(rows, cols, data, 99 + rows + cols);
-  for (auto& v : g0) v *= 1e-3f;
+  for (auto& v : g0) v *= scale;
+  // Tiny data (a non-finite inverse scale): some exact zeros, whose 0 * Inf is NaN (code 0).
+  if (scale < 1e-30f) {
+    for (size_t i = 0; i < g0.size(); i += 7) g0[i] = 0.0f;
+  }
   if (zeros) std::fill(g0.begin(), g0.end(), 0.0f);
   if (last_col) {
     for (int64_t r = 0; r < rows; ++r) g0[static_cast<size_t>(r * cols + cols - 1)] *= 8.0f;
@@ -644,9 +649,9 @@ const bool registered = [] {
            [] { test_bitsplit(40, 264, true, Data::kOutliers, false, 5); });
   add_case("bitsplit/2097153x8/fp32/normal", true,
            [] { test_bitsplit(2097153, 8, false, Data::kNormal, false); });
-  // bf16 rows with 16-byte loads take the pipelined q^T pass (a persistent grid): more tiles than
-  // blocks (each block several, the last row and column tiles partial), aligned rows with a gap,
-  // grad_scale=row over several tiles a block, and Inf / NaN.
+  // bf16 rows with 16-byte loads (the q^T tiles' vector loads): many tiles (the last row and
+  // column tiles partial), aligned rows with a gap, grad_scale=row over many tiles, and Inf / NaN
+  // (the split's checked path; finite data take the path without the NaN test).
   add_case("bitsplit/4100x4104/bf16/outliers", true,
            [] { test_bitsplit(4100, 4104, true, Data::kOutliers, false); });
   add_case("bitsplit/1000x776/bf16/strided", false,
@@ -657,6 +662,17 @@ const bool registered = [] {
            [] { test_bitsplit(64, 256, true, Data::kNonFinite, false); });
   add_case("bitsplit/40x264/bf16/nonfinite", false,
            [] { test_bitsplit(40, 264, true, Data::kNonFinite, false); });
+  // Finite g whose inverse scale is not finite: a subnormal max|g| (about 4e-39, also in bf16,
+  // whose smallest subnormal is 9.2e-41) makes 119 / max|g| overflow
+  // (a g of 0 then gives 0 * Inf = NaN, code 0); with grad_scale=row, max|g| near 1e-36 leaves
+  // 119 / max|g| finite but not times a row's 2^k (the zero rows' k = 4). Both must take the
+  // checked path, not the one without the NaN test.
+  for (bool bf16 : {false, true}) {
+    add_case(std::string("bitsplit/64x256/subnormal") + (bf16 ? "/bf16" : "/fp32"), false,
+             [=] { test_bitsplit(64, 256, bf16, Data::kNormal, false, 0, false, false, 1e-39f); });
+    add_case(std::string("bitsplit_rows/64x256/tiny") + (bf16 ? "/bf16" : "/fp32"), false,
+             [=] { test_bitsplit(64, 256, bf16, Data::kNormal, false, 0, true, false, 2e-37f); });
+  }
   // Empty g: nothing to write, so no operand is needed; the scale is 0.
   // absmax_bits_cuda: empty, one element, a row longer than a warp's pass, strided bf16 rows,
   // outliers, Inf and NaN.
