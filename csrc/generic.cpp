@@ -77,7 +77,7 @@ Tensor philox_words(uint64_t seed, int64_t stream_lo, const Tensor& stream_hi, i
   Tensor c2 = at::full({}, stream_lo & kMask32, opt);
   Tensor c3 = stream_hi.to(opt).reshape({}) & kMask32;
   const PhiloxKeys keys = philox_keys(seed);
-  for (int round = 0; round < 10; ++round) {
+  for (int round = 0; round < kPhiloxRounds; ++round) {
     Tensor hi0, hi1;
     const Tensor lo0 = mulhilo(kPhiloxM0, c0, &hi0);
     const Tensor lo1 = mulhilo(kPhiloxM1, c2, &hi1);

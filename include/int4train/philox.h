@@ -56,27 +56,28 @@ INT4TRAIN_HD uint32_t philox_mulhilo(uint32_t a, uint32_t b, uint32_t* hi) {
 // key's per-round increments (Weyl's constants).
 constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+constexpr int kPhiloxRounds = 10;
 
-// A key schedule: round r (0 .. 9) uses the key words {k0 + r W0, k1 + r W1} (32-bit wrap-around),
-// k0, k1 the seed's low and high words. PhiloxSeedKeys computes them as the rounds go (one addition
-// a word and round); PhiloxKeys keeps them, computed once by philox_keys: the CUDA kernels take it
-// as a kernel parameter, so that each round reads its key from constant memory instead of
-// recomputing the additions for every block (nvcc 13.0, sm_90a: 5 instructions a round, not 6),
-// and the CPU's vector paths take it for their batches.
+// A key schedule: round r (0 .. kPhiloxRounds - 1) uses the key words {k0 + r W0, k1 + r W1}
+// (32-bit wrap-around), k0, k1 the seed's low and high words. PhiloxSeedKeys computes them as the
+// rounds go (one addition a word and round); PhiloxKeys keeps them, computed once by philox_keys:
+// the CUDA kernels take it as a kernel parameter, so that each round reads its key from constant
+// memory instead of recomputing the additions for every block (nvcc 13.0, sm_90a: 5 instructions a
+// round, not 6), and the CPU's vector paths take it for their batches.
 struct PhiloxSeedKeys {
   uint32_t k0, k1;
   INT4TRAIN_HD uint32_t round0(int r) const { return k0 + static_cast<uint32_t>(r) * kPhiloxW0; }
   INT4TRAIN_HD uint32_t round1(int r) const { return k1 + static_cast<uint32_t>(r) * kPhiloxW1; }
 };
 struct PhiloxKeys {
-  uint32_t k0[10], k1[10];
+  uint32_t k0[kPhiloxRounds], k1[kPhiloxRounds];
   INT4TRAIN_HD uint32_t round0(int r) const { return k0[r]; }
   INT4TRAIN_HD uint32_t round1(int r) const { return k1[r]; }
 };
 INT4TRAIN_HD PhiloxKeys philox_keys(uint64_t seed) {
   const PhiloxSeedKeys s{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
   PhiloxKeys keys{};
-  for (int round = 0; round < 10; ++round) {
+  for (int round = 0; round < kPhiloxRounds; ++round) {
     keys.k0[round] = s.round0(round);
     keys.k1[round] = s.round1(round);
   }
@@ -91,7 +92,7 @@ INT4TRAIN_HD Philox4x32 philox_rounds(uint32_t c0, uint32_t c1, uint32_t c2, uin
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
-  for (int round = 0; round < 10; ++round) {
+  for (int round = 0; round < kPhiloxRounds; ++round) {
     uint32_t hi0, hi1;
     const uint32_t lo0 = philox_mulhilo(kPhiloxM0, c0, &hi0);
     const uint32_t lo1 = philox_mulhilo(kPhiloxM1, c2, &hi1);

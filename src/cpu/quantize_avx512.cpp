@@ -62,7 +62,7 @@ inline void philox_batch(uint64_t seed, uint64_t stream, uint64_t block0, uint32
   const PhiloxKeys keys = philox_keys(seed);
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
   const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
-  for (int round = 0; round < 10; ++round) {
+  for (int round = 0; round < kPhiloxRounds; ++round) {
     __m512i lo0, hi0r, lo1, hi1r;
     mulhilo16(c0, m0, &lo0, &hi0r);
     mulhilo16(c2, m1, &lo1, &hi1r);

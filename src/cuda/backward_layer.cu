@@ -530,12 +530,9 @@ __device__ __forceinline__ uint2 dw_chunk(const EpilogueParams& p, int lane, dou
     combine8(p, scale, row, col0, h, v);
     uint32_t code_bits[8];
     float value[8], x[8];
-    float z = 0.0f;  // NaN iff some x is Inf or NaN (Inf * 0, NaN * 0)
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      x[i] = __fmul_rn(wt[i], inv);
-      z = __fmaf_rn(x[i], 0.0f, z);
-    }
+    for (int i = 0; i < 8; ++i) x[i] = __fmul_rn(wt[i], inv);
+    const float z = finite_probe8(x);
     if (z == z) {
       // Every x finite: x is inside [-8, 7] iff clamping leaves it unchanged, and a clipped x's
       // residual (the bound) is its code's value, so one comparison and two selects an element.

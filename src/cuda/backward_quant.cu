@@ -165,16 +165,21 @@ __global__ void __launch_bounds__(kThreads)
 // The pass's inverse scale 119 / max|g| (0 for an all-zero g), and whether every g * inverse scale
 // of the pass is finite, so that split_q_magic may skip its NaN test: max|g| finite (no Inf or NaN
 // in g) and the inverse scale finite even times a row's 2^k (grad_scale=row; a subnormal max|g|
-// makes 119 / max|g| overflow, and 0 * Inf is NaN).
-__device__ __forceinline__ void bitsplit_scales(const BitsplitParams& p, float* inv, bool* finite) {
+// makes 119 / max|g| overflow, and 0 * Inf is NaN). Block 0's thread 0 also writes the scale.
+struct BitsplitInverse {
+  float inv;
+  bool finite;
+};
+__device__ __forceinline__ BitsplitInverse bitsplit_scales(const BitsplitParams& p) {
   const float amax = __uint_as_float(*p.amax_bits);
   const float levels = static_cast<float>(kBitSplitLevels);
   const bool zero = amax == 0.0f;
-  *inv = zero ? 0.0f : __fdiv_rn(levels, amax);
-  *finite = amax <= FLT_MAX && *inv <= FLT_MAX / static_cast<float>(1 << kGradRowMaxExponent);
+  const float inv = zero ? 0.0f : __fdiv_rn(levels, amax);
   if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) {
     *p.scale = zero ? 0.0f : __fdiv_rn(amax, levels);
   }
+  return BitsplitInverse{
+      inv, amax <= FLT_MAX && inv <= FLT_MAX / static_cast<float>(1 << kGradRowMaxExponent)};
 }
 
 // q = stochastic_round_clamp(g * inv, u, -L, L) of numeric.h, u = uniform_from_u16(h) of philox.h,
@@ -278,9 +283,9 @@ __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, uint64_
 template <typename In, bool kVec, bool kQ8>
 __global__ void __launch_bounds__(kThreads, kQ8 ? 4 : 3) bitsplit_kernel(const BitsplitParams p) {
   const int lane = threadIdx.x & 31;
-  float inv;
-  bool finite;
-  bitsplit_scales(p, &inv, &finite);
+  const BitsplitInverse scales = bitsplit_scales(p);
+  const float inv = scales.inv;
+  const bool finite = scales.finite;
   const uint64_t stream = stream_with_step(p.stream, p.device_step);
   for_each_warp_chunk<In, kVec, kChunkDepth>(
       static_cast<const In*>(p.g), p.ldg, p.rows, p.cols,
@@ -316,9 +321,9 @@ __global__ void __launch_bounds__(kThreads, kQ8 ? 4 : 3) bitsplit_kernel(const B
 template <typename In, bool kVec>
 __global__ void __launch_bounds__(kThreads, 4) bitsplit_q8_t_kernel(const BitsplitParams p) {
   static_assert(kThreads == kWarpCols, "tile_to_transposed: a thread per tile column");
-  float inv;
-  bool finite;
-  bitsplit_scales(p, &inv, &finite);
+  const BitsplitInverse scales = bitsplit_scales(p);
+  const float inv = scales.inv;
+  const bool finite = scales.finite;
   const uint64_t stream = stream_with_step(p.stream, p.device_step);
   tile_to_transposed<In, kVec>(static_cast<const In*>(p.g), p.ldg, p.rows, p.cols, p.operand_t,
                                p.ldt, p.opt_cols, [&](int64_t row, int64_t col0, const float v[8]) {
@@ -338,9 +343,7 @@ __global__ void __launch_bounds__(kThreads, 4) bitsplit_q8_t_kernel(const Bitspl
 // Any row length: a thread per pair of columns.
 template <typename In>
 __global__ void __launch_bounds__(kThreads) bitsplit_small_kernel(const BitsplitParams p) {
-  float inv;
-  bool finite;  // not used: the small path keeps the NaN test
-  bitsplit_scales(p, &inv, &finite);
+  const float inv = bitsplit_scales(p).inv;  // the small path keeps the NaN test
   const uint64_t stream = stream_with_step(p.stream, p.device_step);
   const int64_t pairs = (p.op_cols > p.cols ? p.op_cols : p.cols + 1) / 2;
   const int64_t total = p.rows * pairs;

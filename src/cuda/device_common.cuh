@@ -85,14 +85,21 @@ __device__ __forceinline__ uint32_t bf16x2_bits(float lo, float hi) {
 #endif
 }
 
-// p[0..7] = float_to_bf16(v[0..7]); kVec: p is 16-byte aligned. Lanes whose 8 values are all
-// finite (z below is not NaN: Inf * 0 and NaN * 0 are NaN) take the hardware conversion, the rare
-// others float_to_bf16.
-template <bool kVec>
-__device__ __forceinline__ void store8(BFloat16* __restrict__ p, const float v[8]) {
+// A lane's finiteness probe: the sum of v * 0 over its 8 values, NaN iff some v is Inf or NaN
+// (Inf * 0 and NaN * 0 are NaN), in 8 fused multiply-adds; `z == z` then says all are finite. The
+// kernels' fast paths take such lanes, the rare others a checked path.
+__device__ __forceinline__ float finite_probe8(const float v[8]) {
   float z = 0.0f;
 #pragma unroll
   for (int i = 0; i < 8; ++i) z = __fmaf_rn(v[i], 0.0f, z);
+  return z;
+}
+
+// p[0..7] = float_to_bf16(v[0..7]); kVec: p is 16-byte aligned. Lanes whose 8 values are all
+// finite (finite_probe8) take the hardware conversion, the rare others float_to_bf16.
+template <bool kVec>
+__device__ __forceinline__ void store8(BFloat16* __restrict__ p, const float v[8]) {
+  const float z = finite_probe8(v);
   uint32_t w[4];
   if (z == z) {
 #pragma unroll

@@ -84,17 +84,14 @@ __device__ __forceinline__ void lsq_quantize8(const LsqParams& p, uint64_t strea
   }
 }
 
-// The codes of one lane's 8 transformed values (lsq_quantize8; b: their Philox block).
-// z is NaN iff some v[i] is Inf or NaN (Inf * 0 and NaN * 0 are NaN): the rare lanes that have one
-// take the checked path.
+// The codes of one lane's 8 transformed values (lsq_quantize8; b: their Philox block). The rare
+// lanes with an Inf or NaN (finite_probe8) take the checked path.
 template <bool kAux>
 __device__ __forceinline__ void lsq_codes8(const LsqParams& p, uint64_t stream, uint64_t b,
                                            const float v[8], float inv, bool inv_ok, bool bad_step,
                                            uint32_t* bad, float value[8], uint32_t* packed_word,
                                            uint32_t* bits) {
-  float z = 0.0f;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) z = __fmaf_rn(v[i], 0.0f, z);
+  const float z = finite_probe8(v);
   if (inv_ok && z == z) {
     lsq_quantize8<kAux, true>(p, stream, b, v, inv, bad_step, bad, value, packed_word, bits);
   } else {
