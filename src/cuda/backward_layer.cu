@@ -306,10 +306,15 @@ struct EpilogueParams {
 
 // out = float(scale * sum_chunks) for one lane's 8 elements of an int32 product that holds the
 // recombined sum 16 hi + lo (hq_bs; hq_lss's weight gradient, the importance weights folded into
-// its operands, or its hi and lo products with row scales); h: the first chunk's values.
+// its operands, or its hi and lo products with row scales); h: the first chunk's values. kUsual:
+// the caller knows it is the usual case (usual_partials), so no code for the others is emitted.
+__host__ __device__ __forceinline__ bool usual_partials(const EpilogueParams& p) {
+  return p.chunks == 1 && p.lo == nullptr && p.row_exps == nullptr && p.scale_exp == 0;
+}
+template <bool kUsual = false>
 __device__ __forceinline__ void combine8(const EpilogueParams& p, double scale, int64_t row,
                                          int64_t col0, const double h[8], float v[8]) {
-  if (p.chunks == 1 && p.lo == nullptr && p.row_exps == nullptr && p.scale_exp == 0) {
+  if (kUsual || usual_partials(p)) {
     // The usual case: no per-element loop, so the 8 chains interleave.
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = __double2float_rn(__dmul_rn(scale, h[i]));
@@ -380,7 +385,10 @@ struct S32Src {
   const int32_t* __restrict__ prod;
   int64_t ld;
   __device__ __forceinline__ void load(Buf& b, int64_t row, int32_t col) const {
-    const int4* q = reinterpret_cast<const int4*>(prod + row * ld + col);
+    load_flat(b, static_cast<uint64_t>(row * ld + col));
+  }
+  __device__ __forceinline__ void load_flat(Buf& b, uint64_t e) const {
+    const int4* q = reinterpret_cast<const int4*>(prod + e);
     b.a = q[0];
     b.b = q[1];
   }
@@ -396,9 +404,11 @@ struct CodesSrc {
   const uint8_t* __restrict__ aux;
   int64_t cols;
   __device__ __forceinline__ void load(Buf& b, int64_t row, int32_t col) const {
-    // Flat index e of the chunk's first element (col and cols are multiples of 8): packed bytes
-    // e / 2 .., aux byte e / 8, in unsigned arithmetic.
-    const uint64_t e = static_cast<uint64_t>(row * cols + col);
+    load_flat(b, static_cast<uint64_t>(row * cols + col));
+  }
+  // e: the flat index of the chunk's first element (col and cols are multiples of 8): packed bytes
+  // e / 2 .., aux byte e / 8.
+  __device__ __forceinline__ void load_flat(Buf& b, uint64_t e) const {
     b.codes = *reinterpret_cast<const uint32_t*>(packed + (e >> 1));
     b.bits = aux[e >> 3];
   }
@@ -420,6 +430,10 @@ struct PairSrc {
   __device__ __forceinline__ void load(Buf& buf, int64_t row, int32_t col) const {
     a.load(buf.first, row, col);
     b.load(buf.second, row, col);
+  }
+  __device__ __forceinline__ void load_flat(Buf& buf, uint64_t e) const {
+    a.load_flat(buf.first, e);
+    b.load_flat(buf.second, e);
   }
   __device__ __forceinline__ void zero(Buf& buf) const {
     a.zero(buf.first);
@@ -455,6 +469,18 @@ __device__ __forceinline__ void store_out8(const EpilogueParams& p, int64_t row,
   }
 }
 
+// The input's LSQ backward of one lane's 8 recombined values v from their saved codes (8 nibbles)
+// and aux bits: acc += v r, v masked.
+__device__ __forceinline__ void dx_lsq8(uint32_t codes, uint32_t bits, float v[8], double& acc) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int code = static_cast<int>(((codes >> (4 * i)) & 0xFu) ^ 0x8u) - 8;
+    const MaskR m = lsq_compact_decode(code, (bits >> i) & 1u);
+    acc += static_cast<double>(v[i]) * static_cast<double>(m.r);
+    v[i] = m.inside ? v[i] : 0.0f;
+  }
+}
+
 // dX: the input's LSQ backward from the saved codes and aux bits (lsq_backward_compact_cuda).
 // kSlots: the partials of a compacted FP8 product, read through the slots (SlotSrc); else one int32
 // product (any K-chunks) that holds the recombined sum (S32Src).
@@ -468,15 +494,7 @@ __global__ void __launch_bounds__(kThreads, kSlots ? 2 : 3)
   double acc = 0.0;
   // The LSQ backward and back-rotation of one chunk's recombined values v.
   auto finish = [&](int64_t row, int64_t col0, float v[8], uint32_t codes, uint32_t bits) {
-    if (col0 < p.cols) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int code = static_cast<int>(((codes >> (4 * i)) & 0xFu) ^ 0x8u) - 8;
-        const MaskR m = lsq_compact_decode(code, (bits >> i) & 1u);
-        acc += static_cast<double>(v[i]) * static_cast<double>(m.r);
-        v[i] = m.inside ? v[i] : 0.0f;
-      }
-    }
+    if (col0 < p.cols) dx_lsq8(codes, bits, v, acc);
     hadamard_warp8<G>(v, lane, p.hscale);
     if (col0 < p.cols) store_out8(p, row, col0, v);
   };
@@ -508,13 +526,43 @@ __global__ void __launch_bounds__(kThreads, kSlots ? 2 : 3)
   block_sum_to<kThreads>(acc, p.partial + blockIdx.x);
 }
 
+// dx_epilogue_kernel<G, false> where nothing has a gap (dx_flat: one K-chunk, no lo product or
+// row scales, rows a multiple of 256 long, the product, the codes and the output contiguous and
+// aligned), the common case, on for_each_flat_chunk: the same bits, without a row or column.
+template <int G>
+__global__ void __launch_bounds__(kThreads, 3) dx_epilogue_flat_kernel(const EpilogueParams p) {
+  const int lane = threadIdx.x & 31;
+  const double scale = __dmul_rn(static_cast<double>(*p.s1), static_cast<double>(*p.s2));
+  double acc = 0.0;
+  using Src = PairSrc<S32Src, CodesSrc>;
+  const Src src{S32Src{static_cast<const int32_t*>(p.prod), p.ld},
+                CodesSrc{p.packed, p.aux, p.cols}};
+  const uint64_t numel = static_cast<uint64_t>(p.rows) * static_cast<uint64_t>(p.cols);
+  for_each_flat_chunk<kChunkDepth>(src, numel, [&](uint64_t e, const Src::Buf& b) {
+    double h[8];
+    b.first.exact(h);
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = __double2float_rn(__dmul_rn(scale, h[i]));
+    dx_lsq8(b.second.codes, b.second.bits, v, acc);
+    hadamard_warp8<G>(v, lane, p.hscale);
+    if (p.out == nullptr) return;
+    if (p.out_bf16) {
+      store8<true>(static_cast<BFloat16*>(p.out) + e, v);
+    } else {
+      store8<true>(static_cast<float*>(p.out) + e, v);
+    }
+  });
+  block_sum_to<kThreads>(acc, p.partial + blockIdx.x);
+}
+
 // One chunk of the dW epilogue (row `row` of W and of the product, the lane's columns col0 ..
 // col0 + 7): W~ = the chunk's weights transformed, v = the recombined product, the weight's LSQ
 // backward (lsq_backward_cuda's rules: x = W~ / s; mask -8 <= x <= 7; r = rint(x) - x inside, -8 /
 // 7 out; acc += v r), the back-rotation of the masked v and its store. kCodes: it also returns W's
 // codes of the chunk as operand bytes (p.codes_s8), hadamard_lsq_codes_t_cuda's: lsq_code of the
 // same x, whose value is rint(x) inside [-8, 7] and so also gives r.
-template <int G, bool kCodes, typename Buf>
+template <int G, bool kCodes, bool kUsual, typename Buf>
 __device__ __forceinline__ uint2 dw_chunk(const EpilogueParams& p, int lane, double scale,
                                           float inv, int64_t row, int64_t col0, const Buf& b,
                                           double& acc) {
@@ -527,7 +575,7 @@ __device__ __forceinline__ uint2 dw_chunk(const EpilogueParams& p, int lane, dou
   if (col0 < p.cols) {
     double h[8];
     b.second.exact(h);
-    combine8(p, scale, row, col0, h, v);
+    combine8<kUsual>(p, scale, row, col0, h, v);
     uint32_t code_bits[8];
     float value[8], x[8];
 #pragma unroll
@@ -592,9 +640,10 @@ __device__ __forceinline__ uint2 dw_chunk(const EpilogueParams& p, int lane, dou
 // 233 us at 16384 x 4096). Two other forms were slower: the tiles on a persistent grid with the
 // next rows' loads in flight across tiles (73.5 us, but 255 against 246 at 16384 x 4096; 11% more
 // instructions), and no shared tile, each lane storing its 4 rows' bytes as 4-byte words of the
-// transposed rows (114 us: L2 takes a request per word).
+// transposed rows (114 us: L2 takes a request per word). kUsual: the product's usual form
+// (usual_partials), without the code for the others (a kernel of a fifth the size).
 constexpr int kDwTileRows = 16;
-template <typename In, int G, bool kCodes>
+template <typename In, int G, bool kCodes, bool kUsual>
 __global__ void __launch_bounds__(kThreads, kCodes ? 3 : 2)
     dw_epilogue_kernel(const EpilogueParams p) {
   static_assert(!kCodes || kThreads == kWarpCols, "tile_to_transposed_from: a thread per column");
@@ -609,12 +658,12 @@ __global__ void __launch_bounds__(kThreads, kCodes ? 3 : 2)
     tile_to_transposed_from<kDwTileRows>(
         src, p.rows, p.cols, p.codes_t, p.ldt, p.t_cols,
         [&](int64_t row, int64_t col0, const typename Src::Buf& b) {
-          return dw_chunk<G, true>(p, lane, scale, inv, row, col0, b, acc);
+          return dw_chunk<G, true, kUsual>(p, lane, scale, inv, row, col0, b, acc);
         });
   } else {
     for_each_warp_chunk_from<kChunkDepth>(
         src, p.rows, p.cols, [&](int64_t row, int64_t col0, const typename Src::Buf& b) {
-          dw_chunk<G, false>(p, lane, scale, inv, row, col0, b, acc);
+          dw_chunk<G, false, kUsual>(p, lane, scale, inv, row, col0, b, acc);
         });
   }
   block_sum_to<kThreads>(acc,
@@ -763,10 +812,20 @@ void launch_dx_epilogue(const SplitPartials& pp, const int8_t* exps, const float
   float* gs = grad_step.data != nullptr ? grad_step.ptr<float>() : nullptr;
   if (epilogue_empty(p, gs, stream)) return;
   const double gamma = lsq_step_gamma(p.rows * p.cols);
+  // dx_epilogue_flat_kernel's conditions: combine8's usual case, and nothing with a gap (the
+  // product's rows 32-byte aligned, the codes' 4-byte aligned, as the row-wise kernel needs too).
+  const bool flat = p.slots == nullptr && usual_partials(p) && p.cols % kWarpCols == 0 &&
+                    (p.rows == 1 || p.ld == p.cols) &&
+                    (p.out == nullptr || (p.out_vec && (p.rows == 1 || p.ldo == p.cols)));
   dispatch_block(block, [&](auto g) {
     constexpr int G = decltype(g)::value;
-    p.slots != nullptr ? launch_epilogue(dx_epilogue_kernel<G, true>, p, gs, gamma, alloc, stream)
-                       : launch_epilogue(dx_epilogue_kernel<G, false>, p, gs, gamma, alloc, stream);
+    if (p.slots != nullptr) {
+      launch_epilogue(dx_epilogue_kernel<G, true>, p, gs, gamma, alloc, stream);
+    } else if (flat) {
+      launch_epilogue(dx_epilogue_flat_kernel<G>, p, gs, gamma, alloc, stream);
+    } else {
+      launch_epilogue(dx_epilogue_kernel<G, false>, p, gs, gamma, alloc, stream);
+    }
   });
 }
 
@@ -797,17 +856,24 @@ bool launch_dw_epilogue(const SplitPartials& pp, const float* s1, const float* s
   }
   const bool bf16 = w.dtype == DType::kBFloat16;
   const double gamma = lsq_step_gamma(p.rows * p.cols);
+  const bool usual = usual_partials(p);
   dispatch_block(block, [&](auto g) {
     constexpr int G = decltype(g)::value;
-    if (with_codes) {
-      bf16 ? launch_epilogue_on(dw_epilogue_kernel<BFloat16, G, true>, tiles, p, gs, gamma, alloc,
-                                stream)
-           : launch_epilogue_on(dw_epilogue_kernel<float, G, true>, tiles, p, gs, gamma, alloc,
-                                stream);
-    } else {
-      bf16 ? launch_epilogue(dw_epilogue_kernel<BFloat16, G, false>, p, gs, gamma, alloc, stream)
-           : launch_epilogue(dw_epilogue_kernel<float, G, false>, p, gs, gamma, alloc, stream);
-    }
+    auto launch = [&](auto usual_tag) {
+      constexpr bool kUsual = decltype(usual_tag)::value;
+      if (with_codes) {
+        bf16 ? launch_epilogue_on(dw_epilogue_kernel<BFloat16, G, true, kUsual>, tiles, p, gs,
+                                  gamma, alloc, stream)
+             : launch_epilogue_on(dw_epilogue_kernel<float, G, true, kUsual>, tiles, p, gs, gamma,
+                                  alloc, stream);
+      } else {
+        bf16 ? launch_epilogue(dw_epilogue_kernel<BFloat16, G, false, kUsual>, p, gs, gamma, alloc,
+                               stream)
+             : launch_epilogue(dw_epilogue_kernel<float, G, false, kUsual>, p, gs, gamma, alloc,
+                               stream);
+      }
+    };
+    usual ? launch(std::true_type{}) : launch(std::false_type{});
   });
   return with_codes;
 }

@@ -110,6 +110,25 @@ int64_t count_diff(const std::vector<T>& a, const std::vector<T>& b) {
 }
 
 // ---- fused Hadamard + LSQ
+// How many bytes of a GEMM operand (FP8 e4m3 or INT8: rows x padded columns, or transposed, cols x
+// padded rows; fp8_padded_cols) differ from the codes `want` (rows x cols), the padding zero.
+int64_t operand_diff(const std::vector<uint8_t>& got, const std::vector<int8_t>& want, int64_t rows,
+                     int64_t cols, bool s8, bool transposed) {
+  const int64_t outer = transposed ? cols : rows, len = transposed ? rows : cols;
+  const int64_t padded = fp8_padded_cols(len);
+  int64_t bad = 0;
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t i = 0; i < padded; ++i) {
+      const int64_t r = transposed ? i : o, c = transposed ? o : i;
+      const float w = i < len ? want[static_cast<size_t>(r * cols + c)] : 0.0f;
+      const uint8_t byte = got[static_cast<size_t>(o * padded + i)];
+      bad +=
+          !((s8 ? static_cast<float>(static_cast<int8_t>(byte)) : gputest::decode_e4m3(byte)) == w);
+    }
+  }
+  return bad;
+}
+
 void test_hadamard_lsq(int64_t rows, int64_t cols, int32_t block, bool bf16, Data data,
                        int64_t ld_extra, bool bad_step) {
   const auto x0 = make_data(rows, cols, data, 11 + rows * 3 + cols + block);
@@ -174,14 +193,32 @@ void test_hadamard_lsq(int64_t rows, int64_t cols, int32_t block, bool bf16, Dat
   GPU_CHECK_MSG(count_diff(got_aux, want_aux) == 0, count_diff(got_aux, want_aux)
                                                         << " aux bytes differ");
   const auto op = gputest::download<uint8_t>(dop, static_cast<size_t>(rows * kp));
-  int64_t bad_op = 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < kp; ++c) {
-      const float want = c < cols ? want_codes[static_cast<size_t>(r * cols + c)] : 0.0f;
-      bad_op += !(gputest::decode_e4m3(op[static_cast<size_t>(r * kp + c)]) == want);
-    }
-  }
+  const int64_t bad_op = operand_diff(op, want_codes, rows, cols, false, false);
   GPU_CHECK_MSG(bad_op == 0, bad_op << " operand bytes differ");
+  // Each output alone, as the W pass asks for them (the kernels specialise on what is asked for,
+  // e.g. no nibbles for the FP8 operand alone): the FP8 operand, the INT8 operand, the packed
+  // codes.
+  for (int alone = 0; alone < 3; ++alone) {
+    const bool s8 = alone == 1, pk = alone == 2;
+    DevBuf d(pk ? std::max<size_t>(1, want_packed.size())
+                : static_cast<size_t>(std::max<int64_t>(1, rows * kp)));
+    d.poison();
+    hadamard_lsq_quantize_cuda(
+        dx.view, block, make_scalar(dstep.get(), DType::kFloat32), RandomKey{},
+        pk ? TensorView{} : make_matrix(d.get(), s8 ? DType::kInt8 : DType::kFloat8E4M3, rows, kp),
+        pk ? make_matrix(d.get(), DType::kInt4Packed, rows, cols) : TensorView{}, TensorView{},
+        TensorView{}, nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
+    if (pk) {
+      const auto got = gputest::download<uint8_t>(d, want_packed.size());
+      GPU_CHECK_MSG(count_diff(got, want_packed) == 0,
+                    count_diff(got, want_packed) << " packed bytes differ (packed alone)");
+      continue;
+    }
+    const auto got = gputest::download<uint8_t>(d, static_cast<size_t>(rows * kp));
+    const int64_t bad = operand_diff(got, want_codes, rows, cols, s8, false);
+    GPU_CHECK_MSG(bad == 0, bad << (s8 ? " INT8" : " FP8") << " operand bytes differ (alone)");
+  }
   // The same codes as a transposed operand (hadamard_lsq_codes_t_cuda, the input gradient's weight
   // operand), FP8 and INT8: cols x padded rows, padding zero.
   const int64_t np = fp8_padded_cols(rows);
@@ -194,16 +231,7 @@ void test_hadamard_lsq(int64_t rows, int64_t cols, int32_t block, bool bf16, Dat
         default_cuda_allocator(), nullptr);
     CUDA_OK(cudaDeviceSynchronize());
     const auto t = gputest::download<uint8_t>(dt, static_cast<size_t>(cols * np));
-    int64_t bad_t = 0;
-    for (int64_t c = 0; c < cols; ++c) {
-      for (int64_t r = 0; r < np; ++r) {
-        const float want = r < rows ? want_codes[static_cast<size_t>(r * cols + c)] : 0.0f;
-        const uint8_t byte = t[static_cast<size_t>(c * np + r)];
-        const float got =
-            s8 ? static_cast<float>(static_cast<int8_t>(byte)) : gputest::decode_e4m3(byte);
-        bad_t += !(got == want);
-      }
-    }
+    const int64_t bad_t = operand_diff(t, want_codes, rows, cols, s8, true);
     GPU_CHECK_MSG(bad_t == 0,
                   bad_t << (s8 ? " INT8" : " FP8") << " transposed operand bytes differ");
   }
@@ -527,6 +555,12 @@ const bool registered = [] {
                s.big,
                [=] { test_hadamard_lsq(s.rows, s.cols, s.block, bf16, Data::kNormal, 3, false); });
     }
+  }
+  // Rows with a gap that keeps the 16- and 32-byte alignment (the row-wise kernel with vector
+  // loads, not the flat one).
+  for (bool bf16 : {false, true}) {
+    add_case(std::string("hadamard_lsq/24x512/g256/") + (bf16 ? "bf16" : "fp32") + "/strided8",
+             false, [=] { test_hadamard_lsq(24, 512, 256, bf16, Data::kNormal, 8, false); });
   }
   add_case("hadamard_lsq/33x64/g1/fp32/ties", false,
            [] { test_hadamard_lsq(33, 64, 1, false, Data::kTies, 0, false); });
