@@ -555,6 +555,69 @@ __global__ void __launch_bounds__(kThreads) codes_to_operand_t_kernel(const ToOp
   }
 }
 
+// The transposed INT8 operand of packed codes with no row map or exponents and rows a multiple of
+// 64 codes long (hq_bs's X^T for the weight gradient's product): a block per tile of 128 positions
+// (code rows) x 64 code columns. Each thread loads 4 bytes (8 codes) of 4 consecutive positions,
+// sign-extends the nibbles to bytes, transposes the 4 x 8 bytes with byte permutes into 8 words
+// (a column's 4 positions each) and stores them into a shared tile of 64 output rows x 128 bytes
+// whose 16-byte chunks are XOR-swizzled by the column's group of 8, so that neither the 4-byte
+// stores nor the 16-byte loads conflict; each thread then writes two 16-byte chunks, a warp 4
+// output rows' 128 contiguous bytes (4 whole sectors each).
+constexpr int kT8Pos = 128, kT8Cols = 64;
+
+// The 4-bit two's-complement values in the low nibbles of v's bytes (high nibbles zero), as int8
+// bytes: (n ^ 8) - 8 a byte, with 0x78 added and bit 7 flipped so that no byte borrows.
+__device__ __forceinline__ uint32_t sext_nibbles4(uint32_t v) {
+  return ((v ^ 0x08080808u) + 0x78787878u) ^ 0x80808080u;
+}
+
+__global__ void __launch_bounds__(kThreads) packed_to_s8_t_kernel(const ToOperandParams p) {
+  __shared__ __align__(16) uint32_t tile[kT8Cols][kT8Pos / 4];  // [column][word of 4 positions]
+  const int t = static_cast<int>(threadIdx.x);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kT8Pos;   // positions
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kT8Cols;  // code columns
+  const int cb = t & 7;  // codes 8 cb .. 8 cb + 7 of the tile's columns
+  const int g = t >> 3;  // positions 4 g .. 4 g + 3 of the tile
+  const int64_t row_bytes = p.cols / 2;
+  uint32_t lo[4], hi[4];  // position i's codes 0-3 and 4-7 as int8 bytes
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t r = r0 + 4 * g + i;
+    const uint32_t x =
+        r < p.rows ? *reinterpret_cast<const uint32_t*>(p.codes + r * row_bytes + c0 / 2 + 4 * cb)
+                   : 0u;  // past the last position: the operand's zero padding
+    const uint32_t even = sext_nibbles4(x & 0x0F0F0F0Fu);        // codes 0, 2, 4, 6
+    const uint32_t odd = sext_nibbles4((x >> 4) & 0x0F0F0F0Fu);  // codes 1, 3, 5, 7
+    lo[i] = __byte_perm(even, odd, 0x5140u);
+    hi[i] = __byte_perm(even, odd, 0x7362u);
+  }
+  // 4 x 4 byte transposes: word j = column j's bytes of positions 0..3.
+  uint32_t col[8];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t* w = h == 0 ? lo : hi;
+    const uint32_t ab0 = __byte_perm(w[0], w[1], 0x5140u), ab1 = __byte_perm(w[0], w[1], 0x7362u);
+    const uint32_t cd0 = __byte_perm(w[2], w[3], 0x5140u), cd1 = __byte_perm(w[2], w[3], 0x7362u);
+    col[4 * h + 0] = __byte_perm(ab0, cd0, 0x5410u);
+    col[4 * h + 1] = __byte_perm(ab0, cd0, 0x7632u);
+    col[4 * h + 2] = __byte_perm(ab1, cd1, 0x5410u);
+    col[4 * h + 3] = __byte_perm(ab1, cd1, 0x7632u);
+  }
+  // Word g of column c sits in 16-byte chunk (g / 4) ^ (c / 8) of the column's row.
+#pragma unroll
+  for (int j = 0; j < 8; ++j) tile[8 * cb + j][(((g >> 2) ^ cb) << 2) | (g & 3)] = col[j];
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int idx = t + k * kThreads;
+    const int oc = idx >> 3, q = idx & 7;  // output row c0 + oc, its chunk q (16 positions)
+    const int64_t out_c = r0 + 16 * q;
+    if (out_c >= p.out_cols) continue;
+    const uint4 v = *reinterpret_cast<const uint4*>(&tile[oc][(q ^ (oc >> 3)) << 2]);
+    *reinterpret_cast<uint4*>(p.out + (c0 + oc) * p.ldo + out_c) = v;
+  }
+}
+
 // The transposed operand of codes whose rows are 16-code multiples (cols % 16 == 0; packed: each
 // row's bytes 8-byte aligned; int8 (kPacked false): 16-byte aligned, ldc % 16 == 0): a 64 x 64 tile
 // per block, each thread reading 16 codes (8 packed bytes or 16 int8) of a row and writing 16
@@ -1085,6 +1148,12 @@ void to_operand(const TensorView& codes, bool s8, const int8_t* row_exp, bool tr
   const cudaStream_t s = as_stream(stream);
   if (!transpose) {
     codes_to_operand_kernel<<<grid_blocks(rows * p.out_cols, kThreads), kThreads, 0, s>>>(p);
+  } else if (p.packed && s8 && row_exp == nullptr && !rm.mapped && cols % kT8Cols == 0 &&
+             cols / kT8Cols <= 65535 && aligned(p.codes, 4) && aligned(p.out, 16) &&
+             (cols <= 1 || p.ldo % 16 == 0)) {
+    const dim3 grid(static_cast<unsigned>((p.out_cols + kT8Pos - 1) / kT8Pos),
+                    static_cast<unsigned>(cols / kT8Cols));
+    packed_to_s8_t_kernel<<<grid, kThreads, 0, s>>>(p);
   } else if (cols % 16 == 0 && (cols + kTile - 1) / kTile <= 65535 &&
              (p.packed ? aligned(p.codes, 8)
                        : aligned(p.codes, 16) && (rows <= 1 || p.ldc % 16 == 0))) {

@@ -83,10 +83,11 @@ Operand to_operand(const std::vector<uint8_t>& packed, int64_t rows, int64_t col
   return op;
 }
 
-// ---- codes -> FP8 operand: every byte decodes to the code (or to zero in the padding).
-void test_to_fp8(int64_t rows, int64_t cols, bool transpose) {
+// ---- codes -> FP8 (or INT8, s8) operand: every byte decodes to the code (or to zero in the
+// padding).
+void test_to_fp8(int64_t rows, int64_t cols, bool transpose, bool s8 = false) {
   const auto codes = make_codes(rows, cols, Fill::kRandom, 7 + rows * 31 + cols);
-  Operand op = to_operand(pack(codes, rows, cols), rows, cols, transpose);
+  Operand op = to_operand(pack(codes, rows, cols), rows, cols, transpose, s8);
   const int64_t out_rows = op.view.shape[0], kp = op.view.shape[1];
   const auto bytes = gputest::download<uint8_t>(op.buf, static_cast<size_t>(out_rows * kp));
   int64_t bad = 0;
@@ -98,11 +99,13 @@ void test_to_fp8(int64_t rows, int64_t cols, bool transpose) {
         want = transpose ? codes[static_cast<size_t>(c * cols + r)]
                          : codes[static_cast<size_t>(r * cols + c)];
       }
-      const float got = gputest::decode_e4m3(bytes[static_cast<size_t>(r * kp + c)]);
+      const uint8_t byte = bytes[static_cast<size_t>(r * kp + c)];
+      const float got =
+          s8 ? static_cast<float>(static_cast<int8_t>(byte)) : gputest::decode_e4m3(byte);
       if (!(got == want)) ++bad;
     }
   }
-  GPU_CHECK_MSG(bad == 0, bad << " operand bytes differ");
+  GPU_CHECK_MSG(bad == 0, bad << (s8 ? " INT8" : " FP8") << " operand bytes differ");
 }
 
 // INT8 operands from int8 values (codes_to_s8_cuda with kInt8 codes: hq_bs's q = 16 hi + lo and its
@@ -524,6 +527,14 @@ const bool registered = [] {
                    "x" + std::to_string(s.k),
                false, [=] { test_to_fp8(s.m, s.k, t); });
     }
+  }
+  // Packed codes to the INT8 operand, transposed (hq_bs's X^T): rows of a multiple of 64 codes
+  // take the register-transposing kernel (partial position tiles, padding, several column tiles),
+  // the others the generic tiles.
+  for (S s : {S{1, 1, 64}, S{5, 1, 128}, S{129, 1, 256}, S{300, 1, 4096}, S{4100, 1, 320},
+              S{1000, 1, 64}, S{128, 1, 192}, S{37, 1, 100}, S{64, 1, 48}}) {
+    add_case("s8_codes_operand/transposed/" + std::to_string(s.m) + "x" + std::to_string(s.k),
+             false, [=] { test_to_fp8(s.m, s.k, true, true); });
   }
   struct C {
     int64_t rows, cols, ld;
