@@ -1150,7 +1150,7 @@ void to_operand(const TensorView& codes, bool s8, const int8_t* row_exp, bool tr
     codes_to_operand_kernel<<<grid_blocks(rows * p.out_cols, kThreads), kThreads, 0, s>>>(p);
   } else if (p.packed && s8 && row_exp == nullptr && !rm.mapped && cols % kT8Cols == 0 &&
              cols / kT8Cols <= 65535 && aligned(p.codes, 4) && aligned(p.out, 16) &&
-             (cols <= 1 || p.ldo % 16 == 0)) {
+             p.ldo % 16 == 0) {
     const dim3 grid(static_cast<unsigned>((p.out_cols + kT8Pos - 1) / kT8Pos),
                     static_cast<unsigned>(cols / kT8Cols));
     packed_to_s8_t_kernel<<<grid, kThreads, 0, s>>>(p);

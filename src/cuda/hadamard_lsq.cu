@@ -399,7 +399,7 @@ void launch_lsq_g(const LsqParams& p, cudaStream_t stream) {
   auto launch = [&](auto kernel) {
     kernel<<<persistent_blocks(kernel, kThreads, needed), kThreads, 0, stream>>>(p);
   };
-  if (kVec && lsq_flat(p, kVec)) {
+  if (lsq_flat(p, kVec)) {
     // The X pass (aux bits, packed codes), the FP8-only W pass, and the rest.
     const bool nibbles = p.packed != nullptr || (p.operand != nullptr && p.op_s8);
     if (p.aux != nullptr) {
