@@ -228,15 +228,45 @@ __device__ __forceinline__ void store_operand8(const BitsplitParams& p, int64_t 
 
 // hq_bs's pass: one lane's 8 values (columns col0 .. col0+7 of `row`) as 8 bytes of the INT8 row
 // of q = 16 hi + lo, taken from split_q_magic's bit patterns; nothing is split.
+// b: the 8 values' Philox block (their flat indices 8 b .. 8 b + 7).
 template <bool kFinite>
-__device__ __forceinline__ uint2 q8_bytes(const BitsplitParams& p, uint64_t stream, int64_t row,
-                                          int64_t col0, const float v[8], float inv) {
-  const Philox4x32 r =
-      random_block(p.keys, stream, static_cast<uint64_t>(row * p.cols + col0) >> 3);
+__device__ __forceinline__ uint2 q8_bytes_at(const BitsplitParams& p, uint64_t stream, uint64_t b,
+                                             const float v[8], float inv) {
+  const Philox4x32 r = random_block(p.keys, stream, b);
   uint32_t m[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) m[i] = split_q_magic<kFinite>(v[i], inv, block_u16(r, i));
   return make_uint2(low_bytes4(m[0], m[1], m[2], m[3]), low_bytes4(m[4], m[5], m[6], m[7]));
+}
+template <bool kFinite>
+__device__ __forceinline__ uint2 q8_bytes(const BitsplitParams& p, uint64_t stream, int64_t row,
+                                          int64_t col0, const float v[8], float inv) {
+  return q8_bytes_at<kFinite>(p, stream, static_cast<uint64_t>(row * p.cols + col0) >> 3, v, inv);
+}
+
+// One lane's 8 values split (Philox block b): the packed hi and lo nibbles, their values as exact
+// floats, and the sums of their squares added to *sq_hi, *sq_lo.
+struct Split8 {
+  uint32_t ph = 0, pl = 0;
+  float hf[8], lf[8];
+};
+template <bool kFinite>
+__device__ __forceinline__ Split8 split8(const BitsplitParams& p, uint64_t stream, uint64_t b,
+                                         const float v[8], float inv, int32_t* sq_hi,
+                                         int32_t* sq_lo) {
+  const Philox4x32 r = random_block(p.keys, stream, b);
+  Split8 s;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const SplitValue sv = split_value<kFinite>(v[i], inv, block_u16(r, i));
+    *sq_hi += sv.hi * sv.hi;
+    *sq_lo += sv.lo * sv.lo;
+    s.ph |= static_cast<uint32_t>(sv.hi & 0xF) << (4 * i);
+    s.pl |= static_cast<uint32_t>(sv.lo & 0xF) << (4 * i);
+    s.hf[i] = sv.hi_f;
+    s.lf[i] = sv.lo_f;
+  }
+  return s;
 }
 
 // One lane's 8 values split: packed hi/lo codes, the FP8 (or INT8, p.s8) hi and lo operand rows,
@@ -245,20 +275,11 @@ template <bool kVec, bool kFinite>
 __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, uint64_t stream,
                                                 int64_t row, int64_t col0, const float v[8],
                                                 float inv, int32_t* sq_hi, int32_t* sq_lo) {
-  const Philox4x32 r =
-      random_block(p.keys, stream, static_cast<uint64_t>(row * p.cols + col0) >> 3);
-  uint32_t ph = 0, pl = 0;
-  float hf[8], lf[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const SplitValue sv = split_value<kFinite>(v[i], inv, block_u16(r, i));
-    *sq_hi += sv.hi * sv.hi;
-    *sq_lo += sv.lo * sv.lo;
-    ph |= static_cast<uint32_t>(sv.hi & 0xF) << (4 * i);
-    pl |= static_cast<uint32_t>(sv.lo & 0xF) << (4 * i);
-    hf[i] = sv.hi_f;
-    lf[i] = sv.lo_f;
-  }
+  const Split8 sp = split8<kFinite>(p, stream, static_cast<uint64_t>(row * p.cols + col0) >> 3, v,
+                                    inv, sq_hi, sq_lo);
+  const uint32_t ph = sp.ph, pl = sp.pl;
+  const float* hf = sp.hf;
+  const float* lf = sp.lf;
   const int64_t pb = row * (p.cols / 2) + col0 / 2;
   if (p.hi != nullptr) {
     if (kVec) {
@@ -313,6 +334,52 @@ __global__ void __launch_bounds__(kThreads, kQ8 ? 4 : 3) bitsplit_kernel(const B
           if (lane == 0 && sq_lo != 0) atomicAdd(p.row_sumsq + p.rows + row, sq_lo);
         }
       });
+}
+
+// bitsplit_kernel where nothing has a gap (bitsplit_flat: one inverse scale, rows a multiple of
+// 256 long, g, the packed codes and the operand contiguous), on for_each_flat_chunk: the chunk's
+// flat index e gives its Philox block (e / 8), packed bytes (e / 2), operand bytes (e; the lo rows
+// at numel + e) and, for the row sums, its row (e / 256 / chunks a row, in 32 bits).
+template <typename In, bool kQ8>
+__global__ void __launch_bounds__(kThreads, kQ8 ? 4 : 3)
+    bitsplit_flat_kernel(const BitsplitParams p) {
+  const int lane = threadIdx.x & 31;
+  const BitsplitInverse scales = bitsplit_scales(p);
+  const float inv = scales.inv;
+  const bool finite = scales.finite;
+  const uint64_t stream = stream_with_step(p.stream, p.device_step);
+  using Src = MatrixSrc<In, true>;
+  const Src src{static_cast<const In*>(p.g), p.cols};
+  const uint64_t numel = static_cast<uint64_t>(p.rows) * static_cast<uint64_t>(p.cols);
+  const uint32_t row_chunks = static_cast<uint32_t>(p.cols / kWarpCols);
+  for_each_flat_chunk<kChunkDepth>(src, numel, [&](uint64_t e, const typename Src::Buf& b) {
+    float v[8];
+    b.to_float(v);
+    if constexpr (kQ8) {
+      *reinterpret_cast<uint2*>(p.operand + e) =
+          finite ? q8_bytes_at<true>(p, stream, e >> 3, v, inv)
+                 : q8_bytes_at<false>(p, stream, e >> 3, v, inv);
+    } else {
+      int32_t sq_hi = 0, sq_lo = 0;
+      const Split8 sp = finite ? split8<true>(p, stream, e >> 3, v, inv, &sq_hi, &sq_lo)
+                               : split8<false>(p, stream, e >> 3, v, inv, &sq_hi, &sq_lo);
+      if (p.hi != nullptr) {
+        *reinterpret_cast<uint32_t*>(p.hi + (e >> 1)) = sp.ph;
+        *reinterpret_cast<uint32_t*>(p.lo + (e >> 1)) = sp.pl;
+      }
+      if (p.operand != nullptr) {  // hi and lo: codes in [-8, 7]
+        *reinterpret_cast<uint2*>(p.operand + e) = operand_bytes8(p.s8, sp.ph, sp.hf);
+        *reinterpret_cast<uint2*>(p.operand + numel + e) = operand_bytes8(p.s8, sp.pl, sp.lf);
+      }
+      if (p.row_sumsq != nullptr) {
+        sq_hi = warp_sum_s32(sq_hi);
+        sq_lo = warp_sum_s32(sq_lo);
+        const uint32_t row = static_cast<uint32_t>(e / kWarpCols) / row_chunks;
+        if (lane == 0 && sq_hi != 0) atomicAdd(p.row_sumsq + row, sq_hi);
+        if (lane == 0 && sq_lo != 0) atomicAdd(p.row_sumsq + p.rows + row, sq_lo);
+      }
+    }
+  });
 }
 
 // hq_bs's pass with q^T (p.operand_t, the weight gradient's operand, whose reduction runs over
@@ -801,6 +868,16 @@ void launch_bitsplit_chunks(const BitsplitParams& p, bool vec, bool bf16, cudaSt
   auto launch = [&](auto kernel) {
     kernel<<<persistent_blocks(kernel, kThreads, needed), kThreads, 0, s>>>(p);
   };
+  // bitsplit_flat_kernel's conditions: one inverse scale, whole chunks, g and the operand rows back
+  // to back (the operand's 2 rows x cols, or q's rows), chunk indices in 32 bits for the row sums.
+  const bool flat =
+      vec && p.row_inv == nullptr && p.cols % kWarpCols == 0 && (p.rows == 1 || p.ldg == p.cols) &&
+      (p.operand == nullptr || (p.op_cols == p.cols && p.ldop == p.cols)) &&
+      (!kQ8 || p.operand != nullptr) && p.rows * (p.cols / kWarpCols) <= int64_t{0xFFFFFFFF};
+  if (flat) {
+    bf16 ? launch(bitsplit_flat_kernel<BFloat16, kQ8>) : launch(bitsplit_flat_kernel<float, kQ8>);
+    return;
+  }
   if (bf16) {
     vec ? launch(bitsplit_kernel<BFloat16, true, kQ8>)
         : launch(bitsplit_kernel<BFloat16, false, kQ8>);

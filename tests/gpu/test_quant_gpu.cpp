@@ -635,7 +635,7 @@ const bool registered = [] {
   for (B b :
        {B{1, 1, false}, B{3, 7, false}, B{5, 37, false}, B{64, 256, false}, B{33, 1000, false},
         B{128, 768, false}, B{2, 12, false}, B{129, 33, false}, B{300, 70, false}, B{1, 8, false},
-        B{40, 264, false}, B{50, 256, false}, B{512, 4096, true}}) {
+        B{40, 264, false}, B{50, 256, false}, B{300, 1024, false}, B{512, 4096, true}}) {
     for (bool bf16 : {false, true}) {
       for (Data d : {Data::kNormal, Data::kOutliers}) {
         add_case("bitsplit/" + std::to_string(b.rows) + "x" + std::to_string(b.cols) +
