@@ -311,13 +311,16 @@ struct EpilogueParams {
 __host__ __device__ __forceinline__ bool usual_partials(const EpilogueParams& p) {
   return p.chunks == 1 && p.lo == nullptr && p.row_exps == nullptr && p.scale_exp == 0;
 }
+// The usual case's 8 values (no per-element loop, so the 8 chains interleave).
+__device__ __forceinline__ void scale8(double scale, const double h[8], float v[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = __double2float_rn(__dmul_rn(scale, h[i]));
+}
 template <bool kUsual = false>
 __device__ __forceinline__ void combine8(const EpilogueParams& p, double scale, int64_t row,
                                          int64_t col0, const double h[8], float v[8]) {
   if (kUsual || usual_partials(p)) {
-    // The usual case: no per-element loop, so the 8 chains interleave.
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = __double2float_rn(__dmul_rn(scale, h[i]));
+    scale8(scale, h, v);
     return;
   }
   const double w = row_weight(p.row_exps, p.scale_exp, row);
@@ -542,8 +545,7 @@ __global__ void __launch_bounds__(kThreads, 3) dx_epilogue_flat_kernel(const Epi
     double h[8];
     b.first.exact(h);
     float v[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = __double2float_rn(__dmul_rn(scale, h[i]));
+    scale8(scale, h, v);
     dx_lsq8(b.second.codes, b.second.bits, v, acc);
     hadamard_warp8<G>(v, lane, p.hscale);
     if (p.out == nullptr) return;

@@ -297,6 +297,18 @@ __device__ __forceinline__ void bitsplit_store8(const BitsplitParams& p, uint64_
   store_operand8(p, p.rows + row, col0, operand_bytes8(p.s8, pl, lf));
 }
 
+// hq_lss's row sums of squared codes: a warp's partial sums of row `row`'s hi and lo codes, added
+// by its first lane (where not zero). row_of() gives the row (called after the warp's sums).
+template <typename RowOf>
+__device__ __forceinline__ void add_row_sumsq(const BitsplitParams& p, int lane, int32_t sq_hi,
+                                              int32_t sq_lo, RowOf&& row_of) {
+  sq_hi = warp_sum_s32(sq_hi);
+  sq_lo = warp_sum_s32(sq_lo);
+  const auto row = row_of();
+  if (lane == 0 && sq_hi != 0) atomicAdd(p.row_sumsq + row, sq_hi);
+  if (lane == 0 && sq_lo != 0) atomicAdd(p.row_sumsq + p.rows + row, sq_lo);
+}
+
 // Rows a multiple of 8 long: a warp per 256 columns, 8 per lane, a persistent grid with
 // kChunkDepth chunks' loads in flight per warp (device_common.cuh). kQ8: hq_bs's pass (q8_bytes,
 // the rows of q alone), which fits 64 registers, so 4 blocks per SM (2.5% faster than 3 at
@@ -328,10 +340,7 @@ __global__ void __launch_bounds__(kThreads, kQ8 ? 4 : 3) bitsplit_kernel(const B
           if (!kQ8) store_operand8(p, p.rows + row, col0, make_uint2(0u, 0u));
         }
         if (!kQ8 && p.row_sumsq != nullptr) {
-          sq_hi = warp_sum_s32(sq_hi);
-          sq_lo = warp_sum_s32(sq_lo);
-          if (lane == 0 && sq_hi != 0) atomicAdd(p.row_sumsq + row, sq_hi);
-          if (lane == 0 && sq_lo != 0) atomicAdd(p.row_sumsq + p.rows + row, sq_lo);
+          add_row_sumsq(p, lane, sq_hi, sq_lo, [&] { return row; });
         }
       });
 }
@@ -372,11 +381,9 @@ __global__ void __launch_bounds__(kThreads, kQ8 ? 4 : 3)
         *reinterpret_cast<uint2*>(p.operand + numel + e) = operand_bytes8(p.s8, sp.pl, sp.lf);
       }
       if (p.row_sumsq != nullptr) {
-        sq_hi = warp_sum_s32(sq_hi);
-        sq_lo = warp_sum_s32(sq_lo);
-        const uint32_t row = static_cast<uint32_t>(e / kWarpCols) / row_chunks;
-        if (lane == 0 && sq_hi != 0) atomicAdd(p.row_sumsq + row, sq_hi);
-        if (lane == 0 && sq_lo != 0) atomicAdd(p.row_sumsq + p.rows + row, sq_lo);
+        add_row_sumsq(p, lane, sq_hi, sq_lo, [&] {
+          return static_cast<uint32_t>(e / kWarpCols) / row_chunks;  // < 2^32 chunks (launcher)
+        });
       }
     }
   });

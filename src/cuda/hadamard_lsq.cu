@@ -40,6 +40,20 @@ struct LsqParams {
 
 __device__ __forceinline__ bool step_is_bad(float s) { return !(s > 0.0f && s <= FLT_MAX); }
 
+// The step's inverse as the CPU computes it (== 1.0f / s correctly rounded), whether the step is
+// bad (not positive and finite: every element counted) and whether codes can come from the
+// inverse without the NaN checks (a good step with a finite inverse).
+struct LsqInverse {
+  float inv;
+  bool bad_step, inv_ok;
+};
+__device__ __forceinline__ LsqInverse lsq_inverse(const LsqParams& p) {
+  const float s = *p.step;
+  const float inv = __frcp_rn(s);
+  const bool bad_step = step_is_bad(s);
+  return LsqInverse{inv, bad_step, !bad_step && isfinite(inv)};
+}
+
 // The compact aux bit of quantize.h / quantize_kernels.h (lsq_aux_bit), q = x~ * (1 / s), c its
 // code (lsq_code) and h the element's 16-bit random draw. Boundary codes (-8, 7) store the clip
 // flag, the CPU's q < -8 (code -8) or q > 7 (code 7): c.clipped, q outside [-8, 7]. Interior codes
@@ -135,10 +149,9 @@ __device__ __forceinline__ void lsq_store8(const LsqParams& p, uint64_t stream, 
 template <typename In, int G, bool kVec, bool kAux>
 __global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_kernel(const LsqParams p) {
   const int lane = threadIdx.x & 31;
-  const float s = *p.step;
-  const float inv = __frcp_rn(s);  // == 1.0f / s correctly rounded, as the CPU computes it
-  const bool bad_step = step_is_bad(s);
-  const bool inv_ok = !bad_step && isfinite(inv);
+  const LsqInverse li = lsq_inverse(p);
+  const float inv = li.inv;
+  const bool bad_step = li.bad_step, inv_ok = li.inv_ok;
   const uint64_t stream = kAux ? stream_with_step(p.stream, p.device_step) : 0;
   uint32_t bad = 0;
   for_each_warp_chunk<In, kVec, kForwardChunkDepth>(
@@ -168,10 +181,9 @@ __global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_kernel(const LsqPara
 template <typename In, int G, bool kAux, bool kNibbles>
 __global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_flat_kernel(const LsqParams p) {
   const int lane = threadIdx.x & 31;
-  const float s = *p.step;
-  const float inv = __frcp_rn(s);
-  const bool bad_step = step_is_bad(s);
-  const bool inv_ok = !bad_step && isfinite(inv);
+  const LsqInverse li = lsq_inverse(p);
+  const float inv = li.inv;
+  const bool bad_step = li.bad_step, inv_ok = li.inv_ok;
   const uint64_t stream = kAux ? stream_with_step(p.stream, p.device_step) : 0;
   uint32_t bad = 0;
   using Src = MatrixSrc<In, true>;
@@ -194,10 +206,9 @@ template <typename In, int G, bool kVec>
 __global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_t_kernel(const LsqParams p) {
   static_assert(kThreads == kWarpCols, "tile_to_transposed: a thread per tile column");
   const int lane = threadIdx.x & 31;
-  const float s = *p.step;
-  const float inv = __frcp_rn(s);
-  const bool bad_step = step_is_bad(s);
-  const bool inv_ok = !bad_step && isfinite(inv);
+  const LsqInverse li = lsq_inverse(p);
+  const float inv = li.inv;
+  const bool bad_step = li.bad_step, inv_ok = li.inv_ok;
   tile_to_transposed<In, kVec>(static_cast<const In*>(p.x), p.ldx, p.rows, p.cols, p.operand,
                                p.ldop, p.op_cols, [&](int64_t, int64_t col0, float v[8]) {
                                  hadamard_warp8<G>(v, lane, p.hscale);
