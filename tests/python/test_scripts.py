@@ -136,3 +136,25 @@ def test_sass_mix_rejects_bad_arguments(tmp_path):
     (tmp_path / "k.cubin").write_bytes(b"")
     with pytest.raises(SystemExit, match="--top must be a positive integer, got 0"):
         sm.main([str(tmp_path / "k.cubin"), "--top", "0"])
+
+
+def test_power_step_window_means_take_the_samples_inside_the_window():
+    ps = load_script("power_step")
+    samples = [(0.5, 100.0, 1980.0), (1.0, 600.0, 1500.0), (1.5, 700.0, 1400.0), (2.5, 50.0, 345.0)]
+    assert ps.window_means(samples, 1.0, 2.0) == (650.0, 1450.0, 2)
+    power, clock, n = ps.window_means(samples, 3.0, 4.0)
+    assert n == 0 and power != power and clock != clock  # NaN: no poll in the window
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seconds", "0"], "--seconds must be positive, got 0.0"),
+    (["--seconds", "2", "--settle", "2"], "--settle must be in [0, --seconds), got 2.0"),
+    (["--rounds", "0"], "--rounds must be at least 1, got 0"),
+])
+def test_power_step_rejects_bad_arguments(monkeypatch, capsys, argv, message):
+    ps = load_script("power_step")
+    monkeypatch.setattr(sys, "argv", ["power_step.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        ps.main()
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
