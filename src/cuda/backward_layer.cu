@@ -636,17 +636,25 @@ __device__ __forceinline__ uint2 dw_chunk(const EpilogueParams& p, int lane, dou
 // where they are used). kCodes: also W's codes as the input gradient's transposed operand
 // (p.codes_t), so that the backward reads W once for both (this epilogue runs before that product),
 // on tile_to_transposed_from's grid of tiles of kDwTileRows = 16 rows x 256 columns, 2 rows a warp,
-// at 80 registers and 3 blocks an SM. Measured on an H200 (ncu, docs/cuda.md): against the plain
-// epilogue + the W pass (hadamard_lsq_codes_t_cuda) it replaces, 52.6 + 29.1 -> 74.7 us at 4096 x
-// 4096 with 32-row tiles (119 registers, 2 blocks an SM), then 64.4 us with 16-row tiles (245 ->
-// 233 us at 16384 x 4096). Two other forms were slower: the tiles on a persistent grid with the
-// next rows' loads in flight across tiles (73.5 us, but 255 against 246 at 16384 x 4096; 11% more
-// instructions), and no shared tile, each lane storing its 4 rows' bytes as 4-byte words of the
-// transposed rows (114 us: L2 takes a request per word). kUsual: the product's usual form
-// (usual_partials), without the code for the others (a kernel of a fifth the size).
+// at 80 registers and 3 blocks an SM, the usual form at 64 and 4 (kDwCodesUsualBlocks). Measured
+// on an H200 (ncu, docs/cuda.md): against the plain epilogue + the W pass
+// (hadamard_lsq_codes_t_cuda) it replaces, 52.6 + 29.1 -> 74.7 us at 4096 x 4096 with 32-row tiles
+// (119 registers, 2 blocks an SM), then 64.4 us with 16-row tiles (245 -> 233 us at 16384 x 4096),
+// then 52 us (202 us) at 4 blocks an SM. Two other forms were slower: the tiles on a persistent
+// grid with the next rows' loads in flight across tiles (73.5 us, but 255 against 246 at 16384 x
+// 4096; 11% more instructions), and no shared tile, each lane storing its 4 rows' bytes as 4-byte
+// words of the transposed rows (114 us: L2 takes a request per word). kUsual: the product's usual
+// form (usual_partials), without the code for the others (a kernel of a fifth the size).
 constexpr int kDwTileRows = 16;
+// Blocks an SM of the usual form with codes: 4 (64 registers, no spill on sm_90; 8% faster than 3
+// on an H200, docs/cuda.md, stop 33); 3 before sm_90, where 64 registers spilled 8 bytes.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kDwCodesUsualBlocks = 3;
+#else
+constexpr int kDwCodesUsualBlocks = 4;
+#endif
 template <typename In, int G, bool kCodes, bool kUsual>
-__global__ void __launch_bounds__(kThreads, kCodes ? 3 : 2)
+__global__ void __launch_bounds__(kThreads, kCodes ? (kUsual ? kDwCodesUsualBlocks : 3) : 2)
     dw_epilogue_kernel(const EpilogueParams p) {
   static_assert(!kCodes || kThreads == kWarpCols, "tile_to_transposed_from: a thread per column");
   const int lane = threadIdx.x & 31;
