@@ -2,7 +2,8 @@
 # Everything on a GPU machine in one call, within a time budget, short table last:
 #   1. the CUDA kernel tests (scripts/gpu_check.sh: build, tests, optional memcheck and benchmark),
 #   2. the Python package built with its CUDA kernels, and its CUDA tests (tests/python/test_cuda.py),
-#      then with --bench the module-level step times (scripts/bench_module.py, eager and CUDA graphs),
+#      then with --bench the module-level step times (scripts/bench_module.py, eager and CUDA graphs)
+#      and the large shapes' steps under sustained load with power and clocks (scripts/power_step.py),
 #   3. the accuracy table of docs/accuracy.md (python -m int4train.train.table), as many runs as the
 #      remaining budget allows, several processes at once, spread over every visible GPU; runs already
 #      in the table folder are kept (a table can be finished over several calls); logs under $OUT.
@@ -77,6 +78,10 @@ if [ "$bench" = 1 ]; then
   rc=$?
   python3 scripts/bench_module.py --graphs >> "$OUT/bench_module.md" 2>&1
   summary+=("module bench   : rc=$rc, graphs rc=$? ($(elapsed) s)")
+  # The large shapes under sustained load (3 s a layer's turn): time, board power, SM clock and
+  # energy per step; a GPU held at its power limit runs slower than a short benchmark's turns.
+  python3 scripts/power_step.py --recipes hq_bs,hq_lss:dense_fallback=never > "$OUT/power_step.md" 2>&1
+  summary+=("power step     : rc=$? ($(elapsed) s)")
 fi
 
 table_args=()
@@ -113,5 +118,6 @@ echo
 echo "==================== int4train GPU run: $device ===================="
 printf '%s\n' "${summary[@]}"
 [ -f "$OUT/bench_module.md" ] && cat "$OUT/bench_module.md"
+[ -f "$OUT/power_step.md" ] && cat "$OUT/power_step.md"
 [ -f "$OUT/table.md" ] && cat "$OUT/table.md"
 exit 0
