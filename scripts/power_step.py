@@ -11,16 +11,16 @@ at a time (ncu, at the boost clock) give shorter times than the same kernels tak
         [--seconds 3] [--settle 1] [--rounds 2] [--iters 10]
 
 Prints, per shape, a Markdown table: ms per step (median of the turns), mean power (W), mean SM
-clock (MHz) and the polls they average, energy per step (mJ = W x ms), and nn.Linear's time and energy over the layer's (above
-1: faster, less energy than bf16).
+clock (MHz) and the polls they average, energy per step (mJ = W x ms), and nn.Linear's time and
+energy over the layer's (above 1: faster, less energy than bf16).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import subprocess
-import sys
 import threading
 import time
 
@@ -69,7 +69,6 @@ class Poller(threading.Thread):
         self.join()
 
 
-
 def window_means(samples: list, t0: float, t1: float) -> tuple:
     """(mean power, mean clock, count) of the (time, power, clock) samples in [t0, t1]; NaNs and
     0 where none falls there."""
@@ -96,7 +95,7 @@ def turn(step, poller: Poller, seconds: float, settle: float, iters: int) -> tup
         for _ in range(iters):
             step()
         b.record()
-        b.synchronize()  # keeps the host a burst ahead at most, and stamps the burst's end
+        b.synchronize()  # the burst's end on the host clock, to match the polls against
         events.append((time.time(), a, b))
     kept = [(a, b) for t, a, b in events if t - t_start >= settle]
     if not kept:
@@ -148,7 +147,7 @@ def main() -> None:
             gy = torch.randn(n, c, device="cuda", dtype=torch.bfloat16)
             layers = [("nn.Linear bf16", lin)] + [
                 (r.label, int4train.Int4Linear.from_linear(lin, recipe=r)) for r in recipes]
-            steps = [lambda layer=layer: train_step(layer, x, gy) for _, layer in layers]
+            steps = [functools.partial(train_step, layer, x, gy) for _, layer in layers]
             for step in steps:
                 for _ in range(3):
                     step()
