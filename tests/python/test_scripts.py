@@ -158,3 +158,30 @@ def test_power_step_rejects_bad_arguments(monkeypatch, capsys, argv, message):
         ps.main()
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_power_step_poller_reads_power_and_clock_and_falls_back(monkeypatch):
+    # nvidia-smi's answer parsed as (W, MHz); a driver without power.draw.instant answers
+    # "[N/A]" (or fails), and the poller then queries power.draw.
+    ps = load_script("power_step")
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        field = cmd[3]
+        if "power.draw.instant" in field:
+            return ps.subprocess.CompletedProcess(cmd, 0, stdout="[N/A], 1980\n")
+        return ps.subprocess.CompletedProcess(cmd, 0, stdout="693.12, 1485\n")
+
+    monkeypatch.setattr(ps.subprocess, "run", fake_run)
+    poller = ps.Poller("0", 0.05)
+    assert poller.field == "power.draw"
+    assert poller._query(poller.field) == (693.12, 1485.0)
+    assert calls[0][:3] == ["nvidia-smi", "-i", "0"]
+
+    def failing_run(cmd, **kwargs):
+        raise ps.subprocess.CalledProcessError(9, cmd)
+
+    monkeypatch.setattr(ps.subprocess, "run", failing_run)
+    with pytest.raises(SystemExit, match="gave no power.draw reading"):
+        ps.Poller("0", 0.05)
