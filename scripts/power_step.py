@@ -46,15 +46,13 @@ class Poller(threading.Thread):
         self._stop_event = threading.Event()
 
     def _query(self, power_field: str):
+        """(W, MHz), or None where nvidia-smi gives no number (a failed call, "[N/A]")."""
+        answer = smi(self.gpu, f"{power_field},clocks.sm", "nounits")
         try:
-            out = subprocess.run(
-                ["nvidia-smi", "-i", self.gpu, f"--query-gpu={power_field},clocks.sm",
-                 "--format=csv,noheader,nounits"],
-                capture_output=True, text=True, timeout=10, check=True).stdout
-            power, clock = (float(v) for v in out.strip().split(","))
-            return power, clock
-        except (OSError, subprocess.SubprocessError, ValueError):
+            power, clock = (float(v) for v in answer.split(","))
+        except ValueError:
             return None
+        return power, clock
 
     def run(self) -> None:
         while not self._stop_event.is_set():
@@ -79,10 +77,16 @@ def window_means(samples: list, t0: float, t1: float) -> tuple:
             len(inside))
 
 
-def smi(gpu: str, fields: str) -> str:
-    return subprocess.run(["nvidia-smi", "-i", gpu, f"--query-gpu={fields}",
-                           "--format=csv,noheader"], capture_output=True, text=True,
-                          check=False).stdout.strip()
+def smi(gpu: str, fields: str, units: str = "") -> str:
+    """nvidia-smi's CSV answer for `fields` of one GPU (`units`: "nounits" to drop them); "" where
+    nvidia-smi fails or is missing."""
+    fmt = "csv,noheader" + (f",{units}" if units else "")
+    try:
+        return subprocess.run(["nvidia-smi", "-i", gpu, f"--query-gpu={fields}", f"--format={fmt}"],
+                              capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def turn(step, poller: Poller, seconds: float, settle: float, iters: int) -> tuple:

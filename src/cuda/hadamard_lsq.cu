@@ -83,16 +83,16 @@ __device__ __forceinline__ void count_nonfinite(uint32_t bad, unsigned long long
 // packed_word stays 0 and only the FP8 operand can be made (from value).
 template <bool kAux, bool kClean, bool kNibbles>
 __device__ __forceinline__ void lsq_quantize8(const LsqParams& p, uint64_t stream, uint64_t b,
-                                              const float v[8], float inv, bool bad_step,
-                                              uint32_t* bad, float value[8], uint32_t* packed_word,
+                                              const float v[8], const LsqInverse& li, uint32_t* bad,
+                                              float value[8], uint32_t* packed_word,
                                               uint32_t* bits) {
   // One Philox block: the 16-bit draws of the 8 values (flat indices 8 b .. 8 b + 7).
   Philox4x32 r{};
   if (kAux) r = random_block(p.keys, stream, b);
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    if (!kClean && (bad_step || !isfinite(v[i]))) ++*bad;
-    const float q = __fmul_rn(v[i], inv);
+    if (!kClean && (li.bad_step || !isfinite(v[i]))) ++*bad;
+    const float q = __fmul_rn(v[i], li.inv);
     const LsqCode c = lsq_code<!kClean>(q, static_cast<float>(-kLsqQn), static_cast<float>(kLsqQp));
     value[i] = c.value;
     if (kNibbles) *packed_word |= c.nibble << (4 * i);
@@ -104,16 +104,13 @@ __device__ __forceinline__ void lsq_quantize8(const LsqParams& p, uint64_t strea
 // lanes with an Inf or NaN (finite_probe8) take the checked path.
 template <bool kAux, bool kNibbles = true>
 __device__ __forceinline__ void lsq_codes8(const LsqParams& p, uint64_t stream, uint64_t b,
-                                           const float v[8], float inv, bool inv_ok, bool bad_step,
-                                           uint32_t* bad, float value[8], uint32_t* packed_word,
-                                           uint32_t* bits) {
+                                           const float v[8], const LsqInverse& li, uint32_t* bad,
+                                           float value[8], uint32_t* packed_word, uint32_t* bits) {
   const float z = finite_probe8(v);
-  if (inv_ok && z == z) {
-    lsq_quantize8<kAux, true, kNibbles>(p, stream, b, v, inv, bad_step, bad, value, packed_word,
-                                        bits);
+  if (li.inv_ok && z == z) {
+    lsq_quantize8<kAux, true, kNibbles>(p, stream, b, v, li, bad, value, packed_word, bits);
   } else {
-    lsq_quantize8<kAux, false, kNibbles>(p, stream, b, v, inv, bad_step, bad, value, packed_word,
-                                         bits);
+    lsq_quantize8<kAux, false, kNibbles>(p, stream, b, v, li, bad, value, packed_word, bits);
   }
 }
 
@@ -122,12 +119,11 @@ __device__ __forceinline__ void lsq_codes8(const LsqParams& p, uint64_t stream, 
 // aligned; null without an operand).
 template <bool kVec, bool kAux, bool kNibbles = true>
 __device__ __forceinline__ void lsq_store8(const LsqParams& p, uint64_t stream, uint64_t b,
-                                           uint8_t* op, const float v[8], float inv, bool inv_ok,
-                                           bool bad_step, uint32_t* bad) {
+                                           uint8_t* op, const float v[8], const LsqInverse& li,
+                                           uint32_t* bad) {
   uint32_t packed_word = 0, bits = 0;
   float value[8];
-  lsq_codes8<kAux, kNibbles>(p, stream, b, v, inv, inv_ok, bad_step, bad, value, &packed_word,
-                             &bits);
+  lsq_codes8<kAux, kNibbles>(p, stream, b, v, li, bad, value, &packed_word, &bits);
   if (kNibbles) {
     if (kVec) {
       if (p.packed != nullptr) *reinterpret_cast<uint32_t*>(p.packed + 4 * b) = packed_word;
@@ -150,8 +146,6 @@ template <typename In, int G, bool kVec, bool kAux>
 __global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_kernel(const LsqParams p) {
   const int lane = threadIdx.x & 31;
   const LsqInverse li = lsq_inverse(p);
-  const float inv = li.inv;
-  const bool bad_step = li.bad_step, inv_ok = li.inv_ok;
   const uint64_t stream = kAux ? stream_with_step(p.stream, p.device_step) : 0;
   uint32_t bad = 0;
   for_each_warp_chunk<In, kVec, kForwardChunkDepth>(
@@ -164,7 +158,7 @@ __global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_kernel(const LsqPara
           // of 16: 8 bytes at col0 are aligned.
           const uint64_t b = static_cast<uint64_t>(row * p.cols + col0) >> 3;
           uint8_t* op = p.operand != nullptr ? p.operand + row * p.ldop + col0 : nullptr;
-          lsq_store8<kVec, kAux>(p, stream, b, op, v, inv, inv_ok, bad_step, &bad);
+          lsq_store8<kVec, kAux>(p, stream, b, op, v, li, &bad);
         } else if (p.operand != nullptr && col0 < p.op_cols) {
           *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(0u, 0u);
         }
@@ -182,8 +176,6 @@ template <typename In, int G, bool kAux, bool kNibbles>
 __global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_flat_kernel(const LsqParams p) {
   const int lane = threadIdx.x & 31;
   const LsqInverse li = lsq_inverse(p);
-  const float inv = li.inv;
-  const bool bad_step = li.bad_step, inv_ok = li.inv_ok;
   const uint64_t stream = kAux ? stream_with_step(p.stream, p.device_step) : 0;
   uint32_t bad = 0;
   using Src = MatrixSrc<In, true>;
@@ -194,7 +186,7 @@ __global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_flat_kernel(const Ls
     b.to_float(v);
     hadamard_warp8<G>(v, lane, p.hscale);
     uint8_t* op = p.operand != nullptr ? p.operand + e : nullptr;
-    lsq_store8<true, kAux, kNibbles>(p, stream, e >> 3, op, v, inv, inv_ok, bad_step, &bad);
+    lsq_store8<true, kAux, kNibbles>(p, stream, e >> 3, op, v, li, &bad);
   });
   count_nonfinite(bad, p.nonfinite);
 }
@@ -207,16 +199,14 @@ __global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_t_kernel(const LsqPa
   static_assert(kThreads == kWarpCols, "tile_to_transposed: a thread per tile column");
   const int lane = threadIdx.x & 31;
   const LsqInverse li = lsq_inverse(p);
-  const float inv = li.inv;
-  const bool bad_step = li.bad_step, inv_ok = li.inv_ok;
   tile_to_transposed<In, kVec>(static_cast<const In*>(p.x), p.ldx, p.rows, p.cols, p.operand,
                                p.ldop, p.op_cols, [&](int64_t, int64_t col0, float v[8]) {
                                  hadamard_warp8<G>(v, lane, p.hscale);
                                  if (col0 >= p.cols) return make_uint2(0u, 0u);
                                  uint32_t bad = 0, packed_word = 0, bits = 0;
                                  float value[8];
-                                 lsq_codes8<false>(p, 0, 0, v, inv, inv_ok, bad_step, &bad, value,
-                                                   &packed_word, &bits);
+                                 lsq_codes8<false>(p, 0, 0, v, li, &bad, value, &packed_word,
+                                                   &bits);
                                  return operand_bytes8(p.op_s8, packed_word, value);
                                });
 }
@@ -226,9 +216,7 @@ __global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_t_kernel(const LsqPa
 template <typename In>
 __global__ void __launch_bounds__(kThreads) lsq_small_codes_kernel(const LsqParams p) {
   const int64_t pairs = (p.op_cols > p.cols ? p.op_cols : p.cols + 1) / 2;
-  const float s = *p.step;
-  const float inv = __frcp_rn(s);
-  const bool bad_step = step_is_bad(s);
+  const LsqInverse li = lsq_inverse(p);
   uint32_t bad = 0;
   const int64_t total = p.rows * pairs;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -244,8 +232,8 @@ __global__ void __launch_bounds__(kThreads) lsq_small_codes_kernel(const LsqPara
       const int64_t c = 2 * j + k;
       if (c >= p.cols) continue;
       const float xt = hadamard_small_at(xr, c, p.block, p.hscale);
-      if (bad_step || !isfinite(xt)) ++bad;
-      codes[k] = round_clamp(__fmul_rn(xt, inv), -kLsqQn, kLsqQp);
+      if (li.bad_step || !isfinite(xt)) ++bad;
+      codes[k] = round_clamp(__fmul_rn(xt, li.inv), -kLsqQn, kLsqQp);
     }
     if (p.packed != nullptr && 2 * j < p.cols) {
       p.packed[row * ((p.cols + 1) / 2) + j] = pack_int4_pair(codes[0], codes[1]);
