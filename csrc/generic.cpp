@@ -391,10 +391,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward(
 #else
   const bool device_kernels = false;
 #endif
-  // The device kernels write every aux byte (cuda.h).
+  // The device kernels write every aux byte and the scale (cuda.h), and the saved step.
   detail::LinearTensors out = detail::allocate_linear_outputs(cfg.recipe, n, d, c, x.scalar_type(),
                                                               x.options(), !device_kernels);
-  const Tensor saved_step = detail::saved_step_of(step);
   const Tensor stream_hi = stream_hi_of(step, x);
   Tensor sx, sw;
   if (recipe_uses_lsq(cfg.recipe)) {
@@ -411,7 +410,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward(
     out.y.zero_();
     if (bias.has_value() && bias->defined()) out.y.add_(*bias);
     out.codes.zero_();
-    return {out.y, out.codes, out.aux, out.scale, saved_step};
+    out.aux.zero_();
+    out.scale.zero_();
+    return {out.y, out.codes, out.aux, out.scale, detail::saved_step_of(step)};
   }
 #ifdef INT4TRAIN_TORCH_CUDA
   if (device_kernels) {
@@ -432,10 +433,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward(
     args.y = detail::to_view(out.y, "y");
     args.saved_codes = detail::codes_view(out.codes, d, "saved_codes");
     args.saved_aux = detail::to_view(out.aux, "saved_aux");
+    args.saved_scale = detail::to_view(out.scale, "saved_scale");
+    // The forward's first kernel copies the step (saved_step_of's copy, without a launch of its
+    // own) where the step is on x's device, as the saved step is (on the step's device).
+    const bool step_here = step.device() == x.device();
+    const Tensor saved_step =
+        step_here ? at::empty({}, stream_hi.options()) : detail::saved_step_of(step);
+    if (step_here) args.saved_step = detail::to_view(saved_step, "saved_step");
     cuda_bridge::linear_forward(kcfg, args, x.get_device());
     return {out.y, out.codes, out.aux, out.scale, saved_step};
   }
 #endif
+  const Tensor saved_step = detail::saved_step_of(step);
   const Tensor x32 = x.to(at::kFloat), w32 = weight.to(at::kFloat);
   if (cfg.recipe == Recipe::kFp) {
     Tensor y = at::mm(x32, w32.t());

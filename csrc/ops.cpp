@@ -76,7 +76,7 @@ Tensor fp32_scalar(const std::optional<Tensor>& t, const char* arg, const char* 
 
 LinearTensors allocate_linear_outputs(Recipe recipe, int64_t n, int64_t d, int64_t c,
                                       at::ScalarType y_dtype, const at::TensorOptions& device,
-                                      bool zero_aux) {
+                                      bool zero_unwritten) {
   const LinearSavedShapes s = call_core([&] { return linear_saved_shapes(recipe, n, d); });
   LinearTensors out;
   out.y = at::empty({n, c}, device.dtype(y_dtype));
@@ -89,9 +89,10 @@ LinearTensors allocate_linear_outputs(Recipe recipe, int64_t n, int64_t d, int64
                 dtype_name(s.codes_dtype));
     out.codes = at::empty({s.codes_rows, s.codes_cols}, device.dtype(at::kChar));
   }
-  out.aux = zero_aux ? at::zeros({s.aux_bytes}, device.dtype(at::kByte))
-                     : at::empty({s.aux_bytes}, device.dtype(at::kByte));
-  out.scale = at::zeros({}, device.dtype(at::kFloat));
+  out.aux = zero_unwritten ? at::zeros({s.aux_bytes}, device.dtype(at::kByte))
+                           : at::empty({s.aux_bytes}, device.dtype(at::kByte));
+  out.scale = zero_unwritten ? at::zeros({}, device.dtype(at::kFloat))
+                             : at::empty({}, device.dtype(at::kFloat));
   return out;
 }
 

@@ -37,14 +37,14 @@ void check_linear_shapes(const at::Tensor& x, const at::Tensor& weight,
 at::Tensor fp32_scalar(const std::optional<at::Tensor>& t, const char* arg, const char* op);
 
 // linear_forward's outputs: y (N, C), the saved codes (uint8 (N, ceil(D/2)) packed INT4 for LSQ
-// recipes, int8 (N, D) for int8, (0, 0) for fp), aux (uint8 vector; zeroed unless the caller's
-// kernel writes every byte: zero_aux false) and scale (fp32 0-dim, zero).
+// recipes, int8 (N, D) for int8, (0, 0) for fp), aux (uint8 vector) and scale (fp32 0-dim); aux
+// and scale zeroed unless the caller's kernels write them (written: false; every aux byte).
 struct LinearTensors {
   at::Tensor y, codes, aux, scale;
 };
 LinearTensors allocate_linear_outputs(Recipe recipe, int64_t n, int64_t d, int64_t c,
                                       at::ScalarType y_dtype, const at::TensorOptions& device,
-                                      bool zero_aux = true);
+                                      bool zero_unwritten = true);
 // linear_forward's last output: a copy of the step its random streams used (int64 0-dim, on the
 // step's device), which the backward takes as its step.
 at::Tensor saved_step_of(const at::Tensor& step);

@@ -283,9 +283,13 @@ void philox_words_cuda(uint64_t seed, uint32_t stream_lo, const TensorView& stre
 // others are an Error of kind kNotImplemented): X and W each take one fused Hadamard + LSQ pass,
 // the product one FP8 GEMM with s_x s_w and the bias in its epilogue (config.gemm: or one INT8
 // product and the scale-and-bias pass, resolve_gemm_engine on the current device). All views are
-// device memory; step_x, step_w are device scalars; y, saved_codes, saved_aux as linear.h says. If
-// X~ or W~ holds a non-finite value, y is filled with NaN by a device-side check (no host
-// synchronisation). Equal to the CPU's linear_forward bit for bit (tested).
+// device memory; step_x, step_w are device scalars; y, saved_codes, saved_aux as linear.h says,
+// and the optional saved_scale (0) and saved_step (a copy of config.device_step's value, or of
+// config.step without it). If X~ or W~ holds a non-finite value (or a step is not positive and
+// finite), y is NaN throughout: the W pass's last block makes the product's scale NaN, a
+// device-side check (no host synchronisation). Four launches and the product's: a one-thread
+// prologue (the counters, the scale s_x s_w, the saved scalars), the X and W passes, the product.
+// Equal to the CPU's linear_forward bit for bit (tested).
 void linear_forward_cuda(const LinearConfig& config, const LinearForwardArgs& args,
                          const CudaAllocator& alloc, void* stream);
 

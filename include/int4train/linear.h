@@ -141,10 +141,12 @@ void check_lss_budget(double lss_budget);
 // not take is an Error naming `recipe`.
 void parse_recipe_spec(const std::string& spec, LinearConfig* cfg);
 
-// What the forward saves for the backward, by recipe (the caller allocates; see linear_saved_shapes):
+// What the forward saves for the backward, by recipe (the caller allocates; see
+// linear_saved_shapes):
 //   fp:    nothing (the backward takes the original x)
 //   int8:  codes int8 N x D, scale fp32 scalar
-//   LSQ:   codes kInt4Packed N x D, aux uint8 compact_aux_bytes(N, D), scale unused (s_x is a param)
+//   LSQ:   codes kInt4Packed N x D, aux uint8 compact_aux_bytes(N, D); scale unused (s_x is a
+//          parameter), written 0 where given
 struct LinearSavedShapes {
   DType codes_dtype = DType::kInt4Packed;
   int64_t codes_rows = 0, codes_cols = 0;  // 0 x 0 when nothing is saved
@@ -163,7 +165,11 @@ struct LinearForwardArgs {
   TensorView y;       // out: N x C, fp32 or bf16
   TensorView saved_codes;  // out, see LinearSavedShapes (ignored for fp)
   TensorView saved_aux;    // out, LSQ recipes
-  TensorView saved_scale;  // out, int8 recipe: fp32 scalar
+  TensorView saved_scale;  // out, int8 recipe: fp32 scalar; the other recipes write 0 (optional)
+  // CUDA only (linear_forward_cuda), optional out: an int64 device scalar that gets the step the
+  // call's random bits were keyed with (*LinearConfig::device_step, else `step`), for the backward,
+  // so that the caller does not copy the step itself (a launch). The CPU rejects it.
+  TensorView saved_step;
 };
 
 // Runs the forward. If x or w holds a non-finite value in an LSQ recipe (where the learned step never

@@ -361,6 +361,16 @@ void linear_forward(const LinearConfig& cfg, const LinearForwardArgs& a) {
     check_vector(a.bias, "bias", c);
     check_dtype(a.bias, "bias", {DType::kFloat32, DType::kBFloat16});
   }
+  if (a.saved_step.data != nullptr) {
+    throw_error(ErrorKind::kValue,
+                "saved_step: linear_forward_cuda's output (the device step); the CPU's step is "
+                "LinearConfig::step, expected no saved_step");
+  }
+  if (cfg.recipe != Recipe::kInt8 && a.saved_scale.data != nullptr) {
+    check_scalar(a.saved_scale, "saved_scale");
+    check_dtype(a.saved_scale, "saved_scale", {DType::kFloat32});
+    *a.saved_scale.ptr<float>() = 0.0f;  // used by the int8 recipe only
+  }
   const LinearSavedShapes saved = linear_saved_shapes(cfg.recipe, n, d);
   if (saved.codes_rows > 0 || cfg.recipe != Recipe::kFp) {
     if (cfg.recipe != Recipe::kFp) {

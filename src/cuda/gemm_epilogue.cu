@@ -97,21 +97,18 @@ __global__ void f32_to_s32_kernel(const float* __restrict__ acc, int64_t ld_acc,
   }
 }
 
-__global__ void fill_nan_if_kernel(const unsigned long long* __restrict__ counter,
-                                   void* __restrict__ out, bool out_bf16, int64_t ld_out, int64_t m,
-                                   int64_t n) {
-  if (*counter == 0) return;
-  const float nan = __uint_as_float(0x7FC00000u);
-  const int64_t total = m * n;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = e / n, j = e - i * n;
-    if (out_bf16) {
-      static_cast<BFloat16*>(out)[i * ld_out + j] = float_to_bf16(nan);
-    } else {
-      static_cast<float*>(out)[i * ld_out + j] = nan;
-    }
-  }
+__global__ void forward_prologue_kernel(unsigned long long* __restrict__ counter,
+                                        unsigned int* __restrict__ ticket,
+                                        const float* __restrict__ step_x,
+                                        const float* __restrict__ step_w, float* __restrict__ alpha,
+                                        const int64_t* __restrict__ device_step, int64_t host_step,
+                                        int64_t* __restrict__ saved_step,
+                                        float* __restrict__ saved_scale) {
+  *counter = 0;
+  *ticket = 0;
+  *alpha = __fmul_rn(*step_x, *step_w);
+  if (saved_step != nullptr) *saved_step = device_step != nullptr ? *device_step : host_step;
+  if (saved_scale != nullptr) *saved_scale = 0.0f;
 }
 
 __global__ void scale_product_kernel(const float* __restrict__ a, const float* __restrict__ b,
@@ -167,12 +164,12 @@ void launch_f32_to_s32(const float* acc, int64_t ld_acc, int32_t* c, int64_t ld_
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 
-void launch_fill_nan_if(const unsigned long long* counter, void* out, bool out_bf16, int64_t ld_out,
-                        int64_t m, int64_t n, cudaStream_t stream) {
-  if (m == 0 || n == 0) return;
-  // Few blocks: when the counter is zero (always, in healthy training) each exits at once.
-  const int grid = grid_for(m * n) < 1024 ? grid_for(m * n) : 1024;
-  fill_nan_if_kernel<<<grid, kThreads, 0, stream>>>(counter, out, out_bf16, ld_out, m, n);
+void launch_forward_prologue(unsigned long long* counter, unsigned int* ticket, const float* step_x,
+                             const float* step_w, float* alpha, const int64_t* device_step,
+                             int64_t host_step, int64_t* saved_step, float* saved_scale,
+                             cudaStream_t stream) {
+  forward_prologue_kernel<<<1, 1, 0, stream>>>(counter, ticket, step_x, step_w, alpha, device_step,
+                                               host_step, saved_step, saved_scale);
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 

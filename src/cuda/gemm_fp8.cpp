@@ -313,15 +313,19 @@ void gemm_fp8_cuda(const TensorView& a, const TensorView& b, const TensorView& s
   const int64_t elem = out_bf16 ? 2 : 4;
   const cudaStream_t st = as_stream(stream);
   // One 256-byte-aligned scalar s = scale_a * scale_b (the CPU's alpha), the only scale cuBLASLt
-  // sees: it was seen to refuse two scale pointers that are not 16-byte aligned.
-  DeviceBuffer scale(alloc, 256, stream);
+  // sees: it was seen to refuse two scale pointers that are not 16-byte aligned. A 16-byte-aligned
+  // scale_a without scale_b is that scalar already (s = scale_a * 1 = scale_a): no launch.
   const bool scaled = scale_a.data != nullptr || scale_b.data != nullptr;
-  if (scaled) {
+  const bool one_scale = scale_b.data == nullptr && aligned(scale_a.data, 16);
+  DeviceBuffer scale(alloc, scaled && !one_scale ? 256 : 0, stream);
+  if (scaled && !one_scale) {
     cuda_detail::launch_scale_product(static_cast<const float*>(scale_a.data),
                                       static_cast<const float*>(scale_b.data), scale.as<float>(),
                                       st);
   }
-  const float* sp = scaled ? scale.as<const float>() : nullptr;
+  const float* sp = !scaled     ? nullptr
+                    : one_scale ? static_cast<const float*>(scale_a.data)
+                                : scale.as<const float>();
 
   // Fused: cuBLASLt applies the scale and (a bf16) bias and writes out directly; measured equal to
   // the CPU's epilogue bit for bit (docs/cuda.md). It needs an aligned output and N a multiple of

@@ -36,6 +36,11 @@ struct LsqParams {
   uint8_t* packed;                // may be null
   uint8_t* aux;                   // may be null
   unsigned long long* nonfinite;  // may be null
+  // The layer's W pass (hadamard_lsq_quantize_alpha), else null: with the count in nonfinite
+  // complete, the grid's last block (ticket) sets the forward product's scale *alpha to NaN where
+  // anything was counted.
+  unsigned int* ticket;
+  float* alpha;
 };
 
 __device__ __forceinline__ bool step_is_bad(float s) { return !(s > 0.0f && s <= FLT_MAX); }
@@ -75,6 +80,16 @@ __device__ __forceinline__ void count_nonfinite(uint32_t bad, unsigned long long
   if (counter != nullptr && (threadIdx.x & 31) == 0 && total > 0) {
     atomicAdd(counter, static_cast<unsigned long long>(total));
   }
+}
+
+// count_nonfinite, then for the layer's W pass (p.alpha) the forward's NaN report: once every
+// block has counted (the X pass ran before), the last block makes the product's scale NaN if
+// anything was counted, so that y is NaN throughout, as the CPU's fill_nan (NaN times any
+// accumulator, plus the bias).
+__device__ __forceinline__ void count_and_finish(uint32_t bad, const LsqParams& p) {
+  count_nonfinite(bad, p.nonfinite);
+  if (p.alpha == nullptr || !last_block_of_grid(p.ticket)) return;
+  if (threadIdx.x == 0 && __ldcg(p.nonfinite) > 0) *p.alpha = __uint_as_float(0x7FC00000u);
 }
 
 // Codes (exact floats), packed nibbles and aux bits of one lane's 8 transformed values; kClean:
@@ -163,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_kernel(const LsqPara
           *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(0u, 0u);
         }
       });
-  count_nonfinite(bad, p.nonfinite);
+  count_and_finish(bad, p);
 }
 
 // hadamard_lsq_kernel where nothing has a gap (lsq_flat: rows a multiple of 256 long, x and the
@@ -188,7 +203,7 @@ __global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_flat_kernel(const Ls
     uint8_t* op = p.operand != nullptr ? p.operand + e : nullptr;
     lsq_store8<true, kAux, kNibbles>(p, stream, e >> 3, op, v, li, &bad);
   });
-  count_nonfinite(bad, p.nonfinite);
+  count_and_finish(bad, p);
 }
 
 // The codes as a transposed operand (hadamard_lsq_codes_t_cuda; p.operand is that operand, cols x
@@ -250,7 +265,7 @@ __global__ void __launch_bounds__(kThreads) lsq_small_codes_kernel(const LsqPara
     }
   }
   // Threads of a warp that left the loop early do not exist here: the loop runs whole warps.
-  count_nonfinite(bad, p.nonfinite);
+  count_and_finish(bad, p);
 }
 
 // The aux bits where rows are not a multiple of 8 long: one thread per aux byte (8 flat indices).
@@ -448,14 +463,13 @@ void dispatch_transform(const TransformParams& p, bool vec, cudaStream_t stream)
   }
 }
 
-}  // namespace
-}  // namespace cuda_detail
-
-void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const TensorView& step,
-                                const RandomKey& rng, TensorView operand, TensorView packed,
-                                TensorView aux, TensorView nonfinite, void* stream) {
-  using namespace cuda_detail;
+void hadamard_lsq_quantize(const TensorView& x, int32_t block, const TensorView& step,
+                           const RandomKey& rng, TensorView operand, TensorView packed,
+                           TensorView aux, TensorView nonfinite, unsigned int* ticket, float* alpha,
+                           void* stream) {
   LsqParams p = lsq_params(x, block, step);
+  p.ticket = ticket;
+  p.alpha = alpha;
   const int64_t rows = p.rows, cols = p.cols;
   p.keys = philox_keys(rng.seed);
   p.stream = rng.stream;
@@ -514,6 +528,26 @@ void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const Tensor
     }
     INT4TRAIN_CUDA_LAUNCH_CHECK();
   }
+}
+}  // namespace
+
+void hadamard_lsq_quantize_alpha(const TensorView& w, int32_t block, const TensorView& step,
+                                 TensorView operand, TensorView nonfinite, unsigned int* ticket,
+                                 float* alpha, void* stream) {
+  if (nonfinite.data == nullptr || ticket == nullptr || alpha == nullptr) {
+    throw_error(ErrorKind::kRuntime,
+                "hadamard_lsq_quantize_alpha: expected the count, a ticket and the scale");
+  }
+  hadamard_lsq_quantize(w, block, step, RandomKey{}, operand, TensorView{}, TensorView{}, nonfinite,
+                        ticket, alpha, stream);
+}
+}  // namespace cuda_detail
+
+void hadamard_lsq_quantize_cuda(const TensorView& x, int32_t block, const TensorView& step,
+                                const RandomKey& rng, TensorView operand, TensorView packed,
+                                TensorView aux, TensorView nonfinite, void* stream) {
+  cuda_detail::hadamard_lsq_quantize(x, block, step, rng, operand, packed, aux, nonfinite, nullptr,
+                                     nullptr, stream);
 }
 
 void hadamard_lsq_codes_t_cuda(const TensorView& x, int32_t block, const TensorView& step,

@@ -35,10 +35,23 @@ void launch_scale_product(const float* scale_a, const float* scale_b, float* out
 void launch_f32_to_s32(const float* acc, int64_t ld_acc, int32_t* c, int64_t ld_c, int64_t m,
                        int64_t n, cudaStream_t stream);
 
-// out (fp32 or bf16 M x N, row stride ld_out) = NaN when *counter > 0, else untouched: the
-// device-side "non-finite input" report of the layer's forward.
-void launch_fill_nan_if(const unsigned long long* counter, void* out, bool out_bf16, int64_t ld_out,
-                        int64_t m, int64_t n, cudaStream_t stream);
+// The layer forward's first launch (one thread): *counter and *ticket = 0 (the passes' non-finite
+// count, the W pass's ticket), *alpha = (*step_x) * (*step_w) in fp32 (launch_scale_product's
+// scale, the product's one scale), and the call's small outputs where given: *saved_step = the
+// step the random bits are keyed with (*device_step, or host_step without it), kept for the
+// backward; *saved_scale = 0 (the int8 recipe's scale, which the LSQ recipes do not use).
+void launch_forward_prologue(unsigned long long* counter, unsigned int* ticket, const float* step_x,
+                             const float* step_w, float* alpha, const int64_t* device_step,
+                             int64_t host_step, int64_t* saved_step, float* saved_scale,
+                             cudaStream_t stream);
+
+// hadamard_lsq_quantize_cuda (cuda.h) as the layer forward's W pass, without packed codes or aux
+// bits: after counting into nonfinite (the X pass's count before it; required), the grid's last
+// block (ticket: 0 on entry) sets *alpha to NaN if the count is not 0, so that y is NaN
+// throughout (linear.h's report of a non-finite input or a bad step).
+void hadamard_lsq_quantize_alpha(const TensorView& w, int32_t block, const TensorView& step,
+                                 TensorView operand, TensorView nonfinite, unsigned int* ticket,
+                                 float* alpha, void* stream);
 
 // The product the bit-split backward's epilogues read (row stride ld), one of two forms:
 //   s32: an int32 INT8 product that holds the recombined sum 16 hi + lo itself (hq_bs: the rows of
@@ -101,15 +114,29 @@ void launch_absmax_column_sums(const TensorView& g, uint32_t* amax, TensorView c
 // as the input gradient's transposed operand, hadamard_lsq_codes_t_cuda's operand_t (INT8 or FP8,
 // cols x fp8_padded_cols(rows)), written by the same pass (W read once for both) where its tile
 // grid fits (W's rows at most 65,535 tiles of 16); it returns whether it wrote them (false: the
-// caller runs hadamard_lsq_codes_t_cuda).
+// caller runs hadamard_lsq_codes_t_cuda). ticket: a device word that is 0 on entry, with which the
+// kernel's last block sums the step gradient (needed with grad_step; each call its own word).
 void launch_dx_epilogue(const SplitPartials& partials, const int8_t* exps, const float* s1,
                         const float* s2, const TensorView& packed, const TensorView& aux,
                         int32_t block, TensorView grad_x, TensorView grad_step,
-                        const CudaAllocator& alloc, cudaStream_t stream);
+                        const CudaAllocator& alloc, cudaStream_t stream, unsigned int* ticket);
 bool launch_dw_epilogue(const SplitPartials& partials, const float* s1, const float* s2,
                         const TensorView& w, const TensorView& step_w, int32_t block,
                         TensorView grad_w, TensorView grad_step, TensorView codes_t,
-                        const CudaAllocator& alloc, cudaStream_t stream);
+                        const CudaAllocator& alloc, cudaStream_t stream, unsigned int* ticket);
+
+// quantize_bitsplit_cuda and quantize_bitsplit_q8_cuda (cuda.h) with the reduction pass's maxima
+// in the caller's `maxima` (null: their own, zeroed by a memset of theirs), which are 0 on entry:
+// 1 + rows words with row_exp (grad_scale=row), else one; so that a call's counters take one
+// memset.
+void quantize_bitsplit_zeroed(const TensorView& g, const RandomKey& rng, TensorView operand,
+                              TensorView hi, TensorView lo, TensorView row_sumsq, TensorView scale,
+                              TensorView column_sums, const CudaAllocator& alloc, void* stream,
+                              TensorView row_exp, uint32_t* maxima);
+void quantize_bitsplit_q8_zeroed(const TensorView& g, const RandomKey& rng, TensorView operand,
+                                 TensorView operand_t, TensorView scale, TensorView column_sums,
+                                 const CudaAllocator& alloc, void* stream, TensorView row_exp,
+                                 uint32_t* maxima);
 
 // lss_sample_cuda's problem, unchecked (lss.cu; the caller guarantees its arguments' rules), and
 // one launch for up to kMaxLssBatch of them, one block each (the layer's two samplings at once).

@@ -58,18 +58,31 @@ void linear_forward_cuda(const LinearConfig& cfg, const LinearForwardArgs& a,
   check_shape(a.saved_codes, "saved_codes", n, d);
   check_dtype(a.saved_aux, "saved_aux", {DType::kUInt8});
   check_vector(a.saved_aux, "saved_aux", compact_aux_bytes(n, d));
+  if (a.saved_step.data != nullptr) check_device_scalar(a.saved_step, "saved_step", DType::kInt64);
+  if (a.saved_scale.data != nullptr) {
+    check_device_scalar(a.saved_scale, "saved_scale", DType::kFloat32);
+  }
 
   const bool s8 = resolve_gemm_engine(cfg.gemm, current_device()) == GemmEngine::kInt8;
   const DType op_dtype = s8 ? DType::kInt8 : DType::kFloat8E4M3;
   const cudaStream_t s = as_stream(stream);
   const int64_t dp = fp8_padded_cols(d);
-  // One 256-byte-aligned temporary: the counter, then the two operands (16-byte aligned rows).
+  // One 256-byte-aligned temporary: the header (the passes' non-finite count, the W pass's ticket,
+  // the product's scale, 16-byte aligned for cuBLASLt), then the two operands (16-byte aligned
+  // rows).
   const size_t x_bytes = static_cast<size_t>(n * dp), w_bytes = static_cast<size_t>(c * dp);
   const size_t x_off = 256, w_off = x_off + (x_bytes + 255) / 256 * 256;
   DeviceBuffer tmp(alloc, w_off + w_bytes, stream);
   char* base = tmp.as<char>();
   auto* counter = reinterpret_cast<unsigned long long*>(base);
-  INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof *counter, s));
+  auto* ticket = reinterpret_cast<unsigned int*>(base + 8);
+  auto* alpha = reinterpret_cast<float*>(base + 16);
+  // One launch for the small things: the counters zeroed, the product's scale s_x s_w (NaN after
+  // the W pass where a value was not finite), the saved step and scale.
+  launch_forward_prologue(counter, ticket, a.step_x.ptr<const float>(), a.step_w.ptr<const float>(),
+                          alpha, cfg.device_step, static_cast<int64_t>(cfg.step),
+                          a.saved_step.data != nullptr ? a.saved_step.ptr<int64_t>() : nullptr,
+                          a.saved_scale.data != nullptr ? a.saved_scale.ptr<float>() : nullptr, s);
   const TensorView cnt = make_scalar(counter, DType::kInt64);
   const TensorView opx = make_matrix(base + x_off, op_dtype, n, dp);
   const TensorView opw = make_matrix(base + w_off, op_dtype, c, dp);
@@ -77,10 +90,9 @@ void linear_forward_cuda(const LinearConfig& cfg, const LinearForwardArgs& a,
                           cfg.device_step};
   hadamard_lsq_quantize_cuda(a.x, g, a.step_x, aux_key, opx, a.saved_codes, a.saved_aux, cnt,
                              stream);
-  hadamard_lsq_quantize_cuda(a.w, g, a.step_w, RandomKey{}, opw, TensorView{}, TensorView{}, cnt,
-                             stream);
-  (s8 ? gemm_s8_cuda : gemm_fp8_cuda)(opx, opw, a.step_x, a.step_w, a.bias, a.y, alloc, stream);
-  launch_fill_nan_if(counter, a.y.data, a.y.dtype == DType::kBFloat16, row_stride(a.y), n, c, s);
+  hadamard_lsq_quantize_alpha(a.w, g, a.step_w, opw, cnt, ticket, alpha, stream);
+  (s8 ? gemm_s8_cuda : gemm_fp8_cuda)(opx, opw, make_scalar(alpha, DType::kFloat32), TensorView{},
+                                      a.bias, a.y, alloc, stream);
 }
 
 namespace {
@@ -219,14 +231,20 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   Temp rsq(alloc, stream, DType::kInt32, 1, lss ? 2 * n : 0);
   const TensorView rsq_v = lss ? make_vector(rsq.buf.get(), DType::kInt32, 2 * n) : TensorView{};
   const bool lss_dx = lss && dom_dx, lss_dw = lss && dom_dw;
+  // The call's counters, zeroed by one memset: the epilogues' tickets (their last blocks sum the
+  // step gradients), then the bit split's max |g| and, with row scales, the rows' maxima.
+  constexpr int64_t kDxTicket = 0, kDwTicket = 1, kMaxima = 2;
+  Temp control(alloc, stream, DType::kInt32, 1, kMaxima + 1 + (by_row ? n : 0));
+  uint32_t* const words = control.buf.as<uint32_t>();
+  INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(words, 0, control.buf.bytes(), s));
   if (lss) {
-    quantize_bitsplit_cuda(a.grad_y, gkey, r_op.view, lss_dw ? hi : TensorView{},
-                           lss_dw ? lo : TensorView{}, rsq_v, sg_v, a.grad_bias, alloc, stream,
-                           by_row ? row_exp.view : TensorView{});
+    quantize_bitsplit_zeroed(a.grad_y, gkey, r_op.view, lss_dw ? hi : TensorView{},
+                             lss_dw ? lo : TensorView{}, rsq_v, sg_v, a.grad_bias, alloc, stream,
+                             by_row ? row_exp.view : TensorView{}, words + kMaxima);
   } else {
-    quantize_bitsplit_q8_cuda(a.grad_y, gkey, dom_dx ? r_op.view : TensorView{},
-                              dom_dw ? q_t.view : TensorView{}, sg_v, a.grad_bias, alloc, stream,
-                              by_row ? row_exp.view : TensorView{});
+    quantize_bitsplit_q8_zeroed(a.grad_y, gkey, dom_dx ? r_op.view : TensorView{},
+                                dom_dw ? q_t.view : TensorView{}, sg_v, a.grad_bias, alloc, stream,
+                                by_row ? row_exp.view : TensorView{}, words + kMaxima);
   }
   const double budget = cfg.lss_budget * static_cast<double>(n);
   const int64_t capacity = lss ? lss_capacity(budget, 2 * n) : 0;
@@ -372,7 +390,7 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
       // With the input gradient's operand of W's codes, which the pass computes anyway.
       qwt_ready = launch_dw_epilogue(pp, sg.buf.as<float>(), a.step_x.ptr<float>(), a.w, a.step_w,
                                      g, want_dw ? a.grad_w : TensorView{}, a.grad_step_w,
-                                     dom_dx ? qwt.view : TensorView{}, alloc, s);
+                                     dom_dx ? qwt.view : TensorView{}, alloc, s, words + kDwTicket);
     } else {
       Temp dw(alloc, stream, DType::kFloat32, c, d);
       launch_combine_bitsplit(pp, nullptr, sg.buf.as<float>(), a.step_x.ptr<float>(),
@@ -415,8 +433,8 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     if (d % 8 == 0 && aligned(a.saved_codes.data, 4)) {
       // Recombination, LSQ backward and back-rotation in one pass.
       launch_dx_epilogue(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(), a.saved_codes,
-                         a.saved_aux, g, want_dx ? a.grad_x : TensorView{}, a.grad_step_x, alloc,
-                         s);
+                         a.saved_aux, g, want_dx ? a.grad_x : TensorView{}, a.grad_step_x, alloc, s,
+                         words + kDxTicket);
     } else {
       Temp dx(alloc, stream, DType::kFloat32, n, d);
       launch_combine_bitsplit(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(), dx.buf.as<float>(),

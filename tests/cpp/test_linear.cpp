@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "expect_error.h"
 #include "int4train/hadamard.h"
 #include "int4train/linear.h"
 #include "int4train/quantize.h"
@@ -621,6 +622,32 @@ TEST(LinearNonFinite, NaNInputSurfacesInOutput) {
   bool any_nonfinite = false;
   for (float v : r2.dw) any_nonfinite |= !std::isfinite(v);
   EXPECT_TRUE(any_nonfinite);
+}
+
+// saved_scale belongs to the int8 recipe: the others write 0 into it (a caller need not zero it);
+// saved_step is linear_forward_cuda's (the device step): the CPU rejects it, naming it.
+TEST(LinearSavedOutputs, ScaleZeroOutsideInt8AndSavedStepIsCudaOnly) {
+  Problem p = make_problem(8, 32, 4, 1);
+  LinearConfig cfg;
+  cfg.recipe = Recipe::kHqBs;
+  cfg.hadamard_block = 32;
+  LayerRun run;
+  run.step_x = 0.5f;
+  run.step_w = 0.05f;
+  run.saved_scale = 7.0f;
+  forward(cfg, p, run);
+  EXPECT_EQ(run.saved_scale, 0.0f);
+  int64_t step = 0;
+  LinearForwardArgs a;
+  a.x = make_matrix(p.x.data(), DType::kFloat32, p.n, p.d);
+  a.w = make_matrix(p.w.data(), DType::kFloat32, p.c, p.d);
+  a.step_x = make_scalar(&run.step_x, DType::kFloat32);
+  a.step_w = make_scalar(&run.step_w, DType::kFloat32);
+  a.y = make_matrix(run.y.data(), DType::kFloat32, p.n, p.c);
+  a.saved_codes = make_matrix(run.codes.data(), DType::kInt4Packed, p.n, p.d);
+  a.saved_aux = make_vector(run.aux.data(), DType::kUInt8, compact_aux_bytes(p.n, p.d));
+  a.saved_step = make_scalar(&step, DType::kInt64);
+  expect_error([&] { linear_forward(cfg, a); }, "saved_step");
 }
 
 TEST(LinearErrors, BadArgumentsNameTheArgument) {

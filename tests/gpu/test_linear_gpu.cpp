@@ -57,6 +57,7 @@ struct Problem {
   // backward: W's step as a multiple of LSQ's initial step (below 1: more weights clipped, both
   // sides of the weight gradient's epilogue mask and residual rules).
   float w_step_scale = 1.1f;
+  bool nonfinite_w = false;  // forward: an Inf in W (nonfinite: a NaN in x)
 };
 
 std::string problem_name(const Problem& p) {
@@ -64,7 +65,7 @@ std::string problem_name(const Problem& p) {
          std::to_string(p.d) + "x" + std::to_string(p.c) + "/g" + std::to_string(p.block) +
          (p.in_bf16 ? "/bf16_in" : "/fp32_in") + (p.out_bf16 ? "/bf16_out" : "/fp32_out") +
          (p.bias ? "/bias" : "/nobias") + (p.nonfinite ? "/nonfinite" : "") +
-         (p.sparse_grad ? "/sparse_grad" : "") +
+         (p.nonfinite_w ? "/nonfinite_w" : "") + (p.sparse_grad ? "/sparse_grad" : "") +
          (p.lss_budget != kLssDefaultBudget ? "/budget" + std::to_string(p.lss_budget).substr(0, 3)
                                             : "") +
          (p.gemm != GemmEngine::kAuto ? std::string("/gemm_") + gemm_engine_name(p.gemm) : "") +
@@ -86,6 +87,7 @@ void run_forward(const Problem& p, bool graph) {
   float sx = 0.9f * lsq_init_step(make_matrix(x.data(), DType::kFloat32, p.n, p.d));
   float sw = lsq_init_step(make_matrix(w.data(), DType::kFloat32, p.c, p.d));
   if (p.nonfinite) x[x.size() / 2] = NAN;
+  if (p.nonfinite_w) w[w.size() / 3] = INFINITY;
   const auto bias = randn(p.c, 3, 0.5f);
   const auto xb = as_bytes(x, p.in_bf16), wb = as_bytes(w, p.in_bf16);
   const auto bb = as_bytes(bias, p.in_bf16);
@@ -131,12 +133,26 @@ void run_forward(const Problem& p, bool graph) {
   da.y = make_matrix(dy.get(), odt, p.n, p.c);
   da.saved_codes = make_matrix(dcodes.get(), DType::kInt4Packed, p.n, p.d);
   da.saved_aux = make_vector(daux.get(), DType::kUInt8, ab);
+  // The small outputs the forward's first kernel writes: the scale (0 for the LSQ recipes) and the
+  // step. Under a graph the step comes from a device scalar (LinearConfig::device_step) whose high
+  // word the random streams ignore and the saved step keeps.
+  DevBuf dsmall(16);
+  dsmall.poison();
+  da.saved_scale = make_scalar(dsmall.get(), DType::kFloat32);
+  da.saved_step = make_scalar(dsmall.as<char>() + 8, DType::kInt64);
+  const int64_t device_step = cfg.step + (int64_t{3} << 32);
+  DevBuf dstep = gputest::upload(std::vector<int64_t>{device_step});
+  LinearConfig dcfg = cfg;
+  if (graph) dcfg.device_step = dstep.as<int64_t>();
   const CudaAllocator alloc = default_cuda_allocator();
   // Graph: a warm-up outside the capture (cuBLASLt handle and heuristics), then capture, replay
   // twice.
   gputest::run_maybe_captured(
-      graph, [&](cudaStream_t s) { linear_forward_cuda(cfg, da, alloc, s); }, 2,
-      [&] { dy.poison(); });
+      graph, [&](cudaStream_t s) { linear_forward_cuda(dcfg, da, alloc, s); }, 2,
+      [&] {
+        dy.poison();
+        dsmall.poison();
+      });
   const auto y = gputest::download<uint8_t>(dy, want.y.size());
   const auto codes = gputest::download<uint8_t>(dcodes, want.codes.size());
   const auto aux = gputest::download<uint8_t>(daux, want.aux.size());
@@ -160,6 +176,14 @@ void run_forward(const Problem& p, bool graph) {
   GPU_CHECK_MSG(bad_y == 0, bad_y << " of " << p.n * p.c << " y values differ");
   GPU_CHECK_MSG(codes == want.codes, "saved codes differ");
   GPU_CHECK_MSG(aux == want.aux, "saved aux differs");
+  const auto small = gputest::download<uint8_t>(dsmall, 16);
+  float saved_scale;
+  int64_t saved_step;
+  std::memcpy(&saved_scale, small.data(), 4);
+  std::memcpy(&saved_step, small.data() + 8, 8);
+  GPU_CHECK_MSG(gputest::bits_of(saved_scale) == 0u, "saved_scale " << saved_scale << " want 0");
+  const int64_t want_step = graph ? device_step : static_cast<int64_t>(cfg.step);
+  GPU_CHECK_MSG(saved_step == want_step, "saved_step " << saved_step << " want " << want_step);
 }
 
 // ---- backward (hq_bs, hq_lss): the CPU's forward saves the state, then both backwards run from it;
@@ -373,6 +397,17 @@ const bool registered = [] {
   };
   for (const Problem& p : problems) {
     add_case("linear_forward/" + problem_name(p), false, [=] { run_forward(p, false); });
+  }
+  // A non-finite W (counted by the W pass itself, whose last block then makes the product's scale
+  // NaN), bf16 and fp32 out; and both at once, in a graph.
+  for (Problem p : {problems[2], problems[6]}) {
+    p.nonfinite_w = true;
+    add_case("linear_forward/" + problem_name(p), false, [=] { run_forward(p, false); });
+  }
+  {
+    Problem p = problems[6];
+    p.nonfinite = p.nonfinite_w = true;
+    add_case("linear_forward_graph/" + problem_name(p), false, [=] { run_forward(p, true); });
   }
   // The INT8 engine (the products of devices without FP8) on the same problems: the same bits.
   for (Problem p : problems) {
