@@ -302,31 +302,7 @@ struct EpilogueParams {
   uint8_t* codes_t;  // dW (kCodes): W's codes as a transposed operand ...
   int64_t ldt, t_cols;
   bool codes_s8;  // ... INT8 (else FP8 e4m3)
-  // With a ticket (0 on entry; null: no step gradient), the grid's last block sums the partials
-  // into grad_step (times gamma), in sum_partials_kernel's order.
-  unsigned int* ticket;
-  float* grad_step;
-  double gamma;
 };
-
-static_assert(kThreads == kSumThreads, "the last block sums the partials as sum_partials_kernel");
-
-// The step gradient from the grid's partials, in the last block (out of line: the epilogues'
-// registers are tuned for their loops, which this must not change).
-__device__ __noinline__ void epilogue_last_block(const double* partial, double gamma,
-                                                 float* grad_step) {
-  block_sum_partials<kThreads>(partial, static_cast<int>(gridDim.x * gridDim.y), gamma, grad_step);
-}
-
-// The block's step-gradient terms into its partial (block: its index in the grid); with a ticket,
-// then the step gradient from all of them in the grid's last block.
-__device__ __forceinline__ void epilogue_step_sum(const EpilogueParams& p, double acc,
-                                                  int64_t block) {
-  block_sum_to<kThreads>(acc, p.partial + block);
-  if (p.ticket != nullptr && last_block_of_grid(p.ticket)) {
-    epilogue_last_block(p.partial, p.gamma, p.grad_step);
-  }
-}
 
 // out = float(scale * sum_chunks) for one lane's 8 elements of an int32 product that holds the
 // recombined sum 16 hi + lo (hq_bs; hq_lss's weight gradient, the importance weights folded into
@@ -550,7 +526,7 @@ __global__ void __launch_bounds__(kThreads, kSlots ? 2 : 3)
           finish(row, col0, v, b.second.codes, b.second.bits);
         });
   }
-  epilogue_step_sum(p, acc, blockIdx.x);
+  block_sum_to<kThreads>(acc, p.partial + blockIdx.x);
 }
 
 // dx_epilogue_kernel<G, false> where nothing has a gap (dx_flat: one K-chunk, no lo product or
@@ -579,7 +555,7 @@ __global__ void __launch_bounds__(kThreads, 3) dx_epilogue_flat_kernel(const Epi
       store8<true>(static_cast<float*>(p.out) + e, v);
     }
   });
-  epilogue_step_sum(p, acc, blockIdx.x);
+  block_sum_to<kThreads>(acc, p.partial + blockIdx.x);
 }
 
 // One chunk of the dW epilogue (row `row` of W and of the product, the lane's columns col0 ..
@@ -700,38 +676,34 @@ __global__ void __launch_bounds__(kThreads, kCodes ? (kUsual ? kDwCodesUsualBloc
           dw_chunk<G, false, kUsual>(p, lane, scale, inv, row, col0, b, acc);
         });
   }
-  epilogue_step_sum(p, acc, static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x);
+  block_sum_to<kThreads>(acc,
+                         p.partial + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x));
 }
 
-// An epilogue on `grid` (one step-gradient partial per block), the step gradient from them in the
-// kernel's last block (with `ticket`, which is 0).
+// An epilogue on `grid` (one step-gradient partial per block), then the step gradient from them.
 template <typename Kernel>
 void launch_epilogue_on(Kernel kernel, dim3 grid, EpilogueParams p, float* grad_step, double gamma,
-                        unsigned int* ticket, const CudaAllocator& alloc, cudaStream_t stream) {
+                        const CudaAllocator& alloc, cudaStream_t stream) {
   const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y;
   DeviceBuffer partial(alloc, sizeof(double) * static_cast<size_t>(blocks), stream);
   p.partial = partial.as<double>();
-  if (grad_step != nullptr) {
-    if (ticket == nullptr) {
-      throw_error(ErrorKind::kRuntime, "epilogue: a step gradient needs a ticket");
-    }
-    p.ticket = ticket;
-    p.grad_step = grad_step;
-    p.gamma = gamma;
-  }
   kernel<<<grid, kThreads, 0, stream>>>(p);
   INT4TRAIN_CUDA_LAUNCH_CHECK();
+  if (grad_step != nullptr) {
+    sum_partials_kernel<<<1, kSumThreads, 0, stream>>>(p.partial, static_cast<int>(blocks), gamma,
+                                                       grad_step);
+    INT4TRAIN_CUDA_LAUNCH_CHECK();
+  }
 }
 
 // An epilogue on a persistent grid (for_each_warp_chunk_from's).
 template <typename Kernel>
 void launch_epilogue(Kernel kernel, EpilogueParams p, float* grad_step, double gamma,
-                     unsigned int* ticket, const CudaAllocator& alloc, cudaStream_t stream) {
+                     const CudaAllocator& alloc, cudaStream_t stream) {
   const int64_t warps = p.rows * ((p.cols + kWarpCols - 1) / kWarpCols);
   const int grid =
       persistent_blocks(kernel, kThreads, (warps + kThreads / 32 - 1) / (kThreads / 32));
-  launch_epilogue_on(kernel, dim3(static_cast<unsigned>(grid)), p, grad_step, gamma, ticket, alloc,
-                     stream);
+  launch_epilogue_on(kernel, dim3(static_cast<unsigned>(grid)), p, grad_step, gamma, alloc, stream);
 }
 
 // SplitPartials in one of its two forms: s32 without slots or exps, or the slots form (fp32 or
@@ -839,7 +811,7 @@ bool epilogue_empty(const EpilogueParams& p, float* grad_step, cudaStream_t stre
 void launch_dx_epilogue(const SplitPartials& pp, const int8_t* exps, const float* s1,
                         const float* s2, const TensorView& packed, const TensorView& aux,
                         int32_t block, TensorView grad_x, TensorView grad_step,
-                        const CudaAllocator& alloc, cudaStream_t stream, unsigned int* ticket) {
+                        const CudaAllocator& alloc, cudaStream_t stream) {
   check_split_partials(pp, exps, "launch_dx_epilogue");
   EpilogueParams p = epilogue_params(pp, s1, s2, packed.shape[0], packed.shape[1], block, grad_x);
   p.slots = pp.slots;
@@ -858,11 +830,11 @@ void launch_dx_epilogue(const SplitPartials& pp, const int8_t* exps, const float
   dispatch_block(block, [&](auto g) {
     constexpr int G = decltype(g)::value;
     if (p.slots != nullptr) {
-      launch_epilogue(dx_epilogue_kernel<G, true>, p, gs, gamma, ticket, alloc, stream);
+      launch_epilogue(dx_epilogue_kernel<G, true>, p, gs, gamma, alloc, stream);
     } else if (flat) {
-      launch_epilogue(dx_epilogue_flat_kernel<G>, p, gs, gamma, ticket, alloc, stream);
+      launch_epilogue(dx_epilogue_flat_kernel<G>, p, gs, gamma, alloc, stream);
     } else {
-      launch_epilogue(dx_epilogue_kernel<G, false>, p, gs, gamma, ticket, alloc, stream);
+      launch_epilogue(dx_epilogue_kernel<G, false>, p, gs, gamma, alloc, stream);
     }
   });
 }
@@ -870,7 +842,7 @@ void launch_dx_epilogue(const SplitPartials& pp, const int8_t* exps, const float
 bool launch_dw_epilogue(const SplitPartials& pp, const float* s1, const float* s2,
                         const TensorView& w, const TensorView& step_w, int32_t block,
                         TensorView grad_w, TensorView grad_step, TensorView codes_t,
-                        const CudaAllocator& alloc, cudaStream_t stream, unsigned int* ticket) {
+                        const CudaAllocator& alloc, cudaStream_t stream) {
   check_split_partials(pp, nullptr, "launch_dw_epilogue", false);
   EpilogueParams p = epilogue_params(pp, s1, s2, w.shape[0], w.shape[1], block, grad_w);
   p.w = w.data;
@@ -901,14 +873,14 @@ bool launch_dw_epilogue(const SplitPartials& pp, const float* s1, const float* s
       constexpr bool kUsual = decltype(usual_tag)::value;
       if (with_codes) {
         bf16 ? launch_epilogue_on(dw_epilogue_kernel<BFloat16, G, true, kUsual>, tiles, p, gs,
-                                  gamma, ticket, alloc, stream)
+                                  gamma, alloc, stream)
              : launch_epilogue_on(dw_epilogue_kernel<float, G, true, kUsual>, tiles, p, gs, gamma,
-                                  ticket, alloc, stream);
+                                  alloc, stream);
       } else {
-        bf16 ? launch_epilogue(dw_epilogue_kernel<BFloat16, G, false, kUsual>, p, gs, gamma, ticket,
-                               alloc, stream)
-             : launch_epilogue(dw_epilogue_kernel<float, G, false, kUsual>, p, gs, gamma, ticket,
-                               alloc, stream);
+        bf16 ? launch_epilogue(dw_epilogue_kernel<BFloat16, G, false, kUsual>, p, gs, gamma, alloc,
+                               stream)
+             : launch_epilogue(dw_epilogue_kernel<float, G, false, kUsual>, p, gs, gamma, alloc,
+                               stream);
       }
     };
     usual ? launch(std::true_type{}) : launch(std::false_type{});

@@ -832,25 +832,15 @@ void launch_row_scales(BitsplitParams& p, const uint32_t* row_max, const TensorV
 }
 
 // The reduction pass's temporaries (alive until the quantize pass that reads them is enqueued):
-// max |g| (bits) in the maxima's first word and, with grad_scale=row, the rows' maxima in the
-// words after it (one buffer, zeroed by one memset; or the caller's, zeroed: `zeroed`), and the
-// rows' inverse scales.
+// max |g| (bits) in maxima's first word and, with grad_scale=row, the rows' maxima in the words
+// after it (one buffer, zeroed by one memset), and the rows' inverse scales.
 struct ReduceBuffers {
-  DeviceBuffer own, row_inv;
-  uint32_t* maxima;
-  bool zeroed;
-  ReduceBuffers(const CudaAllocator& alloc, int64_t rows, bool by_row, void* stream,
-                uint32_t* zeroed_maxima)
-      : own(alloc,
-            zeroed_maxima != nullptr
-                ? 0
-                : sizeof(uint32_t) * static_cast<size_t>(1 + (by_row ? rows : 0)),
-            stream),
-        row_inv(alloc, by_row ? static_cast<size_t>(rows) * 4 : 0, stream),
-        maxima(zeroed_maxima != nullptr ? zeroed_maxima : own.as<uint32_t>()),
-        zeroed(zeroed_maxima != nullptr) {}
-  uint32_t* amax() { return maxima; }
-  uint32_t* row_max() { return maxima + 1; }
+  DeviceBuffer maxima, row_inv;
+  ReduceBuffers(const CudaAllocator& alloc, int64_t rows, bool by_row, void* stream)
+      : maxima(alloc, sizeof(uint32_t) * static_cast<size_t>(1 + (by_row ? rows : 0)), stream),
+        row_inv(alloc, by_row ? static_cast<size_t>(rows) * 4 : 0, stream) {}
+  uint32_t* amax() { return maxima.as<uint32_t>(); }
+  uint32_t* row_max() { return maxima.as<uint32_t>() + 1; }
 };
 
 // The reduction pass (after every check): max |g| into b.amax() (p.amax_bits), with g's column sums
@@ -861,7 +851,7 @@ void bitsplit_reduce(BitsplitParams& p, const TensorView& g, TensorView column_s
                      cudaStream_t s) {
   const bool by_row = row_exp.data != nullptr;
   uint32_t* row_max = by_row && p.rows > 0 ? b.row_max() : nullptr;
-  if (!b.zeroed) INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(b.own.get(), 0, b.own.bytes(), s));
+  INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(b.maxima.get(), 0, b.maxima.bytes(), s));
   if (column_sums.data != nullptr) {
     launch_absmax_column_sums(g, b.amax(), column_sums, alloc, s, row_max);
   } else {
@@ -926,11 +916,11 @@ bool bitsplit_vec(const BitsplitParams& p, bool bf16) {
 }  // namespace
 }  // namespace cuda_detail
 
-namespace cuda_detail {
-void quantize_bitsplit_zeroed(const TensorView& g, const RandomKey& rng, TensorView operand,
-                              TensorView hi, TensorView lo, TensorView row_sumsq, TensorView scale,
-                              TensorView column_sums, const CudaAllocator& alloc, void* stream,
-                              TensorView row_exp, uint32_t* maxima) {
+void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
+                            TensorView hi, TensorView lo, TensorView row_sumsq, TensorView scale,
+                            TensorView column_sums, const CudaAllocator& alloc, void* stream,
+                            TensorView row_exp) {
+  using namespace cuda_detail;
   BitsplitParams p = bitsplit_params(g, rng, scale);
   const int64_t rows = p.rows, cols = p.cols;
   if (operand.data != nullptr) {
@@ -975,7 +965,7 @@ void quantize_bitsplit_zeroed(const TensorView& g, const RandomKey& rng, TensorV
   if (p.row_sumsq != nullptr) {
     INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(p.row_sumsq, 0, sizeof(int32_t) * 2 * rows, s));
   }
-  ReduceBuffers reduce(alloc, rows, row_exp.data != nullptr, stream, maxima);
+  ReduceBuffers reduce(alloc, rows, row_exp.data != nullptr, stream);
   bitsplit_reduce(p, g, column_sums, row_exp, reduce, alloc, s);
   const bool bf16 = g.dtype == DType::kBFloat16;
   if (cols % kLaneElems == 0 && cols > 0) {
@@ -985,21 +975,11 @@ void quantize_bitsplit_zeroed(const TensorView& g, const RandomKey& rng, TensorV
   }
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
-}  // namespace cuda_detail
 
-void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
-                            TensorView hi, TensorView lo, TensorView row_sumsq, TensorView scale,
-                            TensorView column_sums, const CudaAllocator& alloc, void* stream,
-                            TensorView row_exp) {
-  cuda_detail::quantize_bitsplit_zeroed(g, rng, operand, hi, lo, row_sumsq, scale, column_sums,
-                                        alloc, stream, row_exp, nullptr);
-}
-
-namespace cuda_detail {
-void quantize_bitsplit_q8_zeroed(const TensorView& g, const RandomKey& rng, TensorView operand,
-                                 TensorView operand_t, TensorView scale, TensorView column_sums,
-                                 const CudaAllocator& alloc, void* stream, TensorView row_exp,
-                                 uint32_t* maxima) {
+void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
+                               TensorView operand_t, TensorView scale, TensorView column_sums,
+                               const CudaAllocator& alloc, void* stream, TensorView row_exp) {
+  using namespace cuda_detail;
   BitsplitParams p = bitsplit_params(g, rng, scale);
   const int64_t rows = p.rows, cols = p.cols;
   p.q8 = true;
@@ -1023,7 +1003,7 @@ void quantize_bitsplit_q8_zeroed(const TensorView& g, const RandomKey& rng, Tens
   }
   check_column_sums(column_sums, cols);
   const cudaStream_t s = as_stream(stream);
-  ReduceBuffers reduce(alloc, rows, row_exp.data != nullptr, stream, maxima);
+  ReduceBuffers reduce(alloc, rows, row_exp.data != nullptr, stream);
   bitsplit_reduce(p, g, column_sums, row_exp, reduce, alloc, s);
   const bool bf16 = g.dtype == DType::kBFloat16;
   const bool chunks = cols % kLaneElems == 0 && cols > 0;
@@ -1061,14 +1041,6 @@ void quantize_bitsplit_q8_zeroed(const TensorView& g, const RandomKey& rng, Tens
     real.shape[1] = cols;
     codes_to_s8_cuda(real, TensorView{}, true, operand_t, TensorView{}, stream);
   }
-}
-}  // namespace cuda_detail
-
-void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
-                               TensorView operand_t, TensorView scale, TensorView column_sums,
-                               const CudaAllocator& alloc, void* stream, TensorView row_exp) {
-  cuda_detail::quantize_bitsplit_q8_zeroed(g, rng, operand, operand_t, scale, column_sums, alloc,
-                                           stream, row_exp, nullptr);
 }
 
 void lsq_backward_compact_cuda(const TensorView& packed_codes, const TensorView& aux,

@@ -598,17 +598,17 @@ __device__ __forceinline__ void block_sum_to(double acc, double* out) {
   }
 }
 
-// *out = float(gamma * sum of partial[0 .. n-1]) in fp64, by one block of kT threads in a fixed
-// order (thread t sums t, t + kT, ... in order, then a fixed tree): deterministic run to run, and
-// the same bits wherever a block of kT threads runs it (sum_partials_kernel, or the last block of
-// the grid that wrote the partials: last_block_of_grid). Every thread of the block must call it.
-// The partials are read through L2 (ld.global.cg), so that another block's writes are seen.
-template <int kT>
-__device__ __forceinline__ void block_sum_partials(const double* partial, int n, double gamma,
-                                                   float* out) {
+// *out = float(gamma * sum of partial[0 .. n-1]) in fp64, by one block of kSumThreads threads in a
+// fixed order (thread t sums t, t + kSumThreads, ... in order, then a fixed tree): deterministic
+// run to run. Launch <<<1, kSumThreads>>>.
+constexpr int kSumThreads = 256;
+template <int kT = kSumThreads>
+__global__ void __launch_bounds__(kT)
+    sum_partials_kernel(const double* __restrict__ partial, int n, double gamma,
+                        float* __restrict__ out) {
   __shared__ double sh[kT];
   double s = 0.0;
-  for (int i = threadIdx.x; i < n; i += kT) s += __ldcg(partial + i);
+  for (int i = threadIdx.x; i < n; i += kT) s += partial[i];
   sh[threadIdx.x] = s;
   __syncthreads();
 #pragma unroll
@@ -619,20 +619,12 @@ __device__ __forceinline__ void block_sum_partials(const double* partial, int n,
   if (threadIdx.x == 0) *out = static_cast<float>(gamma * sh[0]);
 }
 
-// block_sum_partials as its own launch, <<<1, kSumThreads>>>.
-constexpr int kSumThreads = 256;
-template <int kT = kSumThreads>
-__global__ void __launch_bounds__(kT) sum_partials_kernel(const double* __restrict__ partial, int n,
-                                                          double gamma, float* __restrict__ out) {
-  block_sum_partials<kT>(partial, n, gamma, out);
-}
-
 // True in the one block of the grid that gets here last, for work on what every block wrote
-// before (a reduction's partials, a count), in place of a launch after the kernel. *ticket counts
-// the blocks that got here: 0 on entry, so the caller zeroes it (one memset for a call's
-// tickets); it is left at the grid's size. Every thread of every block must call it once, after
-// its block's writes: thread 0 makes them visible to the GPU before it takes a ticket (the
-// CUDA programming guide's __threadfence() reduction).
+// before (a count, as the layer's W pass does), in place of a launch after the kernel. *ticket
+// counts the blocks that got here: 0 on entry, so the caller zeroes it; it is left at the grid's
+// size. Every thread of every block must call it once, after its block's writes: thread 0 makes
+// them visible to the GPU before it takes a ticket (the CUDA programming guide's __threadfence()
+// reduction).
 __device__ __forceinline__ bool last_block_of_grid(unsigned int* ticket) {
   __shared__ bool last;
   __syncthreads();

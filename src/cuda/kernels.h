@@ -114,29 +114,15 @@ void launch_absmax_column_sums(const TensorView& g, uint32_t* amax, TensorView c
 // as the input gradient's transposed operand, hadamard_lsq_codes_t_cuda's operand_t (INT8 or FP8,
 // cols x fp8_padded_cols(rows)), written by the same pass (W read once for both) where its tile
 // grid fits (W's rows at most 65,535 tiles of 16); it returns whether it wrote them (false: the
-// caller runs hadamard_lsq_codes_t_cuda). ticket: a device word that is 0 on entry, with which the
-// kernel's last block sums the step gradient (needed with grad_step; each call its own word).
+// caller runs hadamard_lsq_codes_t_cuda).
 void launch_dx_epilogue(const SplitPartials& partials, const int8_t* exps, const float* s1,
                         const float* s2, const TensorView& packed, const TensorView& aux,
                         int32_t block, TensorView grad_x, TensorView grad_step,
-                        const CudaAllocator& alloc, cudaStream_t stream, unsigned int* ticket);
+                        const CudaAllocator& alloc, cudaStream_t stream);
 bool launch_dw_epilogue(const SplitPartials& partials, const float* s1, const float* s2,
                         const TensorView& w, const TensorView& step_w, int32_t block,
                         TensorView grad_w, TensorView grad_step, TensorView codes_t,
-                        const CudaAllocator& alloc, cudaStream_t stream, unsigned int* ticket);
-
-// quantize_bitsplit_cuda and quantize_bitsplit_q8_cuda (cuda.h) with the reduction pass's maxima
-// in the caller's `maxima` (null: their own, zeroed by a memset of theirs), which are 0 on entry:
-// 1 + rows words with row_exp (grad_scale=row), else one; so that a call's counters take one
-// memset.
-void quantize_bitsplit_zeroed(const TensorView& g, const RandomKey& rng, TensorView operand,
-                              TensorView hi, TensorView lo, TensorView row_sumsq, TensorView scale,
-                              TensorView column_sums, const CudaAllocator& alloc, void* stream,
-                              TensorView row_exp, uint32_t* maxima);
-void quantize_bitsplit_q8_zeroed(const TensorView& g, const RandomKey& rng, TensorView operand,
-                                 TensorView operand_t, TensorView scale, TensorView column_sums,
-                                 const CudaAllocator& alloc, void* stream, TensorView row_exp,
-                                 uint32_t* maxima);
+                        const CudaAllocator& alloc, cudaStream_t stream);
 
 // lss_sample_cuda's problem, unchecked (lss.cu; the caller guarantees its arguments' rules), and
 // one launch for up to kMaxLssBatch of them, one block each (the layer's two samplings at once).

@@ -231,20 +231,14 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   Temp rsq(alloc, stream, DType::kInt32, 1, lss ? 2 * n : 0);
   const TensorView rsq_v = lss ? make_vector(rsq.buf.get(), DType::kInt32, 2 * n) : TensorView{};
   const bool lss_dx = lss && dom_dx, lss_dw = lss && dom_dw;
-  // The call's counters, zeroed by one memset: the epilogues' tickets (their last blocks sum the
-  // step gradients), then the bit split's max |g| and, with row scales, the rows' maxima.
-  constexpr int64_t kDxTicket = 0, kDwTicket = 1, kMaxima = 2;
-  Temp control(alloc, stream, DType::kInt32, 1, kMaxima + 1 + (by_row ? n : 0));
-  uint32_t* const words = control.buf.as<uint32_t>();
-  INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(words, 0, control.buf.bytes(), s));
   if (lss) {
-    quantize_bitsplit_zeroed(a.grad_y, gkey, r_op.view, lss_dw ? hi : TensorView{},
-                             lss_dw ? lo : TensorView{}, rsq_v, sg_v, a.grad_bias, alloc, stream,
-                             by_row ? row_exp.view : TensorView{}, words + kMaxima);
+    quantize_bitsplit_cuda(a.grad_y, gkey, r_op.view, lss_dw ? hi : TensorView{},
+                           lss_dw ? lo : TensorView{}, rsq_v, sg_v, a.grad_bias, alloc, stream,
+                           by_row ? row_exp.view : TensorView{});
   } else {
-    quantize_bitsplit_q8_zeroed(a.grad_y, gkey, dom_dx ? r_op.view : TensorView{},
-                                dom_dw ? q_t.view : TensorView{}, sg_v, a.grad_bias, alloc, stream,
-                                by_row ? row_exp.view : TensorView{}, words + kMaxima);
+    quantize_bitsplit_q8_cuda(a.grad_y, gkey, dom_dx ? r_op.view : TensorView{},
+                              dom_dw ? q_t.view : TensorView{}, sg_v, a.grad_bias, alloc, stream,
+                              by_row ? row_exp.view : TensorView{});
   }
   const double budget = cfg.lss_budget * static_cast<double>(n);
   const int64_t capacity = lss ? lss_capacity(budget, 2 * n) : 0;
@@ -390,7 +384,7 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
       // With the input gradient's operand of W's codes, which the pass computes anyway.
       qwt_ready = launch_dw_epilogue(pp, sg.buf.as<float>(), a.step_x.ptr<float>(), a.w, a.step_w,
                                      g, want_dw ? a.grad_w : TensorView{}, a.grad_step_w,
-                                     dom_dx ? qwt.view : TensorView{}, alloc, s, words + kDwTicket);
+                                     dom_dx ? qwt.view : TensorView{}, alloc, s);
     } else {
       Temp dw(alloc, stream, DType::kFloat32, c, d);
       launch_combine_bitsplit(pp, nullptr, sg.buf.as<float>(), a.step_x.ptr<float>(),
@@ -433,8 +427,8 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     if (d % 8 == 0 && aligned(a.saved_codes.data, 4)) {
       // Recombination, LSQ backward and back-rotation in one pass.
       launch_dx_epilogue(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(), a.saved_codes,
-                         a.saved_aux, g, want_dx ? a.grad_x : TensorView{}, a.grad_step_x, alloc, s,
-                         words + kDxTicket);
+                         a.saved_aux, g, want_dx ? a.grad_x : TensorView{}, a.grad_step_x, alloc,
+                         s);
     } else {
       Temp dx(alloc, stream, DType::kFloat32, n, d);
       launch_combine_bitsplit(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(), dx.buf.as<float>(),
