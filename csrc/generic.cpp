@@ -410,8 +410,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward(
     out.y.zero_();
     if (bias.has_value() && bias->defined()) out.y.add_(*bias);
     out.codes.zero_();
-    out.aux.zero_();
-    out.scale.zero_();
+    if (device_kernels) {  // allocated for the kernels to write, which do not run here
+      out.aux.zero_();
+      out.scale.zero_();
+    }
     return {out.y, out.codes, out.aux, out.scale, detail::saved_step_of(step)};
   }
 #ifdef INT4TRAIN_TORCH_CUDA

@@ -38,7 +38,8 @@ at::Tensor fp32_scalar(const std::optional<at::Tensor>& t, const char* arg, cons
 
 // linear_forward's outputs: y (N, C), the saved codes (uint8 (N, ceil(D/2)) packed INT4 for LSQ
 // recipes, int8 (N, D) for int8, (0, 0) for fp), aux (uint8 vector) and scale (fp32 0-dim); aux
-// and scale zeroed unless the caller's kernels write them (written: false; every aux byte).
+// and scale zeroed, unless the caller's kernels write them (zero_unwritten false: every aux byte
+// and the scale).
 struct LinearTensors {
   at::Tensor y, codes, aux, scale;
 };

@@ -287,9 +287,9 @@ void philox_words_cuda(uint64_t seed, uint32_t stream_lo, const TensorView& stre
 // and the optional saved_scale (0) and saved_step (a copy of config.device_step's value, or of
 // config.step without it). If X~ or W~ holds a non-finite value (or a step is not positive and
 // finite), y is NaN throughout: the W pass's last block makes the product's scale NaN, a
-// device-side check (no host synchronisation). Four launches and the product's: a one-thread
-// prologue (the counters, the scale s_x s_w, the saved scalars), the X and W passes, the product.
-// Equal to the CPU's linear_forward bit for bit (tested).
+// device-side check (no host synchronisation). Four launches: a one-thread prologue (the counters,
+// the scale s_x s_w, the saved scalars), the X and W passes, and the product (cuBLASLt's). Equal
+// to the CPU's linear_forward bit for bit (tested).
 void linear_forward_cuda(const LinearConfig& config, const LinearForwardArgs& args,
                          const CudaAllocator& alloc, void* stream);
 
