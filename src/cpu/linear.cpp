@@ -366,10 +366,11 @@ void linear_forward(const LinearConfig& cfg, const LinearForwardArgs& a) {
                 "saved_step: linear_forward_cuda's output (the device step); the CPU's step is "
                 "LinearConfig::step, expected no saved_step");
   }
-  if (cfg.recipe != Recipe::kInt8 && a.saved_scale.data != nullptr) {
+  // The int8 recipe's scale (required there); the others write 0 where it is given.
+  if (cfg.recipe == Recipe::kInt8 || a.saved_scale.data != nullptr) {
     check_scalar(a.saved_scale, "saved_scale");
     check_dtype(a.saved_scale, "saved_scale", {DType::kFloat32});
-    *a.saved_scale.ptr<float>() = 0.0f;  // used by the int8 recipe only
+    if (cfg.recipe != Recipe::kInt8) *a.saved_scale.ptr<float>() = 0.0f;
   }
   const LinearSavedShapes saved = linear_saved_shapes(cfg.recipe, n, d);
   if (saved.codes_rows > 0 || cfg.recipe != Recipe::kFp) {
@@ -400,8 +401,6 @@ void linear_forward(const LinearConfig& cfg, const LinearForwardArgs& a) {
   }
 
   if (cfg.recipe == Recipe::kInt8) {
-    check_scalar(a.saved_scale, "saved_scale");
-    check_dtype(a.saved_scale, "saved_scale", {DType::kFloat32});
     Buffer<int8_t> wq(c, d);
     float sw = 0.0f;
     quantize_absmax(a.x, 127, a.saved_codes, a.saved_scale);
