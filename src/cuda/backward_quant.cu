@@ -256,16 +256,21 @@ __device__ __forceinline__ Split8 split8(const BitsplitParams& p, uint64_t strea
                                          int32_t* sq_lo) {
   const Philox4x32 r = random_block(p.keys, stream, b);
   Split8 s;
+  // The nibbles by shift-adds: sum_i c_i 16^i + 0x88888888 (mod 2^32) is the word of the offset
+  // nibbles c_i + 8 in [0, 15], and XOR 0x88888888 turns each into c_i's two's complement.
+  uint32_t sh = 0x88888888u, sl = 0x88888888u;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     const SplitValue sv = split_value<kFinite>(v[i], inv, block_u16(r, i));
     *sq_hi += sv.hi * sv.hi;
     *sq_lo += sv.lo * sv.lo;
-    s.ph |= static_cast<uint32_t>(sv.hi & 0xF) << (4 * i);
-    s.pl |= static_cast<uint32_t>(sv.lo & 0xF) << (4 * i);
+    sh += static_cast<uint32_t>(sv.hi) << (4 * i);
+    sl += static_cast<uint32_t>(sv.lo) << (4 * i);
     s.hf[i] = sv.hi_f;
     s.lf[i] = sv.lo_f;
   }
+  s.ph = sh ^ 0x88888888u;
+  s.pl = sl ^ 0x88888888u;
   return s;
 }
 

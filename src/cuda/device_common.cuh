@@ -227,12 +227,16 @@ __device__ __forceinline__ void for_each_warp_chunk_from(const Src& src, int64_t
 // Warp w of W takes chunks w, w + W, ... with kDepth chunks' loads in flight; src.load_flat(buf,
 // e) loads the lane's 8 values from flat index e; body(e, buf) runs on every lane of the warp
 // (numel is a multiple of 256, so a warp's lanes leave together and the body may use shuffles).
-// kDepth 0: each chunk loaded where it is used (nothing in flight across chunks).
-template <int kDepth, typename Src, typename Body>
+// kDepth 0: each chunk loaded where it is used (nothing in flight across chunks). kPinStride: the
+// stride is kept in a register (an empty asm), where the compiler would otherwise recompute it
+// from the grid size in every iteration (5 instructions a chunk, docs/cuda.md, stop 35), for
+// kernels with registers to spare.
+template <int kDepth, bool kPinStride = false, typename Src, typename Body>
 __device__ __forceinline__ void for_each_flat_chunk(const Src& src, uint64_t numel, Body&& body) {
   const uint64_t lane = threadIdx.x & 31;
   const uint64_t warp = (static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
-  const uint64_t stride = (static_cast<uint64_t>(gridDim.x) * blockDim.x >> 5) * kWarpCols;
+  uint64_t stride = (static_cast<uint64_t>(gridDim.x) * blockDim.x >> 5) * kWarpCols;
+  if constexpr (kPinStride) asm volatile("" : "+l"(stride));
   uint64_t next = warp * kWarpCols + kLaneElems * lane;  // the next chunk to load
   if constexpr (kDepth == 0) {
     for (; next < numel; next += stride) {
@@ -408,33 +412,58 @@ inline dim3 tile_grid(int64_t rows, int64_t cols) {
 // (a, b) <- (a + b, a - b) with a the lower index, then one multiply by `scale`. Every lane of the
 // warp must call it (the shuffles use the full mask); lanes past the row end hold zeros, and since
 // G divides the row length they never pair with a lane inside it.
+// A lane's part of hadamard_warp8: the signs of its cross-lane stages (h = 8 .. G/2: the upper
+// lane of a pair computes a - b = fma(-1, b, a), the lower b + a = fma(1, b, a) (= a + b): one
+// rounding each, the same value as the subtraction or addition, and no select). pin(): a
+// grid-stride kernel that builds it before its loop passes the signs through an empty asm, so
+// that the compiler keeps them in registers rather than recomputing them from the lane index in
+// every iteration (as it did: 9-10 instructions a chunk, docs/cuda.md, stop 35).
 template <int G>
-__device__ __forceinline__ void hadamard_warp8(float v[8], int lane, float scale) {
+struct HadamardLane {
+  static constexpr int kStages = G >= 256 ? 5 : G == 128 ? 4 : G == 64 ? 3 : G == 32 ? 2 : 1;
+  float sign[kStages];  // stage k pairs lane l with lane l ^ 2^k (h = 8 * 2^k); unused for G <= 8
+  __device__ __forceinline__ explicit HadamardLane(int lane) {
 #pragma unroll
-  for (int h = 1; h < 8 && h < G; h *= 2) {
+    for (int k = 0; k < kStages; ++k) sign[k] = (lane & (1 << k)) != 0 ? -1.0f : 1.0f;
+  }
+  __device__ __forceinline__ HadamardLane& pin() {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      if ((i & h) == 0) {
-        const float a = v[i], b = v[i + h];
-        v[i] = __fadd_rn(a, b);
-        v[i + h] = __fsub_rn(a, b);
+    for (int k = 0; k < kStages; ++k) asm volatile("" : "+f"(sign[k]));
+    return *this;
+  }
+  // The transform without its final scale (hadamard_warp8 multiplies by it).
+  __device__ __forceinline__ void unscaled(float v[8]) const {
+#pragma unroll
+    for (int h = 1; h < 8 && h < G; h *= 2) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if ((i & h) == 0) {
+          const float a = v[i], b = v[i + h];
+          v[i] = __fadd_rn(a, b);
+          v[i + h] = __fsub_rn(a, b);
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 8, k = 0; h < G; h *= 2, ++k) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float p = __shfl_xor_sync(kFullMask, v[i], h / 8);
+        v[i] = __fmaf_rn(sign[k], v[i], p);
       }
     }
   }
+  __device__ __forceinline__ void operator()(float v[8], float scale) const {
+    unscaled(v);
 #pragma unroll
-  for (int h = 8; h < G; h *= 2) {
-    const int m = h / 8;
-    // The upper lane of a pair computes a - b = fma(-1, b, a), the lower b + a = fma(1, b, a) (= a +
-    // b): one rounding each, the same value as the subtraction or addition, and no select.
-    const float sign = (lane & m) != 0 ? -1.0f : 1.0f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const float p = __shfl_xor_sync(kFullMask, v[i], m);
-      v[i] = __fmaf_rn(sign, v[i], p);
-    }
+    for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(v[i], scale);
   }
-#pragma unroll
-  for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(v[i], scale);
+};
+
+template <int G>
+__device__ __forceinline__ void hadamard_warp8(float v[8], int lane, float scale) {
+  const HadamardLane<G> had{lane};
+  had(v, scale);
 }
 
 // The transformed value of column c of a row for a small block (g <= 4, the only blocks a row

@@ -75,6 +75,24 @@ __device__ __forceinline__ uint32_t lsq_aux_bit(float q, const LsqCode& c, uint3
   return (interior ? up : c.clipped) ? 1u : 0u;
 }
 
+// lsq_aux_bit where q is not NaN: a clipped q has a boundary code, so the bit is (interior and
+// up) or clipped, which compiles to predicate logic (the comparisons' combining forms) instead of
+// two selects an element.
+__device__ __forceinline__ bool lsq_aux_bit_clean(float q, const LsqCode& c, uint32_t h) {
+  const float vp = __fadd_rn(c.value, 0.5f);
+  const bool interior = fabsf(vp) <= 6.5f;
+  const bool up = add_uniform_u16(__fsub_rn(vp, q), h) >= 1.0f;
+  return (interior && up) || c.clipped;
+}
+
+// The packed word of 8 codes from their LsqCode::bits patterns (bits(kRoundMagic) + n, n in
+// [-8, 7]) without masking each: pattern - (bits(kRoundMagic) - 8) is n + 8 in [0, 15], so
+// kCleanNibblesBias + sum_i (pattern_i << 4 i) is the word of the offset nibbles n_i + 8 (modulo
+// 2^32, the patterns' high bits cancel with the bias), and XOR 0x88888888 turns each into n_i's
+// two's-complement nibble. One shift-add an element instead of a mask, a shift and a merge.
+constexpr uint32_t kCleanNibblesBias =
+    0u - (0x4B400000u - 8u) * 0x11111111u;  // bits(kRoundMagic) = 0x4B400000
+
 __device__ __forceinline__ void count_nonfinite(uint32_t bad, unsigned long long* counter) {
   const uint32_t total = warp_sum_u32(bad);
   if (counter != nullptr && (threadIdx.x & 31) == 0 && total > 0) {
@@ -104,15 +122,23 @@ __device__ __forceinline__ void lsq_quantize8(const LsqParams& p, uint64_t strea
   // One Philox block: the 16-bit draws of the 8 values (flat indices 8 b .. 8 b + 7).
   Philox4x32 r{};
   if (kAux) r = random_block(p.keys, stream, b);
+  // Clean lanes sum the codes' offset patterns into the packed word (clean_nibbles_sum).
+  uint32_t sum = kClean ? kCleanNibblesBias : 0u;
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
     if (!kClean && (li.bad_step || !isfinite(v[i]))) ++*bad;
     const float q = __fmul_rn(v[i], li.inv);
     const LsqCode c = lsq_code<!kClean>(q, static_cast<float>(-kLsqQn), static_cast<float>(kLsqQp));
     value[i] = c.value;
-    if (kNibbles) *packed_word |= c.nibble << (4 * i);
-    if (kAux) *bits |= lsq_aux_bit(q, c, block_u16(r, i)) << i;
+    if (kClean) {
+      if (kNibbles) sum += c.bits << (4 * i);
+      if (kAux && lsq_aux_bit_clean(q, c, block_u16(r, i))) *bits |= 1u << i;
+    } else {
+      if (kNibbles) *packed_word |= c.nibble << (4 * i);
+      if (kAux) *bits |= lsq_aux_bit(q, c, block_u16(r, i)) << i;
+    }
   }
+  if (kClean && kNibbles) *packed_word = sum ^ 0x88888888u;
 }
 
 // The codes of one lane's 8 transformed values (lsq_quantize8; b: their Philox block). The rare
@@ -130,11 +156,12 @@ __device__ __forceinline__ void lsq_codes8(const LsqParams& p, uint64_t stream, 
 }
 
 // Quantizes and stores one lane's 8 transformed values, flat indices 8 b .. 8 b + 7 (their Philox
-// block, aux byte b and packed bytes 4 b .. 4 b + 3); `op`: where their 8 operand bytes go (8-byte
-// aligned; null without an operand).
+// block, aux byte b and packed bytes 4 b .. 4 b + 3); their 8 operand bytes go to p.operand + op_at
+// (8-byte aligned) where there is an operand (a test of p.operand, which the compiler keeps out of
+// the loops, unlike one of a pointer computed in them).
 template <bool kVec, bool kAux, bool kNibbles = true>
 __device__ __forceinline__ void lsq_store8(const LsqParams& p, uint64_t stream, uint64_t b,
-                                           uint8_t* op, const float v[8], const LsqInverse& li,
+                                           uint64_t op_at, const float v[8], const LsqInverse& li,
                                            uint32_t* bad) {
   uint32_t packed_word = 0, bits = 0;
   float value[8];
@@ -148,8 +175,8 @@ __device__ __forceinline__ void lsq_store8(const LsqParams& p, uint64_t stream, 
       for (int i = 0; i < 4; ++i) dst[i] = static_cast<uint8_t>(packed_word >> (8 * i));
     }
   }
-  if (op != nullptr) {
-    *reinterpret_cast<uint2*>(op) =
+  if (p.operand != nullptr) {
+    *reinterpret_cast<uint2*>(p.operand + op_at) =
         kNibbles ? operand_bytes8(p.op_s8, packed_word, value) : e4m3x8(value);
   }
   if (kAux) p.aux[b] = static_cast<uint8_t>(bits);
@@ -172,8 +199,8 @@ __global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_kernel(const LsqPara
           // in unsigned arithmetic. Operand rows are 16-byte aligned with a stride of a multiple
           // of 16: 8 bytes at col0 are aligned.
           const uint64_t b = static_cast<uint64_t>(row * p.cols + col0) >> 3;
-          uint8_t* op = p.operand != nullptr ? p.operand + row * p.ldop + col0 : nullptr;
-          lsq_store8<kVec, kAux>(p, stream, b, op, v, li, &bad);
+          lsq_store8<kVec, kAux>(p, stream, b, static_cast<uint64_t>(row * p.ldop + col0), v, li,
+                                 &bad);
         } else if (p.operand != nullptr && col0 < p.op_cols) {
           *reinterpret_cast<uint2*>(p.operand + row * p.ldop + col0) = make_uint2(0u, 0u);
         }
@@ -181,28 +208,65 @@ __global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_kernel(const LsqPara
   count_and_finish(bad, p);
 }
 
+// Whether G's transform scale 1 / sqrt(G) is a power of two (G a power of 4): then x~ * (1 / s)
+// = (v / sqrt(G)) / s can take one product v * (inv / sqrt(G)) (lsq_flat_chunks' kFold).
+template <int G>
+constexpr bool kScaleIsPow2 = G == 1 || G == 4 || G == 16 || G == 64 || G == 256;
+
+// hadamard_lsq_flat_kernel's loop. kFold: v stays unscaled and li.inv is inv / sqrt(G) (exact),
+// so q = v * (inv / sqrt(G)) in one product. That is the CPU's fl(fl(v / sqrt(G)) * inv) wherever
+// v / sqrt(G) is exact, i.e. not below FLT_MIN; below it, with inv <= 2^98 (the kernel's guard),
+// both are at most 2^-28 in magnitude, where the code is 0, the rounding residual's sum 1/2 - q
+// rounds to 1/2 and nothing else depends on q: the same codes, operand and aux bits.
+template <typename In, int G, bool kAux, bool kNibbles, bool kFold>
+__device__ __forceinline__ void lsq_flat_chunks(const LsqParams& p, const LsqInverse& li,
+                                                const HadamardLane<G>& had, uint64_t stream,
+                                                uint32_t* bad) {
+  using Src = MatrixSrc<In, true>;
+  const Src src{static_cast<const In*>(p.x), p.cols};
+  const uint64_t numel = static_cast<uint64_t>(p.rows) * static_cast<uint64_t>(p.cols);
+  for_each_flat_chunk<kAux ? 1 : 0, kAux>(src, numel, [&](uint64_t e, const typename Src::Buf& b) {
+    float v[8];
+    b.to_float(v);
+    if (kFold) {
+      had.unscaled(v);
+    } else {
+      had(v, p.hscale);
+    }
+    lsq_store8<true, kAux, kNibbles>(p, stream, e >> 3, e, v, li, bad);
+  });
+}
+
 // hadamard_lsq_kernel where nothing has a gap (lsq_flat: rows a multiple of 256 long, x and the
 // operand contiguous), the common case, on for_each_flat_chunk. kNibbles: packed codes or an INT8
 // operand are asked for (else the nibbles are not computed). The same bits as hadamard_lsq_kernel.
 // The next chunk's load in flight (depth 1) made the X pass 5% faster on an H200 (69 against 72-73
 // us at 8192 x 4096, ncu), and the W pass without aux bits 3-4% slower (75 against 72 us at 16384 x
-// 4096), so the W pass loads each chunk where it is used (docs/cuda.md, stop 32).
+// 4096), so the W pass loads each chunk where it is used (docs/cuda.md, stop 32). Where 1 / sqrt(G)
+// is a power of two and the step's inverse lies in [2^-100, 2^98] (any sensible step), the loop
+// folds the transform's scale into the inverse (lsq_flat_chunks' kFold): one product an element.
+// The X pass is held to 64 registers (4 blocks an SM, as before the fold and the pinned values,
+// which took ptxas to 64-72 unbounded).
 template <typename In, int G, bool kAux, bool kNibbles>
-__global__ void __launch_bounds__(kThreads, 3) hadamard_lsq_flat_kernel(const LsqParams p) {
-  const int lane = threadIdx.x & 31;
+__global__ void __launch_bounds__(kThreads, kAux ? 4 : 3)
+    hadamard_lsq_flat_kernel(const LsqParams p) {
   const LsqInverse li = lsq_inverse(p);
   const uint64_t stream = kAux ? stream_with_step(p.stream, p.device_step) : 0;
   uint32_t bad = 0;
-  using Src = MatrixSrc<In, true>;
-  const Src src{static_cast<const In*>(p.x), p.cols};
-  const uint64_t numel = static_cast<uint64_t>(p.rows) * static_cast<uint64_t>(p.cols);
-  for_each_flat_chunk<kAux ? 1 : 0>(src, numel, [&](uint64_t e, const typename Src::Buf& b) {
-    float v[8];
-    b.to_float(v);
-    hadamard_warp8<G>(v, lane, p.hscale);
-    uint8_t* op = p.operand != nullptr ? p.operand + e : nullptr;
-    lsq_store8<true, kAux, kNibbles>(p, stream, e >> 3, op, v, li, &bad);
-  });
+  // The X pass (kAux) keeps the signs and the loop's stride in registers (it has registers to
+  // spare at 4 blocks an SM); the W pass would lose occupancy (40 registers: 6 blocks, not 8).
+  HadamardLane<G> had(static_cast<int>(threadIdx.x & 31));
+  if (kAux) had.pin();
+  if constexpr (kScaleIsPow2<G>) {
+    if (li.inv_ok && li.inv >= 0x1p-100f && li.inv <= 0x1p98f) {
+      LsqInverse folded = li;
+      folded.inv = __fmul_rn(li.inv, p.hscale);  // exact: a power of two, no underflow
+      lsq_flat_chunks<In, G, kAux, kNibbles, true>(p, folded, had, stream, &bad);
+      count_and_finish(bad, p);
+      return;
+    }
+  }
+  lsq_flat_chunks<In, G, kAux, kNibbles, false>(p, li, had, stream, &bad);
   count_and_finish(bad, p);
 }
 

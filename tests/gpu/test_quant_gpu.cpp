@@ -129,9 +129,12 @@ int64_t operand_diff(const std::vector<uint8_t>& got, const std::vector<int8_t>&
   return bad;
 }
 
+// data_scale: the data times a power of two; step (if > 0): the step, else LSQ's initial one.
 void test_hadamard_lsq(int64_t rows, int64_t cols, int32_t block, bool bf16, Data data,
-                       int64_t ld_extra, bool bad_step) {
-  const auto x0 = make_data(rows, cols, data, 11 + rows * 3 + cols + block);
+                       int64_t ld_extra, bool bad_step, float data_scale = 1.0f,
+                       float force_step = 0.0f) {
+  auto x0 = make_data(rows, cols, data, 11 + rows * 3 + cols + block);
+  for (float& v : x0) v *= data_scale;
   const auto x = as_seen(x0, bf16);
   // CPU: x~ = x B_g (fp32), then the compact quantizer.
   std::vector<float> xt(x.size());
@@ -145,6 +148,7 @@ void test_hadamard_lsq(int64_t rows, int64_t cols, int32_t block, bool bf16, Dat
   float step =
       finite > 0 && mean > 0 ? static_cast<float>(2.0 * mean / finite / std::sqrt(7.0)) : 1.0f;
   if (data == Data::kTies) step = 0.25f;
+  if (force_step > 0.0f) step = force_step;
   const RandomKey key{0x1234 + static_cast<uint64_t>(cols),
                       make_stream(3, 7, RandomPurpose::kLsqAux)};
   std::vector<uint8_t> want_packed(static_cast<size_t>(rows * packed_row_bytes(cols)));
@@ -568,6 +572,33 @@ const bool registered = [] {
            [] { test_hadamard_lsq(5, 37, 1, false, Data::kTies, 0, false); });
   add_case("hadamard_lsq/16x64/g16/fp32/zero_step", false,
            [] { test_hadamard_lsq(16, 64, 16, false, Data::kNormal, 0, true); });
+  // The flat pass folds 1 / sqrt(G) into the step's inverse where that is a power of two (G = 256,
+  // 64) and the inverse lies in [2^-100, 2^98]; these steps and data scales sit at and past that
+  // guard. tiny: x~ below FLT_MIN (subnormal, so x~ * inv != x * (inv / sqrt(G))) with the
+  // inverse at 2^98 (folded: every |q| <= 2^-28) and at 2^126 (not folded: codes across the range,
+  // which the fold would get wrong); edge: the inverse at 2^98 with codes across the range; large:
+  // the inverse at 2^-101 (not folded).
+  struct Guard {
+    const char* name;
+    float data_scale, step;
+  };
+  const Guard guards[] = {{"tiny_inv2^98", 0x1p-125f, 0x1p-98f},
+                          {"tiny_inv2^126", 0x1p-126f, 0x1p-126f},
+                          {"edge_inv2^98", 0x1p-98f, 0x1p-98f},
+                          {"large_inv2^-101", 0x1p101f, 0x1p101f}};
+  for (const Guard& gd : guards) {
+    for (int32_t block : {256, 128, 64}) {
+      for (bool bf16 : {false, true}) {
+        for (Data d : {Data::kNormal, Data::kNonFinite}) {
+          add_case("hadamard_lsq/32x1024/g" + std::to_string(block) + (bf16 ? "/bf16/" : "/fp32/") +
+                       data_name(d) + "/" + gd.name,
+                   false, [=] {
+                     test_hadamard_lsq(32, 1024, block, bf16, d, 0, false, gd.data_scale, gd.step);
+                   });
+        }
+      }
+    }
+  }
   // Rows longer than the kernels' 32-bit column indices: an Error naming the argument, before any
   // launch (the view's shape is never dereferenced, so a small buffer serves).
   add_case("row_length/too_long", false, [] {
