@@ -4,8 +4,10 @@
 // reduction pass over the output gradient (its absmax and the bias gradient's column sums in the
 // CPU's order).
 #include <cmath>
+#include <memory>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "cuda_common.h"
 #include "device_common.cuh"
@@ -141,7 +143,9 @@ __global__ void __launch_bounds__(kThreads)
 constexpr int kColSumThreads = 64;
 constexpr int64_t kPairCols = 64;
 constexpr int kSumBatch = 32;
-constexpr int kTotalBatch = 8;
+// bias_total_column's batch: 32 partials' loads before their additions (ptxas keeps about 12 in
+// flight at 32 registers; a batch of 8 left 64 or 128 dependent loads a column in 8 or 16 rounds).
+constexpr int kTotalBatch = 32;
 static_assert(kBiasGradBlockRows % kSumBatch == 0, "whole blocks run in batches");
 static_assert(kSumBatch <= 32, "row_max: lane k keeps row k of a batch");
 
@@ -250,12 +254,10 @@ __global__ void __launch_bounds__(kColSumThreads)
 }
 
 // out[j] = the row blocks' partial sums of column j added in block order (fp64, from 0.0), a
-// batch of partials' loads in flight at a time.
-__global__ void __launch_bounds__(kThreads)
-    bias_total_kernel(const double* __restrict__ partial, int64_t blocks, int64_t cols,
-                      void* __restrict__ out, bool out_bf16) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= cols) return;
+// batch of partials' loads in flight at a time (bias_total_kernel, finish_sums_kernel).
+__device__ __forceinline__ void bias_total_column(const double* __restrict__ partial,
+                                                  int64_t blocks, int64_t cols, int64_t j,
+                                                  void* __restrict__ out, bool out_bf16) {
   double acc = 0.0;
   int64_t b = 0;
   for (; b + kTotalBatch <= blocks; b += kTotalBatch) {
@@ -267,6 +269,46 @@ __global__ void __launch_bounds__(kThreads)
   }
   for (; b < blocks; ++b) acc += partial[b * cols + j];
   store_bias(out, out_bf16, j, acc);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    bias_total_kernel(const double* __restrict__ partial, int64_t blocks, int64_t cols,
+                      void* __restrict__ out, bool out_bf16) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j < cols) bias_total_column(partial, blocks, cols, j, out, out_bf16);
+}
+
+// DeferredSums::finish's one launch: blocks 0 .. steps - 1 each sum one step gradient's partials
+// (sum_partials_kernel's body), the rest a column of the bias gradient each thread
+// (bias_total_kernel's).
+struct FinishSums {
+  const double* step_partial[DeferredSums::kMaxSteps];
+  int step_count[DeferredSums::kMaxSteps];
+  double step_gamma[DeferredSums::kMaxSteps];
+  float* step_out[DeferredSums::kMaxSteps];
+  int steps;
+  const double* bias_partial;  // null: no bias totals
+  int64_t bias_blocks, bias_cols;
+  void* bias_out;
+  bool bias_bf16;
+};
+static_assert(kThreads == kSumThreads, "finish_sums_kernel runs sum_partials_kernel's body");
+
+__global__ void __launch_bounds__(kThreads) finish_sums_kernel(const FinishSums f) {
+  static_assert(DeferredSums::kMaxSteps == 2, "the selects below pick one of two step sums");
+  const int b = static_cast<int>(blockIdx.x);
+  if (b < f.steps) {  // block-uniform: the block sum's barriers see every thread
+    // Selects rather than f.step_*[b], which made ptxas copy the arrays to local memory.
+    const bool first = b == 0;
+    block_sum_partials<kSumThreads>(
+        first ? f.step_partial[0] : f.step_partial[1], first ? f.step_count[0] : f.step_count[1],
+        first ? f.step_gamma[0] : f.step_gamma[1], first ? f.step_out[0] : f.step_out[1]);
+    return;
+  }
+  const int64_t j = static_cast<int64_t>(b - f.steps) * kThreads + threadIdx.x;
+  if (j < f.bias_cols) {
+    bias_total_column(f.bias_partial, f.bias_blocks, f.bias_cols, j, f.bias_out, f.bias_bf16);
+  }
 }
 
 // ---- the fused epilogues of the bit-split backward (hq_bs, hq_lss): one pass from the product
@@ -680,16 +722,18 @@ __global__ void __launch_bounds__(kThreads, kCodes ? (kUsual ? kDwCodesUsualBloc
                          p.partial + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x));
 }
 
-// An epilogue on `grid` (one step-gradient partial per block), then the step gradient from them.
+// An epilogue on `grid` (one step-gradient partial per block), then the step gradient from them:
+// a launch here, or with defer, in its finish().
 template <typename Kernel>
 void launch_epilogue_on(Kernel kernel, dim3 grid, EpilogueParams p, float* grad_step, double gamma,
-                        const CudaAllocator& alloc, cudaStream_t stream) {
+                        const CudaAllocator& alloc, cudaStream_t stream, DeferredSums* defer) {
   const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y;
-  DeviceBuffer partial(alloc, sizeof(double) * static_cast<size_t>(blocks), stream);
-  p.partial = partial.as<double>();
+  const bool deferred = defer != nullptr && grad_step != nullptr;
+  DeviceBuffer partial(alloc, deferred ? 0 : sizeof(double) * static_cast<size_t>(blocks), stream);
+  p.partial = deferred ? defer->step_partials(blocks, gamma, grad_step) : partial.as<double>();
   kernel<<<grid, kThreads, 0, stream>>>(p);
   INT4TRAIN_CUDA_LAUNCH_CHECK();
-  if (grad_step != nullptr) {
+  if (grad_step != nullptr && !deferred) {
     sum_partials_kernel<<<1, kSumThreads, 0, stream>>>(p.partial, static_cast<int>(blocks), gamma,
                                                        grad_step);
     INT4TRAIN_CUDA_LAUNCH_CHECK();
@@ -699,11 +743,12 @@ void launch_epilogue_on(Kernel kernel, dim3 grid, EpilogueParams p, float* grad_
 // An epilogue on a persistent grid (for_each_warp_chunk_from's).
 template <typename Kernel>
 void launch_epilogue(Kernel kernel, EpilogueParams p, float* grad_step, double gamma,
-                     const CudaAllocator& alloc, cudaStream_t stream) {
+                     const CudaAllocator& alloc, cudaStream_t stream, DeferredSums* defer) {
   const int64_t warps = p.rows * ((p.cols + kWarpCols - 1) / kWarpCols);
   const int grid =
       persistent_blocks(kernel, kThreads, (warps + kThreads / 32 - 1) / (kThreads / 32));
-  launch_epilogue_on(kernel, dim3(static_cast<unsigned>(grid)), p, grad_step, gamma, alloc, stream);
+  launch_epilogue_on(kernel, dim3(static_cast<unsigned>(grid)), p, grad_step, gamma, alloc, stream,
+                     defer);
 }
 
 // SplitPartials in one of its two forms: s32 without slots or exps, or the slots form (fp32 or
@@ -740,13 +785,17 @@ void launch_combine_bitsplit(const SplitPartials& pp, const int8_t* exps, const 
 }
 
 void launch_absmax_column_sums(const TensorView& g, uint32_t* amax, TensorView column_sums,
-                               const CudaAllocator& alloc, cudaStream_t stream, uint32_t* row_max) {
+                               const CudaAllocator& alloc, cudaStream_t stream, uint32_t* row_max,
+                               DeferredSums* defer) {
   const int64_t rows = g.shape[0], cols = g.shape[1];
   if (cols == 0) return;
   const int64_t blocks = rows > 0 ? (rows + kBiasGradBlockRows - 1) / kBiasGradBlockRows : 1;
-  DeviceBuffer partial(alloc, blocks > 1 ? sizeof(double) * blocks * cols : 0, stream);
-  double* part = blocks > 1 ? partial.as<double>() : nullptr;
   const bool ob = column_sums.dtype == DType::kBFloat16, bf16 = g.dtype == DType::kBFloat16;
+  const bool deferred = blocks > 1 && defer != nullptr;
+  DeviceBuffer partial(alloc, blocks > 1 && !deferred ? sizeof(double) * blocks * cols : 0, stream);
+  double* part = blocks == 1 ? nullptr
+                 : deferred  ? defer->bias_partials(blocks, cols, column_sums.data, ob)
+                             : partial.as<double>();
   const int64_t ld = row_stride(g);
   const bool pair = cols % 2 == 0 && (rows <= 1 || ld % 2 == 0) && aligned(g.data, bf16 ? 4 : 8);
   const int64_t warps = blocks * ((cols + kPairCols - 1) / kPairCols);
@@ -759,7 +808,7 @@ void launch_absmax_column_sums(const TensorView& g, uint32_t* amax, TensorView c
             g.ptr<const In>(), ld, rows, cols, amax, part, column_sums.data, ob, row_max);
   });
   INT4TRAIN_CUDA_LAUNCH_CHECK();
-  if (part != nullptr) {
+  if (part != nullptr && !deferred) {
     bias_total_kernel<<<grid_blocks(cols, kThreads, int64_t{1} << 20), kThreads, 0, stream>>>(
         part, blocks, cols, column_sums.data, ob);
     INT4TRAIN_CUDA_LAUNCH_CHECK();
@@ -811,7 +860,7 @@ bool epilogue_empty(const EpilogueParams& p, float* grad_step, cudaStream_t stre
 void launch_dx_epilogue(const SplitPartials& pp, const int8_t* exps, const float* s1,
                         const float* s2, const TensorView& packed, const TensorView& aux,
                         int32_t block, TensorView grad_x, TensorView grad_step,
-                        const CudaAllocator& alloc, cudaStream_t stream) {
+                        const CudaAllocator& alloc, cudaStream_t stream, DeferredSums* defer) {
   check_split_partials(pp, exps, "launch_dx_epilogue");
   EpilogueParams p = epilogue_params(pp, s1, s2, packed.shape[0], packed.shape[1], block, grad_x);
   p.slots = pp.slots;
@@ -830,11 +879,11 @@ void launch_dx_epilogue(const SplitPartials& pp, const int8_t* exps, const float
   dispatch_block(block, [&](auto g) {
     constexpr int G = decltype(g)::value;
     if (p.slots != nullptr) {
-      launch_epilogue(dx_epilogue_kernel<G, true>, p, gs, gamma, alloc, stream);
+      launch_epilogue(dx_epilogue_kernel<G, true>, p, gs, gamma, alloc, stream, defer);
     } else if (flat) {
-      launch_epilogue(dx_epilogue_flat_kernel<G>, p, gs, gamma, alloc, stream);
+      launch_epilogue(dx_epilogue_flat_kernel<G>, p, gs, gamma, alloc, stream, defer);
     } else {
-      launch_epilogue(dx_epilogue_kernel<G, false>, p, gs, gamma, alloc, stream);
+      launch_epilogue(dx_epilogue_kernel<G, false>, p, gs, gamma, alloc, stream, defer);
     }
   });
 }
@@ -842,7 +891,7 @@ void launch_dx_epilogue(const SplitPartials& pp, const int8_t* exps, const float
 bool launch_dw_epilogue(const SplitPartials& pp, const float* s1, const float* s2,
                         const TensorView& w, const TensorView& step_w, int32_t block,
                         TensorView grad_w, TensorView grad_step, TensorView codes_t,
-                        const CudaAllocator& alloc, cudaStream_t stream) {
+                        const CudaAllocator& alloc, cudaStream_t stream, DeferredSums* defer) {
   check_split_partials(pp, nullptr, "launch_dw_epilogue", false);
   EpilogueParams p = epilogue_params(pp, s1, s2, w.shape[0], w.shape[1], block, grad_w);
   p.w = w.data;
@@ -873,19 +922,76 @@ bool launch_dw_epilogue(const SplitPartials& pp, const float* s1, const float* s
       constexpr bool kUsual = decltype(usual_tag)::value;
       if (with_codes) {
         bf16 ? launch_epilogue_on(dw_epilogue_kernel<BFloat16, G, true, kUsual>, tiles, p, gs,
-                                  gamma, alloc, stream)
+                                  gamma, alloc, stream, defer)
              : launch_epilogue_on(dw_epilogue_kernel<float, G, true, kUsual>, tiles, p, gs, gamma,
-                                  alloc, stream);
+                                  alloc, stream, defer);
       } else {
         bf16 ? launch_epilogue(dw_epilogue_kernel<BFloat16, G, false, kUsual>, p, gs, gamma, alloc,
-                               stream)
+                               stream, defer)
              : launch_epilogue(dw_epilogue_kernel<float, G, false, kUsual>, p, gs, gamma, alloc,
-                               stream);
+                               stream, defer);
       }
     };
     usual ? launch(std::true_type{}) : launch(std::false_type{});
   });
   return with_codes;
+}
+
+struct DeferredSums::Impl {
+  CudaAllocator alloc;
+  void* stream;
+  std::vector<std::unique_ptr<DeviceBuffer>> buffers;
+  FinishSums f{};
+  double* keep(size_t bytes) {
+    buffers.push_back(std::make_unique<DeviceBuffer>(alloc, bytes, stream));
+    return buffers.back()->as<double>();
+  }
+};
+
+DeferredSums::DeferredSums(const CudaAllocator& alloc, void* stream)
+    : impl_(new Impl{alloc, stream, {}, {}}) {}
+
+DeferredSums::~DeferredSums() { delete impl_; }
+
+double* DeferredSums::step_partials(int64_t count, double gamma, float* out) {
+  FinishSums& f = impl_->f;
+  if (f.steps == kMaxSteps) {
+    throw_error(ErrorKind::kRuntime, "DeferredSums: more than two step gradients");
+  }
+  if (count > INT32_MAX) throw_error(ErrorKind::kRuntime, "DeferredSums: too many partials");
+  double* buf = impl_->keep(sizeof(double) * static_cast<size_t>(count));
+  f.step_partial[f.steps] = buf;
+  f.step_count[f.steps] = static_cast<int>(count);
+  f.step_gamma[f.steps] = gamma;
+  f.step_out[f.steps] = out;
+  ++f.steps;
+  return buf;
+}
+
+double* DeferredSums::bias_partials(int64_t blocks, int64_t cols, void* out, bool out_bf16) {
+  FinishSums& f = impl_->f;
+  if (f.bias_partial != nullptr) {
+    throw_error(ErrorKind::kRuntime, "DeferredSums: a second bias gradient");
+  }
+  double* buf = impl_->keep(sizeof(double) * static_cast<size_t>(blocks * cols));
+  f.bias_partial = buf;
+  f.bias_blocks = blocks;
+  f.bias_cols = cols;
+  f.bias_out = out;
+  f.bias_bf16 = out_bf16;
+  return buf;
+}
+
+void DeferredSums::finish() {
+  const FinishSums& f = impl_->f;
+  const int64_t bias_blocks =
+      f.bias_partial != nullptr ? (f.bias_cols + kThreads - 1) / kThreads : 0;
+  const int64_t grid = f.steps + bias_blocks;
+  if (grid == 0) return;
+  if (grid > INT32_MAX) throw_error(ErrorKind::kRuntime, "DeferredSums: too many columns");
+  finish_sums_kernel<<<static_cast<unsigned>(grid), kThreads, 0, as_stream(impl_->stream)>>>(f);
+  INT4TRAIN_CUDA_LAUNCH_CHECK();
+  impl_->f = FinishSums{};  // launched once
 }
 
 }  // namespace cuda_detail

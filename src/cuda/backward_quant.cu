@@ -853,12 +853,12 @@ struct ReduceBuffers {
 // then each row's exponent and inverse scale (p.row_inv).
 void bitsplit_reduce(BitsplitParams& p, const TensorView& g, TensorView column_sums,
                      const TensorView& row_exp, ReduceBuffers& b, const CudaAllocator& alloc,
-                     cudaStream_t s) {
+                     cudaStream_t s, DeferredSums* defer) {
   const bool by_row = row_exp.data != nullptr;
   uint32_t* row_max = by_row && p.rows > 0 ? b.row_max() : nullptr;
   INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(b.maxima.get(), 0, b.maxima.bytes(), s));
   if (column_sums.data != nullptr) {
-    launch_absmax_column_sums(g, b.amax(), column_sums, alloc, s, row_max);
+    launch_absmax_column_sums(g, b.amax(), column_sums, alloc, s, row_max, defer);
   } else {
     launch_absmax(g, b.amax(), s, row_max);
   }
@@ -921,11 +921,11 @@ bool bitsplit_vec(const BitsplitParams& p, bool bf16) {
 }  // namespace
 }  // namespace cuda_detail
 
-void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
-                            TensorView hi, TensorView lo, TensorView row_sumsq, TensorView scale,
-                            TensorView column_sums, const CudaAllocator& alloc, void* stream,
-                            TensorView row_exp) {
-  using namespace cuda_detail;
+void cuda_detail::quantize_bitsplit(const TensorView& g, const RandomKey& rng, TensorView operand,
+                                    TensorView hi, TensorView lo, TensorView row_sumsq,
+                                    TensorView scale, TensorView column_sums,
+                                    const CudaAllocator& alloc, void* stream, TensorView row_exp,
+                                    DeferredSums* defer) {
   BitsplitParams p = bitsplit_params(g, rng, scale);
   const int64_t rows = p.rows, cols = p.cols;
   if (operand.data != nullptr) {
@@ -971,7 +971,7 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
     INT4TRAIN_CUDA_CHECK(cudaMemsetAsync(p.row_sumsq, 0, sizeof(int32_t) * 2 * rows, s));
   }
   ReduceBuffers reduce(alloc, rows, row_exp.data != nullptr, stream);
-  bitsplit_reduce(p, g, column_sums, row_exp, reduce, alloc, s);
+  bitsplit_reduce(p, g, column_sums, row_exp, reduce, alloc, s, defer);
   const bool bf16 = g.dtype == DType::kBFloat16;
   if (cols % kLaneElems == 0 && cols > 0) {
     launch_bitsplit_chunks<false>(p, bitsplit_vec(p, bf16), bf16, s);
@@ -981,10 +981,18 @@ void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorVie
   INT4TRAIN_CUDA_LAUNCH_CHECK();
 }
 
-void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
-                               TensorView operand_t, TensorView scale, TensorView column_sums,
-                               const CudaAllocator& alloc, void* stream, TensorView row_exp) {
-  using namespace cuda_detail;
+void quantize_bitsplit_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
+                            TensorView hi, TensorView lo, TensorView row_sumsq, TensorView scale,
+                            TensorView column_sums, const CudaAllocator& alloc, void* stream,
+                            TensorView row_exp) {
+  cuda_detail::quantize_bitsplit(g, rng, operand, hi, lo, row_sumsq, scale, column_sums, alloc,
+                                 stream, row_exp, nullptr);
+}
+
+void cuda_detail::quantize_bitsplit_q8(const TensorView& g, const RandomKey& rng,
+                                       TensorView operand, TensorView operand_t, TensorView scale,
+                                       TensorView column_sums, const CudaAllocator& alloc,
+                                       void* stream, TensorView row_exp, DeferredSums* defer) {
   BitsplitParams p = bitsplit_params(g, rng, scale);
   const int64_t rows = p.rows, cols = p.cols;
   p.q8 = true;
@@ -1009,7 +1017,7 @@ void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, Tensor
   check_column_sums(column_sums, cols);
   const cudaStream_t s = as_stream(stream);
   ReduceBuffers reduce(alloc, rows, row_exp.data != nullptr, stream);
-  bitsplit_reduce(p, g, column_sums, row_exp, reduce, alloc, s);
+  bitsplit_reduce(p, g, column_sums, row_exp, reduce, alloc, s, defer);
   const bool bf16 = g.dtype == DType::kBFloat16;
   const bool chunks = cols % kLaneElems == 0 && cols > 0;
   if (p.operand_t != nullptr && chunks && tiles_fit(rows)) {
@@ -1046,6 +1054,13 @@ void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, Tensor
     real.shape[1] = cols;
     codes_to_s8_cuda(real, TensorView{}, true, operand_t, TensorView{}, stream);
   }
+}
+
+void quantize_bitsplit_q8_cuda(const TensorView& g, const RandomKey& rng, TensorView operand,
+                               TensorView operand_t, TensorView scale, TensorView column_sums,
+                               const CudaAllocator& alloc, void* stream, TensorView row_exp) {
+  cuda_detail::quantize_bitsplit_q8(g, rng, operand, operand_t, scale, column_sums, alloc, stream,
+                                    row_exp, nullptr);
 }
 
 void lsq_backward_compact_cuda(const TensorView& packed_codes, const TensorView& aux,

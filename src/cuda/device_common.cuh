@@ -631,13 +631,25 @@ __device__ __forceinline__ void block_sum_to(double acc, double* out) {
 // fixed order (thread t sums t, t + kSumThreads, ... in order, then a fixed tree): deterministic
 // run to run. Launch <<<1, kSumThreads>>>.
 constexpr int kSumThreads = 256;
+// The body (every thread of a block of kT calls it), which the backward's finish_sums_kernel
+// shares.
 template <int kT = kSumThreads>
-__global__ void __launch_bounds__(kT)
-    sum_partials_kernel(const double* __restrict__ partial, int n, double gamma,
-                        float* __restrict__ out) {
+__device__ __forceinline__ void block_sum_partials(const double* __restrict__ partial, int n,
+                                                   double gamma, float* __restrict__ out) {
   __shared__ double sh[kT];
   double s = 0.0;
-  for (int i = threadIdx.x; i < n; i += kT) s += partial[i];
+  // 8 loads in flight, then their additions in order (a grid of 16,384 blocks leaves 64 partials a
+  // thread, whose loads one at a time were the sum's time).
+  constexpr int kBatch = 8;
+  int i = threadIdx.x;
+  for (; i + (kBatch - 1) * kT < n; i += kBatch * kT) {
+    double v[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) v[k] = partial[i + k * kT];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) s += v[k];
+  }
+  for (; i < n; i += kT) s += partial[i];
   sh[threadIdx.x] = s;
   __syncthreads();
 #pragma unroll
@@ -646,6 +658,11 @@ __global__ void __launch_bounds__(kT)
     __syncthreads();
   }
   if (threadIdx.x == 0) *out = static_cast<float>(gamma * sh[0]);
+}
+template <int kT = kSumThreads>
+__global__ void __launch_bounds__(kT) sum_partials_kernel(const double* __restrict__ partial, int n,
+                                                          double gamma, float* __restrict__ out) {
+  block_sum_partials<kT>(partial, n, gamma, out);
 }
 
 // True in the one block of the grid that gets here last, for work on what every block wrote

@@ -98,9 +98,37 @@ void launch_combine_bitsplit(const SplitPartials& partials, const int8_t* exps, 
 // alloc. row_max (optional, rows entries): each row's max |g| bits, for grad_scale=row's
 // exponents, from the same read. amax may be null (the bias gradient alone). *amax and row_max
 // must be zero on entry (the caller zeroes them): the kernel only raises them.
+// defer (optional): where there is more than one row block, the totals are left to it (its
+// finish()) instead of a launch here.
+class DeferredSums;
 void launch_absmax_column_sums(const TensorView& g, uint32_t* amax, TensorView column_sums,
                                const CudaAllocator& alloc, cudaStream_t stream,
-                               uint32_t* row_max = nullptr);
+                               uint32_t* row_max = nullptr, DeferredSums* defer = nullptr);
+
+// Sums that the layer's backward finishes in one launch at its end (finish()) instead of a launch
+// after each pass that leaves partials: the epilogues' step gradients (sum_partials_kernel's
+// order) and the bias gradient's row-block totals (bias_total_kernel's), the same bits. It owns
+// the partials' buffers until its destruction (stream-ordered, after finish()'s launch); an
+// object destroyed without finish() writes nothing.
+class DeferredSums {
+ public:
+  DeferredSums(const CudaAllocator& alloc, void* stream);
+  ~DeferredSums();
+  DeferredSums(const DeferredSums&) = delete;
+  DeferredSums& operator=(const DeferredSums&) = delete;
+  // A buffer of `count` step-gradient partials; finish() writes float(gamma * their sum) to *out.
+  double* step_partials(int64_t count, double gamma, float* out);
+  // A buffer of blocks x cols row-block column sums; finish() writes column j's total to out[j]
+  // (fp32 or bf16).
+  double* bias_partials(int64_t blocks, int64_t cols, void* out, bool out_bf16);
+  void finish();
+
+  static constexpr int kMaxSteps = 2;
+
+ private:
+  struct Impl;
+  Impl* impl_;
+};
 
 // The fused epilogues of the bit-split backward (hq_bs, hq_lss), bit-exact with
 // launch_combine_bitsplit followed by lsq_backward_compact_cuda (dX) or lsq_backward_cuda on the
@@ -114,15 +142,29 @@ void launch_absmax_column_sums(const TensorView& g, uint32_t* amax, TensorView c
 // as the input gradient's transposed operand, hadamard_lsq_codes_t_cuda's operand_t (INT8 or FP8,
 // cols x fp8_padded_cols(rows)), written by the same pass (W read once for both) where its tile
 // grid fits (W's rows at most 65,535 tiles of 16); it returns whether it wrote them (false: the
-// caller runs hadamard_lsq_codes_t_cuda).
+// caller runs hadamard_lsq_codes_t_cuda). defer (optional): grad_step is left to it (its
+// finish()) instead of a launch after the epilogue.
 void launch_dx_epilogue(const SplitPartials& partials, const int8_t* exps, const float* s1,
                         const float* s2, const TensorView& packed, const TensorView& aux,
                         int32_t block, TensorView grad_x, TensorView grad_step,
-                        const CudaAllocator& alloc, cudaStream_t stream);
+                        const CudaAllocator& alloc, cudaStream_t stream,
+                        DeferredSums* defer = nullptr);
 bool launch_dw_epilogue(const SplitPartials& partials, const float* s1, const float* s2,
                         const TensorView& w, const TensorView& step_w, int32_t block,
                         TensorView grad_w, TensorView grad_step, TensorView codes_t,
-                        const CudaAllocator& alloc, cudaStream_t stream);
+                        const CudaAllocator& alloc, cudaStream_t stream,
+                        DeferredSums* defer = nullptr);
+
+// quantize_bitsplit_cuda and quantize_bitsplit_q8_cuda (cuda.h) with the column sums' totals left
+// to defer (launch_absmax_column_sums').
+void quantize_bitsplit(const TensorView& g, const RandomKey& rng, TensorView operand, TensorView hi,
+                       TensorView lo, TensorView row_sumsq, TensorView scale,
+                       TensorView column_sums, const CudaAllocator& alloc, void* stream,
+                       TensorView row_exp, DeferredSums* defer);
+void quantize_bitsplit_q8(const TensorView& g, const RandomKey& rng, TensorView operand,
+                          TensorView operand_t, TensorView scale, TensorView column_sums,
+                          const CudaAllocator& alloc, void* stream, TensorView row_exp,
+                          DeferredSums* defer);
 
 // lss_sample_cuda's problem, unchecked (lss.cu; the caller guarantees its arguments' rules), and
 // one launch for up to kMaxLssBatch of them, one block each (the layer's two samplings at once).

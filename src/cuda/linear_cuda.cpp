@@ -206,6 +206,9 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   // sample nothing), and q^T for the weight gradient from the same pass. hq_lss: the stacked FP8
   // operand [hi; lo] and the packed codes for the transposes (one buffer of 2N code rows, hi
   // first: the compacted gather indexes it by bit-split row).
+  // The bias gradient's row-block totals and the two step gradients' sums: one launch at the end
+  // (sums.finish()) instead of one after each pass.
+  DeferredSums sums(alloc, stream);
   const RandomKey gkey{cfg.seed, make_stream(cfg.step, cfg.layer, RandomPurpose::kGradRound),
                        cfg.device_step};
   const int64_t cp = fp8_padded_cols(c), np = fp8_padded_cols(n);
@@ -232,13 +235,13 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
   const TensorView rsq_v = lss ? make_vector(rsq.buf.get(), DType::kInt32, 2 * n) : TensorView{};
   const bool lss_dx = lss && dom_dx, lss_dw = lss && dom_dw;
   if (lss) {
-    quantize_bitsplit_cuda(a.grad_y, gkey, r_op.view, lss_dw ? hi : TensorView{},
-                           lss_dw ? lo : TensorView{}, rsq_v, sg_v, a.grad_bias, alloc, stream,
-                           by_row ? row_exp.view : TensorView{});
+    quantize_bitsplit(a.grad_y, gkey, r_op.view, lss_dw ? hi : TensorView{},
+                      lss_dw ? lo : TensorView{}, rsq_v, sg_v, a.grad_bias, alloc, stream,
+                      by_row ? row_exp.view : TensorView{}, &sums);
   } else {
-    quantize_bitsplit_q8_cuda(a.grad_y, gkey, dom_dx ? r_op.view : TensorView{},
-                              dom_dw ? q_t.view : TensorView{}, sg_v, a.grad_bias, alloc, stream,
-                              by_row ? row_exp.view : TensorView{});
+    quantize_bitsplit_q8(a.grad_y, gkey, dom_dx ? r_op.view : TensorView{},
+                         dom_dw ? q_t.view : TensorView{}, sg_v, a.grad_bias, alloc, stream,
+                         by_row ? row_exp.view : TensorView{}, &sums);
   }
   const double budget = cfg.lss_budget * static_cast<double>(n);
   const int64_t capacity = lss ? lss_capacity(budget, 2 * n) : 0;
@@ -384,7 +387,7 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
       // With the input gradient's operand of W's codes, which the pass computes anyway.
       qwt_ready = launch_dw_epilogue(pp, sg.buf.as<float>(), a.step_x.ptr<float>(), a.w, a.step_w,
                                      g, want_dw ? a.grad_w : TensorView{}, a.grad_step_w,
-                                     dom_dx ? qwt.view : TensorView{}, alloc, s);
+                                     dom_dx ? qwt.view : TensorView{}, alloc, s, &sums);
     } else {
       Temp dw(alloc, stream, DType::kFloat32, c, d);
       launch_combine_bitsplit(pp, nullptr, sg.buf.as<float>(), a.step_x.ptr<float>(),
@@ -427,8 +430,8 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
     if (d % 8 == 0 && aligned(a.saved_codes.data, 4)) {
       // Recombination, LSQ backward and back-rotation in one pass.
       launch_dx_epilogue(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(), a.saved_codes,
-                         a.saved_aux, g, want_dx ? a.grad_x : TensorView{}, a.grad_step_x, alloc,
-                         s);
+                         a.saved_aux, g, want_dx ? a.grad_x : TensorView{}, a.grad_step_x, alloc, s,
+                         &sums);
     } else {
       Temp dx(alloc, stream, DType::kFloat32, n, d);
       launch_combine_bitsplit(pp, ex, sg.buf.as<float>(), a.step_w.ptr<float>(), dx.buf.as<float>(),
@@ -438,6 +441,7 @@ void linear_backward_cuda(const LinearConfig& cfg, const LinearBackwardArgs& a,
       if (want_dx) hadamard_transform_cuda(dx.view, a.grad_x, g, stream);
     }
   }
+  sums.finish();
 }
 
 }  // namespace int4train
