@@ -951,7 +951,7 @@ struct DeferredSums::Impl {
 DeferredSums::DeferredSums(const CudaAllocator& alloc, void* stream)
     : impl_(new Impl{alloc, stream, {}, {}}) {}
 
-DeferredSums::~DeferredSums() { delete impl_; }
+DeferredSums::~DeferredSums() = default;
 
 double* DeferredSums::step_partials(int64_t count, double gamma, float* out) {
   FinishSums& f = impl_->f;

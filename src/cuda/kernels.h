@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <memory>
 
 #include "int4train/common.h"
 #include "int4train/cuda.h"
@@ -92,19 +93,6 @@ void launch_combine_bitsplit(const SplitPartials& partials, const int8_t* exps, 
                              const float* s2, float* out, int64_t ldo, int64_t rows, int64_t cols,
                              cudaStream_t stream);
 
-// One pass over g (fp32 or bf16 rows x cols): *amax = max |g| as fp32 bits (NaN > Inf > finite, as
-// launch_absmax) and column_sums (fp32 or bf16 vector of cols) = the column sums of g in fp64 in
-// linear.h's kBiasGradBlockRows order (the CPU's bias gradient, bit for bit); temporaries from
-// alloc. row_max (optional, rows entries): each row's max |g| bits, for grad_scale=row's
-// exponents, from the same read. amax may be null (the bias gradient alone). *amax and row_max
-// must be zero on entry (the caller zeroes them): the kernel only raises them.
-// defer (optional): where there is more than one row block, the totals are left to it (its
-// finish()) instead of a launch here.
-class DeferredSums;
-void launch_absmax_column_sums(const TensorView& g, uint32_t* amax, TensorView column_sums,
-                               const CudaAllocator& alloc, cudaStream_t stream,
-                               uint32_t* row_max = nullptr, DeferredSums* defer = nullptr);
-
 // Sums that the layer's backward finishes in one launch at its end (finish()) instead of a launch
 // after each pass that leaves partials: the epilogues' step gradients (sum_partials_kernel's
 // order) and the bias gradient's row-block totals (bias_total_kernel's), the same bits. It owns
@@ -113,7 +101,7 @@ void launch_absmax_column_sums(const TensorView& g, uint32_t* amax, TensorView c
 class DeferredSums {
  public:
   DeferredSums(const CudaAllocator& alloc, void* stream);
-  ~DeferredSums();
+  ~DeferredSums();  // out of line: Impl is complete only in backward_layer.cu
   DeferredSums(const DeferredSums&) = delete;
   DeferredSums& operator=(const DeferredSums&) = delete;
   // A buffer of `count` step-gradient partials; finish() writes float(gamma * their sum) to *out.
@@ -127,8 +115,20 @@ class DeferredSums {
 
  private:
   struct Impl;
-  Impl* impl_;
+  std::unique_ptr<Impl> impl_;
 };
+
+// One pass over g (fp32 or bf16 rows x cols): *amax = max |g| as fp32 bits (NaN > Inf > finite, as
+// launch_absmax) and column_sums (fp32 or bf16 vector of cols) = the column sums of g in fp64 in
+// linear.h's kBiasGradBlockRows order (the CPU's bias gradient, bit for bit); temporaries from
+// alloc. row_max (optional, rows entries): each row's max |g| bits, for grad_scale=row's
+// exponents, from the same read. amax may be null (the bias gradient alone). *amax and row_max
+// must be zero on entry (the caller zeroes them): the kernel only raises them.
+// defer (optional): where there is more than one row block, the totals are left to it (its
+// finish()) instead of a launch here.
+void launch_absmax_column_sums(const TensorView& g, uint32_t* amax, TensorView column_sums,
+                               const CudaAllocator& alloc, cudaStream_t stream,
+                               uint32_t* row_max = nullptr, DeferredSums* defer = nullptr);
 
 // The fused epilogues of the bit-split backward (hq_bs, hq_lss), bit-exact with
 // launch_combine_bitsplit followed by lsq_backward_compact_cuda (dX) or lsq_backward_cuda on the
