@@ -110,7 +110,8 @@ void init_steps(Problem& p, int32_t block, LayerRun& run) {
   run.step_w = lsq_init_step(make_matrix(wt.data(), DType::kFloat32, p.c, p.d));
 }
 
-void forward(const LinearConfig& cfg, Problem& p, LayerRun& run) {
+// The forward's arguments over p and run (run's outputs filled with sentinels).
+LinearForwardArgs forward_args(const LinearConfig& cfg, Problem& p, LayerRun& run) {
   const LinearSavedShapes s = linear_saved_shapes(cfg.recipe, p.n, p.d);
   run.y.assign(static_cast<size_t>(p.n * p.c), -12345.0f);
   run.codes.assign(static_cast<size_t>(s.bytes()) + 1, 0xAB);
@@ -125,7 +126,11 @@ void forward(const LinearConfig& cfg, Problem& p, LayerRun& run) {
   a.saved_codes = make_matrix(run.codes.data(), s.codes_dtype, s.codes_rows, s.codes_cols);
   a.saved_aux = make_vector(run.aux.data(), DType::kUInt8, s.aux_bytes);
   a.saved_scale = make_scalar(&run.saved_scale, DType::kFloat32);
-  linear_forward(cfg, a);
+  return a;
+}
+
+void forward(const LinearConfig& cfg, Problem& p, LayerRun& run) {
+  linear_forward(cfg, forward_args(cfg, p, run));
 }
 
 void backward(const LinearConfig& cfg, Problem& p, LayerRun& run) {
@@ -638,14 +643,7 @@ TEST(LinearSavedOutputs, ScaleZeroOutsideInt8AndSavedStepIsCudaOnly) {
   forward(cfg, p, run);
   EXPECT_EQ(run.saved_scale, 0.0f);
   int64_t step = 0;
-  LinearForwardArgs a;
-  a.x = make_matrix(p.x.data(), DType::kFloat32, p.n, p.d);
-  a.w = make_matrix(p.w.data(), DType::kFloat32, p.c, p.d);
-  a.step_x = make_scalar(&run.step_x, DType::kFloat32);
-  a.step_w = make_scalar(&run.step_w, DType::kFloat32);
-  a.y = make_matrix(run.y.data(), DType::kFloat32, p.n, p.c);
-  a.saved_codes = make_matrix(run.codes.data(), DType::kInt4Packed, p.n, p.d);
-  a.saved_aux = make_vector(run.aux.data(), DType::kUInt8, compact_aux_bytes(p.n, p.d));
+  LinearForwardArgs a = forward_args(cfg, p, run);
   a.saved_step = make_scalar(&step, DType::kInt64);
   expect_error([&] { linear_forward(cfg, a); }, "saved_step");
 }
