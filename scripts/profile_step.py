@@ -7,10 +7,14 @@ operator list says what to cut.
 
     python scripts/profile_step.py [--shape 4096,768,3072]
         [--recipes hq_bs:dense_fallback=never,hq_lss:dense_fallback=never,hq_bs] [--top 12]
-        [--kernels N]
+        [--kernels N] [--pieces]
 
 --kernels N also lists each layer's N kernels with the most GPU time per step (where a large
 shape's step spends its time beyond the kernels that scripts/kernel_breakdown.py times).
+--pieces also times the pieces of the first recipe's step on the host alone (perf_counter around
+calls run back to back, no profiler; at a small shape the GPU keeps up, so this is the host's
+time): the module's forward, the linear op with and without its autograd node, each op the node
+calls, and two of PyTorch's calls (an allocation, a one-launch in-place add) for scale.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--kernels", type=int, default=0, metavar="N",
                     help="also list the N kernels with the most GPU time per step")
+    ap.add_argument("--pieces", action="store_true",
+                    help="also time the pieces of the first recipe's step on the host")
     args = ap.parse_args()
     if args.kernels < 0:
         ap.error(f"--kernels must be 0 or more, got {args.kernels}")
@@ -99,10 +105,78 @@ def main() -> None:
             for e in gpu[:args.kernels]:
                 print(f"| `{e.key[:100]}` | {e.count * per:.1f} | "
                       f"{e.self_device_time_total * per:.1f} |")
+    if args.pieces:
+        host_pieces(layers[1][1], lin, x, gy, args.steps)
     print("\n| layer | wall us/step | kernel us/step | launches/step |")
     print("|---|---|---|---|")
     for name, wall, gpu, launches in summary:
         print(f"| {name} | {wall:.1f} | {gpu:.1f} | {launches:.1f} |")
+
+
+def host_us(fn, calls: int) -> float:
+    """The host's microseconds per call of fn, calls run back to back after a warm-up (the GPU is
+    synchronised before and after, not between)."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return host / calls * 1e6
+
+
+def host_pieces(layer: nn.Module, lin: nn.Module, x: torch.Tensor, gy: torch.Tensor,
+                steps: int) -> None:
+    """The host's time for each piece of an Int4Linear step (see --pieces)."""
+    ops = torch.ops.int4train
+    calls = max(steps, 200)
+    spec, block = layer.recipe.spec, layer._block
+    seed = int4train.nn.rank_seed(layer.recipe.seed, layer._rank)
+    w, b = layer.weight.detach(), layer.bias.detach()
+    xs = x.detach()
+    ps = (layer.input_step, layer.weight_step)
+    sx, sw = ops._lsq_steps(*(p.detach() for p in ps))
+    fwd = ops.linear_forward(xs, w, b, sx, sw, spec, block, seed, layer.step, 0)
+    _, codes, aux, scale, saved = fwd
+    mask = [True] * 5
+    bwd = ops.linear_backward(gy, None, codes, aux, scale, w, sx, sw, spec, block, seed, saved, 0,
+                              mask)
+    tiny = torch.zeros(1, device=x.device)
+    rows = []
+
+    def row(name: str, fn) -> None:
+        rows.append((name, host_us(fn, calls)))
+
+    row("nn.Linear step", lambda: train_step(lin, x, gy))
+    row("Int4Linear step", lambda: train_step(layer, x, gy))
+    row("Int4Linear forward (x requires grad)", lambda: layer(x))
+    with torch.no_grad():
+        row("Int4Linear forward (no_grad)", lambda: layer(xs))
+    row("nn.Linear forward (x requires grad)", lambda: lin(x))
+    args = (layer.weight, layer.bias, ps[0], ps[1], spec, block, seed, layer.step, 0)
+    row("int4train.linear, autograd (x requires grad)", lambda: ops.linear(x, *args))
+    with torch.no_grad():
+        row("int4train.linear, no_grad", lambda: ops.linear(xs, *args))
+    row("_lsq_steps", lambda: ops._lsq_steps(sx, sw))
+    row("linear_forward", lambda: ops.linear_forward(xs, w, b, sx, sw, spec, block, seed,
+                                                     layer.step, 0))
+    row("linear_backward", lambda: ops.linear_backward(gy, None, codes, aux, scale, w, sx, sw,
+                                                       spec, block, seed, saved, 0, mask))
+    row("_lsq_step_grads", lambda: ops._lsq_step_grads(sx, sw, bwd[3], bwd[4]))
+    row("step counter add_ (no_grad)", lambda: layer.step.add_(0))
+    row("torch.empty (256 floats)", lambda: torch.empty(256, device=x.device))
+    row("tiny.add_(1) (one launch)", lambda: tiny.add_(1))
+    print(f"\n## host time per call ({calls} calls back to back; {layers_note(layer)})")
+    print("| piece | host us/call |")
+    print("|---|---|")
+    for name, us in rows:
+        print(f"| {name} | {us:.1f} |")
+
+
+def layers_note(layer: nn.Module) -> str:
+    return f"Int4Linear recipe {layer.recipe.label}"
 
 
 if __name__ == "__main__":
