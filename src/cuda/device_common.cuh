@@ -268,6 +268,33 @@ __device__ __forceinline__ void for_each_flat_chunk(const Src& src, uint64_t num
   }
 }
 
+// for_each_flat_chunk with 16 values a lane: warp w of W takes the 512-element chunks w, w + W,
+// ...; body(e, live, lo, hi) runs on every lane of the warp with the lane's flat index e (a
+// multiple of 16) and its values e .. e + 7 in lo, e + 8 .. e + 15 in hi. numel is a multiple of
+// 256, so a chunk's half-warps are each wholly inside (live) or wholly past the end (not live:
+// zeros, nothing to store); the body's shuffles stay within a half-warp. Each chunk is loaded where
+// it is used (for_each_flat_chunk's kDepth 0).
+template <typename Src, typename Body>
+__device__ __forceinline__ void for_each_flat_chunk16(const Src& src, uint64_t numel, Body&& body) {
+  constexpr uint64_t kChunk = 2 * kWarpCols;
+  const uint64_t lane = threadIdx.x & 31;
+  const uint64_t warp = (static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const uint64_t stride = (static_cast<uint64_t>(gridDim.x) * blockDim.x >> 5) * kChunk;
+  for (uint64_t e = warp * kChunk + 2 * kLaneElems * lane; e - 2 * kLaneElems * lane < numel;
+       e += stride) {
+    typename Src::Buf lo, hi;
+    const bool live = e < numel;
+    if (live) {
+      src.load_flat(lo, e);
+      src.load_flat(hi, e + kLaneElems);
+    } else {
+      src.zero(lo);
+      src.zero(hi);
+    }
+    body(e, live, lo, hi);
+  }
+}
+
 // The plain source: rows of a matrix x (row stride ldx), 8 values per lane as Lane8.
 template <typename In, bool kVec>
 struct MatrixSrc {
@@ -418,10 +445,21 @@ inline dim3 tile_grid(int64_t rows, int64_t cols) {
 // grid-stride kernel that builds it before its loop passes the signs through an empty asm, so
 // that the compiler keeps them in registers rather than recomputing them from the lane index in
 // every iteration (as it did: 9-10 instructions a chunk, docs/cuda.md, stop 35).
-template <int G>
+// kLaneVals = 16: 16 values a lane, a half-warp covering 256 consecutive elements (lane l holds
+// 16 (l mod 16) .. 16 (l mod 16) + 15 of its half's chunk): butterflies for h = 1 .. 8 in-lane,
+// h = 16 .. G/2 pairing lane l with lane l ^ (h / 16), the stages in the same order (so the same
+// roundings, the CPU's bits), one cross-lane stage fewer and half the shuffles and fused
+// multiply-adds of those stages an element.
+template <int G, int kLaneVals = 8>
 struct HadamardLane {
-  static constexpr int kStages = G >= 256 ? 5 : G == 128 ? 4 : G == 64 ? 3 : G == 32 ? 2 : 1;
-  float sign[kStages];  // stage k pairs lane l with lane l ^ 2^k (h = 8 * 2^k); unused for G <= 8
+  static_assert(kLaneVals == 8 || kLaneVals == 16, "8 or 16 values a lane");
+  // Cross-lane stages: log2(G / kLaneVals); one (unused) where there are none.
+  static constexpr int kStages = G >= 32 * kLaneVals   ? 5
+                                 : G >= 16 * kLaneVals ? 4
+                                 : G >= 8 * kLaneVals  ? 3
+                                 : G >= 4 * kLaneVals  ? 2
+                                                       : 1;
+  float sign[kStages];  // stage k pairs lane l with lane l ^ 2^k (h = kLaneVals * 2^k)
   __device__ __forceinline__ explicit HadamardLane(int lane) {
 #pragma unroll
     for (int k = 0; k < kStages; ++k) sign[k] = (lane & (1 << k)) != 0 ? -1.0f : 1.0f;
@@ -432,11 +470,11 @@ struct HadamardLane {
     return *this;
   }
   // The transform without its final scale (hadamard_warp8 multiplies by it).
-  __device__ __forceinline__ void unscaled(float v[8]) const {
+  __device__ __forceinline__ void unscaled(float v[kLaneVals]) const {
 #pragma unroll
-    for (int h = 1; h < 8 && h < G; h *= 2) {
+    for (int h = 1; h < kLaneVals && h < G; h *= 2) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
+      for (int i = 0; i < kLaneVals; ++i) {
         if ((i & h) == 0) {
           const float a = v[i], b = v[i + h];
           v[i] = __fadd_rn(a, b);
@@ -445,18 +483,18 @@ struct HadamardLane {
       }
     }
 #pragma unroll
-    for (int h = 8, k = 0; h < G; h *= 2, ++k) {
+    for (int h = kLaneVals, k = 0; h < G; h *= 2, ++k) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float p = __shfl_xor_sync(kFullMask, v[i], h / 8);
+      for (int i = 0; i < kLaneVals; ++i) {
+        const float p = __shfl_xor_sync(kFullMask, v[i], h / kLaneVals);
         v[i] = __fmaf_rn(sign[k], v[i], p);
       }
     }
   }
-  __device__ __forceinline__ void operator()(float v[8], float scale) const {
+  __device__ __forceinline__ void operator()(float v[kLaneVals], float scale) const {
     unscaled(v);
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = __fmul_rn(v[i], scale);
+    for (int i = 0; i < kLaneVals; ++i) v[i] = __fmul_rn(v[i], scale);
   }
 };
 

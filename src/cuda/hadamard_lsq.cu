@@ -242,7 +242,8 @@ __device__ __forceinline__ void lsq_flat_chunks(const LsqParams& p, const LsqInv
 // operand are asked for (else the nibbles are not computed). The same bits as hadamard_lsq_kernel.
 // The next chunk's load in flight (depth 1) made the X pass 5% faster on an H200 (69 against 72-73
 // us at 8192 x 4096, ncu), and the W pass without aux bits 3-4% slower (75 against 72 us at 16384 x
-// 4096), so the W pass loads each chunk where it is used (docs/cuda.md, stop 32). Where 1 / sqrt(G)
+// 4096), so the passes without aux bits load each chunk where it is used (docs/cuda.md, stop 32;
+// the FP8-only W pass is hadamard_lsq_flat16_kernel since stop 36). Where 1 / sqrt(G)
 // is a power of two and the step's inverse lies in [2^-100, 2^98] (any sensible step), the loop
 // folds the transform's scale into the inverse (lsq_flat_chunks' kFold): one product an element.
 // The X pass is held to 64 registers (4 blocks an SM, as before the fold and the pinned values,
@@ -254,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, kAux ? 4 : 3)
   const uint64_t stream = kAux ? stream_with_step(p.stream, p.device_step) : 0;
   uint32_t bad = 0;
   // The X pass (kAux) keeps the signs and the loop's stride in registers (it has registers to
-  // spare at 4 blocks an SM); the W pass would lose occupancy (40 registers: 6 blocks, not 8).
+  // spare at 4 blocks an SM); the passes without aux bits would lose occupancy.
   HadamardLane<G> had(static_cast<int>(threadIdx.x & 31));
   if (kAux) had.pin();
   if constexpr (kScaleIsPow2<G>) {
@@ -267,6 +268,59 @@ __global__ void __launch_bounds__(kThreads, kAux ? 4 : 3)
     }
   }
   lsq_flat_chunks<In, G, kAux, kNibbles, false>(p, li, had, stream, &bad);
+  count_and_finish(bad, p);
+}
+
+// hadamard_lsq_flat_kernel's FP8-only form (no aux bits, no nibbles: the forward's W pass) on
+// for_each_flat_chunk16: 16 values a lane, so one cross-lane stage of the transform fewer (4
+// in-lane stages of 16 values, 4 of shuffles, against 3 and 5 at 8 a lane) and half the loop's
+// bookkeeping an element: 5% fewer instructions a chunk in the SASS. The same bits (the transform's
+// stages in the same order, then lsq_store8 on each half of the lane's values). The X pass keeps 8
+// values a lane: with its Philox blocks, aux bits and nibbles, 16 a lane took as many
+// instructions an element (the pinned signs and stride, the loads in flight) and 80 registers
+// (3 blocks an SM, against 4).
+template <typename In, int G, bool kFold>
+__device__ __forceinline__ void lsq_flat16_chunks(const LsqParams& p, const LsqInverse& li,
+                                                  const HadamardLane<G, 16>& had, uint32_t* bad) {
+  using Src = MatrixSrc<In, true>;
+  const Src src{static_cast<const In*>(p.x), p.cols};
+  const uint64_t numel = static_cast<uint64_t>(p.rows) * static_cast<uint64_t>(p.cols);
+  for_each_flat_chunk16(
+      src, numel,
+      [&](uint64_t e, bool live, const typename Src::Buf& lo, const typename Src::Buf& hi) {
+        float v[16];
+        lo.to_float(v);
+        hi.to_float(v + 8);
+        if (kFold) {
+          had.unscaled(v);
+        } else {
+          had(v, p.hscale);
+        }
+        if (live) {
+          lsq_store8<true, false, false>(p, 0, e >> 3, e, v, li, bad);
+          lsq_store8<true, false, false>(p, 0, (e >> 3) + 1, e + 8, v + 8, li, bad);
+        }
+      });
+}
+
+// At most 40 registers (6 blocks an SM, as the 8-a-lane kernel); fp32 input, whose 16 loaded
+// values take twice the registers of bf16's, at 4 blocks (64 registers: 40 spilled 16 bytes).
+template <typename In, int G>
+__global__ void __launch_bounds__(kThreads, sizeof(In) == 4 ? 4 : 6)
+    hadamard_lsq_flat16_kernel(const LsqParams p) {
+  const LsqInverse li = lsq_inverse(p);
+  uint32_t bad = 0;
+  const HadamardLane<G, 16> had(static_cast<int>(threadIdx.x & 31));
+  if constexpr (kScaleIsPow2<G>) {
+    if (li.inv_ok && li.inv >= 0x1p-100f && li.inv <= 0x1p98f) {
+      LsqInverse folded = li;
+      folded.inv = __fmul_rn(li.inv, p.hscale);  // exact: a power of two, no underflow
+      lsq_flat16_chunks<In, G, true>(p, folded, had, &bad);
+      count_and_finish(bad, p);
+      return;
+    }
+  }
+  lsq_flat16_chunks<In, G, false>(p, li, had, &bad);
   count_and_finish(bad, p);
 }
 
@@ -478,14 +532,18 @@ void launch_lsq_g(const LsqParams& p, cudaStream_t stream) {
     kernel<<<persistent_blocks(kernel, kThreads, needed), kThreads, 0, stream>>>(p);
   };
   if (lsq_flat(p, kVec)) {
-    // The X pass (aux bits, packed codes), the FP8-only W pass, and the rest.
+    // The X pass (aux bits, packed codes), the FP8-only W pass (16 values a lane: 512 elements a
+    // warp's chunk), and the rest.
     const bool nibbles = p.packed != nullptr || (p.operand != nullptr && p.op_s8);
     if (p.aux != nullptr) {
       launch(hadamard_lsq_flat_kernel<In, G, true, true>);
     } else if (nibbles) {
       launch(hadamard_lsq_flat_kernel<In, G, false, true>);
     } else {
-      launch(hadamard_lsq_flat_kernel<In, G, false, false>);
+      const int64_t warps16 = (p.rows * p.cols + 2 * kWarpCols - 1) / (2 * kWarpCols);
+      const auto kernel = hadamard_lsq_flat16_kernel<In, G>;
+      kernel<<<persistent_blocks(kernel, kThreads, (warps16 + kThreads / 32 - 1) / (kThreads / 32)),
+               kThreads, 0, stream>>>(p);
     }
   } else {
     p.aux != nullptr ? launch(hadamard_lsq_kernel<In, G, kVec, true>)
