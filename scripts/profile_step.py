@@ -49,6 +49,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.kernels < 0:
         ap.error(f"--kernels must be 0 or more, got {args.kernels}")
+    specs = int4train.config.split_specs(args.recipes)
+    if args.pieces and not (specs and int4train.Recipe.of(specs[0]).uses_lsq):
+        ap.error(f"--pieces times the first recipe's LSQ ops: expected an LSQ recipe (lsq_luq, hq, "
+                 f"hq_bs, hq_lss) first in --recipes, got {args.recipes!r}")
     if not torch.cuda.is_available():
         raise SystemExit("profile_step.py: needs a CUDA device")
     n, d, c = (int(v) for v in args.shape.split(","))
@@ -58,7 +62,7 @@ def main() -> None:
     gy = torch.randn(n, c, device="cuda", dtype=torch.bfloat16)
     layers = [("nn.Linear", lin)] + [
         (r, int4train.Int4Linear.from_linear(lin, recipe=r))
-        for r in int4train.config.split_specs(args.recipes)]
+        for r in specs]
 
     def step(layer: nn.Module) -> None:
         train_step(layer, x, gy)
@@ -165,18 +169,15 @@ def host_pieces(layer: nn.Module, lin: nn.Module, x: torch.Tensor, gy: torch.Ten
     row("linear_backward", lambda: ops.linear_backward(gy, None, codes, aux, scale, w, sx, sw,
                                                        spec, block, seed, saved, 0, mask))
     row("_lsq_step_grads", lambda: ops._lsq_step_grads(sx, sw, bwd[3], bwd[4]))
-    row("step counter add_ (no_grad)", lambda: layer.step.add_(0))
+    row("step counter add_", lambda: layer.step.add_(0))
     row("torch.empty (256 floats)", lambda: torch.empty(256, device=x.device))
     row("tiny.add_(1) (one launch)", lambda: tiny.add_(1))
-    print(f"\n## host time per call ({calls} calls back to back; {layers_note(layer)})")
+    print(f"\n## host time per call ({calls} calls back to back; Int4Linear recipe "
+          f"{layer.recipe.label})")
     print("| piece | host us/call |")
     print("|---|---|")
     for name, us in rows:
         print(f"| {name} | {us:.1f} |")
-
-
-def layers_note(layer: nn.Module) -> str:
-    return f"Int4Linear recipe {layer.recipe.label}"
 
 
 if __name__ == "__main__":
