@@ -93,6 +93,16 @@ def test_profile_step_rejects_a_negative_kernel_count(monkeypatch, capsys):
     assert "--kernels must be 0 or more, got -1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("recipes", ["fp", "int8,hq_bs", ""])
+def test_profile_step_pieces_reject_a_first_recipe_without_steps(monkeypatch, capsys, recipes):
+    ps = load_script("profile_step")
+    monkeypatch.setattr(sys, "argv", ["profile_step.py", "--pieces", "--recipes", recipes])
+    with pytest.raises(SystemExit) as e:
+        ps.main()
+    assert e.value.code == 2
+    assert "--pieces times the first recipe's LSQ ops" in capsys.readouterr().err
+
+
 # A hand-written cuobjdump -sass excerpt: two kernels, a predicated instruction, a loop, the
 # self-branch that pads the code.
 _SASS = """
