@@ -311,6 +311,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(In) == 4 ? 4 : 6)
   const LsqInverse li = lsq_inverse(p);
   uint32_t bad = 0;
   const HadamardLane<G, 16> had(static_cast<int>(threadIdx.x & 31));
+  // The fold as in hadamard_lsq_flat_kernel (the same guard).
   if constexpr (kScaleIsPow2<G>) {
     if (li.inv_ok && li.inv >= 0x1p-100f && li.inv <= 0x1p98f) {
       LsqInverse folded = li;
@@ -526,24 +527,22 @@ bool lsq_flat(const LsqParams& p, bool vec) {
 
 template <typename In, int G, bool kVec>
 void launch_lsq_g(const LsqParams& p, cudaStream_t stream) {
+  // A warp's chunks: 256 columns of a row, or 512 elements (warp_chunks = 2: 16 values a lane).
   const int64_t warps = p.rows * ((p.cols + kWarpCols - 1) / kWarpCols);
-  const int64_t needed = (warps + kThreads / 32 - 1) / (kThreads / 32);
-  auto launch = [&](auto kernel) {
+  auto launch = [&](auto kernel, int64_t warp_chunks = 1) {
+    const int64_t needed =
+        (warps + warp_chunks * (kThreads / 32) - 1) / (warp_chunks * (kThreads / 32));
     kernel<<<persistent_blocks(kernel, kThreads, needed), kThreads, 0, stream>>>(p);
   };
   if (lsq_flat(p, kVec)) {
-    // The X pass (aux bits, packed codes), the FP8-only W pass (16 values a lane: 512 elements a
-    // warp's chunk), and the rest.
+    // The X pass (aux bits, packed codes), the FP8-only W pass (16 values a lane), and the rest.
     const bool nibbles = p.packed != nullptr || (p.operand != nullptr && p.op_s8);
     if (p.aux != nullptr) {
       launch(hadamard_lsq_flat_kernel<In, G, true, true>);
     } else if (nibbles) {
       launch(hadamard_lsq_flat_kernel<In, G, false, true>);
     } else {
-      const int64_t warps16 = (p.rows * p.cols + 2 * kWarpCols - 1) / (2 * kWarpCols);
-      const auto kernel = hadamard_lsq_flat16_kernel<In, G>;
-      kernel<<<persistent_blocks(kernel, kThreads, (warps16 + kThreads / 32 - 1) / (kThreads / 32)),
-               kThreads, 0, stream>>>(p);
+      launch(hadamard_lsq_flat16_kernel<In, G>, 2);
     }
   } else {
     p.aux != nullptr ? launch(hadamard_lsq_kernel<In, G, kVec, true>)
